@@ -1,0 +1,24 @@
+//! The diskferry wire format and the value types every layer shares.
+//!
+//! This crate does no I/O and knows no clock: it turns messages into bytes and
+//! back, and it holds the small newtypes ([`BlockHash`], [`BlockSize`],
+//! [`Generation`], [`Geometry`], [`TargetName`]) and the stable
+//! [`ErrorCode`]s that the engine, the agent and the wire agree on.
+//!
+//! ```
+//! use diskferry_protocol::{BlockSize, Geometry};
+//! let g = Geometry::new(10 << 20, "64K".parse::<BlockSize>().unwrap());
+//! assert_eq!(g.block_count(), 160);
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod types;
+
+pub use error::{ErrorClass, ErrorCode};
+pub use types::{
+    from_hex, parse_size, to_hex, BlockHash, BlockIndex, BlockSize, Consistency, Generation,
+    Geometry, InvalidBlockSize, InvalidGeneration, InvalidTargetName, SessionId, TargetName,
+    CHUNK_BLOCKS, PAGE_SIZE, REGION_BYTES,
+};

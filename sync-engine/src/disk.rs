@@ -1,0 +1,115 @@
+//! Reading a disk for hashing: memory-mapped, with a `pread` fallback.
+
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::store::{file::FileStorage, DiskKind, Storage};
+
+/// A disk opened for reading: a file, a block device or any [`Storage`].
+#[derive(Debug)]
+pub struct Disk {
+    backing: Backing,
+    kind: DiskKind,
+    len: u64,
+}
+
+#[derive(Debug)]
+enum Backing {
+    /// Read through short-lived memory maps (no copy).
+    Mapped(File, Arc<FileStorage>),
+    /// Read with `pread` into a buffer.
+    Read(Arc<dyn Storage>),
+}
+
+impl Disk {
+    /// Opens a file or block device, reading it through memory maps.
+    pub fn open(path: &Path) -> io::Result<Disk> {
+        let (file, kind, len) = open_file(path)?;
+        let storage = Arc::new(FileStorage::new(file.try_clone()?)?);
+        Ok(Disk { backing: Backing::Mapped(file, storage), kind, len })
+    }
+
+    /// Opens a file or block device, reading it with `pread` (no memory maps).
+    pub fn open_unmapped(path: &Path) -> io::Result<Disk> {
+        let (file, kind, len) = open_file(path)?;
+        Ok(Disk { backing: Backing::Read(Arc::new(FileStorage::new(file)?)), kind, len })
+    }
+
+    /// A disk backed by any storage (tests, simulated filesystems).
+    pub fn from_storage(storage: Arc<dyn Storage>, kind: DiskKind, len: u64) -> Disk {
+        Disk { backing: Backing::Read(storage), kind, len }
+    }
+
+    /// Size in bytes when opened.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the disk is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// File or block device.
+    pub fn kind(&self) -> DiskKind {
+        self.kind
+    }
+
+    fn storage(&self) -> &dyn Storage {
+        match &self.backing {
+            Backing::Mapped(_, s) => s.as_ref(),
+            Backing::Read(s) => s.as_ref(),
+        }
+    }
+
+    /// Sub-ranges of `[off, off+len)` that may hold data; holes are left out.
+    pub fn data_ranges(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        self.storage().data_ranges(off, len)
+    }
+
+    /// Reads `buf.len()` bytes at `off` with a copy.
+    pub fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.storage().read_at(off, buf)
+    }
+
+    /// Calls `f` with the bytes `[off, off+len)`: borrowed from a map when the
+    /// disk is mapped, else read into `scratch`.
+    pub fn with_bytes<R>(
+        &self,
+        off: u64,
+        len: usize,
+        scratch: &mut Vec<u8>,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> io::Result<R> {
+        if len == 0 {
+            return Ok(f(&[]));
+        }
+        if let Backing::Mapped(file, _) = &self.backing {
+            if let Ok(map) = crate::mmap::map_range(file, off, len) {
+                return Ok(f(&map));
+            }
+        }
+        scratch.resize(len, 0);
+        self.read_at(off, &mut scratch[..len])?;
+        Ok(f(&scratch[..len]))
+    }
+}
+
+fn open_file(path: &Path) -> io::Result<(File, DiskKind, u64)> {
+    let mut file = File::open(path)?;
+    let md = file.metadata()?;
+    let kind = if md.is_file() {
+        DiskKind::File
+    } else if std::os::unix::fs::FileTypeExt::is_block_device(&md.file_type()) {
+        DiskKind::BlockDevice
+    } else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or block device"));
+    };
+    let len = match kind {
+        DiskKind::File => md.len(),
+        DiskKind::BlockDevice => file.seek(SeekFrom::End(0))?,
+    };
+    Ok((file, kind, len))
+}

@@ -1,0 +1,110 @@
+//! The engine's error type: a stable [`ErrorCode`], a message saying what
+//! happened and a hint saying what to do.
+
+use std::io;
+use std::path::Path;
+
+use diskferry_protocol::ErrorCode;
+
+/// Result alias for the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Which filesystem an I/O error happened on; decides `E_TARGET_FULL` vs `E_STATE_FULL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// The source disk.
+    Source,
+    /// The target disk, its `.partial` file or an export image.
+    Target,
+    /// The state directory (catalog, manifests, logs).
+    State,
+}
+
+/// An engine error.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// What happened, for a person.
+    pub message: String,
+    /// What to do about it.
+    pub hint: Option<String>,
+    /// The underlying I/O error, if any.
+    #[source]
+    pub source: Option<io::Error>,
+}
+
+impl Error {
+    /// An error with a code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Error { code, message: message.into(), hint: None, source: None }
+    }
+
+    /// Adds a hint.
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// Maps an I/O error on `path` during `what` to a coded error.
+    pub fn io(place: Place, what: &str, path: &Path, err: io::Error) -> Self {
+        let (code, hint) = match (err.raw_os_error(), err.kind()) {
+            (Some(errno), _) if errno == ENOSPC || errno == EDQUOT => match place {
+                Place::State => (ErrorCode::StateFull, "free space on the state directory's filesystem (or point --state-dir elsewhere) and run again"),
+                _ => (ErrorCode::TargetFull, "free space on the target's filesystem and run again; the target is unchanged"),
+            },
+            (_, io::ErrorKind::NotFound) => (ErrorCode::NotFound, "check the path"),
+            (_, io::ErrorKind::PermissionDenied) => (ErrorCode::Io, "check permissions (block devices need root)"),
+            _ => (ErrorCode::Io, "check the device and the kernel log; the target keeps its last committed generation"),
+        };
+        Error {
+            code,
+            message: format!("{what} {}: {err}", path.display()),
+            hint: Some(hint.to_string()),
+            source: Some(err),
+        }
+    }
+
+    /// A damaged state file.
+    pub fn corrupt(path: &Path, what: impl std::fmt::Display) -> Self {
+        Error::new(ErrorCode::StateCorrupt, format!("{} is damaged: {what}", path.display())).hint(
+            "the state file failed its checksum; run `diskferry verify` or resync with --mode full",
+        )
+    }
+
+    /// Whether running again may succeed.
+    pub fn retryable(&self) -> bool {
+        self.code.retryable()
+    }
+}
+
+const ENOSPC: i32 = 28;
+const EDQUOT: i32 = 122;
+
+/// Adds path context to `io::Result`s.
+pub trait IoContext<T> {
+    /// Maps the error with [`Error::io`].
+    fn ctx(self, place: Place, what: &str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, place: Place, what: &str, path: &Path) -> Result<T> {
+        self.map_err(|e| Error::io(place, what, path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enospc_maps_by_place() {
+        let e = Error::io(Place::State, "writing", Path::new("/x"), io::Error::from_raw_os_error(28));
+        assert_eq!(e.code, ErrorCode::StateFull);
+        let e = Error::io(Place::Target, "writing", Path::new("/x"), io::Error::from_raw_os_error(28));
+        assert_eq!(e.code, ErrorCode::TargetFull);
+        let e = Error::io(Place::Source, "opening", Path::new("/x"), io::Error::from(io::ErrorKind::NotFound));
+        assert_eq!(e.code, ErrorCode::NotFound);
+    }
+}

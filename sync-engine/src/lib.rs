@@ -1,0 +1,33 @@
+//! The diskferry sync engine: everything between a disk and the wire.
+//!
+//! - [`Disk`] reads a file or block device (memory-mapped, holes skipped) and
+//!   [`hash::hash_blocks`] hashes its blocks in parallel.
+//! - [`manifest::ManifestWriter`] / [`manifest::Manifest`] store a
+//!   generation's block hashes with a hash tree ([`tree`]) and a hash index.
+//! - [`plan`] turns source and target hashes into operations, region by region.
+//! - [`target::Target`] applies verified blocks crash-consistently: redo log,
+//!   commit record, in-place writes, undo segments for older recovery points.
+//! - [`local::sync`] runs a whole disk-to-disk sync with no network.
+//!
+//! The engine is synchronous and parallel inside (rayon); it knows no network,
+//! no clock and no randomness: times and generation ids are arguments.
+//!
+//! ```
+//! use diskferry_sync_engine::hash::hash_block;
+//! use diskferry_protocol::BlockHash;
+//! assert_eq!(hash_block(&[0u8; 4096]), BlockHash::ZERO);
+//! ```
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod disk;
+pub mod error;
+pub mod hash;
+pub mod manifest;
+mod mmap;
+pub mod seqio;
+pub mod store;
+pub mod tree;
+
+pub use disk::Disk;
+pub use error::{Error, Place, Result};

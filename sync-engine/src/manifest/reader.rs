@@ -1,0 +1,206 @@
+//! Opening, verifying and reading a manifest.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use diskferry_protocol::{BlockHash, BlockSize, Consistency, Generation, Geometry};
+
+use super::{ManifestHeader, FOOTER_LEN, INDEX_ENTRY, MAGIC, RUN_DATA, RUN_ZERO, VERSION};
+use crate::error::{Error, IoContext, Place, Result};
+use crate::seqio::{digest_range, Fields, SeqReader};
+use crate::store::{OpenHow, Storage, Vfs};
+
+/// An open, checksum-verified manifest.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    storage: Arc<dyn Storage>,
+    path: PathBuf,
+    header: ManifestHeader,
+    region_offset: u64,
+    index_offset: u64,
+    footer_offset: u64,
+    checksum: [u8; 32],
+}
+
+impl Manifest {
+    /// Opens `path` and verifies its checksum and structure; damage is `E_STATE_CORRUPT`.
+    pub fn open(vfs: &dyn Vfs, path: &Path) -> Result<Manifest> {
+        let storage = vfs.open(path, OpenHow::Read).ctx(Place::State, "opening manifest", path)?;
+        let len = storage.len().ctx(Place::State, "reading manifest", path)?;
+        if len < FOOTER_LEN {
+            return Err(Error::corrupt(path, "shorter than its footer"));
+        }
+        let footer_offset = len - FOOTER_LEN;
+        let mut footer = [0u8; FOOTER_LEN as usize];
+        storage.read_at(footer_offset, &mut footer).ctx(Place::State, "reading manifest", path)?;
+        let mut hasher = digest_range(storage.as_ref(), footer_offset).ctx(Place::State, "reading manifest", path)?;
+        hasher.update(&footer[..160]);
+        if hasher.finalize().as_bytes() != &footer[160..192] {
+            return Err(Error::corrupt(path, "checksum mismatch"));
+        }
+        let (header, region_offset, index_offset, stored_footer_offset) =
+            decode_footer(&footer).ok_or_else(|| Error::corrupt(path, "invalid footer"))?;
+        let regions = header.geometry.region_count();
+        let ok = stored_footer_offset == footer_offset
+            && region_offset <= index_offset
+            && index_offset - region_offset == regions * 32
+            && footer_offset - index_offset == header.data_blocks * INDEX_ENTRY
+            && header.data_blocks + header.zero_blocks == header.geometry.block_count();
+        if !ok {
+            return Err(Error::corrupt(path, "inconsistent section sizes"));
+        }
+        let mut checksum = [0u8; 32];
+        checksum.copy_from_slice(&footer[160..192]);
+        Ok(Manifest { storage, path: path.to_path_buf(), header, region_offset, index_offset, footer_offset, checksum })
+    }
+
+    /// The header.
+    pub fn header(&self) -> &ManifestHeader {
+        &self.header
+    }
+
+    /// Shorthand for the header's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.header.geometry
+    }
+
+    /// The file's checksum: identifies this exact manifest.
+    pub fn checksum(&self) -> [u8; 32] {
+        self.checksum
+    }
+
+    /// Where it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Hash of region `r`.
+    pub fn region_hash(&self, r: u64) -> Result<BlockHash> {
+        let mut b = [0u8; 32];
+        self.storage
+            .read_at(self.region_offset + r * 32, &mut b)
+            .ctx(Place::State, "reading manifest", &self.path)?;
+        Ok(BlockHash(b))
+    }
+
+    /// A forward-only reader of the block hashes from block 0.
+    pub fn cursor(&self) -> BlockCursor {
+        BlockCursor {
+            reader: SeqReader::new(self.storage.clone(), 0, self.region_offset, 256 << 10),
+            path: self.path.clone(),
+            run_left: 0,
+            run_is_data: false,
+            blocks_left: self.header.geometry.block_count(),
+        }
+    }
+
+    /// Some block whose hash starts like `h` (the caller verifies the bytes).
+    pub fn lookup(&self, h: &BlockHash) -> Result<Option<u64>> {
+        let want = h.prefix64();
+        let (mut lo, mut hi) = (0u64, self.header.data_blocks);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let (p, _) = self.index_entry(mid)?;
+            if p < want {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        if lo < self.header.data_blocks {
+            let (p, b) = self.index_entry(lo)?;
+            if p == want {
+                return Ok(Some(b));
+            }
+        }
+        Ok(None)
+    }
+
+    fn index_entry(&self, i: u64) -> Result<(u64, u64)> {
+        let mut e = [0u8; 16];
+        self.storage
+            .read_at(self.index_offset + i * INDEX_ENTRY, &mut e)
+            .ctx(Place::State, "reading manifest", &self.path)?;
+        let mut f = Fields::new(&e);
+        Ok((f.u64().unwrap_or(0), f.u64().unwrap_or(0)))
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.footer_offset + FOOTER_LEN
+    }
+}
+
+fn decode_footer(f: &[u8; FOOTER_LEN as usize]) -> Option<(ManifestHeader, u64, u64, u64)> {
+    let mut r = Fields::new(f);
+    if r.take(8)? != MAGIC || r.u32()? != VERSION {
+        return None;
+    }
+    let block_size = BlockSize::new(r.u32()?).ok()?;
+    let disk_bytes = r.u64()?;
+    let geometry = Geometry::new(disk_bytes, block_size);
+    if r.u64()? != geometry.block_count() {
+        return None;
+    }
+    let data_blocks = r.u64()?;
+    let zero_blocks = r.u64()?;
+    let _run_count = r.u64()?;
+    let generation = Generation(r.u128()?);
+    let parent = match r.u128()? {
+        0 => None,
+        p => Some(Generation(p)),
+    };
+    let consistency = Consistency::from_u8(r.u8()?)?;
+    r.take(7)?;
+    let created_unix_ns = r.i64()?;
+    let region_offset = r.u64()?;
+    let index_offset = r.u64()?;
+    let footer_offset = r.u64()?;
+    let root = BlockHash(r.array()?);
+    let header = ManifestHeader { geometry, generation, parent, consistency, created_unix_ns, data_blocks, zero_blocks, root };
+    Some((header, region_offset, index_offset, footer_offset))
+}
+
+/// Reads block hashes in order.
+#[derive(Debug)]
+pub struct BlockCursor {
+    reader: SeqReader,
+    path: PathBuf,
+    run_left: u64,
+    run_is_data: bool,
+    blocks_left: u64,
+}
+
+impl BlockCursor {
+    /// The next `n` block hashes (fewer at the end of the disk).
+    pub fn next_blocks(&mut self, n: u64) -> Result<Vec<BlockHash>> {
+        let n = n.min(self.blocks_left);
+        let mut out = Vec::with_capacity(n as usize);
+        while (out.len() as u64) < n {
+            if self.run_left == 0 {
+                let mut h = [0u8; 8];
+                self.reader.read_exact(&mut h).map_err(|_| Error::corrupt(&self.path, "runs end early"))?;
+                let count = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as u64;
+                self.run_is_data = match h[0] {
+                    RUN_DATA => true,
+                    RUN_ZERO => false,
+                    _ => return Err(Error::corrupt(&self.path, "unknown run kind")),
+                };
+                self.run_left = count;
+                continue;
+            }
+            let take = self.run_left.min(n - out.len() as u64);
+            if self.run_is_data {
+                for _ in 0..take {
+                    let b = self.reader.bytes32().map_err(|_| Error::corrupt(&self.path, "data run ends early"))?;
+                    out.push(BlockHash(b));
+                }
+            } else {
+                out.resize(out.len() + take as usize, BlockHash::ZERO);
+            }
+            self.run_left -= take;
+        }
+        self.blocks_left -= n;
+        Ok(out)
+    }
+}

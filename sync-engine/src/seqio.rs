@@ -1,0 +1,206 @@
+//! Buffered sequential writing and reading over a [`Storage`], with an
+//! optional running blake3 of the bytes (for checksummed state files).
+
+use std::io;
+use std::sync::Arc;
+
+use crate::store::Storage;
+
+const BUF: usize = 1 << 20;
+
+/// Appends to a storage through a buffer, hashing what it writes.
+#[derive(Debug)]
+pub struct SeqWriter {
+    storage: Arc<dyn Storage>,
+    pos: u64,
+    buf: Vec<u8>,
+    hasher: blake3::Hasher,
+}
+
+impl SeqWriter {
+    /// Writes from `pos` onwards.
+    pub fn new(storage: Arc<dyn Storage>, pos: u64) -> Self {
+        SeqWriter { storage, pos, buf: Vec::with_capacity(BUF), hasher: blake3::Hasher::new() }
+    }
+
+    /// Appends bytes.
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.hasher.update(bytes);
+        if self.buf.len() + bytes.len() > BUF {
+            self.flush()?;
+        }
+        if bytes.len() >= BUF {
+            self.storage.write_at(self.pos, bytes)?;
+            self.pos += bytes.len() as u64;
+        } else {
+            self.buf.extend_from_slice(bytes);
+        }
+        Ok(())
+    }
+
+    /// Writes buffered bytes to the storage (not a sync).
+    pub fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.storage.write_at(self.pos, &self.buf)?;
+            self.pos += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Position after everything written so far.
+    pub fn position(&self) -> u64 {
+        self.pos + self.buf.len() as u64
+    }
+
+    /// blake3 of every byte written since creation.
+    pub fn digest(&self) -> [u8; 32] {
+        *self.hasher.finalize().as_bytes()
+    }
+
+    /// The storage written to.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+}
+
+/// Reads a storage sequentially through a buffer.
+#[derive(Debug)]
+pub struct SeqReader {
+    storage: Arc<dyn Storage>,
+    pos: u64,
+    end: u64,
+    buf: Vec<u8>,
+    buf_pos: usize,
+}
+
+impl SeqReader {
+    /// Reads `[pos, end)`.
+    pub fn new(storage: Arc<dyn Storage>, pos: u64, end: u64, buf_size: usize) -> Self {
+        SeqReader { storage, pos, end, buf: Vec::with_capacity(buf_size.max(64)), buf_pos: 0 }
+    }
+
+    /// Offset of the next byte `read_exact` returns.
+    pub fn position(&self) -> u64 {
+        self.pos - (self.buf.len() - self.buf_pos) as u64
+    }
+
+    /// Bytes left before `end`.
+    pub fn remaining(&self) -> u64 {
+        self.end - self.position()
+    }
+
+    /// Fills `out`; `UnexpectedEof` if fewer bytes remain.
+    pub fn read_exact(&mut self, out: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < out.len() {
+            if self.buf_pos == self.buf.len() {
+                let n = (self.end - self.pos).min(self.buf.capacity() as u64) as usize;
+                if n == 0 {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+                }
+                self.buf.resize(n, 0);
+                self.storage.read_at(self.pos, &mut self.buf)?;
+                self.pos += n as u64;
+                self.buf_pos = 0;
+            }
+            let n = (out.len() - done).min(self.buf.len() - self.buf_pos);
+            out[done..done + n].copy_from_slice(&self.buf[self.buf_pos..self.buf_pos + n]);
+            self.buf_pos += n;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads a little-endian u64.
+    pub fn u64(&mut self) -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        self.read_exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Reads 32 bytes.
+    pub fn bytes32(&mut self) -> io::Result<[u8; 32]> {
+        let mut b = [0u8; 32];
+        self.read_exact(&mut b)?;
+        Ok(b)
+    }
+}
+
+/// blake3 of `storage[0..len]`, read in large chunks.
+pub fn digest_range(storage: &dyn Storage, len: u64) -> io::Result<blake3::Hasher> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; BUF.min(len as usize).max(1)];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(buf.len() as u64) as usize;
+        storage.read_at(pos, &mut buf[..n])?;
+        hasher.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(hasher)
+}
+
+/// Little-endian field readers over a byte slice with a cursor; short input
+/// is an error, never a panic.
+#[derive(Debug)]
+pub struct Fields<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Fields<'a> {
+    /// Reads `bytes` from the start.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Fields { bytes, pos: 0 }
+    }
+
+    /// Next `n` bytes.
+    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.bytes.get(self.pos..self.pos.checked_add(n)?)?;
+        self.pos += n;
+        Some(s)
+    }
+
+    /// Next byte.
+    pub fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    /// Next little-endian u16.
+    pub fn u16(&mut self) -> Option<u16> {
+        self.array().map(u16::from_le_bytes)
+    }
+
+    /// Next little-endian u32.
+    pub fn u32(&mut self) -> Option<u32> {
+        self.array().map(u32::from_le_bytes)
+    }
+
+    /// Next little-endian u64.
+    pub fn u64(&mut self) -> Option<u64> {
+        self.array().map(u64::from_le_bytes)
+    }
+
+    /// Next little-endian i64.
+    pub fn i64(&mut self) -> Option<i64> {
+        self.array().map(i64::from_le_bytes)
+    }
+
+    /// Next little-endian u128.
+    pub fn u128(&mut self) -> Option<u128> {
+        self.array().map(u128::from_le_bytes)
+    }
+
+    /// Next `N` bytes as an array.
+    pub fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Some(a)
+    }
+
+    /// Bytes consumed so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+}

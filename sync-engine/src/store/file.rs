@@ -1,0 +1,293 @@
+//! [`Storage`] and [`Vfs`] over the real filesystem and block devices.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::num::NonZeroU64;
+use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use rustix::fs::{FallocateFlags, FlockOperation};
+
+use super::{DiskKind, Meta, OpenHow, Stamp, Storage, Vfs};
+use crate::disk::Disk;
+
+/// The real filesystem.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealFs;
+
+/// An open regular file or block device.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    kind: DiskKind,
+}
+
+impl FileStorage {
+    /// Wraps an open file.
+    pub fn new(file: File) -> io::Result<Self> {
+        let kind = kind_of(&file.metadata()?.file_type())?;
+        Ok(FileStorage { file, kind })
+    }
+
+    fn write_zeros(&self, off: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; (1 << 20).min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], off + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn kind_of(ft: &fs::FileType) -> io::Result<DiskKind> {
+    if ft.is_file() {
+        Ok(DiskKind::File)
+    } else if ft.is_block_device() {
+        Ok(DiskKind::BlockDevice)
+    } else {
+        Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or block device"))
+    }
+}
+
+fn unsupported(e: &rustix::io::Errno) -> bool {
+    *e == rustix::io::Errno::OPNOTSUPP || *e == rustix::io::Errno::NOSYS || *e == rustix::io::Errno::INVAL
+}
+
+impl Storage for FileStorage {
+    fn len(&self) -> io::Result<u64> {
+        match self.kind {
+            DiskKind::File => Ok(self.file.metadata()?.len()),
+            // A block device reports size 0 in stat; seeking to the end gives its capacity.
+            DiskKind::BlockDevice => (&self.file).seek(SeekFrom::End(0)),
+        }
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, off)
+    }
+
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(buf, off)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        match self.kind {
+            DiskKind::File => self.file.set_len(len),
+            DiskKind::BlockDevice => Err(io::Error::new(io::ErrorKind::Unsupported, "cannot resize a block device")),
+        }
+    }
+
+    fn zero_range(&self, off: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let flags = match self.kind {
+            DiskKind::File => FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            DiskKind::BlockDevice => FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+        };
+        match rustix::fs::fallocate(&self.file, flags, off, len) {
+            Ok(()) => Ok(()),
+            Err(e) if unsupported(&e) => self.write_zeros(off, len),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn reserve(&self, off: u64, len: u64) -> io::Result<()> {
+        if len == 0 || self.kind == DiskKind::BlockDevice {
+            return Ok(());
+        }
+        match rustix::fs::fallocate(&self.file, FallocateFlags::KEEP_SIZE, off, len) {
+            Ok(()) => Ok(()),
+            Err(e) if unsupported(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn data_ranges(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        let end = off + len;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        if self.kind == DiskKind::BlockDevice {
+            return Ok(vec![(off, len)]);
+        }
+        let mut out = Vec::new();
+        let mut pos = off;
+        while pos < end {
+            let data = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(pos)) {
+                Ok(d) => d,
+                Err(rustix::io::Errno::NXIO) => break,
+                // Filesystems without SEEK_DATA: everything may be data.
+                Err(e) if unsupported(&e) => {
+                    out.push((pos, end - pos));
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(data)) {
+                Ok(h) => h.min(end),
+                Err(rustix::io::Errno::NXIO) => end,
+                Err(e) => return Err(e.into()),
+            };
+            out.push((data, hole - data));
+            pos = hole;
+        }
+        Ok(out)
+    }
+
+    fn start_writeback(&self, off: u64, len: u64) {
+        // DONTNEED starts asynchronous writeback of the dirty range (and drops
+        // clean pages), so the commit's fsync finds little left to write.
+        if let Some(len) = NonZeroU64::new(len) {
+            let _ = rustix::fs::fadvise(&self.file, off, Some(len), rustix::fs::Advice::DontNeed);
+        }
+    }
+}
+
+/// This boot's id; block-device write counters restart at each boot.
+pub fn boot_id() -> io::Result<[u8; 16]> {
+    let s = fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+    let hex: String = s.trim().chars().filter(|c| *c != '-').collect();
+    diskferry_protocol::from_hex::<16>(&hex)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable boot_id"))
+}
+
+fn device_stamp(path: &Path, md: &fs::Metadata) -> io::Result<Stamp> {
+    // Flush the device's page cache first: writes still dirty there are not
+    // yet in the counter.
+    File::open(path)?.sync_all()?;
+    let rdev = md.rdev();
+    let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    let stat = fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat"))?;
+    let sectors_written = stat
+        .split_whitespace()
+        .nth(6)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable block device stat"))?;
+    Ok(Stamp::Device { boot_id: boot_id()?, rdev, sectors_written })
+}
+
+fn file_stamp(md: &fs::Metadata) -> Stamp {
+    Stamp::File {
+        len: md.len(),
+        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        ino: md.ino(),
+    }
+}
+
+impl Vfs for RealFs {
+    fn open(&self, path: &Path, how: OpenHow) -> io::Result<Arc<dyn Storage>> {
+        let mut o = OpenOptions::new();
+        match how {
+            OpenHow::Read => {
+                o.read(true);
+            }
+            OpenHow::ReadWrite => {
+                o.read(true).write(true);
+                if fs::metadata(path)?.file_type().is_block_device() {
+                    // One writer per device: O_EXCL fails with EBUSY while another
+                    // process (or a mount) holds it, and dies with the process.
+                    o.custom_flags(rustix::fs::OFlags::EXCL.bits() as i32);
+                }
+            }
+            OpenHow::CreateNew => {
+                o.read(true).write(true).create_new(true).mode(0o600);
+            }
+            OpenHow::Truncate => {
+                o.read(true).write(true).create(true).truncate(true).mode(0o600);
+            }
+        }
+        Ok(Arc::new(FileStorage::new(o.open(path)?)?))
+    }
+
+    fn open_disk(&self, path: &Path) -> io::Result<Disk> {
+        Disk::open(path)
+    }
+
+    fn metadata(&self, path: &Path) -> io::Result<Option<Meta>> {
+        let md = match fs::metadata(path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let kind = kind_of(&md.file_type())?;
+        Ok(Some(match kind {
+            DiskKind::File => Meta { kind, len: md.len(), stamp: file_stamp(&md) },
+            DiskKind::BlockDevice => {
+                let len = File::open(path)?.seek(SeekFrom::End(0))?;
+                Meta { kind, len, stamp: device_stamp(path, &md)? }
+            }
+        }))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        match fs::remove_file(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let rd = match fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut names = Vec::new();
+        for entry in rd {
+            if let Some(name) = entry?.file_name().to_str() {
+                names.push(name.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn std::any::Any + Send>> {
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Box::new(file)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(io::Error::from(io::ErrorKind::WouldBlock)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn reflink(&self, from: &Path, to: &Path) -> io::Result<bool> {
+        let src = File::open(from)?;
+        if !src.metadata()?.is_file() {
+            return Ok(false);
+        }
+        let dst = OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
+        match rustix::fs::ioctl_ficlone(&dst, &src) {
+            Ok(()) => Ok(true),
+            Err(_) => {
+                drop(dst);
+                fs::remove_file(to)?;
+                Ok(false)
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Storage behind one narrow synchronous interface.
+//!
+//! Everything the apply and recovery code does to a disk or a state file goes
+//! through [`Storage`] (one open file or device) and [`Vfs`] (names, renames,
+//! directory syncs). Production uses [`RealFs`]; the test kit adds an
+//! in-memory filesystem and one that simulates power cuts, which is how the
+//! commit protocol is proven crash-safe.
+
+pub mod file;
+
+pub use file::{boot_id, FileStorage, RealFs};
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::disk::Disk;
+
+/// What a path holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskKind {
+    /// A regular file.
+    File,
+    /// A block device.
+    BlockDevice,
+}
+
+impl DiskKind {
+    /// Stable on-disk byte.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            DiskKind::File => 0,
+            DiskKind::BlockDevice => 1,
+        }
+    }
+
+    /// Inverse of [`DiskKind::to_u8`].
+    pub fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(DiskKind::File),
+            1 => Some(DiskKind::BlockDevice),
+            _ => None,
+        }
+    }
+}
+
+/// What changes when something writes a disk: used to notice writes made
+/// behind diskferry's back (divergence) and changes to a source while it is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stamp {
+    /// A regular file: size, modification and change times, inode.
+    File {
+        /// Size in bytes.
+        len: u64,
+        /// mtime in nanoseconds since the epoch.
+        mtime_ns: i64,
+        /// ctime in nanoseconds since the epoch.
+        ctime_ns: i64,
+        /// Inode number.
+        ino: u64,
+    },
+    /// A block device: the kernel's count of sectors written since boot.
+    Device {
+        /// `/proc/sys/kernel/random/boot_id`; the counter restarts at boot.
+        boot_id: [u8; 16],
+        /// Device number.
+        rdev: u64,
+        /// Sectors written, from `/sys/dev/block/MAJ:MIN/stat`.
+        sectors_written: u64,
+    },
+}
+
+/// Metadata of a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meta {
+    /// File or block device.
+    pub kind: DiskKind,
+    /// Size in bytes (a block device's capacity).
+    pub len: u64,
+    /// Write stamp.
+    pub stamp: Stamp,
+}
+
+/// How to open a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenHow {
+    /// Read only.
+    Read,
+    /// Read and write an existing file or device (block devices exclusively).
+    ReadWrite,
+    /// Create a new file (0600); fails if it exists.
+    CreateNew,
+    /// Create the file or truncate it to zero.
+    Truncate,
+}
+
+/// One open file or block device.
+///
+/// Contract: reads and writes are positional and may run from several threads;
+/// nothing written is durable until [`Storage::sync`] returns; writes may
+/// reach the medium in any order and torn at sector boundaries.
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Current size in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Fills `buf` from `off`; fails if the range passes the end.
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes all of `buf` at `off`, extending a file as needed.
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()>;
+    /// Sets a file's size (zeros when growing). Block devices: `Unsupported`.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes `[off, off+len)` read as zeros: punches a hole in a file,
+    /// zeroes a block device range.
+    fn zero_range(&self, off: u64, len: u64) -> io::Result<()>;
+    /// Allocates space so later writes to `[off, off+len)` cannot fail with
+    /// ENOSPC; never changes content or size.
+    fn reserve(&self, off: u64, len: u64) -> io::Result<()>;
+    /// Makes every completed write and size change durable.
+    fn sync(&self) -> io::Result<()>;
+    /// The sub-ranges of `[off, off+len)` that may hold data (holes left out).
+    fn data_ranges(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        Ok(if len == 0 { Vec::new() } else { vec![(off, len)] })
+    }
+    /// Hint: start writing back `[off, off+len)` now, so the final sync is short.
+    fn start_writeback(&self, _off: u64, _len: u64) {}
+}
+
+/// A filesystem namespace: opening, renaming, removing and syncing directories.
+///
+/// Contract: a create, rename or remove is durable only after
+/// [`Vfs::sync_dir`] on the directory that holds the name.
+pub trait Vfs: Send + Sync + fmt::Debug {
+    /// Opens a file or block device.
+    fn open(&self, path: &Path, how: OpenHow) -> io::Result<Arc<dyn Storage>>;
+    /// Opens a disk for hashing (memory-mapped where possible).
+    fn open_disk(&self, path: &Path) -> io::Result<Disk> {
+        let meta = self.metadata(path)?.ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        Ok(Disk::from_storage(self.open(path, OpenHow::Read)?, meta.kind, meta.len))
+    }
+    /// Metadata, or `None` if nothing is at `path`.
+    fn metadata(&self, path: &Path) -> io::Result<Option<Meta>>;
+    /// Atomically renames `from` to `to`, replacing `to`.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file; succeeds if it does not exist.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Creates a directory and its parents (mode 0700).
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Makes the names in `dir` durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// File names in `dir` (empty if it does not exist).
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Takes an exclusive lock on `path` (created if needed), held until the
+    /// guard drops; a process that dies releases it. `WouldBlock` if held.
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn std::any::Any + Send>>;
+    /// Copies `from` to a new file `to` sharing blocks (reflink) where the
+    /// filesystem can; `Ok(false)` when it cannot and the caller must copy.
+    fn reflink(&self, _from: &Path, _to: &Path) -> io::Result<bool> {
+        Ok(false)
+    }
+}
