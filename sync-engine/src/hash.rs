@@ -8,6 +8,7 @@ use std::ops::Range;
 use diskferry_protocol::{BlockHash, Geometry};
 use rayon::prelude::*;
 
+use crate::block::VerifiedSlice;
 use crate::disk::Disk;
 
 /// Bytes one hashing task maps or reads at a time: large enough to amortize
@@ -45,11 +46,26 @@ pub fn thread_pool(threads: Option<usize>) -> io::Result<rayon::ThreadPool> {
     b.build().map_err(io::Error::other)
 }
 
+/// Called from the hashing threads with each non-zero block.
+pub type BlockVisitor<'a> = &'a (dyn Fn(VerifiedSlice<'_>) -> io::Result<()> + Sync);
+
 /// Hashes blocks `blocks` of `disk`, in parallel on the current rayon pool.
 ///
 /// Blocks past the end of the disk (a target shorter than the geometry) hash
 /// as zero: a file that grows reads zeros there.
 pub fn hash_blocks(disk: &Disk, g: &Geometry, blocks: Range<u64>) -> io::Result<Vec<BlockHash>> {
+    hash_blocks_visit(disk, g, blocks, None)
+}
+
+/// [`hash_blocks`], also handing every non-zero block's bytes to `visit`
+/// (which sees exactly the bytes that were hashed: a copy made there is
+/// verified by construction).
+pub fn hash_blocks_visit(
+    disk: &Disk,
+    g: &Geometry,
+    blocks: Range<u64>,
+    visit: Option<BlockVisitor<'_>>,
+) -> io::Result<Vec<BlockHash>> {
     if blocks.is_empty() {
         return Ok(Vec::new());
     }
@@ -64,7 +80,7 @@ pub fn hash_blocks(disk: &Disk, g: &Geometry, blocks: Range<u64>) -> io::Result<
         .collect();
     let parts: Vec<Vec<BlockHash>> = batches
         .into_par_iter()
-        .map(|batch| hash_batch(disk, g, batch, &data, readable_end))
+        .map(|batch| hash_batch(disk, g, batch, &data, readable_end, visit))
         .collect::<io::Result<_>>()?;
     Ok(parts.concat())
 }
@@ -81,6 +97,7 @@ fn hash_batch(
     batch: Range<u64>,
     data: &[(u64, u64)],
     readable_end: u64,
+    visit: Option<BlockVisitor<'_>>,
 ) -> io::Result<Vec<BlockHash>> {
     let start = g.block_offset(batch.start).min(readable_end);
     let end = g.block_offset(batch.end).min(readable_end);
@@ -95,13 +112,17 @@ fn hash_batch(
                     let b_start = g.block_offset(i);
                     let b_end = (b_start + g.block_size.bytes()).min(readable_end);
                     if b_start >= b_end || !overlaps(data, b_start, b_end) {
-                        BlockHash::ZERO
-                    } else {
-                        hash_block(&bytes[(b_start - start) as usize..(b_end - start) as usize])
+                        return Ok(BlockHash::ZERO);
                     }
+                    let block = &bytes[(b_start - start) as usize..(b_end - start) as usize];
+                    let h = hash_block(block);
+                    if let (Some(v), false) = (visit, h.is_zero()) {
+                        v(VerifiedSlice::new(i, h, block))?;
+                    }
+                    Ok(h)
                 })
-                .collect()
-        })
+                .collect::<io::Result<Vec<_>>>()
+        })?
     })
 }
 

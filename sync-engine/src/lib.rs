@@ -20,14 +20,20 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod apply;
+pub mod block;
 pub mod disk;
 pub mod error;
 pub mod hash;
+pub mod local;
 pub mod manifest;
 mod mmap;
+pub mod plan;
+pub mod points;
 pub mod seqio;
 pub mod store;
 pub mod tree;
+pub mod verify;
 
 pub use disk::Disk;
 pub use error::{Error, Place, Result};

@@ -21,8 +21,8 @@ const INDEX_SPILL_DEFAULT: usize = 1 << 20;
 /// Writes a manifest region by region, in order, holding only the current
 /// run, the region hashes and a bounded slice of the index in memory.
 #[derive(Debug)]
-pub struct ManifestWriter<'v> {
-    vfs: &'v dyn Vfs,
+pub struct ManifestWriter {
+    vfs: Arc<dyn Vfs>,
     path: PathBuf,
     out: SeqWriter,
     geometry: Geometry,
@@ -37,9 +37,9 @@ pub struct ManifestWriter<'v> {
     index: IndexBuilder,
 }
 
-impl<'v> ManifestWriter<'v> {
+impl ManifestWriter {
     /// Creates (truncating) the manifest file at `path`.
-    pub fn create(vfs: &'v dyn Vfs, path: &Path, geometry: Geometry) -> Result<Self> {
+    pub fn create(vfs: Arc<dyn Vfs>, path: &Path, geometry: Geometry) -> Result<Self> {
         let storage = vfs.open(path, OpenHow::Truncate).ctx(Place::State, "creating manifest", path)?;
         Ok(ManifestWriter {
             vfs,
@@ -97,7 +97,7 @@ impl<'v> ManifestWriter<'v> {
             self.flush_zero()?;
             self.pending_data.push(h);
             self.data_blocks += 1;
-            self.index.push(self.vfs, h.prefix64(), index)?;
+            self.index.push(self.vfs.as_ref(), h.prefix64(), index)?;
             if self.pending_data.len() >= RUN_FLUSH {
                 self.flush_data()?;
             }
@@ -148,7 +148,7 @@ impl<'v> ManifestWriter<'v> {
         }
         let index_offset = self.out.position();
         let index = std::mem::replace(&mut self.index, IndexBuilder::new(&self.path, 1));
-        index.finish(self.vfs, &mut self.out, &self.path)?;
+        index.finish(self.vfs.as_ref(), &mut self.out, &self.path)?;
         let footer_offset = self.out.position();
         debug_assert_eq!(footer_offset - index_offset, self.data_blocks * INDEX_ENTRY);
         let header = ManifestHeader {

@@ -266,7 +266,7 @@ impl Vfs for RealFs {
         Ok(names)
     }
 
-    fn lock(&self, path: &Path) -> io::Result<Box<dyn std::any::Any + Send>> {
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(Box::new(file)),

@@ -151,7 +151,7 @@ pub trait Vfs: Send + Sync + fmt::Debug {
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Takes an exclusive lock on `path` (created if needed), held until the
     /// guard drops; a process that dies releases it. `WouldBlock` if held.
-    fn lock(&self, path: &Path) -> io::Result<Box<dyn std::any::Any + Send>>;
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn std::any::Any + Send + Sync>>;
     /// Copies `from` to a new file `to` sharing blocks (reflink) where the
     /// filesystem can; `Ok(false)` when it cannot and the caller must copy.
     fn reflink(&self, _from: &Path, _to: &Path) -> io::Result<bool> {

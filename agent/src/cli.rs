@@ -1,0 +1,158 @@
+//! Command-line definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use diskferry_protocol::{BlockSize, Generation};
+
+/// diskferry replicates virtual disks: it hashes blocks in parallel, ships only
+/// what changed (or everything, for a first copy) and applies it so the
+/// replica is always a complete recovery point.
+#[derive(Parser, Debug)]
+#[command(name = "diskferry", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Hash a disk's blocks in parallel and print the root of its hash tree.
+    Hash(HashArgs),
+    /// Bring a local target disk up to date with a source disk (no network).
+    Sync(SyncArgs),
+    /// Recover an interrupted apply, then check a target against its committed manifest.
+    Verify(VerifyArgs),
+    /// List a target's recovery points.
+    Points(PointsArgs),
+    /// Write an image of one of a target's recovery points.
+    Export(ExportArgs),
+    /// Sync a generated sample disk (full, then delta), verify it and print a table.
+    Demo(DemoArgs),
+}
+
+fn block_size(s: &str) -> Result<BlockSize, String> {
+    s.parse::<BlockSize>().map_err(|e| e.to_string())
+}
+
+fn generation(s: &str) -> Result<Generation, String> {
+    s.parse::<Generation>().map_err(|e| e.to_string())
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// State directory (default /var/lib/diskferry as root, else $XDG_STATE_HOME/diskferry).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// Print one compact JSON object as the last line of stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct HashArgs {
+    /// Disk image or block device.
+    pub disk: PathBuf,
+    /// Block size: a power of two from 4K to 4M.
+    #[arg(long, default_value = "64K", value_parser = block_size)]
+    pub block_size: BlockSize,
+    /// Hashing threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Also write the manifest (block hashes and hash tree) to this file.
+    #[arg(long, value_name = "OUT")]
+    pub manifest: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeArg {
+    /// Delta when the target exists, full otherwise.
+    Auto,
+    /// Compare and write only what changed.
+    Delta,
+    /// Copy every non-zero block without comparing.
+    Full,
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    /// Source disk (image file or block device).
+    pub src: PathBuf,
+    /// Target disk (image file or block device).
+    pub dst: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: ModeArg,
+    /// Block size: a power of two from 4K to 4M.
+    #[arg(long, default_value = "64K", value_parser = block_size)]
+    pub block_size: BlockSize,
+    /// Sync a target that changed behind diskferry's back (full compare; its changes are overwritten).
+    #[arg(long)]
+    pub force: bool,
+    /// Hashing threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Consistent recovery points to keep.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub retention: u32,
+    /// A quiesce hook ran before the source was snapshotted: label the point app-consistent.
+    #[arg(long)]
+    pub app_consistent: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Target disk.
+    pub dst: PathBuf,
+    /// Hashing threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct PointsArgs {
+    /// Target disk.
+    pub dst: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Target disk.
+    pub dst: PathBuf,
+    /// Generation of the recovery point (see `diskferry points`).
+    #[arg(long, value_parser = generation)]
+    pub point: Generation,
+    /// Image file to create.
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Size of the sample disk.
+    #[arg(long, default_value = "512M")]
+    pub size: String,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+impl Command {
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Hash(a) => a.common.json,
+            Command::Sync(a) => a.common.json,
+            Command::Verify(a) => a.common.json,
+            Command::Points(a) => a.common.json,
+            Command::Export(a) => a.common.json,
+            Command::Demo(a) => a.common.json,
+        }
+    }
+}

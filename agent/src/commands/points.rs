@@ -1,0 +1,56 @@
+//! `diskferry points`.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use diskferry_sync_engine::apply::{Target, TargetOptions};
+use diskferry_sync_engine::points;
+use diskferry_sync_engine::store::RealFs;
+use serde_json::json;
+
+use super::{format_time, human_bytes};
+use crate::cli::PointsArgs;
+use crate::output::print_json;
+use crate::state;
+
+pub fn run(a: PointsArgs) -> Result<()> {
+    let state_root = state::prepare(&state::resolve(a.common.state_dir.clone()))?;
+    let path = state::canonical_target(&a.dst)?;
+    let target = Target::open(Arc::new(RealFs), &state_root, &path, TargetOptions::default())?;
+    let list = points::list(&target);
+    if a.common.json {
+        let items: Vec<_> = list
+            .iter()
+            .map(|p| {
+                json!({
+                    "generation": p.generation.to_hex(),
+                    "created_unix_ns": p.created_unix_ns,
+                    "time": format_time(p.created_unix_ns),
+                    "consistency": p.consistency.as_str(),
+                    "disk_bytes": p.disk_bytes,
+                    "undo_bytes": p.undo_bytes,
+                    "current": p.current,
+                })
+            })
+            .collect();
+        print_json(&json!({ "target": path, "points": items }));
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("{}: no recovery points", a.dst.display());
+        return Ok(());
+    }
+    println!("{:<32}  {:<23}  {:<16}  {:>12}  {:>12}", "GENERATION", "TIME", "CONSISTENCY", "SIZE", "UNDO");
+    for p in &list {
+        println!(
+            "{:<32}  {:<23}  {:<16}  {:>12}  {:>12}{}",
+            p.generation.to_hex(),
+            format_time(p.created_unix_ns),
+            p.consistency.as_str(),
+            human_bytes(p.disk_bytes),
+            human_bytes(p.undo_bytes),
+            if p.current { "  (current)" } else { "" }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! `diskferry sync`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use diskferry_sync_engine::error::{IoContext, Place};
+use diskferry_sync_engine::hash::thread_pool;
+use diskferry_sync_engine::local::{self, Mode, SyncJob, SyncOptions, SyncReport};
+use diskferry_sync_engine::store::RealFs;
+use serde_json::{json, Value};
+
+use super::{human_bytes, mb_per_s, new_generation, new_session, now_unix_ns, round_secs};
+use crate::cli::{ModeArg, SyncArgs};
+use crate::output::print_json;
+use crate::progress::Bar;
+use crate::state;
+
+pub fn run(a: SyncArgs) -> Result<()> {
+    let state_root = state::prepare(&state::resolve(a.common.state_dir.clone()))?;
+    let target = state::canonical_target(&a.dst)?;
+    let opts = SyncOptions {
+        mode: match a.mode {
+            ModeArg::Auto => Mode::Auto,
+            ModeArg::Delta => Mode::Delta,
+            ModeArg::Full => Mode::Full,
+        },
+        block_size: a.block_size,
+        force: a.force,
+        retention: a.retention,
+        app_consistent: a.app_consistent,
+    };
+    let job = SyncJob {
+        vfs: Arc::new(RealFs),
+        state_root,
+        source: a.src.clone(),
+        target,
+        generation: new_generation(),
+        session: new_session(),
+        now_unix_ns: now_unix_ns(),
+    };
+    let pool = thread_pool(a.threads).ctx(Place::Source, "starting threads for", &a.src)?;
+    let bar = Bar::new();
+    let start = Instant::now();
+    let report = pool.install(|| local::sync(&job, &opts, &bar));
+    bar.finish();
+    let report = report?;
+    let secs = start.elapsed().as_secs_f64();
+    if a.common.json {
+        print_json(&report_json(&report, secs));
+    } else {
+        print_human(&a, &report, secs);
+    }
+    Ok(())
+}
+
+pub fn report_json(r: &SyncReport, secs: f64) -> Value {
+    json!({
+        "mode": r.mode,
+        "compare": r.compare,
+        "disk_bytes": r.disk_bytes,
+        "blocks_total": r.blocks_total,
+        "blocks_changed": r.blocks_changed,
+        "bytes_written": r.bytes_written,
+        "log_bytes": r.log_bytes,
+        "undo_bytes": r.undo_bytes,
+        "seconds": round_secs(secs),
+        "mb_per_s": (mb_per_s(r.disk_bytes, secs) * 10.0).round() / 10.0,
+        "generation": r.generation.to_hex(),
+        "consistency": r.consistency.as_str(),
+        "root": r.root.to_hex(),
+    })
+}
+
+fn print_human(a: &SyncArgs, r: &SyncReport, secs: f64) {
+    let how = if r.compare == "none" { r.mode.to_string() } else { format!("{}, {}", r.mode, r.compare) };
+    println!("synced {} -> {} ({how})", a.src.display(), a.dst.display());
+    println!("  disk        {} in {} blocks", human_bytes(r.disk_bytes), r.blocks_total);
+    println!(
+        "  changed     {} blocks, {} written (redo log {}, undo {})",
+        r.blocks_changed,
+        human_bytes(r.bytes_written),
+        human_bytes(r.log_bytes),
+        human_bytes(r.undo_bytes)
+    );
+    println!("  generation  {} ({})", r.generation, r.consistency.as_str());
+    println!("  time        {secs:.3} s ({:.0} MB/s)", mb_per_s(r.disk_bytes, secs));
+}

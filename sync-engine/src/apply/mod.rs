@@ -1,0 +1,14 @@
+//! Target apply: staging verified blocks, the commit protocol, recovery and
+//! recovery points. The commit protocol, step by step with each fsync, is
+//! documented in `docs/design.md` and on [`Apply::commit`].
+
+pub mod catalog;
+pub mod journal;
+mod target;
+pub mod undo;
+
+pub use catalog::{Catalog, PointRecord, Status, UndoRef};
+pub use target::{
+    manifest_file, partial_path, target_key, Apply, ApplyMode, ApplyStats, BeginSpec, DirectSink, CommitMeta, CommitReport,
+    Recovery, Target, TargetOptions, Trust,
+};
