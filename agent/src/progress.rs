@@ -1,8 +1,8 @@
 //! A progress bar on stderr when it is a terminal; nothing otherwise.
 
-use std::io::IsTerminal;
 use diskferry_sync_engine::local::Progress;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
 
 /// Progress shown with indicatif.
 pub struct Bar {

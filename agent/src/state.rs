@@ -38,7 +38,8 @@ pub fn prepare(dir: &Path) -> Result<PathBuf, Error> {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io(diskferry_sync_engine::Place::State, "securing", dir, e))?;
     }
-    let st = rustix::fs::statfs(dir).map_err(|e| Error::io(diskferry_sync_engine::Place::State, "inspecting", dir, e.into()))?;
+    let st = rustix::fs::statfs(dir)
+        .map_err(|e| Error::io(diskferry_sync_engine::Place::State, "inspecting", dir, e.into()))?;
     let fs_type = st.f_type as u64;
     if fs_type == TMPFS_MAGIC || fs_type == RAMFS_MAGIC {
         return Err(Error::new(
@@ -55,15 +56,14 @@ pub fn canonical_target(path: &Path) -> Result<PathBuf, Error> {
     if let Ok(p) = fs::canonicalize(path) {
         return Ok(p);
     }
-    let name = path.file_name().ok_or_else(|| {
-        Error::new(ErrorCode::InvalidInput, format!("{} is not a file path", path.display()))
-    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::new(ErrorCode::InvalidInput, format!("{} is not a file path", path.display())))?;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let parent = fs::canonicalize(parent).map_err(|e| {
-        Error::io(diskferry_sync_engine::Place::Target, "resolving the directory of", path, e)
-    })?;
+    let parent = fs::canonicalize(parent)
+        .map_err(|e| Error::io(diskferry_sync_engine::Place::Target, "resolving the directory of", path, e))?;
     Ok(parent.join(name))
 }

@@ -18,7 +18,7 @@ pub mod types;
 
 pub use error::{ErrorClass, ErrorCode};
 pub use types::{
-    from_hex, parse_size, to_hex, BlockHash, BlockIndex, BlockSize, Consistency, Generation,
-    Geometry, InvalidBlockSize, InvalidGeneration, InvalidTargetName, SessionId, TargetName,
-    CHUNK_BLOCKS, PAGE_SIZE, REGION_BYTES,
+    from_hex, parse_size, to_hex, BlockHash, BlockIndex, BlockSize, Consistency, Generation, Geometry,
+    InvalidBlockSize, InvalidGeneration, InvalidTargetName, SessionId, TargetName, CHUNK_BLOCKS, PAGE_SIZE,
+    REGION_BYTES,
 };

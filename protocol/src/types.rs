@@ -156,10 +156,7 @@ pub struct InvalidBlockSize(pub u64);
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let upper = s.to_ascii_uppercase();
-    let trimmed = upper
-        .trim_end_matches('B')
-        .trim_end_matches('I')
-        .to_string();
+    let trimmed = upper.trim_end_matches('B').trim_end_matches('I').to_string();
     let (num, shift) = match trimmed.chars().last()? {
         'K' => (&trimmed[..trimmed.len() - 1], 10),
         'M' => (&trimmed[..trimmed.len() - 1], 20),
@@ -254,9 +251,7 @@ impl fmt::Display for Generation {
 impl FromStr for Generation {
     type Err = InvalidGeneration;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        from_hex::<16>(s.trim())
-            .map(|b| Generation(u128::from_be_bytes(b)))
-            .ok_or(InvalidGeneration)
+        from_hex::<16>(s.trim()).map(|b| Generation(u128::from_be_bytes(b))).ok_or(InvalidGeneration)
     }
 }
 
@@ -330,9 +325,7 @@ impl TargetName {
             && name != "."
             && name != ".."
             && !name.contains("..")
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
         if ok {
             Ok(TargetName(name.to_string()))
         } else {

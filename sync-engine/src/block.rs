@@ -78,7 +78,8 @@ pub struct HashMismatch {
 
 impl From<HashMismatch> for Error {
     fn from(e: HashMismatch) -> Self {
-        Error::new(ErrorCode::HashMismatch, e.to_string()).hint("the block was corrupted on the way; run the sync again")
+        Error::new(ErrorCode::HashMismatch, e.to_string())
+            .hint("the block was corrupted on the way; run the sync again")
     }
 }
 

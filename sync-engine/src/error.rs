@@ -51,8 +51,14 @@ impl Error {
     pub fn io(place: Place, what: &str, path: &Path, err: io::Error) -> Self {
         let (code, hint) = match (err.raw_os_error(), err.kind()) {
             (Some(errno), _) if errno == ENOSPC || errno == EDQUOT => match place {
-                Place::State => (ErrorCode::StateFull, "free space on the state directory's filesystem (or point --state-dir elsewhere) and run again"),
-                _ => (ErrorCode::TargetFull, "free space on the target's filesystem and run again; the target is unchanged"),
+                Place::State => (
+                    ErrorCode::StateFull,
+                    "free space on the state directory's filesystem (or point --state-dir elsewhere) and run again",
+                ),
+                _ => (
+                    ErrorCode::TargetFull,
+                    "free space on the target's filesystem and run again; the target is unchanged",
+                ),
             },
             (_, io::ErrorKind::NotFound) => (ErrorCode::NotFound, "check the path"),
             (_, io::ErrorKind::PermissionDenied) => (ErrorCode::Io, "check permissions (block devices need root)"),
@@ -68,9 +74,8 @@ impl Error {
 
     /// A damaged state file.
     pub fn corrupt(path: &Path, what: impl std::fmt::Display) -> Self {
-        Error::new(ErrorCode::StateCorrupt, format!("{} is damaged: {what}", path.display())).hint(
-            "the state file failed its checksum; run `diskferry verify` or resync with --mode full",
-        )
+        Error::new(ErrorCode::StateCorrupt, format!("{} is damaged: {what}", path.display()))
+            .hint("the state file failed its checksum; run `diskferry verify` or resync with --mode full")
     }
 
     /// Whether running again may succeed.

@@ -17,6 +17,7 @@ const BATCH_BYTES: u64 = 4 << 20;
 
 thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH2: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Whether every byte is zero. Checks the head first, so data blocks exit at once.
@@ -66,63 +67,134 @@ pub fn hash_blocks_visit(
     blocks: Range<u64>,
     visit: Option<BlockVisitor<'_>>,
 ) -> io::Result<Vec<BlockHash>> {
-    if blocks.is_empty() {
-        return Ok(Vec::new());
-    }
-    let readable_end = g.disk_bytes.min(disk.len());
-    let start = g.block_offset(blocks.start).min(readable_end);
-    let end = (g.block_offset(blocks.end)).min(readable_end);
-    let data = disk.data_ranges(start, end - start)?;
-    let per_batch = (BATCH_BYTES / g.block_size.bytes()).max(1);
-    let batches: Vec<Range<u64>> = (blocks.start..blocks.end)
-        .step_by(per_batch as usize)
-        .map(|b| b..(b + per_batch).min(blocks.end))
-        .collect();
-    let parts: Vec<Vec<BlockHash>> = batches
+    let layout = Layout::new(disk, g, &blocks)?;
+    let parts: Vec<Vec<BlockHash>> = batches(g, &blocks)
         .into_par_iter()
-        .map(|batch| hash_batch(disk, g, batch, &data, readable_end, visit))
+        .map(|batch| {
+            with_batch(disk, &layout, g, &batch, &SCRATCH, |bytes| {
+                batch
+                    .clone()
+                    .map(|i| {
+                        let Some(block) = bytes.block(g, i) else { return Ok(BlockHash::ZERO) };
+                        let h = hash_block(block);
+                        if let (Some(v), false) = (visit, h.is_zero()) {
+                            v(VerifiedSlice::new(i, h, block))?;
+                        }
+                        Ok(h)
+                    })
+                    .collect::<io::Result<Vec<_>>>()
+            })?
+        })
         .collect::<io::Result<_>>()?;
     Ok(parts.concat())
 }
 
-fn overlaps(data: &[(u64, u64)], start: u64, end: u64) -> bool {
-    // `data` is sorted and disjoint: find the first range ending after `start`.
-    let i = data.partition_point(|&(off, len)| off + len <= start);
-    data.get(i).is_some_and(|&(off, _)| off < end)
+/// Hashes `blocks` of `source` and compares each with the same block of
+/// `target` byte for byte (zeros past the target's end): the local full
+/// compare, which needs no hash of the target.
+pub fn hash_and_compare(
+    source: &Disk,
+    target: &Disk,
+    g: &Geometry,
+    blocks: Range<u64>,
+) -> io::Result<Vec<(BlockHash, bool)>> {
+    let src_layout = Layout::new(source, g, &blocks)?;
+    let tgt_layout = Layout::new(target, g, &blocks)?;
+    let parts: Vec<Vec<(BlockHash, bool)>> = batches(g, &blocks)
+        .into_par_iter()
+        .map(|batch| {
+            with_batch(source, &src_layout, g, &batch, &SCRATCH, |s| {
+                with_batch(target, &tgt_layout, g, &batch, &SCRATCH2, |t| {
+                    batch
+                        .clone()
+                        .map(|i| {
+                            let (sb, tb) = (s.block(g, i), t.block(g, i));
+                            let h = sb.map_or(BlockHash::ZERO, hash_block);
+                            let equal = match (sb, tb) {
+                                (None, None) => true,
+                                (None, Some(t)) => is_zero(t),
+                                (Some(_), None) => h.is_zero(),
+                                (Some(s), Some(t)) => {
+                                    let n = t.len().min(s.len());
+                                    s[..n] == t[..n] && is_zero(&s[n..])
+                                }
+                            };
+                            (h, equal)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })?
+        })
+        .collect::<io::Result<_>>()?;
+    Ok(parts.concat())
 }
 
-fn hash_batch(
-    disk: &Disk,
-    g: &Geometry,
-    batch: Range<u64>,
-    data: &[(u64, u64)],
+/// Splits a block range into batches of about [`BATCH_BYTES`].
+fn batches(g: &Geometry, blocks: &Range<u64>) -> Vec<Range<u64>> {
+    let per_batch = (BATCH_BYTES / g.block_size.bytes()).max(1);
+    (blocks.start..blocks.end).step_by(per_batch as usize).map(|b| b..(b + per_batch).min(blocks.end)).collect()
+}
+
+/// Where a disk holds data within a block range, found once per call.
+struct Layout {
+    data: Vec<(u64, u64)>,
     readable_end: u64,
-    visit: Option<BlockVisitor<'_>>,
-) -> io::Result<Vec<BlockHash>> {
-    let start = g.block_offset(batch.start).min(readable_end);
-    let end = g.block_offset(batch.end).min(readable_end);
-    if start >= end || !overlaps(data, start, end) {
-        return Ok(vec![BlockHash::ZERO; (batch.end - batch.start) as usize]);
+}
+
+impl Layout {
+    fn new(disk: &Disk, g: &Geometry, blocks: &Range<u64>) -> io::Result<Layout> {
+        let readable_end = g.disk_bytes.min(disk.len());
+        let start = g.block_offset(blocks.start).min(readable_end);
+        let end = g.block_offset(blocks.end).min(readable_end);
+        let data = if end > start { disk.data_ranges(start, end - start)? } else { Vec::new() };
+        Ok(Layout { data, readable_end })
     }
-    SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        disk.with_bytes(start, (end - start) as usize, &mut scratch, |bytes| {
-            (batch.start..batch.end)
-                .map(|i| {
-                    let b_start = g.block_offset(i);
-                    let b_end = (b_start + g.block_size.bytes()).min(readable_end);
-                    if b_start >= b_end || !overlaps(data, b_start, b_end) {
-                        return Ok(BlockHash::ZERO);
-                    }
-                    let block = &bytes[(b_start - start) as usize..(b_end - start) as usize];
-                    let h = hash_block(block);
-                    if let (Some(v), false) = (visit, h.is_zero()) {
-                        v(VerifiedSlice::new(i, h, block))?;
-                    }
-                    Ok(h)
-                })
-                .collect::<io::Result<Vec<_>>>()
-        })?
+
+    fn has_data(&self, start: u64, end: u64) -> bool {
+        // `data` is sorted and disjoint: find the first range ending after `start`.
+        let i = self.data.partition_point(|&(off, len)| off + len <= start);
+        start < end && self.data.get(i).is_some_and(|&(off, _)| off < end)
+    }
+}
+
+/// One batch's bytes (`None`: all holes).
+struct BatchBytes<'a> {
+    start: u64,
+    bytes: Option<&'a [u8]>,
+    layout: &'a Layout,
+}
+
+impl BatchBytes<'_> {
+    /// Block `i`'s bytes, or `None` when it lies in a hole or past the end.
+    fn block(&self, g: &Geometry, i: u64) -> Option<&[u8]> {
+        let bytes = self.bytes?;
+        let b_start = g.block_offset(i);
+        let b_end = (b_start + g.block_size.bytes()).min(self.layout.readable_end);
+        if !self.layout.has_data(b_start, b_end) {
+            return None;
+        }
+        Some(&bytes[(b_start - self.start) as usize..(b_end - self.start) as usize])
+    }
+}
+
+fn with_batch<R>(
+    disk: &Disk,
+    layout: &Layout,
+    g: &Geometry,
+    batch: &Range<u64>,
+    scratch: &'static std::thread::LocalKey<RefCell<Vec<u8>>>,
+    f: impl FnOnce(&BatchBytes<'_>) -> R,
+) -> io::Result<R> {
+    let start = g.block_offset(batch.start).min(layout.readable_end);
+    let end = g.block_offset(batch.end).min(layout.readable_end);
+    if !layout.has_data(start, end) {
+        return Ok(f(&BatchBytes { start, bytes: None, layout }));
+    }
+    scratch.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        disk.with_bytes(start, (end - start) as usize, &mut buf, |bytes| {
+            f(&BatchBytes { start, bytes: Some(bytes), layout })
+        })
     })
 }
 
@@ -145,12 +217,12 @@ mod tests {
     }
 
     #[test]
-    fn overlap_search() {
-        let data = [(10, 5), (100, 50)];
-        assert!(!overlaps(&data, 0, 10));
-        assert!(overlaps(&data, 0, 11));
-        assert!(!overlaps(&data, 15, 100));
-        assert!(overlaps(&data, 149, 200));
-        assert!(!overlaps(&data, 150, 200));
+    fn layout_search() {
+        let l = Layout { data: vec![(10, 5), (100, 50)], readable_end: 1000 };
+        assert!(!l.has_data(0, 10));
+        assert!(l.has_data(0, 11));
+        assert!(!l.has_data(15, 100));
+        assert!(l.has_data(149, 200));
+        assert!(!l.has_data(150, 200));
     }
 }

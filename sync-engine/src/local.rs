@@ -13,7 +13,7 @@ use crate::apply::{ApplyMode, BeginSpec, CommitMeta, PointRecord, Recovery, Targ
 use crate::block::VerifiedBlock;
 use crate::disk::Disk;
 use crate::error::{Error, IoContext, Place, Result};
-use crate::hash::{hash_block, hash_blocks, hash_blocks_visit};
+use crate::hash::{hash_and_compare, hash_block, hash_blocks, hash_blocks_visit};
 use crate::manifest::{BlockCursor, Manifest};
 use crate::plan::{plan_full, plan_region, Op, PlanStats};
 use crate::store::{DiskKind, Meta, Vfs};
@@ -46,7 +46,13 @@ pub struct SyncOptions {
 
 impl Default for SyncOptions {
     fn default() -> Self {
-        SyncOptions { mode: Mode::Auto, block_size: BlockSize::DEFAULT, force: false, retention: 2, app_consistent: false }
+        SyncOptions {
+            mode: Mode::Auto,
+            block_size: BlockSize::DEFAULT,
+            force: false,
+            retention: 2,
+            app_consistent: false,
+        }
     }
 }
 
@@ -154,7 +160,12 @@ pub fn sync(job: &SyncJob, opts: &SyncOptions, progress: &dyn Progress) -> Resul
         if m.kind == DiskKind::BlockDevice && m.len < geometry.disk_bytes {
             return Err(Error::new(
                 ErrorCode::TargetTooSmall,
-                format!("target {} holds {} bytes but the source has {}", job.target.display(), m.len, geometry.disk_bytes),
+                format!(
+                    "target {} holds {} bytes but the source has {}",
+                    job.target.display(),
+                    m.len,
+                    geometry.disk_bytes
+                ),
             )
             .hint("use a block device at least as large as the source; the target was not touched"));
         }
@@ -174,7 +185,8 @@ pub fn sync(job: &SyncJob, opts: &SyncOptions, progress: &dyn Progress) -> Resul
         (true, true) => Consistency::App,
         (true, false) => Consistency::Crash,
     };
-    let commit = report.commit(CommitMeta { generation: job.generation, consistency, created_unix_ns: job.now_unix_ns })?;
+    let commit =
+        report.commit(CommitMeta { generation: job.generation, consistency, created_unix_ns: job.now_unix_ns })?;
     Ok(SyncReport {
         mode: if full { "full" } else { "delta" },
         compare,
@@ -276,26 +288,27 @@ impl Run<'_> {
         let vfs = job.vfs.clone();
         let g = self.geometry;
         let trust = target.trust()?;
-        let (base_point, manifest, verify_against): (Option<PointRecord>, Option<Manifest>, Option<Manifest>) = match trust {
-            Trust::Trusted(p) => {
-                let m = target.manifest_of(&p)?;
-                if p.geometry.block_size == g.block_size {
-                    (Some(p), Some(m), None)
-                } else {
-                    (Some(p), None, None)
+        let (base_point, manifest, verify_against): (Option<PointRecord>, Option<Manifest>, Option<Manifest>) =
+            match trust {
+                Trust::Trusted(p) => {
+                    let m = target.manifest_of(&p)?;
+                    if p.geometry.block_size == g.block_size {
+                        (Some(p), Some(m), None)
+                    } else {
+                        (Some(p), None, None)
+                    }
                 }
-            }
-            Trust::Unverified(p) if !opts.force => {
-                let m = target.manifest_of(&p)?;
-                let usable = p.geometry == g;
-                (Some(p), None, usable.then_some(m))
-            }
-            Trust::Diverged { point, why } if !opts.force => {
-                let _ = point;
-                return Err(diverged(&job.target, &why));
-            }
-            _ => (None, None, None),
-        };
+                Trust::Unverified(p) if !opts.force => {
+                    let m = target.manifest_of(&p)?;
+                    let usable = p.geometry == g;
+                    (Some(p), None, usable.then_some(m))
+                }
+                Trust::Diverged { point, why } if !opts.force => {
+                    let _ = point;
+                    return Err(diverged(&job.target, &why));
+                }
+                _ => (None, None, None),
+            };
         let device = vfs.metadata(&job.target).ctx(Place::Target, "reading", &job.target)?.map(|m| m.kind)
             == Some(DiskKind::BlockDevice);
         let mut view = match &manifest {
@@ -321,19 +334,28 @@ impl Run<'_> {
                     let tgt = manifest_view(cursor, old, &g, range.clone(), *device)?;
                     (hash_blocks(self.source, &g, range.clone()), tgt)
                 }
-                View::Hash { disk, check } => {
+                View::Hash { disk, check: Some((cursor, old)) } => {
+                    // The stamp could not vouch for the manifest: hash the
+                    // target too and hold it to the committed hashes.
                     let (s, t) = rayon::join(
                         || hash_blocks(self.source, &g, range.clone()),
                         || hash_blocks(disk, &g, range.clone()),
                     );
                     let t = t.ctx(Place::Target, "reading", &job.target)?;
-                    if let Some((cursor, old)) = check {
-                        let committed = manifest_view(cursor, old, &g, range.clone(), device)?;
-                        if committed.iter().zip(&t).any(|(c, t)| *c != Some(*t)) {
-                            return Err(diverged(&job.target, "its bytes differ from the last commit"));
-                        }
+                    let committed = manifest_view(cursor, old, &g, range.clone(), device)?;
+                    if committed.iter().zip(&t).any(|(c, t)| *c != Some(*t)) {
+                        return Err(diverged(&job.target, "its bytes differ from the last commit"));
                     }
                     (s, t.into_iter().map(Some).collect())
+                }
+                View::Hash { disk, check: None } => {
+                    // Locally the target's bytes are at hand: comparing them
+                    // with the source's is cheaper than hashing them.
+                    let pairs = hash_and_compare(self.source, disk, &g, range.clone())
+                        .map_err(|e| Error::io(Place::Source, "reading", &job.source, e))?;
+                    let (s, t): (Vec<BlockHash>, Vec<Option<BlockHash>>) =
+                        pairs.into_iter().map(|(h, equal)| (h, equal.then_some(h))).unzip();
+                    (Ok(s), t)
                 }
             };
             let mut src = src.ctx(Place::Source, "reading", &job.source)?;

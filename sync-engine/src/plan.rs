@@ -153,7 +153,13 @@ mod tests {
     #[test]
     fn table() {
         let cases = vec![
-            Case { name: "equal", source: vec![h(1), h(2)], target: vec![Some(h(1)), Some(h(2))], holds: vec![], want: vec![] },
+            Case {
+                name: "equal",
+                source: vec![h(1), h(2)],
+                target: vec![Some(h(1)), Some(h(2))],
+                holds: vec![],
+                want: vec![],
+            },
             Case {
                 name: "one changed",
                 source: vec![h(1), h(3)],

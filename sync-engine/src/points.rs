@@ -66,29 +66,40 @@ pub struct ExportReport {
 /// target is only read.
 pub fn export(target: &Target, generation: Generation, out: &Path) -> Result<ExportReport> {
     let vfs = target.vfs().clone();
-    let catalog = target.catalog().filter(|c| c.status == Status::Complete).ok_or_else(|| {
-        Error::new(ErrorCode::NoState, format!("{} has no recovery points", target.path().display()))
-    })?;
+    let catalog = target
+        .catalog()
+        .filter(|c| c.status == Status::Complete)
+        .ok_or_else(|| Error::new(ErrorCode::NoState, format!("{} has no recovery points", target.path().display())))?;
     let Some(index) = catalog.points.iter().position(|p| p.generation == generation) else {
-        return Err(Error::new(ErrorCode::NoSuchPoint, format!("no recovery point {generation} is kept for {}", target.path().display()))
-            .hint("list them with `diskferry points`"));
+        return Err(Error::new(
+            ErrorCode::NoSuchPoint,
+            format!("no recovery point {generation} is kept for {}", target.path().display()),
+        )
+        .hint("list them with `diskferry points`"));
     };
     let point = catalog.points[index];
     if !point.consistency.is_recovery_point() {
-        return Err(Error::new(ErrorCode::NoSuchPoint, format!("generation {generation} is fuzzy, not a recovery point")));
+        return Err(Error::new(
+            ErrorCode::NoSuchPoint,
+            format!("generation {generation} is fuzzy, not a recovery point"),
+        ));
     }
     match target.trust()? {
         Trust::Trusted(_) | Trust::Unverified(_) => {}
         Trust::Diverged { why, .. } => {
             return Err(Error::new(
                 ErrorCode::Diverged,
-                format!("target {} changed behind diskferry's back ({why}): its points cannot be rebuilt", target.path().display()),
+                format!(
+                    "target {} changed behind diskferry's back ({why}): its points cannot be rebuilt",
+                    target.path().display()
+                ),
             ))
         }
         _ => return Err(Error::new(ErrorCode::NoState, "no committed generation")),
     }
     if vfs.metadata(out).ctx(Place::Target, "reading", out)?.is_some() {
-        return Err(Error::new(ErrorCode::InvalidInput, format!("{} already exists", out.display())).hint("export to a new path"));
+        return Err(Error::new(ErrorCode::InvalidInput, format!("{} already exists", out.display()))
+            .hint("export to a new path"));
     }
     let tmp = crate::apply::partial_path(out);
     vfs.remove_file(&tmp).ctx(Place::Target, "removing", &tmp)?;
@@ -101,7 +112,8 @@ pub fn export(target: &Target, generation: Generation, out: &Path) -> Result<Exp
         }
     };
     vfs.rename(&tmp, out).ctx(Place::Target, "renaming", &tmp)?;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let parent =
+        out.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     vfs.sync_dir(&parent).ctx(Place::Target, "syncing", &parent)?;
     Ok(report)
 }

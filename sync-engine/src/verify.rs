@@ -47,9 +47,10 @@ pub fn verify(target: &mut Target, progress: &dyn Progress) -> Result<VerifyRepo
     let g = point.geometry;
     let path = target.path().to_path_buf();
     let vfs = target.vfs().clone();
-    let meta = vfs.metadata(&path).ctx(Place::Target, "reading", &path)?.ok_or_else(|| {
-        Error::new(ErrorCode::NotFound, format!("target {} does not exist", path.display()))
-    })?;
+    let meta = vfs
+        .metadata(&path)
+        .ctx(Place::Target, "reading", &path)?
+        .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("target {} does not exist", path.display())))?;
     let size_ok = match meta.kind {
         DiskKind::File => meta.len == g.disk_bytes,
         DiskKind::BlockDevice => meta.len >= g.disk_bytes,

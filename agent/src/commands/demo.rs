@@ -30,13 +30,21 @@ pub fn run(a: DemoArgs) -> Result<()> {
         .filter(|s| (16 * UNIT..=64 << 30).contains(s))
         .ok_or_else(|| Error::new(ErrorCode::Usage, format!("--size {} is not between 16M and 64G", a.size)))?;
     let base = demo_parent();
-    let dir = tempfile::Builder::new().prefix("diskferry-demo-").tempdir_in(&base).with_context(|| format!("creating a directory in {}", base.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("diskferry-demo-")
+        .tempdir_in(&base)
+        .with_context(|| format!("creating a directory in {}", base.display()))?;
     let src = dir.path().join("source.img");
     let dst = dir.path().join("replica.img");
     let state_root = state::prepare(&dir.path().join("state"))?;
     let mut rng = SmallRng::seed_from_u64(0x5eed);
     let data = make_sample(&src, size, &mut rng)?;
-    eprintln!("demo: {} sample disk ({} of data, the rest holes) in {}", human_bytes(size), human_bytes(data), dir.path().display());
+    eprintln!(
+        "demo: {} sample disk ({} of data, the rest holes) in {}",
+        human_bytes(size),
+        human_bytes(data),
+        dir.path().display()
+    );
 
     let full = sync_once(&src, &dst, &state_root, Mode::Full)?;
     let changed = change_one_percent(&src, size, &mut rng)?;
@@ -54,7 +62,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "verify": { "ok": check.ok, "generation": check.generation.to_hex(), "root": check.root.to_hex() },
         }));
     } else {
-        println!("{:<7} {:<6} {:<13} {:>14} {:>15} {:>9} {:>9}", "step", "mode", "compare", "bytes written", "blocks changed", "seconds", "MB/s");
+        println!(
+            "{:<7} {:<6} {:<13} {:>14} {:>15} {:>9} {:>9}",
+            "step", "mode", "compare", "bytes written", "blocks changed", "seconds", "MB/s"
+        );
         for (step, (r, secs)) in [("first", &full), ("second", &delta)] {
             println!(
                 "{:<7} {:<6} {:<13} {:>14} {:>15} {:>9.3} {:>9.0}",

@@ -51,7 +51,12 @@ pub fn run(a: HashArgs) -> Result<()> {
     if let Some(w) = writer {
         let after = vfs.metadata(&a.disk).ctx(Place::Source, "reading", &a.disk)?;
         let consistency = if before == after { Consistency::Crash } else { Consistency::Fuzzy };
-        w.finish(ManifestMeta { generation: new_generation(), parent: None, consistency, created_unix_ns: now_unix_ns() })?;
+        w.finish(ManifestMeta {
+            generation: new_generation(),
+            parent: None,
+            consistency,
+            created_unix_ns: now_unix_ns(),
+        })?;
     }
     let secs = start.elapsed().as_secs_f64();
     bar.finish();

@@ -24,7 +24,9 @@ pub fn run(a: VerifyArgs) -> Result<()> {
     match &recovery {
         Recovery::Finished(g) => eprintln!("recovered: finished the interrupted commit of generation {g}"),
         Recovery::Discarded => eprintln!("recovered: discarded an interrupted, uncommitted apply"),
-        Recovery::Staged { entries } => eprintln!("{entries} staged blocks of an interrupted session are kept for resume"),
+        Recovery::Staged { entries } => {
+            eprintln!("{entries} staged blocks of an interrupted session are kept for resume")
+        }
         Recovery::Clean => {}
     }
     let pool = thread_pool(a.threads).ctx(Place::Target, "starting threads for", &path)?;

@@ -331,7 +331,11 @@ impl JournalWriter {
 ///
 /// `Ok(None)`: no valid header (a log torn at creation: nothing staged).
 /// A committed journal whose entries fail their checks is `E_STATE_CORRUPT`.
-pub fn scan(storage: &Arc<dyn Storage>, path: &Path, visit: &mut dyn FnMut(Entry<'_>) -> Result<()>) -> Result<Option<Scan>> {
+pub fn scan(
+    storage: &Arc<dyn Storage>,
+    path: &Path,
+    visit: &mut dyn FnMut(Entry<'_>) -> Result<()>,
+) -> Result<Option<Scan>> {
     let len = storage.len().ctx(Place::State, "reading redo log", path)?;
     if len < HEADER_LEN {
         return Ok(None);
@@ -348,14 +352,8 @@ pub fn scan(storage: &Arc<dyn Storage>, path: &Path, visit: &mut dyn FnMut(Entry
     };
     let entries_end = if commit.is_some() { len - COMMIT_LEN } else { len };
     let mut r = SeqReader::new(storage.clone(), HEADER_LEN, entries_end, 1 << 20);
-    let mut scan = Scan {
-        header,
-        valid_len: HEADER_LEN,
-        entries: 0,
-        digest: blake3::Hasher::new(),
-        data_bytes: 0,
-        commit: None,
-    };
+    let mut scan =
+        Scan { header, valid_len: HEADER_LEN, entries: 0, digest: blake3::Hasher::new(), data_bytes: 0, commit: None };
     let g = header.geometry;
     let mut buf = Vec::new();
     loop {

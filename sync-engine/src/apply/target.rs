@@ -411,7 +411,8 @@ impl Target {
 
     fn kind_of_target(&self) -> Result<DiskKind> {
         let meta = self.vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?;
-        meta.map(|m| m.kind).ok_or_else(|| Error::new(ErrorCode::NotFound, format!("{} disappeared", self.path.display())))
+        meta.map(|m| m.kind)
+            .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("{} disappeared", self.path.display())))
     }
 
     fn write_new_catalog(&mut self, kind: DiskKind, points: Vec<PointRecord>) -> Result<()> {
@@ -550,11 +551,8 @@ impl Target {
 }
 
 fn too_small(path: &Path, have: u64, need: u64) -> Error {
-    Error::new(
-        ErrorCode::TargetTooSmall,
-        format!("{} holds {have} bytes but the source has {need}", path.display()),
-    )
-    .hint("use a block device at least as large as the source; the target was not touched")
+    Error::new(ErrorCode::TargetTooSmall, format!("{} holds {have} bytes but the source has {need}", path.display()))
+        .hint("use a block device at least as large as the source; the target was not touched")
 }
 
 /// Writes whole verified blocks of a full copy straight into their place.
@@ -896,12 +894,8 @@ impl Apply<'_> {
     fn save_undo(&self, base: Generation, newer: Generation) -> Result<([u8; 32], u64)> {
         let vfs = self.target.vfs.clone();
         let upath = self.target.dir.join(undo_file(base));
-        let old_disk_bytes = self
-            .target
-            .catalog
-            .as_ref()
-            .and_then(|c| c.current())
-            .map_or(self.old_len, |p| p.geometry.disk_bytes);
+        let old_disk_bytes =
+            self.target.catalog.as_ref().and_then(|c| c.current()).map_or(self.old_len, |p| p.geometry.disk_bytes);
         let header = UndoHeader {
             block_size: self.spec.geometry.block_size,
             generation: base,

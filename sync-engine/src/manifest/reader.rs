@@ -77,9 +77,7 @@ impl Manifest {
     /// Hash of region `r`.
     pub fn region_hash(&self, r: u64) -> Result<BlockHash> {
         let mut b = [0u8; 32];
-        self.storage
-            .read_at(self.region_offset + r * 32, &mut b)
-            .ctx(Place::State, "reading manifest", &self.path)?;
+        self.storage.read_at(self.region_offset + r * 32, &mut b).ctx(Place::State, "reading manifest", &self.path)?;
         Ok(BlockHash(b))
     }
 
@@ -118,9 +116,11 @@ impl Manifest {
 
     fn index_entry(&self, i: u64) -> Result<(u64, u64)> {
         let mut e = [0u8; 16];
-        self.storage
-            .read_at(self.index_offset + i * INDEX_ENTRY, &mut e)
-            .ctx(Place::State, "reading manifest", &self.path)?;
+        self.storage.read_at(self.index_offset + i * INDEX_ENTRY, &mut e).ctx(
+            Place::State,
+            "reading manifest",
+            &self.path,
+        )?;
         let mut f = Fields::new(&e);
         Ok((f.u64().unwrap_or(0), f.u64().unwrap_or(0)))
     }
@@ -157,7 +157,8 @@ fn decode_footer(f: &[u8; FOOTER_LEN as usize]) -> Option<(ManifestHeader, u64, 
     let index_offset = r.u64()?;
     let footer_offset = r.u64()?;
     let root = BlockHash(r.array()?);
-    let header = ManifestHeader { geometry, generation, parent, consistency, created_unix_ns, data_blocks, zero_blocks, root };
+    let header =
+        ManifestHeader { geometry, generation, parent, consistency, created_unix_ns, data_blocks, zero_blocks, root };
     Some((header, region_offset, index_offset, footer_offset))
 }
 

@@ -1,7 +1,7 @@
 //! Streaming manifest writer.
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -138,7 +138,10 @@ impl ManifestWriter {
     /// The caller makes the name durable (rename, directory sync).
     pub fn finish(mut self, meta: ManifestMeta) -> Result<ManifestHeader> {
         if self.next_block != self.geometry.block_count() {
-            return Err(Error::new(diskferry_protocol::ErrorCode::Internal, "manifest finished before its last region"));
+            return Err(Error::new(
+                diskferry_protocol::ErrorCode::Internal,
+                "manifest finished before its last region",
+            ));
         }
         self.flush_data()?;
         self.flush_zero()?;

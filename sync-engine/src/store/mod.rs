@@ -100,6 +100,7 @@ pub enum OpenHow {
 /// Contract: reads and writes are positional and may run from several threads;
 /// nothing written is durable until [`Storage::sync`] returns; writes may
 /// reach the medium in any order and torn at sector boundaries.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync + fmt::Debug {
     /// Current size in bytes.
     fn len(&self) -> io::Result<u64>;
