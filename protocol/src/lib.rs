@@ -1,7 +1,9 @@
 //! The diskferry wire format and the value types every layer shares.
 //!
-//! This crate does no I/O and knows no clock: it turns messages into bytes and
-//! back, and it holds the small newtypes ([`BlockHash`], [`BlockSize`],
+//! This crate does no I/O and knows no clock: [`Message`] turns into bytes and
+//! back ([`decode_frame`] splits frames off a buffer), the
+//! [`session::SenderSession`] and [`session::ReceiverSession`] state machines
+//! hold the protocol's logic, and it holds the small newtypes ([`BlockHash`], [`BlockSize`],
 //! [`Generation`], [`Geometry`], [`TargetName`]) and the stable
 //! [`ErrorCode`]s that the engine, the agent and the wire agree on.
 //!
@@ -13,10 +15,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod coding;
 pub mod error;
+pub mod message;
+pub mod session;
 pub mod types;
 
+pub use coding::DecodeError;
 pub use error::{ErrorClass, ErrorCode};
+pub use message::{decode_frame, Message, ALPN, MAX_FRAME, VERSION};
 pub use types::{
     from_hex, parse_size, to_hex, BlockHash, BlockIndex, BlockSize, Consistency, Generation, Geometry,
     InvalidBlockSize, InvalidGeneration, InvalidTargetName, SessionId, TargetName, CHUNK_BLOCKS, PAGE_SIZE,

@@ -22,6 +22,7 @@
 
 pub mod apply;
 pub mod block;
+pub mod compress;
 pub mod disk;
 pub mod error;
 pub mod hash;
@@ -30,10 +31,12 @@ pub mod manifest;
 mod mmap;
 pub mod plan;
 pub mod points;
+pub mod remote;
 pub mod seqio;
 pub mod store;
 pub mod tree;
 pub mod verify;
+pub mod view;
 
 pub use disk::Disk;
 pub use error::{Error, Place, Result};

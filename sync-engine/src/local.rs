@@ -17,6 +17,7 @@ use crate::hash::{hash_and_compare, hash_block, hash_blocks, hash_blocks_visit};
 use crate::manifest::{BlockCursor, Manifest};
 use crate::plan::{plan_full, plan_region, Op, PlanStats};
 use crate::store::{DiskKind, Meta, Vfs};
+use crate::view::manifest_view;
 
 /// Which sync to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -447,33 +448,6 @@ impl Run<'_> {
         self.source.read_at(g.block_offset(block), &mut new).ctx(Place::Source, "reading", &job.source)?;
         Ok(Some(VerifiedBlock::from_local(block, &new, Some(&old))))
     }
-}
-
-/// The committed hashes of `range` in the new geometry `g`: blocks whose
-/// length changed are unknown; past the old end a file reads zeros, a block
-/// device holds whatever it held.
-fn manifest_view(
-    cursor: &mut BlockCursor,
-    old: &Geometry,
-    g: &Geometry,
-    range: std::ops::Range<u64>,
-    device: bool,
-) -> Result<Vec<Option<BlockHash>>> {
-    let old_count = old.block_count();
-    let base = range.start;
-    let have = range.end.min(old_count).saturating_sub(base);
-    let hashes = cursor.next_blocks(have)?;
-    Ok(range
-        .map(|b| {
-            if b < old_count {
-                (old.block_len(b) == g.block_len(b)).then(|| hashes[(b - base) as usize])
-            } else if device {
-                None
-            } else {
-                Some(BlockHash::ZERO)
-            }
-        })
-        .collect())
 }
 
 fn diverged(path: &Path, why: &str) -> Error {

@@ -10,5 +10,5 @@ pub mod undo;
 pub use catalog::{Catalog, PointRecord, Status, UndoRef};
 pub use target::{
     manifest_file, partial_path, target_key, Apply, ApplyMode, ApplyStats, BeginSpec, CommitMeta, CommitReport,
-    DirectSink, Recovery, Target, TargetOptions, Trust,
+    DirectSink, OldContent, Recovery, Target, TargetOptions, Trust,
 };

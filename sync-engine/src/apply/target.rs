@@ -1,6 +1,7 @@
 //! A target disk and its state directory: lock, recovery, and the apply of
 //! one session (stage, commit).
 
+use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -316,6 +317,32 @@ impl Target {
         self.remove_journal()
     }
 
+    /// Block → hash of every block the staged journal updates (whole zeroed
+    /// blocks included), the last entry winning.
+    fn staged_overlay(&self, g: &Geometry) -> Result<HashMap<u64, BlockHash>> {
+        let jpath = self.journal_path();
+        let storage = self.vfs.open(&jpath, OpenHow::Read).ctx(Place::State, "opening", &jpath)?;
+        let bs = g.block_size.bytes();
+        let mut overlay = HashMap::new();
+        journal::scan(&storage, &jpath, &mut |e| {
+            match e {
+                Entry::Patch { block, hash, .. } => {
+                    overlay.insert(block, hash);
+                }
+                Entry::Zero { offset, len } => {
+                    let first = offset.div_ceil(bs);
+                    let end =
+                        (offset + len) / bs + u64::from((offset + len) == g.disk_bytes && (offset + len) % bs != 0);
+                    for b in first..end {
+                        overlay.insert(b, BlockHash::ZERO);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(overlay)
+    }
+
     /// Drops the staged blocks of an interrupted session.
     pub fn discard(&mut self) -> Result<()> {
         match self.staged.take() {
@@ -529,6 +556,10 @@ impl Target {
             }
         };
         let old_len = disk.len().ctx(Place::Target, "reading", &disk_path)?;
+        let overlay = match (&resume, spec.mode) {
+            (Some(_), ApplyMode::Journal) => self.staged_overlay(&spec.geometry)?,
+            _ => HashMap::new(),
+        };
         let mpath = self.dir.join(MANIFEST_TMP);
         let manifest = ManifestWriter::create(vfs, &mpath, spec.geometry)?;
         Ok(Apply {
@@ -546,6 +577,7 @@ impl Target {
             done: false,
             committed: false,
             restamp_on_abort: false,
+            overlay: Arc::new(overlay),
         })
     }
 }
@@ -568,6 +600,47 @@ impl DirectSink {
     pub fn write(&self, block: &VerifiedSlice<'_>) -> Result<()> {
         let off = self.geometry.block_offset(block.index());
         self.disk.write_at(off, block.bytes()).ctx(Place::Target, "writing", &self.path)
+    }
+
+    /// Writes the patches of a verified update in place.
+    pub fn write_verified(&self, block: &VerifiedBlock) -> Result<()> {
+        let base = self.geometry.block_offset(block.index());
+        for p in block.patches() {
+            self.disk.write_at(base + p.offset as u64, &p.data).ctx(Place::Target, "writing", &self.path)?;
+        }
+        Ok(())
+    }
+}
+
+/// The current content of a target's blocks, readable from any thread while
+/// a session stages (the old generation for a journaled apply, the
+/// `.partial` so far for a resumed full copy).
+#[derive(Debug, Clone)]
+pub struct OldContent {
+    disk: Arc<dyn Storage>,
+    path: PathBuf,
+    geometry: Geometry,
+    old_len: u64,
+    overlay: Arc<HashMap<u64, BlockHash>>,
+}
+
+impl OldContent {
+    /// The bytes of `block` (zeros past the end).
+    pub fn read(&self, block: u64) -> Result<Vec<u8>> {
+        let len = self.geometry.block_len(block);
+        let off = self.geometry.block_offset(block);
+        let mut buf = vec![0u8; len as usize];
+        let have = self.old_len.saturating_sub(off).min(len as u64) as usize;
+        if have > 0 {
+            self.disk.read_at(off, &mut buf[..have]).ctx(Place::Target, "reading", &self.path)?;
+        }
+        Ok(buf)
+    }
+
+    /// Whether `block` was staged by an interrupted session: its content is
+    /// then not what [`OldContent::read`] returns, so it must travel whole.
+    pub fn is_staged(&self, block: u64) -> bool {
+        self.overlay.contains_key(&block)
     }
 }
 
@@ -654,6 +727,7 @@ pub struct Apply<'t> {
     done: bool,
     committed: bool,
     restamp_on_abort: bool,
+    overlay: Arc<HashMap<u64, BlockHash>>,
 }
 
 impl Apply<'_> {
@@ -665,6 +739,22 @@ impl Apply<'_> {
     /// Counts so far.
     pub fn stats(&self) -> ApplyStats {
         self.stats
+    }
+
+    /// Blocks staged by the interrupted session this one resumed (block → hash).
+    pub fn overlay(&self) -> &Arc<HashMap<u64, BlockHash>> {
+        &self.overlay
+    }
+
+    /// A reader of the blocks' current content for other threads.
+    pub fn old_content(&self) -> OldContent {
+        OldContent {
+            disk: self.disk.clone(),
+            path: self.disk_path.clone(),
+            geometry: self.spec.geometry,
+            old_len: self.old_len,
+            overlay: self.overlay.clone(),
+        }
     }
 
     /// The current bytes of `block` (as committed; zeros past the end),

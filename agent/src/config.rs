@@ -1,0 +1,221 @@
+//! The target agent's TOML config. Errors name the file, the key and what is wrong.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use diskferry_protocol::{ErrorCode, TargetName};
+use diskferry_sync_engine::Error;
+use serde::Deserialize;
+
+use crate::identity::normalize_fingerprint;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: String,
+    state_dir: Option<PathBuf>,
+    #[serde(default = "default_sessions")]
+    max_sessions: u32,
+    /// Upper bound for MTU discovery (default: 65000 on loopback, 1452 elsewhere).
+    max_mtu: Option<u16>,
+    /// Memory for received blocks waiting to be staged, across all sessions.
+    #[serde(default = "default_budget")]
+    memory_budget_mib: u32,
+    #[serde(default)]
+    peer: Vec<RawPeer>,
+    #[serde(default)]
+    target: Vec<RawTarget>,
+}
+
+fn default_sessions() -> u32 {
+    16
+}
+
+fn default_budget() -> u32 {
+    128
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: String,
+    fingerprint: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: String,
+    path: PathBuf,
+    #[serde(default)]
+    allowed_peers: Vec<String>,
+    #[serde(default = "default_retention")]
+    retention: u32,
+}
+
+fn default_retention() -> u32 {
+    2
+}
+
+/// A configured target.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub name: TargetName,
+    pub path: PathBuf,
+    pub allowed_peers: BTreeSet<String>,
+    pub retention: u32,
+}
+
+/// A validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub state_dir: Option<PathBuf>,
+    pub max_sessions: u32,
+    pub max_mtu: Option<u16>,
+    pub memory_budget: u64,
+    /// fingerprint → peer name
+    pub peers: BTreeMap<String, String>,
+    pub targets: BTreeMap<String, TargetConfig>,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let mut err = Error::io(diskferry_sync_engine::Place::Source, "reading config", path, e);
+            err.code = if err.code == ErrorCode::NotFound { ErrorCode::NotFound } else { ErrorCode::Config };
+            err
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates config text (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
+        let bad = |key: &str, what: String| {
+            Error::new(ErrorCode::Config, format!("config {}: {key}: {what}", path.display()))
+                .hint("fix the config file and start again")
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            let at = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            Error::new(ErrorCode::Config, format!("config {}: {msg}{at}", path.display()))
+                .hint("fix the config file and start again")
+        })?;
+        let listen: SocketAddr =
+            raw.listen.parse().map_err(|_| bad("listen", format!("{:?} is not an address like 127.0.0.1:7400", raw.listen)))?;
+        if raw.max_sessions == 0 {
+            return Err(bad("max_sessions", "must be at least 1".into()));
+        }
+        if let Some(m) = raw.max_mtu {
+            if !(1200..=65000).contains(&m) {
+                return Err(bad("max_mtu", format!("{m} is outside 1200..=65000")));
+            }
+        }
+        let mut peers = BTreeMap::new();
+        let mut peer_names = BTreeSet::new();
+        for (i, p) in raw.peer.iter().enumerate() {
+            let fp = normalize_fingerprint(&p.fingerprint)
+                .ok_or_else(|| bad(&format!("peer[{i}].fingerprint"), "must be 64 hex digits (SHA-256 of the peer's certificate; `diskferry id` prints it)".into()))?;
+            if !peer_names.insert(p.name.clone()) {
+                return Err(bad(&format!("peer[{i}].name"), format!("{:?} is listed twice", p.name)));
+            }
+            if peers.insert(fp, p.name.clone()).is_some() {
+                return Err(bad(&format!("peer[{i}].fingerprint"), "the same fingerprint is listed twice".into()));
+            }
+        }
+        let mut targets = BTreeMap::new();
+        let mut paths = BTreeSet::new();
+        for (i, t) in raw.target.iter().enumerate() {
+            let name = TargetName::new(&t.name).map_err(|e| bad(&format!("target[{i}].name"), e.to_string()))?;
+            if !t.path.is_absolute() {
+                return Err(bad(&format!("target[{i}].path"), format!("{} is not an absolute path", t.path.display())));
+            }
+            if !paths.insert(t.path.clone()) {
+                return Err(bad(&format!("target[{i}].path"), format!("{} is used by two targets", t.path.display())));
+            }
+            if t.retention == 0 {
+                return Err(bad(&format!("target[{i}].retention"), "must be at least 1".into()));
+            }
+            for p in &t.allowed_peers {
+                if !peer_names.contains(p) {
+                    return Err(bad(&format!("target[{i}].allowed_peers"), format!("unknown peer {p:?} (no [[peer]] has that name)")));
+                }
+            }
+            let tc = TargetConfig {
+                name: name.clone(),
+                path: t.path.clone(),
+                allowed_peers: t.allowed_peers.iter().cloned().collect(),
+                retention: t.retention,
+            };
+            if targets.insert(name.as_str().to_string(), tc).is_some() {
+                return Err(bad(&format!("target[{i}].name"), format!("{:?} is listed twice", t.name)));
+            }
+        }
+        Ok(Config {
+            listen,
+            state_dir: raw.state_dir,
+            max_sessions: raw.max_sessions,
+            max_mtu: raw.max_mtu,
+            memory_budget: raw.memory_budget_mib as u64 * (1 << 20),
+            peers,
+            targets,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP: &str = "9f2c000000000000000000000000000000000000000000000000000000000001";
+
+    fn parse(s: &str) -> Result<Config, Error> {
+        Config::parse(s, Path::new("/etc/df.toml"))
+    }
+
+    #[test]
+    fn issue_example_parses() {
+        let c = parse(&format!(
+            r#"
+listen = "127.0.0.1:7400"
+state_dir = "/var/lib/diskferry"
+max_sessions = 16
+[[peer]]
+name = "host-a"
+fingerprint = "{FP}"
+[[target]]
+name = "vm1-disk0"
+path = "/srv/replicas/vm1-disk0.img"
+allowed_peers = ["host-a"]
+retention = 3
+"#
+        ))
+        .unwrap();
+        assert_eq!(c.peers.get(FP).map(String::as_str), Some("host-a"));
+        assert_eq!(c.targets["vm1-disk0"].retention, 3);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("listen = \"nope\"").unwrap_err();
+        assert!(e.message.contains("listen") && e.message.contains("/etc/df.toml"), "{}", e.message);
+        let e = parse(&format!(
+            "listen = \"127.0.0.1:1\"\n[[peer]]\nname=\"a\"\nfingerprint=\"{FP}\"\n[[target]]\nname=\"x/y\"\npath=\"/a\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("target[0].name"), "{}", e.message);
+        let e = parse("listen = \"127.0.0.1:1\"\n[[target]]\nname=\"x\"\npath=\"/a\"\nallowed_peers=[\"ghost\"]\n").unwrap_err();
+        assert!(e.message.contains("allowed_peers") && e.message.contains("ghost"), "{}", e.message);
+        let e = parse("listen = \"127.0.0.1:1\"\nbogus = 1\n").unwrap_err();
+        assert!(e.message.contains("bogus"), "{}", e.message);
+        assert_eq!(e.code, ErrorCode::Config);
+    }
+}

@@ -1,0 +1,143 @@
+//! QUIC endpoints tuned for bulk transfer, and framed streams.
+//!
+//! What the tuning is based on is in `../shared/QUIC-NOTES.md`: packet size
+//! dominates CPU per byte, so paths that allow it (loopback: 65000 bytes)
+//! use large datagrams with GSO off (GSO batches over 64 KiB are lost);
+//! other paths start at 1452 with MTU discovery up to a configured bound and
+//! GSO on. Socket buffers are made larger than the flow-control windows so
+//! the kernel does not drop packets.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use diskferry_protocol::{decode_frame, DecodeError, Message, MAX_FRAME};
+use quinn::{MtuDiscoveryConfig, TransportConfig, VarInt};
+
+/// Stream flow-control window (per stream).
+const STREAM_WINDOW: u32 = 16 << 20;
+/// Connection flow-control window.
+const CONN_WINDOW: u32 = 32 << 20;
+/// Largest UDP payload that crosses IPv4 loopback with headers to spare.
+pub const LOOPBACK_MTU: u16 = 65000;
+/// A safe datagram size on a 1500-byte Ethernet path (IPv6 + UDP headers).
+pub const ETHERNET_MTU: u16 = 1452;
+/// Above this, GSO batches exceed what the kernel accepts (QUIC-NOTES trap).
+const GSO_LIMIT: u16 = 6500;
+
+/// The MTU bound for a path: configured, or by whether the path is loopback.
+pub fn mtu_for(peer: &SocketAddr, configured: Option<u16>) -> u16 {
+    configured.unwrap_or(if peer.ip().is_loopback() { LOOPBACK_MTU } else { ETHERNET_MTU })
+}
+
+/// Transport settings for bulk transfer with datagrams up to `max_mtu`.
+pub fn transport_config(max_mtu: u16) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(CONN_WINDOW));
+    t.send_window(CONN_WINDOW as u64);
+    t.max_concurrent_uni_streams(VarInt::from_u32(64));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(4));
+    t.keep_alive_interval(Some(Duration::from_secs(3)));
+    if let Ok(idle) = Duration::from_secs(20).try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(max_mtu.max(1200));
+    mtu.interval(Duration::from_secs(60));
+    t.mtu_discovery_config(Some(mtu));
+    t.enable_segmentation_offload(max_mtu <= GSO_LIMIT);
+    t
+}
+
+/// A UDP socket with buffers larger than the flow-control windows.
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(addr)?;
+    let want = 2 * CONN_WINDOW as usize;
+    // As root the FORCE variants pass net.core.rmem_max; otherwise take what is allowed.
+    if rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, want).is_err() {
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, want);
+    }
+    if rustix::net::sockopt::set_socket_send_buffer_size_force(&socket, want).is_err() {
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&socket, want);
+    }
+    Ok(socket)
+}
+
+/// A client endpoint bound to an ephemeral port of the right family.
+pub fn client_endpoint(peer: &SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if peer.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(std::io::Error::other)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp_socket(bind)?, runtime)
+}
+
+/// A server endpoint on `addr`.
+pub fn server_endpoint(addr: SocketAddr, config: quinn::ServerConfig) -> std::io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), udp_socket(addr)?, runtime)
+}
+
+/// Client config: TLS plus transport tuned for the path to `peer`.
+pub fn client_config(tls: rustls::ClientConfig, peer: &SocketAddr, max_mtu: Option<u16>) -> anyhow::Result<quinn::ClientConfig> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+    c.transport_config(Arc::new(transport_config(mtu_for(peer, max_mtu))));
+    Ok(c)
+}
+
+/// Server config: TLS plus transport tuned for the listening address.
+pub fn server_config(tls: rustls::ServerConfig, listen: &SocketAddr, max_mtu: Option<u16>) -> anyhow::Result<quinn::ServerConfig> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    c.transport_config(Arc::new(transport_config(mtu_for(listen, max_mtu))));
+    Ok(c)
+}
+
+/// Reads frames from a QUIC receive stream.
+pub struct FrameReader {
+    stream: quinn::RecvStream,
+    buf: BytesMut,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The connection or stream failed.
+    #[error("{0}")]
+    Stream(String),
+    /// The peer sent bytes that are not a valid frame.
+    #[error("bad frame: {0}")]
+    Decode(DecodeError),
+}
+
+impl FrameReader {
+    pub fn new(stream: quinn::RecvStream) -> Self {
+        FrameReader { stream, buf: BytesMut::with_capacity(1 << 20) }
+    }
+
+    /// The next frame; `Ok(None)` at a clean end of stream.
+    pub async fn next(&mut self) -> Result<Option<Message>, ReadError> {
+        loop {
+            if let Some(m) = decode_frame(&mut self.buf, MAX_FRAME).map_err(ReadError::Decode)? {
+                return Ok(Some(m));
+            }
+            match self.stream.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) if self.buf.is_empty() => return Ok(None),
+                Ok(None) => return Err(ReadError::Decode(DecodeError::Truncated)),
+                Err(e) => return Err(ReadError::Stream(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Writes one frame.
+pub async fn write_frame(stream: &mut quinn::SendStream, m: &Message) -> Result<(), quinn::WriteError> {
+    stream.write_chunk(m.to_bytes()).await
+}
+
+/// Writes pre-encoded frames.
+pub async fn write_bytes(stream: &mut quinn::SendStream, b: Bytes) -> Result<(), quinn::WriteError> {
+    stream.write_chunk(b).await
+}

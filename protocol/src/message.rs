@@ -1,0 +1,758 @@
+//! Every message of protocol version 1 and its byte layout.
+//!
+//! A frame is `u32 length · u8 type · fields`, little-endian, where `length`
+//! counts the type byte and the fields; a frame over [`MAX_FRAME`] is refused
+//! before it is buffered. Layouts (`[n]` is n raw bytes, `str` is `u16 len ·
+//! utf-8`, `list<T>` is `u32 count · T…`):
+//!
+//! | type | message | direction | fields |
+//! |------|---------|-----------|--------|
+//! | 0x01 | Hello | S→T | `u16 min version · u16 max version · u32 capabilities` |
+//! | 0x02 | Welcome | T→S | `u16 version · u32 capabilities · u32 max frame` |
+//! | 0x03 | Open | S→T | `u128 session · str target · u64 disk bytes · u32 block size · u8 mode · u8 flags · u128 source base` |
+//! | 0x04 | Accept | T→S | `u8 plan · u128 target generation · u64 staged blocks · u32 window` |
+//! | 0x05 | Region | S→T | `u64 region · [32] hash` |
+//! | 0x06 | NeedChunks | T→S | `u64 region` |
+//! | 0x07 | Chunks | S→T | `u64 region · list<[32]>` |
+//! | 0x08 | NeedBlocks | T→S | `u64 region · list<u32 chunk>` |
+//! | 0x09 | BlockHashes | S→T | `u64 region · u32 chunk · list<[32]>` |
+//! | 0x0a | Want | T→S | `u64 region · list<u64 block · u16 n · n × u64 page hash>` |
+//! | 0x0b | RegionEnd | S→T | `u64 region · [32] hash · u32 items` |
+//! | 0x0c | RegionDone | T→S | `u64 region · u64 bytes staged` |
+//! | 0x0d | Finish | S→T | `u8 consistency` |
+//! | 0x0e | Committed | T→S | `u128 generation · [32] root · u64 blocks changed · u64 bytes written` |
+//! | 0x0f | Error | both | `u16 code · str message` |
+//! | 0x10 | Block | S→T data | `u64 block · [32] blake3 of the whole new block · u32 block len · u8 codec · u16 n · n × (u32 offset · u32 len) · u32 payload len · payload` |
+//! | 0x11 | Zero | S→T data | `u64 first block · u64 count` |
+//! | 0x12 | Nack | T→S | `u64 block` |
+//!
+//! Modes: 0 auto, 1 delta, 2 full. Plans: 0 full, 1 compare with the target's
+//! trusted manifest, 2 compare by hashing the target. Codecs: 0 raw, 1 zstd
+//! (the payload is one zstd frame of the concatenated patch bytes).
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::coding::{put_str, BufExt, DecodeError, DecodeResult};
+use crate::error::ErrorCode;
+use crate::types::{BlockHash, BlockSize, Consistency, Generation, SessionId, TargetName};
+
+/// The protocol version this crate speaks.
+pub const VERSION: u16 = 1;
+/// TLS application protocol name.
+pub const ALPN: &[u8] = b"diskferry/1";
+/// Hard limit on a frame's length field: one largest block plus headers.
+pub const MAX_FRAME: u32 = BlockSize::MAX + (64 << 10);
+/// Capability: zstd-compressed block payloads.
+pub const CAP_ZSTD: u32 = 1;
+/// Capability: sub-block (page) patches.
+pub const CAP_PAGES: u32 = 2;
+
+/// Which sync the source asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// The target decides: delta when it holds the disk, full otherwise.
+    Auto,
+    /// Compare; the target must exist.
+    Delta,
+    /// Send everything without comparing.
+    Full,
+}
+
+/// How the session will run, decided by the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// No comparison: every non-zero block travels.
+    Full,
+    /// Compare with the target's trusted manifest (its disk is not read).
+    CompareManifest,
+    /// Compare by hashing the target's disk.
+    CompareHash,
+}
+
+/// How a block payload is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    /// Plain bytes.
+    Raw,
+    /// One zstd frame.
+    Zstd,
+}
+
+/// Session request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Open {
+    /// Session id (a rerun of an interrupted push may reuse staged blocks).
+    pub session: SessionId,
+    /// Logical target name.
+    pub target: TargetName,
+    /// Source disk size.
+    pub disk_bytes: u64,
+    /// Block size.
+    pub block_size: BlockSize,
+    /// Requested mode.
+    pub mode: SyncMode,
+    /// Sync a diverged target anyway.
+    pub force: bool,
+    /// The generation the source last committed on this target, if any.
+    pub source_base: Option<Generation>,
+}
+
+/// Session acceptance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accept {
+    /// How the session runs.
+    pub plan: Plan,
+    /// The target's committed generation.
+    pub target_generation: Option<Generation>,
+    /// Blocks staged by an interrupted session that this one may reuse.
+    pub staged_blocks: u64,
+    /// Regions the source may have in flight.
+    pub window: u32,
+}
+
+/// A block requested by the target, with the hashes of its current pages
+/// (empty: send the whole block).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WantBlock {
+    /// Block index.
+    pub index: u64,
+    /// Truncated blake3 (first 8 bytes, little-endian) of each 4 KiB page the target holds.
+    pub page_hashes: Vec<u64>,
+}
+
+/// New content for (ranges of) one block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockFrame {
+    /// Block index.
+    pub index: u64,
+    /// blake3 of the whole block after the patches are applied.
+    pub hash: BlockHash,
+    /// Length of the block.
+    pub block_len: u32,
+    /// Payload encoding.
+    pub codec: Codec,
+    /// `(offset, len)` of each patch; the payload holds their bytes in order.
+    pub patches: Vec<(u32, u32)>,
+    /// Encoded patch bytes.
+    pub payload: Bytes,
+}
+
+impl BlockFrame {
+    /// Sum of the patch lengths: the decoded payload size.
+    pub fn plain_len(&self) -> u64 {
+        self.patches.iter().map(|p| p.1 as u64).sum()
+    }
+}
+
+/// The result of a commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The new generation.
+    pub generation: Generation,
+    /// Root of its hash tree.
+    pub root: BlockHash,
+    /// Blocks whose content changed.
+    pub blocks_changed: u64,
+    /// Content bytes written into the target.
+    pub bytes_written: u64,
+}
+
+/// Any protocol message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Version offer.
+    Hello {
+        /// Lowest version spoken.
+        min_version: u16,
+        /// Highest version spoken.
+        max_version: u16,
+        /// Capability bits.
+        capabilities: u32,
+    },
+    /// Version choice.
+    Welcome {
+        /// Chosen version.
+        version: u16,
+        /// Capability bits both sides share.
+        capabilities: u32,
+        /// Largest frame accepted.
+        max_frame: u32,
+    },
+    /// Session request.
+    Open(Open),
+    /// Session acceptance.
+    Accept(Accept),
+    /// The hash of a source region.
+    Region {
+        /// Region index.
+        region: u64,
+        /// Its hash.
+        hash: BlockHash,
+    },
+    /// The target's region hash differs: send its chunk hashes.
+    NeedChunks {
+        /// Region index.
+        region: u64,
+    },
+    /// A region's chunk hashes.
+    Chunks {
+        /// Region index.
+        region: u64,
+        /// Chunk hashes in order.
+        hashes: Vec<BlockHash>,
+    },
+    /// These chunks differ: send their block hashes.
+    NeedBlocks {
+        /// Region index.
+        region: u64,
+        /// Chunk indexes within the region.
+        chunks: Vec<u32>,
+    },
+    /// One chunk's block hashes.
+    BlockHashes {
+        /// Region index.
+        region: u64,
+        /// Chunk index within the region.
+        chunk: u32,
+        /// Block hashes in order.
+        hashes: Vec<BlockHash>,
+    },
+    /// Blocks the target needs.
+    Want {
+        /// Region index.
+        region: u64,
+        /// The blocks.
+        blocks: Vec<WantBlock>,
+    },
+    /// Full copy: everything of a region has been sent on the data streams.
+    RegionEnd {
+        /// Region index.
+        region: u64,
+        /// The region's hash.
+        hash: BlockHash,
+        /// Block and zero frames sent for it.
+        items: u32,
+    },
+    /// The target staged a region completely.
+    RegionDone {
+        /// Region index.
+        region: u64,
+        /// Bytes staged so far in the session.
+        bytes_staged: u64,
+    },
+    /// The source sent every region.
+    Finish {
+        /// Consistency of what was read.
+        consistency: Consistency,
+    },
+    /// The target committed.
+    Committed(Committed),
+    /// The session failed.
+    Error {
+        /// Stable code.
+        code: ErrorCode,
+        /// For a person.
+        message: String,
+    },
+    /// New block content (data streams).
+    Block(BlockFrame),
+    /// Blocks that are all zeros (data streams).
+    Zero {
+        /// First block.
+        first: u64,
+        /// Count.
+        count: u64,
+    },
+    /// A patched block failed verification: send it whole.
+    Nack {
+        /// Block index.
+        index: u64,
+    },
+}
+
+impl Message {
+    /// The type byte.
+    pub fn type_byte(&self) -> u8 {
+        match self {
+            Message::Hello { .. } => 0x01,
+            Message::Welcome { .. } => 0x02,
+            Message::Open(_) => 0x03,
+            Message::Accept(_) => 0x04,
+            Message::Region { .. } => 0x05,
+            Message::NeedChunks { .. } => 0x06,
+            Message::Chunks { .. } => 0x07,
+            Message::NeedBlocks { .. } => 0x08,
+            Message::BlockHashes { .. } => 0x09,
+            Message::Want { .. } => 0x0a,
+            Message::RegionEnd { .. } => 0x0b,
+            Message::RegionDone { .. } => 0x0c,
+            Message::Finish { .. } => 0x0d,
+            Message::Committed(_) => 0x0e,
+            Message::Error { .. } => 0x0f,
+            Message::Block(_) => 0x10,
+            Message::Zero { .. } => 0x11,
+            Message::Nack { .. } => 0x12,
+        }
+    }
+
+    /// Appends the whole frame (length prefix, type, fields).
+    pub fn encode(&self, out: &mut impl BufMut) {
+        let mut body = BytesMut::new();
+        self.encode_fields(&mut body);
+        out.put_u32_le(body.len() as u32 + 1);
+        out.put_u8(self.type_byte());
+        out.put_slice(&body);
+    }
+
+    /// The frame as bytes.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        self.encode(&mut b);
+        b.freeze()
+    }
+
+    fn encode_fields(&self, b: &mut BytesMut) {
+        match self {
+            Message::Hello { min_version, max_version, capabilities } => {
+                b.put_u16_le(*min_version);
+                b.put_u16_le(*max_version);
+                b.put_u32_le(*capabilities);
+            }
+            Message::Welcome { version, capabilities, max_frame } => {
+                b.put_u16_le(*version);
+                b.put_u32_le(*capabilities);
+                b.put_u32_le(*max_frame);
+            }
+            Message::Open(o) => {
+                b.put_u128_le(o.session.0);
+                put_str(b, o.target.as_str());
+                b.put_u64_le(o.disk_bytes);
+                b.put_u32_le(o.block_size.get());
+                b.put_u8(match o.mode {
+                    SyncMode::Auto => 0,
+                    SyncMode::Delta => 1,
+                    SyncMode::Full => 2,
+                });
+                b.put_u8(o.force as u8);
+                b.put_u128_le(o.source_base.map_or(0, |g| g.0));
+            }
+            Message::Accept(a) => {
+                b.put_u8(match a.plan {
+                    Plan::Full => 0,
+                    Plan::CompareManifest => 1,
+                    Plan::CompareHash => 2,
+                });
+                b.put_u128_le(a.target_generation.map_or(0, |g| g.0));
+                b.put_u64_le(a.staged_blocks);
+                b.put_u32_le(a.window);
+            }
+            Message::Region { region, hash } => {
+                b.put_u64_le(*region);
+                b.put_slice(hash.as_bytes());
+            }
+            Message::NeedChunks { region } => b.put_u64_le(*region),
+            Message::Chunks { region, hashes } => {
+                b.put_u64_le(*region);
+                put_hashes(b, hashes);
+            }
+            Message::NeedBlocks { region, chunks } => {
+                b.put_u64_le(*region);
+                b.put_u32_le(chunks.len() as u32);
+                for c in chunks {
+                    b.put_u32_le(*c);
+                }
+            }
+            Message::BlockHashes { region, chunk, hashes } => {
+                b.put_u64_le(*region);
+                b.put_u32_le(*chunk);
+                put_hashes(b, hashes);
+            }
+            Message::Want { region, blocks } => {
+                b.put_u64_le(*region);
+                b.put_u32_le(blocks.len() as u32);
+                for w in blocks {
+                    b.put_u64_le(w.index);
+                    b.put_u16_le(w.page_hashes.len() as u16);
+                    for p in &w.page_hashes {
+                        b.put_u64_le(*p);
+                    }
+                }
+            }
+            Message::RegionEnd { region, hash, items } => {
+                b.put_u64_le(*region);
+                b.put_slice(hash.as_bytes());
+                b.put_u32_le(*items);
+            }
+            Message::RegionDone { region, bytes_staged } => {
+                b.put_u64_le(*region);
+                b.put_u64_le(*bytes_staged);
+            }
+            Message::Finish { consistency } => b.put_u8(consistency.to_u8()),
+            Message::Committed(c) => {
+                b.put_u128_le(c.generation.0);
+                b.put_slice(c.root.as_bytes());
+                b.put_u64_le(c.blocks_changed);
+                b.put_u64_le(c.bytes_written);
+            }
+            Message::Error { code, message } => {
+                b.put_u16_le(code.to_u16());
+                put_str(b, message);
+            }
+            Message::Block(f) => {
+                b.put_u64_le(f.index);
+                b.put_slice(f.hash.as_bytes());
+                b.put_u32_le(f.block_len);
+                b.put_u8(match f.codec {
+                    Codec::Raw => 0,
+                    Codec::Zstd => 1,
+                });
+                b.put_u16_le(f.patches.len() as u16);
+                for (off, len) in &f.patches {
+                    b.put_u32_le(*off);
+                    b.put_u32_le(*len);
+                }
+                b.put_u32_le(f.payload.len() as u32);
+                b.put_slice(&f.payload);
+            }
+            Message::Zero { first, count } => {
+                b.put_u64_le(*first);
+                b.put_u64_le(*count);
+            }
+            Message::Nack { index } => b.put_u64_le(*index),
+        }
+    }
+
+    /// Decodes one frame body (type byte and fields, without the length
+    /// prefix). Every field is checked; leftover bytes are an error.
+    pub fn decode(body: &mut impl Buf) -> DecodeResult<Message> {
+        let ty = body.get_u8_checked()?;
+        let m = match ty {
+            0x01 => Message::Hello {
+                min_version: body.get_u16_checked()?,
+                max_version: body.get_u16_checked()?,
+                capabilities: body.get_u32_checked()?,
+            },
+            0x02 => Message::Welcome {
+                version: body.get_u16_checked()?,
+                capabilities: body.get_u32_checked()?,
+                max_frame: body.get_u32_checked()?,
+            },
+            0x03 => {
+                let session = SessionId(body.get_u128_checked()?);
+                let target = TargetName::new(&body.get_str()?).map_err(|_| DecodeError::Invalid("target name"))?;
+                let disk_bytes = body.get_u64_checked()?;
+                let block_size =
+                    BlockSize::new(body.get_u32_checked()?).map_err(|_| DecodeError::Invalid("block size"))?;
+                let mode = match body.get_u8_checked()? {
+                    0 => SyncMode::Auto,
+                    1 => SyncMode::Delta,
+                    2 => SyncMode::Full,
+                    _ => return Err(DecodeError::Invalid("mode")),
+                };
+                let force = match body.get_u8_checked()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Invalid("flags")),
+                };
+                let source_base = generation(body.get_u128_checked()?);
+                Message::Open(Open { session, target, disk_bytes, block_size, mode, force, source_base })
+            }
+            0x04 => {
+                let plan = match body.get_u8_checked()? {
+                    0 => Plan::Full,
+                    1 => Plan::CompareManifest,
+                    2 => Plan::CompareHash,
+                    _ => return Err(DecodeError::Invalid("plan")),
+                };
+                Message::Accept(Accept {
+                    plan,
+                    target_generation: generation(body.get_u128_checked()?),
+                    staged_blocks: body.get_u64_checked()?,
+                    window: body.get_u32_checked()?,
+                })
+            }
+            0x05 => Message::Region { region: body.get_u64_checked()?, hash: body.get_hash()? },
+            0x06 => Message::NeedChunks { region: body.get_u64_checked()? },
+            0x07 => Message::Chunks { region: body.get_u64_checked()?, hashes: get_hashes(body)? },
+            0x08 => {
+                let region = body.get_u64_checked()?;
+                let n = body.get_count(4)?;
+                let mut chunks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    chunks.push(body.get_u32_checked()?);
+                }
+                Message::NeedBlocks { region, chunks }
+            }
+            0x09 => Message::BlockHashes {
+                region: body.get_u64_checked()?,
+                chunk: body.get_u32_checked()?,
+                hashes: get_hashes(body)?,
+            },
+            0x0a => {
+                let region = body.get_u64_checked()?;
+                let n = body.get_count(10)?;
+                let mut blocks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let index = body.get_u64_checked()?;
+                    let pages = body.get_u16_checked()? as usize;
+                    if pages > (BlockSize::MAX / crate::types::PAGE_SIZE) as usize {
+                        return Err(DecodeError::Invalid("page count"));
+                    }
+                    let mut page_hashes = Vec::with_capacity(pages.min(body.remaining() / 8));
+                    for _ in 0..pages {
+                        page_hashes.push(body.get_u64_checked()?);
+                    }
+                    blocks.push(WantBlock { index, page_hashes });
+                }
+                Message::Want { region, blocks }
+            }
+            0x0b => Message::RegionEnd {
+                region: body.get_u64_checked()?,
+                hash: body.get_hash()?,
+                items: body.get_u32_checked()?,
+            },
+            0x0c => Message::RegionDone { region: body.get_u64_checked()?, bytes_staged: body.get_u64_checked()? },
+            0x0d => Message::Finish {
+                consistency: Consistency::from_u8(body.get_u8_checked()?).ok_or(DecodeError::Invalid("consistency"))?,
+            },
+            0x0e => Message::Committed(Committed {
+                generation: generation(body.get_u128_checked()?).ok_or(DecodeError::Invalid("generation"))?,
+                root: body.get_hash()?,
+                blocks_changed: body.get_u64_checked()?,
+                bytes_written: body.get_u64_checked()?,
+            }),
+            0x0f => Message::Error { code: ErrorCode::from_u16(body.get_u16_checked()?), message: body.get_str()? },
+            0x10 => Message::Block(decode_block(body)?),
+            0x11 => Message::Zero { first: body.get_u64_checked()?, count: body.get_u64_checked()? },
+            0x12 => Message::Nack { index: body.get_u64_checked()? },
+            other => return Err(DecodeError::UnknownType(other)),
+        };
+        if body.has_remaining() {
+            return Err(DecodeError::Trailing(body.remaining()));
+        }
+        Ok(m)
+    }
+}
+
+fn generation(raw: u128) -> Option<Generation> {
+    (raw != 0).then_some(Generation(raw))
+}
+
+fn put_hashes(b: &mut BytesMut, hashes: &[BlockHash]) {
+    b.put_u32_le(hashes.len() as u32);
+    for h in hashes {
+        b.put_slice(h.as_bytes());
+    }
+}
+
+fn get_hashes(b: &mut impl Buf) -> DecodeResult<Vec<BlockHash>> {
+    let n = b.get_count(32)?;
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(b.get_hash()?);
+    }
+    Ok(v)
+}
+
+fn decode_block(b: &mut impl Buf) -> DecodeResult<BlockFrame> {
+    let index = b.get_u64_checked()?;
+    let hash = b.get_hash()?;
+    let block_len = b.get_u32_checked()?;
+    if block_len == 0 || block_len > BlockSize::MAX {
+        return Err(DecodeError::Invalid("block length"));
+    }
+    let codec = match b.get_u8_checked()? {
+        0 => Codec::Raw,
+        1 => Codec::Zstd,
+        _ => return Err(DecodeError::Invalid("codec")),
+    };
+    let n = b.get_u16_checked()? as usize;
+    if n == 0 || n.checked_mul(8).is_none_or(|t| t > b.remaining()) {
+        return Err(DecodeError::Invalid("patch count"));
+    }
+    let mut patches = Vec::with_capacity(n);
+    let mut total = 0u64;
+    let mut prev_end = 0u64;
+    for _ in 0..n {
+        let off = b.get_u32_checked()?;
+        let len = b.get_u32_checked()?;
+        let end = off as u64 + len as u64;
+        // Patches are sorted, disjoint, non-empty and inside the block.
+        if len == 0 || (off as u64) < prev_end || end > block_len as u64 {
+            return Err(DecodeError::Invalid("patch range"));
+        }
+        prev_end = end;
+        total += len as u64;
+        patches.push((off, len));
+    }
+    let payload_len = b.get_u32_checked()? as usize;
+    if payload_len > b.remaining() {
+        return Err(DecodeError::Truncated);
+    }
+    if codec == Codec::Raw && payload_len as u64 != total {
+        return Err(DecodeError::Invalid("payload length"));
+    }
+    let payload = b.copy_to_bytes(payload_len);
+    Ok(BlockFrame { index, hash, block_len, codec, patches, payload })
+}
+
+/// Splits frames off a receive buffer: `Ok(None)` means "read more bytes",
+/// an error means the peer sent bad bytes (kept apart, as in mini-redis).
+pub fn decode_frame(buf: &mut BytesMut, max_frame: u32) -> DecodeResult<Option<Message>> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if len == 0 {
+        return Err(DecodeError::Truncated);
+    }
+    if len > max_frame {
+        return Err(DecodeError::TooLarge(len as u64));
+    }
+    if buf.len() < 4 + len as usize {
+        buf.reserve(4 + len as usize - buf.len());
+        return Ok(None);
+    }
+    buf.advance(4);
+    let mut body = buf.split_to(len as usize).freeze();
+    Message::decode(&mut body).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn samples() -> Vec<Message> {
+        let h = BlockHash([0xab; 32]);
+        vec![
+            Message::Hello { min_version: 1, max_version: 1, capabilities: CAP_ZSTD | CAP_PAGES },
+            Message::Welcome { version: 1, capabilities: 3, max_frame: MAX_FRAME },
+            Message::Open(Open {
+                session: SessionId(7),
+                target: TargetName::new("vm1-disk0").unwrap(),
+                disk_bytes: 1 << 32,
+                block_size: BlockSize::DEFAULT,
+                mode: SyncMode::Auto,
+                force: true,
+                source_base: Some(Generation(9)),
+            }),
+            Message::Accept(Accept {
+                plan: Plan::CompareManifest,
+                target_generation: None,
+                staged_blocks: 3,
+                window: 16,
+            }),
+            Message::Region { region: 2, hash: h },
+            Message::NeedChunks { region: 2 },
+            Message::Chunks { region: 2, hashes: vec![h, BlockHash::ZERO] },
+            Message::NeedBlocks { region: 2, chunks: vec![0, 5] },
+            Message::BlockHashes { region: 2, chunk: 5, hashes: vec![h] },
+            Message::Want {
+                region: 2,
+                blocks: vec![
+                    WantBlock { index: 9, page_hashes: vec![1, 2] },
+                    WantBlock { index: 10, page_hashes: vec![] },
+                ],
+            },
+            Message::RegionEnd { region: 3, hash: h, items: 12 },
+            Message::RegionDone { region: 3, bytes_staged: 4096 },
+            Message::Finish { consistency: Consistency::Crash },
+            Message::Committed(Committed {
+                generation: Generation(5),
+                root: h,
+                blocks_changed: 1,
+                bytes_written: 4096,
+            }),
+            Message::Error { code: ErrorCode::Diverged, message: "changed ünder us".into() },
+            Message::Block(BlockFrame {
+                index: 9,
+                hash: h,
+                block_len: 65536,
+                codec: Codec::Raw,
+                patches: vec![(0, 3), (4096, 2)],
+                payload: Bytes::from_static(b"abcde"),
+            }),
+            Message::Zero { first: 1, count: 100 },
+            Message::Nack { index: 4 },
+        ]
+    }
+
+    #[test]
+    fn round_trip_every_message() {
+        for m in samples() {
+            let mut buf = BytesMut::from(&m.to_bytes()[..]);
+            let back = decode_frame(&mut buf, MAX_FRAME).unwrap().unwrap();
+            assert_eq!(back, m);
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn incomplete_is_not_an_error() {
+        let bytes = samples()[2].to_bytes();
+        for cut in 0..bytes.len() {
+            let mut buf = BytesMut::from(&bytes[..cut]);
+            assert_eq!(decode_frame(&mut buf, MAX_FRAME), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn golden_vectors() {
+        // Frozen: a change here breaks compatibility with released agents.
+        assert_eq!(
+            Message::NeedChunks { region: 258 }.to_bytes().as_ref(),
+            &[9, 0, 0, 0, 0x06, 2, 1, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            Message::Hello { min_version: 1, max_version: 1, capabilities: 3 }.to_bytes().as_ref(),
+            &[9, 0, 0, 0, 0x01, 1, 0, 1, 0, 3, 0, 0, 0]
+        );
+        assert_eq!(
+            Message::Error { code: ErrorCode::Diverged, message: "x".into() }.to_bytes().as_ref(),
+            &[6, 0, 0, 0, 0x0f, 20, 0, 1, 0, b'x']
+        );
+        assert_eq!(
+            Message::Zero { first: 1, count: 2 }.to_bytes().as_ref(),
+            &[17, 0, 0, 0, 0x11, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        let mut huge = BytesMut::from(&(MAX_FRAME + 1).to_le_bytes()[..]);
+        assert!(matches!(decode_frame(&mut huge, MAX_FRAME), Err(DecodeError::TooLarge(_))));
+        let mut unknown = BytesMut::from(&[1u8, 0, 0, 0, 0x77][..]);
+        assert_eq!(decode_frame(&mut unknown, MAX_FRAME), Err(DecodeError::UnknownType(0x77)));
+        let mut trailing = BytesMut::from(&[10u8, 0, 0, 0, 0x06, 0, 0, 0, 0, 0, 0, 0, 0, 9][..]);
+        assert_eq!(decode_frame(&mut trailing, MAX_FRAME), Err(DecodeError::Trailing(1)));
+        let mut path = BytesMut::new();
+        Message::Open(Open {
+            session: SessionId(1),
+            target: TargetName::new("ok").unwrap(),
+            disk_bytes: 1,
+            block_size: BlockSize::DEFAULT,
+            mode: SyncMode::Full,
+            force: false,
+            source_base: None,
+        })
+        .encode(&mut path);
+        // Rewrite the name "ok" to "..": a path component never decodes.
+        let at = 4 + 1 + 16 + 2;
+        path[at] = b'.';
+        path[at + 1] = b'.';
+        assert_eq!(decode_frame(&mut path, MAX_FRAME), Err(DecodeError::Invalid("target name")));
+        // Overlapping patches.
+        let mut f = BytesMut::from(
+            &Message::Block(BlockFrame {
+                index: 0,
+                hash: BlockHash::ZERO,
+                block_len: 8192,
+                codec: Codec::Raw,
+                patches: vec![(0, 4096), (100, 1)],
+                payload: Bytes::from(vec![0u8; 4097]),
+            })
+            .to_bytes()[..],
+        );
+        assert_eq!(decode_frame(&mut f, MAX_FRAME), Err(DecodeError::Invalid("patch range")));
+    }
+}

@@ -1,0 +1,26 @@
+//! Transfer sessions as deterministic state machines: no sockets, no clock.
+//! Inputs enter through `handle_*`, outputs leave through `poll_transmit`
+//! (control frames) and `poll_event` (work for the driver), as in quinn-proto.
+//!
+//! A session on the control stream:
+//!
+//! ```text
+//! S: Hello            T: Welcome
+//! S: Open             T: Accept (plan: full | compare with manifest | compare by hashing)
+//! compare, per region r, pipelined within the window:
+//!   S: Region r         T: (equal) RegionDone r
+//!                       T: NeedChunks r
+//!   S: Chunks r         T: NeedBlocks r [chunks]
+//!   S: BlockHashes…     T: Want r [blocks, page hashes]   (zeros and local copies staged by T)
+//!   S: Block frames on data streams           T: RegionDone r
+//! full copy, per region r:
+//!   S: Block/Zero frames on data streams, then RegionEnd r (hash, frame count)
+//!                       T: RegionDone r
+//! S: Finish (consistency)   T: Committed (generation, root)
+//! ```
+
+pub mod receiver;
+pub mod sender;
+
+pub use receiver::{Differing, ReceiverEvent, ReceiverSession, RegionView};
+pub use sender::{SenderEvent, SenderSession, SourceRegion};

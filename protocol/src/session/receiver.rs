@@ -1,0 +1,530 @@
+//! The target side of a session.
+//!
+//! Polling order for a driver: after any `handle_*` call, drain
+//! [`ReceiverSession::poll_transmit`] (control frames), then
+//! [`ReceiverSession::poll_event`]. Views of the target's regions are fed in
+//! region order with [`ReceiverSession::handle_view`] (ahead of the source,
+//! ideally); block and zero frames from the data streams are staged by the
+//! driver and reported with [`ReceiverSession::handle_staged`] and
+//! [`ReceiverSession::handle_zeroed`].
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::error::ErrorCode;
+use crate::message::{Accept, Committed, Message, Open, Plan, WantBlock, CAP_PAGES, CAP_ZSTD, MAX_FRAME, VERSION};
+use crate::types::{BlockHash, Consistency, Geometry, CHUNK_BLOCKS};
+
+/// What the target holds in one region, in the source's geometry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionView {
+    /// Block hashes (`None`: unknown, never equal).
+    pub blocks: Vec<Option<BlockHash>>,
+    /// Chunk hashes (`None` when a block is unknown).
+    pub chunks: Vec<Option<BlockHash>>,
+    /// Region hash (`None` when a block is unknown).
+    pub hash: Option<BlockHash>,
+}
+
+/// A block whose source hash differs from what the target holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Differing {
+    /// Block index.
+    pub index: u64,
+    /// The source's hash.
+    pub source: BlockHash,
+    /// What the target holds.
+    pub target: Option<BlockHash>,
+}
+
+/// Work for the target's driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReceiverEvent {
+    /// A session was requested: authorize it, open the target, then call
+    /// [`ReceiverSession::accept`] or [`ReceiverSession::reject`].
+    Open(Open),
+    /// These blocks differ: stage what can be done locally (zeros, copies)
+    /// and answer with [`ReceiverSession::handle_resolved`] listing the
+    /// blocks to fetch.
+    Resolve {
+        /// Region index.
+        region: u64,
+        /// The differing blocks.
+        blocks: Vec<Differing>,
+    },
+    /// A region is complete: its final block hashes, in region order.
+    RegionComplete {
+        /// Region index.
+        region: u64,
+        /// Hashes of every block of the region as staged.
+        hashes: Vec<BlockHash>,
+        /// Full copy: the region hash the source announced, to check.
+        expected: Option<BlockHash>,
+    },
+    /// Every region is complete and the source finished: commit.
+    Commit {
+        /// Consistency the source reported.
+        consistency: Consistency,
+    },
+    /// The session failed.
+    Failed {
+        /// Code.
+        code: ErrorCode,
+        /// Message.
+        message: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    AwaitHello,
+    AwaitOpen,
+    Opening,
+    Running,
+    Committing,
+    Done,
+    Failed,
+}
+
+/// Bookkeeping of one region in flight.
+#[derive(Debug, Default)]
+struct Pending {
+    /// The source's region hash, once announced.
+    source_hash: Option<BlockHash>,
+    /// Hashes as they will be committed (filled from the view, then updated).
+    hashes: Vec<Option<BlockHash>>,
+    /// Chunks whose block hashes are still awaited.
+    chunks_awaited: usize,
+    /// Differing blocks collected from those chunks.
+    differing: Vec<Differing>,
+    /// Blocks fetched from the source and not yet staged.
+    fetching: u64,
+    /// Full copy: frames announced and received.
+    items_expected: Option<u32>,
+    items_seen: u32,
+    /// Waiting for the driver's resolution.
+    resolving: bool,
+    /// Compare: the region's view arrived.
+    viewed: bool,
+    /// Compare: the source's region message arrived before the view.
+    parked: bool,
+    /// Nacks sent per block.
+    nacks: BTreeMap<u64, u8>,
+}
+
+/// Target-side session state machine.
+#[derive(Debug)]
+pub struct ReceiverSession {
+    state: State,
+    geometry: Option<Geometry>,
+    plan: Option<Plan>,
+    window: u32,
+    views: BTreeMap<u64, RegionView>,
+    pending: BTreeMap<u64, Pending>,
+    complete: BTreeMap<u64, (Vec<BlockHash>, Option<BlockHash>)>,
+    next_to_emit: u64,
+    regions_done: u64,
+    bytes_staged: u64,
+    finish: Option<Consistency>,
+    transmit: VecDeque<Message>,
+    events: VecDeque<ReceiverEvent>,
+}
+
+impl Default for ReceiverSession {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ReceiverSession {
+    /// A session waiting for the source's Hello.
+    pub fn new() -> Self {
+        ReceiverSession {
+            state: State::AwaitHello,
+            geometry: None,
+            plan: None,
+            window: 0,
+            views: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            complete: BTreeMap::new(),
+            next_to_emit: 0,
+            regions_done: 0,
+            bytes_staged: 0,
+            finish: None,
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Next frame for the control stream.
+    pub fn poll_transmit(&mut self) -> Option<Message> {
+        self.transmit.pop_front()
+    }
+
+    /// Next piece of work for the driver.
+    pub fn poll_event(&mut self) -> Option<ReceiverEvent> {
+        self.events.pop_front()
+    }
+
+    /// Whether the session ended.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, State::Done | State::Failed)
+    }
+
+    /// The geometry, once accepted.
+    pub fn geometry(&self) -> Option<Geometry> {
+        self.geometry
+    }
+
+    /// The plan, once accepted.
+    pub fn plan(&self) -> Option<Plan> {
+        self.plan
+    }
+
+    fn fail(&mut self, code: ErrorCode, message: impl Into<String>, tell_peer: bool) {
+        if self.is_finished() {
+            return;
+        }
+        let message = message.into();
+        if tell_peer {
+            self.transmit.push_back(Message::Error { code, message: message.clone() });
+        }
+        self.state = State::Failed;
+        self.events.push_back(ReceiverEvent::Failed { code, message });
+    }
+
+    /// Aborts locally (storage failed, divergence found…), telling the peer.
+    pub fn abort(&mut self, code: ErrorCode, message: impl Into<String>) {
+        self.fail(code, message, true);
+    }
+
+    /// Accepts the opened session.
+    pub fn accept(&mut self, accept: Accept, geometry: Geometry) {
+        if self.state != State::Opening {
+            return;
+        }
+        self.geometry = Some(geometry);
+        self.plan = Some(accept.plan);
+        self.window = accept.window;
+        self.state = State::Running;
+        self.transmit.push_back(Message::Accept(accept));
+        self.maybe_commit();
+    }
+
+    /// Refuses the opened session.
+    pub fn reject(&mut self, code: ErrorCode, message: impl Into<String>) {
+        self.fail(code, message, true);
+    }
+
+    /// A control message from the source.
+    pub fn handle_message(&mut self, m: Message) {
+        match (self.state, m) {
+            (_, Message::Error { code, message }) => self.fail(code, message, false),
+            (State::AwaitHello, Message::Hello { min_version, max_version, capabilities }) => {
+                if !(min_version..=max_version).contains(&VERSION) {
+                    return self.fail(
+                        ErrorCode::Version,
+                        format!("the source speaks versions {min_version}..={max_version}, this agent {VERSION}"),
+                        true,
+                    );
+                }
+                self.state = State::AwaitOpen;
+                self.transmit.push_back(Message::Welcome {
+                    version: VERSION,
+                    capabilities: capabilities & (CAP_ZSTD | CAP_PAGES),
+                    max_frame: MAX_FRAME,
+                });
+            }
+            (State::AwaitOpen, Message::Open(o)) => {
+                self.state = State::Opening;
+                self.events.push_back(ReceiverEvent::Open(o));
+            }
+            (State::Running, m) => self.handle_running(m),
+            (_, m) => {
+                let ty = m.type_byte();
+                self.fail(ErrorCode::Protocol, format!("unexpected message type {ty:#04x}"), true)
+            }
+        }
+    }
+
+    fn region_len(&self, region: u64) -> Option<u64> {
+        let g = self.geometry?;
+        (region < g.region_count()).then(|| {
+            let r = g.region_range(region);
+            r.end - r.start
+        })
+    }
+
+    fn handle_running(&mut self, m: Message) {
+        let full = self.plan == Some(Plan::Full);
+        match m {
+            Message::Region { region, hash } if !full => {
+                if self.region_len(region).is_none()
+                    || self.pending.get(&region).is_some_and(|p| p.source_hash.is_some())
+                {
+                    return self.fail(ErrorCode::Protocol, format!("region {region} unexpected"), true);
+                }
+                self.pending.entry(region).or_default().source_hash = Some(hash);
+                if self.views.contains_key(&region) {
+                    self.compare_region(region);
+                } else if let Some(p) = self.pending.get_mut(&region) {
+                    p.parked = true;
+                }
+            }
+            Message::Chunks { region, hashes } if !full => self.handle_chunks(region, hashes),
+            Message::BlockHashes { region, chunk, hashes } if !full => self.handle_block_hashes(region, chunk, hashes),
+            Message::RegionEnd { region, hash, items } if full => {
+                let Some(len) = self.region_len(region) else {
+                    return self.fail(ErrorCode::Protocol, format!("region {region} is outside the disk"), true);
+                };
+                let p = self.pending.entry(region).or_insert_with(|| Pending {
+                    hashes: vec![Some(BlockHash::ZERO); len as usize],
+                    ..Pending::default()
+                });
+                if p.items_expected.is_some() {
+                    return self.fail(ErrorCode::Protocol, format!("region {region} ended twice"), true);
+                }
+                p.items_expected = Some(items);
+                p.source_hash = Some(hash);
+                self.check_full_region(region);
+            }
+            Message::Finish { consistency } => {
+                self.finish = Some(consistency);
+                self.maybe_commit();
+            }
+            m => {
+                let ty = m.type_byte();
+                self.fail(ErrorCode::Protocol, format!("unexpected message type {ty:#04x}"), true)
+            }
+        }
+    }
+
+    /// The target's view of the next region (in region order).
+    pub fn handle_view(&mut self, region: u64, view: RegionView) {
+        if self.state != State::Running {
+            return;
+        }
+        let parked = self.pending.get(&region).is_some_and(|p| p.parked);
+        self.views.insert(region, view);
+        if parked {
+            self.compare_region(region);
+        }
+    }
+
+    /// Whether the driver should produce the view of `region` now (bounded lookahead).
+    pub fn wants_view(&self, region: u64) -> bool {
+        self.state == State::Running
+            && self.plan != Some(Plan::Full)
+            && region < self.next_to_emit + 2 * self.window.max(1) as u64
+    }
+
+    fn compare_region(&mut self, region: u64) {
+        let Some(view) = self.views.get(&region) else { return };
+        let Some(p) = self.pending.get_mut(&region) else { return };
+        p.parked = false;
+        p.viewed = true;
+        p.hashes = view.blocks.clone();
+        if view.hash.is_some() && view.hash == p.source_hash {
+            return self.complete_region(region);
+        }
+        self.transmit.push_back(Message::NeedChunks { region });
+    }
+
+    fn handle_chunks(&mut self, region: u64, hashes: Vec<BlockHash>) {
+        let Some(view) = self.views.get(&region) else {
+            return self.fail(ErrorCode::Protocol, format!("chunks for region {region} not asked for"), true);
+        };
+        let expected_chunks = view.blocks.len().div_ceil(CHUNK_BLOCKS as usize);
+        if hashes.len() != expected_chunks {
+            return self.fail(ErrorCode::Protocol, format!("region {region}: {} chunk hashes", hashes.len()), true);
+        }
+        let differing: Vec<u32> = hashes
+            .iter()
+            .enumerate()
+            .filter(|(i, h)| view.chunks.get(*i).copied().flatten() != Some(**h))
+            .map(|(i, _)| i as u32)
+            .collect();
+        let Some(p) = self.pending.get_mut(&region) else { return };
+        if differing.is_empty() {
+            return self.complete_region(region);
+        }
+        p.chunks_awaited = differing.len();
+        self.transmit.push_back(Message::NeedBlocks { region, chunks: differing });
+    }
+
+    fn handle_block_hashes(&mut self, region: u64, chunk: u32, hashes: Vec<BlockHash>) {
+        let first_in_region = chunk as u64 * CHUNK_BLOCKS;
+        let Some(g) = self.geometry else { return };
+        let Some(p) = self.pending.get_mut(&region) else {
+            return self.fail(ErrorCode::Protocol, format!("block hashes for region {region} not asked for"), true);
+        };
+        let end = first_in_region as usize + hashes.len();
+        if p.chunks_awaited == 0 || end > p.hashes.len() || hashes.len() > CHUNK_BLOCKS as usize {
+            return self.fail(
+                ErrorCode::Protocol,
+                format!("block hashes for region {region} chunk {chunk} unexpected"),
+                true,
+            );
+        }
+        let base = g.region_range(region).start;
+        for (i, h) in hashes.iter().enumerate() {
+            let at = first_in_region as usize + i;
+            let target = p.hashes[at];
+            if target != Some(*h) {
+                p.differing.push(Differing { index: base + at as u64, source: *h, target });
+            }
+            p.hashes[at] = Some(*h);
+        }
+        p.chunks_awaited -= 1;
+        if p.chunks_awaited == 0 {
+            if p.differing.is_empty() {
+                return self.complete_region(region);
+            }
+            p.resolving = true;
+            let blocks = std::mem::take(&mut p.differing);
+            self.events.push_back(ReceiverEvent::Resolve { region, blocks });
+        }
+    }
+
+    /// The driver staged what it could locally; `wants` are fetched from the source.
+    pub fn handle_resolved(&mut self, region: u64, wants: Vec<WantBlock>) {
+        let Some(p) = self.pending.get_mut(&region) else { return };
+        if !p.resolving {
+            return;
+        }
+        p.resolving = false;
+        p.fetching = wants.len() as u64;
+        if wants.is_empty() {
+            return self.complete_region(region);
+        }
+        self.transmit.push_back(Message::Want { region, blocks: wants });
+    }
+
+    /// A block frame was verified and staged with `hash` and `bytes` of content.
+    pub fn handle_staged(&mut self, index: u64, hash: BlockHash, bytes: u64) {
+        let Some(g) = self.geometry else { return };
+        if index >= g.block_count() {
+            return self.fail(ErrorCode::Protocol, format!("block {index} is outside the disk"), true);
+        }
+        self.bytes_staged += bytes;
+        let region = g.region_of(index);
+        let at = (index - g.region_range(region).start) as usize;
+        if self.plan == Some(Plan::Full) {
+            let len = g.region_range(region).end - g.region_range(region).start;
+            let p = self
+                .pending
+                .entry(region)
+                .or_insert_with(|| Pending { hashes: vec![Some(BlockHash::ZERO); len as usize], ..Pending::default() });
+            p.hashes[at] = Some(hash);
+            p.items_seen += 1;
+            return self.check_full_region(region);
+        }
+        let Some(p) = self.pending.get_mut(&region) else {
+            return self.fail(ErrorCode::Protocol, format!("block {index} was not asked for"), true);
+        };
+        if p.fetching == 0 {
+            return self.fail(ErrorCode::Protocol, format!("block {index} was not asked for"), true);
+        }
+        p.hashes[at] = Some(hash);
+        p.fetching -= 1;
+        if p.fetching == 0 {
+            self.complete_region(region);
+        }
+    }
+
+    /// A zero frame `first..first+count` was staged (full copy).
+    pub fn handle_zeroed(&mut self, first: u64, count: u64) {
+        let Some(g) = self.geometry else { return };
+        if self.plan != Some(Plan::Full) || count == 0 || first.checked_add(count).is_none_or(|e| e > g.block_count()) {
+            return self.fail(ErrorCode::Protocol, "zero range outside the disk or outside a full copy", true);
+        }
+        let region = g.region_of(first);
+        if g.region_of(first + count - 1) != region {
+            return self.fail(ErrorCode::Protocol, "zero range spans regions", true);
+        }
+        let len = g.region_range(region).end - g.region_range(region).start;
+        let p = self
+            .pending
+            .entry(region)
+            .or_insert_with(|| Pending { hashes: vec![Some(BlockHash::ZERO); len as usize], ..Pending::default() });
+        p.items_seen += 1;
+        self.check_full_region(region);
+    }
+
+    /// A patched block failed verification: ask for it whole (twice at most).
+    pub fn handle_verify_failed(&mut self, index: u64) {
+        let Some(g) = self.geometry else { return };
+        let region = g.region_of(index);
+        let Some(p) = self.pending.get_mut(&region) else { return };
+        let n = p.nacks.entry(index).or_insert(0);
+        *n += 1;
+        if *n > 2 {
+            return self.fail(ErrorCode::HashMismatch, format!("block {index} failed verification 3 times"), true);
+        }
+        self.transmit.push_back(Message::Nack { index });
+    }
+
+    fn check_full_region(&mut self, region: u64) {
+        let Some(p) = self.pending.get(&region) else { return };
+        match p.items_expected {
+            Some(n) if p.items_seen == n => self.complete_region(region),
+            Some(n) if p.items_seen > n => {
+                self.fail(ErrorCode::Protocol, format!("region {region}: more frames than announced"), true)
+            }
+            _ => {}
+        }
+    }
+
+    fn complete_region(&mut self, region: u64) {
+        let Some(p) = self.pending.remove(&region) else { return };
+        self.views.remove(&region);
+        let full = self.plan == Some(Plan::Full);
+        let mut hashes = Vec::with_capacity(p.hashes.len());
+        for h in p.hashes {
+            match h {
+                Some(h) => hashes.push(h),
+                None => {
+                    return self.fail(
+                        ErrorCode::Internal,
+                        format!("region {region} completed with unknown blocks"),
+                        true,
+                    )
+                }
+            }
+        }
+        self.complete.insert(region, (hashes, if full { p.source_hash } else { None }));
+        self.regions_done += 1;
+        self.transmit.push_back(Message::RegionDone { region, bytes_staged: self.bytes_staged });
+        while let Some((hashes, expected)) = self.complete.remove(&self.next_to_emit) {
+            self.events.push_back(ReceiverEvent::RegionComplete { region: self.next_to_emit, hashes, expected });
+            self.next_to_emit += 1;
+        }
+        self.maybe_commit();
+    }
+
+    fn maybe_commit(&mut self) {
+        let Some(g) = self.geometry else { return };
+        if self.state == State::Running
+            && self.regions_done == g.region_count()
+            && self.next_to_emit == g.region_count()
+        {
+            if let Some(consistency) = self.finish.take() {
+                self.state = State::Committing;
+                self.events.push_back(ReceiverEvent::Commit { consistency });
+            }
+        }
+    }
+
+    /// The commit succeeded.
+    pub fn handle_committed(&mut self, c: Committed) {
+        if self.state != State::Committing {
+            return;
+        }
+        self.state = State::Done;
+        self.transmit.push_back(Message::Committed(c));
+    }
+
+    /// Bytes staged so far.
+    pub fn bytes_staged(&self) -> u64 {
+        self.bytes_staged
+    }
+}

@@ -1,0 +1,67 @@
+//! zstd at a low level, skipped for data it does not shrink. After a block
+//! that does not shrink, the next ones are sent raw for a while, so
+//! incompressible disks cost almost no compression CPU.
+
+use std::cell::RefCell;
+
+/// Blocks sent raw after one that did not shrink.
+const SKIP_AFTER_MISS: u32 = 32;
+
+thread_local! {
+    static STATE: RefCell<Option<(i32, zstd::bulk::Compressor<'static>, u32)>> = const { RefCell::new(None) };
+}
+
+/// Compresses `data` at `level` if that saves at least 1/16 of it; `None`
+/// means "send it raw".
+pub fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.as_ref().is_none_or(|(l, _, _)| *l != level) {
+            *s = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c, 0));
+        }
+        let (_, compressor, skip) = s.as_mut()?;
+        if *skip > 0 {
+            *skip -= 1;
+            return None;
+        }
+        match compressor.compress(data) {
+            Ok(out) if out.len() + data.len() / 16 <= data.len() => Some(out),
+            _ => {
+                *skip = SKIP_AFTER_MISS;
+                None
+            }
+        }
+    })
+}
+
+/// Decompresses a payload that must decode to exactly `plain_len` bytes.
+pub fn decompress(payload: &[u8], plain_len: usize) -> Option<Vec<u8>> {
+    let out = zstd::bulk::decompress(payload, plain_len).ok()?;
+    (out.len() == plain_len).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressible_round_trip_and_random_skipped() {
+        let text = b"diskferry ".repeat(6000);
+        let c = compress(&text, 1).unwrap();
+        assert!(c.len() < text.len() / 10);
+        assert_eq!(decompress(&c, text.len()).unwrap(), text);
+        assert!(decompress(&c, text.len() - 1).is_none());
+        let mut x = 0x1234_5678_u64;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert!(compress(&noise, 1).is_none());
+        // Right after a miss, even compressible data is sent raw for a while.
+        assert!(compress(&text, 1).is_none());
+    }
+}

@@ -1,0 +1,180 @@
+//! The engine's side of a networked session: building block frames on the
+//! source, resolving differences and verifying frames on the target. The
+//! agent only moves these frames between QUIC streams and the engine.
+
+use diskferry_protocol::message::{BlockFrame, Codec, WantBlock};
+use diskferry_protocol::session::Differing;
+use diskferry_protocol::{BlockHash, ErrorCode, Geometry, PAGE_SIZE};
+
+use crate::apply::{Apply, OldContent};
+use crate::block::{Patch, ReceivedBlock, VerifiedBlock};
+use crate::compress::{compress, decompress};
+use crate::error::{Error, Result};
+use crate::hash::hash_block;
+use crate::manifest::Manifest;
+
+/// Truncated blake3 (first 8 bytes, little-endian) of each 4 KiB page.
+pub fn page_hashes(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks(PAGE_SIZE as usize)
+        .map(|p| {
+            let h = blake3::hash(p);
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&h.as_bytes()[..8]);
+            u64::from_le_bytes(b)
+        })
+        .collect()
+}
+
+/// The frame that turns the target's block into `bytes`: only the pages
+/// whose hashes differ from `target_pages` (all of it when none are given),
+/// zstd-compressed at `level` when that pays.
+pub fn block_frame(index: u64, bytes: &[u8], target_pages: &[u64], level: Option<i32>) -> BlockFrame {
+    let hash = hash_block(bytes);
+    let ours = page_hashes(bytes);
+    let ranges: Vec<(u32, u32)> = if target_pages.len() == ours.len() && !ours.is_empty() {
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        for (i, (a, b)) in ours.iter().zip(target_pages).enumerate() {
+            if a == b {
+                continue;
+            }
+            let start = i as u32 * PAGE_SIZE;
+            let len = (bytes.len() as u32 - start).min(PAGE_SIZE);
+            match out.last_mut() {
+                Some((off, l)) if *off + *l == start => *l += len,
+                _ => out.push((start, len)),
+            }
+        }
+        out
+    } else {
+        Vec::new()
+    };
+    // Nothing differs by page hash (a stale request): send the block whole.
+    let ranges = if ranges.is_empty() { vec![(0, bytes.len() as u32)] } else { ranges };
+    let mut plain = Vec::with_capacity(ranges.iter().map(|r| r.1 as usize).sum());
+    for (off, len) in &ranges {
+        plain.extend_from_slice(&bytes[*off as usize..(*off + *len) as usize]);
+    }
+    let (codec, payload) = match level.and_then(|l| compress(&plain, l)) {
+        Some(z) => (Codec::Zstd, z),
+        None => (Codec::Raw, plain),
+    };
+    BlockFrame { index, hash, block_len: bytes.len() as u32, codec, patches: ranges, payload: payload.into() }
+}
+
+/// Why a received frame was not staged.
+#[derive(Debug)]
+pub enum FrameRejection {
+    /// The frame is malformed for this session: the peer misbehaves.
+    Invalid(String),
+    /// The content did not match its hash: ask for the block again, whole.
+    Mismatch,
+    /// Reading the target failed.
+    Storage(Error),
+}
+
+/// Decodes and verifies a block frame against the target's current content.
+pub fn verify_frame(frame: &BlockFrame, old: &OldContent, g: &Geometry) -> Result<VerifiedBlock, FrameRejection> {
+    if frame.index >= g.block_count() || frame.block_len != g.block_len(frame.index) {
+        return Err(FrameRejection::Invalid(format!(
+            "block {} has the wrong length or is outside the disk",
+            frame.index
+        )));
+    }
+    let plain_len = frame.plain_len() as usize;
+    let plain = match frame.codec {
+        Codec::Raw => frame.payload.to_vec(),
+        Codec::Zstd => decompress(&frame.payload, plain_len)
+            .ok_or_else(|| FrameRejection::Invalid(format!("block {}: bad zstd payload", frame.index)))?,
+    };
+    let mut patches = Vec::with_capacity(frame.patches.len());
+    let mut at = 0usize;
+    for (off, len) in &frame.patches {
+        patches.push(Patch { offset: *off, data: plain[at..at + *len as usize].to_vec() });
+        at += *len as usize;
+    }
+    let received = ReceivedBlock { index: frame.index, len: frame.block_len, expected: frame.hash, patches };
+    let base = if received.is_whole() {
+        Vec::new()
+    } else if old.is_staged(frame.index) {
+        // Patches over a staged block would be verified against bytes the
+        // replay does not start from.
+        return Err(FrameRejection::Mismatch);
+    } else {
+        old.read(frame.index).map_err(FrameRejection::Storage)?
+    };
+    received.verify(&base).map(|(vb, _)| vb).map_err(|_| FrameRejection::Mismatch)
+}
+
+/// Stages what the target can do itself for differing blocks (zeros, copies
+/// of content it already holds) and returns the blocks to fetch, with the
+/// page hashes of their current content. With a trusted manifest, the
+/// current content of each touched block is checked against it first.
+pub fn resolve(
+    apply: &mut Apply<'_>,
+    old: &OldContent,
+    blocks: &[Differing],
+    manifest: Option<&Manifest>,
+    trusted: bool,
+) -> Result<Vec<WantBlock>> {
+    let mut wants = Vec::new();
+    for d in blocks {
+        if d.source.is_zero() {
+            apply.stage_zero(d.index, 1)?;
+            continue;
+        }
+        let current = old.read(d.index)?;
+        if trusted {
+            if let Some(expected) = d.target {
+                if !old.is_staged(d.index) && hash_block(&current) != expected {
+                    return Err(Error::new(
+                        ErrorCode::Diverged,
+                        format!(
+                            "target block {} differs from the last commit: it was changed behind diskferry's back",
+                            d.index
+                        ),
+                    )
+                    .hint("if that change must be kept, stop; otherwise push again with --force"));
+                }
+            }
+        }
+        if let Some(from) = manifest.map(|m| m.lookup(&d.source)).transpose()?.flatten() {
+            let bytes = old.read(from)?;
+            if bytes.len() == current.len() && !old.is_staged(from) && hash_block(&bytes) == d.source {
+                let base = (!old.is_staged(d.index)).then_some(current.as_slice());
+                apply.stage(&VerifiedBlock::from_local(d.index, &bytes, base))?;
+                continue;
+            }
+        }
+        let page_hashes = if old.is_staged(d.index) { Vec::new() } else { page_hashes(&current) };
+        wants.push(WantBlock { index: d.index, page_hashes });
+    }
+    Ok(wants)
+}
+
+/// Whether `hashes` hash to `expected` as a region (a full copy's check).
+pub fn region_matches(hashes: &[BlockHash], expected: &BlockHash) -> bool {
+    crate::tree::region_hash(hashes) == *expected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_carries_only_changed_pages() {
+        let old = vec![7u8; 65536];
+        let mut new = old.clone();
+        new[10_000] = 1;
+        let f = block_frame(3, &new, &page_hashes(&old), None);
+        assert_eq!(f.patches, vec![(8192, 4096)]);
+        assert_eq!(f.payload.len(), 4096);
+        assert_eq!(f.hash, hash_block(&new));
+        let whole = block_frame(3, &new, &[], None);
+        assert_eq!(whole.patches, vec![(0, 65536)]);
+        let mut tail = old[..5000].to_vec();
+        tail[4500] = 1;
+        let short = block_frame(3, &tail, &page_hashes(&old[..5000]), None);
+        assert_eq!(short.patches, vec![(4096, 904)]);
+    }
+}
