@@ -27,8 +27,79 @@ pub enum Command {
     Points(PointsArgs),
     /// Write an image of one of a target's recovery points.
     Export(ExportArgs),
-    /// Sync a generated sample disk (full, then delta), verify it and print a table.
+    /// Create this agent's key and certificate and print its fingerprint.
+    Init(InitArgs),
+    /// Print this agent's certificate fingerprint.
+    Id(InitArgs),
+    /// Run the target agent: receive disks from trusted peers over QUIC.
+    Serve(ServeArgs),
+    /// Send a disk to a target agent over QUIC (delta or full).
+    Push(PushArgs),
+    /// Push a generated sample disk to an in-process target agent (full, then delta) and print a table.
     Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML config: listen, state_dir, max_sessions, [[peer]], [[target]].
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// A zstd level, or none.
+#[derive(Clone, Copy, Debug)]
+pub struct Compress(pub Option<i32>);
+
+fn compress_level(s: &str) -> Result<Compress, String> {
+    if s == "off" {
+        return Ok(Compress(None));
+    }
+    match s.parse::<i32>() {
+        Ok(l) if (1..=19).contains(&l) => Ok(Compress(Some(l))),
+        _ => Err("a zstd level from 1 to 19, or off".into()),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// Source disk (image file or block device).
+    pub src: PathBuf,
+    /// Target agent address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub peer: String,
+    /// Hex SHA-256 of the target agent's certificate (`diskferry id` on that host).
+    #[arg(long, value_name = "HEX")]
+    pub peer_fingerprint: String,
+    /// Target name in the target agent's config.
+    #[arg(long, value_name = "NAME")]
+    pub target: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: ModeArg,
+    /// Block size: a power of two from 4K to 4M.
+    #[arg(long, default_value = "64K", value_parser = block_size)]
+    pub block_size: BlockSize,
+    /// zstd level for block payloads (skipped for data it does not shrink), or off.
+    #[arg(long, default_value = "1", value_parser = compress_level)]
+    pub compress: Compress,
+    /// Push to a target that changed behind diskferry's back (full compare; its changes are overwritten).
+    #[arg(long)]
+    pub force: bool,
+    /// Hashing threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Largest UDP payload to discover (default: 65000 on loopback, 1452 elsewhere).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1200..=65000))]
+    pub max_mtu: Option<u16>,
+    #[command(flatten)]
+    pub common: Common,
 }
 
 fn block_size(s: &str) -> Result<BlockSize, String> {
@@ -153,6 +224,9 @@ impl Command {
             Command::Points(a) => a.common.json,
             Command::Export(a) => a.common.json,
             Command::Demo(a) => a.common.json,
+            Command::Init(a) | Command::Id(a) => a.common.json,
+            Command::Serve(a) => a.common.json,
+            Command::Push(a) => a.common.json,
         }
     }
 }

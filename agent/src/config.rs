@@ -61,7 +61,6 @@ fn default_retention() -> u32 {
 /// A configured target.
 #[derive(Debug, Clone)]
 pub struct TargetConfig {
-    pub name: TargetName,
     pub path: PathBuf,
     pub allowed_peers: BTreeSet<String>,
     pub retention: u32,
@@ -109,8 +108,10 @@ impl Config {
             Error::new(ErrorCode::Config, format!("config {}: {msg}{at}", path.display()))
                 .hint("fix the config file and start again")
         })?;
-        let listen: SocketAddr =
-            raw.listen.parse().map_err(|_| bad("listen", format!("{:?} is not an address like 127.0.0.1:7400", raw.listen)))?;
+        let listen: SocketAddr = raw
+            .listen
+            .parse()
+            .map_err(|_| bad("listen", format!("{:?} is not an address like 127.0.0.1:7400", raw.listen)))?;
         if raw.max_sessions == 0 {
             return Err(bad("max_sessions", "must be at least 1".into()));
         }
@@ -122,8 +123,12 @@ impl Config {
         let mut peers = BTreeMap::new();
         let mut peer_names = BTreeSet::new();
         for (i, p) in raw.peer.iter().enumerate() {
-            let fp = normalize_fingerprint(&p.fingerprint)
-                .ok_or_else(|| bad(&format!("peer[{i}].fingerprint"), "must be 64 hex digits (SHA-256 of the peer's certificate; `diskferry id` prints it)".into()))?;
+            let fp = normalize_fingerprint(&p.fingerprint).ok_or_else(|| {
+                bad(
+                    &format!("peer[{i}].fingerprint"),
+                    "must be 64 hex digits (SHA-256 of the peer's certificate; `diskferry id` prints it)".into(),
+                )
+            })?;
             if !peer_names.insert(p.name.clone()) {
                 return Err(bad(&format!("peer[{i}].name"), format!("{:?} is listed twice", p.name)));
             }
@@ -146,11 +151,13 @@ impl Config {
             }
             for p in &t.allowed_peers {
                 if !peer_names.contains(p) {
-                    return Err(bad(&format!("target[{i}].allowed_peers"), format!("unknown peer {p:?} (no [[peer]] has that name)")));
+                    return Err(bad(
+                        &format!("target[{i}].allowed_peers"),
+                        format!("unknown peer {p:?} (no [[peer]] has that name)"),
+                    ));
                 }
             }
             let tc = TargetConfig {
-                name: name.clone(),
                 path: t.path.clone(),
                 allowed_peers: t.allowed_peers.iter().cloned().collect(),
                 retention: t.retention,
@@ -212,7 +219,8 @@ retention = 3
         ))
         .unwrap_err();
         assert!(e.message.contains("target[0].name"), "{}", e.message);
-        let e = parse("listen = \"127.0.0.1:1\"\n[[target]]\nname=\"x\"\npath=\"/a\"\nallowed_peers=[\"ghost\"]\n").unwrap_err();
+        let e = parse("listen = \"127.0.0.1:1\"\n[[target]]\nname=\"x\"\npath=\"/a\"\nallowed_peers=[\"ghost\"]\n")
+            .unwrap_err();
         assert!(e.message.contains("allowed_peers") && e.message.contains("ghost"), "{}", e.message);
         let e = parse("listen = \"127.0.0.1:1\"\nbogus = 1\n").unwrap_err();
         assert!(e.message.contains("bogus"), "{}", e.message);

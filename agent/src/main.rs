@@ -3,9 +3,15 @@
 
 mod cli;
 mod commands;
+mod config;
+mod identity;
 mod output;
 mod progress;
+mod push;
+mod serve;
 mod state;
+mod transport;
+mod trust;
 
 use clap::Parser;
 use diskferry_protocol::ErrorCode;

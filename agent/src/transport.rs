@@ -11,7 +11,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use diskferry_protocol::{decode_frame, DecodeError, Message, MAX_FRAME};
 use quinn::{MtuDiscoveryConfig, TransportConfig, VarInt};
 
@@ -67,7 +67,8 @@ pub fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 
 /// A client endpoint bound to an ephemeral port of the right family.
 pub fn client_endpoint(peer: &SocketAddr) -> std::io::Result<quinn::Endpoint> {
-    let bind: SocketAddr = if peer.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(std::io::Error::other)?;
+    let bind: SocketAddr =
+        if peer.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(std::io::Error::other)?;
     let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
     quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp_socket(bind)?, runtime)
 }
@@ -79,7 +80,11 @@ pub fn server_endpoint(addr: SocketAddr, config: quinn::ServerConfig) -> std::io
 }
 
 /// Client config: TLS plus transport tuned for the path to `peer`.
-pub fn client_config(tls: rustls::ClientConfig, peer: &SocketAddr, max_mtu: Option<u16>) -> anyhow::Result<quinn::ClientConfig> {
+pub fn client_config(
+    tls: rustls::ClientConfig,
+    peer: &SocketAddr,
+    max_mtu: Option<u16>,
+) -> anyhow::Result<quinn::ClientConfig> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));
     c.transport_config(Arc::new(transport_config(mtu_for(peer, max_mtu))));
@@ -87,7 +92,11 @@ pub fn client_config(tls: rustls::ClientConfig, peer: &SocketAddr, max_mtu: Opti
 }
 
 /// Server config: TLS plus transport tuned for the listening address.
-pub fn server_config(tls: rustls::ServerConfig, listen: &SocketAddr, max_mtu: Option<u16>) -> anyhow::Result<quinn::ServerConfig> {
+pub fn server_config(
+    tls: rustls::ServerConfig,
+    listen: &SocketAddr,
+    max_mtu: Option<u16>,
+) -> anyhow::Result<quinn::ServerConfig> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     c.transport_config(Arc::new(transport_config(mtu_for(listen, max_mtu))));
@@ -135,9 +144,4 @@ impl FrameReader {
 /// Writes one frame.
 pub async fn write_frame(stream: &mut quinn::SendStream, m: &Message) -> Result<(), quinn::WriteError> {
     stream.write_chunk(m.to_bytes()).await
-}
-
-/// Writes pre-encoded frames.
-pub async fn write_bytes(stream: &mut quinn::SendStream, b: Bytes) -> Result<(), quinn::WriteError> {
-    stream.write_chunk(b).await
 }

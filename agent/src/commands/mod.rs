@@ -3,6 +3,7 @@
 mod demo;
 mod export;
 mod hash;
+mod net;
 mod points;
 mod sync;
 mod verify;
@@ -22,6 +23,10 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Points(a) => points::run(a),
         Command::Export(a) => export::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Init(a) => net::init(a),
+        Command::Id(a) => net::id(a),
+        Command::Serve(a) => net::serve(a),
+        Command::Push(a) => net::push(a),
     }
 }
 
@@ -38,6 +43,16 @@ pub fn new_session() -> SessionId {
 /// Now, in nanoseconds since the Unix epoch.
 pub fn now_unix_ns() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// CPU seconds (user + system) this process used so far.
+pub fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12].iter().filter_map(|&i| f.get(i)?.parse::<f64>().ok()).sum();
+    ticks / rustix::param::clock_ticks_per_second() as f64
 }
 
 /// `1.5 GiB`-style sizes for people.

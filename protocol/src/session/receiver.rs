@@ -165,6 +165,11 @@ impl ReceiverSession {
         self.events.pop_front()
     }
 
+    /// Whether the session is committing (it should be let finish).
+    pub fn is_committing(&self) -> bool {
+        self.state == State::Committing
+    }
+
     /// Whether the session ended.
     pub fn is_finished(&self) -> bool {
         matches!(self.state, State::Done | State::Failed)

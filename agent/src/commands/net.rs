@@ -1,0 +1,155 @@
+//! `diskferry init`, `id`, `serve` and `push`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use diskferry_protocol::message::SyncMode;
+use diskferry_protocol::{ErrorCode, TargetName};
+use diskferry_sync_engine::Error;
+use serde_json::json;
+
+use super::{cpu_seconds, human_bytes, mb_per_s, round_secs};
+use crate::cli::{InitArgs, ModeArg, PushArgs, ServeArgs};
+use crate::config::Config;
+use crate::identity::{self, normalize_fingerprint};
+use crate::output::print_json;
+use crate::progress::Bar;
+use crate::push::{self, PushOptions, PushReport};
+use crate::serve::Server;
+use crate::state;
+
+/// A tokio runtime for the network commands.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("df-net").build()?)
+}
+
+pub fn init(a: InitArgs) -> Result<()> {
+    let dir = state::resolve(a.common.state_dir.clone());
+    let dir = state::prepare(&dir)?;
+    let id = identity::init(&dir)?;
+    if a.common.json {
+        print_json(&json!({ "fingerprint": id.fingerprint() }));
+    } else {
+        println!("{}", id.fingerprint());
+    }
+    Ok(())
+}
+
+pub fn id(a: InitArgs) -> Result<()> {
+    let dir = state::resolve(a.common.state_dir.clone());
+    let id = identity::load(&dir)?;
+    if a.common.json {
+        print_json(&json!({ "fingerprint": id.fingerprint() }));
+    } else {
+        println!("{}", id.fingerprint());
+    }
+    Ok(())
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let config = Config::load(&a.config)?;
+    let state_root = state::prepare(&state::resolve(a.common.state_dir.clone().or_else(|| config.state_dir.clone())))?;
+    let id = identity::load(&state_root)?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let server = Server::bind(config, state_root, &id)?;
+        let addr = server.local_addr()?;
+        eprintln!("diskferry serving on {addr} (fingerprint {})", id.fingerprint());
+        server.run(shutdown_signal()).await;
+        eprintln!("diskferry: stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+pub fn push(a: PushArgs) -> Result<()> {
+    let state_root = state::prepare(&state::resolve(a.common.state_dir.clone()))?;
+    let id = identity::load(&state_root)?;
+    let fingerprint = normalize_fingerprint(&a.peer_fingerprint).ok_or_else(|| {
+        Error::new(
+            ErrorCode::Usage,
+            "--peer-fingerprint must be 64 hex digits (`diskferry id` on the target host prints it)",
+        )
+    })?;
+    let target = TargetName::new(&a.target).map_err(|e| Error::new(ErrorCode::BadTargetName, e.to_string()))?;
+    let rt = runtime()?;
+    let peer: SocketAddr = rt.block_on(resolve(&a.peer))?;
+    let opts = PushOptions {
+        source: a.src.clone(),
+        peer,
+        peer_fingerprint: fingerprint,
+        target,
+        mode: match a.mode {
+            ModeArg::Auto => SyncMode::Auto,
+            ModeArg::Delta => SyncMode::Delta,
+            ModeArg::Full => SyncMode::Full,
+        },
+        block_size: a.block_size,
+        compress: a.compress.0,
+        force: a.force,
+        threads: a.threads,
+        max_mtu: a.max_mtu,
+        state_root: Some(state_root),
+    };
+    let bar = Arc::new(Bar::new());
+    let start = Instant::now();
+    let report = rt.block_on(push::push(&id, opts, bar.clone()));
+    bar.finish();
+    let report = report?;
+    let secs = start.elapsed().as_secs_f64();
+    if a.common.json {
+        print_json(&push_json(&report, secs, cpu_seconds()));
+    } else {
+        println!("pushed {} to {} at {} ({})", a.src.display(), a.target, a.peer, report.mode());
+        println!("  disk        {} in {} blocks", human_bytes(report.disk_bytes), report.blocks_total);
+        println!(
+            "  changed     {} blocks; sent {} of block data, {} on the wire (path MTU {})",
+            report.blocks_changed,
+            human_bytes(report.bytes_sent),
+            human_bytes(report.wire_bytes),
+            report.path_mtu
+        );
+        println!("  generation  {} ({})", report.generation, report.consistency.as_str());
+        println!("  time        {secs:.3} s ({:.0} MB/s)", mb_per_s(report.disk_bytes, secs));
+    }
+    Ok(())
+}
+
+pub fn push_json(r: &PushReport, secs: f64, cpu: f64) -> serde_json::Value {
+    json!({
+        "mode": r.mode(),
+        "plan": format!("{:?}", r.plan),
+        "disk_bytes": r.disk_bytes,
+        "blocks_total": r.blocks_total,
+        "blocks_changed": r.blocks_changed,
+        "bytes_sent": r.bytes_sent,
+        "wire_bytes": r.wire_bytes,
+        "path_mtu": r.path_mtu,
+        "seconds": round_secs(secs),
+        "cpu_seconds": round_secs(cpu),
+        "generation": r.generation.to_hex(),
+        "consistency": r.consistency.as_str(),
+        "root": r.root.to_hex(),
+        "resumed_blocks": r.staged_before,
+    })
+}
+
+async fn resolve(peer: &str) -> Result<SocketAddr> {
+    let mut addrs = tokio::net::lookup_host(peer)
+        .await
+        .map_err(|e| Error::new(ErrorCode::Usage, format!("--peer {peer:?} is not HOST:PORT that resolves: {e}")))?;
+    addrs.next().ok_or_else(|| Error::new(ErrorCode::Usage, format!("--peer {peer:?} resolves to no address")).into())
+}

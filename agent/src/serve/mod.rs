@@ -1,0 +1,190 @@
+//! The target agent: `diskferry serve`. Accepts authenticated connections,
+//! runs one session per connection, at most one session per target, and
+//! shuts down at safe points.
+
+mod session;
+mod worker;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diskferry_protocol::ErrorCode;
+use diskferry_sync_engine::store::{RealFs, Vfs};
+use diskferry_sync_engine::Error;
+use tokio::sync::{watch, Mutex, Semaphore};
+
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::{transport, trust};
+
+/// Shared by every session of one agent.
+pub struct ServerCtx {
+    pub config: Config,
+    pub state_root: PathBuf,
+    pub vfs: Arc<dyn Vfs>,
+    pub registry: Registry,
+    /// Memory for received blocks not yet staged, in 4 KiB units, agent-wide.
+    pub budget: Arc<Semaphore>,
+    pub budget_units: u32,
+    pub sessions: Arc<Semaphore>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Which session holds which target, so a new push from the same peer can
+/// take over a stale one at once.
+#[derive(Default)]
+pub struct Registry {
+    active: Mutex<HashMap<String, Active>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+struct Active {
+    id: u64,
+    peer: String,
+    cancel: watch::Sender<bool>,
+    done: watch::Receiver<bool>,
+}
+
+/// A session's hold on a target.
+pub struct Registration {
+    id: u64,
+    pub cancel: watch::Receiver<bool>,
+    done: watch::Sender<bool>,
+}
+
+impl Registry {
+    /// Claims `target` for `peer`, cancelling that peer's older session on it.
+    pub async fn register(&self, target: &str, peer: &str) -> Result<Registration, Error> {
+        for _ in 0..2 {
+            let waiting = {
+                let mut active = self.active.lock().await;
+                match active.get(target) {
+                    Some(a) if a.peer != peer => {
+                        return Err(Error::new(
+                            ErrorCode::PeerBusy,
+                            format!("target {target:?} is being written by another peer ({})", a.peer),
+                        ))
+                    }
+                    Some(a) => {
+                        let _ = a.cancel.send(true);
+                        Some(a.done.clone())
+                    }
+                    None => {
+                        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let (cancel_tx, cancel_rx) = watch::channel(false);
+                        let (done_tx, done_rx) = watch::channel(false);
+                        active.insert(
+                            target.to_string(),
+                            Active { id, peer: peer.to_string(), cancel: cancel_tx, done: done_rx },
+                        );
+                        return Ok(Registration { id, cancel: cancel_rx, done: done_tx });
+                    }
+                }
+            };
+            if let Some(mut done) = waiting {
+                tracing::info!(target = %target, peer = %peer, "taking over the peer's previous session");
+                let waited = tokio::time::timeout(Duration::from_secs(60), done.wait_for(|d| *d)).await;
+                if waited.is_err() {
+                    return Err(Error::new(
+                        ErrorCode::Busy,
+                        format!("the previous session on {target:?} did not stop"),
+                    ));
+                }
+            }
+        }
+        Err(Error::new(ErrorCode::Busy, format!("target {target:?} is busy")))
+    }
+
+    /// Releases a target once its session stopped.
+    pub async fn release(&self, target: &str, r: Registration) {
+        let mut active = self.active.lock().await;
+        if active.get(target).is_some_and(|a| a.id == r.id) {
+            active.remove(target);
+        }
+        let _ = r.done.send(true);
+    }
+}
+
+/// A running target agent.
+pub struct Server {
+    pub endpoint: quinn::Endpoint,
+    ctx: Arc<ServerCtx>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+impl Server {
+    /// Binds the endpoint.
+    pub fn bind(config: Config, state_root: PathBuf, identity: &Identity) -> anyhow::Result<Server> {
+        let tls = trust::server_config(identity, config.peers.clone())?;
+        let qc = transport::server_config(tls, &config.listen, config.max_mtu)?;
+        let endpoint = transport::server_endpoint(config.listen, qc).map_err(|e| {
+            Error::new(ErrorCode::InvalidInput, format!("cannot listen on {}: {e}", config.listen))
+                .hint("is another agent using that address?")
+        })?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let units = ((config.memory_budget / 4096).clamp(1024, u32::MAX as u64 / 2)) as u32;
+        let ctx = Arc::new(ServerCtx {
+            budget: Arc::new(Semaphore::new(units as usize)),
+            budget_units: units,
+            sessions: Arc::new(Semaphore::new(config.max_sessions as usize)),
+            config,
+            state_root,
+            vfs: Arc::new(RealFs),
+            registry: Registry::default(),
+            shutdown: shutdown_rx,
+        });
+        Ok(Server { endpoint, ctx, shutdown_tx })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves until `stop` resolves, then lets sessions reach a safe point.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let ctx = self.ctx.clone();
+                    tasks.spawn(handle_connection(incoming, ctx));
+                }
+                _ = &mut stop => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        tracing::info!("shutting down: stopping sessions at a safe point");
+        let _ = self.shutdown_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        self.endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+    }
+}
+
+async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ServerCtx>) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%remote, "refused connection: {e}");
+            return;
+        }
+    };
+    let Some(fp) = trust::peer_fingerprint(&conn) else {
+        conn.close(1u32.into(), b"no certificate");
+        return;
+    };
+    let Some(peer) = ctx.config.peers.get(&fp).cloned() else {
+        tracing::warn!(%remote, fingerprint = %fp, "refused: unknown peer");
+        conn.close(1u32.into(), b"unknown peer");
+        return;
+    };
+    tracing::debug!(%remote, %peer, "connection");
+    session::run(conn, peer, ctx).await;
+}

@@ -1,0 +1,393 @@
+//! One session on the target: moves frames between the QUIC streams, the
+//! [`ReceiverSession`] state machine and the apply worker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use diskferry_protocol::message::{BlockFrame, Message, Open};
+use diskferry_protocol::session::{ReceiverEvent, ReceiverSession, RegionView};
+use diskferry_protocol::{ErrorCode, Geometry};
+use diskferry_sync_engine::apply::{DirectSink, OldContent};
+use diskferry_sync_engine::remote::{verify_frame, FrameRejection};
+use diskferry_sync_engine::view::ViewProducer;
+use diskferry_sync_engine::Error;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+
+use super::worker::{self, Cmd, OpenRequest, Reply};
+use super::{Registration, ServerCtx};
+use crate::transport::{write_frame, FrameReader, ReadError};
+
+/// What the data streams need once the session is open.
+#[derive(Clone)]
+struct Staging {
+    geometry: Geometry,
+    old: OldContent,
+    sink: Option<DirectSink>,
+    cmds: crossbeam_channel::Sender<Cmd>,
+}
+
+/// Messages to the session loop from its helpers.
+enum Note {
+    Reply(Reply),
+    VerifyFailed(u64),
+    Fail(ErrorCode, String),
+}
+
+/// Runs one session on an authenticated connection from `peer`.
+pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
+    let remote = conn.remote_address();
+    let (ctl_tx, ctl_rx) = match conn.accept_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%remote, "connection ended before a session: {e}");
+            return;
+        }
+    };
+    let mut s = Session {
+        ctx: ctx.clone(),
+        peer,
+        conn: conn.clone(),
+        ctl_tx,
+        rs: ReceiverSession::new(),
+        notes_tx: None,
+        staging_tx: watch::channel(None).0,
+        worker: None,
+        registration: None,
+        target: String::new(),
+    };
+    let (notes_tx, mut notes_rx) = mpsc::unbounded_channel::<Note>();
+    s.notes_tx = Some(notes_tx.clone());
+    let (view_tx, mut view_rx) = mpsc::channel::<(u64, RegionView)>(2);
+    let mut view_tx = Some(view_tx);
+    let mut next_view = 0u64;
+    let data = tokio::spawn(accept_data_streams(conn.clone(), s.staging_tx.subscribe(), notes_tx.clone(), ctx.clone()));
+    let mut reader = FrameReader::new(ctl_rx);
+    let mut shutdown = ctx.shutdown.clone();
+    let mut cancel: Option<watch::Receiver<bool>> = None;
+    loop {
+        let mut cancel_rx = cancel.clone();
+        tokio::select! {
+            frame = reader.next() => match frame {
+                Ok(Some(m)) => s.rs.handle_message(m),
+                Ok(None) => s.rs.abort(ErrorCode::Connection, "the source closed the session"),
+                Err(ReadError::Decode(e)) => s.rs.abort(ErrorCode::Protocol, format!("bad control frame: {e}")),
+                Err(ReadError::Stream(e)) => s.rs.abort(ErrorCode::Connection, format!("connection lost: {e}")),
+            },
+            Some(note) = notes_rx.recv() => s.handle_note(note),
+            Some((region, view)) = view_rx.recv(), if s.rs.wants_view(next_view) => {
+                next_view = region + 1;
+                s.rs.handle_view(region, view);
+            }
+            _ = shutdown.changed() => {
+                if !s.rs.is_committing() {
+                    s.rs.abort(ErrorCode::Cancelled, "the target agent is shutting down; push again to resume");
+                }
+            }
+            _ = wait_cancel(&mut cancel_rx) => {
+                if !s.rs.is_committing() {
+                    s.rs.abort(ErrorCode::Cancelled, "a newer push from the same peer took over this target");
+                }
+            }
+        }
+        if let Err(e) = s.pump(&mut view_tx).await {
+            tracing::debug!(%remote, "control stream: {e}");
+            s.rs.abort(ErrorCode::Connection, format!("connection lost: {e}"));
+        }
+        if cancel.is_none() {
+            cancel = s.registration.as_ref().map(|r| r.cancel.clone());
+        }
+        if s.rs.is_finished() {
+            let _ = s.flush().await;
+            break;
+        }
+    }
+    s.finish().await;
+    data.abort();
+    // Let the source read the last frames before the connection goes.
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    conn.close(0u32.into(), b"done");
+}
+
+async fn wait_cancel(rx: &mut Option<watch::Receiver<bool>>) {
+    match rx {
+        Some(rx) => {
+            while !*rx.borrow() {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+struct Session {
+    ctx: Arc<ServerCtx>,
+    peer: String,
+    conn: quinn::Connection,
+    ctl_tx: quinn::SendStream,
+    rs: ReceiverSession,
+    notes_tx: Option<mpsc::UnboundedSender<Note>>,
+    staging_tx: watch::Sender<Option<Staging>>,
+    worker: Option<(crossbeam_channel::Sender<Cmd>, std::thread::JoinHandle<()>)>,
+    registration: Option<Registration>,
+    target: String,
+}
+
+impl Session {
+    fn handle_note(&mut self, note: Note) {
+        match note {
+            Note::Reply(Reply::Staged { index, hash, bytes }) => self.rs.handle_staged(index, hash, bytes),
+            Note::Reply(Reply::Zeroed { first, count }) => self.rs.handle_zeroed(first, count),
+            Note::Reply(Reply::Resolved { region, wants }) => self.rs.handle_resolved(region, wants),
+            Note::Reply(Reply::Committed(c)) => {
+                tracing::info!(target = %self.target, peer = %self.peer, generation = %c.generation, "committed");
+                self.rs.handle_committed(c);
+            }
+            Note::Reply(Reply::Failed(e)) => self.rs.abort(e.code, e.message),
+            Note::VerifyFailed(index) => self.rs.handle_verify_failed(index),
+            Note::Fail(code, message) => self.rs.abort(code, message),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), quinn::WriteError> {
+        while let Some(m) = self.rs.poll_transmit() {
+            write_frame(&mut self.ctl_tx, &m).await?;
+        }
+        Ok(())
+    }
+
+    async fn pump(&mut self, view_tx: &mut Option<mpsc::Sender<(u64, RegionView)>>) -> Result<(), quinn::WriteError> {
+        loop {
+            self.flush().await?;
+            let Some(ev) = self.rs.poll_event() else { return Ok(()) };
+            match ev {
+                ReceiverEvent::Open(o) => self.open(o, view_tx).await,
+                ReceiverEvent::Resolve { region, blocks } => self.cmd(Cmd::Resolve { region, blocks }),
+                ReceiverEvent::RegionComplete { region, hashes, expected } => {
+                    self.cmd(Cmd::Region { region, hashes, expected })
+                }
+                ReceiverEvent::Commit { consistency } => self.cmd(Cmd::Commit { consistency }),
+                ReceiverEvent::Failed { code, message } => {
+                    tracing::warn!(peer = %self.peer, target = %self.target, "session failed: error[{code}]: {message}");
+                }
+            }
+        }
+    }
+
+    fn cmd(&mut self, c: Cmd) {
+        match &self.worker {
+            Some((tx, _)) => {
+                if tx.send(c).is_err() {
+                    self.rs.abort(ErrorCode::Internal, "the apply worker stopped");
+                }
+            }
+            None => self.rs.abort(ErrorCode::Internal, "no apply worker"),
+        }
+    }
+
+    async fn open(&mut self, o: Open, view_tx: &mut Option<mpsc::Sender<(u64, RegionView)>>) {
+        let name = o.target.as_str().to_string();
+        self.target = name.clone();
+        let Some(tc) = self.ctx.config.targets.get(&name).cloned() else {
+            tracing::warn!(peer = %self.peer, target = %name, "refused: unknown target");
+            return self.rs.reject(ErrorCode::UnknownTarget, format!("this agent has no target named {name:?}"));
+        };
+        if !tc.allowed_peers.contains(&self.peer) {
+            tracing::warn!(peer = %self.peer, target = %name, "refused: peer not allowed to write this target");
+            return self.rs.reject(
+                ErrorCode::NotAuthorized,
+                format!("peer {:?} may not write target {name:?} (not in its allowed_peers)", self.peer),
+            );
+        }
+        let registration = match self.ctx.registry.register(&name, &self.peer).await {
+            Ok(r) => r,
+            Err(e) => return self.rs.reject(e.code, e.message),
+        };
+        self.registration = Some(registration);
+        let Ok(permit) = self.ctx.sessions.clone().try_acquire_owned() else {
+            return self.rs.reject(ErrorCode::PeerBusy, "the target agent is at its session limit; retry later");
+        };
+        let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+        let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
+        let Some(notes) = self.notes_tx.clone() else { return };
+        let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<Reply>();
+        tokio::spawn(async move {
+            let _permit = permit;
+            while let Some(r) = reply_rx.recv().await {
+                if notes.send(Note::Reply(r)).is_err() {
+                    break;
+                }
+            }
+        });
+        let req = OpenRequest {
+            vfs: self.ctx.vfs.clone(),
+            state_root: self.ctx.state_root.clone(),
+            path: tc.path.clone(),
+            name: name.clone(),
+            retention: tc.retention,
+            open: o.clone(),
+        };
+        let handle = match worker::spawn(req, cmd_rx, reply_tx, opened_tx) {
+            Ok(h) => h,
+            Err(e) => return self.rs.reject(ErrorCode::Internal, format!("starting the apply worker: {e}")),
+        };
+        self.worker = Some((cmd_tx.clone(), handle));
+        let opened = match opened_rx.await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %self.peer, target = %name, "refused: error[{}]: {}", e.code, e.message);
+                return self.rs.reject(e.code, e.message);
+            }
+            Err(_) => return self.rs.reject(ErrorCode::Internal, "the apply worker stopped while opening"),
+        };
+        tracing::info!(peer = %self.peer, target = %name, plan = ?opened.accept.plan, disk_bytes = o.disk_bytes, "session accepted");
+        if let (Some(view), Some(tx)) = (opened.view, view_tx.take()) {
+            spawn_view_thread(view, opened.geometry, tx, self.notes_tx.clone());
+        }
+        let _ = self.staging_tx.send(Some(Staging {
+            geometry: opened.geometry,
+            old: opened.old,
+            sink: opened.sink,
+            cmds: cmd_tx,
+        }));
+        self.rs.accept(opened.accept, opened.geometry);
+    }
+
+    /// Stops the worker (dropping its channel keeps staged blocks for
+    /// resume) and releases the target for the next session.
+    async fn finish(&mut self) {
+        self.staging_tx.send_replace(None);
+        if let Some((tx, handle)) = self.worker.take() {
+            drop(tx);
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        if let Some(r) = self.registration.take() {
+            self.ctx.registry.release(&self.target, r).await;
+        }
+        let _ = &self.conn;
+    }
+}
+
+fn spawn_view_thread(
+    mut view: ViewProducer,
+    g: Geometry,
+    tx: mpsc::Sender<(u64, RegionView)>,
+    notes: Option<mpsc::UnboundedSender<Note>>,
+) {
+    let spawned = std::thread::Builder::new().name("df-view".into()).spawn(move || {
+        for _ in 0..g.region_count() {
+            match view.next_region() {
+                Ok((r, v)) => {
+                    let rv = RegionView { blocks: v.blocks, chunks: v.chunks, hash: v.hash };
+                    if tx.blocking_send((r, rv)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    if let Some(n) = &notes {
+                        let _ = n.send(Note::Reply(Reply::Failed(e)));
+                    }
+                    return;
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("starting the view thread: {e}");
+    }
+}
+
+async fn accept_data_streams(
+    conn: quinn::Connection,
+    mut staging: watch::Receiver<Option<Staging>>,
+    notes: mpsc::UnboundedSender<Note>,
+    ctx: Arc<ServerCtx>,
+) {
+    while let Ok(stream) = conn.accept_uni().await {
+        let st = loop {
+            if let Some(st) = staging.borrow().clone() {
+                break Some(st);
+            }
+            if staging.changed().await.is_err() {
+                break None;
+            }
+        };
+        let Some(st) = st else { return };
+        tokio::spawn(data_stream(stream, st, notes.clone(), ctx.clone()));
+    }
+}
+
+async fn data_stream(stream: quinn::RecvStream, st: Staging, notes: mpsc::UnboundedSender<Note>, ctx: Arc<ServerCtx>) {
+    let mut reader = FrameReader::new(stream);
+    loop {
+        let m = match reader.next().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(ReadError::Decode(e)) => {
+                let _ = notes.send(Note::Fail(ErrorCode::Protocol, format!("bad data frame: {e}")));
+                return;
+            }
+            Err(ReadError::Stream(_)) => return,
+        };
+        match m {
+            Message::Block(frame) => {
+                // One agent-wide budget bounds the memory of blocks between
+                // the network and the disk, however many sessions run.
+                let units = (frame.payload.len() as u32 / 4096 + 1).min(ctx.budget_units);
+                let Ok(permit) = ctx.budget.clone().acquire_many_owned(units).await else { return };
+                let (st, notes) = (st.clone(), notes.clone());
+                rayon::spawn(move || verify_and_stage(frame, st, notes, permit));
+            }
+            Message::Zero { first, count } => {
+                if st.cmds.send(Cmd::Zero { first, count }).is_err() {
+                    return;
+                }
+            }
+            other => {
+                let _ = notes.send(Note::Fail(
+                    ErrorCode::Protocol,
+                    format!("message type {:#04x} on a data stream", other.type_byte()),
+                ));
+                return;
+            }
+        }
+    }
+}
+
+fn verify_and_stage(frame: BlockFrame, st: Staging, notes: mpsc::UnboundedSender<Note>, permit: OwnedSemaphorePermit) {
+    let index = frame.index;
+    match verify_frame(&frame, &st.old, &st.geometry) {
+        Ok(vb) => match &st.sink {
+            Some(sink) => match sink.write_verified(&vb) {
+                Ok(()) => {
+                    let bytes = vb.payload_len();
+                    let end = st.geometry.block_offset(index) + st.geometry.block_len(index) as u64;
+                    let _ = st.cmds.send(Cmd::Account { blocks: 1, bytes, end });
+                    let _ = notes.send(Note::Reply(Reply::Staged { index, hash: vb.hash(), bytes }));
+                }
+                Err(e) => {
+                    let _ = notes.send(Note::Reply(Reply::Failed(e)));
+                }
+            },
+            None => {
+                let _ = st.cmds.send(Cmd::Stage(vb, Some(permit)));
+            }
+        },
+        Err(FrameRejection::Mismatch) => {
+            let _ = notes.send(Note::VerifyFailed(index));
+        }
+        Err(FrameRejection::Invalid(msg)) => {
+            let _ = notes.send(Note::Fail(ErrorCode::Protocol, msg));
+        }
+        Err(FrameRejection::Storage(e)) => {
+            let _ = notes.send(Note::Reply(Reply::Failed(e)));
+        }
+    }
+}
+
+impl From<Error> for Note {
+    fn from(e: Error) -> Self {
+        Note::Reply(Reply::Failed(e))
+    }
+}
