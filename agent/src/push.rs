@@ -259,11 +259,15 @@ async fn run_session(
                     );
                 }
                 SenderEvent::RegionDone { region, .. } => {
+                    tracing::debug!(region, "region done");
                     let _ = tokens_tx.send(());
                     let start = g.block_offset(g.region_range(region).start);
                     progress.advance(region_bytes.min(g.disk_bytes - start));
                 }
-                SenderEvent::Committed(c) => committed = Some(c),
+                SenderEvent::Committed(c) => {
+                    tracing::debug!(generation = %c.generation, "committed");
+                    committed = Some(c)
+                }
                 SenderEvent::Failed { code, message } => {
                     let hint = match code {
                         ErrorCode::Connection | ErrorCode::Cancelled => Some("push again: it resumes where it stopped"),
@@ -322,8 +326,14 @@ async fn run_session(
                 Err(ReadError::Stream(e)) => return Err(lost(&e)),
             },
             Some(note) = notes_rx.recv() => match note {
-                Note::Region(r) => session.handle_region(r),
-                Note::Hashed(w) => hashed = Some(w),
+                Note::Region(r) => {
+                    tracing::debug!(region = r.region, "region hashed");
+                    session.handle_region(r)
+                }
+                Note::Hashed(w) => {
+                    tracing::debug!("source hashed");
+                    hashed = Some(w)
+                }
                 Note::Failed(e) => {
                     session.abort(e.code, e.message.clone());
                     while let Some(m) = session.poll_transmit() {

@@ -1,4 +1,5 @@
-//! `diskferry demo`: a full then a delta sync of a generated sample disk.
+//! `diskferry demo`: a full then a delta push of a generated sample disk to
+//! a target agent started in-process on loopback with throw-away identities.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -7,9 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use diskferry_protocol::{parse_size, ErrorCode};
+use diskferry_protocol::message::SyncMode;
+use diskferry_protocol::{parse_size, BlockSize, ErrorCode, TargetName};
 use diskferry_sync_engine::apply::{Target, TargetOptions};
-use diskferry_sync_engine::local::{self, Mode, NoProgress, SyncJob, SyncOptions, SyncReport};
+use diskferry_sync_engine::local::NoProgress;
 use diskferry_sync_engine::store::RealFs;
 use diskferry_sync_engine::verify::verify;
 use diskferry_sync_engine::Error;
@@ -17,10 +19,14 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::json;
 
-use super::sync::report_json;
-use super::{human_bytes, mb_per_s, new_generation, new_session, now_unix_ns};
+use super::net::{push_json, runtime};
+use super::{human_bytes, mb_per_s};
 use crate::cli::DemoArgs;
+use crate::config::Config;
+use crate::identity::Identity;
 use crate::output::print_json;
+use crate::push::{self, PushOptions};
+use crate::serve::Server;
 use crate::state;
 
 const UNIT: u64 = 1 << 20;
@@ -36,7 +42,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
         .with_context(|| format!("creating a directory in {}", base.display()))?;
     let src = dir.path().join("source.img");
     let dst = dir.path().join("replica.img");
-    let state_root = state::prepare(&dir.path().join("state"))?;
+    let target_state = state::prepare(&dir.path().join("target-state"))?;
+    let source_state = state::prepare(&dir.path().join("source-state"))?;
     let mut rng = SmallRng::seed_from_u64(0x5eed);
     let data = make_sample(&src, size, &mut rng)?;
     eprintln!(
@@ -46,43 +53,91 @@ pub fn run(a: DemoArgs) -> Result<()> {
         dir.path().display()
     );
 
-    let full = sync_once(&src, &dst, &state_root, Mode::Full)?;
-    let changed = change_one_percent(&src, size, &mut rng)?;
-    let delta = sync_once(&src, &dst, &state_root, Mode::Auto)?;
-    let mut target = Target::open(Arc::new(RealFs), &state_root, &dst.canonicalize()?, TargetOptions::default())?;
+    // Two throw-away agents on loopback: a target serving `replica`, a source pushing to it.
+    let source_id = Identity::generate()?;
+    let target_id = Identity::generate()?;
+    let config = Config::parse(
+        &format!(
+            "listen = \"127.0.0.1:0\"\n[[peer]]\nname = \"demo-source\"\nfingerprint = \"{}\"\n[[target]]\nname = \"replica\"\npath = \"{}\"\nallowed_peers = [\"demo-source\"]\n",
+            source_id.fingerprint(),
+            state::canonical_target(&dst)?.display()
+        ),
+        Path::new("(demo)"),
+    )?;
+    let rt = runtime()?;
+    let (full, delta) = rt.block_on(async {
+        let server = Server::bind(config, target_state.clone(), &target_id)?;
+        let addr = server.local_addr()?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(server.run(async {
+            let _ = stop_rx.await;
+        }));
+        let opts = PushOptions {
+            source: src.clone(),
+            peer: addr,
+            peer_fingerprint: target_id.fingerprint(),
+            target: TargetName::new("replica").map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?,
+            mode: SyncMode::Auto,
+            block_size: BlockSize::DEFAULT,
+            compress: Some(1),
+            force: false,
+            threads: None,
+            max_mtu: None,
+            state_root: Some(source_state.clone()),
+        };
+        let timed = |opts: PushOptions| {
+            let id = &source_id;
+            async move {
+                let start = Instant::now();
+                let r = push::push(id, opts, Arc::new(NoProgress)).await?;
+                Ok::<_, Error>((r, start.elapsed().as_secs_f64()))
+            }
+        };
+        let full = timed(opts.clone()).await;
+        let changed = change_one_percent(&src, size, &mut rng);
+        let delta = match (&full, changed) {
+            (Ok(_), Ok(_)) => timed(opts).await,
+            (Err(_), _) => Err(Error::new(ErrorCode::Internal, "skipped")),
+            (_, Err(e)) => Err(Error::new(ErrorCode::Io, format!("changing the sample disk: {e}"))),
+        };
+        let _ = stop_tx.send(());
+        let _ = serving.await;
+        Ok::<_, anyhow::Error>((full?, delta?))
+    })?;
+    let mut target = Target::open(Arc::new(RealFs), &target_state, &dst.canonicalize()?, TargetOptions::default())?;
     let check = verify(&mut target, &NoProgress)?;
     drop(target);
 
     if a.common.json {
         print_json(&json!({
             "disk_bytes": size,
-            "changed_pages": changed,
-            "full": report_json(&full.0, full.1),
-            "delta": report_json(&delta.0, delta.1),
+            "full": push_json(&full.0, full.1, 0.0),
+            "delta": push_json(&delta.0, delta.1, 0.0),
             "verify": { "ok": check.ok, "generation": check.generation.to_hex(), "root": check.root.to_hex() },
         }));
     } else {
         println!(
-            "{:<7} {:<6} {:<13} {:>14} {:>15} {:>9} {:>9}",
-            "step", "mode", "compare", "bytes written", "blocks changed", "seconds", "MB/s"
+            "{:<7} {:<6} {:>15} {:>13} {:>13} {:>9} {:>9}",
+            "push", "mode", "blocks changed", "block data", "on the wire", "seconds", "MB/s"
         );
         for (step, (r, secs)) in [("first", &full), ("second", &delta)] {
             println!(
-                "{:<7} {:<6} {:<13} {:>14} {:>15} {:>9.3} {:>9.0}",
+                "{:<7} {:<6} {:>15} {:>13} {:>13} {:>9.3} {:>9.0}",
                 step,
-                r.mode,
-                r.compare,
-                human_bytes(r.bytes_written),
+                r.mode(),
                 r.blocks_changed,
+                human_bytes(r.bytes_sent),
+                human_bytes(r.wire_bytes),
                 secs,
                 mb_per_s(r.disk_bytes, *secs)
             );
         }
         println!(
-            "verify  {}: replica is at generation {} ({})",
+            "verify  {}: the replica is at generation {} ({}, path MTU {})",
             if check.ok { "ok" } else { "FAILED" },
             check.generation,
-            delta.0.consistency.as_str()
+            delta.0.consistency.as_str(),
+            delta.0.path_mtu
         );
     }
     if !check.ok {
@@ -102,21 +157,6 @@ fn demo_parent() -> PathBuf {
         }
     }
     candidates[0].clone()
-}
-
-fn sync_once(src: &Path, dst: &Path, state_root: &Path, mode: Mode) -> Result<(SyncReport, f64)> {
-    let job = SyncJob {
-        vfs: Arc::new(RealFs),
-        state_root: state_root.to_path_buf(),
-        source: src.to_path_buf(),
-        target: state::canonical_target(dst)?,
-        generation: new_generation(),
-        session: new_session(),
-        now_unix_ns: now_unix_ns(),
-    };
-    let start = Instant::now();
-    let r = local::sync(&job, &SyncOptions { mode, ..SyncOptions::default() }, &NoProgress)?;
-    Ok((r, start.elapsed().as_secs_f64()))
 }
 
 /// Writes random data into about three quarters of the 1 MiB units; the rest stay holes.

@@ -75,6 +75,7 @@ pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
             },
             Some(note) = notes_rx.recv() => s.handle_note(note),
             Some((region, view)) = view_rx.recv(), if s.rs.wants_view(next_view) => {
+                tracing::debug!(region, "view ready");
                 next_view = region + 1;
                 s.rs.handle_view(region, view);
             }
@@ -165,9 +166,13 @@ impl Session {
                 ReceiverEvent::Open(o) => self.open(o, view_tx).await,
                 ReceiverEvent::Resolve { region, blocks } => self.cmd(Cmd::Resolve { region, blocks }),
                 ReceiverEvent::RegionComplete { region, hashes, expected } => {
+                    tracing::debug!(region, "region complete");
                     self.cmd(Cmd::Region { region, hashes, expected })
                 }
-                ReceiverEvent::Commit { consistency } => self.cmd(Cmd::Commit { consistency }),
+                ReceiverEvent::Commit { consistency } => {
+                    tracing::debug!("commit starts");
+                    self.cmd(Cmd::Commit { consistency })
+                }
                 ReceiverEvent::Failed { code, message } => {
                     tracing::warn!(peer = %self.peer, target = %self.target, "session failed: error[{code}]: {message}");
                 }

@@ -1,0 +1,6 @@
+//! The protocol crate's integration tests, in one binary.
+
+mod integration {
+    mod codec;
+    mod session;
+}

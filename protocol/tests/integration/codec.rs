@@ -1,0 +1,148 @@
+//! Property tests of the codec: every message survives encode/decode, and
+//! arbitrary bytes never panic the decoder.
+
+use bytes::{Bytes, BytesMut};
+use diskferry_protocol::message::{Accept, BlockFrame, Codec, Committed, Open, Plan, SyncMode, WantBlock};
+use diskferry_protocol::{
+    decode_frame, BlockHash, BlockSize, Consistency, ErrorCode, Generation, Message, SessionId, TargetName, MAX_FRAME,
+};
+use proptest::prelude::*;
+
+fn hash() -> impl Strategy<Value = BlockHash> {
+    any::<[u8; 32]>().prop_map(BlockHash)
+}
+
+fn generation() -> impl Strategy<Value = Generation> {
+    (1u128..).prop_map(Generation)
+}
+
+fn name() -> impl Strategy<Value = TargetName> {
+    "[A-Za-z0-9_-][A-Za-z0-9._-]{0,40}".prop_filter_map("valid name", |s| TargetName::new(&s).ok())
+}
+
+fn block_frame() -> impl Strategy<Value = BlockFrame> {
+    (any::<u64>(), hash(), 1u32..=16, prop::bool::ANY, prop::collection::vec(any::<u8>(), 0..64)).prop_map(
+        |(index, hash, pages, zstd, payload)| {
+            // Patches: every other page of the block, in order.
+            let patches: Vec<(u32, u32)> = (0..pages).step_by(2).map(|p| (p * 4096, 4096)).collect();
+            let plain: u32 = patches.iter().map(|p| p.1).sum();
+            let payload = if zstd { Bytes::from(payload) } else { Bytes::from(vec![7u8; plain as usize]) };
+            BlockFrame {
+                index,
+                hash,
+                block_len: pages * 4096,
+                codec: if zstd { Codec::Zstd } else { Codec::Raw },
+                patches,
+                payload,
+            }
+        },
+    )
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        (any::<u16>(), any::<u16>(), any::<u32>()).prop_map(|(a, b, c)| Message::Hello {
+            min_version: a,
+            max_version: b,
+            capabilities: c
+        }),
+        (any::<u16>(), any::<u32>(), any::<u32>()).prop_map(|(a, b, c)| Message::Welcome {
+            version: a,
+            capabilities: b,
+            max_frame: c
+        }),
+        (any::<u128>(), name(), any::<u64>(), 12u32..=22, 0u8..3, any::<bool>(), prop::option::of(generation()))
+            .prop_map(|(s, target, disk_bytes, shift, mode, force, source_base)| {
+                Message::Open(Open {
+                    session: SessionId(s),
+                    target,
+                    disk_bytes,
+                    block_size: BlockSize::new(1 << shift).unwrap(),
+                    mode: [SyncMode::Auto, SyncMode::Delta, SyncMode::Full][mode as usize],
+                    force,
+                    source_base,
+                })
+            }),
+        (0u8..3, prop::option::of(generation()), any::<u64>(), any::<u32>()).prop_map(|(p, g, s, w)| Message::Accept(
+            Accept {
+                plan: [Plan::Full, Plan::CompareManifest, Plan::CompareHash][p as usize],
+                target_generation: g,
+                staged_blocks: s,
+                window: w,
+            }
+        )),
+        (any::<u64>(), hash()).prop_map(|(region, hash)| Message::Region { region, hash }),
+        any::<u64>().prop_map(|region| Message::NeedChunks { region }),
+        (any::<u64>(), prop::collection::vec(hash(), 0..40))
+            .prop_map(|(region, hashes)| Message::Chunks { region, hashes }),
+        (any::<u64>(), prop::collection::vec(any::<u32>(), 0..40))
+            .prop_map(|(region, chunks)| Message::NeedBlocks { region, chunks }),
+        (any::<u64>(), any::<u32>(), prop::collection::vec(hash(), 0..33))
+            .prop_map(|(region, chunk, hashes)| Message::BlockHashes { region, chunk, hashes }),
+        (any::<u64>(), prop::collection::vec((any::<u64>(), prop::collection::vec(any::<u64>(), 0..17)), 0..20))
+            .prop_map(|(region, bs)| Message::Want {
+                region,
+                blocks: bs.into_iter().map(|(index, page_hashes)| WantBlock { index, page_hashes }).collect(),
+            }),
+        (any::<u64>(), hash(), any::<u32>()).prop_map(|(region, hash, items)| Message::RegionEnd {
+            region,
+            hash,
+            items
+        }),
+        (any::<u64>(), any::<u64>()).prop_map(|(region, bytes_staged)| Message::RegionDone { region, bytes_staged }),
+        (0u8..3).prop_map(|c| Message::Finish { consistency: Consistency::from_u8(c).unwrap() }),
+        (generation(), hash(), any::<u64>(), any::<u64>()).prop_map(|(generation, root, c, w)| Message::Committed(
+            Committed { generation, root, blocks_changed: c, bytes_written: w }
+        )),
+        (0usize..ErrorCode::ALL.len(), ".{0,80}")
+            .prop_map(|(i, message)| Message::Error { code: ErrorCode::ALL[i], message }),
+        block_frame().prop_map(Message::Block),
+        (any::<u64>(), any::<u64>()).prop_map(|(first, count)| Message::Zero { first, count }),
+        any::<u64>().prop_map(|index| Message::Nack { index }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn decode_of_encode_is_identity(m in message()) {
+        let mut buf = BytesMut::from(&m.to_bytes()[..]);
+        prop_assert_eq!(decode_frame(&mut buf, MAX_FRAME).unwrap(), Some(m));
+        prop_assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn frames_split_anywhere_reassemble(ms in prop::collection::vec(message(), 1..6), cut in any::<prop::sample::Index>()) {
+        let mut all = BytesMut::new();
+        for m in &ms {
+            m.encode(&mut all);
+        }
+        let cut = cut.index(all.len() + 1);
+        let mut buf = BytesMut::from(&all[..cut]);
+        let mut out = Vec::new();
+        while let Some(m) = decode_frame(&mut buf, MAX_FRAME).unwrap() {
+            out.push(m);
+        }
+        buf.extend_from_slice(&all[cut..]);
+        while let Some(m) = decode_frame(&mut buf, MAX_FRAME).unwrap() {
+            out.push(m);
+        }
+        prop_assert_eq!(out, ms);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let mut buf = BytesMut::from(&bytes[..]);
+        while let Ok(Some(_)) = decode_frame(&mut buf, MAX_FRAME) {}
+    }
+
+    #[test]
+    fn corrupted_frames_never_panic(m in message(), flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
+        let mut bytes = m.to_bytes().to_vec();
+        for (i, v) in flips {
+            let at = i.index(bytes.len());
+            bytes[at] ^= v | 1;
+        }
+        let mut buf = BytesMut::from(&bytes[..]);
+        let _ = decode_frame(&mut buf, MAX_FRAME);
+    }
+}

@@ -1,0 +1,318 @@
+//! The sender and receiver state machines run against each other in memory,
+//! with fake disks whose tree nodes are a toy hash (the sessions treat
+//! hashes as opaque), on a queue that can delay frames.
+
+use std::collections::VecDeque;
+
+use diskferry_protocol::message::{Accept, BlockFrame, Codec, Committed, Open, Plan, SyncMode, WantBlock};
+use diskferry_protocol::session::{
+    ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession, SourceRegion,
+};
+use diskferry_protocol::{
+    BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry, Message, SessionId, TargetName, CHUNK_BLOCKS,
+};
+
+fn toy(children: &[BlockHash]) -> BlockHash {
+    let mut acc = [0u8; 32];
+    for (i, c) in children.iter().enumerate() {
+        for (j, b) in c.0.iter().enumerate() {
+            acc[j] = acc[j].wrapping_mul(31).wrapping_add(*b ^ i as u8);
+        }
+    }
+    BlockHash(acc)
+}
+
+fn h(n: u64) -> BlockHash {
+    if n == 0 {
+        return BlockHash::ZERO;
+    }
+    let mut b = [0u8; 32];
+    b[..8].copy_from_slice(&n.to_le_bytes());
+    b[8] = 1;
+    BlockHash(b)
+}
+
+fn tree(blocks: &[BlockHash]) -> (Vec<BlockHash>, BlockHash) {
+    let chunks: Vec<BlockHash> = blocks.chunks(CHUNK_BLOCKS as usize).map(toy).collect();
+    let region = toy(&chunks);
+    (chunks, region)
+}
+
+struct Run {
+    committed: Option<Committed>,
+    wanted: Vec<u64>,
+    resolved_locally: Vec<u64>,
+    regions: Vec<Vec<BlockHash>>,
+    sender_failed: Option<ErrorCode>,
+    receiver_failed: Option<ErrorCode>,
+    control_frames: usize,
+}
+
+/// Runs a whole session: `source` and `target` are block hashes; the target
+/// resolves zeros itself; `plan` is what the target accepts with.
+fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) -> Run {
+    let g = Geometry::new(source.len() as u64 * block_size as u64, BlockSize::new(block_size).unwrap());
+    let open = Open {
+        session: SessionId(1),
+        target: TargetName::new("t").unwrap(),
+        disk_bytes: g.disk_bytes,
+        block_size: g.block_size,
+        mode: SyncMode::Auto,
+        force: false,
+        source_base: None,
+    };
+    let mut s = SenderSession::new(open);
+    let mut r = ReceiverSession::new();
+    let mut to_r: VecDeque<Message> = VecDeque::new();
+    let mut to_s: VecDeque<Message> = VecDeque::new();
+    let mut data: VecDeque<Message> = VecDeque::new();
+    let mut next_region = 0u64;
+    let mut next_view = 0u64;
+    let mut out = Run {
+        committed: None,
+        wanted: vec![],
+        resolved_locally: vec![],
+        regions: vec![],
+        sender_failed: None,
+        receiver_failed: None,
+        control_frames: 0,
+    };
+    let mut accepted = false;
+    let mut source_done = false;
+    for _ in 0..100_000 {
+        while let Some(m) = s.poll_transmit() {
+            to_r.push_back(m);
+        }
+        while let Some(m) = r.poll_transmit() {
+            to_s.push_back(m);
+        }
+        while let Some(ev) = s.poll_event() {
+            match ev {
+                SenderEvent::Accepted(_) => accepted = true,
+                SenderEvent::SendBlocks { blocks, .. } => {
+                    for w in blocks {
+                        out.wanted.push(w.index);
+                        data.push_back(block(w.index, source[w.index as usize]));
+                    }
+                }
+                SenderEvent::Resend { index } => data.push_back(block(index, source[index as usize])),
+                SenderEvent::RegionDone { .. } => {}
+                SenderEvent::Committed(c) => out.committed = Some(c),
+                SenderEvent::Failed { code, .. } => out.sender_failed = Some(code),
+            }
+        }
+        while let Some(ev) = r.poll_event() {
+            match ev {
+                ReceiverEvent::Open(_) => {
+                    r.accept(Accept { plan, target_generation: None, staged_blocks: 0, window: 4 }, g)
+                }
+                ReceiverEvent::Resolve { region, blocks } => {
+                    let mut wants = vec![];
+                    for d in blocks {
+                        if d.source.is_zero() {
+                            out.resolved_locally.push(d.index);
+                        } else {
+                            wants.push(WantBlock { index: d.index, page_hashes: vec![] });
+                        }
+                    }
+                    r.handle_resolved(region, wants);
+                }
+                ReceiverEvent::RegionComplete { hashes, .. } => out.regions.push(hashes),
+                ReceiverEvent::Commit { .. } => r.handle_committed(Committed {
+                    generation: Generation(9),
+                    root: BlockHash::ZERO,
+                    blocks_changed: 0,
+                    bytes_written: 0,
+                }),
+                ReceiverEvent::Failed { code, .. } => out.receiver_failed = Some(code),
+            }
+        }
+        if s.is_finished() && r.is_finished() && to_r.is_empty() && to_s.is_empty() {
+            break;
+        }
+        if accepted && plan != Plan::Full {
+            while r.wants_view(next_view) && next_view < g.region_count() {
+                let range = g.region_range(next_view);
+                let blocks: Vec<Option<BlockHash>> =
+                    range.clone().map(|b| target.get(b as usize).copied().or(Some(BlockHash::ZERO))).collect();
+                let known: Vec<BlockHash> = blocks.iter().map(|b| b.unwrap()).collect();
+                let (chunks, hash) = tree(&known);
+                r.handle_view(
+                    next_view,
+                    RegionView { blocks, chunks: chunks.into_iter().map(Some).collect(), hash: Some(hash) },
+                );
+                next_view += 1;
+            }
+        }
+        if accepted && next_region < g.region_count() && s.window_open() {
+            let range = g.region_range(next_region);
+            let blocks = source[range.start as usize..range.end as usize].to_vec();
+            let mut items = 0;
+            if plan == Plan::Full {
+                for b in range.clone() {
+                    if source[b as usize].is_zero() {
+                        data.push_back(Message::Zero { first: b, count: 1 });
+                    } else {
+                        data.push_back(block(b, source[b as usize]));
+                    }
+                    items += 1;
+                }
+            }
+            let (chunks, hash) = tree(&blocks);
+            s.handle_region(SourceRegion { region: next_region, blocks, chunks, hash, items });
+            next_region += 1;
+        }
+        if accepted && next_region == g.region_count() && !source_done && s.outstanding() == 0 {
+            source_done = true;
+            s.handle_source_done(Consistency::Crash);
+        }
+        // Data frames go to the driver of the target, which stages them.
+        if let Some(m) = data.pop_front() {
+            match m {
+                Message::Block(f) => r.handle_staged(f.index, f.hash, f.payload.len() as u64),
+                Message::Zero { first, count } => r.handle_zeroed(first, count),
+                _ => unreachable!(),
+            }
+        }
+        if let Some(m) = to_r.pop_front() {
+            out.control_frames += 1;
+            r.handle_message(m);
+        }
+        if let Some(m) = to_s.pop_front() {
+            out.control_frames += 1;
+            s.handle_message(m);
+        }
+    }
+    out
+}
+
+fn block(index: u64, hash: BlockHash) -> Message {
+    Message::Block(BlockFrame {
+        index,
+        hash,
+        block_len: 4096,
+        codec: Codec::Raw,
+        patches: vec![(0, 4096)],
+        payload: vec![0u8; 4096].into(),
+    })
+}
+
+fn disk(n: u64) -> Vec<BlockHash> {
+    (0..n).map(|i| if i % 7 == 3 { BlockHash::ZERO } else { h(i + 1) }).collect()
+}
+
+#[test]
+fn delta_fetches_exactly_the_changed_blocks() {
+    // 4K blocks: 16384 blocks per region; 40000 blocks = 3 regions.
+    let source = disk(40000);
+    let mut target = source.clone();
+    for i in [5u64, 17000, 17001, 39999] {
+        target[i as usize] = h(1_000_000 + i);
+    }
+    target[10] = h(777); // a block the source holds as zeros (10 % 7 == 3)
+    let run = run(&source, &target, 4096, Plan::CompareHash);
+    assert!(run.committed.is_some(), "sender {:?} receiver {:?}", run.sender_failed, run.receiver_failed);
+    let mut wanted = run.wanted.clone();
+    wanted.sort();
+    assert_eq!(wanted, vec![5, 17000, 17001, 39999]);
+    assert_eq!(run.resolved_locally, vec![10]);
+    let all: Vec<BlockHash> = run.regions.concat();
+    assert_eq!(all, source, "the committed hashes are the source's");
+}
+
+#[test]
+fn unchanged_disk_costs_one_frame_per_region() {
+    let source = disk(40000);
+    let run = run(&source, &source, 4096, Plan::CompareManifest);
+    assert!(run.committed.is_some());
+    assert!(run.wanted.is_empty());
+    // Hello, Welcome, Open, Accept, 3 × (Region, RegionDone), Finish, Committed.
+    assert_eq!(run.control_frames, 4 + 3 * 2 + 2);
+}
+
+#[test]
+fn full_copy_counts_every_frame() {
+    let source = disk(1000);
+    let run = run(&source, &[], 65536, Plan::Full);
+    assert!(run.committed.is_some(), "sender {:?} receiver {:?}", run.sender_failed, run.receiver_failed);
+    assert_eq!(run.regions.concat(), source);
+}
+
+#[test]
+fn target_shorter_than_source() {
+    let source = disk(5000);
+    let target = disk(1200);
+    let run = run(&source, &target, 4096, Plan::CompareHash);
+    assert!(run.committed.is_some());
+    let expect: Vec<u64> = (1200..5000).filter(|i| !source[*i as usize].is_zero()).collect();
+    let mut wanted = run.wanted;
+    wanted.sort();
+    assert_eq!(wanted, expect);
+}
+
+#[test]
+fn unexpected_messages_fail_with_codes() {
+    let mut r = ReceiverSession::new();
+    r.handle_message(Message::NeedChunks { region: 0 });
+    assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed { code: ErrorCode::Protocol, .. })));
+    assert!(matches!(r.poll_transmit(), Some(Message::Error { code: ErrorCode::Protocol, .. })));
+
+    let mut r = ReceiverSession::new();
+    r.handle_message(Message::Hello { min_version: 7, max_version: 9, capabilities: 0 });
+    assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed { code: ErrorCode::Version, .. })));
+
+    let open = Open {
+        session: SessionId(1),
+        target: TargetName::new("t").unwrap(),
+        disk_bytes: 1 << 20,
+        block_size: BlockSize::DEFAULT,
+        mode: SyncMode::Auto,
+        force: false,
+        source_base: None,
+    };
+    let mut s = SenderSession::new(open);
+    let _ = s.poll_transmit();
+    s.handle_message(Message::Welcome { version: 1, capabilities: 3, max_frame: diskferry_protocol::MAX_FRAME });
+    s.handle_message(Message::Accept(Accept {
+        plan: Plan::CompareHash,
+        target_generation: None,
+        staged_blocks: 0,
+        window: 2,
+    }));
+    // Asking for a region that was never sent is a protocol error, not a panic.
+    s.handle_message(Message::NeedChunks { region: 99 });
+    let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+    assert!(events.iter().any(|e| matches!(e, SenderEvent::Failed { code: ErrorCode::Protocol, .. })));
+    // The target's own error ends the session with its code.
+    let mut r = ReceiverSession::new();
+    r.handle_message(Message::Error { code: ErrorCode::Diverged, message: "x".into() });
+    assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed { code: ErrorCode::Diverged, .. })));
+}
+
+#[test]
+fn verify_failures_are_retried_then_fatal() {
+    let mut r = ReceiverSession::new();
+    r.handle_message(Message::Hello { min_version: 1, max_version: 1, capabilities: 3 });
+    let _ = r.poll_transmit();
+    let open = Open {
+        session: SessionId(1),
+        target: TargetName::new("t").unwrap(),
+        disk_bytes: 4 << 20,
+        block_size: BlockSize::DEFAULT,
+        mode: SyncMode::Full,
+        force: false,
+        source_base: None,
+    };
+    r.handle_message(Message::Open(open));
+    let _ = r.poll_event();
+    let g = Geometry::new(4 << 20, BlockSize::DEFAULT);
+    r.accept(Accept { plan: Plan::Full, target_generation: None, staged_blocks: 0, window: 2 }, g);
+    let _ = r.poll_transmit();
+    r.handle_staged(0, h(1), 10); // creates the region's bookkeeping
+    for _ in 0..2 {
+        r.handle_verify_failed(3);
+        assert_eq!(r.poll_transmit(), Some(Message::Nack { index: 3 }));
+    }
+    r.handle_verify_failed(3);
+    assert!(matches!(r.poll_transmit(), Some(Message::Error { code: ErrorCode::HashMismatch, .. })));
+}
