@@ -98,6 +98,9 @@ pub struct PushArgs {
     /// Largest UDP payload to discover (default: 65000 on loopback, 1452 elsewhere).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1200..=65000))]
     pub max_mtu: Option<u16>,
+    /// Seconds a silent target is waited for before the push fails (it can then be resumed).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub idle_timeout: u64,
     #[command(flatten)]
     pub common: Common,
 }

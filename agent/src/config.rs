@@ -22,6 +22,9 @@ struct RawConfig {
     /// Memory for received blocks waiting to be staged, across all sessions.
     #[serde(default = "default_budget")]
     memory_budget_mib: u32,
+    /// Seconds a silent source is waited for before its session is dropped.
+    #[serde(default = "default_idle")]
+    idle_timeout_secs: u32,
     #[serde(default)]
     peer: Vec<RawPeer>,
     #[serde(default)]
@@ -34,6 +37,10 @@ fn default_sessions() -> u32 {
 
 fn default_budget() -> u32 {
     128
+}
+
+fn default_idle() -> u32 {
+    20
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +81,7 @@ pub struct Config {
     pub max_sessions: u32,
     pub max_mtu: Option<u16>,
     pub memory_budget: u64,
+    pub idle_timeout: std::time::Duration,
     /// fingerprint → peer name
     pub peers: BTreeMap<String, String>,
     pub targets: BTreeMap<String, TargetConfig>,
@@ -112,6 +120,9 @@ impl Config {
             .listen
             .parse()
             .map_err(|_| bad("listen", format!("{:?} is not an address like 127.0.0.1:7400", raw.listen)))?;
+        if !(1..=3600).contains(&raw.idle_timeout_secs) {
+            return Err(bad("idle_timeout_secs", "must be from 1 to 3600".into()));
+        }
         if raw.max_sessions == 0 {
             return Err(bad("max_sessions", "must be at least 1".into()));
         }
@@ -172,6 +183,7 @@ impl Config {
             max_sessions: raw.max_sessions,
             max_mtu: raw.max_mtu,
             memory_budget: raw.memory_budget_mib as u64 * (1 << 20),
+            idle_timeout: std::time::Duration::from_secs(raw.idle_timeout_secs as u64),
             peers,
             targets,
         })

@@ -32,6 +32,12 @@ impl Bar {
     }
 }
 
+impl Default for Bar {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Progress for Bar {
     fn phase(&self, name: &'static str, total: u64) {
         if let Some(b) = &self.bar {

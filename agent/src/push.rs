@@ -44,6 +44,8 @@ pub struct PushOptions {
     pub max_mtu: Option<u16>,
     /// Where the manifest of what was last sent is kept (none: not kept).
     pub state_root: Option<PathBuf>,
+    /// How long a silent target is waited for.
+    pub idle_timeout: Duration,
 }
 
 /// What a push did.
@@ -60,6 +62,8 @@ pub struct PushReport {
     pub consistency: Consistency,
     pub root: BlockHash,
     pub staged_before: u64,
+    /// Bytes of control frames (hash exchange, requests) both ways.
+    pub control_bytes: u64,
 }
 
 impl PushReport {
@@ -75,7 +79,7 @@ impl PushReport {
 /// Notes from the helper threads to the session loop.
 enum Note {
     Region(SourceRegion),
-    Hashed(Option<ManifestWriter>),
+    Hashed(Option<Box<ManifestWriter>>),
     Failed(Error),
 }
 
@@ -114,7 +118,7 @@ pub async fn push(
         transport::client_endpoint(&opts.peer).ctx(Place::Source, "opening a UDP socket for", Path::new("push"))?;
     let tls = trust::client_config(id, &opts.peer_fingerprint)
         .map_err(|e| Error::new(ErrorCode::Identity, format!("TLS setup: {e}")))?;
-    let qc = transport::client_config(tls, &opts.peer, opts.max_mtu)
+    let qc = transport::client_config(tls, &opts.peer, opts.max_mtu, opts.idle_timeout)
         .map_err(|e| Error::new(ErrorCode::Internal, format!("QUIC setup: {e}")))?;
     let connecting = endpoint
         .connect_with(qc, opts.peer, "diskferry")
@@ -190,16 +194,18 @@ async fn run_session(
     let (notes_tx, mut notes_rx) = mpsc::unbounded_channel::<Note>();
     let counters = Arc::new(Counters::default());
     let (tokens_tx, tokens_rx) = crossbeam_channel::unbounded::<()>();
-    let mut hashed: Option<Option<ManifestWriter>> = None;
+    let mut hashed: Option<Option<Box<ManifestWriter>>> = None;
     let mut committed: Option<Committed> = None;
     let mut staged_before = 0;
     let mut consistency_sent: Option<Consistency> = None;
+    let mut control_sent = 0u64;
     let region_bytes = g.region_blocks() * g.block_size.bytes();
     let level = opts.compress;
     progress.phase("pushing", g.disk_bytes);
     loop {
         // Send the control frames, then act on the session's events.
         while let Some(m) = session.poll_transmit() {
+            control_sent += m.to_bytes().len() as u64;
             write_frame(&mut ctl_tx, &m).await.map_err(|e| lost(&e))?;
         }
         while let Some(ev) = session.poll_event() {
@@ -285,7 +291,7 @@ async fn run_session(
         if let Some(c) = committed {
             if let (Some(s), Some(Some(w))) = (&sent, hashed.take()) {
                 let consistency = consistency_sent.unwrap_or(Consistency::Fuzzy);
-                s.commit(w, c.generation, consistency);
+                s.commit(*w, c.generation, consistency);
             }
             drop(data_tx);
             for w in writers {
@@ -304,6 +310,7 @@ async fn run_session(
                     consistency: consistency_sent.unwrap_or(Consistency::Fuzzy),
                     root: c.root,
                     staged_before,
+                    control_bytes: control_sent + reader.bytes_read(),
                 },
                 (),
             ));
@@ -367,7 +374,7 @@ fn spawn_hasher(mut h: Hasher) -> Result<(), Error> {
             let notes = h.notes.clone();
             match pool.install(|| hash_all(&mut h)) {
                 Ok(()) => {
-                    let _ = notes.send(Note::Hashed(h.writer.take()));
+                    let _ = notes.send(Note::Hashed(h.writer.take().map(Box::new)));
                 }
                 Err(e) => {
                     let _ = notes.send(Note::Failed(e));

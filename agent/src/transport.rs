@@ -31,16 +31,19 @@ pub fn mtu_for(peer: &SocketAddr, configured: Option<u16>) -> u16 {
     configured.unwrap_or(if peer.ip().is_loopback() { LOOPBACK_MTU } else { ETHERNET_MTU })
 }
 
+/// How long a silent peer is waited for, unless configured.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Transport settings for bulk transfer with datagrams up to `max_mtu`.
-pub fn transport_config(max_mtu: u16) -> TransportConfig {
+pub fn transport_config(max_mtu: u16, idle: Duration) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(VarInt::from_u32(CONN_WINDOW));
     t.send_window(CONN_WINDOW as u64);
     t.max_concurrent_uni_streams(VarInt::from_u32(64));
     t.max_concurrent_bidi_streams(VarInt::from_u32(4));
-    t.keep_alive_interval(Some(Duration::from_secs(3)));
-    if let Ok(idle) = Duration::from_secs(20).try_into() {
+    t.keep_alive_interval(Some((idle / 4).max(Duration::from_millis(200))));
+    if let Ok(idle) = idle.try_into() {
         t.max_idle_timeout(Some(idle));
     }
     let mut mtu = MtuDiscoveryConfig::default();
@@ -95,10 +98,11 @@ pub fn client_config(
     tls: rustls::ClientConfig,
     peer: &SocketAddr,
     max_mtu: Option<u16>,
+    idle: Duration,
 ) -> anyhow::Result<quinn::ClientConfig> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));
-    c.transport_config(Arc::new(transport_config(mtu_for(peer, max_mtu))));
+    c.transport_config(Arc::new(transport_config(mtu_for(peer, max_mtu), idle)));
     Ok(c)
 }
 
@@ -107,10 +111,11 @@ pub fn server_config(
     tls: rustls::ServerConfig,
     listen: &SocketAddr,
     max_mtu: Option<u16>,
+    idle: Duration,
 ) -> anyhow::Result<quinn::ServerConfig> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    c.transport_config(Arc::new(transport_config(mtu_for(listen, max_mtu))));
+    c.transport_config(Arc::new(transport_config(mtu_for(listen, max_mtu), idle)));
     Ok(c)
 }
 
@@ -118,6 +123,7 @@ pub fn server_config(
 pub struct FrameReader {
     stream: quinn::RecvStream,
     buf: BytesMut,
+    bytes_read: u64,
 }
 
 /// Why a frame could not be read.
@@ -133,7 +139,12 @@ pub enum ReadError {
 
 impl FrameReader {
     pub fn new(stream: quinn::RecvStream) -> Self {
-        FrameReader { stream, buf: BytesMut::with_capacity(1 << 20) }
+        FrameReader { stream, buf: BytesMut::with_capacity(1 << 20), bytes_read: 0 }
+    }
+
+    /// Bytes received so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
     }
 
     /// The next frame; `Ok(None)` at a clean end of stream.
@@ -143,7 +154,10 @@ impl FrameReader {
                 return Ok(Some(m));
             }
             match self.stream.read_chunk(usize::MAX, true).await {
-                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(Some(chunk)) => {
+                    self.bytes_read += chunk.bytes.len() as u64;
+                    self.buf.extend_from_slice(&chunk.bytes)
+                }
                 Ok(None) if self.buf.is_empty() => return Ok(None),
                 Ok(None) => return Err(ReadError::Decode(DecodeError::Truncated)),
                 Err(e) => return Err(ReadError::Stream(e.to_string())),

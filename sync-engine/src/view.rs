@@ -18,9 +18,9 @@ pub enum ViewSource {
     /// The committed manifest; `device` says blocks past its end hold unknown bytes.
     Manifest {
         /// The manifest.
-        manifest: Manifest,
+        manifest: Box<Manifest>,
         /// Forward-only reader of its blocks.
-        cursor: BlockCursor,
+        cursor: Box<BlockCursor>,
         /// Whether the target is a block device.
         device: bool,
     },

@@ -84,6 +84,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             threads: None,
             max_mtu: None,
             state_root: Some(source_state.clone()),
+            idle_timeout: crate::transport::DEFAULT_IDLE_TIMEOUT,
         };
         let timed = |opts: PushOptions| {
             let id = &source_id;

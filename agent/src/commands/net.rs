@@ -103,6 +103,7 @@ pub fn push(a: PushArgs) -> Result<()> {
         threads: a.threads,
         max_mtu: a.max_mtu,
         state_root: Some(state_root),
+        idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
     };
     let bar = Arc::new(Bar::new());
     let start = Instant::now();
@@ -144,6 +145,7 @@ pub fn push_json(r: &PushReport, secs: f64, cpu: f64) -> serde_json::Value {
         "consistency": r.consistency.as_str(),
         "root": r.root.to_hex(),
         "resumed_blocks": r.staged_before,
+        "control_bytes": r.control_bytes,
     })
 }
 

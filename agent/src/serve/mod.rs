@@ -119,7 +119,7 @@ impl Server {
     /// Binds the endpoint.
     pub fn bind(config: Config, state_root: PathBuf, identity: &Identity) -> anyhow::Result<Server> {
         let tls = trust::server_config(identity, config.peers.clone())?;
-        let qc = transport::server_config(tls, &config.listen, config.max_mtu)?;
+        let qc = transport::server_config(tls, &config.listen, config.max_mtu, config.idle_timeout)?;
         let endpoint = transport::server_endpoint(config.listen, qc).map_err(|e| {
             Error::new(ErrorCode::InvalidInput, format!("cannot listen on {}: {e}", config.listen))
                 .hint("is another agent using that address?")

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use diskferry_protocol::message::{BlockFrame, Message, Open};
 use diskferry_protocol::session::{ReceiverEvent, ReceiverSession, RegionView};
-use diskferry_protocol::{ErrorCode, Geometry};
+use diskferry_protocol::{DecodeError, ErrorCode, Geometry};
 use diskferry_sync_engine::apply::{DirectSink, OldContent};
 use diskferry_sync_engine::remote::{verify_frame, FrameRejection};
 use diskferry_sync_engine::view::ViewProducer;
@@ -70,6 +70,7 @@ pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
             frame = reader.next() => match frame {
                 Ok(Some(m)) => s.rs.handle_message(m),
                 Ok(None) => s.rs.abort(ErrorCode::Connection, "the source closed the session"),
+                Err(ReadError::Decode(e @ DecodeError::TooLarge(_))) => s.rs.abort(ErrorCode::FrameTooLarge, format!("control frame refused: {e}")),
                 Err(ReadError::Decode(e)) => s.rs.abort(ErrorCode::Protocol, format!("bad control frame: {e}")),
                 Err(ReadError::Stream(e)) => s.rs.abort(ErrorCode::Connection, format!("connection lost: {e}")),
             },
@@ -330,7 +331,9 @@ async fn data_stream(stream: quinn::RecvStream, st: Staging, notes: mpsc::Unboun
             Ok(Some(m)) => m,
             Ok(None) => return,
             Err(ReadError::Decode(e)) => {
-                let _ = notes.send(Note::Fail(ErrorCode::Protocol, format!("bad data frame: {e}")));
+                let code =
+                    if matches!(e, DecodeError::TooLarge(_)) { ErrorCode::FrameTooLarge } else { ErrorCode::Protocol };
+                let _ = notes.send(Note::Fail(code, format!("bad data frame: {e}")));
                 return;
             }
             Err(ReadError::Stream(_)) => return,

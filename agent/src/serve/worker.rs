@@ -185,7 +185,7 @@ fn decide(target: &Target, open: &Open, g: &Geometry) -> Result<Decision, Error>
                 plan: Plan::CompareManifest,
                 mode: ApplyMode::Journal,
                 base: Some(p.generation),
-                view: Some(ViewSource::Manifest { manifest: m.clone(), cursor, device }),
+                view: Some(ViewSource::Manifest { manifest: Box::new(m.clone()), cursor: Box::new(cursor), device }),
                 trusted_manifest: Some(m),
             })
         }

@@ -1,0 +1,59 @@
+//! The `diskferry` agent as a library: the CLI, the state directory, the
+//! QUIC transport with pinned-certificate trust, the target agent
+//! ([`serve`]) and the source agent ([`push`]). `main.rs` only calls [`run`].
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod identity;
+pub mod output;
+pub mod progress;
+pub mod push;
+pub mod serve;
+pub mod state;
+pub mod transport;
+pub mod trust;
+
+use clap::Parser;
+use diskferry_protocol::ErrorCode;
+
+use output::Failure;
+
+/// Parses the command line, runs the command and returns the exit code.
+pub fn run() -> i32 {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 2 } else { 0 };
+            }
+            let json = std::env::args().any(|a| a == "--json");
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            let f = Failure {
+                code: ErrorCode::Usage,
+                message: first.to_string(),
+                hint: Some("see `diskferry --help` or `diskferry COMMAND --help`".into()),
+                extra: None,
+            };
+            return f.report(json);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let json = cli.command.json();
+    match commands::run(cli.command) {
+        Ok(()) => 0,
+        Err(e) => Failure::from_error(&e).report(json),
+    }
+}
