@@ -48,16 +48,14 @@ impl Failure {
 
     /// Prints the failure and returns the process exit code.
     pub fn report(&self, json: bool) -> i32 {
-        match &self.hint {
-            Some(h) => eprintln!("error[{}]: {} — {}", self.code, self.message, h),
-            None => eprintln!("error[{}]: {}", self.code, self.message),
-        }
+        let hint = self.hint.clone().unwrap_or_else(|| default_hint(self.code).to_string());
+        eprintln!("error[{}]: {} — {}", self.code, self.message, hint);
         if json {
             let mut v = json!({
                 "ok": false,
                 "code": self.code.as_str(),
                 "message": self.message,
-                "hint": self.hint,
+                "hint": hint,
                 "retryable": self.code.retryable(),
             });
             if let (Some(Value::Object(extra)), Some(obj)) = (&self.extra, v.as_object_mut()) {
@@ -68,6 +66,22 @@ impl Failure {
             print_json(&v);
         }
         self.code.class().exit_code()
+    }
+}
+
+/// What to do about an error that came without a specific hint.
+fn default_hint(code: ErrorCode) -> &'static str {
+    use diskferry_protocol::ErrorClass::*;
+    match (code, code.class()) {
+        (ErrorCode::BadTargetName, _) => "use the target's logical name from the target agent's config",
+        (_, Usage) => "see `diskferry --help` or `diskferry COMMAND --help`",
+        (_, Input) => "check the paths and arguments",
+        (_, Peer) => "see the target agent's log for details",
+        (_, Diverged) => "see `diskferry verify`; resync with --force to overwrite the target's changes",
+        (_, Storage) => {
+            "check the disk, its free space and the kernel log; the target keeps its last committed generation"
+        }
+        (_, Internal) => "this is a bug; please report it with RUST_LOG=debug output",
     }
 }
 

@@ -123,8 +123,14 @@ pub async fn push(
     let connecting = endpoint
         .connect_with(qc, opts.peer, "diskferry")
         .map_err(|e| Error::new(ErrorCode::Connection, format!("cannot connect to {}: {e}", opts.peer)))?;
-    let conn = connecting.await.map_err(|e| connection_error(e, &opts, id))?;
+    let conn = connecting.await.map_err(|e| connection_error(e, false, &opts, id))?;
     let result = run_session(&conn, &opts, open, disk, g, before.stamp, progress, sent).await;
+    // With TLS 1.3 the target judges our certificate after we think the
+    // handshake is done: a refusal then shows as a lost stream.
+    let result = match (result, conn.close_reason()) {
+        (Err(e), Some(reason)) if e.code == ErrorCode::Connection => Err(connection_error(reason, true, &opts, id)),
+        (r, _) => r,
+    };
     let stats = conn.stats();
     conn.close(0u32.into(), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -134,7 +140,29 @@ pub async fn push(
     Ok(report)
 }
 
-fn connection_error(e: quinn::ConnectionError, opts: &PushOptions, id: &Identity) -> Error {
+/// A failure the session reported: the target's "what happened — what to
+/// do", or a default hint by code.
+fn peer_failure(code: ErrorCode, message: &str) -> Error {
+    let (what, hint) = match message.split_once(" — ") {
+        Some((w, h)) => (w.to_string(), h.to_string()),
+        None => {
+            let h = match code {
+                ErrorCode::Connection | ErrorCode::Cancelled | ErrorCode::PeerBusy | ErrorCode::Busy => {
+                    "push again: it resumes where it stopped"
+                }
+                ErrorCode::Diverged => "if the target's changes must be kept, stop; otherwise push again with --force",
+                ErrorCode::Protocol | ErrorCode::FrameTooLarge | ErrorCode::Version => {
+                    "the agents disagree on the protocol: check that both run the same diskferry version"
+                }
+                _ => "see the target agent's log for details",
+            };
+            (message.to_string(), h.to_string())
+        }
+    };
+    Error::new(code, format!("target: {what}")).hint(hint)
+}
+
+fn connection_error(e: quinn::ConnectionError, established: bool, opts: &PushOptions, id: &Identity) -> Error {
     use quinn::ConnectionError as C;
     let crypto = |code: u64| (0x100..0x200).contains(&code);
     match &e {
@@ -153,9 +181,12 @@ fn connection_error(e: quinn::ConnectionError, opts: &PushOptions, id: &Identity
                     id.fingerprint()
                 ))
         }
-        C::TimedOut => Error::new(ErrorCode::Connection, format!("no answer from {}", opts.peer))
+        C::TimedOut if !established => Error::new(ErrorCode::Connection, format!("no answer from {}", opts.peer))
             .hint("check the address, that `diskferry serve` runs there, and the firewall (UDP)"),
-        _ => Error::new(ErrorCode::Connection, format!("connecting to {}: {e}", opts.peer)),
+        C::TimedOut => Error::new(ErrorCode::Connection, format!("the target at {} stopped answering", opts.peer))
+            .hint("push again: it resumes where it stopped"),
+        _ => Error::new(ErrorCode::Connection, format!("connection to {} lost: {e}", opts.peer))
+            .hint("push again: it resumes where it stopped"),
     }
 }
 
@@ -274,18 +305,7 @@ async fn run_session(
                     tracing::debug!(generation = %c.generation, "committed");
                     committed = Some(c)
                 }
-                SenderEvent::Failed { code, message } => {
-                    let hint = match code {
-                        ErrorCode::Connection | ErrorCode::Cancelled => Some("push again: it resumes where it stopped"),
-                        ErrorCode::Diverged => {
-                            Some("if the target's changes must be kept, stop; otherwise push again with --force")
-                        }
-                        _ => None,
-                    };
-                    let mut e = Error::new(code, format!("target: {message}"));
-                    e.hint = hint.map(String::from);
-                    return Err(e);
-                }
+                SenderEvent::Failed { code, message } => return Err(peer_failure(code, &message)),
             }
         }
         if let Some(c) = committed {

@@ -43,6 +43,7 @@ pub struct Registry {
 
 struct Active {
     id: u64,
+    ticket: u64,
     peer: String,
     cancel: watch::Sender<bool>,
     done: watch::Receiver<bool>,
@@ -56,9 +57,15 @@ pub struct Registration {
 }
 
 impl Registry {
+    /// A ticket for a session about to register: later sessions get larger
+    /// ones, so a stale session can never take over a newer one.
+    pub fn ticket(&self) -> u64 {
+        self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Claims `target` for `peer`, cancelling that peer's older session on it.
-    pub async fn register(&self, target: &str, peer: &str) -> Result<Registration, Error> {
-        for _ in 0..2 {
+    pub async fn register(&self, target: &str, peer: &str, ticket: u64) -> Result<Registration, Error> {
+        for _ in 0..8 {
             let waiting = {
                 let mut active = self.active.lock().await;
                 match active.get(target) {
@@ -68,17 +75,23 @@ impl Registry {
                             format!("target {target:?} is being written by another peer ({})", a.peer),
                         ))
                     }
+                    Some(a) if a.ticket > ticket => {
+                        return Err(Error::new(
+                            ErrorCode::Cancelled,
+                            format!("a newer push from the same peer took over target {target:?}"),
+                        ))
+                    }
                     Some(a) => {
                         let _ = a.cancel.send(true);
                         Some(a.done.clone())
                     }
                     None => {
-                        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let id = ticket;
                         let (cancel_tx, cancel_rx) = watch::channel(false);
                         let (done_tx, done_rx) = watch::channel(false);
                         active.insert(
                             target.to_string(),
-                            Active { id, peer: peer.to_string(), cancel: cancel_tx, done: done_rx },
+                            Active { id, ticket, peer: peer.to_string(), cancel: cancel_tx, done: done_rx },
                         );
                         return Ok(Registration { id, cancel: cancel_rx, done: done_tx });
                     }

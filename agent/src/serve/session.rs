@@ -103,8 +103,8 @@ pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
             break;
         }
     }
-    s.finish().await;
     data.abort();
+    s.finish().await;
     // Let the source read the last frames before the connection goes.
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     conn.close(0u32.into(), b"done");
@@ -146,7 +146,7 @@ impl Session {
                 tracing::info!(target = %self.target, peer = %self.peer, generation = %c.generation, "committed");
                 self.rs.handle_committed(c);
             }
-            Note::Reply(Reply::Failed(e)) => self.rs.abort(e.code, e.message),
+            Note::Reply(Reply::Failed(e)) => self.rs.abort(e.code, with_hint(&e)),
             Note::VerifyFailed(index) => self.rs.handle_verify_failed(index),
             Note::Fail(code, message) => self.rs.abort(code, message),
         }
@@ -197,22 +197,29 @@ impl Session {
         self.target = name.clone();
         let Some(tc) = self.ctx.config.targets.get(&name).cloned() else {
             tracing::warn!(peer = %self.peer, target = %name, "refused: unknown target");
-            return self.rs.reject(ErrorCode::UnknownTarget, format!("this agent has no target named {name:?}"));
+            return self.rs.reject(
+                ErrorCode::UnknownTarget,
+                format!("this agent has no target named {name:?} — check --target against the target agent's config"),
+            );
         };
         if !tc.allowed_peers.contains(&self.peer) {
             tracing::warn!(peer = %self.peer, target = %name, "refused: peer not allowed to write this target");
             return self.rs.reject(
                 ErrorCode::NotAuthorized,
-                format!("peer {:?} may not write target {name:?} (not in its allowed_peers)", self.peer),
+                format!(
+                    "peer {:?} may not write target {name:?} — add it to the target's allowed_peers in the config",
+                    self.peer
+                ),
             );
         }
-        let registration = match self.ctx.registry.register(&name, &self.peer).await {
+        let ticket = self.ctx.registry.ticket();
+        let registration = match self.ctx.registry.register(&name, &self.peer, ticket).await {
             Ok(r) => r,
             Err(e) => return self.rs.reject(e.code, e.message),
         };
         self.registration = Some(registration);
         let Ok(permit) = self.ctx.sessions.clone().try_acquire_owned() else {
-            return self.rs.reject(ErrorCode::PeerBusy, "the target agent is at its session limit; retry later");
+            return self.rs.reject(ErrorCode::PeerBusy, "the target agent is at its session limit — retry later");
         };
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
         let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
@@ -243,7 +250,7 @@ impl Session {
             Ok(Ok(opened)) => opened,
             Ok(Err(e)) => {
                 tracing::warn!(peer = %self.peer, target = %name, "refused: error[{}]: {}", e.code, e.message);
-                return self.rs.reject(e.code, e.message);
+                return self.rs.reject(e.code, with_hint(&e));
             }
             Err(_) => return self.rs.reject(ErrorCode::Internal, "the apply worker stopped while opening"),
         };
@@ -265,6 +272,7 @@ impl Session {
     async fn finish(&mut self) {
         self.staging_tx.send_replace(None);
         if let Some((tx, handle)) = self.worker.take() {
+            let _ = tx.send(Cmd::Stop);
             drop(tx);
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
@@ -272,6 +280,14 @@ impl Session {
             self.ctx.registry.release(&self.target, r).await;
         }
         let _ = &self.conn;
+    }
+}
+
+/// The message a source prints: what happened — what to do.
+fn with_hint(e: &Error) -> String {
+    match &e.hint {
+        Some(h) => format!("{} — {h}", e.message),
+        None => e.message.clone(),
     }
 }
 
@@ -310,6 +326,8 @@ async fn accept_data_streams(
     notes: mpsc::UnboundedSender<Note>,
     ctx: Arc<ServerCtx>,
 ) {
+    // Dropping the set (when this task is aborted) stops every stream's task.
+    let mut streams = tokio::task::JoinSet::new();
     while let Ok(stream) = conn.accept_uni().await {
         let st = loop {
             if let Some(st) = staging.borrow().clone() {
@@ -320,7 +338,7 @@ async fn accept_data_streams(
             }
         };
         let Some(st) = st else { return };
-        tokio::spawn(data_stream(stream, st, notes.clone(), ctx.clone()));
+        streams.spawn(data_stream(stream, st, notes.clone(), ctx.clone()));
     }
 }
 

@@ -68,6 +68,8 @@ pub enum Cmd {
     Commit {
         consistency: Consistency,
     },
+    /// The session ended without a commit: stop, keeping staged blocks.
+    Stop,
 }
 
 /// What the worker reports to the session.
@@ -289,6 +291,7 @@ fn run(
                 }));
                 return Ok(());
             }
+            Cmd::Stop => break,
         }
     }
     // The session ended without a commit: dropping the apply keeps the

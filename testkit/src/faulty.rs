@@ -1,0 +1,254 @@
+//! [`FaultyFs`]: a [`Vfs`] whose operations start failing after the N-th.
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use diskferry_sync_engine::store::{Meta, OpenHow, Storage, Vfs};
+
+/// The error an injected failure returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// `EIO`: the device failed.
+    Eio,
+    /// `ENOSPC`: the filesystem is full.
+    Enospc,
+}
+
+impl Fault {
+    /// The `io::Error` it produces (a raw OS error, as the kernel gives it).
+    pub fn error(self) -> io::Error {
+        io::Error::from_raw_os_error(match self {
+            Fault::Eio => 5,
+            Fault::Enospc => 28,
+        })
+    }
+}
+
+/// Shared operation counter and failure point.
+#[derive(Debug)]
+struct Counter {
+    ops: AtomicU64,
+    fail_after: AtomicU64,
+    fault: Fault,
+    /// Fail only operation `fail_after` (a transient error), not all later ones.
+    once: bool,
+}
+
+impl Counter {
+    /// Counts one operation; fails it if `fail_after` operations already ran.
+    fn tick(&self) -> io::Result<()> {
+        let n = self.ops.fetch_add(1, Ordering::SeqCst);
+        let at = self.fail_after.load(Ordering::SeqCst);
+        if n == at || (n > at && !self.once) {
+            Err(self.fault.error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Wraps a [`Vfs`] and fails every operation after the first `N` with an
+/// injected I/O error.
+///
+/// Every fallible call counts as one operation: each [`Vfs`] method (except
+/// `open_disk`, which is `open` underneath) and each [`Storage`] method of a
+/// file opened through it (`start_writeback` returns nothing and is not
+/// counted). With `fail_after(n)`, operations `0..n` reach the inner
+/// filesystem and every later one fails without touching it. With
+/// [`FaultyFs::fail_once`] only operation `n` fails (a transient error: a
+/// caller that swallows it carries on). Run once with
+/// [`FaultyFs::unlimited`] to count the operations of a scenario.
+///
+/// ```
+/// use std::path::Path;
+/// use std::sync::Arc;
+/// use diskferry_sync_engine::store::{OpenHow, Vfs};
+/// use diskferry_testkit::{Fault, FaultyFs, MemFs};
+///
+/// let fs = FaultyFs::new(Arc::new(MemFs::new()), 2, Fault::Enospc);
+/// let f = fs.open(Path::new("/a"), OpenHow::CreateNew).unwrap();
+/// f.write_at(0, b"ok").unwrap();
+/// assert_eq!(f.write_at(2, b"full").unwrap_err().raw_os_error(), Some(28));
+/// assert_eq!(fs.ops(), 3);
+/// ```
+#[derive(Clone)]
+pub struct FaultyFs {
+    inner: Arc<dyn Vfs>,
+    counter: Arc<Counter>,
+}
+
+impl fmt::Debug for FaultyFs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultyFs").field("inner", &self.inner).field("counter", &self.counter).finish()
+    }
+}
+
+impl FaultyFs {
+    /// Wraps `inner`; operations after the first `fail_after` fail with `fault`.
+    pub fn new(inner: Arc<dyn Vfs>, fail_after: u64, fault: Fault) -> FaultyFs {
+        let counter = Counter { ops: AtomicU64::new(0), fail_after: AtomicU64::new(fail_after), fault, once: false };
+        FaultyFs { inner, counter: Arc::new(counter) }
+    }
+
+    /// Wraps `inner`; only operation number `n` (0-based) fails, with `fault`.
+    pub fn fail_once(inner: Arc<dyn Vfs>, n: u64, fault: Fault) -> FaultyFs {
+        let counter = Counter { ops: AtomicU64::new(0), fail_after: AtomicU64::new(n), fault, once: true };
+        FaultyFs { inner, counter: Arc::new(counter) }
+    }
+
+    /// Wraps `inner` without failing anything (to count operations).
+    pub fn unlimited(inner: Arc<dyn Vfs>) -> FaultyFs {
+        FaultyFs::new(inner, u64::MAX, Fault::Eio)
+    }
+
+    /// Operations attempted so far (failed ones included).
+    pub fn ops(&self) -> u64 {
+        self.counter.ops.load(Ordering::SeqCst)
+    }
+
+    /// Moves the failure point to operation number `n` (for
+    /// [`FaultyFs::fail_once`]: the one operation that fails).
+    pub fn fail_after(&self, n: u64) {
+        self.counter.fail_after.store(n, Ordering::SeqCst);
+    }
+
+    /// The wrapped filesystem.
+    pub fn inner(&self) -> &Arc<dyn Vfs> {
+        &self.inner
+    }
+}
+
+/// A file opened through a [`FaultyFs`].
+#[derive(Debug)]
+struct FaultyStorage {
+    inner: Arc<dyn Storage>,
+    counter: Arc<Counter>,
+}
+
+impl Storage for FaultyStorage {
+    fn len(&self) -> io::Result<u64> {
+        self.counter.tick()?;
+        self.inner.len()
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.counter.tick()?;
+        self.inner.read_at(off, buf)
+    }
+
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        self.counter.tick()?;
+        self.inner.write_at(off, buf)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.counter.tick()?;
+        self.inner.set_len(len)
+    }
+
+    fn zero_range(&self, off: u64, len: u64) -> io::Result<()> {
+        self.counter.tick()?;
+        self.inner.zero_range(off, len)
+    }
+
+    fn reserve(&self, off: u64, len: u64) -> io::Result<()> {
+        self.counter.tick()?;
+        self.inner.reserve(off, len)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.counter.tick()?;
+        self.inner.sync()
+    }
+
+    fn data_ranges(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        self.counter.tick()?;
+        self.inner.data_ranges(off, len)
+    }
+
+    fn start_writeback(&self, off: u64, len: u64) {
+        self.inner.start_writeback(off, len)
+    }
+}
+
+impl Vfs for FaultyFs {
+    fn open(&self, path: &Path, how: OpenHow) -> io::Result<Arc<dyn Storage>> {
+        self.counter.tick()?;
+        let inner = self.inner.open(path, how)?;
+        Ok(Arc::new(FaultyStorage { inner, counter: self.counter.clone() }))
+    }
+
+    fn metadata(&self, path: &Path) -> io::Result<Option<Meta>> {
+        self.counter.tick()?;
+        self.inner.metadata(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.counter.tick()?;
+        self.inner.rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.counter.tick()?;
+        self.inner.remove_file(path)
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.counter.tick()?;
+        self.inner.create_dir_all(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.counter.tick()?;
+        self.inner.sync_dir(dir)
+    }
+
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.counter.tick()?;
+        self.inner.list_dir(dir)
+    }
+
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        self.counter.tick()?;
+        self.inner.lock(path)
+    }
+
+    fn reflink(&self, from: &Path, to: &Path) -> io::Result<bool> {
+        self.counter.tick()?;
+        self.inner.reflink(from, to)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemFs;
+
+    #[test]
+    fn fails_from_the_nth_operation_on() {
+        let mem = MemFs::new();
+        let fs = FaultyFs::new(Arc::new(mem.clone()), 3, Fault::Eio);
+        fs.create_dir_all(Path::new("/d")).unwrap();
+        let f = fs.open(Path::new("/d/a"), OpenHow::CreateNew).unwrap();
+        f.write_at(0, b"x").unwrap();
+        assert_eq!(f.sync().unwrap_err().raw_os_error(), Some(5));
+        assert!(fs.metadata(Path::new("/d/a")).is_err());
+        assert_eq!(fs.ops(), 5);
+        // The failed operations did not reach the inner filesystem... and the others did.
+        assert_eq!(mem.metadata(Path::new("/d/a")).unwrap().unwrap().len, 1);
+        fs.fail_after(u64::MAX);
+        assert!(fs.sync_dir(Path::new("/d")).is_ok());
+    }
+
+    #[test]
+    fn transient_fault_fails_one_operation() {
+        let fs = FaultyFs::fail_once(Arc::new(MemFs::new()), 1, Fault::Enospc);
+        let f = fs.open(Path::new("/a"), OpenHow::CreateNew).unwrap();
+        assert_eq!(f.write_at(0, b"x").unwrap_err().raw_os_error(), Some(28));
+        f.write_at(0, b"y").unwrap();
+        assert_eq!(fs.ops(), 3);
+    }
+}
