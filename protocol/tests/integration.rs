@@ -1,4 +1,5 @@
 //! The protocol crate's integration tests, in one binary.
+#![allow(clippy::unwrap_used)]
 
 mod integration {
     mod codec;

@@ -216,9 +216,8 @@ struct Run<'a> {
 enum View<'m> {
     /// The committed manifest, trusted; `old` is its geometry.
     Manifest { cursor: BlockCursor, old: Geometry, manifest: &'m Manifest, device: bool },
-    /// Hash the target's bytes; `check` compares them with a manifest that
-    /// could not be trusted by stamp alone.
-    Hash { disk: Disk, check: Option<(BlockCursor, Geometry)> },
+    /// Compare with the target's bytes.
+    Hash { disk: Disk },
 }
 
 impl Run<'_> {
@@ -288,36 +287,25 @@ impl Run<'_> {
     ) -> Result<(crate::apply::Apply<'t>, &'static str)> {
         let vfs = job.vfs.clone();
         let g = self.geometry;
-        let trust = target.trust()?;
-        let (base_point, manifest, verify_against): (Option<PointRecord>, Option<Manifest>, Option<Manifest>) =
-            match trust {
-                Trust::Trusted(p) => {
-                    let m = target.manifest_of(&p)?;
-                    if p.geometry.block_size == g.block_size {
-                        (Some(p), Some(m), None)
-                    } else {
-                        (Some(p), None, None)
-                    }
+        let trust = target.settle_trust()?;
+        let (base_point, manifest): (Option<PointRecord>, Option<Manifest>) = match trust {
+            Trust::Trusted(p) => {
+                let m = target.manifest_of(&p)?;
+                if p.geometry.block_size == g.block_size {
+                    (Some(p), Some(m))
+                } else {
+                    (Some(p), None)
                 }
-                Trust::Unverified(p) if !opts.force => {
-                    let m = target.manifest_of(&p)?;
-                    let usable = p.geometry == g;
-                    (Some(p), None, usable.then_some(m))
-                }
-                Trust::Diverged { point, why } if !opts.force => {
-                    let _ = point;
-                    return Err(diverged(&job.target, &why));
-                }
-                _ => (None, None, None),
-            };
+            }
+            Trust::Diverged { why, .. } if !opts.force => return Err(diverged(&job.target, &why)),
+            // No state, interrupted full copy, or forced: compare with the bytes.
+            _ => (None, None),
+        };
         let device = vfs.metadata(&job.target).ctx(Place::Target, "reading", &job.target)?.map(|m| m.kind)
             == Some(DiskKind::BlockDevice);
         let mut view = match &manifest {
             Some(m) => View::Manifest { cursor: m.cursor(), old: m.geometry(), manifest: m, device },
-            None => View::Hash {
-                disk: vfs.open_disk(&job.target).ctx(Place::Target, "opening", &job.target)?,
-                check: verify_against.as_ref().map(|m| (m.cursor(), m.geometry())),
-            },
+            None => View::Hash { disk: vfs.open_disk(&job.target).ctx(Place::Target, "opening", &job.target)? },
         };
         let compare = if manifest.is_some() { "manifest" } else { "full-compare" };
         let mut apply = target.begin(BeginSpec {
@@ -335,21 +323,7 @@ impl Run<'_> {
                     let tgt = manifest_view(cursor, old, &g, range.clone(), *device)?;
                     (hash_blocks(self.source, &g, range.clone()), tgt)
                 }
-                View::Hash { disk, check: Some((cursor, old)) } => {
-                    // The stamp could not vouch for the manifest: hash the
-                    // target too and hold it to the committed hashes.
-                    let (s, t) = rayon::join(
-                        || hash_blocks(self.source, &g, range.clone()),
-                        || hash_blocks(disk, &g, range.clone()),
-                    );
-                    let t = t.ctx(Place::Target, "reading", &job.target)?;
-                    let committed = manifest_view(cursor, old, &g, range.clone(), device)?;
-                    if committed.iter().zip(&t).any(|(c, t)| *c != Some(*t)) {
-                        return Err(diverged(&job.target, "its bytes differ from the last commit"));
-                    }
-                    (s, t.into_iter().map(Some).collect())
-                }
-                View::Hash { disk, check: None } => {
+                View::Hash { disk } => {
                     // Locally the target's bytes are at hand: comparing them
                     // with the source's is cheaper than hashing them.
                     let pairs = hash_and_compare(self.source, disk, &g, range.clone())

@@ -29,6 +29,15 @@ pub struct VerifyReport {
 /// A target whose bytes match has its stamp refreshed (its times may have
 /// changed without its content).
 pub fn verify(target: &mut Target, progress: &dyn Progress) -> Result<VerifyReport> {
+    let report = check(target, progress)?;
+    if report.ok {
+        target.restamp()?;
+    }
+    Ok(report)
+}
+
+/// [`verify`] without refreshing the stamp.
+pub fn check(target: &Target, progress: &dyn Progress) -> Result<VerifyReport> {
     let catalog = target.catalog().ok_or_else(|| {
         Error::new(ErrorCode::NoState, format!("diskferry has no state for {}", target.path().display()))
             .hint("sync it first, or pass the --state-dir it was synced with")
@@ -82,8 +91,5 @@ pub fn verify(target: &mut Target, progress: &dyn Progress) -> Result<VerifyRepo
         progress.advance(g.block_offset(range.end).min(g.disk_bytes) - g.block_offset(range.start));
     }
     report.ok = report.mismatched_blocks == 0;
-    if report.ok {
-        target.restamp()?;
-    }
     Ok(report)
 }

@@ -105,7 +105,7 @@ struct Decision {
     trusted_manifest: Option<Manifest>,
 }
 
-fn decide(target: &Target, open: &Open, g: &Geometry) -> Result<Decision, Error> {
+fn decide(target: &mut Target, open: &Open, g: &Geometry) -> Result<Decision, Error> {
     let vfs = target.vfs().clone();
     let path = target.path().to_path_buf();
     let meta = vfs.metadata(&path).ctx(Place::Target, "reading", &path)?;
@@ -176,7 +176,7 @@ fn decide(target: &Target, open: &Open, g: &Geometry) -> Result<Decision, Error>
             trusted_manifest: None,
         })
     };
-    match target.trust()? {
+    match target.settle_trust()? {
         Trust::Trusted(p) => {
             let m = target.manifest_of(&p)?;
             if p.geometry.block_size != g.block_size {
@@ -216,7 +216,7 @@ fn run(
             return Ok(());
         }
     };
-    let decision = match decide(&target, &req.open, &g) {
+    let decision = match decide(&mut target, &req.open, &g) {
         Ok(d) => d,
         Err(e) => {
             let _ = opened.send(Err(e));

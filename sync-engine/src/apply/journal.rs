@@ -360,7 +360,7 @@ pub fn scan(
         if r.remaining() == 0 {
             break;
         }
-        match read_entry(&mut r, &g, &mut buf)? {
+        match read_entry(&mut r, &g, &mut buf, path)? {
             Some((sum, data_len)) => {
                 let entry = parse_entry(&buf, &g);
                 match entry {
@@ -389,10 +389,19 @@ pub fn scan(
 
 /// Reads one entry's bytes into `buf` (without its checksum) if it is whole
 /// and its checksum matches. Returns the checksum and the data length.
-fn read_entry(r: &mut SeqReader, g: &Geometry, buf: &mut Vec<u8>) -> Result<Option<([u8; 32], u64)>> {
+fn read_entry(r: &mut SeqReader, g: &Geometry, buf: &mut Vec<u8>, path: &Path) -> Result<Option<([u8; 32], u64)>> {
+    // The log may end anywhere (a torn tail): running out of bytes ends it,
+    // any other read error is an error.
+    let read = |r: &mut SeqReader, out: &mut [u8]| -> Result<bool> {
+        match r.read_exact(out) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(e) => Err(Error::io(Place::State, "reading", path, e)),
+        }
+    };
     buf.clear();
     let mut head = [0u8; 8];
-    if r.read_exact(&mut head).is_err() {
+    if !read(r, &mut head)? {
         return Ok(None);
     }
     buf.extend_from_slice(&head);
@@ -404,7 +413,7 @@ fn read_entry(r: &mut SeqReader, g: &Geometry, buf: &mut Vec<u8>) -> Result<Opti
                 return Ok(None);
             }
             let mut fixed = vec![0u8; 40 + n as usize * 8];
-            if r.read_exact(&mut fixed).is_err() {
+            if !read(r, &mut fixed)? {
                 return Ok(None);
             }
             let mut total = 0u64;
@@ -422,11 +431,11 @@ fn read_entry(r: &mut SeqReader, g: &Geometry, buf: &mut Vec<u8>) -> Result<Opti
     };
     let start = buf.len();
     buf.resize(start + body_len, 0);
-    if r.read_exact(&mut buf[start..]).is_err() {
+    if !read(r, &mut buf[start..])? {
         return Ok(None);
     }
     let mut sum = [0u8; 32];
-    if r.read_exact(&mut sum).is_err() || blake3::hash(buf).as_bytes() != &sum {
+    if !read(r, &mut sum)? || blake3::hash(buf).as_bytes() != &sum {
         return Ok(None);
     }
     Ok(Some((sum, data_len)))

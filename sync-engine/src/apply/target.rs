@@ -146,6 +146,10 @@ impl Target {
     pub fn open(vfs: Arc<dyn Vfs>, state_root: &Path, path: &Path, options: TargetOptions) -> Result<Target> {
         let dir = Self::state_dir(state_root, path);
         vfs.create_dir_all(&dir).ctx(Place::State, "creating state directory", &dir)?;
+        // The directory's own name must be durable before anything in it counts.
+        for d in [state_root.to_path_buf(), state_root.join("targets")] {
+            vfs.sync_dir(&d).ctx(Place::State, "syncing", &d)?;
+        }
         let lock_path = dir.join(LOCK);
         let lock = match vfs.lock(&lock_path) {
             Ok(l) => l,
@@ -242,17 +246,44 @@ impl Target {
                 Trust::Diverged { point, why: "the block device was written since the last commit".into() }
             }
             (Some(Stamp::File { len, ino, .. }), Stamp::File { len: l2, ino: i2, .. }) => {
-                let why = if ino != i2 {
-                    "the file was replaced since the last commit".to_string()
+                if ino != i2 {
+                    Trust::Diverged { point, why: "the file was replaced since the last commit".into() }
                 } else if len != l2 {
-                    format!("its size changed from {len} to {l2} bytes since the last commit")
+                    Trust::Diverged { point, why: format!("its size changed from {len} to {l2} bytes since the last commit") }
                 } else {
-                    "it was modified since the last commit (mtime/ctime changed)".to_string()
-                };
-                Trust::Diverged { point, why }
+                    // Only its times changed: something touched it, maybe
+                    // without changing a byte (an interrupted reservation does).
+                    Trust::Unverified(point)
+                }
             }
             _ => Trust::Unverified(point),
         })
+    }
+
+    /// [`Target::trust`], settling "cannot tell" by hashing the target: equal
+    /// to the committed manifest makes it trusted (and restamped), anything
+    /// else is a divergence.
+    pub fn settle_trust(&mut self) -> Result<Trust> {
+        match self.trust()? {
+            Trust::Unverified(point) => {
+                let report = crate::verify::check(self, &crate::local::NoProgress)?;
+                if report.ok {
+                    self.restamp()?;
+                    Ok(Trust::Trusted(point))
+                } else {
+                    let why = match report.size_mismatch {
+                        Some((want, have)) => format!("it holds {have} bytes, not the {want} committed"),
+                        None => format!(
+                            "{} blocks differ from the last commit (first: block {})",
+                            report.mismatched_blocks,
+                            report.first_mismatch.unwrap_or(0)
+                        ),
+                    };
+                    Ok(Trust::Diverged { point, why })
+                }
+            }
+            t => Ok(t),
+        }
     }
 
     /// Records the target's current stamp as the committed one. Only call
@@ -280,6 +311,9 @@ impl Target {
         let storage = self.vfs.open(&jpath, OpenHow::Read).ctx(Place::State, "opening", &jpath)?;
         let scan = journal::scan(&storage, &jpath, &mut |_| Ok(()))?;
         drop(storage);
+        if !matches!(&scan, Some(s) if s.commit.is_some()) {
+            self.check_untouched()?;
+        }
         match scan {
             None => {
                 self.remove_journal()?;
@@ -304,6 +338,28 @@ impl Target {
                     self.recovery = Recovery::Discarded;
                 }
             },
+        }
+        Ok(())
+    }
+
+    /// Before an uncommitted (or unreadable) journal is set aside: if the
+    /// target's stamp moved, prove its bytes are still the committed ones. A
+    /// journal whose commit record was lost to damage after replay began
+    /// would otherwise leave a mix behind under the old generation.
+    fn check_untouched(&mut self) -> Result<()> {
+        if matches!(self.trust()?, Trust::Unverified(_) | Trust::Diverged { .. }) {
+            let report = crate::verify::check(self, &crate::local::NoProgress)?;
+            if !report.ok {
+                return Err(Error::new(
+                    ErrorCode::StateCorrupt,
+                    format!(
+                        "{} was partly updated by an apply whose redo log is damaged: it is not its last committed generation",
+                        self.path.display()
+                    ),
+                )
+                .hint("export a recovery point or resync with --force; nothing was changed"));
+            }
+            self.restamp()?;
         }
         Ok(())
     }
@@ -400,6 +456,9 @@ impl Target {
                     self.vfs.rename(&partial, &self.path).ctx(Place::Target, "renaming", &partial)?;
                     let parent = parent_dir(&self.path);
                     self.vfs.sync_dir(&parent).ctx(Place::Target, "syncing", &parent)?;
+                } else {
+                    // Renamed already, so the target must be the new copy: prove it.
+                    self.check_copy(&manifest)?;
                 }
                 DiskKind::File
             }
@@ -434,6 +493,32 @@ impl Target {
             },
         );
         self.write_new_catalog(kind, points)
+    }
+
+    /// Whether the target's bytes are those of `manifest`, as a typed error.
+    fn check_copy(&self, manifest: &Manifest) -> Result<()> {
+        let g = manifest.geometry();
+        let meta = self.vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?;
+        let damaged = || {
+            Error::new(
+                ErrorCode::StateCorrupt,
+                format!("{} is not the full copy its commit record names", self.path.display()),
+            )
+            .hint("resync with --mode full")
+        };
+        if meta.map(|m| m.len) != Some(g.disk_bytes) {
+            return Err(damaged());
+        }
+        let disk = self.vfs.open_disk(&self.path).ctx(Place::Target, "opening", &self.path)?;
+        let mut cursor = manifest.cursor();
+        for region in 0..g.region_count() {
+            let range = g.region_range(region);
+            let have = crate::hash::hash_blocks(&disk, &g, range.clone()).ctx(Place::Target, "reading", &self.path)?;
+            if have != cursor.next_blocks(range.end - range.start)? {
+                return Err(damaged());
+            }
+        }
+        Ok(())
     }
 
     fn kind_of_target(&self) -> Result<DiskKind> {
@@ -576,7 +661,6 @@ impl Target {
             written_since_kick: 0,
             done: false,
             committed: false,
-            restamp_on_abort: false,
             overlay: Arc::new(overlay),
         })
     }
@@ -726,7 +810,6 @@ pub struct Apply<'t> {
     written_since_kick: u64,
     done: bool,
     committed: bool,
-    restamp_on_abort: bool,
     overlay: Arc<HashMap<u64, BlockHash>>,
 }
 
@@ -909,10 +992,9 @@ impl Apply<'_> {
         match self.spec.mode {
             ApplyMode::Journal => {
                 journal.sync_entries()?;
-                // Reserving touches the target's times, not its bytes: if it
-                // fails, record the new stamp, but only if nobody else wrote
-                // the target meanwhile.
-                self.restamp_on_abort = matches!(self.target.trust()?, Trust::Trusted(_));
+                // Reserving touches the target's times, not its bytes: after
+                // a failure from here on, the next open proves the bytes
+                // unchanged by hashing (`settle_trust`).
                 self.reserve(&journal)?;
                 if let Some(base) = self.spec.base {
                     undo = Some(self.save_undo(base, meta.generation)?);
@@ -921,6 +1003,9 @@ impl Apply<'_> {
             _ => {
                 self.disk.set_len(self.spec.geometry.disk_bytes).ctx(Place::Target, "resizing", &self.disk_path)?;
                 self.disk.sync().ctx(Place::Target, "syncing", &self.disk_path)?;
+                // The `.partial` name must be durable before a commit record names it.
+                let parent = parent_dir(&self.disk_path);
+                vfs.sync_dir(&parent).ctx(Place::Target, "syncing", &parent)?;
                 journal.sync_entries()?;
             }
         }
@@ -1012,15 +1097,10 @@ impl Apply<'_> {
         w.finish()
     }
 
-    /// After a failed commit: drop the journal unless resumable, and record
-    /// the target's stamp again (reserving space touched its times, not its bytes).
+    /// After a failed commit: drop the journal unless resumable.
     fn abort_after_failure(&mut self) {
-        if self.committed {
-            return;
-        }
-        self.cleanup_uncommitted();
-        if self.restamp_on_abort {
-            let _ = self.target.restamp();
+        if !self.committed {
+            self.cleanup_uncommitted();
         }
     }
 
@@ -1035,10 +1115,12 @@ impl Apply<'_> {
         }
         let _ = vfs.remove_file(&self.manifest_path);
         if !self.spec.resumable {
-            if self.spec.mode == ApplyMode::Partial {
+            // A failed seal may still have left a durable commit record: the
+            // journal goes (durably) first, the data it could name after.
+            let removed = self.target.remove_journal().is_ok() && vfs.sync_dir(&self.target.dir).is_ok();
+            if removed && self.spec.mode == ApplyMode::Partial {
                 let _ = vfs.remove_file(&self.disk_path);
             }
-            let _ = self.target.remove_journal();
         }
     }
 }

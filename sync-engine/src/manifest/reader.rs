@@ -173,6 +173,15 @@ pub struct BlockCursor {
 }
 
 impl BlockCursor {
+    /// Running out of bytes is damage; any other read error is an I/O error.
+    fn read_error(&self, e: std::io::Error, what: &str) -> Error {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::corrupt(&self.path, what)
+        } else {
+            Error::io(Place::State, "reading", &self.path, e)
+        }
+    }
+
     /// The next `n` block hashes (fewer at the end of the disk).
     pub fn next_blocks(&mut self, n: u64) -> Result<Vec<BlockHash>> {
         let n = n.min(self.blocks_left);
@@ -180,7 +189,7 @@ impl BlockCursor {
         while (out.len() as u64) < n {
             if self.run_left == 0 {
                 let mut h = [0u8; 8];
-                self.reader.read_exact(&mut h).map_err(|_| Error::corrupt(&self.path, "runs end early"))?;
+                self.reader.read_exact(&mut h).map_err(|e| self.read_error(e, "runs end early"))?;
                 let count = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as u64;
                 self.run_is_data = match h[0] {
                     RUN_DATA => true,
@@ -193,7 +202,7 @@ impl BlockCursor {
             let take = self.run_left.min(n - out.len() as u64);
             if self.run_is_data {
                 for _ in 0..take {
-                    let b = self.reader.bytes32().map_err(|_| Error::corrupt(&self.path, "data run ends early"))?;
+                    let b = self.reader.bytes32().map_err(|e| self.read_error(e, "data run ends early"))?;
                     out.push(BlockHash(b));
                 }
             } else {
