@@ -16,7 +16,7 @@ use diskferry_sync_engine::error::IoContext;
 use diskferry_sync_engine::hash::{hash_blocks, hash_blocks_visit, thread_pool};
 use diskferry_sync_engine::local::Progress;
 use diskferry_sync_engine::manifest::{ManifestMeta, ManifestWriter};
-use diskferry_sync_engine::remote::block_frame;
+use diskferry_sync_engine::remote::{block_frame, whole_block_frame};
 use diskferry_sync_engine::store::{RealFs, Vfs};
 use diskferry_sync_engine::tree::{chunk_hashes, region_hash_from_chunks};
 use diskferry_sync_engine::{Disk, Error, Place};
@@ -418,9 +418,8 @@ fn hash_all(h: &mut Hasher) -> Result<(), Error> {
         let hashes = if h.full {
             let closed = AtomicBool::new(false);
             let visit = |b: diskferry_sync_engine::block::VerifiedSlice<'_>| -> std::io::Result<()> {
-                let frame = block_frame(b.index(), b.bytes(), &[], h.level);
-                h.counters.bytes_sent.fetch_add(frame.payload.len() as u64, Ordering::Relaxed);
-                let bytes = Message::Block(frame).to_bytes();
+                let (bytes, payload) = whole_block_frame(b.index(), &b.hash(), b.bytes(), h.level);
+                h.counters.bytes_sent.fetch_add(payload, Ordering::Relaxed);
                 if h.data[(b.index() as usize) % h.data.len()].blocking_send(bytes).is_err() {
                     closed.store(true, Ordering::Relaxed);
                     return Err(std::io::Error::other("session ended"));

@@ -295,18 +295,24 @@ impl Message {
         }
     }
 
-    /// Appends the whole frame (length prefix, type, fields).
-    pub fn encode(&self, out: &mut impl BufMut) {
-        let mut body = BytesMut::new();
-        self.encode_fields(&mut body);
-        out.put_u32_le(body.len() as u32 + 1);
+    /// Appends the whole frame (length prefix, type, fields) in one pass: the
+    /// length is patched in at the end, so block payloads are copied once.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_u32_le(0);
         out.put_u8(self.type_byte());
-        out.put_slice(&body);
+        self.encode_fields(out);
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     }
 
     /// The frame as bytes.
     pub fn to_bytes(&self) -> Bytes {
-        let mut b = BytesMut::new();
+        let payload = match self {
+            Message::Block(f) => f.payload.len() + f.patches.len() * 8,
+            _ => 0,
+        };
+        let mut b = BytesMut::with_capacity(128 + payload);
         self.encode(&mut b);
         b.freeze()
     }
@@ -398,22 +404,7 @@ impl Message {
                 b.put_u16_le(code.to_u16());
                 put_str(b, message);
             }
-            Message::Block(f) => {
-                b.put_u64_le(f.index);
-                b.put_slice(f.hash.as_bytes());
-                b.put_u32_le(f.block_len);
-                b.put_u8(match f.codec {
-                    Codec::Raw => 0,
-                    Codec::Zstd => 1,
-                });
-                b.put_u16_le(f.patches.len() as u16);
-                for (off, len) in &f.patches {
-                    b.put_u32_le(*off);
-                    b.put_u32_le(*len);
-                }
-                b.put_u32_le(f.payload.len() as u32);
-                b.put_slice(&f.payload);
-            }
+            Message::Block(f) => put_block_fields(b, f.index, &f.hash, f.block_len, f.codec, &f.patches, &f.payload),
             Message::Zero { first, count } => {
                 b.put_u64_le(*first);
                 b.put_u64_le(*count);
@@ -532,6 +523,50 @@ impl Message {
         }
         Ok(m)
     }
+}
+
+fn put_block_fields(
+    b: &mut BytesMut,
+    index: u64,
+    hash: &BlockHash,
+    block_len: u32,
+    codec: Codec,
+    patches: &[(u32, u32)],
+    payload: &[u8],
+) {
+    b.put_u64_le(index);
+    b.put_slice(hash.as_bytes());
+    b.put_u32_le(block_len);
+    b.put_u8(match codec {
+        Codec::Raw => 0,
+        Codec::Zstd => 1,
+    });
+    b.put_u16_le(patches.len() as u16);
+    for (off, len) in patches {
+        b.put_u32_le(*off);
+        b.put_u32_le(*len);
+    }
+    b.put_u32_le(payload.len() as u32);
+    b.put_slice(payload);
+}
+
+/// A Block frame encoded straight from borrowed bytes (one copy: into the
+/// frame), for senders that hold the payload in a memory map.
+pub fn encode_block(
+    index: u64,
+    hash: &BlockHash,
+    block_len: u32,
+    codec: Codec,
+    patches: &[(u32, u32)],
+    payload: &[u8],
+) -> Bytes {
+    let mut b = BytesMut::with_capacity(64 + patches.len() * 8 + payload.len());
+    b.put_u32_le(0);
+    b.put_u8(0x10);
+    put_block_fields(&mut b, index, hash, block_len, codec, patches, payload);
+    let len = (b.len() - 4) as u32;
+    b[0..4].copy_from_slice(&len.to_le_bytes());
+    b.freeze()
 }
 
 fn generation(raw: u128) -> Option<Generation> {
@@ -684,6 +719,16 @@ mod tests {
             let back = decode_frame(&mut buf, MAX_FRAME).unwrap().unwrap();
             assert_eq!(back, m);
             assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn borrowed_block_encoding_matches() {
+        for m in samples() {
+            if let Message::Block(f) = &m {
+                let b = encode_block(f.index, &f.hash, f.block_len, f.codec, &f.patches, &f.payload);
+                assert_eq!(b, m.to_bytes());
+            }
         }
     }
 

@@ -2,18 +2,20 @@
 //! [`VerifiedBlock`] (whose resulting bytes matched the expected blake3) can
 //! be staged into a target.
 
+use bytes::Bytes;
 use diskferry_protocol::{BlockHash, ErrorCode, PAGE_SIZE};
 
 use crate::error::Error;
 use crate::hash::hash_block;
 
-/// A byte range inside one block and its new content.
+/// A byte range inside one block and its new content (shared, not copied,
+/// from the frame it arrived in).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Patch {
     /// Offset inside the block.
     pub offset: u32,
     /// New bytes.
-    pub data: Vec<u8>,
+    pub data: Bytes,
 }
 
 /// A block update as received or read: not yet checked.
@@ -85,7 +87,7 @@ impl From<HashMismatch> for Error {
 
 impl ReceivedBlock {
     /// A whole-block update.
-    pub fn whole(index: u64, expected: BlockHash, data: Vec<u8>) -> Self {
+    pub fn whole(index: u64, expected: BlockHash, data: Bytes) -> Self {
         ReceivedBlock { index, len: data.len() as u32, expected, patches: vec![Patch { offset: 0, data }] }
     }
 
@@ -94,24 +96,27 @@ impl ReceivedBlock {
         self.patches.len() == 1 && self.patches[0].offset == 0 && self.patches[0].data.len() == self.len as usize
     }
 
-    /// Applies the patches over `old` (the block's current bytes, zero-filled
-    /// to `len`; ignored for a whole block) and checks the result's hash.
-    /// Returns the verified update and the new block bytes.
-    pub fn verify(self, old: &[u8]) -> Result<(VerifiedBlock, Vec<u8>), HashMismatch> {
-        let mut new = if self.is_whole() { Vec::new() } else { old.to_vec() };
-        new.resize(self.len as usize, 0);
-        for p in &self.patches {
-            let start = p.offset as usize;
-            let end = start.checked_add(p.data.len()).filter(|&e| e <= new.len());
-            match end {
-                Some(end) => new[start..end].copy_from_slice(&p.data),
-                None => return Err(HashMismatch { index: self.index }),
+    /// Checks that the patches applied over `old` (the block's current bytes,
+    /// zero-filled to `len`; ignored for a whole block) give the expected hash.
+    pub fn verify(self, old: &[u8]) -> Result<VerifiedBlock, HashMismatch> {
+        let mismatch = HashMismatch { index: self.index };
+        let hash = if self.is_whole() {
+            // The common case hashes the received bytes where they lie.
+            hash_block(&self.patches[0].data)
+        } else {
+            let mut new = old.to_vec();
+            new.resize(self.len as usize, 0);
+            for p in &self.patches {
+                let start = p.offset as usize;
+                let end = start.checked_add(p.data.len()).filter(|&e| e <= new.len()).ok_or(mismatch.clone())?;
+                new[start..end].copy_from_slice(&p.data);
             }
+            hash_block(&new)
+        };
+        if hash != self.expected {
+            return Err(mismatch);
         }
-        if hash_block(&new) != self.expected {
-            return Err(HashMismatch { index: self.index });
-        }
-        Ok((VerifiedBlock { index: self.index, hash: self.expected, patches: self.patches }, new))
+        Ok(VerifiedBlock { index: self.index, hash: self.expected, patches: self.patches })
     }
 }
 
@@ -123,9 +128,12 @@ impl VerifiedBlock {
         let patches = match old {
             Some(old) => diff_pages(old, new)
                 .into_iter()
-                .map(|(off, len)| Patch { offset: off, data: new[off as usize..(off + len) as usize].to_vec() })
+                .map(|(off, len)| Patch {
+                    offset: off,
+                    data: Bytes::copy_from_slice(&new[off as usize..(off + len) as usize]),
+                })
                 .collect(),
-            None => vec![Patch { offset: 0, data: new.to_vec() }],
+            None => vec![Patch { offset: 0, data: Bytes::copy_from_slice(new) }],
         };
         VerifiedBlock { index, hash, patches }
     }
@@ -202,13 +210,14 @@ mod tests {
             index: 7,
             len: 8192,
             expected: hash_block(&new),
-            patches: vec![Patch { offset: 0, data: new[..4096].to_vec() }],
+            patches: vec![Patch { offset: 0, data: Bytes::copy_from_slice(&new[..4096]) }],
         };
-        let (vb, bytes) = good.clone().verify(&old).unwrap();
-        assert_eq!(bytes, new);
+        let vb = good.clone().verify(&old).unwrap();
         assert_eq!(vb.hash(), hash_block(&new));
         let mut bad = good.clone();
-        bad.patches[0].data[0] ^= 1;
+        let mut flipped = bad.patches[0].data.to_vec();
+        flipped[0] ^= 1;
+        bad.patches[0].data = flipped.into();
         assert_eq!(bad.verify(&old).unwrap_err(), HashMismatch { index: 7 });
         let mut out_of_range = good;
         out_of_range.patches[0].offset = 8000;

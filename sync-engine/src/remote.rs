@@ -2,7 +2,8 @@
 //! source, resolving differences and verifying frames on the target. The
 //! agent only moves these frames between QUIC streams and the engine.
 
-use diskferry_protocol::message::{BlockFrame, Codec, WantBlock};
+use bytes::Bytes;
+use diskferry_protocol::message::{encode_block, BlockFrame, Codec, WantBlock};
 use diskferry_protocol::session::Differing;
 use diskferry_protocol::{BlockHash, ErrorCode, Geometry, PAGE_SIZE};
 
@@ -62,6 +63,17 @@ pub fn block_frame(index: u64, bytes: &[u8], target_pages: &[u64], level: Option
     BlockFrame { index, hash, block_len: bytes.len() as u32, codec, patches: ranges, payload: payload.into() }
 }
 
+/// The encoded Block frame carrying a whole block, built straight from the
+/// bytes that were hashed (`hash`): compressed when that pays, else one copy.
+/// Returns the frame and its payload size.
+pub fn whole_block_frame(index: u64, hash: &BlockHash, bytes: &[u8], level: Option<i32>) -> (Bytes, u64) {
+    let patches = [(0u32, bytes.len() as u32)];
+    match level.and_then(|l| compress(bytes, l)) {
+        Some(z) => (encode_block(index, hash, bytes.len() as u32, Codec::Zstd, &patches, &z), z.len() as u64),
+        None => (encode_block(index, hash, bytes.len() as u32, Codec::Raw, &patches, bytes), bytes.len() as u64),
+    }
+}
+
 /// Why a received frame was not staged.
 #[derive(Debug)]
 pub enum FrameRejection {
@@ -82,15 +94,16 @@ pub fn verify_frame(frame: &BlockFrame, old: &OldContent, g: &Geometry) -> Resul
         )));
     }
     let plain_len = frame.plain_len() as usize;
-    let plain = match frame.codec {
-        Codec::Raw => frame.payload.to_vec(),
+    let plain: Bytes = match frame.codec {
+        Codec::Raw => frame.payload.clone(),
         Codec::Zstd => decompress(&frame.payload, plain_len)
-            .ok_or_else(|| FrameRejection::Invalid(format!("block {}: bad zstd payload", frame.index)))?,
+            .ok_or_else(|| FrameRejection::Invalid(format!("block {}: bad zstd payload", frame.index)))?
+            .into(),
     };
     let mut patches = Vec::with_capacity(frame.patches.len());
     let mut at = 0usize;
     for (off, len) in &frame.patches {
-        patches.push(Patch { offset: *off, data: plain[at..at + *len as usize].to_vec() });
+        patches.push(Patch { offset: *off, data: plain.slice(at..at + *len as usize) });
         at += *len as usize;
     }
     let received = ReceivedBlock { index: frame.index, len: frame.block_len, expected: frame.hash, patches };
@@ -103,7 +116,7 @@ pub fn verify_frame(frame: &BlockFrame, old: &OldContent, g: &Geometry) -> Resul
     } else {
         old.read(frame.index).map_err(FrameRejection::Storage)?
     };
-    received.verify(&base).map(|(vb, _)| vb).map_err(|_| FrameRejection::Mismatch)
+    received.verify(&base).map_err(|_| FrameRejection::Mismatch)
 }
 
 /// Stages what the target can do itself for differing blocks (zeros, copies

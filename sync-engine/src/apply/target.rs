@@ -249,7 +249,10 @@ impl Target {
                 if ino != i2 {
                     Trust::Diverged { point, why: "the file was replaced since the last commit".into() }
                 } else if len != l2 {
-                    Trust::Diverged { point, why: format!("its size changed from {len} to {l2} bytes since the last commit") }
+                    Trust::Diverged {
+                        point,
+                        why: format!("its size changed from {len} to {l2} bytes since the last commit"),
+                    }
                 } else {
                     // Only its times changed: something touched it, maybe
                     // without changing a byte (an interrupted reservation does).
