@@ -95,7 +95,18 @@ impl Config {
             err.code = if err.code == ErrorCode::NotFound { ErrorCode::NotFound } else { ErrorCode::Config };
             err
         })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        // Targets are keyed by canonical path, as `diskferry verify PATH` finds them.
+        for (name, t) in config.targets.iter_mut() {
+            t.path = crate::state::canonical_target(&t.path).map_err(|e| {
+                Error::new(
+                    ErrorCode::Config,
+                    format!("config {}: target {name:?}: path: {}", path.display(), e.message),
+                )
+                .hint("create the target's directory, or fix its path")
+            })?;
+        }
+        Ok(config)
     }
 
     /// Validates config text (`path` names it in errors).

@@ -3,13 +3,14 @@
 //! manifest of what it sent.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use diskferry_protocol::message::{Committed, Message, Open, Plan, SyncMode, WantBlock};
+use diskferry_protocol::message::{Committed, Message, Open, Plan, SyncMode, WantBlock, CAP_PAGES, CAP_ZSTD};
 use diskferry_protocol::session::{SenderEvent, SenderSession, SourceRegion};
 use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry, SessionId, TargetName};
 use diskferry_sync_engine::error::IoContext;
@@ -231,7 +232,8 @@ async fn run_session(
     let mut consistency_sent: Option<Consistency> = None;
     let mut control_sent = 0u64;
     let region_bytes = g.region_blocks() * g.block_size.bytes();
-    let level = opts.compress;
+    let mut level = opts.compress;
+    let mut caps = CAP_ZSTD | CAP_PAGES;
     progress.phase("pushing", g.disk_bytes);
     loop {
         // Send the control frames, then act on the session's events.
@@ -243,6 +245,11 @@ async fn run_session(
             match ev {
                 SenderEvent::Accepted(a) => {
                     staged_before = a.staged_blocks;
+                    // Only what the target speaks: zstd payloads, page patches.
+                    caps = session.capabilities();
+                    if caps & CAP_ZSTD == 0 {
+                        level = None;
+                    }
                     for _ in 0..a.window {
                         let _ = tokens_tx.send(());
                     }
@@ -263,7 +270,10 @@ async fn run_session(
                         counters: counters.clone(),
                     })?;
                 }
-                SenderEvent::SendBlocks { region, blocks } => {
+                SenderEvent::SendBlocks { region, mut blocks } => {
+                    if caps & CAP_PAGES == 0 {
+                        blocks.iter_mut().for_each(|w| w.page_hashes.clear());
+                    }
                     let expected: Vec<Option<BlockHash>> = blocks
                         .iter()
                         .map(|w| {
@@ -519,7 +529,10 @@ impl SentManifests {
         let root = state_root?;
         let key = blake3::hash(format!("{peer_fingerprint}/{}", target.as_str()).as_bytes());
         let dir = root.join("sent").join(format!("{}-{}", target.as_str(), &key.to_hex()[..16]));
-        std::fs::create_dir_all(&dir).ok()?;
+        if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir) {
+            tracing::warn!("cannot keep a record of what is sent in {}: {e}", dir.display());
+            return None;
+        }
         Some(SentManifests { dir })
     }
 
@@ -550,7 +563,9 @@ impl SentManifests {
             })
             .unwrap_or_default();
         let to = self.dir.join(format!("{generation}.dfm"));
-        if std::fs::rename(self.dir.join("sending.tmp"), &to).is_ok() {
+        let renamed =
+            std::fs::rename(self.dir.join("sending.tmp"), &to).and_then(|_| std::fs::File::open(&self.dir)?.sync_all());
+        if renamed.is_ok() {
             for p in old {
                 let _ = std::fs::remove_file(p);
             }

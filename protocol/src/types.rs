@@ -260,7 +260,8 @@ impl FromStr for Generation {
 #[error("a generation is 32 hex digits")]
 pub struct InvalidGeneration;
 
-/// Identity of one transfer session, chosen by the source; a resumed push reuses it.
+/// Identity of one transfer session, chosen by the source. Resuming does not
+/// depend on it: a target reuses any staged blocks whose hashes still match.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct SessionId(pub u128);
 

@@ -105,7 +105,7 @@ fn open_file(path: &Path) -> io::Result<(File, DiskKind, u64)> {
     } else if std::os::unix::fs::FileTypeExt::is_block_device(&md.file_type()) {
         DiskKind::BlockDevice
     } else {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or block device"));
+        return Err(crate::store::not_a_disk());
     };
     let len = match kind {
         DiskKind::File => md.len(),

@@ -61,6 +61,9 @@ impl Error {
                 ),
             },
             (_, io::ErrorKind::NotFound) => (ErrorCode::NotFound, "check the path"),
+            _ if err.get_ref().is_some_and(|e| e.is::<crate::store::NotADisk>()) => {
+                (ErrorCode::NotADisk, "give a disk image file or a block device")
+            }
             (_, io::ErrorKind::PermissionDenied) => (ErrorCode::Io, "check permissions (block devices need root)"),
             _ => (ErrorCode::Io, "check the device and the kernel log; the target keeps its last committed generation"),
         };

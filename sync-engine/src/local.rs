@@ -131,17 +131,22 @@ fn source_meta(vfs: &dyn Vfs, path: &Path) -> Result<Meta> {
 /// Runs one local sync on the current rayon pool.
 pub fn sync(job: &SyncJob, opts: &SyncOptions, progress: &dyn Progress) -> Result<SyncReport> {
     let vfs = job.vfs.as_ref();
-    if job.source == job.target {
-        return Err(Error::new(ErrorCode::InvalidInput, "source and target are the same path"));
-    }
     let before = source_meta(vfs, &job.source)?;
+    let same = vfs
+        .metadata(&job.target)
+        .ctx(Place::Target, "reading", &job.target)?
+        .is_some_and(|t| t.identity == before.identity);
+    if job.source == job.target || same {
+        return Err(Error::new(ErrorCode::InvalidInput, "source and target are the same file or device")
+            .hint("give a different target path"));
+    }
     let source = vfs.open_disk(&job.source).ctx(Place::Source, "opening", &job.source)?;
     let geometry = Geometry::new(source.len(), opts.block_size);
     let mut target = Target::open(
         job.vfs.clone(),
         &job.state_root,
         &job.target,
-        TargetOptions { retention: opts.retention, name: None },
+        TargetOptions { retention: Some(opts.retention), name: None },
     )?;
     // Local sessions do not resume: staged blocks are cheaper to redo than to trust.
     target.discard()?;
@@ -170,6 +175,9 @@ pub fn sync(job: &SyncJob, opts: &SyncOptions, progress: &dyn Progress) -> Resul
             )
             .hint("use a block device at least as large as the source; the target was not touched"));
         }
+    }
+    if full {
+        target.check_full_overwrite(opts.force)?;
     }
     let recovery = target.recovery().clone();
     let mut run = Run { source: &source, geometry, progress, changed_while_read: false, stats: PlanStats::default() };

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use diskferry_protocol::{Consistency, ErrorCode, Generation};
 
-use crate::apply::undo::apply_undo;
+use crate::apply::undo::{apply_undo, check_undo};
 use crate::apply::{Status, Target, Trust};
 use crate::error::{Error, IoContext, Place, Result};
 use crate::hash::{hash_blocks, is_zero};
@@ -134,8 +134,14 @@ fn build_image(target: &Target, index: usize, tmp: &Path) -> Result<ExportReport
         sparse_copy(src.as_ref(), image.as_ref(), current.geometry.disk_bytes, target.path(), tmp)?;
         image
     };
-    for p in &catalog.points[1..=index] {
-        apply_undo(vfs.as_ref(), &target.undo_path(p), image.as_ref(), tmp)?;
+    for (newer, p) in catalog.points[..index].iter().zip(&catalog.points[1..=index]) {
+        let path = target.undo_path(p);
+        let (header, checksum, _) = check_undo(vfs.as_ref(), &path)?;
+        let recorded = p.undo.map(|u| u.checksum);
+        if recorded != Some(checksum) || header.generation != p.generation || header.newer != newer.generation {
+            return Err(Error::corrupt(&path, "it is not the undo segment the catalog recorded"));
+        }
+        apply_undo(vfs.as_ref(), &path, &header, image.as_ref(), tmp)?;
     }
     image.sync().ctx(Place::Target, "syncing", tmp)?;
     // Prove the image is the point before it appears under its name.

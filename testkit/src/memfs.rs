@@ -218,12 +218,14 @@ impl Core {
                 kind: DiskKind::BlockDevice,
                 len: inode.len(),
                 stamp: Stamp::Device { boot_id: boot_id(self.boot), rdev: ino, sectors_written: inode.sectors_written },
+                identity: (0, ino),
             }
         } else {
             Meta {
                 kind: DiskKind::File,
                 len: inode.len(),
                 stamp: Stamp::File { len: inode.len(), mtime_ns: inode.mtime, ctime_ns: inode.ctime, ino },
+                identity: (0, ino),
             }
         })
     }

@@ -1,1 +1,19 @@
-//! End-to-end tests.
+//! End-to-end tests: the real `diskferry` binary run as processes, on real
+//! files, loop devices and loop-mounted filesystems (run as root).
+//!
+//! The slow kill stress test is `#[ignore]`d; run it with
+//! `cargo test -p diskferry-agent --test e2e -- --ignored kill_stress`.
+//! Random tests print their seed; `DISKFERRY_E2E_SEED=N` replays one.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod util;
+
+mod blockdev;
+mod cli;
+mod corrupt;
+mod diverge;
+mod full_fs;
+mod kill;
+mod net;
+mod points;

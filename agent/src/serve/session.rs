@@ -36,7 +36,15 @@ enum Note {
 /// Runs one session on an authenticated connection from `peer`.
 pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
     let remote = conn.remote_address();
-    let (ctl_tx, ctl_rx) = match conn.accept_bi().await {
+    let mut shutdown = ctx.shutdown.clone();
+    let accepted = tokio::select! {
+        s = conn.accept_bi() => s,
+        _ = shutdown.changed() => {
+            conn.close(0u32.into(), b"shutting down");
+            return;
+        }
+    };
+    let (ctl_tx, ctl_rx) = match accepted {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%remote, "connection ended before a session: {e}");
@@ -62,7 +70,6 @@ pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
     let mut next_view = 0u64;
     let data = tokio::spawn(accept_data_streams(conn.clone(), s.staging_tx.subscribe(), notes_tx.clone(), ctx.clone()));
     let mut reader = FrameReader::new(ctl_rx);
-    let mut shutdown = ctx.shutdown.clone();
     let mut cancel: Option<watch::Receiver<bool>> = None;
     loop {
         let mut cancel_rx = cancel.clone();
@@ -254,7 +261,15 @@ impl Session {
             }
             Err(_) => return self.rs.reject(ErrorCode::Internal, "the apply worker stopped while opening"),
         };
-        tracing::info!(peer = %self.peer, target = %name, plan = ?opened.accept.plan, disk_bytes = o.disk_bytes, "session accepted");
+        tracing::info!(
+            peer = %self.peer,
+            target = %name,
+            plan = ?opened.accept.plan,
+            disk_bytes = o.disk_bytes,
+            source_base = ?o.source_base,
+            target_generation = ?opened.accept.target_generation,
+            "session accepted"
+        );
         if let (Some(view), Some(tx)) = (opened.view, view_tx.take()) {
             spawn_view_thread(view, opened.geometry, tx, self.notes_tx.clone());
         }
@@ -360,7 +375,9 @@ async fn data_stream(stream: quinn::RecvStream, st: Staging, notes: mpsc::Unboun
             Message::Block(frame) => {
                 // One agent-wide budget bounds the memory of blocks between
                 // the network and the disk, however many sessions run.
-                let units = (frame.payload.len() as u32 / 4096 + 1).min(ctx.budget_units);
+                // Counted decoded: a compressed block takes its full size once verified.
+                let held = frame.payload.len().max(frame.plain_len() as usize);
+                let units = (held as u32 / 4096 + 1).min(ctx.budget_units);
                 let Ok(permit) = ctx.budget.clone().acquire_many_owned(units).await else { return };
                 let (st, notes) = (st.clone(), notes.clone());
                 rayon::spawn(move || verify_and_stage(frame, st, notes, permit));

@@ -136,6 +136,7 @@ fn decide(target: &mut Target, open: &Open, g: &Geometry) -> Result<Decision, Er
         Ok(ViewSource::Disk(vfs.open_disk(p).ctx(Place::Target, "opening", p)?))
     };
     if full {
+        target.check_full_overwrite(open.force)?;
         return Ok(if staged_partial {
             // A full copy was interrupted: compare with what it already wrote.
             Decision {
@@ -208,7 +209,7 @@ fn run(
     opened: tokio::sync::oneshot::Sender<Result<Opened, Error>>,
 ) -> Result<(), Error> {
     let g = Geometry::new(req.open.disk_bytes, req.open.block_size);
-    let opts = TargetOptions { retention: req.retention, name: Some(req.name.clone()) };
+    let opts = TargetOptions { retention: Some(req.retention), name: Some(req.name.clone()) };
     let mut target = match Target::open(req.vfs.clone(), &req.state_root, &req.path, opts) {
         Ok(t) => t,
         Err(e) => {

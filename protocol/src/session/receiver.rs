@@ -8,7 +8,7 @@
 //! driver and reported with [`ReceiverSession::handle_staged`] and
 //! [`ReceiverSession::handle_zeroed`].
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::error::ErrorCode;
 use crate::message::{Accept, Committed, Message, Open, Plan, WantBlock, CAP_PAGES, CAP_ZSTD, MAX_FRAME, VERSION};
@@ -97,7 +97,7 @@ struct Pending {
     /// Differing blocks collected from those chunks.
     differing: Vec<Differing>,
     /// Blocks fetched from the source and not yet staged.
-    fetching: u64,
+    fetching: BTreeSet<u64>,
     /// Full copy: frames announced and received.
     items_expected: Option<u32>,
     items_seen: u32,
@@ -397,7 +397,7 @@ impl ReceiverSession {
             return;
         }
         p.resolving = false;
-        p.fetching = wants.len() as u64;
+        p.fetching = wants.iter().map(|w| w.index).collect();
         if wants.is_empty() {
             return self.complete_region(region);
         }
@@ -423,15 +423,16 @@ impl ReceiverSession {
             p.items_seen += 1;
             return self.check_full_region(region);
         }
+        // Only a block that was asked for, once, completes anything: an
+        // unasked one would leave its hash in the manifest over other bytes.
         let Some(p) = self.pending.get_mut(&region) else {
             return self.fail(ErrorCode::Protocol, format!("block {index} was not asked for"), true);
         };
-        if p.fetching == 0 {
+        if !p.fetching.remove(&index) {
             return self.fail(ErrorCode::Protocol, format!("block {index} was not asked for"), true);
         }
         p.hashes[at] = Some(hash);
-        p.fetching -= 1;
-        if p.fetching == 0 {
+        if p.fetching.is_empty() {
             self.complete_region(region);
         }
     }

@@ -212,6 +212,8 @@ impl JournalWriter {
         let storage = vfs.open(path, OpenHow::Truncate).ctx(Place::State, "creating redo log", path)?;
         let mut w = SeqWriter::new(storage, 0);
         w.write(&encode_header(&header)).ctx(Place::State, "writing redo log", path)?;
+        // On disk at once, so an interrupted session is known for what it was.
+        w.flush().ctx(Place::State, "writing redo log", path)?;
         Ok(JournalWriter {
             w,
             path: path.to_path_buf(),

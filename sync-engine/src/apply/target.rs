@@ -23,18 +23,13 @@ const MANIFEST_TMP: &str = "manifest.tmp";
 const WRITEBACK_EVERY: u64 = 64 << 20;
 
 /// Options for opening a target.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct TargetOptions {
-    /// Consistent recovery points to keep (at least 1: the current generation).
-    pub retention: u32,
+    /// Consistent recovery points to keep (at least 1: the current
+    /// generation); `None` keeps what the catalog holds (inspection commands).
+    pub retention: Option<u32>,
     /// Logical name when served to peers.
     pub name: Option<String>,
-}
-
-impl Default for TargetOptions {
-    fn default() -> Self {
-        TargetOptions { retention: 2, name: None }
-    }
 }
 
 /// What opening a target had to do first.
@@ -289,6 +284,24 @@ impl Target {
         }
     }
 
+    /// Before a full copy replaces an existing target: a replica diskferry
+    /// committed and that was changed since (a failed-over or test VM wrote
+    /// it) is not overwritten unless `force`.
+    pub fn check_full_overwrite(&mut self, force: bool) -> Result<()> {
+        let exists = self.vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?.is_some();
+        if force || !exists {
+            return Ok(());
+        }
+        match self.settle_trust()? {
+            Trust::Diverged { why, .. } => Err(Error::new(
+                ErrorCode::Diverged,
+                format!("target {} was changed behind diskferry's back: {why}", self.path.display()),
+            )
+            .hint("if that change must be kept (a failed-over or test VM), stop here; otherwise add --force")),
+            _ => Ok(()),
+        }
+    }
+
     /// Records the target's current stamp as the committed one. Only call
     /// after proving its bytes equal the committed manifest.
     pub fn restamp(&mut self) -> Result<()> {
@@ -319,6 +332,9 @@ impl Target {
         }
         match scan {
             None => {
+                // Torn at creation: whatever it was, nothing it staged counts.
+                let p = partial_path(&self.path);
+                self.vfs.remove_file(&p).ctx(Place::Target, "removing", &p)?;
                 self.remove_journal()?;
                 self.recovery = Recovery::Discarded;
             }
@@ -327,7 +343,7 @@ impl Target {
                     let done = self.catalog.as_ref().and_then(|c| c.current()).map(|p| p.generation)
                         == Some(record.generation);
                     if !done {
-                        self.finish_commit(&scan.header, &record)?;
+                        self.finish_commit(&scan.header, &record, None)?;
                     }
                     self.remove_journal()?;
                     self.recovery = Recovery::Finished(record.generation);
@@ -350,7 +366,9 @@ impl Target {
     /// journal whose commit record was lost to damage after replay began
     /// would otherwise leave a mix behind under the old generation.
     fn check_untouched(&mut self) -> Result<()> {
-        if matches!(self.trust()?, Trust::Unverified(_) | Trust::Diverged { .. }) {
+        let exists = self.vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?.is_some();
+        // A target that is gone holds no mix to protect.
+        if exists && matches!(self.trust()?, Trust::Unverified(_) | Trust::Diverged { .. }) {
             let report = crate::verify::check(self, &crate::local::NoProgress)?;
             if !report.ok {
                 return Err(Error::new(
@@ -441,7 +459,14 @@ impl Target {
     /// Everything after a commit record is durable: write in place (or
     /// rename the `.partial`), then record the new generation in the catalog.
     /// Idempotent, so recovery runs it again after a crash.
-    fn finish_commit(&mut self, header: &JournalHeader, record: &CommitRecord) -> Result<()> {
+    /// `disk` is the target as the apply holds it open (a block device is
+    /// opened exclusively, so it cannot be opened twice); recovery opens it.
+    fn finish_commit(
+        &mut self,
+        header: &JournalHeader,
+        record: &CommitRecord,
+        disk: Option<Arc<dyn Storage>>,
+    ) -> Result<()> {
         let mpath = self.dir.join(manifest_file(record.generation));
         let manifest = Manifest::open(self.vfs.as_ref(), &mpath)?;
         if manifest.checksum() != record.manifest_checksum {
@@ -449,7 +474,10 @@ impl Target {
         }
         let kind = match header.kind {
             JournalKind::Redo => {
-                let disk = self.vfs.open(&self.path, OpenHow::ReadWrite).ctx(Place::Target, "opening", &self.path)?;
+                let disk = match disk {
+                    Some(d) => d,
+                    None => self.vfs.open(&self.path, OpenHow::ReadWrite).ctx(Place::Target, "opening", &self.path)?,
+                };
                 self.replay(header, disk.as_ref())?;
                 self.kind_of_target()?
             }
@@ -534,13 +562,15 @@ impl Target {
         let stamp = self.vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?.map(|m| m.stamp);
         let mut c = Catalog {
             path: self.path.clone(),
-            name: self.options.name.clone(),
+            name: self.options.name.clone().or_else(|| self.catalog.as_ref().and_then(|c| c.name.clone())),
             kind,
             status: Status::Complete,
             stamp,
             points,
         };
-        c.prune(self.options.retention);
+        if let Some(r) = self.options.retention {
+            c.prune(r);
+        }
         write_catalog(self.vfs.as_ref(), &self.dir, &c)?;
         self.catalog = Some(c);
         self.collect_garbage()
@@ -585,13 +615,11 @@ impl Target {
             s.header.kind == kind && s.header.base == spec.base && s.header.geometry == spec.geometry
         });
         if resume.is_none() {
-            // Staged blocks of another shape cannot be reused.
+            // Staged blocks of another shape cannot be reused, nor a `.partial` they wrote.
             let jpath = self.journal_path();
             self.vfs.remove_file(&jpath).ctx(Place::State, "removing", &jpath)?;
-            if spec.mode == ApplyMode::Partial {
-                let p = partial_path(&self.path);
-                self.vfs.remove_file(&p).ctx(Place::Target, "removing", &p)?;
-            }
+            let p = partial_path(&self.path);
+            self.vfs.remove_file(&p).ctx(Place::Target, "removing", &p)?;
         }
         let vfs = self.vfs.clone();
         let header = JournalHeader {
@@ -931,7 +959,8 @@ impl Apply<'_> {
     /// 2. journal: sync the staged entries (fsync 2); reserve every range
     ///    the replay will write (fallocate), so a full filesystem fails here;
     ///    save the old content of those ranges to an undo segment and sync
-    ///    it (fsync 3); partial: size and sync the `.partial` (fsync 2);
+    ///    it (fsync 3). Partial: size and sync the `.partial`, sync its
+    ///    directory, sync the journal's header (fsyncs 2a–2c);
     /// 3. sync the state directory, making the names durable (fsync 4);
     /// 4. write and sync the commit record — the commit point (fsync 5);
     /// 5. write in place and sync the target (fsync 6), or rename the
@@ -939,7 +968,8 @@ impl Apply<'_> {
     /// 6. replace the catalog: temp file synced, renamed, directory synced
     ///    (fsyncs 7, 8); remove the journal.
     ///
-    /// A block device written directly needs only 1, the device sync, and 6.
+    /// A block device written directly: 1, the state directory, the device,
+    /// then 6 (the catalog replace is the commit point).
     pub fn commit(mut self, meta: CommitMeta) -> Result<CommitReport> {
         let result = self.commit_inner(meta);
         if result.is_err() {
@@ -1027,7 +1057,7 @@ impl Apply<'_> {
         self.done = true;
         self.committed = true;
         self.target.staged = None;
-        self.target.finish_commit(&jheader, &record)?;
+        self.target.finish_commit(&jheader, &record, Some(self.disk.clone()))?;
         self.target.remove_journal()?;
         Ok(CommitReport {
             generation: meta.generation,

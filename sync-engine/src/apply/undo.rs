@@ -182,8 +182,15 @@ fn decode_header(b: &[u8]) -> Option<UndoHeader> {
 /// Applies a (verified) undo segment to `image`, which holds the newer
 /// generation, turning it into the restored one (a file image, cut to the
 /// restored size).
-pub fn apply_undo(vfs: &dyn Vfs, path: &Path, image: &dyn Storage, image_path: &Path) -> Result<UndoHeader> {
-    let (header, _, _) = check_undo(vfs, path)?;
+/// `header` comes from [`check_undo`] on the same file.
+pub fn apply_undo(
+    vfs: &dyn Vfs,
+    path: &Path,
+    header: &UndoHeader,
+    image: &dyn Storage,
+    image_path: &Path,
+) -> Result<UndoHeader> {
+    let header = *header;
     let storage = vfs.open(path, OpenHow::Read).ctx(Place::State, "opening undo segment", path)?;
     let len = storage.len().ctx(Place::State, "reading undo segment", path)?;
     let mut r = SeqReader::new(storage, HEADER_LEN, len - FOOTER_LEN, 1 << 20);

@@ -48,7 +48,7 @@ fn kind_of(ft: &fs::FileType) -> io::Result<DiskKind> {
     } else if ft.is_block_device() {
         Ok(DiskKind::BlockDevice)
     } else {
-        Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or block device"))
+        Err(super::not_a_disk())
     }
 }
 
@@ -223,10 +223,10 @@ impl Vfs for RealFs {
         };
         let kind = kind_of(&md.file_type())?;
         Ok(Some(match kind {
-            DiskKind::File => Meta { kind, len: md.len(), stamp: file_stamp(&md) },
+            DiskKind::File => Meta { kind, len: md.len(), stamp: file_stamp(&md), identity: (md.dev(), md.ino()) },
             DiskKind::BlockDevice => {
                 let len = File::open(path)?.seek(SeekFrom::End(0))?;
-                Meta { kind, len, stamp: device_stamp(path, &md)? }
+                Meta { kind, len, stamp: device_stamp(path, &md)?, identity: (md.rdev(), u64::MAX) }
             }
         }))
     }

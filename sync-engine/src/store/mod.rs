@@ -17,6 +17,24 @@ use std::sync::Arc;
 
 use crate::disk::Disk;
 
+/// The I/O error for a path that is neither a regular file nor a block
+/// device; [`crate::Error::io`] turns it into `E_NOT_A_DISK`.
+#[derive(Debug)]
+pub struct NotADisk;
+
+impl fmt::Display for NotADisk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not a regular file or block device")
+    }
+}
+
+impl std::error::Error for NotADisk {}
+
+/// An `io::Error` carrying [`NotADisk`].
+pub fn not_a_disk() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, NotADisk)
+}
+
 /// What a path holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DiskKind {
@@ -80,6 +98,8 @@ pub struct Meta {
     pub len: u64,
     /// Write stamp.
     pub stamp: Stamp,
+    /// What the name refers to: two names of one file or device are equal here.
+    pub identity: (u64, u64),
 }
 
 /// How to open a path.
