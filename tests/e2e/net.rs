@@ -136,7 +136,14 @@ fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-pub fn push(src: &Path, source: &Identity, peer: &str, fingerprint: &str, target: &str, extra: &[&str]) -> util::Out {
+fn push_args(
+    src: &Path,
+    source: &Identity,
+    peer: &str,
+    fingerprint: &str,
+    target: &str,
+    extra: &[&str],
+) -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = vec![
         "push".into(),
         src.into(),
@@ -151,8 +158,20 @@ pub fn push(src: &Path, source: &Identity, peer: &str, fingerprint: &str, target
         "--json".into(),
     ];
     args.extend(extra.iter().map(Into::into));
+    args
+}
+
+pub fn push(src: &Path, source: &Identity, peer: &str, fingerprint: &str, target: &str, extra: &[&str]) -> util::Out {
+    let args = push_args(src, source, peer, fingerprint, target, extra);
     let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     util::run(&refs)
+}
+
+/// Starts a push to `agent` without waiting for it.
+fn spawn_push(src: &Path, source: &Identity, agent: &Agent, target: &str, extra: &[&str]) -> Child {
+    let args = push_args(src, source, &agent.addr.to_string(), &agent.id.fingerprint, target, extra);
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    spawn(&refs)
 }
 
 fn push_to(src: &Path, source: &Identity, agent: &Agent, target: &str, extra: &[&str]) -> util::Out {
@@ -457,20 +476,7 @@ fn source_killed_then_rerun_resumes() {
     let tgt = p.dir.join("t0.img");
     make_disk(&src, 160 * MIB, 0.9, &mut rng);
     for delay_ms in [150u64, 400] {
-        let mut child = spawn(&[
-            "push".as_ref(),
-            src.as_os_str(),
-            "--peer".as_ref(),
-            p.agent.addr.to_string().as_ref(),
-            "--peer-fingerprint".as_ref(),
-            p.agent.id.fingerprint.as_ref(),
-            "--target".as_ref(),
-            "t0".as_ref(),
-            "--state-dir".as_ref(),
-            p.source.state.as_os_str(),
-            "--compress".as_ref(),
-            "off".as_ref(),
-        ]);
+        let mut child = spawn_push(&src, &p.source, &p.agent, "t0", &["--compress", "off"]);
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = child.kill();
         let _ = child.wait();
@@ -500,20 +506,7 @@ fn target_killed_during_apply_recovers() {
     for round in 0..4 {
         util::copy(&src, &old);
         util::scatter_writes(&src, 400, 200 * 1024, &mut rng);
-        let mut child = spawn(&[
-            "push".as_ref(),
-            src.as_os_str(),
-            "--peer".as_ref(),
-            agent.addr.to_string().as_ref(),
-            "--peer-fingerprint".as_ref(),
-            agent.id.fingerprint.as_ref(),
-            "--target".as_ref(),
-            "t0".as_ref(),
-            "--state-dir".as_ref(),
-            p.source.state.as_os_str(),
-            "--idle-timeout".as_ref(),
-            "2".as_ref(),
-        ]);
+        let mut child = spawn_push(&src, &p.source, &agent, "t0", &["--idle-timeout", "2"]);
         std::thread::sleep(Duration::from_millis(100 + 150 * round));
         agent.kill9();
         let _ = child.wait();
@@ -599,19 +592,7 @@ fn shutdown_stops_sessions_at_a_safe_point() {
     let old = p.dir.join("old.img");
     util::copy(&src, &old);
     util::scatter_writes(&src, 300, 256 * 1024, &mut rng);
-    let child = spawn(&[
-        "push".as_ref(),
-        src.as_os_str(),
-        "--peer".as_ref(),
-        agent.addr.to_string().as_ref(),
-        "--peer-fingerprint".as_ref(),
-        agent.id.fingerprint.as_ref(),
-        "--target".as_ref(),
-        "t0".as_ref(),
-        "--state-dir".as_ref(),
-        p.source.state.as_os_str(),
-        "--json".as_ref(),
-    ]);
+    let child = spawn_push(&src, &p.source, &agent, "t0", &[]);
     std::thread::sleep(Duration::from_millis(150));
     assert_eq!(agent.terminate(), 0, "SIGTERM is a clean exit:\n{}", agent.log());
     let out = child.wait_with_output().unwrap();
