@@ -316,3 +316,40 @@ fn verify_failures_are_retried_then_fatal() {
     r.handle_verify_failed(3);
     assert!(matches!(r.poll_transmit(), Some(Message::Error { code: ErrorCode::HashMismatch, .. })));
 }
+
+#[test]
+fn unrequested_blocks_are_refused() {
+    let mut r = ReceiverSession::new();
+    r.handle_message(Message::Hello { min_version: 1, max_version: 1, capabilities: 3 });
+    let open = Open {
+        session: SessionId(1),
+        target: TargetName::new("t").unwrap(),
+        disk_bytes: 4 << 20,
+        block_size: BlockSize::DEFAULT,
+        mode: SyncMode::Delta,
+        force: false,
+        source_base: None,
+    };
+    r.handle_message(Message::Open(open));
+    let _ = r.poll_event();
+    let g = Geometry::new(4 << 20, BlockSize::DEFAULT);
+    r.accept(Accept { plan: Plan::CompareHash, target_generation: None, staged_blocks: 0, window: 2 }, g);
+    while r.poll_transmit().is_some() {}
+    // A region the target is comparing, with one block wanted.
+    let blocks: Vec<Option<BlockHash>> = (0..64).map(|i| Some(h(i + 1))).collect();
+    let (chunks, hash) = tree(&blocks.iter().map(|b| b.unwrap()).collect::<Vec<_>>());
+    r.handle_view(0, RegionView { blocks, chunks: chunks.into_iter().map(Some).collect(), hash: Some(hash) });
+    let mut source: Vec<BlockHash> = (0..64).map(|i| h(i + 1)).collect();
+    source[3] = h(999);
+    let (src_chunks, src_hash) = tree(&source);
+    r.handle_message(Message::Region { region: 0, hash: src_hash });
+    r.handle_message(Message::Chunks { region: 0, hashes: src_chunks });
+    r.handle_message(Message::BlockHashes { region: 0, chunk: 0, hashes: source[..32].to_vec() });
+    let Some(ReceiverEvent::Resolve { blocks, .. }) = r.poll_event() else { panic!("expected a resolve") };
+    assert_eq!(blocks.len(), 1);
+    r.handle_resolved(0, vec![WantBlock { index: 3, page_hashes: vec![] }]);
+    while r.poll_transmit().is_some() {}
+    // Block 5 was not asked for: refused, it must not complete the region.
+    r.handle_staged(5, h(5), 4096);
+    assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed { code: ErrorCode::Protocol, .. })));
+}
