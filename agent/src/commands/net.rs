@@ -26,26 +26,24 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn init(a: InitArgs) -> Result<()> {
-    let dir = state::resolve(a.common.state_dir.clone());
-    let dir = state::prepare(&dir)?;
-    let id = identity::init(&dir)?;
-    if a.common.json {
-        print_json(&json!({ "fingerprint": id.fingerprint() }));
-    } else {
-        println!("{}", id.fingerprint());
-    }
+    let dir = state::prepare(&state::resolve(a.common.state_dir.clone()))?;
+    print_fingerprint(&identity::init(&dir)?, a.common.json);
     Ok(())
 }
 
 pub fn id(a: InitArgs) -> Result<()> {
     let dir = state::resolve(a.common.state_dir.clone());
-    let id = identity::load(&dir)?;
-    if a.common.json {
+    print_fingerprint(&identity::load(&dir)?, a.common.json);
+    Ok(())
+}
+
+/// The fingerprint as the only stdout line (or a JSON object).
+fn print_fingerprint(id: &identity::Identity, json: bool) {
+    if json {
         print_json(&json!({ "fingerprint": id.fingerprint() }));
     } else {
         println!("{}", id.fingerprint());
     }
-    Ok(())
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
