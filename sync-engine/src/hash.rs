@@ -155,6 +155,17 @@ impl Layout {
         let i = self.data.partition_point(|&(off, len)| off + len <= start);
         start < end && self.data.get(i).is_some_and(|&(off, _)| off < end)
     }
+
+    /// The smallest span of `[start, end)` holding all its data, widened to
+    /// whole blocks (`None` if it is all holes).
+    fn data_span(&self, start: u64, end: u64, bs: u64) -> Option<(u64, u64)> {
+        let i = self.data.partition_point(|&(off, len)| off + len <= start);
+        let first = self.data.get(i).filter(|&&(off, _)| off < end)?.0.max(start);
+        let j = self.data.partition_point(|&(off, _)| off < end);
+        let (off, len) = self.data[j.checked_sub(1)?];
+        let last = (off + len).min(end);
+        Some((start + (first - start) / bs * bs, (start + (last - start).div_ceil(bs) * bs).min(end)))
+    }
 }
 
 /// One batch's bytes (`None`: all holes).
@@ -173,7 +184,7 @@ impl BatchBytes<'_> {
         if !self.layout.has_data(b_start, b_end) {
             return None;
         }
-        Some(&bytes[(b_start - self.start) as usize..(b_end - self.start) as usize])
+        bytes.get((b_start.checked_sub(self.start)?) as usize..(b_end - self.start) as usize)
     }
 }
 
@@ -185,11 +196,13 @@ fn with_batch<R>(
     scratch: &'static std::thread::LocalKey<RefCell<Vec<u8>>>,
     f: impl FnOnce(&BatchBytes<'_>) -> R,
 ) -> io::Result<R> {
-    let start = g.block_offset(batch.start).min(layout.readable_end);
-    let end = g.block_offset(batch.end).min(layout.readable_end);
-    if !layout.has_data(start, end) {
-        return Ok(f(&BatchBytes { start, bytes: None, layout }));
-    }
+    let batch_start = g.block_offset(batch.start).min(layout.readable_end);
+    let batch_end = g.block_offset(batch.end).min(layout.readable_end);
+    // Map only the span that holds data: populating hole pages would make
+    // the kernel allocate and zero page cache for nothing.
+    let Some((start, end)) = layout.data_span(batch_start, batch_end, g.block_size.bytes()) else {
+        return Ok(f(&BatchBytes { start: batch_start, bytes: None, layout }));
+    };
     scratch.with(|buf| {
         let mut buf = buf.borrow_mut();
         disk.with_bytes(start, (end - start) as usize, &mut buf, |bytes| {
@@ -214,6 +227,15 @@ mod tests {
         assert!(!is_zero(&v));
         assert_eq!(hash_block(&[0; 4096]), BlockHash::ZERO);
         assert_eq!(hash_block(b"abc").0, *blake3::hash(b"abc").as_bytes());
+    }
+
+    #[test]
+    fn data_span_is_block_aligned() {
+        let l = Layout { data: vec![(5000, 100), (20000, 10)], readable_end: 1 << 20 };
+        assert_eq!(l.data_span(0, 65536, 4096), Some((4096, 20480)));
+        assert_eq!(l.data_span(8192, 16384, 4096), None);
+        assert_eq!(l.data_span(0, 4096, 4096), None);
+        assert_eq!(l.data_span(4096, 8192, 4096), Some((4096, 8192)));
     }
 
     #[test]

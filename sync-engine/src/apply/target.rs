@@ -708,20 +708,43 @@ pub struct DirectSink {
     disk: Arc<dyn Storage>,
     path: PathBuf,
     geometry: Geometry,
+    /// Writing into a new `.partial`: zero pages stay holes.
+    sparse: bool,
 }
 
 impl DirectSink {
     /// Writes one block.
     pub fn write(&self, block: &VerifiedSlice<'_>) -> Result<()> {
-        let off = self.geometry.block_offset(block.index());
-        self.disk.write_at(off, block.bytes()).ctx(Place::Target, "writing", &self.path)
+        self.write_at(self.geometry.block_offset(block.index()), block.bytes())
     }
 
     /// Writes the patches of a verified update in place.
     pub fn write_verified(&self, block: &VerifiedBlock) -> Result<()> {
         let base = self.geometry.block_offset(block.index());
         for p in block.patches() {
-            self.disk.write_at(base + p.offset as u64, &p.data).ctx(Place::Target, "writing", &self.path)?;
+            self.write_at(base + p.offset as u64, &p.data)?;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, off: u64, bytes: &[u8]) -> Result<()> {
+        if !self.sparse {
+            return self.disk.write_at(off, bytes).ctx(Place::Target, "writing", &self.path);
+        }
+        // Only the runs of non-zero 4 KiB pages: a new file reads zeros
+        // elsewhere, and unwritten pages cost no space.
+        let page = diskferry_protocol::PAGE_SIZE as usize;
+        let mut run: Option<usize> = None;
+        for start in (0..bytes.len()).step_by(page).chain(std::iter::once(bytes.len())) {
+            let zero = start == bytes.len() || crate::hash::is_zero(&bytes[start..(start + page).min(bytes.len())]);
+            match (zero, run) {
+                (false, None) => run = Some(start),
+                (true, Some(from)) => {
+                    self.disk.write_at(off + from as u64, &bytes[from..start]).ctx(Place::Target, "writing", &self.path)?;
+                    run = None;
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -917,6 +940,7 @@ impl Apply<'_> {
             disk: self.disk.clone(),
             path: self.disk_path.clone(),
             geometry: self.spec.geometry,
+            sparse: self.spec.mode == ApplyMode::Partial && self.old_len == 0,
         })
     }
 
