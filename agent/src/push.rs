@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use diskferry_protocol::message::{Committed, Message, Open, Plan, SyncMode, WantBlock, CAP_PAGES, CAP_ZSTD};
 use diskferry_protocol::session::{SenderEvent, SenderSession, SourceRegion};
 use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry, SessionId, TargetName};
@@ -17,7 +16,7 @@ use diskferry_sync_engine::error::IoContext;
 use diskferry_sync_engine::hash::{hash_blocks, hash_blocks_visit, thread_pool};
 use diskferry_sync_engine::local::Progress;
 use diskferry_sync_engine::manifest::{ManifestMeta, ManifestWriter};
-use diskferry_sync_engine::remote::{block_frame, whole_block_frame};
+use diskferry_sync_engine::remote::{block_frame, whole_block_frame, WireFrame};
 use diskferry_sync_engine::store::{RealFs, Vfs};
 use diskferry_sync_engine::tree::{chunk_hashes, region_hash_from_chunks};
 use diskferry_sync_engine::{Disk, Error, Place};
@@ -124,7 +123,9 @@ pub async fn push(
     let connecting = endpoint
         .connect_with(qc, opts.peer, "diskferry")
         .map_err(|e| Error::new(ErrorCode::Connection, format!("cannot connect to {}: {e}", opts.peer)))?;
+    tracing::debug!("connecting");
     let conn = connecting.await.map_err(|e| connection_error(e, false, &opts, id))?;
+    tracing::debug!("connected");
     let result = run_session(&conn, &opts, open, disk, g, before.stamp, progress, sent).await;
     // With TLS 1.3 the target judges our certificate after we think the
     // handshake is done: a refusal then shows as a lost stream.
@@ -134,7 +135,9 @@ pub async fn push(
     };
     let stats = conn.stats();
     conn.close(0u32.into(), b"done");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    // Long enough for the close to leave; the draining period that follows
+    // only matters to a peer still sending, and the session is over.
+    let _ = tokio::time::timeout(Duration::from_millis(5), endpoint.wait_idle()).await;
     let (mut report, _) = result?;
     report.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
     report.path_mtu = stats.path.current_mtu;
@@ -211,11 +214,14 @@ async fn run_session(
     let mut writers = Vec::new();
     for _ in 0..DATA_STREAMS {
         let mut stream = conn.open_uni().await.map_err(|e| lost(&e))?;
-        let (tx, mut rx) = mpsc::channel::<Bytes>(64);
+        let (tx, mut rx) = mpsc::channel::<WireFrame>(64);
         data_tx.push(tx);
         writers.push(tokio::spawn(async move {
-            while let Some(b) = rx.recv().await {
-                stream.write_chunk(b).await?;
+            while let Some(f) = rx.recv().await {
+                stream.write_chunk(f.head).await?;
+                if let Some(tail) = f.tail {
+                    stream.write_chunk(tail).await?;
+                }
             }
             stream.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
             Ok::<(), quinn::WriteError>(())
@@ -390,7 +396,7 @@ struct Hasher {
     level: Option<i32>,
     threads: Option<usize>,
     tokens: crossbeam_channel::Receiver<()>,
-    data: Vec<mpsc::Sender<Bytes>>,
+    data: Vec<mpsc::Sender<WireFrame>>,
     notes: mpsc::UnboundedSender<Note>,
     writer: Option<ManifestWriter>,
     counters: Arc<Counters>,
@@ -428,9 +434,9 @@ fn hash_all(h: &mut Hasher) -> Result<(), Error> {
         let hashes = if h.full {
             let closed = AtomicBool::new(false);
             let visit = |b: diskferry_sync_engine::block::VerifiedSlice<'_>| -> std::io::Result<()> {
-                let (bytes, payload) = whole_block_frame(b.index(), &b.hash(), b.bytes(), h.level);
+                let (frame, payload) = whole_block_frame(&b, h.level);
                 h.counters.bytes_sent.fetch_add(payload, Ordering::Relaxed);
-                if h.data[(b.index() as usize) % h.data.len()].blocking_send(bytes).is_err() {
+                if h.data[(b.index() as usize) % h.data.len()].blocking_send(frame).is_err() {
                     closed.store(true, Ordering::Relaxed);
                     return Err(std::io::Error::other("session ended"));
                 }
@@ -459,7 +465,7 @@ fn hash_all(h: &mut Hasher) -> Result<(), Error> {
                     i += 1;
                 }
                 let m = Message::Zero { first: range.start + start as u64, count: (i - start) as u64 };
-                if h.data[0].blocking_send(m.to_bytes()).is_err() {
+                if h.data[0].blocking_send(m.to_bytes().into()).is_err() {
                     return Ok(());
                 }
                 items.fetch_add(1, Ordering::Relaxed);
@@ -485,7 +491,7 @@ fn spawn_sender(
     blocks: Vec<WantBlock>,
     expected: Vec<Option<BlockHash>>,
     level: Option<i32>,
-    data: Vec<mpsc::Sender<Bytes>>,
+    data: Vec<mpsc::Sender<WireFrame>>,
     counters: Arc<Counters>,
     notes: mpsc::UnboundedSender<Note>,
 ) {
@@ -510,7 +516,7 @@ fn spawn_sender(
                 counters.changed_while_read.store(true, Ordering::Relaxed);
             }
             counters.bytes_sent.fetch_add(frame.payload.len() as u64, Ordering::Relaxed);
-            if data[(w.index as usize) % data.len()].blocking_send(Message::Block(frame).to_bytes()).is_err() {
+            if data[(w.index as usize) % data.len()].blocking_send(Message::Block(frame).to_bytes().into()).is_err() {
                 return;
             }
         }
@@ -551,7 +557,8 @@ impl SentManifests {
     fn commit(&self, w: ManifestWriter, generation: Generation, consistency: Consistency) {
         let meta =
             ManifestMeta { generation, parent: None, consistency, created_unix_ns: crate::commands::now_unix_ns() };
-        if w.finish(meta).is_err() {
+        // Only a note for the next push: losing it in a crash costs nothing.
+        if w.finish_with(meta, false).is_err() {
             return;
         }
         let old: Vec<PathBuf> = std::fs::read_dir(&self.dir)
@@ -563,9 +570,7 @@ impl SentManifests {
             })
             .unwrap_or_default();
         let to = self.dir.join(format!("{generation}.dfm"));
-        let renamed =
-            std::fs::rename(self.dir.join("sending.tmp"), &to).and_then(|_| std::fs::File::open(&self.dir)?.sync_all());
-        if renamed.is_ok() {
+        if std::fs::rename(self.dir.join("sending.tmp"), &to).is_ok() {
             for p in old {
                 let _ = std::fs::remove_file(p);
             }

@@ -11,8 +11,11 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use diskferry_protocol::{decode_frame, DecodeError, Message, MAX_FRAME};
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+use diskferry_protocol::message::frame_length;
+use diskferry_protocol::{DecodeError, Message, MAX_FRAME};
 use quinn::{MtuDiscoveryConfig, TransportConfig, VarInt};
 
 /// Stream flow-control window (per stream).
@@ -119,10 +122,13 @@ pub fn server_config(
     Ok(c)
 }
 
-/// Reads frames from a QUIC receive stream.
+/// Reads frames from a QUIC receive stream. Received chunks are kept as
+/// they came; a frame inside one chunk is a slice of it, one spanning chunks
+/// is copied once into a buffer of exactly its size.
 pub struct FrameReader {
     stream: quinn::RecvStream,
-    buf: BytesMut,
+    chunks: VecDeque<Bytes>,
+    buffered: usize,
     bytes_read: u64,
 }
 
@@ -139,7 +145,7 @@ pub enum ReadError {
 
 impl FrameReader {
     pub fn new(stream: quinn::RecvStream) -> Self {
-        FrameReader { stream, buf: BytesMut::with_capacity(1 << 20), bytes_read: 0 }
+        FrameReader { stream, chunks: VecDeque::new(), buffered: 0, bytes_read: 0 }
     }
 
     /// Bytes received so far.
@@ -150,17 +156,76 @@ impl FrameReader {
     /// The next frame; `Ok(None)` at a clean end of stream.
     pub async fn next(&mut self) -> Result<Option<Message>, ReadError> {
         loop {
-            if let Some(m) = decode_frame(&mut self.buf, MAX_FRAME).map_err(ReadError::Decode)? {
-                return Ok(Some(m));
+            if let Some(mut body) = self.take_frame().map_err(ReadError::Decode)? {
+                return Message::decode(&mut body).map(Some).map_err(ReadError::Decode);
             }
             match self.stream.read_chunk(usize::MAX, true).await {
                 Ok(Some(chunk)) => {
                     self.bytes_read += chunk.bytes.len() as u64;
-                    self.buf.extend_from_slice(&chunk.bytes)
+                    self.buffered += chunk.bytes.len();
+                    self.chunks.push_back(chunk.bytes);
                 }
-                Ok(None) if self.buf.is_empty() => return Ok(None),
+                Ok(None) if self.buffered == 0 => return Ok(None),
                 Ok(None) => return Err(ReadError::Decode(DecodeError::Truncated)),
                 Err(e) => return Err(ReadError::Stream(e.to_string())),
+            }
+        }
+    }
+
+    /// The next whole frame's body (without its length prefix), if buffered.
+    fn take_frame(&mut self) -> Result<Option<Bytes>, DecodeError> {
+        if self.buffered < 4 {
+            return Ok(None);
+        }
+        let mut prefix = [0u8; 4];
+        self.copy_front(&mut prefix);
+        let len = frame_length(prefix, MAX_FRAME)? as usize;
+        if self.buffered < 4 + len {
+            return Ok(None);
+        }
+        self.advance(4);
+        self.buffered -= len;
+        let Some(front) = self.chunks.front_mut() else { return Ok(None) };
+        if front.len() >= len {
+            let body = front.split_to(len);
+            if front.is_empty() {
+                self.chunks.pop_front();
+            }
+            return Ok(Some(body));
+        }
+        let mut body = BytesMut::with_capacity(len);
+        while body.len() < len {
+            let Some(mut c) = self.chunks.pop_front() else { break };
+            let n = (len - body.len()).min(c.len());
+            body.extend_from_slice(&c.split_to(n));
+            if !c.is_empty() {
+                self.chunks.push_front(c);
+            }
+        }
+        Ok(Some(body.freeze()))
+    }
+
+    fn copy_front(&self, out: &mut [u8]) {
+        let mut done = 0;
+        for c in &self.chunks {
+            let n = (out.len() - done).min(c.len());
+            out[done..done + n].copy_from_slice(&c[..n]);
+            done += n;
+            if done == out.len() {
+                break;
+            }
+        }
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        self.buffered -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else { return };
+            let k = n.min(front.len());
+            let _ = front.split_to(k);
+            n -= k;
+            if front.is_empty() {
+                self.chunks.pop_front();
             }
         }
     }

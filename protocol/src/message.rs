@@ -569,6 +569,26 @@ pub fn encode_block(
     b.freeze()
 }
 
+/// Everything of a Block frame but its payload: sent followed by the payload
+/// bytes themselves, the frame travels with no copy of them at all.
+pub fn encode_block_head(
+    index: u64,
+    hash: &BlockHash,
+    block_len: u32,
+    codec: Codec,
+    patches: &[(u32, u32)],
+    payload_len: usize,
+) -> Bytes {
+    let mut b = BytesMut::with_capacity(64 + patches.len() * 8);
+    b.put_u32_le((1 + 8 + 32 + 4 + 1 + 2 + patches.len() * 8 + 4 + payload_len) as u32);
+    b.put_u8(0x10);
+    put_block_fields(&mut b, index, hash, block_len, codec, patches, &[]);
+    // `put_block_fields` wrote a payload length of 0: the real one goes there.
+    let at = b.len() - 4;
+    b[at..].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    b.freeze()
+}
+
 fn generation(raw: u128) -> Option<Generation> {
     (raw != 0).then_some(Generation(raw))
 }
@@ -631,19 +651,26 @@ fn decode_block(b: &mut impl Buf) -> DecodeResult<BlockFrame> {
     Ok(BlockFrame { index, hash, block_len, codec, patches, payload })
 }
 
-/// Splits frames off a receive buffer: `Ok(None)` means "read more bytes",
-/// an error means the peer sent bad bytes (kept apart, as in mini-redis).
-pub fn decode_frame(buf: &mut BytesMut, max_frame: u32) -> DecodeResult<Option<Message>> {
-    if buf.len() < 4 {
-        return Ok(None);
-    }
-    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+/// The body length a frame's 4-byte prefix announces, checked against the
+/// limit before anything is buffered.
+pub fn frame_length(prefix: [u8; 4], max_frame: u32) -> DecodeResult<u32> {
+    let len = u32::from_le_bytes(prefix);
     if len == 0 {
         return Err(DecodeError::Truncated);
     }
     if len > max_frame {
         return Err(DecodeError::TooLarge(len as u64));
     }
+    Ok(len)
+}
+
+/// Splits frames off a receive buffer: `Ok(None)` means "read more bytes",
+/// an error means the peer sent bad bytes (kept apart, as in mini-redis).
+pub fn decode_frame(buf: &mut BytesMut, max_frame: u32) -> DecodeResult<Option<Message>> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = frame_length([buf[0], buf[1], buf[2], buf[3]], max_frame)?;
     if buf.len() < 4 + len as usize {
         buf.reserve(4 + len as usize - buf.len());
         return Ok(None);
@@ -728,6 +755,8 @@ mod tests {
             if let Message::Block(f) = &m {
                 let b = encode_block(f.index, &f.hash, f.block_len, f.codec, &f.patches, &f.payload);
                 assert_eq!(b, m.to_bytes());
+                let head = encode_block_head(f.index, &f.hash, f.block_len, f.codec, &f.patches, f.payload.len());
+                assert_eq!([&head[..], &f.payload[..]].concat(), m.to_bytes());
             }
         }
     }

@@ -47,11 +47,18 @@ pub struct VerifiedSlice<'a> {
     index: u64,
     hash: BlockHash,
     bytes: &'a [u8],
+    /// The memory map the bytes lie in, and their offset there.
+    owner: Option<(&'a Bytes, usize)>,
 }
 
 impl<'a> VerifiedSlice<'a> {
-    pub(crate) fn new(index: u64, hash: BlockHash, bytes: &'a [u8]) -> Self {
-        VerifiedSlice { index, hash, bytes }
+    pub(crate) fn new(index: u64, hash: BlockHash, bytes: &'a [u8], owner: Option<(&'a Bytes, usize)>) -> Self {
+        VerifiedSlice { index, hash, bytes, owner }
+    }
+
+    /// The bytes as shared [`Bytes`] without a copy, when they lie in a map.
+    pub fn shared(&self) -> Option<Bytes> {
+        self.owner.map(|(b, at)| b.slice(at..at + self.bytes.len()))
     }
 
     /// Block index.

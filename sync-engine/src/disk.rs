@@ -5,6 +5,8 @@ use std::io::{self, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::store::{file::FileStorage, DiskKind, Storage};
 
 /// A disk opened for reading: a file, a block device or any [`Storage`].
@@ -75,25 +77,27 @@ impl Disk {
     }
 
     /// Calls `f` with the bytes `[off, off+len)`: borrowed from a map when the
-    /// disk is mapped, else read into `scratch`.
+    /// disk is mapped (then also as shared [`Bytes`] that keep the map alive,
+    /// for senders that pass them on without a copy), else read into `scratch`.
     pub fn with_bytes<R>(
         &self,
         off: u64,
         len: usize,
         scratch: &mut Vec<u8>,
-        f: impl FnOnce(&[u8]) -> R,
+        f: impl FnOnce(&[u8], Option<&Bytes>) -> R,
     ) -> io::Result<R> {
         if len == 0 {
-            return Ok(f(&[]));
+            return Ok(f(&[], None));
         }
         if let Backing::Mapped(file, _) = &self.backing {
             if let Ok(map) = crate::mmap::map_range(file, off, len) {
-                return Ok(f(&map));
+                let shared = Bytes::from_owner(map);
+                return Ok(f(&shared, Some(&shared)));
             }
         }
         scratch.resize(len, 0);
         self.read_at(off, &mut scratch[..len])?;
-        Ok(f(&scratch[..len]))
+        Ok(f(&scratch[..len], None))
     }
 }
 

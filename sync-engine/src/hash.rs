@@ -6,6 +6,7 @@ use std::io;
 use std::ops::Range;
 
 use diskferry_protocol::{BlockHash, Geometry};
+use bytes::Bytes;
 use rayon::prelude::*;
 
 use crate::block::VerifiedSlice;
@@ -78,7 +79,8 @@ pub fn hash_blocks_visit(
                         let Some(block) = bytes.block(g, i) else { return Ok(BlockHash::ZERO) };
                         let h = hash_block(block);
                         if let (Some(v), false) = (visit, h.is_zero()) {
-                            v(VerifiedSlice::new(i, h, block))?;
+                            let owner = bytes.owner.map(|o| (o, (g.block_offset(i) - bytes.start) as usize));
+                            v(VerifiedSlice::new(i, h, block, owner))?;
                         }
                         Ok(h)
                     })
@@ -172,6 +174,7 @@ impl Layout {
 struct BatchBytes<'a> {
     start: u64,
     bytes: Option<&'a [u8]>,
+    owner: Option<&'a Bytes>,
     layout: &'a Layout,
 }
 
@@ -201,12 +204,12 @@ fn with_batch<R>(
     // Map only the span that holds data: populating hole pages would make
     // the kernel allocate and zero page cache for nothing.
     let Some((start, end)) = layout.data_span(batch_start, batch_end, g.block_size.bytes()) else {
-        return Ok(f(&BatchBytes { start: batch_start, bytes: None, layout }));
+        return Ok(f(&BatchBytes { start: batch_start, bytes: None, owner: None, layout }));
     };
     scratch.with(|buf| {
         let mut buf = buf.borrow_mut();
-        disk.with_bytes(start, (end - start) as usize, &mut buf, |bytes| {
-            f(&BatchBytes { start, bytes: Some(bytes), layout })
+        disk.with_bytes(start, (end - start) as usize, &mut buf, |bytes, owner| {
+            f(&BatchBytes { start, bytes: Some(bytes), owner, layout })
         })
     })
 }

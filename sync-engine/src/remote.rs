@@ -3,12 +3,12 @@
 //! agent only moves these frames between QUIC streams and the engine.
 
 use bytes::Bytes;
-use diskferry_protocol::message::{encode_block, BlockFrame, Codec, WantBlock};
+use diskferry_protocol::message::{encode_block, encode_block_head, BlockFrame, Codec, WantBlock};
 use diskferry_protocol::session::Differing;
 use diskferry_protocol::{BlockHash, ErrorCode, Geometry, PAGE_SIZE};
 
 use crate::apply::{Apply, OldContent};
-use crate::block::{Patch, ReceivedBlock, VerifiedBlock};
+use crate::block::{Patch, ReceivedBlock, VerifiedBlock, VerifiedSlice};
 use crate::compress::{compress, decompress};
 use crate::error::{Error, Result};
 use crate::hash::hash_block;
@@ -63,15 +63,40 @@ pub fn block_frame(index: u64, bytes: &[u8], target_pages: &[u64], level: Option
     BlockFrame { index, hash, block_len: bytes.len() as u32, codec, patches: ranges, payload: payload.into() }
 }
 
-/// The encoded Block frame carrying a whole block, built straight from the
-/// bytes that were hashed (`hash`): compressed when that pays, else one copy.
-/// Returns the frame and its payload size.
-pub fn whole_block_frame(index: u64, hash: &BlockHash, bytes: &[u8], level: Option<i32>) -> (Bytes, u64) {
-    let patches = [(0u32, bytes.len() as u32)];
-    match level.and_then(|l| compress(bytes, l)) {
-        Some(z) => (encode_block(index, hash, bytes.len() as u32, Codec::Zstd, &patches, &z), z.len() as u64),
-        None => (encode_block(index, hash, bytes.len() as u32, Codec::Raw, &patches, bytes), bytes.len() as u64),
+/// An encoded frame in one or two pieces (the second, the payload, shared
+/// with the memory map it was read from).
+#[derive(Debug, Clone)]
+pub struct WireFrame {
+    /// The frame, or its head when `tail` holds the payload.
+    pub head: Bytes,
+    /// The payload, sent right after `head`.
+    pub tail: Option<Bytes>,
+}
+
+impl From<Bytes> for WireFrame {
+    fn from(head: Bytes) -> Self {
+        WireFrame { head, tail: None }
     }
+}
+
+/// The Block frame carrying a whole block straight from the bytes that were
+/// hashed: compressed when that pays, else the payload is shared with the
+/// map (no copy) or copied once. Returns the frame and its payload size.
+pub fn whole_block_frame(block: &VerifiedSlice<'_>, level: Option<i32>) -> (WireFrame, u64) {
+    let (index, hash, bytes) = (block.index(), block.hash(), block.bytes());
+    let patches = [(0u32, bytes.len() as u32)];
+    let len = bytes.len() as u32;
+    if let Some(z) = level.and_then(|l| compress(bytes, l)) {
+        return (encode_block(index, &hash, len, Codec::Zstd, &patches, &z).into(), z.len() as u64);
+    }
+    let frame = match block.shared() {
+        Some(payload) => WireFrame {
+            head: encode_block_head(index, &hash, len, Codec::Raw, &patches, payload.len()),
+            tail: Some(payload),
+        },
+        None => encode_block(index, &hash, len, Codec::Raw, &patches, bytes).into(),
+    };
+    (frame, bytes.len() as u64)
 }
 
 /// Why a received frame was not staged.

@@ -710,6 +710,9 @@ pub struct DirectSink {
     geometry: Geometry,
     /// Writing into a new `.partial`: zero pages stay holes.
     sparse: bool,
+    /// One writer at a time: the kernel serializes writes to a file anyway,
+    /// and threads queued here sleep instead of spinning on its lock.
+    writing: Arc<std::sync::Mutex<()>>,
 }
 
 impl DirectSink {
@@ -728,6 +731,7 @@ impl DirectSink {
     }
 
     fn write_at(&self, off: u64, bytes: &[u8]) -> Result<()> {
+        let _one_writer = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         if !self.sparse {
             return self.disk.write_at(off, bytes).ctx(Place::Target, "writing", &self.path);
         }
@@ -941,6 +945,7 @@ impl Apply<'_> {
             path: self.disk_path.clone(),
             geometry: self.spec.geometry,
             sparse: self.spec.mode == ApplyMode::Partial && self.old_len == 0,
+            writing: Arc::default(),
         })
     }
 

@@ -136,7 +136,13 @@ impl ManifestWriter {
 
     /// Writes the region hashes, the index and the footer, and syncs the file.
     /// The caller makes the name durable (rename, directory sync).
-    pub fn finish(mut self, meta: ManifestMeta) -> Result<ManifestHeader> {
+    pub fn finish(self, meta: ManifestMeta) -> Result<ManifestHeader> {
+        self.finish_with(meta, true)
+    }
+
+    /// [`ManifestWriter::finish`], syncing only if `sync`: a record that may
+    /// be lost in a crash (the source's note of what it sent) skips it.
+    pub fn finish_with(mut self, meta: ManifestMeta, sync: bool) -> Result<ManifestHeader> {
         if self.next_block != self.geometry.block_count() {
             return Err(Error::new(
                 diskferry_protocol::ErrorCode::Internal,
@@ -171,7 +177,9 @@ impl ManifestWriter {
         footer[160..192].copy_from_slice(&checksum);
         self.write(&checksum)?;
         self.out.flush().ctx(Place::State, "writing manifest", &self.path)?;
-        self.out.storage().sync().ctx(Place::State, "syncing manifest", &self.path)?;
+        if sync {
+            self.out.storage().sync().ctx(Place::State, "syncing manifest", &self.path)?;
+        }
         Ok(header)
     }
 }
