@@ -21,7 +21,8 @@ use crate::identity::{fingerprint, Identity};
 pub fn provider() -> Arc<CryptoProvider> {
     use rustls::crypto::{aws_lc_rs, ring};
     let mut p = ring::default_provider();
-    p.cipher_suites = vec![aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256, aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384];
+    p.cipher_suites =
+        vec![aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256, aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384];
     Arc::new(p)
 }
 

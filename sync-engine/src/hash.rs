@@ -5,8 +5,8 @@ use std::cell::RefCell;
 use std::io;
 use std::ops::Range;
 
-use diskferry_protocol::{BlockHash, Geometry};
 use bytes::Bytes;
+use diskferry_protocol::{BlockHash, Geometry};
 use rayon::prelude::*;
 
 use crate::block::VerifiedSlice;

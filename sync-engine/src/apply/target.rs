@@ -744,7 +744,11 @@ impl DirectSink {
             match (zero, run) {
                 (false, None) => run = Some(start),
                 (true, Some(from)) => {
-                    self.disk.write_at(off + from as u64, &bytes[from..start]).ctx(Place::Target, "writing", &self.path)?;
+                    self.disk.write_at(off + from as u64, &bytes[from..start]).ctx(
+                        Place::Target,
+                        "writing",
+                        &self.path,
+                    )?;
                     run = None;
                 }
                 _ => {}
