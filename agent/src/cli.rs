@@ -47,7 +47,7 @@ pub struct InitArgs {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// TOML config: listen, state_dir, max_sessions, [[peer]], [[target]].
+    /// TOML config: listen, state_dir, max_sessions, peer and target tables.
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
     #[command(flatten)]

@@ -5,7 +5,7 @@
 //! - [`manifest::ManifestWriter`] / [`manifest::Manifest`] store a
 //!   generation's block hashes with a hash tree ([`tree`]) and a hash index.
 //! - [`plan`] turns source and target hashes into operations, region by region.
-//! - [`target::Target`] applies verified blocks crash-consistently: redo log,
+//! - [`apply::Target`] applies verified blocks crash-consistently: redo log,
 //!   commit record, in-place writes, undo segments for older recovery points.
 //! - [`local::sync`] runs a whole disk-to-disk sync with no network.
 //!
