@@ -344,13 +344,20 @@ pub fn scan(
     }
     let mut hb = [0u8; HEADER_LEN as usize];
     storage.read_at(0, &mut hb).ctx(Place::State, "reading redo log", path)?;
-    let Some(header) = decode_header(&hb) else { return Ok(None) };
     let commit = if len >= HEADER_LEN + COMMIT_LEN {
         let mut cb = [0u8; COMMIT_LEN as usize];
         storage.read_at(len - COMMIT_LEN, &mut cb).ctx(Place::State, "reading redo log", path)?;
         decode_commit(&cb)
     } else {
         None
+    };
+    let Some(header) = decode_header(&hb) else {
+        // A header torn at creation means nothing was staged; behind a valid
+        // commit record it can only be damage.
+        return match commit {
+            Some(_) => Err(Error::corrupt(path, "committed redo log has a damaged header")),
+            None => Ok(None),
+        };
     };
     let entries_end = if commit.is_some() { len - COMMIT_LEN } else { len };
     let mut r = SeqReader::new(storage.clone(), HEADER_LEN, entries_end, 1 << 20);
