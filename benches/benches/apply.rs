@@ -9,7 +9,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
 use diskferry_benches::{change_pages, rng, TempImage, MIB, PAGE};
@@ -83,12 +82,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
-        .nresamples(10_000)
-        .without_plots();
+    config = diskferry_benches::quick();
     targets = bench
 }
 criterion_main!(benches);

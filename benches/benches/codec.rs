@@ -5,7 +5,6 @@
 //! frame bytes.
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -91,12 +90,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
-        .nresamples(10_000)
-        .without_plots();
+    config = diskferry_benches::quick();
     targets = bench
 }
 criterion_main!(benches);

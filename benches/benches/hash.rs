@@ -2,8 +2,6 @@
 //! memory-mapped as `diskferry hash` reads it) and over the same bytes in
 //! memory, by block size and by threads (one, all cores).
 
-use std::time::Duration;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use diskferry_benches::{mem_disk, random_bytes, TempImage, KIB, MIB};
 use diskferry_protocol::{BlockSize, Geometry};
@@ -57,12 +55,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
-        .nresamples(10_000)
-        .without_plots();
+    config = diskferry_benches::quick();
     targets = bench
 }
 criterion_main!(benches);

@@ -7,7 +7,6 @@
 //! Also `decompress` of the text block. Throughput is plain bytes.
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use diskferry_benches::{random_bytes, text_bytes, KIB};
@@ -40,12 +39,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
-        .nresamples(10_000)
-        .without_plots();
+    config = diskferry_benches::quick();
     targets = bench
 }
 criterion_main!(benches);
