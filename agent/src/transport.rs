@@ -29,16 +29,28 @@ pub const ETHERNET_MTU: u16 = 1452;
 /// Above this, GSO batches exceed what the kernel accepts (QUIC-NOTES trap).
 const GSO_LIMIT: u16 = 6500;
 
-/// The MTU bound for a path: configured, or by whether the path is loopback.
-pub fn mtu_for(peer: &SocketAddr, configured: Option<u16>) -> u16 {
-    configured.unwrap_or(if peer.ip().is_loopback() { LOOPBACK_MTU } else { ETHERNET_MTU })
+/// Datagram sizes for a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathMtu {
+    /// The largest UDP payload to use.
+    pub bound: u16,
+    /// Whether the bound is known to work (loopback) so no probing is needed.
+    pub known: bool,
+}
+
+/// The MTU for a path: configured, or by whether the path is loopback.
+pub fn mtu_for(peer: &SocketAddr, configured: Option<u16>) -> PathMtu {
+    let loopback = peer.ip().is_loopback();
+    let bound = configured.unwrap_or(if loopback { LOOPBACK_MTU } else { ETHERNET_MTU });
+    PathMtu { bound, known: loopback }
 }
 
 /// How long a silent peer is waited for, unless configured.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Transport settings for bulk transfer with datagrams up to `max_mtu`.
-pub fn transport_config(max_mtu: u16, idle: Duration) -> TransportConfig {
+/// Transport settings for bulk transfer with datagrams up to `mtu.bound`.
+pub fn transport_config(mtu: PathMtu, idle: Duration) -> TransportConfig {
+    let max_mtu = mtu.bound;
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(VarInt::from_u32(CONN_WINDOW));
@@ -49,13 +61,24 @@ pub fn transport_config(max_mtu: u16, idle: Duration) -> TransportConfig {
     if let Ok(idle) = idle.try_into() {
         t.max_idle_timeout(Some(idle));
     }
-    let mut mtu = MtuDiscoveryConfig::default();
-    mtu.upper_bound(max_mtu.max(1200));
-    mtu.interval(Duration::from_secs(60));
-    // Each probe is a full-size padded packet: a coarse binary search reaches
-    // a large MTU in a few probes instead of a dozen (MBs on a small delta).
-    mtu.minimum_change(if max_mtu > 9000 { 4096 } else { 20 });
-    t.mtu_discovery_config(Some(mtu));
+    if mtu.known && max_mtu > 1200 {
+        // Loopback carries the bound: start there, with no probes (each is a
+        // full-size padded packet, hundreds of KB on a small delta). The
+        // congestion window must admit ten such packets or the handshake's
+        // first large packet is never sent (QUIC-NOTES trap).
+        t.initial_mtu(max_mtu);
+        t.mtu_discovery_config(None);
+        let mut cubic = quinn::congestion::CubicConfig::default();
+        cubic.initial_window(10 * max_mtu as u64);
+        t.congestion_controller_factory(Arc::new(cubic));
+    } else {
+        let mut discovery = MtuDiscoveryConfig::default();
+        discovery.upper_bound(max_mtu.max(1200));
+        discovery.interval(Duration::from_secs(60));
+        // A coarse binary search reaches a large bound in a few probes.
+        discovery.minimum_change(if max_mtu > 9000 { 4096 } else { 20 });
+        t.mtu_discovery_config(Some(discovery));
+    }
     t.enable_segmentation_offload(max_mtu <= GSO_LIMIT);
     t
 }
