@@ -7,7 +7,8 @@ use diskferry_protocol::{Consistency, ErrorCode, Generation};
 use crate::apply::undo::{apply_undo, check_undo};
 use crate::apply::{Status, Target, Trust};
 use crate::error::{Error, IoContext, Place, Result};
-use crate::hash::{hash_blocks, is_zero};
+use crate::hash::is_zero;
+use crate::local::NoProgress;
 use crate::store::{OpenHow, Storage};
 
 /// One recovery point as listed to an operator.
@@ -148,17 +149,13 @@ fn build_image(target: &Target, index: usize, tmp: &Path) -> Result<ExportReport
     let manifest = target.manifest_of(&point)?;
     let g = point.geometry;
     let disk = vfs.open_disk(tmp).ctx(Place::Target, "opening", tmp)?;
-    let mut cursor = manifest.cursor();
-    for region in 0..g.region_count() {
-        let range = g.region_range(region);
-        let have = hash_blocks(&disk, &g, range.clone()).ctx(Place::Target, "reading", tmp)?;
-        if have != cursor.next_blocks(range.end - range.start)? {
-            return Err(Error::new(
-                ErrorCode::StateCorrupt,
-                format!("the rebuilt image of {} does not match its manifest", point.generation),
-            )
-            .hint("an undo segment or the target is damaged; this point cannot be exported"));
-        }
+    let (mismatched, _) = crate::verify::compare_with_manifest(&disk, tmp, &manifest, &NoProgress, true)?;
+    if mismatched > 0 {
+        return Err(Error::new(
+            ErrorCode::StateCorrupt,
+            format!("the rebuilt image of {} does not match its manifest", point.generation),
+        )
+        .hint("an undo segment or the target is damaged; this point cannot be exported"));
     }
     Ok(ExportReport { generation: point.generation, disk_bytes: g.disk_bytes, reflinked, segments: index })
 }

@@ -4,8 +4,12 @@ use diskferry_protocol::{BlockHash, ErrorCode, Generation};
 
 use crate::apply::{Status, Target};
 use crate::error::{Error, IoContext, Place, Result};
+use std::path::Path;
+
+use crate::disk::Disk;
 use crate::hash::hash_blocks;
 use crate::local::Progress;
+use crate::manifest::Manifest;
 use crate::store::DiskKind;
 
 /// What a verification found.
@@ -76,20 +80,41 @@ pub fn check(target: &Target, progress: &dyn Progress) -> Result<VerifyReport> {
         return Ok(report);
     }
     let disk = vfs.open_disk(&path).ctx(Place::Target, "opening", &path)?;
-    let mut cursor = manifest.cursor();
     progress.phase("verifying", g.disk_bytes);
+    let (mismatched, first) = compare_with_manifest(&disk, &path, &manifest, progress, false)?;
+    report.mismatched_blocks = mismatched;
+    report.first_mismatch = first;
+    report.ok = mismatched == 0;
+    Ok(report)
+}
+
+/// Hashes `disk` region by region and compares every block with `manifest`:
+/// the number of blocks that differ and the first of them. With `stop_early`
+/// it stops at the first differing region (a yes/no check).
+pub fn compare_with_manifest(
+    disk: &Disk,
+    path: &Path,
+    manifest: &Manifest,
+    progress: &dyn Progress,
+    stop_early: bool,
+) -> Result<(u64, Option<u64>)> {
+    let g = manifest.geometry();
+    let mut cursor = manifest.cursor();
+    let (mut mismatched, mut first) = (0u64, None);
     for region in 0..g.region_count() {
         let range = g.region_range(region);
-        let have = hash_blocks(&disk, &g, range.clone()).ctx(Place::Target, "reading", &path)?;
+        let have = hash_blocks(disk, &g, range.clone()).ctx(Place::Target, "reading", path)?;
         let want = cursor.next_blocks(range.end - range.start)?;
         for (i, (a, b)) in have.iter().zip(&want).enumerate() {
             if a != b {
-                report.mismatched_blocks += 1;
-                report.first_mismatch.get_or_insert(range.start + i as u64);
+                mismatched += 1;
+                first.get_or_insert(range.start + i as u64);
             }
+        }
+        if stop_early && mismatched > 0 {
+            break;
         }
         progress.advance(g.block_offset(range.end).min(g.disk_bytes) - g.block_offset(range.start));
     }
-    report.ok = report.mismatched_blocks == 0;
-    Ok(report)
+    Ok((mismatched, first))
 }

@@ -541,13 +541,10 @@ impl Target {
             return Err(damaged());
         }
         let disk = self.vfs.open_disk(&self.path).ctx(Place::Target, "opening", &self.path)?;
-        let mut cursor = manifest.cursor();
-        for region in 0..g.region_count() {
-            let range = g.region_range(region);
-            let have = crate::hash::hash_blocks(&disk, &g, range.clone()).ctx(Place::Target, "reading", &self.path)?;
-            if have != cursor.next_blocks(range.end - range.start)? {
-                return Err(damaged());
-            }
+        let (mismatched, _) =
+            crate::verify::compare_with_manifest(&disk, &self.path, manifest, &crate::local::NoProgress, true)?;
+        if mismatched > 0 {
+            return Err(damaged());
         }
         Ok(())
     }
@@ -676,6 +673,13 @@ impl Target {
             (Some(_), ApplyMode::Journal) => self.staged_overlay(&spec.geometry)?,
             _ => HashMap::new(),
         };
+        let sink = (spec.mode != ApplyMode::Journal).then(|| DirectSink {
+            disk: disk.clone(),
+            path: disk_path.clone(),
+            geometry: spec.geometry,
+            sparse: spec.mode == ApplyMode::Partial && old_len == 0,
+            writing: Arc::default(),
+        });
         let mpath = self.dir.join(MANIFEST_TMP);
         let manifest = ManifestWriter::create(vfs, &mpath, spec.geometry)?;
         Ok(Apply {
@@ -693,6 +697,7 @@ impl Target {
             done: false,
             committed: false,
             overlay: Arc::new(overlay),
+            sink,
         })
     }
 }
@@ -873,6 +878,8 @@ pub struct Apply<'t> {
     done: bool,
     committed: bool,
     overlay: Arc<HashMap<u64, BlockHash>>,
+    /// Writer for Partial and Direct modes, shared with [`Apply::direct_sink`].
+    sink: Option<DirectSink>,
 }
 
 impl Apply<'_> {
@@ -921,12 +928,15 @@ impl Apply<'_> {
         match &mut self.journal {
             Some(j) if self.spec.mode == ApplyMode::Journal => j.append_patch(block),
             _ => {
-                let base = self.spec.geometry.block_offset(block.index());
-                for p in block.patches() {
-                    let off = base + p.offset as u64;
-                    self.disk.write_at(off, &p.data).ctx(Place::Target, "writing", &self.disk_path)?;
-                    self.kick_writeback(off + p.data.len() as u64, p.data.len() as u64);
-                }
+                // The same writer as the other threads' sinks: sparse into a
+                // new `.partial`, one writer at a time.
+                let Some(sink) = &self.sink else {
+                    return Err(Error::new(ErrorCode::Internal, "direct apply without a sink"));
+                };
+                sink.write_verified(block)?;
+                let end =
+                    self.spec.geometry.block_offset(block.index()) + self.spec.geometry.block_len(block.index()) as u64;
+                self.kick_writeback(end, block.payload_len());
                 Ok(())
             }
         }
@@ -944,13 +954,7 @@ impl Apply<'_> {
     /// A handle that writes verified whole blocks straight into the `.partial`
     /// file or device from many threads (full copies; `None` when journaled).
     pub fn direct_sink(&self) -> Option<DirectSink> {
-        (self.spec.mode != ApplyMode::Journal).then(|| DirectSink {
-            disk: self.disk.clone(),
-            path: self.disk_path.clone(),
-            geometry: self.spec.geometry,
-            sparse: self.spec.mode == ApplyMode::Partial && self.old_len == 0,
-            writing: Arc::default(),
-        })
+        self.sink.clone()
     }
 
     /// Counts blocks a [`DirectSink`] wrote up to byte `end`, and starts
