@@ -68,6 +68,8 @@ fn default_retention() -> u32 {
 /// A configured target.
 #[derive(Debug, Clone)]
 pub struct TargetConfig {
+    /// Its place in the file (`target[N]` in errors).
+    pub index: usize,
     pub path: PathBuf,
     pub allowed_peers: BTreeSet<String>,
     pub retention: u32,
@@ -76,6 +78,8 @@ pub struct TargetConfig {
 /// A validated config.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file it was read from (canonical when loaded from disk).
+    pub file: PathBuf,
     pub listen: SocketAddr,
     pub state_dir: Option<PathBuf>,
     pub max_sessions: u32,
@@ -96,6 +100,7 @@ impl Config {
             err
         })?;
         let mut config = Self::parse(&text, path)?;
+        config.file = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         // Targets are keyed by canonical path, as `diskferry verify PATH` finds them.
         for (name, t) in config.targets.iter_mut() {
             t.path = crate::state::canonical_target(&t.path).map_err(|e| {
@@ -180,6 +185,7 @@ impl Config {
                 }
             }
             let tc = TargetConfig {
+                index: i,
                 path: t.path.clone(),
                 allowed_peers: t.allowed_peers.iter().cloned().collect(),
                 retention: t.retention,
@@ -189,6 +195,7 @@ impl Config {
             }
         }
         Ok(Config {
+            file: path.to_path_buf(),
             listen,
             state_dir: raw.state_dir,
             max_sessions: raw.max_sessions,

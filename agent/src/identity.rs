@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use diskferry_protocol::ErrorCode;
@@ -39,6 +39,25 @@ impl Identity {
     /// Hex SHA-256 of the certificate.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.cert)
+    }
+
+    /// Fails unless the key is the one the certificate was made for.
+    fn check_pair(&self, key_path: &Path, cert_path: &Path) -> Result<(), Error> {
+        let provider = crate::trust::provider();
+        rustls::sign::CertifiedKey::from_der(vec![self.cert.clone()], self.private_key(), &provider).map(|_| ()).map_err(
+            |e| {
+                tracing::debug!("identity check: {e}");
+                Error::new(
+                    ErrorCode::Identity,
+                    format!(
+                        "the agent's identity is inconsistent: {} does not belong to {}",
+                        key_path.display(),
+                        cert_path.display()
+                    ),
+                )
+                .hint("restore both files of the identity from the same backup, or make a new identity with `diskferry init` and give its fingerprint to the peers")
+            },
+        )
     }
 
     /// The key in the form rustls takes.
@@ -77,6 +96,7 @@ pub fn init(state: &Path) -> Result<Identity, Error> {
     let (id, key_pem, cert_pem) = generate_pem()?;
     write_new(&d.join(KEY), key_pem.as_bytes())?;
     write_new(&d.join(CERT), cert_pem.as_bytes())?;
+    id.check_pair(&d.join(KEY), &d.join(CERT))?;
     Ok(id)
 }
 
@@ -94,9 +114,27 @@ pub fn load(state: &Path) -> Result<Identity, Error> {
                 .hint(format!("run `diskferry init --state-dir {}` first", state.display())));
         }
     }
+    // Like ssh: a key others can read is not a secret any more.
+    let mode = fs::metadata(&kp).map_err(|e| Error::io(Place::State, "reading", &kp, e))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(Error::new(
+            ErrorCode::Identity,
+            format!(
+                "{} is readable by others (mode {:o}): the agent's private key must be private",
+                kp.display(),
+                mode & 0o777
+            ),
+        )
+        .hint(format!(
+            "run `chmod 600 {}`, and make a new identity with `diskferry init` if others may have read it",
+            kp.display()
+        )));
+    }
     let key = PrivatePkcs8KeyDer::from_pem_file(&kp).map_err(|_| bad(&kp, "private key"))?;
     let cert = CertificateDer::from_pem_file(&cp).map_err(|_| bad(&cp, "certificate"))?;
-    Ok(Identity { cert, key })
+    let id = Identity { cert, key };
+    id.check_pair(&kp, &cp)?;
+    Ok(id)
 }
 
 fn write_new(path: &Path, bytes: &[u8]) -> Result<(), Error> {
@@ -112,6 +150,27 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_world_readable_or_foreign_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        init(&a).unwrap();
+        assert!(load(&a).is_ok());
+        let key = a.join("identity").join(KEY);
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load(&a).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Identity);
+        assert!(e.hint.as_deref().is_some_and(|h| h.contains("chmod 600")), "{e:?}");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        // Another identity's key beside this certificate.
+        let b = dir.path().join("b");
+        init(&b).unwrap();
+        fs::copy(b.join("identity").join(KEY), &key).unwrap();
+        let e = load(&a).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Identity);
+        assert!(e.message.contains("does not belong to"), "{e:?}");
+    }
 
     #[test]
     fn fingerprints_normalize() {

@@ -59,7 +59,11 @@ macro_rules! error_codes {
                 match self { $(ErrorCode::$variant => ErrorClass::$class,)* }
             }
 
-            /// Whether running the same command again may succeed without a change.
+            /// Whether the same command may succeed later without changing its
+            /// arguments or the config: the condition can pass by itself (a busy
+            /// target, a lost connection) or once the environment is fixed (space
+            /// freed). `false` means a different command is needed (`--force`,
+            /// other arguments) or a repair.
             pub fn retryable(self) -> bool {
                 match self { $(ErrorCode::$variant => $retry,)* }
             }
@@ -96,16 +100,23 @@ error_codes! {
     Busy = 8, "E_BUSY", Input, true;
     /// No recovery point with that generation is kept.
     NoSuchPoint = 9, "E_NO_SUCH_POINT", Input, false;
+    /// The source shrank, vanished or was replaced while it was read.
+    SourceChanged = 10, "E_SOURCE_CHANGED", Input, true;
     /// The target was changed behind diskferry's back.
     Diverged = 20, "E_DIVERGED", Diverged, false;
     /// The target's bytes do not match its committed manifest.
     VerifyMismatch = 21, "E_VERIFY_MISMATCH", Diverged, false;
     /// The target is mid full-copy and is not a recovery point.
     Incomplete = 22, "E_INCOMPLETE", Diverged, true;
+    /// The target path names another file or device than the one checked when
+    /// the agent started (a symlink or file swapped in); `--force` does not override.
+    TargetSwapped = 23, "E_TARGET_SWAPPED", Diverged, false;
+    /// The move would drop kept recovery points (a full copy over them); needs `--force`.
+    WouldDropPoints = 24, "E_WOULD_DROP_POINTS", Diverged, false;
     /// The target's filesystem is full.
-    TargetFull = 30, "E_TARGET_FULL", Storage, false;
+    TargetFull = 30, "E_TARGET_FULL", Storage, true;
     /// The state directory's filesystem is full.
-    StateFull = 31, "E_STATE_FULL", Storage, false;
+    StateFull = 31, "E_STATE_FULL", Storage, true;
     /// A state file (manifest, catalog, log) is damaged.
     StateCorrupt = 32, "E_STATE_CORRUPT", Storage, false;
     /// The state directory is unusable (tmpfs, permissions).

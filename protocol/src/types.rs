@@ -102,7 +102,7 @@ impl BlockSize {
         if bytes.is_power_of_two() && (Self::MIN..=Self::MAX).contains(&bytes) {
             Ok(BlockSize(bytes))
         } else {
-            Err(InvalidBlockSize(bytes as u64))
+            Err(InvalidBlockSize::OutOfRange(bytes as u64))
         }
     }
 
@@ -141,16 +141,22 @@ impl fmt::Display for BlockSize {
 impl FromStr for BlockSize {
     type Err = InvalidBlockSize;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bytes = parse_size(s).ok_or(InvalidBlockSize(0))?;
-        let bytes32 = u32::try_from(bytes).map_err(|_| InvalidBlockSize(bytes))?;
+        let bytes = parse_size(s).ok_or_else(|| InvalidBlockSize::NotASize(s.to_string()))?;
+        let bytes32 = u32::try_from(bytes).map_err(|_| InvalidBlockSize::OutOfRange(bytes))?;
         BlockSize::new(bytes32)
     }
 }
 
-/// A block size outside 4 KiB..=4 MiB or not a power of two.
+/// A block size that is not a size, or outside 4 KiB..=4 MiB, or not a power of two.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("block size {0} is not a power of two from 4K to 4M")]
-pub struct InvalidBlockSize(pub u64);
+pub enum InvalidBlockSize {
+    /// The text is not a size such as `4096`, `64K` or `1M`.
+    #[error("block size {0:?} is not a size (write it like 4K, 64K or 1M)")]
+    NotASize(String),
+    /// A size, but not a power of two from 4 KiB to 4 MiB.
+    #[error("block size {0} is not a power of two from 4K to 4M")]
+    OutOfRange(u64),
+}
 
 /// Parses `4096`, `64K`, `64KiB`, `1M`, `2G`, `1T` (binary units) into bytes.
 pub fn parse_size(s: &str) -> Option<u64> {
@@ -366,6 +372,17 @@ mod tests {
         assert_eq!("1MiB".parse::<BlockSize>().map(|b| b.get()), Ok(1 << 20));
         assert_eq!("4096".parse::<BlockSize>().map(|b| b.get()), Ok(4096));
         assert!("64Q".parse::<BlockSize>().is_err());
+    }
+
+    #[test]
+    fn block_size_errors_say_what_was_given() {
+        for (text, says) in
+            [("abc", "\"abc\" is not a size"), ("-1", "\"-1\" is not a size"), ("3K", "block size 3072 ")]
+        {
+            let e = text.parse::<BlockSize>().expect_err(text).to_string();
+            assert!(e.contains(says), "{text}: {e}");
+            assert!(!e.contains("block size 0"), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -64,6 +64,12 @@ impl Error {
             _ if err.get_ref().is_some_and(|e| e.is::<crate::store::NotADisk>()) => {
                 (ErrorCode::NotADisk, "give a disk image file or a block device")
             }
+            (Some(ELOOP), _) if place == Place::Target => {
+                (ErrorCode::TargetSwapped, "a symlink was put where the target was; find out who replaced it")
+            }
+            _ if err.get_ref().is_some_and(|e| e.is::<crate::store::file::SymlinkRefused>()) => {
+                (ErrorCode::TargetSwapped, "a symlink was put where the target was; find out who replaced it")
+            }
             (_, io::ErrorKind::PermissionDenied) => (ErrorCode::Io, "check permissions (block devices need root)"),
             _ => (ErrorCode::Io, "check the device and the kernel log; the target keeps its last committed generation"),
         };
@@ -88,6 +94,7 @@ impl Error {
 }
 
 const ENOSPC: i32 = 28;
+const ELOOP: i32 = 40;
 const EDQUOT: i32 = 122;
 
 /// Adds path context to `io::Result`s.

@@ -146,7 +146,7 @@ pub fn sync(job: &SyncJob, opts: &SyncOptions, progress: &dyn Progress) -> Resul
         job.vfs.clone(),
         &job.state_root,
         &job.target,
-        TargetOptions { retention: Some(opts.retention), name: None },
+        TargetOptions { retention: Some(opts.retention), name: None, expect_identity: None },
     )?;
     // Local sessions do not resume: staged blocks are cheaper to redo than to trust.
     target.discard()?;

@@ -14,6 +14,8 @@ mod cli;
 mod corrupt;
 mod diverge;
 mod full_fs;
+mod guard;
 mod kill;
 mod net;
 mod points;
+mod restart;

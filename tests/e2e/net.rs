@@ -132,7 +132,7 @@ impl Drop for Agent {
     }
 }
 
-fn free_udp_port() -> u16 {
+pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -168,17 +168,17 @@ pub fn push(src: &Path, source: &Identity, peer: &str, fingerprint: &str, target
 }
 
 /// Starts a push to `agent` without waiting for it.
-fn spawn_push(src: &Path, source: &Identity, agent: &Agent, target: &str, extra: &[&str]) -> Child {
+pub fn spawn_push(src: &Path, source: &Identity, agent: &Agent, target: &str, extra: &[&str]) -> Child {
     let args = push_args(src, source, &agent.addr.to_string(), &agent.id.fingerprint, target, extra);
     let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     spawn(&refs)
 }
 
-fn push_to(src: &Path, source: &Identity, agent: &Agent, target: &str, extra: &[&str]) -> util::Out {
+pub fn push_to(src: &Path, source: &Identity, agent: &Agent, target: &str, extra: &[&str]) -> util::Out {
     push(src, source, &agent.addr.to_string(), &agent.id.fingerprint, target, extra)
 }
 
-fn sum(path: &Path) -> [u8; 32] {
+pub fn sum(path: &Path) -> [u8; 32] {
     let mut f = std::fs::File::open(path).unwrap();
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -192,16 +192,16 @@ fn sum(path: &Path) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-struct Pair {
-    _dir: tempfile::TempDir,
-    dir: PathBuf,
-    source: Identity,
-    agent: Agent,
+pub struct Pair {
+    pub _dir: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub source: Identity,
+    pub agent: Agent,
 }
 
 /// A source identity and a target agent trusting it, with targets `t0..tN`
 /// at `dir/tK.img` that the source may write.
-fn pair(name: &str, targets: usize, extra: &str) -> Pair {
+pub fn pair(name: &str, targets: usize, extra: &str) -> Pair {
     let tmp = tempdir(name);
     let dir = tmp.path().to_path_buf();
     let source = Identity::init(&dir, "source-state");

@@ -3,6 +3,7 @@
 //! shuts down at safe points.
 
 mod session;
+pub mod targets;
 mod worker;
 
 use std::collections::HashMap;
@@ -31,6 +32,8 @@ pub struct ServerCtx {
     pub budget_units: u32,
     pub sessions: Arc<Semaphore>,
     pub shutdown: watch::Receiver<bool>,
+    /// What each target's path must name (checked at every session).
+    pub pins: Arc<targets::Pins>,
 }
 
 /// Which session holds which target, so a new push from the same peer can
@@ -129,8 +132,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the endpoint.
+    /// Checks the targets, recovers every one of them, then binds the
+    /// endpoint: nothing is served (or read) before recovery ran.
     pub fn bind(config: Config, state_root: PathBuf, identity: &Identity) -> anyhow::Result<Server> {
+        let pins = Arc::new(targets::check(&config, &state_root)?);
+        let vfs: Arc<dyn Vfs> = Arc::new(RealFs);
+        targets::recover_all(&config, &state_root, &vfs, &pins);
         let tls = trust::server_config(identity, config.peers.clone())?;
         let qc = transport::server_config(tls, &config.listen, config.max_mtu, config.idle_timeout)?;
         let endpoint = transport::server_endpoint(config.listen, qc).map_err(|e| {
@@ -145,9 +152,10 @@ impl Server {
             sessions: Arc::new(Semaphore::new(config.max_sessions as usize)),
             config,
             state_root,
-            vfs: Arc::new(RealFs),
+            vfs,
             registry: Registry::default(),
             shutdown: shutdown_rx,
+            pins,
         });
         Ok(Server { endpoint, ctx, shutdown_tx })
     }

@@ -222,7 +222,18 @@ impl Session {
         let ticket = self.ctx.registry.ticket();
         let registration = match self.ctx.registry.register(&name, &self.peer, ticket).await {
             Ok(r) => r,
-            Err(e) => return self.rs.reject(e.code, e.message),
+            Err(e) if e.code == ErrorCode::PeerBusy => {
+                let idle = self.ctx.config.idle_timeout.as_secs();
+                return self.rs.reject(
+                    e.code,
+                    format!(
+                        "{} — retry when it is done; if that peer's push died, this agent notices it after its idle \
+                         timeout ({idle} s) and releases the target then",
+                        e.message
+                    ),
+                );
+            }
+            Err(e) => return self.rs.reject(e.code, with_hint(&e)),
         };
         self.registration = Some(registration);
         let Ok(permit) = self.ctx.sessions.clone().try_acquire_owned() else {
@@ -247,6 +258,7 @@ impl Session {
             name: name.clone(),
             retention: tc.retention,
             open: o.clone(),
+            pins: self.ctx.pins.clone(),
         };
         let handle = match worker::spawn(req, cmd_rx, reply_tx, opened_tx) {
             Ok(h) => h,

@@ -32,6 +32,7 @@ pub struct OpenRequest {
     pub name: String,
     pub retention: u32,
     pub open: Open,
+    pub pins: Arc<super::targets::Pins>,
 }
 
 /// The session as the worker opened it.
@@ -209,7 +210,14 @@ fn run(
     opened: tokio::sync::oneshot::Sender<Result<Opened, Error>>,
 ) -> Result<(), Error> {
     let g = Geometry::new(req.open.disk_bytes, req.open.block_size);
-    let opts = TargetOptions { retention: Some(req.retention), name: Some(req.name.clone()) };
+    let expect_identity = match req.pins.precheck(&req.name, &req.path) {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = opened.send(Err(e));
+            return Ok(());
+        }
+    };
+    let opts = TargetOptions { retention: Some(req.retention), name: Some(req.name.clone()), expect_identity };
     let mut target = match Target::open(req.vfs.clone(), &req.state_root, &req.path, opts) {
         Ok(t) => t,
         Err(e) => {
@@ -217,7 +225,22 @@ fn run(
             return Ok(());
         }
     };
-    let decision = match decide(&mut target, &req.open, &g) {
+    let result = serve_session(&mut target, &req, &g, cmds, replies, opened);
+    // What the path names after this session wrote it (a full copy renames a new file into place).
+    req.pins.update(&req.name, target.expected_identity());
+    result
+}
+
+fn serve_session(
+    target: &mut Target,
+    req: &OpenRequest,
+    g: &Geometry,
+    cmds: Receiver<Cmd>,
+    replies: &UnboundedSender<Reply>,
+    opened: tokio::sync::oneshot::Sender<Result<Opened, Error>>,
+) -> Result<(), Error> {
+    let g = *g;
+    let decision = match decide(target, &req.open, &g) {
         Ok(d) => d,
         Err(e) => {
             let _ = opened.send(Err(e));

@@ -14,7 +14,7 @@ use super::undo::{UndoHeader, UndoWriter};
 use crate::block::{VerifiedBlock, VerifiedSlice};
 use crate::error::{Error, IoContext, Place, Result};
 use crate::manifest::{Manifest, ManifestMeta, ManifestWriter};
-use crate::store::{DiskKind, OpenHow, Stamp, Storage, Vfs};
+use crate::store::{DiskKind, FileId, OpenHow, Stamp, Storage, Vfs};
 
 const JOURNAL: &str = "redo.log";
 const LOCK: &str = "lock";
@@ -30,6 +30,10 @@ pub struct TargetOptions {
     pub retention: Option<u32>,
     /// Logical name when served to peers.
     pub name: Option<String>,
+    /// The file or device the path must still name when it is opened for
+    /// writing (the agent pinned it); another one was swapped in and is
+    /// refused with `E_TARGET_SWAPPED`. Updated by the target's own renames.
+    pub expect_identity: Option<FileId>,
 }
 
 /// What opening a target had to do first.
@@ -146,17 +150,20 @@ impl Target {
             vfs.sync_dir(&d).ctx(Place::State, "syncing", &d)?;
         }
         let lock_path = dir.join(LOCK);
-        let lock = match vfs.lock(&lock_path) {
-            Ok(l) => l,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(Error::new(
+        let lock =
+            match vfs.lock(&lock_path) {
+                Ok(l) => l,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Error::new(
                     ErrorCode::Busy,
                     format!("another diskferry session is using {}", path.display()),
                 )
-                .hint("wait for it to finish; a session that died releases the target at once"))
-            }
-            Err(e) => return Err(Error::io(Place::State, "locking", &lock_path, e)),
-        };
+                .hint(
+                    "wait for it to finish: a local command that died releases the target at once, but a push whose \
+                     source died holds it in the target agent until that agent's idle timeout passes \
+                     (idle_timeout_secs, 20 s by default)",
+                )),
+                Err(e) => return Err(Error::io(Place::State, "locking", &lock_path, e)),
+            };
         let catalog = read_catalog(vfs.as_ref(), &dir)?;
         if let Some(c) = &catalog {
             if c.path != path {
@@ -201,6 +208,26 @@ impl Target {
     /// The catalog, if the target has state.
     pub fn catalog(&self) -> Option<&Catalog> {
         self.catalog.as_ref()
+    }
+
+    /// The file or device the path is expected to name when written (see
+    /// [`TargetOptions::expect_identity`]); after this target renamed a new
+    /// copy into place, that copy.
+    pub fn expected_identity(&self) -> Option<FileId> {
+        self.options.expect_identity
+    }
+
+    /// Opens the target for writing, refusing a file or device other than
+    /// the expected one.
+    fn open_for_write(&self) -> Result<Arc<dyn Storage>> {
+        let disk = self.vfs.open(&self.path, OpenHow::ReadWrite).ctx(Place::Target, "opening", &self.path)?;
+        if let Some(want) = self.options.expect_identity {
+            let got = disk.identity().ctx(Place::Target, "inspecting", &self.path)?;
+            if got.is_some_and(|g| g != want) {
+                return Err(swapped(&self.path));
+            }
+        }
+        Ok(disk)
     }
 
     /// The staged entries of an interrupted resumable session.
@@ -476,7 +503,7 @@ impl Target {
             JournalKind::Redo => {
                 let disk = match disk {
                     Some(d) => d,
-                    None => self.vfs.open(&self.path, OpenHow::ReadWrite).ctx(Place::Target, "opening", &self.path)?,
+                    None => self.open_for_write()?,
                 };
                 self.replay(header, disk.as_ref())?;
                 self.kind_of_target()?
@@ -487,6 +514,9 @@ impl Target {
                     self.vfs.rename(&partial, &self.path).ctx(Place::Target, "renaming", &partial)?;
                     let parent = parent_dir(&self.path);
                     self.vfs.sync_dir(&parent).ctx(Place::Target, "syncing", &parent)?;
+                    // The path now names the copy this target made.
+                    let meta = self.vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?;
+                    self.options.expect_identity = meta.map(|m| m.identity);
                 } else {
                     // Renamed already, so the target must be the new copy: prove it.
                     self.check_copy(&manifest)?;
@@ -629,7 +659,7 @@ impl Target {
         let jpath = self.journal_path();
         let (disk, disk_path, journal) = match spec.mode {
             ApplyMode::Journal => {
-                let disk = vfs.open(&self.path, OpenHow::ReadWrite).ctx(Place::Target, "opening", &self.path)?;
+                let disk = self.open_for_write()?;
                 let journal = match &resume {
                     Some(scan) => JournalWriter::resume(vfs.as_ref(), &jpath, scan)?,
                     None => JournalWriter::create(vfs.as_ref(), &jpath, header)?,
@@ -647,7 +677,7 @@ impl Target {
                 (disk, p, Some(journal))
             }
             ApplyMode::Direct => {
-                let disk = vfs.open(&self.path, OpenHow::ReadWrite).ctx(Place::Target, "opening", &self.path)?;
+                let disk = self.open_for_write()?;
                 let len = disk.len().ctx(Place::Target, "reading", &self.path)?;
                 if len < spec.geometry.disk_bytes {
                     return Err(too_small(&self.path, len, spec.geometry.disk_bytes));
@@ -700,6 +730,14 @@ impl Target {
             sink,
         })
     }
+}
+
+fn swapped(path: &Path) -> Error {
+    Error::new(
+        ErrorCode::TargetSwapped,
+        format!("{} now names another file or device than the one the agent checked: nothing was written", path.display()),
+    )
+    .hint("find out who replaced it; if the new file is meant to be the target, restart the agent so it checks the path again")
 }
 
 fn too_small(path: &Path, have: u64, need: u64) -> Error {

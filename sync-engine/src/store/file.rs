@@ -12,6 +12,18 @@ use rustix::fs::{FallocateFlags, FlockOperation};
 use super::{DiskKind, Meta, OpenHow, Stamp, Storage, Vfs};
 use crate::disk::Disk;
 
+/// The error for a write through a symlink (`ELOOP` says too little).
+#[derive(Debug)]
+pub struct SymlinkRefused;
+
+impl std::fmt::Display for SymlinkRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("refusing to write through a symlink")
+    }
+}
+
+impl std::error::Error for SymlinkRefused {}
+
 /// The real filesystem.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealFs;
@@ -145,6 +157,11 @@ impl Storage for FileStorage {
         Ok(out)
     }
 
+    fn identity(&self) -> io::Result<Option<super::FileId>> {
+        let md = self.file.metadata()?;
+        Ok(Some(file_id(&md)))
+    }
+
     fn start_writeback(&self, off: u64, len: u64) {
         // DONTNEED starts asynchronous writeback of the dirty range (and drops
         // clean pages), so the commit's fsync finds little left to write.
@@ -177,6 +194,15 @@ fn device_stamp(path: &Path, md: &fs::Metadata) -> io::Result<Stamp> {
     Ok(Stamp::Device { boot_id: boot_id()?, rdev, sectors_written })
 }
 
+/// The identity of what `md` describes (see [`super::Meta::identity`]).
+pub fn file_id(md: &fs::Metadata) -> super::FileId {
+    if md.file_type().is_block_device() {
+        (md.rdev(), u64::MAX)
+    } else {
+        (md.dev(), md.ino())
+    }
+}
+
 fn file_stamp(md: &fs::Metadata) -> Stamp {
     Stamp::File {
         len: md.len(),
@@ -189,23 +215,32 @@ fn file_stamp(md: &fs::Metadata) -> Stamp {
 impl Vfs for RealFs {
     fn open(&self, path: &Path, how: OpenHow) -> io::Result<Arc<dyn Storage>> {
         let mut o = OpenOptions::new();
+        // Written paths are canonical: a symlink in their last component was
+        // swapped in later, and writing through it could reach any file.
+        let nofollow = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
         match how {
             OpenHow::Read => {
                 o.read(true);
             }
             OpenHow::ReadWrite => {
                 o.read(true).write(true);
-                if fs::metadata(path)?.file_type().is_block_device() {
+                let md = fs::symlink_metadata(path)?;
+                if md.file_type().is_symlink() {
+                    return Err(io::Error::new(io::ErrorKind::InvalidInput, SymlinkRefused));
+                }
+                if md.file_type().is_block_device() {
                     // One writer per device: O_EXCL fails with EBUSY while another
                     // process (or a mount) holds it, and dies with the process.
-                    o.custom_flags(rustix::fs::OFlags::EXCL.bits() as i32);
+                    o.custom_flags(nofollow | rustix::fs::OFlags::EXCL.bits() as i32);
+                } else {
+                    o.custom_flags(nofollow);
                 }
             }
             OpenHow::CreateNew => {
                 o.read(true).write(true).create_new(true).mode(0o600);
             }
             OpenHow::Truncate => {
-                o.read(true).write(true).create(true).truncate(true).mode(0o600);
+                o.read(true).write(true).create(true).truncate(true).mode(0o600).custom_flags(nofollow);
             }
         }
         Ok(Arc::new(FileStorage::new(o.open(path)?)?))
@@ -223,10 +258,10 @@ impl Vfs for RealFs {
         };
         let kind = kind_of(&md.file_type())?;
         Ok(Some(match kind {
-            DiskKind::File => Meta { kind, len: md.len(), stamp: file_stamp(&md), identity: (md.dev(), md.ino()) },
+            DiskKind::File => Meta { kind, len: md.len(), stamp: file_stamp(&md), identity: file_id(&md) },
             DiskKind::BlockDevice => {
                 let len = File::open(path)?.seek(SeekFrom::End(0))?;
-                Meta { kind, len, stamp: device_stamp(path, &md)?, identity: (md.rdev(), u64::MAX) }
+                Meta { kind, len, stamp: device_stamp(path, &md)?, identity: file_id(&md) }
             }
         }))
     }

@@ -99,10 +99,11 @@ pub struct Meta {
     /// Write stamp.
     pub stamp: Stamp,
     /// What the name refers to: two names of one file or device are equal here.
-    pub identity: (u64, u64),
+    pub identity: FileId,
 }
 
-/// How to open a path.
+/// How to open a path. Opening for writing never follows a symlink in the
+/// last component (paths are canonical, so one there was swapped in).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpenHow {
     /// Read only.
@@ -144,7 +145,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
     }
     /// Hint: start writing back `[off, off+len)` now, so the final sync is short.
     fn start_writeback(&self, _off: u64, _len: u64) {}
+    /// What is open, as [`Meta::identity`] names it (`None`: this storage cannot tell).
+    fn identity(&self) -> io::Result<Option<FileId>> {
+        Ok(None)
+    }
 }
+
+/// Which file or device a name refers to: `(st_dev, st_ino)` for a file,
+/// `(st_rdev, u64::MAX)` for a block device.
+pub type FileId = (u64, u64);
 
 /// A filesystem namespace: opening, renaming, removing and syncing directories.
 ///
