@@ -126,7 +126,7 @@ pub async fn push(
     tracing::debug!("connecting");
     let conn = connecting.await.map_err(|e| connection_error(e, false, &opts, id))?;
     tracing::debug!("connected");
-    let result = run_session(&conn, &opts, open, disk, g, before.stamp, progress, sent).await;
+    let result = run_session(&conn, &opts, open, disk, g, before, progress, sent).await;
     // With TLS 1.3 the target judges our certificate after we think the
     // handshake is done: a refusal then shows as a lost stream.
     let result = match (result, conn.close_reason()) {
@@ -201,7 +201,7 @@ async fn run_session(
     open: Open,
     disk: Arc<Disk>,
     g: Geometry,
-    stamp_before: diskferry_sync_engine::store::Stamp,
+    before: diskferry_sync_engine::store::Meta,
     progress: Arc<dyn Progress + Send + Sync>,
     sent: Option<SentManifests>,
 ) -> Result<(PushReport, ()), Error> {
@@ -300,11 +300,16 @@ async fn run_session(
                 }
                 SenderEvent::Resend { index } => {
                     let w = vec![WantBlock { index, page_hashes: Vec::new() }];
+                    // A full copy's block whose bytes changed after hashing
+                    // fails verification: the resend then carries other bytes.
+                    let region = g.region_of(index);
+                    let first = g.region_range(region).start;
+                    let expected = session.region_blocks(region).and_then(|b| b.get((index - first) as usize).copied());
                     spawn_sender(
                         disk.clone(),
                         g,
                         w,
-                        vec![None],
+                        vec![expected],
                         level,
                         data_tx.clone(),
                         counters.clone(),
@@ -354,8 +359,17 @@ async fn run_session(
         // Finish once everything was hashed and the target has staged every
         // region: only then is the source's stability known.
         if hashed.is_some() && consistency_sent.is_none() && session.outstanding() == 0 {
-            let after = RealFs.metadata(&opts.source).ok().flatten().map(|m| m.stamp);
-            let stable = after == Some(stamp_before) && !counters.changed_while_read.load(Ordering::Relaxed);
+            let after = match source_still_there(&opts.source, &before, g.disk_bytes) {
+                Ok(m) => m,
+                Err(e) => {
+                    session.abort(e.code, e.message.clone());
+                    while let Some(m) = session.poll_transmit() {
+                        let _ = write_frame(&mut ctl_tx, &m).await;
+                    }
+                    return Err(e);
+                }
+            };
+            let stable = after.stamp == before.stamp && !counters.changed_while_read.load(Ordering::Relaxed);
             let c = if stable { Consistency::Crash } else { Consistency::Fuzzy };
             consistency_sent = Some(c);
             session.handle_source_done(c);
@@ -386,6 +400,27 @@ async fn run_session(
                 }
             },
         }
+    }
+}
+
+/// The source after it was read: written is fine (the point is fuzzy), but
+/// a source that shrank, vanished or was replaced by another file is not
+/// the disk whose bytes were sent.
+fn source_still_there(
+    path: &Path,
+    before: &diskferry_sync_engine::store::Meta,
+    disk_bytes: u64,
+) -> Result<diskferry_sync_engine::store::Meta, Error> {
+    let changed = |why: String| {
+        Error::new(ErrorCode::SourceChanged, format!("source {}: {why} while it was pushed", path.display())).hint(
+            "push from a snapshot, or run again once nothing truncates or replaces the source; the target keeps its last committed generation",
+        )
+    };
+    match RealFs.metadata(path).ctx(Place::Source, "reading", path)? {
+        None => Err(changed("it was removed".into())),
+        Some(m) if m.identity != before.identity => Err(changed("it was replaced by another file".into())),
+        Some(m) if m.len < disk_bytes => Err(changed(format!("it shrank from {disk_bytes} to {} bytes", m.len))),
+        Some(m) => Ok(m),
     }
 }
 

@@ -79,6 +79,10 @@ impl Disk {
     /// Calls `f` with the bytes `[off, off+len)`: borrowed from a map when the
     /// disk is mapped (then also as shared [`Bytes`] that keep the map alive,
     /// for senders that pass them on without a copy), else read into `scratch`.
+    ///
+    /// A file that shrank below its size at open, while or before its bytes
+    /// were read, fails with [`source_changed`]: the bytes `f` saw are then
+    /// not the file's, and its result must not be used.
     pub fn with_bytes<R>(
         &self,
         off: u64,
@@ -91,14 +95,55 @@ impl Disk {
         }
         if let Backing::Mapped(file, _) = &self.backing {
             if let Ok(map) = crate::mmap::map_range(file, off, len) {
+                let flag = map.fault_flag();
                 let shared = Bytes::from_owner(map);
-                return Ok(f(&shared, Some(&shared)));
+                let r = f(&shared, Some(&shared));
+                // `shared` still owns the map, so its mark is still ours to read.
+                if flag.faulted() {
+                    return Err(source_changed("it was truncated while it was read"));
+                }
+                self.check_size()?;
+                return Ok(r);
             }
         }
         scratch.resize(len, 0);
         self.read_at(off, &mut scratch[..len])?;
-        Ok(f(&scratch[..len], None))
+        let r = f(&scratch[..len], None);
+        self.check_size()?;
+        Ok(r)
     }
+
+    /// Fails with [`source_changed`] if a file is now shorter than at open
+    /// (its holes then hide vanished data). Devices do not shrink in use.
+    pub fn check_size(&self) -> io::Result<()> {
+        let Backing::Mapped(file, _) = &self.backing else { return Ok(()) };
+        if self.kind != DiskKind::File {
+            return Ok(());
+        }
+        let now = file.metadata()?.len();
+        if now < self.len {
+            return Err(source_changed(&format!("it shrank from {} to {now} bytes while it was read", self.len)));
+        }
+        Ok(())
+    }
+}
+
+/// Why a disk's bytes cannot be trusted any more: it shrank or was replaced
+/// while read. [`crate::Error::io`] turns it into `E_SOURCE_CHANGED`.
+#[derive(Debug)]
+pub struct SourceChanged(pub String);
+
+impl std::fmt::Display for SourceChanged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SourceChanged {}
+
+/// An `io::Error` carrying [`SourceChanged`].
+pub fn source_changed(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, SourceChanged(why.to_string()))
 }
 
 fn open_file(path: &Path) -> io::Result<(File, DiskKind, u64)> {

@@ -60,6 +60,14 @@ impl Error {
                     "free space on the target's filesystem and run again; the target is unchanged",
                 ),
             },
+            _ if err.get_ref().is_some_and(|e| e.is::<crate::disk::SourceChanged>())
+                || (place == Place::Source && err.kind() == io::ErrorKind::UnexpectedEof) =>
+            {
+                (
+                    ErrorCode::SourceChanged,
+                    "the source shrank or was replaced while it was read: push from a snapshot, or run again once nothing truncates it; the target keeps its last committed generation",
+                )
+            }
             (_, io::ErrorKind::NotFound) => (ErrorCode::NotFound, "check the path"),
             _ if err.get_ref().is_some_and(|e| e.is::<crate::store::NotADisk>()) => {
                 (ErrorCode::NotADisk, "give a disk image file or a block device")

@@ -19,3 +19,4 @@ mod kill;
 mod net;
 mod points;
 mod restart;
+mod source_change;

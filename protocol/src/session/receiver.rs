@@ -109,6 +109,18 @@ struct Pending {
     parked: bool,
     /// Nacks sent per block.
     nacks: BTreeMap<u64, u8>,
+    /// Full copy: blocks staged or zeroed so far (each at most once).
+    covered: Vec<bool>,
+    /// Full copy: a block was resent after failing verification (the source
+    /// changed under its read), so the announced region hash is stale.
+    amended: bool,
+}
+
+impl Pending {
+    /// A full copy's region of `len` blocks: zeros until frames say otherwise.
+    fn full(len: usize) -> Pending {
+        Pending { hashes: vec![Some(BlockHash::ZERO); len], covered: vec![false; len], ..Pending::default() }
+    }
 }
 
 /// Target-side session state machine.
@@ -281,10 +293,7 @@ impl ReceiverSession {
                 let Some(len) = self.region_len(region) else {
                     return self.fail(ErrorCode::Protocol, format!("region {region} is outside the disk"), true);
                 };
-                let p = self.pending.entry(region).or_insert_with(|| Pending {
-                    hashes: vec![Some(BlockHash::ZERO); len as usize],
-                    ..Pending::default()
-                });
+                let p = self.pending.entry(region).or_insert_with(|| Pending::full(len as usize));
                 if p.items_expected.is_some() {
                     return self.fail(ErrorCode::Protocol, format!("region {region} ended twice"), true);
                 }
@@ -415,10 +424,11 @@ impl ReceiverSession {
         let at = (index - g.region_range(region).start) as usize;
         if self.plan == Some(Plan::Full) {
             let len = g.region_range(region).end - g.region_range(region).start;
-            let p = self
-                .pending
-                .entry(region)
-                .or_insert_with(|| Pending { hashes: vec![Some(BlockHash::ZERO); len as usize], ..Pending::default() });
+            let p = self.pending.entry(region).or_insert_with(|| Pending::full(len as usize));
+            // Each block once: a duplicate could stand in for a missing block.
+            if std::mem::replace(&mut p.covered[at], true) {
+                return self.fail(ErrorCode::Protocol, format!("block {index} arrived twice"), true);
+            }
             p.hashes[at] = Some(hash);
             p.items_seen += 1;
             return self.check_full_region(region);
@@ -447,11 +457,17 @@ impl ReceiverSession {
         if g.region_of(first + count - 1) != region {
             return self.fail(ErrorCode::Protocol, "zero range spans regions", true);
         }
-        let len = g.region_range(region).end - g.region_range(region).start;
-        let p = self
-            .pending
-            .entry(region)
-            .or_insert_with(|| Pending { hashes: vec![Some(BlockHash::ZERO); len as usize], ..Pending::default() });
+        let range = g.region_range(region);
+        let p = self.pending.entry(region).or_insert_with(|| Pending::full((range.end - range.start) as usize));
+        for b in first..first + count {
+            if std::mem::replace(&mut p.covered[(b - range.start) as usize], true) {
+                return self.fail(
+                    ErrorCode::Protocol,
+                    format!("zero range over block {b}, which was already sent"),
+                    true,
+                );
+            }
+        }
         p.items_seen += 1;
         self.check_full_region(region);
     }
@@ -460,6 +476,11 @@ impl ReceiverSession {
     pub fn handle_verify_failed(&mut self, index: u64) {
         let Some(g) = self.geometry else { return };
         let region = g.region_of(index);
+        if self.plan == Some(Plan::Full) {
+            let range = g.region_range(region);
+            self.pending.entry(region).or_insert_with(|| Pending::full((range.end - range.start) as usize)).amended =
+                true;
+        }
         let Some(p) = self.pending.get_mut(&region) else { return };
         let n = p.nacks.entry(index).or_insert(0);
         *n += 1;
@@ -497,7 +518,9 @@ impl ReceiverSession {
                 }
             }
         }
-        self.complete.insert(region, (hashes, if full { p.source_hash } else { None }));
+        // An amended region's hashes are those of the blocks verified and
+        // staged, which is what the manifest must say.
+        self.complete.insert(region, (hashes, if full && !p.amended { p.source_hash } else { None }));
         self.regions_done += 1;
         self.transmit.push_back(Message::RegionDone { region, bytes_staged: self.bytes_staged });
         while let Some((hashes, expected)) = self.complete.remove(&self.next_to_emit) {

@@ -353,3 +353,67 @@ fn unrequested_blocks_are_refused() {
     r.handle_staged(5, h(5), 4096);
     assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed { code: ErrorCode::Protocol, .. })));
 }
+
+/// A receiver running a full copy of `blocks` 64 KiB blocks (one region).
+fn full_receiver(blocks: u64) -> ReceiverSession {
+    let mut r = ReceiverSession::new();
+    r.handle_message(Message::Hello { min_version: 1, max_version: 1, capabilities: 3 });
+    let g = Geometry::new(blocks * 65536, BlockSize::DEFAULT);
+    let open = Open {
+        session: SessionId(1),
+        target: TargetName::new("t").unwrap(),
+        disk_bytes: g.disk_bytes,
+        block_size: g.block_size,
+        mode: SyncMode::Full,
+        force: false,
+        source_base: None,
+    };
+    r.handle_message(Message::Open(open));
+    let _ = r.poll_event();
+    r.accept(Accept { plan: Plan::Full, target_generation: None, staged_blocks: 0, window: 2 }, g);
+    while r.poll_transmit().is_some() {}
+    r
+}
+
+#[test]
+fn a_full_copy_block_resent_with_new_bytes_amends_its_region() {
+    let mut r = full_receiver(64);
+    for i in (0..64).filter(|&i| i != 3) {
+        r.handle_staged(i, h(i + 1), 65536);
+    }
+    // The source's bytes changed after it hashed block 3: verification fails,
+    // and the resend carries what the source holds now.
+    r.handle_verify_failed(3);
+    assert_eq!(r.poll_transmit(), Some(Message::Nack { index: 3 }));
+    r.handle_staged(3, h(999), 65536);
+    let announced: Vec<BlockHash> = (0..64).map(|i| h(i + 1)).collect();
+    r.handle_message(Message::RegionEnd { region: 0, hash: tree(&announced).1, items: 64 });
+    let Some(ReceiverEvent::RegionComplete { hashes, expected, .. }) = r.poll_event() else {
+        panic!("the region completes")
+    };
+    assert_eq!(expected, None, "the announced region hash is stale: not checked");
+    assert_eq!(hashes[3], h(999), "the manifest records the bytes staged");
+}
+
+#[test]
+fn a_full_copy_refuses_a_block_twice_or_zeros_over_a_block() {
+    let mut r = full_receiver(64);
+    r.handle_staged(5, h(6), 65536);
+    r.handle_staged(5, h(6), 65536);
+    assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed { code: ErrorCode::Protocol, .. })));
+
+    let mut r = full_receiver(64);
+    r.handle_staged(5, h(6), 65536);
+    r.handle_zeroed(4, 3);
+    assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed { code: ErrorCode::Protocol, .. })));
+
+    // Without a resend, the announced region hash is checked by the driver.
+    let mut r = full_receiver(64);
+    let hashes: Vec<BlockHash> = (0..64).map(|i| h(i + 1)).collect();
+    for i in 0..64 {
+        r.handle_staged(i, hashes[i as usize], 65536);
+    }
+    r.handle_message(Message::RegionEnd { region: 0, hash: tree(&hashes).1, items: 64 });
+    let Some(ReceiverEvent::RegionComplete { expected, .. }) = r.poll_event() else { panic!("completes") };
+    assert_eq!(expected, Some(tree(&hashes).1));
+}
