@@ -64,6 +64,10 @@ pub struct PushReport {
     pub staged_before: u64,
     /// Bytes of control frames (hash exchange, requests) both ways.
     pub control_bytes: u64,
+    /// Recovery points the target dropped to start a new chain (`--force`).
+    pub points_dropped: u32,
+    /// The target already held this content: `generation` is its existing point.
+    pub unchanged: bool,
 }
 
 impl PushReport {
@@ -126,10 +130,20 @@ pub async fn push(
     tracing::debug!("connecting");
     let conn = connecting.await.map_err(|e| connection_error(e, false, &opts, id))?;
     tracing::debug!("connected");
-    let result = run_session(&conn, &opts, open, disk, g, before, progress, sent).await;
-    // With TLS 1.3 the target judges our certificate after we think the
-    // handshake is done: a refusal then shows as a lost stream.
+    let mut finish_sent = false;
+    let result = run_session(&conn, &opts, open, disk, g, before, progress, sent, &mut finish_sent).await;
     let result = match (result, conn.close_reason()) {
+        // The commit may have landed with only its acknowledgement lost.
+        (Err(e), _) if finish_sent && e.code == ErrorCode::Connection => Err(Error::new(
+            ErrorCode::Connection,
+            format!(
+                "the connection to {} was lost after the commit was requested, so the target may hold the new generation ({})",
+                opts.peer, e.message
+            ),
+        )
+        .hint("push again: if the commit landed, the rerun says the target already holds this data; if not, it resumes")),
+        // With TLS 1.3 the target judges our certificate after we think the
+        // handshake is done: a refusal then shows as a lost stream.
         (Err(e), Some(reason)) if e.code == ErrorCode::Connection => Err(connection_error(reason, true, &opts, id)),
         (r, _) => r,
     };
@@ -138,7 +152,7 @@ pub async fn push(
     // Long enough for the close to leave; the draining period that follows
     // only matters to a peer still sending, and the session is over.
     let _ = tokio::time::timeout(Duration::from_millis(5), endpoint.wait_idle()).await;
-    let (mut report, _) = result?;
+    let mut report = result?;
     report.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
     report.path_mtu = stats.path.current_mtu;
     Ok(report)
@@ -204,7 +218,8 @@ async fn run_session(
     before: diskferry_sync_engine::store::Meta,
     progress: Arc<dyn Progress + Send + Sync>,
     sent: Option<SentManifests>,
-) -> Result<(PushReport, ()), Error> {
+    finish_sent: &mut bool,
+) -> Result<PushReport, Error> {
     let lost = |e: &dyn std::fmt::Display| {
         Error::new(ErrorCode::Connection, format!("connection lost: {e}"))
             .hint("push again: it resumes where it stopped")
@@ -246,6 +261,9 @@ async fn run_session(
         while let Some(m) = session.poll_transmit() {
             control_sent += m.to_bytes().len() as u64;
             write_frame(&mut ctl_tx, &m).await.map_err(|e| lost(&e))?;
+            if let Message::Finish { consistency } = m {
+                tracing::debug!(consistency = consistency.as_str(), "finish sent: the target commits now");
+            }
         }
         while let Some(ev) = session.poll_event() {
             match ev {
@@ -338,23 +356,22 @@ async fn run_session(
             for w in writers {
                 let _ = w.await;
             }
-            return Ok((
-                PushReport {
-                    plan: session.plan().unwrap_or(Plan::Full),
-                    disk_bytes: g.disk_bytes,
-                    blocks_total: g.block_count(),
-                    blocks_changed: c.blocks_changed,
-                    bytes_sent: counters.bytes_sent.load(Ordering::Relaxed),
-                    wire_bytes: 0,
-                    path_mtu: 0,
-                    generation: c.generation,
-                    consistency: consistency_sent.unwrap_or(Consistency::Fuzzy),
-                    root: c.root,
-                    staged_before,
-                    control_bytes: control_sent + reader.bytes_read(),
-                },
-                (),
-            ));
+            return Ok(PushReport {
+                plan: session.plan().unwrap_or(Plan::Full),
+                disk_bytes: g.disk_bytes,
+                blocks_total: g.block_count(),
+                blocks_changed: c.blocks_changed,
+                bytes_sent: counters.bytes_sent.load(Ordering::Relaxed),
+                wire_bytes: 0,
+                path_mtu: 0,
+                generation: c.generation,
+                consistency: consistency_sent.unwrap_or(Consistency::Fuzzy),
+                root: c.root,
+                staged_before,
+                control_bytes: control_sent + reader.bytes_read(),
+                points_dropped: c.points_dropped,
+                unchanged: c.unchanged,
+            });
         }
         // Finish once everything was hashed and the target has staged every
         // region: only then is the source's stability known.
@@ -372,6 +389,7 @@ async fn run_session(
             let stable = after.stamp == before.stamp && !counters.changed_while_read.load(Ordering::Relaxed);
             let c = if stable { Consistency::Crash } else { Consistency::Fuzzy };
             consistency_sent = Some(c);
+            *finish_sent = true;
             session.handle_source_done(c);
             continue;
         }

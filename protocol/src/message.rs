@@ -20,7 +20,7 @@
 //! | 0x0b | RegionEnd | S→T | `u64 region · [32] hash · u32 items` |
 //! | 0x0c | RegionDone | T→S | `u64 region · u64 bytes staged` |
 //! | 0x0d | Finish | S→T | `u8 consistency` |
-//! | 0x0e | Committed | T→S | `u128 generation · [32] root · u64 blocks changed · u64 bytes written` |
+//! | 0x0e | Committed | T→S | `u128 generation · [32] root · u64 blocks changed · u64 bytes written · u32 points dropped · u8 flags` (flag 1: unchanged) |
 //! | 0x0f | Error | both | `u16 code · str message` |
 //! | 0x10 | Block | S→T data | `u64 block · [32] blake3 of the whole new block · u32 block len · u8 codec · u16 n · n × (u32 offset · u32 len) · u32 payload len · payload` |
 //! | 0x11 | Zero | S→T data | `u64 first block · u64 count` |
@@ -155,7 +155,15 @@ pub struct Committed {
     pub blocks_changed: u64,
     /// Content bytes written into the target.
     pub bytes_written: u64,
+    /// Recovery points the commit dropped by starting a new chain (`--force`).
+    pub points_dropped: u32,
+    /// The target already held exactly this content at a point at least as
+    /// consistent: no new generation was made, `generation` is that point.
+    pub unchanged: bool,
 }
+
+/// [`Committed`] flag: the target already held this content.
+const COMMITTED_UNCHANGED: u8 = 1;
 
 /// Any protocol message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -399,6 +407,8 @@ impl Message {
                 b.put_slice(c.root.as_bytes());
                 b.put_u64_le(c.blocks_changed);
                 b.put_u64_le(c.bytes_written);
+                b.put_u32_le(c.points_dropped);
+                b.put_u8(if c.unchanged { COMMITTED_UNCHANGED } else { 0 });
             }
             Message::Error { code, message } => {
                 b.put_u16_le(code.to_u16());
@@ -511,6 +521,12 @@ impl Message {
                 root: body.get_hash()?,
                 blocks_changed: body.get_u64_checked()?,
                 bytes_written: body.get_u64_checked()?,
+                points_dropped: body.get_u32_checked()?,
+                unchanged: match body.get_u8_checked()? {
+                    0 => false,
+                    COMMITTED_UNCHANGED => true,
+                    _ => return Err(DecodeError::Invalid("committed flags")),
+                },
             }),
             0x0f => Message::Error { code: ErrorCode::from_u16(body.get_u16_checked()?), message: body.get_str()? },
             0x10 => Message::Block(decode_block(body)?),
@@ -724,6 +740,16 @@ mod tests {
                 root: h,
                 blocks_changed: 1,
                 bytes_written: 4096,
+                points_dropped: 2,
+                unchanged: false,
+            }),
+            Message::Committed(Committed {
+                generation: Generation(6),
+                root: h,
+                blocks_changed: 0,
+                bytes_written: 0,
+                points_dropped: 0,
+                unchanged: true,
             }),
             Message::Error { code: ErrorCode::Diverged, message: "changed ünder us".into() },
             Message::Block(BlockFrame {

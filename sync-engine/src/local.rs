@@ -9,7 +9,9 @@ use std::sync::Arc;
 use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry, SessionId};
 use rayon::prelude::*;
 
-use crate::apply::{ApplyMode, BeginSpec, CommitMeta, PointRecord, Recovery, Target, TargetOptions, Trust};
+use crate::apply::{
+    diverged_error, ApplyMode, BeginSpec, CommitMeta, PointRecord, Recovery, Target, TargetOptions, Trust,
+};
 use crate::block::VerifiedBlock;
 use crate::disk::Disk;
 use crate::error::{Error, IoContext, Place, Result};
@@ -120,6 +122,11 @@ pub struct SyncReport {
     pub root: BlockHash,
     /// What opening the target recovered first.
     pub recovery: Recovery,
+    /// Recovery points dropped by starting a new chain (`--force`).
+    pub points_dropped: u32,
+    /// The target already held exactly this content: no new generation,
+    /// `generation` is its existing point.
+    pub unchanged: bool,
 }
 
 fn source_meta(vfs: &dyn Vfs, path: &Path) -> Result<Meta> {
@@ -180,6 +187,8 @@ pub fn sync(job: &SyncJob, opts: &SyncOptions, progress: &dyn Progress) -> Resul
         target.check_full_overwrite(opts.force)?;
     }
     let recovery = target.recovery().clone();
+    // Counted before a full copy into a device marks it INCOMPLETE.
+    let kept_before = target.kept_points();
     let mut run = Run { source: &source, geometry, progress, changed_while_read: false, stats: PlanStats::default() };
     let (report, compare) = if full {
         let is_device = dst_meta.is_some_and(|m| m.kind == DiskKind::BlockDevice);
@@ -194,6 +203,28 @@ pub fn sync(job: &SyncJob, opts: &SyncOptions, progress: &dyn Progress) -> Resul
         (true, true) => Consistency::App,
         (true, false) => Consistency::Crash,
     };
+    let points_dropped = if report.base().is_none() { kept_before as u32 } else { 0 };
+    if let Some(point) = report.unchanged_point(consistency) {
+        // The target holds exactly this already: no new point.
+        report.abandon();
+        let root = target.manifest_of(&point)?.header().root;
+        return Ok(SyncReport {
+            mode: "delta",
+            compare,
+            disk_bytes: geometry.disk_bytes,
+            blocks_total: geometry.block_count(),
+            blocks_changed: 0,
+            bytes_written: 0,
+            log_bytes: 0,
+            undo_bytes: 0,
+            generation: point.generation,
+            consistency: point.consistency,
+            root,
+            recovery,
+            points_dropped: 0,
+            unchanged: true,
+        });
+    }
     let commit =
         report.commit(CommitMeta { generation: job.generation, consistency, created_unix_ns: job.now_unix_ns })?;
     Ok(SyncReport {
@@ -209,6 +240,8 @@ pub fn sync(job: &SyncJob, opts: &SyncOptions, progress: &dyn Progress) -> Resul
         consistency,
         root: commit.root,
         recovery,
+        points_dropped,
+        unchanged: false,
     })
 }
 
@@ -305,7 +338,7 @@ impl Run<'_> {
                     (Some(p), None)
                 }
             }
-            Trust::Diverged { why, .. } if !opts.force => return Err(diverged(&job.target, &why)),
+            Trust::Diverged { why, .. } if !opts.force => return Err(target.diverged(&why)),
             // No state, interrupted full copy, or forced: compare with the bytes.
             _ => (None, None),
         };
@@ -416,7 +449,7 @@ impl Run<'_> {
             // so a change made behind our back is never silently destroyed.
             if let Some(expected) = tgt.get(i).copied().flatten() {
                 if hash_block(&old) != expected {
-                    return Err(diverged(&job.target, &format!("block {block} differs from the last commit")));
+                    return Err(diverged_error(&job.target, &format!("block {block} differs from the last commit"), 0));
                 }
             }
         }
@@ -430,10 +463,4 @@ impl Run<'_> {
         self.source.read_at(g.block_offset(block), &mut new).ctx(Place::Source, "reading", &job.source)?;
         Ok(Some(VerifiedBlock::from_local(block, &new, Some(&old))))
     }
-}
-
-fn diverged(path: &Path, why: &str) -> Error {
-    Error::new(ErrorCode::Diverged, format!("target {} was changed behind diskferry's back: {why}", path.display())).hint(
-        "if that change must be kept (a failed-over or test VM), stop here; otherwise run again with --force to bring it back by a full compare",
-    )
 }

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use diskferry_protocol::message::{encode_block, encode_block_head, BlockFrame, Codec, WantBlock};
 use diskferry_protocol::session::Differing;
-use diskferry_protocol::{BlockHash, ErrorCode, Geometry, PAGE_SIZE};
+use diskferry_protocol::{BlockHash, Geometry, PAGE_SIZE};
 
 use crate::apply::{Apply, OldContent};
 use crate::block::{Patch, ReceivedBlock, VerifiedBlock, VerifiedSlice};
@@ -165,14 +165,11 @@ pub fn resolve(
         if trusted {
             if let Some(expected) = d.target {
                 if !old.is_staged(d.index) && hash_block(&current) != expected {
-                    return Err(Error::new(
-                        ErrorCode::Diverged,
-                        format!(
-                            "target block {} differs from the last commit: it was changed behind diskferry's back",
-                            d.index
-                        ),
-                    )
-                    .hint("if that change must be kept, stop; otherwise push again with --force"));
+                    return Err(crate::apply::diverged_error(
+                        old.path(),
+                        &format!("block {} differs from the last commit", d.index),
+                        0,
+                    ));
                 }
             }
         }

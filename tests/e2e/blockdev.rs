@@ -128,6 +128,12 @@ fn interrupted_full_copy_to_a_device_is_incomplete() {
     let took = uint(&first, "disk_bytes") as f64 / 1e6 / first["mb_per_s"].as_f64().unwrap_or(500.0).max(1.0);
     scatter_writes(&src, 200, 64 * KIB, &mut rng);
 
+    // The device holds a recovery point: a full copy over it needs --force.
+    let out = df!("sync", src, dev.dev, "--mode", "full", "--state-dir", state, "--json");
+    let v = out.expect_json_error("E_WOULD_DROP_POINTS", 5);
+    assert!(v["message"].as_str().is_some_and(|m| m.contains("1 recovery point")), "{v}");
+    df!("verify", dev.dev, "--state-dir", state).ok();
+
     let mut incomplete = None;
     for attempt in 0..20 {
         let mut child = spawn(&[
@@ -136,6 +142,7 @@ fn interrupted_full_copy_to_a_device_is_incomplete() {
             dev.dev.as_ref(),
             "--mode".as_ref(),
             "full".as_ref(),
+            "--force".as_ref(),
             "--state-dir".as_ref(),
             state.as_ref(),
         ]);

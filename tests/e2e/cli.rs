@@ -122,10 +122,21 @@ fn json_output_has_the_documented_fields() {
     let src_root = hex(&df!("hash", src, "--json").ok_json(), "root", 64);
     assert_eq!(hex(&v, "root", 64), src_root, "verify's root is not the source's hash root: {v}");
 
-    // An unchanged source: nothing to write.
+    // An unchanged source: nothing to write, and no new point (an identical
+    // point would only push an older, different one out of retention).
     let s = df!("sync", src, dst, "--state-dir", state, "--json").ok_json();
     assert_eq!(uint(&s, "blocks_changed"), 0, "{s}");
     assert_eq!(uint(&s, "bytes_written"), 0, "{s}");
+    assert_eq!(s["unchanged"], Value::Bool(true), "{s}");
+    assert_eq!(hex(&s, "generation", 32), generation, "{s}");
+    assert_eq!(uint(&s, "points_dropped"), 0, "{s}");
+    let p = df!("points", dst, "--state-dir", state, "--json").ok_json();
+    assert_eq!(p["points"].as_array().map(Vec::len), Some(2), "{p}");
+    let first = generation.clone();
+    write_at(&src, 5 * 64 * KIB, &[0x5a; 4096]);
+    let s = df!("sync", src, dst, "--state-dir", state, "--json").ok_json();
+    assert_eq!(s["unchanged"], Value::Bool(false), "{s}");
+    let generation = first;
 
     // points
     let p = df!("points", dst, "--state-dir", state, "--json").ok_json();
@@ -157,6 +168,8 @@ fn check_sync_fields(s: &Value, size: u64) {
     assert!(s["seconds"].as_f64().is_some_and(|x| x >= 0.0), "{s}");
     hex(s, "generation", 32);
     assert_eq!(string(s, "consistency"), "crash-consistent", "{s}");
+    uint(s, "points_dropped");
+    assert!(s["unchanged"].is_boolean(), "{s}");
 }
 
 #[test]

@@ -105,11 +105,14 @@ fn target_filesystem_full() {
     let ballast = fill_leaving(&fs_.dir, 12 * MIB);
     for mode in ["auto", "delta", "full"] {
         let what = format!("--mode {mode} onto a full target filesystem");
-        let out = df!("sync", src, dst, "--mode", mode, "--state-dir", state);
+        // A full copy would drop the kept point: forced, to reach the full filesystem.
+        let force = if mode == "full" { "--force" } else { "--mode" };
+        let mode_arg = if mode == "full" { "--mode=full" } else { mode };
+        let out = df!("sync", src, dst, force, mode_arg, "--state-dir", state);
         assert_eq!(out.error_code().as_deref(), Some("E_TARGET_FULL"), "{what}:\n{out}");
         out.expect_error("E_TARGET_FULL", 6);
-        let v =
-            df!("sync", src, dst, "--mode", mode, "--state-dir", state, "--json").expect_json_error("E_TARGET_FULL", 6);
+        let v = df!("sync", src, dst, force, mode_arg, "--state-dir", state, "--json")
+            .expect_json_error("E_TARGET_FULL", 6);
         assert!(v["hint"].as_str().is_some_and(|h| !h.is_empty()), "{v}");
         assert_same(&dst, &old);
         assert!(!partial.exists(), "{what}: {} left behind", partial.display());

@@ -179,7 +179,7 @@ fn kill_loop(name: &str, kind: TargetKind, size: u64, iterations: usize) -> Tall
             std::fs::read_dir(target_state_dir(&s.state)).unwrap().map(|e| e.unwrap().file_name()).collect();
         let mut extra = vec!["--block-size", block_size];
         if full {
-            extra.extend(["--mode", "full"]);
+            extra.extend(["--mode", "full", "--force"]);
         }
         // Every third kill aims at the end, where the commit is; so do all
         // kills in the last third if none hit the commit yet.
@@ -372,7 +372,7 @@ fn killed_full_copy_leaves_no_partial_file() {
     let name = "kill_full_copy";
     let mut rng = rng(name);
     let s = Setup::new(name, TargetKind::File, 128 * MIB, &mut rng);
-    let t = run(&s.sync_args(&["--mode", "full"])).ok().seconds;
+    let t = run(&s.sync_args(&["--mode", "full", "--force"])).ok().seconds;
     let (mut new_hits, mut existing_hits) = (0, 0);
     for attempt in 0..40 {
         if new_hits >= 2 && existing_hits >= 2 {
@@ -390,7 +390,7 @@ fn killed_full_copy_leaves_no_partial_file() {
             "#{attempt}: full copy into {} target, kill after {delay:.3} s of ~{t:.3}",
             if new_target { "a new" } else { "an existing" }
         );
-        let mut child = spawn(&s.sync_args(&["--mode", "full"]));
+        let mut child = spawn(&s.sync_args(&["--mode", "full", "--force"]));
         std::thread::sleep(Duration::from_secs_f64(delay));
         child.kill().unwrap();
         let killed = child.wait().unwrap().signal() == Some(9);

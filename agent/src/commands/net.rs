@@ -121,7 +121,14 @@ pub fn push(a: PushArgs) -> Result<()> {
             human_bytes(report.wire_bytes),
             report.path_mtu
         );
-        println!("  generation  {} ({})", report.generation, report.consistency.as_str());
+        if report.unchanged {
+            println!("  generation  {} (the target already held this data: nothing changed since)", report.generation);
+        } else {
+            println!("  generation  {} ({})", report.generation, report.consistency.as_str());
+        }
+        if report.points_dropped > 0 {
+            println!("  dropped     {} recovery points of the target's old chain (--force)", report.points_dropped);
+        }
         println!("  time        {secs:.3} s ({:.0} MB/s)", mb_per_s(report.disk_bytes, secs));
     }
     Ok(())
@@ -144,6 +151,8 @@ pub fn push_json(r: &PushReport, secs: f64, cpu: f64) -> serde_json::Value {
         "root": r.root.to_hex(),
         "resumed_blocks": r.staged_before,
         "control_bytes": r.control_bytes,
+        "points_dropped": r.points_dropped,
+        "unchanged": r.unchanged,
     })
 }
 

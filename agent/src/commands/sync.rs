@@ -69,6 +69,8 @@ pub fn report_json(r: &SyncReport, secs: f64) -> Value {
         "generation": r.generation.to_hex(),
         "consistency": r.consistency.as_str(),
         "root": r.root.to_hex(),
+        "points_dropped": r.points_dropped,
+        "unchanged": r.unchanged,
     })
 }
 
@@ -83,6 +85,13 @@ fn print_human(a: &SyncArgs, r: &SyncReport, secs: f64) {
         human_bytes(r.log_bytes),
         human_bytes(r.undo_bytes)
     );
-    println!("  generation  {} ({})", r.generation, r.consistency.as_str());
+    if r.unchanged {
+        println!("  generation  {} (the target already held this data: nothing changed since)", r.generation);
+    } else {
+        println!("  generation  {} ({})", r.generation, r.consistency.as_str());
+    }
+    if r.points_dropped > 0 {
+        println!("  dropped     {} recovery points of the target's old chain (--force)", r.points_dropped);
+    }
     println!("  time        {secs:.3} s ({:.0} MB/s)", mb_per_s(r.disk_bytes, secs));
 }

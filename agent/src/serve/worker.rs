@@ -104,6 +104,8 @@ struct Decision {
     base: Option<Generation>,
     view: Option<ViewSource>,
     trusted_manifest: Option<Manifest>,
+    /// Recovery points a new chain drops (forced).
+    points_dropped: u32,
 }
 
 fn decide(target: &mut Target, open: &Open, g: &Geometry) -> Result<Decision, Error> {
@@ -146,6 +148,7 @@ fn decide(target: &mut Target, open: &Open, g: &Geometry) -> Result<Decision, Er
                 base: None,
                 view: Some(disk_view(&partial_path(&path))?),
                 trusted_manifest: None,
+                points_dropped: 0,
             }
         } else if incomplete_device {
             Decision {
@@ -154,10 +157,11 @@ fn decide(target: &mut Target, open: &Open, g: &Geometry) -> Result<Decision, Er
                 base: None,
                 view: Some(disk_view(&path)?),
                 trusted_manifest: None,
+                points_dropped: 0,
             }
         } else {
             let mode = if device { ApplyMode::Direct } else { ApplyMode::Partial };
-            Decision { plan: Plan::Full, mode, base: None, view: None, trusted_manifest: None }
+            Decision { plan: Plan::Full, mode, base: None, view: None, trusted_manifest: None, points_dropped: 0 }
         });
     }
     if incomplete_device {
@@ -167,6 +171,7 @@ fn decide(target: &mut Target, open: &Open, g: &Geometry) -> Result<Decision, Er
             base: None,
             view: Some(disk_view(&path)?),
             trusted_manifest: None,
+            points_dropped: 0,
         });
     }
     let hashed = |base: Option<Generation>| -> Result<Decision, Error> {
@@ -176,6 +181,7 @@ fn decide(target: &mut Target, open: &Open, g: &Geometry) -> Result<Decision, Er
             base,
             view: Some(disk_view(&path)?),
             trusted_manifest: None,
+            points_dropped: 0,
         })
     };
     match target.settle_trust()? {
@@ -191,13 +197,10 @@ fn decide(target: &mut Target, open: &Open, g: &Geometry) -> Result<Decision, Er
                 base: Some(p.generation),
                 view: Some(ViewSource::Manifest { manifest: Box::new(m.clone()), cursor: Box::new(cursor), device }),
                 trusted_manifest: Some(m),
+                points_dropped: 0,
             })
         }
-        Trust::Diverged { why, .. } if !open.force => Err(Error::new(
-            ErrorCode::Diverged,
-            format!("target {} was changed behind diskferry's back: {why}", open.target),
-        )
-        .hint("if that change must be kept (a failed-over or test VM), stop here; otherwise push with --force")),
+        Trust::Diverged { why, .. } if !open.force => Err(target.diverged(&why)),
         // No state, forced, or unprovable: compare with the bytes; never a blind overwrite.
         _ => hashed(None),
     }
@@ -240,13 +243,17 @@ fn serve_session(
     opened: tokio::sync::oneshot::Sender<Result<Opened, Error>>,
 ) -> Result<(), Error> {
     let g = *g;
-    let decision = match decide(target, &req.open, &g) {
+    let mut decision = match decide(target, &req.open, &g) {
         Ok(d) => d,
         Err(e) => {
             let _ = opened.send(Err(e));
             return Ok(());
         }
     };
+    if decision.base.is_none() {
+        // A new chain: the points kept so far go (only ever when forced).
+        decision.points_dropped = target.kept_points() as u32;
+    }
     let current = target.catalog().and_then(|c| c.current()).map(|p| p.generation);
     let staged = target.staged().map_or(0, |s| s.entries);
     let spec =
@@ -305,6 +312,21 @@ fn serve_session(
                 apply.push_region(region, &hashes)?;
             }
             Cmd::Commit { consistency } => {
+                if let Some(point) = apply.unchanged_point(consistency) {
+                    // The target holds this content already (say, a rerun
+                    // after the last acknowledgement was lost): no new point.
+                    apply.abandon();
+                    let root = target.manifest_of(&point)?.header().root;
+                    let _ = replies.send(Reply::Committed(Committed {
+                        generation: point.generation,
+                        root,
+                        blocks_changed: 0,
+                        bytes_written: 0,
+                        points_dropped: 0,
+                        unchanged: true,
+                    }));
+                    return Ok(());
+                }
                 let generation = crate::commands::new_generation();
                 let report = commit(apply, generation, consistency, crate::commands::now_unix_ns())?;
                 let _ = replies.send(Reply::Committed(Committed {
@@ -312,6 +334,8 @@ fn serve_session(
                     root: report.root,
                     blocks_changed,
                     bytes_written: report.bytes_written,
+                    points_dropped: decision.points_dropped,
+                    unchanged: false,
                 }));
                 return Ok(());
             }

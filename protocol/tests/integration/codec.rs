@@ -91,9 +91,16 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         (any::<u64>(), any::<u64>()).prop_map(|(region, bytes_staged)| Message::RegionDone { region, bytes_staged }),
         (0u8..3).prop_map(|c| Message::Finish { consistency: Consistency::from_u8(c).unwrap() }),
-        (generation(), hash(), any::<u64>(), any::<u64>()).prop_map(|(generation, root, c, w)| Message::Committed(
-            Committed { generation, root, blocks_changed: c, bytes_written: w }
-        )),
+        (generation(), hash(), any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>()).prop_map(
+            |(generation, root, c, w, points_dropped, unchanged)| Message::Committed(Committed {
+                generation,
+                root,
+                blocks_changed: c,
+                bytes_written: w,
+                points_dropped,
+                unchanged
+            })
+        ),
         (0usize..ErrorCode::ALL.len(), ".{0,80}")
             .prop_map(|(i, message)| Message::Error { code: ErrorCode::ALL[i], message }),
         block_frame().prop_map(Message::Block),

@@ -123,6 +123,8 @@ fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) 
                     root: BlockHash::ZERO,
                     blocks_changed: 0,
                     bytes_written: 0,
+                    points_dropped: 0,
+                    unchanged: false,
                 }),
                 ReceiverEvent::Failed { code, .. } => out.receiver_failed = Some(code),
             }

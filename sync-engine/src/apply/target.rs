@@ -311,22 +311,52 @@ impl Target {
         }
     }
 
-    /// Before a full copy replaces an existing target: a replica diskferry
-    /// committed and that was changed since (a failed-over or test VM wrote
-    /// it) is not overwritten unless `force`.
+    /// The recovery points an operator can list (consistent points of a
+    /// complete catalog): what a new chain would drop.
+    pub fn kept_points(&self) -> usize {
+        self.catalog
+            .as_ref()
+            .filter(|c| c.status == Status::Complete)
+            .map_or(0, |c| c.points.iter().filter(|p| p.consistency.is_recovery_point()).count())
+    }
+
+    /// Before a full copy replaces a target: refused unless `force` when the
+    /// replica diskferry committed was changed since (a failed-over or test
+    /// VM wrote it: `E_DIVERGED`), when its file vanished (`E_DIVERGED`: the
+    /// copy would silently start a new chain), or when it holds recovery
+    /// points the new chain would drop (`E_WOULD_DROP_POINTS`).
     pub fn check_full_overwrite(&mut self, force: bool) -> Result<()> {
-        let exists = self.vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?.is_some();
-        if force || !exists {
+        if force {
             return Ok(());
         }
-        match self.settle_trust()? {
-            Trust::Diverged { why, .. } => Err(Error::new(
-                ErrorCode::Diverged,
-                format!("target {} was changed behind diskferry's back: {why}", self.path.display()),
-            )
-            .hint("if that change must be kept (a failed-over or test VM), stop here; otherwise add --force")),
-            _ => Ok(()),
+        let exists = self.vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?.is_some();
+        let kept = self.kept_points();
+        if !exists {
+            if self.catalog.as_ref().is_some_and(|c| c.current().is_some()) {
+                return Err(self.diverged("the target no longer exists"));
+            }
+            return Ok(());
         }
+        if let Trust::Diverged { why, .. } = self.settle_trust()? {
+            return Err(self.diverged(&why));
+        }
+        if kept > 0 {
+            return Err(Error::new(
+                ErrorCode::WouldDropPoints,
+                format!(
+                    "a full copy replaces {} and would drop its {kept} recovery point{}",
+                    self.path.display(),
+                    if kept == 1 { "" } else { "s" }
+                ),
+            )
+            .hint("push without --mode full (a delta keeps them), or add --force to drop them"));
+        }
+        Ok(())
+    }
+
+    /// `E_DIVERGED` for this target: what changed, and what `--force` would drop.
+    pub fn diverged(&self, why: &str) -> Error {
+        diverged_error(&self.path, why, self.kept_points())
     }
 
     /// Records the target's current stamp as the committed one. Only call
@@ -732,6 +762,18 @@ impl Target {
     }
 }
 
+/// The one `E_DIVERGED` error: `path` was written behind diskferry's back
+/// (`why`), and `--force` would drop `kept` recovery points.
+pub fn diverged_error(path: &Path, why: &str, kept: usize) -> Error {
+    let lost = match kept {
+        0 => String::new(),
+        1 => "; --force would drop its 1 recovery point".into(),
+        n => format!("; --force would drop its {n} recovery points"),
+    };
+    Error::new(ErrorCode::Diverged, format!("target {} was changed behind diskferry's back: {why}{lost}", path.display()))
+        .hint("if that change must be kept (a failed-over or test VM), stop here; otherwise run again with --force, which overwrites it after a full compare")
+}
+
 fn swapped(path: &Path) -> Error {
     Error::new(
         ErrorCode::TargetSwapped,
@@ -814,6 +856,11 @@ pub struct OldContent {
 }
 
 impl OldContent {
+    /// The target (or `.partial`) these bytes come from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The bytes of `block` (zeros past the end).
     pub fn read(&self, block: u64) -> Result<Vec<u8>> {
         let len = self.geometry.block_len(block);
@@ -1018,6 +1065,29 @@ impl Apply<'_> {
             _ if off >= self.old_len && self.spec.mode == ApplyMode::Partial => Ok(()),
             _ => self.disk.zero_range(off, end - off).ctx(Place::Target, "zeroing", &self.disk_path),
         }
+    }
+
+    /// The committed point a commit of this apply would record again,
+    /// unchanged: the chain continues from it, nothing is staged (by this
+    /// session or a resumed one) and the geometry is the same. A commit of
+    /// `consistency` adds nothing when that point is at least as consistent.
+    pub fn unchanged_point(&self, consistency: Consistency) -> Option<PointRecord> {
+        let current = self.target.catalog.as_ref()?.current().copied()?;
+        let nothing_staged = self.spec.mode == ApplyMode::Journal
+            && self.journal.as_ref().is_some_and(|j| j.entries() == 0)
+            && self.spec.base == Some(current.generation)
+            && current.geometry == self.spec.geometry;
+        (nothing_staged && consistency.to_u8() <= current.consistency.to_u8()).then_some(current)
+    }
+
+    /// The generation the updates apply to (`None`: a new chain).
+    pub fn base(&self) -> Option<Generation> {
+        self.spec.base
+    }
+
+    /// Ends the session without a commit and without keeping anything staged.
+    pub fn abandon(mut self) {
+        self.spec.resumable = false;
     }
 
     /// Records the new generation's hashes for the next region (in order).

@@ -110,6 +110,8 @@ pub fn full_over_existing() -> Scenario {
     let v2 = g.evolve(&v1);
     let mut s = state_scenario("full copy over a synced target", 14, v1, v2, 4096, false);
     s.opts.mode = Mode::Full;
+    // It drops the kept point: the operator says so.
+    s.opts.force = true;
     s
 }
 
@@ -164,6 +166,8 @@ pub fn device_full() -> Scenario {
     write_image(&fs, p(DST), &garbage).unwrap();
     let mut o = opts(65536, 3);
     o.mode = Mode::Full;
+    // A rerun after a commit landed copies over a kept point.
+    o.force = true;
     Scenario {
         name: "full copy into a block device",
         base: fs,
