@@ -27,6 +27,8 @@ pub enum Command {
     Points(PointsArgs),
     /// Write an image of one of a target's recovery points.
     Export(ExportArgs),
+    /// Discard an interrupted push's staged data (the target stays at its last commit).
+    Abort(AbortArgs),
     /// Create this agent's key and certificate and print its fingerprint.
     Init(InitArgs),
     /// Print this agent's certificate fingerprint.
@@ -210,6 +212,17 @@ pub struct ExportArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct AbortArgs {
+    /// Target disk path, or with --config a target name from that serve config.
+    pub target: String,
+    /// The target agent's config: TARGET is one of its target names.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Size of the sample disk.
     #[arg(long, default_value = "512M")]
@@ -226,6 +239,7 @@ impl Command {
             Command::Verify(a) => a.common.json,
             Command::Points(a) => a.common.json,
             Command::Export(a) => a.common.json,
+            Command::Abort(a) => a.common.json,
             Command::Demo(a) => a.common.json,
             Command::Init(a) | Command::Id(a) => a.common.json,
             Command::Serve(a) => a.common.json,

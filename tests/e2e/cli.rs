@@ -189,6 +189,12 @@ fn bad_arguments_are_usage_errors() {
     df!("hash", a, "--threads", "many").expect_error("E_USAGE", 2);
     df!("export", b, "out.img").expect_error("E_USAGE", 2);
     df!("export", b, "--point", "not-a-generation", "out.img").expect_error("E_USAGE", 2);
+    // A bad block size is named as given, never as "0".
+    for bad in ["abc", "-1", "3K", "8M"] {
+        let out = df!("hash", a, "--block-size", bad);
+        out.expect_error("E_USAGE", 2);
+        assert!(out.stderr.contains(bad.trim_start_matches('-')) && !out.stderr.contains("size 0 "), "{bad}:\n{out}");
+    }
     let v = df!("sync", a, "--json", "--state-dir", state).expect_json_error("E_USAGE", 2);
     assert_eq!(v["retryable"], Value::Bool(false), "{v}");
     assert!(!b.exists(), "a usage error created the target");

@@ -17,6 +17,7 @@ mod full_fs;
 mod guard;
 mod keep_points;
 mod kill;
+mod leftovers;
 mod lost_ack;
 mod net;
 mod points;

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod abort;
 mod demo;
 mod export;
 mod hash;
@@ -18,6 +19,7 @@ use crate::cli::Command;
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Hash(a) => hash::run(a),
+        Command::Abort(a) => abort::run(a),
         Command::Sync(a) => sync::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Points(a) => points::run(a),

@@ -9,6 +9,6 @@ pub mod undo;
 
 pub use catalog::{Catalog, PointRecord, Status, UndoRef};
 pub use target::{
-    diverged_error, manifest_file, partial_path, target_key, Apply, ApplyMode, ApplyStats, BeginSpec, CommitMeta,
-    CommitReport, DirectSink, OldContent, Recovery, Target, TargetOptions, Trust,
+    diverged_error, manifest_file, partial_path, target_key, Aborted, Apply, ApplyMode, ApplyStats, BeginSpec,
+    CommitMeta, CommitReport, DirectSink, OldContent, Recovery, Target, TargetOptions, Trust,
 };

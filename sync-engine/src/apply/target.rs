@@ -52,6 +52,17 @@ pub enum Recovery {
     },
 }
 
+/// What [`Target::abort_staged`] discarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Aborted {
+    /// Staged entries (blocks, zero ranges) dropped.
+    pub entries: u64,
+    /// It was a full copy into `NAME.partial` (removed too).
+    pub full_copy: bool,
+    /// Bytes of the files removed (redo log, `.partial`).
+    pub bytes: u64,
+}
+
 /// How far the committed manifest can be trusted to describe the target.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Trust {
@@ -143,6 +154,8 @@ impl Target {
     ///
     /// `path` must be canonical: it keys the state.
     pub fn open(vfs: Arc<dyn Vfs>, state_root: &Path, path: &Path, options: TargetOptions) -> Result<Target> {
+        // A directory or character device is refused before any state is made for it.
+        vfs.metadata(path).ctx(Place::Target, "opening", path)?;
         let dir = Self::state_dir(state_root, path);
         vfs.create_dir_all(&dir).ctx(Place::State, "creating state directory", &dir)?;
         // The directory's own name must be durable before anything in it counts.
@@ -477,6 +490,24 @@ impl Target {
         Ok(overlay)
     }
 
+    /// Discards an interrupted session's staged data on purpose (the
+    /// operator's `diskferry abort`); `None` if nothing was staged.
+    pub fn abort_staged(&mut self) -> Result<Option<Aborted>> {
+        let Some(scan) = &self.staged else { return Ok(None) };
+        let full_copy = scan.header.kind == JournalKind::Partial;
+        let entries = scan.entries;
+        let mut bytes = 0;
+        let mut files = vec![self.journal_path()];
+        if full_copy {
+            files.push(partial_path(&self.path));
+        }
+        for f in &files {
+            bytes += self.vfs.metadata(f).ctx(Place::State, "reading", f)?.map_or(0, |m| m.len);
+        }
+        self.discard()?;
+        Ok(Some(Aborted { entries, full_copy, bytes }))
+    }
+
     /// Drops the staged blocks of an interrupted session.
     pub fn discard(&mut self) -> Result<()> {
         match self.staged.take() {
@@ -758,6 +789,7 @@ impl Target {
             committed: false,
             overlay: Arc::new(overlay),
             sink,
+            reserved: None,
         })
     }
 }
@@ -965,6 +997,16 @@ pub struct Apply<'t> {
     overlay: Arc<HashMap<u64, BlockHash>>,
     /// Writer for Partial and Direct modes, shared with [`Apply::direct_sink`].
     sink: Option<DirectSink>,
+    /// What the commit's space reservation allocated, released if it fails.
+    reserved: Option<Reserved>,
+}
+
+/// Space a reservation allocated that the target did not use before: holes
+/// inside the file it filled, and blocks past its end.
+#[derive(Debug, Default)]
+struct Reserved {
+    holes: Vec<(u64, u64)>,
+    past_end: bool,
 }
 
 impl Apply<'_> {
@@ -1011,7 +1053,10 @@ impl Apply<'_> {
         self.stats.blocks += 1;
         self.stats.data_bytes += block.payload_len();
         match &mut self.journal {
-            Some(j) if self.spec.mode == ApplyMode::Journal => j.append_patch(block),
+            Some(j) if self.spec.mode == ApplyMode::Journal => {
+                let r = j.append_patch(block);
+                r.map_err(|e| self.state_full(e))
+            }
             _ => {
                 // The same writer as the other threads' sinks: sparse into a
                 // new `.partial`, one writer at a time.
@@ -1060,7 +1105,10 @@ impl Apply<'_> {
         }
         self.stats.zero_bytes += end - off;
         match &mut self.journal {
-            Some(j) if self.spec.mode == ApplyMode::Journal => j.append_zero(off, end - off),
+            Some(j) if self.spec.mode == ApplyMode::Journal => {
+                let r = j.append_zero(off, end - off);
+                r.map_err(|e| self.state_full(e))
+            }
             // A fresh `.partial` reads zeros already, unless a resumed session wrote there.
             _ if off >= self.old_len && self.spec.mode == ApplyMode::Partial => Ok(()),
             _ => self.disk.zero_range(off, end - off).ctx(Place::Target, "zeroing", &self.disk_path),
@@ -1116,7 +1164,7 @@ impl Apply<'_> {
     /// A block device written directly: 1, the state directory, the device,
     /// then 6 (the catalog replace is the commit point).
     pub fn commit(mut self, meta: CommitMeta) -> Result<CommitReport> {
-        let result = self.commit_inner(meta);
+        let result = self.commit_inner(meta).map_err(|e| if self.committed { e } else { self.state_full(e) });
         if result.is_err() {
             self.abort_after_failure();
         }
@@ -1173,7 +1221,10 @@ impl Apply<'_> {
                 // Reserving touches the target's times, not its bytes: after
                 // a failure from here on, the next open proves the bytes
                 // unchanged by hashing (`settle_trust`).
-                self.reserve(&journal)?;
+                let mut reserved = Reserved::default();
+                let r = self.reserve(&journal, &mut reserved);
+                self.reserved = Some(reserved);
+                r?;
                 if let Some(base) = self.spec.base {
                     undo = Some(self.save_undo(base, meta.generation)?);
                 }
@@ -1213,14 +1264,32 @@ impl Apply<'_> {
         })
     }
 
-    /// Allocates every range the replay will write, merging neighbours.
-    fn reserve(&self, journal: &JournalWriter) -> Result<()> {
+    /// Allocates every range the replay will write, merging neighbours, and
+    /// notes in `filled` what was not allocated before.
+    fn reserve(&self, journal: &JournalWriter, filled: &mut Reserved) -> Result<()> {
         let jpath = self.target.journal_path();
         let bs = self.spec.geometry.block_size.bytes();
         let mut pending: Option<(u64, u64)> = None;
         let disk = self.disk.as_ref();
         let path = &self.disk_path;
-        let flush = |r: (u64, u64)| disk.reserve(r.0, r.1 - r.0).ctx(Place::Target, "reserving space in", path);
+        let old_len = self.old_len;
+        let mut flush = |r: (u64, u64)| -> Result<()> {
+            let inside = r.1.min(old_len);
+            if r.0 < inside {
+                let mut at = r.0;
+                for (off, len) in disk.data_ranges(r.0, inside - r.0).ctx(Place::Target, "inspecting", path)? {
+                    if off > at {
+                        filled.holes.push((at, off - at));
+                    }
+                    at = at.max(off + len);
+                }
+                if at < inside {
+                    filled.holes.push((at, inside - at));
+                }
+            }
+            filled.past_end |= r.1 > old_len;
+            disk.reserve(r.0, r.1 - r.0).ctx(Place::Target, "reserving space in", path)
+        };
         journal::scan(&journal.storage(), &jpath, &mut |e| {
             if let Entry::Patch { block, ranges, .. } = e {
                 for (off, len) in ranges {
@@ -1275,6 +1344,44 @@ impl Apply<'_> {
         w.finish()
     }
 
+    /// A state filesystem that ran out of space: the staged data cannot
+    /// lead to a commit (the next push would fail the same way), so it is
+    /// released instead of kept for resume, and the error says how much
+    /// room a delta like this one needs.
+    fn state_full(&mut self, e: Error) -> Error {
+        if e.code != ErrorCode::StateFull {
+            return e;
+        }
+        self.spec.resumable = false;
+        let staged = self.journal.as_ref().map_or(0, |j| j.len());
+        let mib = |b: u64| b.div_ceil(1 << 20);
+        Error {
+            message: format!(
+                "{}: the state directory's filesystem filled up after {} MiB of this delta were staged; they were released",
+                e.message,
+                mib(staged)
+            ),
+            hint: Some(format!(
+                "a delta needs about twice its size free there (redo log, then undo data): free more than {} MiB on the \
+                 state directory's filesystem (or point --state-dir elsewhere), or push a smaller change, then push again",
+                mib(2 * staged)
+            )),
+            ..e
+        }
+    }
+
+    /// Gives back what a reservation allocated (after a failure before the commit point).
+    fn release_reservation(&mut self) {
+        let Some(r) = self.reserved.take() else { return };
+        for (off, len) in r.holes {
+            let _ = self.disk.zero_range(off, len);
+        }
+        if r.past_end {
+            // Truncating to the current size frees blocks allocated past it.
+            let _ = self.disk.set_len(self.old_len);
+        }
+    }
+
     /// After a failed commit: drop the journal unless resumable.
     fn abort_after_failure(&mut self) {
         if !self.committed {
@@ -1287,6 +1394,7 @@ impl Apply<'_> {
             return;
         }
         self.done = true;
+        self.release_reservation();
         let vfs = self.target.vfs.clone();
         if let Some(mut j) = self.journal.take() {
             let _ = j.sync_entries();
