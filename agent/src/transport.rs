@@ -48,12 +48,13 @@ pub fn mtu_for(peer: &SocketAddr, configured: Option<u16>) -> PathMtu {
 /// How long a silent peer is waited for, unless configured.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Transport settings for bulk transfer with datagrams up to `mtu.bound`.
-pub fn transport_config(mtu: PathMtu, idle: Duration) -> TransportConfig {
+/// Transport settings for bulk transfer with datagrams up to `mtu.bound`,
+/// receiving at most `receive_window` bytes ahead of what is read.
+pub fn transport_config(mtu: PathMtu, idle: Duration, receive_window: u64) -> TransportConfig {
     let max_mtu = mtu.bound;
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
-    t.receive_window(VarInt::from_u32(CONN_WINDOW));
+    t.receive_window(VarInt::from_u64(receive_window).unwrap_or(VarInt::from_u32(CONN_WINDOW)));
     t.send_window(CONN_WINDOW as u64);
     t.max_concurrent_uni_streams(VarInt::from_u32(64));
     t.max_concurrent_bidi_streams(VarInt::from_u32(4));
@@ -128,31 +129,37 @@ pub fn client_config(
 ) -> anyhow::Result<quinn::ClientConfig> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));
-    c.transport_config(Arc::new(transport_config(mtu_for(peer, max_mtu), idle)));
+    c.transport_config(Arc::new(transport_config(mtu_for(peer, max_mtu), idle, CONN_WINDOW as u64)));
     Ok(c)
 }
 
-/// Server config: TLS plus transport tuned for the listening address.
+/// Server config: TLS plus transport tuned for the listening address. A
+/// connection starts with `receive_window`; the agent widens it once the
+/// memory budget admits its session.
 pub fn server_config(
     tls: rustls::ServerConfig,
     listen: &SocketAddr,
     max_mtu: Option<u16>,
     idle: Duration,
+    receive_window: u64,
 ) -> anyhow::Result<quinn::ServerConfig> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    c.transport_config(Arc::new(transport_config(mtu_for(listen, max_mtu), idle)));
+    c.transport_config(Arc::new(transport_config(mtu_for(listen, max_mtu), idle, receive_window)));
     Ok(c)
 }
 
-/// Reads frames from a QUIC receive stream. Received chunks are kept as
-/// they came; a frame inside one chunk is a slice of it, one spanning chunks
-/// is copied once into a buffer of exactly its size.
+/// Reads frames from a QUIC receive stream. It never reads past the frame
+/// at hand, so bytes not yet wanted stay in QUIC's flow-controlled buffers
+/// (and stop the sender once its window is used). Received chunks are kept
+/// as they came; a frame inside one chunk is a slice of it, one spanning
+/// chunks is copied once into a buffer of exactly its size.
 pub struct FrameReader {
     stream: quinn::RecvStream,
     chunks: VecDeque<Bytes>,
     buffered: usize,
     bytes_read: u64,
+    max_frame: u32,
 }
 
 /// Why a frame could not be read.
@@ -167,8 +174,14 @@ pub enum ReadError {
 }
 
 impl FrameReader {
+    /// A reader of frames up to [`MAX_FRAME`].
     pub fn new(stream: quinn::RecvStream) -> Self {
-        FrameReader { stream, chunks: VecDeque::new(), buffered: 0, bytes_read: 0 }
+        Self::with_limit(stream, MAX_FRAME)
+    }
+
+    /// A reader that refuses frames longer than `max_frame`.
+    pub fn with_limit(stream: quinn::RecvStream, max_frame: u32) -> Self {
+        FrameReader { stream, chunks: VecDeque::new(), buffered: 0, bytes_read: 0, max_frame: max_frame.min(MAX_FRAME) }
     }
 
     /// Bytes received so far.
@@ -176,22 +189,57 @@ impl FrameReader {
         self.bytes_read
     }
 
-    /// The next frame; `Ok(None)` at a clean end of stream.
-    pub async fn next(&mut self) -> Result<Option<Message>, ReadError> {
-        loop {
-            if let Some(mut body) = self.take_frame().map_err(ReadError::Decode)? {
-                return Message::decode(&mut body).map(Some).map_err(ReadError::Decode);
-            }
-            match self.stream.read_chunk(usize::MAX, true).await {
+    /// Reads until `want` bytes are buffered, and no further. `false` at a
+    /// clean end of stream with nothing buffered.
+    async fn fill(&mut self, want: usize) -> Result<bool, ReadError> {
+        while self.buffered < want {
+            match self.stream.read_chunk(want - self.buffered, true).await {
                 Ok(Some(chunk)) => {
                     self.bytes_read += chunk.bytes.len() as u64;
                     self.buffered += chunk.bytes.len();
                     self.chunks.push_back(chunk.bytes);
                 }
-                Ok(None) if self.buffered == 0 => return Ok(None),
+                Ok(None) if self.buffered == 0 => return Ok(false),
                 Ok(None) => return Err(ReadError::Decode(DecodeError::Truncated)),
                 Err(e) => return Err(ReadError::Stream(e.to_string())),
             }
+        }
+        Ok(true)
+    }
+
+    /// The next frame's length, from its buffered prefix.
+    fn length(&self) -> Result<usize, ReadError> {
+        let mut prefix = [0u8; 4];
+        self.copy_front(&mut prefix);
+        Ok(frame_length(prefix, self.max_frame).map_err(ReadError::Decode)? as usize)
+    }
+
+    /// The next frame's length and its first `head` bytes (after the length
+    /// prefix), read but not consumed: what a reader needs to reserve memory
+    /// before it reads the body. `None` at a clean end of stream.
+    pub async fn peek(&mut self, head: usize) -> Result<Option<(u32, Vec<u8>)>, ReadError> {
+        if !self.fill(4).await? {
+            return Ok(None);
+        }
+        let len = self.length()?;
+        let n = len.min(head);
+        self.fill(4 + n).await?;
+        let mut front = vec![0u8; 4 + n];
+        self.copy_front(&mut front);
+        front.drain(..4);
+        Ok(Some((len as u32, front)))
+    }
+
+    /// The next frame; `Ok(None)` at a clean end of stream.
+    pub async fn next(&mut self) -> Result<Option<Message>, ReadError> {
+        if !self.fill(4).await? {
+            return Ok(None);
+        }
+        let len = self.length()?;
+        self.fill(4 + len).await?;
+        match self.take_frame().map_err(ReadError::Decode)? {
+            Some(mut body) => Message::decode(&mut body).map(Some).map_err(ReadError::Decode),
+            None => Err(ReadError::Decode(DecodeError::Truncated)),
         }
     }
 
@@ -202,7 +250,7 @@ impl FrameReader {
         }
         let mut prefix = [0u8; 4];
         self.copy_front(&mut prefix);
-        let len = frame_length(prefix, MAX_FRAME)? as usize;
+        let len = frame_length(prefix, self.max_frame)? as usize;
         if self.buffered < 4 + len {
             return Ok(None);
         }

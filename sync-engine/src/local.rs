@@ -270,6 +270,7 @@ impl Run<'_> {
             mode: if is_device { ApplyMode::Direct } else { ApplyMode::Partial },
             base: None,
             resumable: false,
+            index_entries: None,
         })?;
         let Some(sink) = apply.direct_sink() else {
             return Err(Error::new(ErrorCode::Internal, "full copy without a direct sink"));
@@ -355,6 +356,7 @@ impl Run<'_> {
             mode: ApplyMode::Journal,
             base: base_point.map(|p| p.generation),
             resumable: false,
+            index_entries: None,
         })?;
         self.progress.phase("comparing", g.disk_bytes);
         for region in 0..g.region_count() {

@@ -19,6 +19,7 @@ mod keep_points;
 mod kill;
 mod leftovers;
 mod lost_ack;
+mod memory;
 mod net;
 mod points;
 mod restart;

@@ -2,6 +2,7 @@
 //! runs one session per connection, at most one session per target, and
 //! shuts down at safe points.
 
+pub mod budget;
 mod session;
 pub mod targets;
 mod worker;
@@ -27,9 +28,8 @@ pub struct ServerCtx {
     pub state_root: PathBuf,
     pub vfs: Arc<dyn Vfs>,
     pub registry: Registry,
-    /// Memory for received blocks not yet staged, in 4 KiB units, agent-wide.
-    pub budget: Arc<Semaphore>,
-    pub budget_units: u32,
+    /// The agent-wide memory budget: sessions and frames in flight.
+    pub budget: budget::Budget,
     pub sessions: Arc<Semaphore>,
     pub shutdown: watch::Receiver<bool>,
     /// What each target's path must name (checked at every session).
@@ -139,16 +139,20 @@ impl Server {
         let vfs: Arc<dyn Vfs> = Arc::new(RealFs);
         targets::recover_all(&config, &state_root, &vfs, &pins);
         let tls = trust::server_config(identity, config.peers.clone())?;
-        let qc = transport::server_config(tls, &config.listen, config.max_mtu, config.idle_timeout)?;
+        let qc = transport::server_config(
+            tls,
+            &config.listen,
+            config.max_mtu,
+            config.idle_timeout,
+            budget::PRE_ADMISSION_WINDOW,
+        )?;
         let endpoint = transport::server_endpoint(config.listen, qc).map_err(|e| {
             Error::new(ErrorCode::InvalidInput, format!("cannot listen on {}: {e}", config.listen))
                 .hint("is another agent using that address?")
         })?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let units = ((config.memory_budget / 4096).clamp(1024, u32::MAX as u64 / 2)) as u32;
         let ctx = Arc::new(ServerCtx {
-            budget: Arc::new(Semaphore::new(units as usize)),
-            budget_units: units,
+            budget: budget::Budget::new(config.memory_budget),
             sessions: Arc::new(Semaphore::new(config.max_sessions as usize)),
             config,
             state_root,

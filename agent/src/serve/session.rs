@@ -13,6 +13,7 @@ use diskferry_sync_engine::view::ViewProducer;
 use diskferry_sync_engine::Error;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
+use super::budget::{frame_bytes, BLOCK_HEAD, MAX_CONTROL_FRAME};
 use super::worker::{self, Cmd, OpenRequest, Reply};
 use super::{Registration, ServerCtx};
 use crate::transport::{write_frame, FrameReader, ReadError};
@@ -62,6 +63,7 @@ pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
         worker: None,
         registration: None,
         target: String::new(),
+        admission: None,
     };
     let (notes_tx, mut notes_rx) = mpsc::unbounded_channel::<Note>();
     s.notes_tx = Some(notes_tx.clone());
@@ -69,7 +71,8 @@ pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
     let mut view_tx = Some(view_tx);
     let mut next_view = 0u64;
     let data = tokio::spawn(accept_data_streams(conn.clone(), s.staging_tx.subscribe(), notes_tx.clone(), ctx.clone()));
-    let mut reader = FrameReader::new(ctl_rx);
+    // Control frames are small; a larger one is refused before it is buffered.
+    let mut reader = FrameReader::with_limit(ctl_rx, MAX_CONTROL_FRAME);
     let mut cancel: Option<watch::Receiver<bool>> = None;
     loop {
         let mut cancel_rx = cancel.clone();
@@ -141,6 +144,8 @@ struct Session {
     worker: Option<(crossbeam_channel::Sender<Cmd>, std::thread::JoinHandle<()>)>,
     registration: Option<Registration>,
     target: String,
+    /// The session's share of the memory budget, held until it ends.
+    admission: Option<OwnedSemaphorePermit>,
 }
 
 impl Session {
@@ -239,6 +244,24 @@ impl Session {
         let Ok(permit) = self.ctx.sessions.clone().try_acquire_owned() else {
             return self.rs.reject(ErrorCode::PeerBusy, "the target agent is at its session limit — retry later");
         };
+        // Wait (never fail) for the session's share of the memory budget.
+        let cost = self.ctx.budget.session_cost(&Geometry::new(o.disk_bytes, o.block_size));
+        if !self.ctx.budget.fits_now(&cost) {
+            tracing::info!(peer = %self.peer, target = %name, "waiting for the memory budget");
+        }
+        let mut shutdown = self.ctx.shutdown.clone();
+        let admission = tokio::select! {
+            a = self.ctx.budget.admit(&cost) => a,
+            _ = self.conn.closed() => None,
+            _ = shutdown.changed() => None,
+        };
+        let Some(admission) = admission else {
+            return self.rs.reject(ErrorCode::Cancelled, "the session ended while it waited for memory");
+        };
+        self.admission = Some(admission);
+        if let Ok(w) = quinn::VarInt::from_u64(cost.receive_window) {
+            self.conn.set_receive_window(w);
+        }
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
         let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
         let Some(notes) = self.notes_tx.clone() else { return };
@@ -259,6 +282,8 @@ impl Session {
             retention: tc.retention,
             open: o.clone(),
             pins: self.ctx.pins.clone(),
+            regions_in_flight: cost.regions_in_flight,
+            index_entries: cost.index_entries,
         };
         let handle = match worker::spawn(req, cmd_rx, reply_tx, opened_tx) {
             Ok(h) => h,
@@ -306,6 +331,7 @@ impl Session {
         if let Some(r) = self.registration.take() {
             self.ctx.registry.release(&self.target, r).await;
         }
+        self.admission = None;
         let _ = &self.conn;
     }
 }
@@ -371,26 +397,31 @@ async fn accept_data_streams(
 
 async fn data_stream(stream: quinn::RecvStream, st: Staging, notes: mpsc::UnboundedSender<Note>, ctx: Arc<ServerCtx>) {
     let mut reader = FrameReader::new(stream);
+    let fail = |e: DecodeError| {
+        let code = if matches!(e, DecodeError::TooLarge(_)) { ErrorCode::FrameTooLarge } else { ErrorCode::Protocol };
+        let _ = notes.send(Note::Fail(code, format!("bad data frame: {e}")));
+    };
     loop {
+        // The frame's memory is reserved before its body is read: the one
+        // agent-wide budget bounds the blocks between network and disk,
+        // however many sessions run; unread bytes wait in QUIC's window.
+        let permit = match reader.peek(BLOCK_HEAD).await {
+            Ok(Some((len, head))) => match ctx.budget.frame(frame_bytes(len, &head)).await {
+                Some(p) => p,
+                None => return,
+            },
+            Ok(None) => return,
+            Err(ReadError::Decode(e)) => return fail(e),
+            Err(ReadError::Stream(_)) => return,
+        };
         let m = match reader.next().await {
             Ok(Some(m)) => m,
             Ok(None) => return,
-            Err(ReadError::Decode(e)) => {
-                let code =
-                    if matches!(e, DecodeError::TooLarge(_)) { ErrorCode::FrameTooLarge } else { ErrorCode::Protocol };
-                let _ = notes.send(Note::Fail(code, format!("bad data frame: {e}")));
-                return;
-            }
+            Err(ReadError::Decode(e)) => return fail(e),
             Err(ReadError::Stream(_)) => return,
         };
         match m {
             Message::Block(frame) => {
-                // One agent-wide budget bounds the memory of blocks between
-                // the network and the disk, however many sessions run.
-                // Counted decoded: a compressed block takes its full size once verified.
-                let held = frame.payload.len().max(frame.plain_len() as usize);
-                let units = (held as u32 / 4096 + 1).min(ctx.budget_units);
-                let Ok(permit) = ctx.budget.clone().acquire_many_owned(units).await else { return };
                 let (st, notes) = (st.clone(), notes.clone());
                 rayon::spawn(move || verify_and_stage(frame, st, notes, permit));
             }

@@ -21,9 +21,6 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use diskferry_sync_engine::error::IoContext;
 
-/// Regions a source may have in flight.
-pub const WINDOW: u32 = 16;
-
 /// What the worker needs to open a target for a session.
 pub struct OpenRequest {
     pub vfs: Arc<dyn Vfs>,
@@ -33,6 +30,10 @@ pub struct OpenRequest {
     pub retention: u32,
     pub open: Open,
     pub pins: Arc<super::targets::Pins>,
+    /// Regions the source may have in flight (what the memory budget allows).
+    pub regions_in_flight: u32,
+    /// Manifest index entries held in memory before spilling.
+    pub index_entries: usize,
 }
 
 /// The session as the worker opened it.
@@ -256,8 +257,14 @@ fn serve_session(
     }
     let current = target.catalog().and_then(|c| c.current()).map(|p| p.generation);
     let staged = target.staged().map_or(0, |s| s.entries);
-    let spec =
-        BeginSpec { session: req.open.session, geometry: g, mode: decision.mode, base: decision.base, resumable: true };
+    let spec = BeginSpec {
+        session: req.open.session,
+        geometry: g,
+        mode: decision.mode,
+        base: decision.base,
+        resumable: true,
+        index_entries: Some(req.index_entries),
+    };
     let mut apply = match target.begin(spec) {
         Ok(a) => a,
         Err(e) => {
@@ -268,7 +275,12 @@ fn serve_session(
     let overlay = (**apply.overlay()).clone();
     let view = decision.view.map(|v| ViewProducer::new(v, g, overlay));
     let old = apply.old_content();
-    let accept = Accept { plan: decision.plan, target_generation: current, staged_blocks: staged, window: WINDOW };
+    let accept = Accept {
+        plan: decision.plan,
+        target_generation: current,
+        staged_blocks: staged,
+        window: req.regions_in_flight,
+    };
     let sink = apply.direct_sink();
     if opened.send(Ok(Opened { accept, geometry: g, view, old: old.clone(), sink })).is_err() {
         return Ok(());

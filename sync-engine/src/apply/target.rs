@@ -772,7 +772,10 @@ impl Target {
             writing: Arc::default(),
         });
         let mpath = self.dir.join(MANIFEST_TMP);
-        let manifest = ManifestWriter::create(vfs, &mpath, spec.geometry)?;
+        let mut manifest = ManifestWriter::create(vfs, &mpath, spec.geometry)?;
+        if let Some(entries) = spec.index_entries {
+            manifest = manifest.with_index_spill(entries);
+        }
         Ok(Apply {
             target: self,
             spec,
@@ -938,6 +941,9 @@ pub struct BeginSpec {
     pub base: Option<Generation>,
     /// Keep staged blocks if the session is interrupted.
     pub resumable: bool,
+    /// Manifest index entries held in memory before a sorted run spills
+    /// (`None`: the default, 16 MiB worth).
+    pub index_entries: Option<usize>,
 }
 
 /// The identity of the generation being committed.
