@@ -28,6 +28,9 @@
 #                rsyncd-full socat diskrsync diskrsync-full bdsync bdsync-full bsf bsf-warm bsf-full)
 #   CASES="local trusted hash cp push"   which of our own cases to run (besides run.sh's)
 #   NO_BUILD=1   skip cargo build --release
+#   BASELINE=/path/to/another/diskferry   also run our own cases with that binary in
+#                every repetition (tools tagged @base, order alternating), so before and
+#                after figures come from one run on the same machine state
 # Logs: $ANC_DIR/df/logs/, RESULT lines also in $ANC_DIR/df/results-<time>.txt.
 set -euo pipefail
 export PYTHONDONTWRITEBYTECODE=1 LC_ALL=C
@@ -53,6 +56,9 @@ mkdir -p "$LOGS" "$RUNS"
 RES=$WORK/results-$(date +%Y%m%d-%H%M%S).txt
 : > "$RES"
 export DF=$ROOT/target/release/diskferry
+NEW_DF=$DF
+BASELINE=${BASELINE:-}
+TAG=
 CLK_TCK=$(getconf CLK_TCK)
 
 say() { printf '%s\n' "$*"; }
@@ -94,6 +100,7 @@ if [ "${NO_BUILD:-0}" != 1 ]; then
   (cd "$ROOT" && cargo build --release -q)
 fi
 [ -x "$DF" ] || { echo "no $DF" >&2; exit 1; }
+[ -z "$BASELINE" ] || [ -x "$BASELINE" ] || { echo "no $BASELINE" >&2; exit 1; }
 
 # ------------------------------------------------------------------ workload
 regen() {
@@ -274,21 +281,21 @@ OURS_DELTA_CMD='"$DF" sync "$SRC" "$TGT" --state-dir "$DF_STATE_B" --json; rc=$?
 OURS_FULL_CMD='"$DF" sync "$SRC" "$FULL" --mode full --state-dir "$DF_STATE_E" --json; rc=$?; times; echo "DU_FULL=$(du --block-size=1 "$FULL" | cut -f1)"; exit $rc'
 if case_on local; then RUN_TOOLS="ours ours-full$TOOLS"; else RUN_TOOLS="${TOOLS# }"; fi
 
-run_peers() {  # rep
-  local rep=$1
+run_peers() {  # rep [tools]
+  local rep=$1 tools=${2:-$RUN_TOOLS}
   export DF_STATE_B=$RUNS/b.$rep DF_STATE_E=$RUNS/e.$rep
   rm -rf "$DF_STATE_B" "$DF_STATE_E"
   TOUCHED_TGT=1
-  REGEN=0 REPS=1 S=$S SEED=$SEED ZERO_FRAC=$ZERO_FRAC MOD_FRAC=$MOD_FRAC COLD=$COLD TOOLS="$RUN_TOOLS" \
+  REGEN=0 REPS=1 S=$S SEED=$SEED ZERO_FRAC=$ZERO_FRAC MOD_FRAC=$MOD_FRAC COLD=$COLD TOOLS="$tools" \
     OURS_DELTA_CMD="$OURS_DELTA_CMD" OURS_FULL_CMD="$OURS_FULL_CMD" \
     bash "$BENCH/run.sh" 2>&1 | while IFS= read -r line; do
       case $line in
         RESULT*)
-          line=${line/#RESULT ours    /RESULT df-sync }
+          line=${line/#RESULT ours    /RESULT df-sync$TAG }
           line=${line/ rep1 / rep$rep }
-          if [[ $line =~ ^RESULT\ df-sync\ +delta ]]; then
+          if [[ $line =~ ^RESULT\ df-sync[@a-z]*\ +delta ]]; then
             line="$line compare=$(json "$ANC_DIR/logs/ours.delta.1.log" compare) cpu=$(times_cpu "$ANC_DIR/logs/ours.delta.1.log")"
-          elif [[ $line =~ ^RESULT\ df-sync\ +full ]]; then
+          elif [[ $line =~ ^RESULT\ df-sync[@a-z]*\ +full ]]; then
             line="$line cpu=$(times_cpu "$ANC_DIR/logs/ours.full.1.log")"
             line="$line du=$(grep -a -o 'DU_FULL=[0-9]*' "$ANC_DIR/logs/ours.full.1.log" | tail -1 | cut -d= -f2)"
           fi
@@ -313,7 +320,7 @@ local_trusted() {  # rep
   drop; warm
   measure "df-sync-trusted.$rep" "$DF" sync "$SRC" "$TGT" --state-dir "$st" --json
   local v; v=$(verdict "$RC" "$TGT")
-  result df-sync-trusted delta "$rep" "$SECS" "$SECS_SYNC" - "$v" \
+  result "df-sync-trusted$TAG" delta "$rep" "$SECS" "$SECS_SYNC" - "$v" \
     "compare=$(json "$LOGS/df-sync-trusted.$rep.out" compare)" "cpu=$CPU" \
     "prep_changed=$(json "$LOGS/trusted-prep.$rep.out" blocks_changed)"
   restore_tgt "$v"
@@ -327,10 +334,13 @@ hashing() {  # rep
   measure "b3sum-t2.$rep" b3sum --num-threads 2 "$SRC"
   v=OK; [ "$RC" -eq 0 ] || v="FAIL(rc=$RC)"
   result b3sum-t2 hash "$rep" "$SECS" "$SECS_SYNC" - "$v" "cpu=$CPU"
+}
+df_hash() {  # rep
+  local rep=$1 v
   drop; warm
-  measure "df-hash.$rep" "$DF" hash "$SRC" --json
+  measure "df-hash$TAG.$rep" "$DF" hash "$SRC" --json
   v=OK; [ "$RC" -eq 0 ] || v="FAIL(rc=$RC)"
-  result df-hash hash "$rep" "$SECS" "$SECS_SYNC" - "$v" "cpu=$CPU" "self_s=$(json "$LOGS/df-hash.$rep.out" seconds)"
+  result "df-hash$TAG" hash "$rep" "$SECS" "$SECS_SYNC" - "$v" "cpu=$CPU" "self_s=$(json "$LOGS/df-hash$TAG.$rep.out" seconds)"
 }
 
 # ------------------------------------------------------------------ cp --sparse
@@ -435,7 +445,7 @@ network() {  # rep
   # delta onto the stale target, which the serve has no state for
   serve_start "stateless.$rep"
   TOUCHED_TGT=1
-  push_case df-push-stateless delta "$rep" stale "$TGT"
+  push_case "df-push-stateless$TAG" delta "$rep" stale "$TGT"
   restore_tgt "$PUSH_VERDICT"
   # delta with the target's trusted manifest: an untimed push of src_stale gives it state
   serve_start "trusted.$rep"
@@ -443,13 +453,13 @@ network() {  # rep
   if ! push "$STALE" stale > "$LOGS/push-prep.$rep.out" 2> "$LOGS/push-prep.$rep.err"; then
     say "  untimed state push failed: $(tail -1 "$LOGS/push-prep.$rep.err")"
   fi
-  push_case df-push-trusted delta "$rep" stale "$TGT"
+  push_case "df-push-trusted$TAG" delta "$rep" stale "$TGT"
   restore_tgt "$PUSH_VERDICT"
   # full download to a new file
   serve_start "full.$rep"
   rm -f "$FULL"
-  push_case df-push full "$rep" full "$FULL" --mode full
-  if [ "$rep" = 1 ] && [ -f "$FULL" ]; then sparse_line df-push-full "$FULL"; fi
+  push_case "df-push$TAG" full "$rep" full "$FULL" --mode full
+  if [ "$rep" = 1 ] && [ -f "$FULL" ]; then sparse_line "df-push-full$TAG" "$FULL"; fi
   rm -f "$FULL"
   serve_stop
 }
@@ -457,14 +467,25 @@ network() {  # rep
 # ------------------------------------------------------------------ main loop
 say "compare: S=$S ($SIZE bytes) REPS=$REPS COLD=$COLD cases=[$CASES] peers=[${TOOLS# }] nproc=$(nproc)"
 say "diskferry: $DF ($("$DF" --version))"
+[ -z "$BASELINE" ] || say "baseline (@base): $BASELINE ($("$BASELINE" --version))"
 if case_on push; then setup_push; fi
+# Our own cases with binary $2, its tools tagged $3.
+ours() {  # rep binary tag
+  DF=$2 TAG=$3
+  if [ -n "$TAG" ] && case_on local; then run_peers "$1" "ours ours-full"; fi
+  if case_on trusted; then local_trusted "$1"; fi
+  if case_on hash; then df_hash "$1"; fi
+  if case_on push; then network "$1"; fi
+  DF=$NEW_DF TAG=
+}
 for rep in $(seq "$REPS"); do
   say "== repetition $rep of $REPS"
   if [ -n "${RUN_TOOLS// /}" ]; then run_peers "$rep"; fi
-  if case_on trusted; then local_trusted "$rep"; fi
   if case_on hash; then hashing "$rep"; fi
   if case_on cp; then cp_sparse "$rep"; fi
-  if case_on push; then network "$rep"; fi
+  if [ -n "$BASELINE" ] && [ $((rep % 2)) = 1 ]; then ours "$rep" "$BASELINE" @base; fi
+  ours "$rep" "$NEW_DF" ""
+  if [ -n "$BASELINE" ] && [ $((rep % 2)) = 0 ]; then ours "$rep" "$BASELINE" @base; fi
 done
 
 say ""

@@ -152,6 +152,8 @@ fn abort_discards_an_interrupted_push() {
     let v = loop {
         let out = df!("abort", "t0", "--config", p.agent.config, "--json");
         if out.error_code().as_deref() == Some("E_BUSY") && Instant::now() < deadline {
+            // The hint says the truth: a dead push holds it until the idle timeout.
+            assert!(out.stderr.contains("idle timeout"), "{out}");
             std::thread::sleep(Duration::from_millis(250));
             continue;
         }
