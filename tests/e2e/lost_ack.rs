@@ -3,71 +3,17 @@
 //! already holds this data instead of making another point.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::net::{pair, push_to, Identity};
+use crate::net::{pair, push_to, Identity, Proxy};
 use crate::util::{self, make_disk, string, MIB};
-
-/// A UDP relay that can stop forwarding the server's datagrams to the client.
-struct OneWayProxy {
-    addr: SocketAddr,
-    drop_to_client: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-}
-
-impl OneWayProxy {
-    fn start(server: SocketAddr) -> OneWayProxy {
-        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
-        back.connect(server).unwrap();
-        for s in [&front, &back] {
-            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        }
-        let addr = front.local_addr().unwrap();
-        let drop_to_client = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
-        let (front2, back2) = (front.try_clone().unwrap(), back.try_clone().unwrap());
-        let (s1, c1) = (stop.clone(), client.clone());
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while !s1.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = front.recv_from(&mut buf) {
-                    *c1.lock().unwrap() = Some(from);
-                    let _ = back.send(&buf[..n]);
-                }
-            }
-        });
-        let (d2, s2) = (drop_to_client.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while !s2.load(Ordering::Relaxed) {
-                if let Ok(n) = back2.recv(&mut buf) {
-                    let to = *client.lock().unwrap();
-                    if let (Some(to), false) = (to, d2.load(Ordering::Relaxed)) {
-                        let _ = front2.send_to(&buf[..n], to);
-                    }
-                }
-            }
-        });
-        OneWayProxy { addr, drop_to_client, stop }
-    }
-}
-
-impl Drop for OneWayProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
 
 /// Pushes through `proxy`, cutting the target's answers the moment the
 /// source has sent Finish; returns the failed push's output.
-fn push_losing_the_ack(src: &std::path::Path, source: &Identity, proxy: &OneWayProxy, fp: &str) -> util::Out {
+fn push_losing_the_ack(src: &std::path::Path, source: &Identity, proxy: &Proxy, fp: &str) -> util::Out {
     let args: Vec<std::ffi::OsString> = vec![
         "push".into(),
         src.into(),
@@ -120,7 +66,7 @@ fn a_lost_acknowledgement_is_reported_and_the_rerun_finds_the_commit() {
     let mut landed = 0;
     for round in 0..3 {
         util::change_data_pages(&src, 30, &mut rng);
-        let proxy = OneWayProxy::start(p.agent.addr);
+        let proxy = Proxy::start(p.agent.addr, u64::MAX);
         let failed = push_losing_the_ack(&src, &p.source, &proxy, &p.agent.id.fingerprint);
         let v = failed.expect_json_error("E_CONNECTION", 4);
         let message = v["message"].as_str().unwrap_or_default();

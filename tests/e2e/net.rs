@@ -379,23 +379,27 @@ async fn raw_session(state: &Path, addr: SocketAddr, fingerprint: &str, bytes: &
     code
 }
 
-/// A UDP relay that stops forwarding (both ways) after `limit` bytes from the client.
-struct CutProxy {
-    addr: SocketAddr,
-    forwarded: Arc<AtomicU64>,
+/// A UDP relay between a client and `server`: it stops forwarding (both
+/// ways) after `limit` bytes from the client, and drops the server's
+/// datagrams to the client while `drop_to_client` is set.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub forwarded: Arc<AtomicU64>,
+    pub drop_to_client: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 }
 
-impl CutProxy {
-    fn start(server: SocketAddr, limit: u64) -> CutProxy {
+impl Proxy {
+    pub fn start(server: SocketAddr, limit: u64) -> Proxy {
         let front = UdpSocket::bind("127.0.0.1:0").unwrap();
         let back = UdpSocket::bind("127.0.0.1:0").unwrap();
         back.connect(server).unwrap();
         for s in [&front, &back] {
-            s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         }
         let addr = front.local_addr().unwrap();
         let forwarded = Arc::new(AtomicU64::new(0));
+        let drop_to_client = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
         let (front2, back2) = (front.try_clone().unwrap(), back.try_clone().unwrap());
@@ -411,23 +415,24 @@ impl CutProxy {
                 }
             }
         });
-        let (f2, s2) = (forwarded.clone(), stop.clone());
+        let (f2, d2, s2) = (forwarded.clone(), drop_to_client.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             while !s2.load(Ordering::Relaxed) {
                 if let Ok(n) = back2.recv(&mut buf) {
                     let to = *client.lock().unwrap();
-                    if let (Some(to), true) = (to, f2.load(Ordering::Relaxed) < limit) {
+                    let pass = f2.load(Ordering::Relaxed) < limit && !d2.load(Ordering::Relaxed);
+                    if let (Some(to), true) = (to, pass) {
                         let _ = front2.send_to(&buf[..n], to);
                     }
                 }
             }
         });
-        CutProxy { addr, forwarded, stop }
+        Proxy { addr, forwarded, drop_to_client, stop }
     }
 }
 
-impl Drop for CutProxy {
+impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
@@ -442,7 +447,7 @@ fn connection_cut_then_resume() {
     make_disk(&src, 96 * MIB, 0.9, &mut rng);
     let data = util::allocated(&src);
     let limit = data / 2;
-    let proxy = CutProxy::start(p.agent.addr, limit);
+    let proxy = Proxy::start(p.agent.addr, limit);
     let out = push(
         &src,
         &p.source,
