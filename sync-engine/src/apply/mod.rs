@@ -1,14 +1,27 @@
 //! Target apply: staging verified blocks, the commit protocol, recovery and
 //! recovery points. The commit protocol, step by step with each fsync, is
-//! documented in `docs/design.md` and on [`Apply::commit`].
+//! documented in `docs/design.md` and on [`Apply::prepare`].
+//!
+//! - `target`: a target and its state directory (lock, catalog, trust);
+//! - `recover`: what opening a target does about an interrupted apply;
+//! - `session`: the apply of one session (mode, staging);
+//! - `commit`: prepare → seal → finish;
+//! - `sink`: direct writes of full copies, and reads of current content;
+//! - `catalog`, `journal`, `undo`: the state files.
 
 pub mod catalog;
+mod commit;
 pub mod journal;
+mod recover;
+mod session;
+mod sink;
 mod target;
 pub mod undo;
 
 pub use catalog::{Catalog, PointRecord, Status, UndoRef};
+pub use commit::{CommitMeta, CommitReport, Prepared, Sealed};
+pub use session::{Apply, ApplyMode, ApplyStats, BeginSpec};
+pub use sink::{DirectSink, OldContent};
 pub use target::{
-    diverged_error, manifest_file, partial_path, target_key, Aborted, Apply, ApplyMode, ApplyStats, BeginSpec,
-    CommitMeta, CommitReport, DirectSink, OldContent, Recovery, Target, TargetOptions, Trust,
+    diverged_error, manifest_file, partial_path, target_key, Aborted, Recovery, Target, TargetOptions, Trust,
 };

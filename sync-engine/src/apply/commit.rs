@@ -1,0 +1,403 @@
+//! The commit protocol of one apply: everything before the commit point
+//! (`prepare`), the commit point (`seal`), and the steps after it that
+//! recovery repeats (`finish`). See `docs/design.md` §4.
+
+use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Generation};
+
+use super::catalog::PointRecord;
+use super::journal::{self, CommitRecord, Entry, JournalHeader, JournalWriter};
+use super::undo::{UndoHeader, UndoWriter};
+use crate::error::{Error, IoContext, Place, Result};
+use crate::manifest::{Manifest, ManifestMeta};
+use crate::store::{DiskKind, OpenHow};
+
+use super::session::*;
+use super::target::*;
+
+/// The identity of the generation being committed.
+#[derive(Clone, Copy, Debug)]
+pub struct CommitMeta {
+    /// Its id.
+    pub generation: Generation,
+    /// Its consistency.
+    pub consistency: Consistency,
+    /// Commit time (ns since the epoch).
+    pub created_unix_ns: i64,
+}
+
+/// The result of a commit.
+#[derive(Clone, Copy, Debug)]
+pub struct CommitReport {
+    /// The new generation.
+    pub generation: Generation,
+    /// Root of its hash tree.
+    pub root: BlockHash,
+    /// Content bytes written into the target.
+    pub bytes_written: u64,
+    /// Bytes of redo log written.
+    pub log_bytes: u64,
+    /// Bytes of old content kept for the previous point.
+    pub undo_bytes: u64,
+}
+
+/// An apply whose every step before the commit point is durable
+/// ([`Apply::prepare`]); [`Prepared::seal`] makes it the committed one.
+#[derive(Debug)]
+pub struct Prepared<'t> {
+    apply: Apply<'t>,
+    meta: CommitMeta,
+    step: PreparedStep,
+}
+
+#[derive(Debug)]
+struct PreparedStep {
+    root: BlockHash,
+    manifest_checksum: [u8; 32],
+    /// Journal and partial modes: the log and the record that seals it.
+    journal: Option<(JournalWriter, CommitRecord)>,
+}
+
+/// An apply past its commit point ([`Prepared::seal`]): the new generation
+/// is the target's, whatever happens next; [`Sealed::finish`] (or recovery
+/// after a crash) writes it in place.
+#[derive(Debug)]
+pub struct Sealed<'t> {
+    apply: Apply<'t>,
+    meta: CommitMeta,
+    root: BlockHash,
+    finish: Option<(JournalHeader, CommitRecord)>,
+    log_bytes: u64,
+}
+
+impl<'t> Prepared<'t> {
+    /// The commit point (F5): the commit record is written and synced
+    /// (journal and partial modes). A block device written directly has no
+    /// log: its catalog replace (F7, F8) is the commit point.
+    pub fn seal(self) -> Result<Sealed<'t>> {
+        let Prepared { mut apply, meta, step } = self;
+        match step.journal {
+            Some((journal, record)) => {
+                let log_bytes = journal.len();
+                let jheader = *journal.header();
+                // A failed seal may still have left a durable record: dropping
+                // `apply` keeps or removes the log as for any failure before
+                // the commit point, and the next open decides.
+                journal.seal(&record)?;
+                // Committed: from here on a failure is finished by recovery, not undone.
+                apply.done = true;
+                apply.committed = true;
+                apply.target.staged = None;
+                Ok(Sealed { apply, meta, root: step.root, finish: Some((jheader, record)), log_bytes })
+            }
+            None => {
+                let point = PointRecord {
+                    generation: meta.generation,
+                    parent: None,
+                    consistency: meta.consistency,
+                    created_unix_ns: meta.created_unix_ns,
+                    geometry: apply.spec.geometry,
+                    manifest_checksum: step.manifest_checksum,
+                    undo: None,
+                };
+                apply.target.write_new_catalog(DiskKind::BlockDevice, vec![point])?;
+                apply.done = true;
+                apply.committed = true;
+                Ok(Sealed { apply, meta, root: step.root, finish: None, log_bytes: 0 })
+            }
+        }
+    }
+
+    /// The generation this apply commits.
+    pub fn generation(&self) -> Generation {
+        self.meta.generation
+    }
+}
+
+impl Sealed<'_> {
+    /// The steps after the commit point (F6–F8): write the log in place (or
+    /// rename the `.partial`), sync the target, replace the catalog, remove
+    /// the log. Idempotent: recovery runs the same code after a crash.
+    pub fn finish(mut self) -> Result<CommitReport> {
+        let mut undo_bytes = 0;
+        if let Some((jheader, record)) = self.finish.take() {
+            undo_bytes = record.undo.map_or(0, |u| u.1);
+            let disk = self.apply.disk.clone();
+            self.apply.target.finish_commit(&jheader, &record, Some(disk))?;
+            self.apply.target.remove_journal()?;
+        }
+        Ok(CommitReport {
+            generation: self.meta.generation,
+            root: self.root,
+            bytes_written: self.apply.stats.data_bytes,
+            log_bytes: self.log_bytes,
+            undo_bytes,
+        })
+    }
+}
+
+/// Space a reservation allocated that the target did not use before: holes
+/// inside the file it filled, and blocks past its end.
+#[derive(Debug, Default)]
+pub(super) struct Reserved {
+    pub(super) holes: Vec<(u64, u64)>,
+    pub(super) past_end: bool,
+}
+
+impl<'t> Apply<'t> {
+    /// Commits the new generation: [`Apply::prepare`], [`Prepared::seal`],
+    /// [`Sealed::finish`] in a row.
+    pub fn commit(self, meta: CommitMeta) -> Result<CommitReport> {
+        self.prepare(meta)?.seal()?.finish()
+    }
+
+    /// Everything before the commit point, each step durable; the target's
+    /// bytes are untouched. Steps (fsyncs numbered as in `docs/design.md` §4):
+    ///
+    /// 1. finish the new manifest, sync it and rename it into place (F1);
+    /// 2. journal: sync the staged entries (F2); reserve every range the
+    ///    replay will write (fallocate), so a full filesystem fails here;
+    ///    save the old content of those ranges to an undo segment and sync
+    ///    it (F3). Partial: size and sync the `.partial`, sync its
+    ///    directory, sync the journal's header. Direct: sync the device;
+    /// 3. sync the state directory, making the names durable (F4).
+    ///
+    /// Dropped without [`Prepared::seal`], the target keeps its committed
+    /// generation (the staged data is kept for resume when resumable). A
+    /// replication group prepares every member before it seals any.
+    pub fn prepare(mut self, meta: CommitMeta) -> Result<Prepared<'t>> {
+        match self.prepare_inner(meta) {
+            Ok(step) => Ok(Prepared { apply: self, meta, step }),
+            Err(e) => {
+                let e = self.state_full(e);
+                // Dropping `self` releases what the failed steps took.
+                Err(e)
+            }
+        }
+    }
+
+    fn prepare_inner(&mut self, meta: CommitMeta) -> Result<PreparedStep> {
+        let vfs = self.target.vfs.clone();
+        let dir = self.target.dir.clone();
+        let Some(writer) = self.manifest.take() else {
+            return Err(Error::new(ErrorCode::Internal, "apply already committed"));
+        };
+        let header = writer.finish(ManifestMeta {
+            generation: meta.generation,
+            parent: self.spec.base,
+            consistency: meta.consistency,
+            created_unix_ns: meta.created_unix_ns,
+        })?;
+        let mpath = dir.join(manifest_file(meta.generation));
+        vfs.rename(&self.manifest_path, &mpath).ctx(Place::State, "renaming", &mpath)?;
+        let manifest_checksum = Manifest::open(vfs.as_ref(), &mpath)?.checksum();
+
+        if self.spec.mode == ApplyMode::Direct {
+            vfs.sync_dir(&dir).ctx(Place::State, "syncing", &dir)?;
+            self.disk.sync().ctx(Place::Target, "syncing", &self.disk_path)?;
+            return Ok(PreparedStep { root: header.root, manifest_checksum, journal: None });
+        }
+
+        let Some(mut journal) = self.journal.take() else {
+            return Err(Error::new(ErrorCode::Internal, "apply without a journal"));
+        };
+        let mut undo = None;
+        match self.spec.mode {
+            ApplyMode::Journal => {
+                journal.sync_entries()?;
+                // Reserving touches the target's times, not its bytes: after
+                // a failure from here on, the next open proves the bytes
+                // unchanged by hashing (`settle_trust`).
+                let mut reserved = Reserved::default();
+                let r = self.reserve(&journal, &mut reserved);
+                self.reserved = Some(reserved);
+                if let Err(e) = r {
+                    self.journal = Some(journal);
+                    return Err(e);
+                }
+                if let Some(base) = self.spec.base {
+                    match self.save_undo(base, meta.generation) {
+                        Ok(u) => undo = Some(u),
+                        Err(e) => {
+                            self.journal = Some(journal);
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            _ => {
+                let synced = self
+                    .disk
+                    .set_len(self.spec.geometry.disk_bytes)
+                    .and_then(|_| self.disk.sync())
+                    .ctx(Place::Target, "syncing", &self.disk_path)
+                    // The `.partial` name must be durable before a commit record names it.
+                    .and_then(|_| {
+                        let parent = parent_dir(&self.disk_path);
+                        vfs.sync_dir(&parent).ctx(Place::Target, "syncing", &parent)
+                    })
+                    .and_then(|_| journal.sync_entries());
+                if let Err(e) = synced {
+                    self.journal = Some(journal);
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = vfs.sync_dir(&dir).ctx(Place::State, "syncing", &dir) {
+            self.journal = Some(journal);
+            return Err(e);
+        }
+        let record = CommitRecord {
+            generation: meta.generation,
+            entries: journal.entries(),
+            entries_digest: journal.entries_digest(),
+            manifest_checksum,
+            undo,
+        };
+        Ok(PreparedStep { root: header.root, manifest_checksum, journal: Some((journal, record)) })
+    }
+
+    /// Allocates every range the replay will write, merging neighbours, and
+    /// notes in `filled` what was not allocated before.
+    fn reserve(&self, journal: &JournalWriter, filled: &mut Reserved) -> Result<()> {
+        let jpath = self.target.journal_path();
+        let bs = self.spec.geometry.block_size.bytes();
+        let mut pending: Option<(u64, u64)> = None;
+        let disk = self.disk.as_ref();
+        let path = &self.disk_path;
+        let old_len = self.old_len;
+        let mut flush = |r: (u64, u64)| -> Result<()> {
+            let inside = r.1.min(old_len);
+            if r.0 < inside {
+                let mut at = r.0;
+                for (off, len) in disk.data_ranges(r.0, inside - r.0).ctx(Place::Target, "inspecting", path)? {
+                    if off > at {
+                        filled.holes.push((at, off - at));
+                    }
+                    at = at.max(off + len);
+                }
+                if at < inside {
+                    filled.holes.push((at, inside - at));
+                }
+            }
+            filled.past_end |= r.1 > old_len;
+            disk.reserve(r.0, r.1 - r.0).ctx(Place::Target, "reserving space in", path)
+        };
+        journal::scan(&journal.storage(), &jpath, &mut |e| {
+            if let Entry::Patch { block, ranges, .. } = e {
+                for (off, len) in ranges {
+                    let (s, end) = (block * bs + off as u64, block * bs + off as u64 + len as u64);
+                    pending = match pending {
+                        Some((ps, pe)) if s <= pe => Some((ps, pe.max(end))),
+                        Some(r) => {
+                            flush(r)?;
+                            Some((s, end))
+                        }
+                        None => Some((s, end)),
+                    };
+                }
+            }
+            Ok(())
+        })?;
+        if let Some(r) = pending {
+            flush(r)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the undo segment restoring `base` from `newer` and syncs it.
+    fn save_undo(&self, base: Generation, newer: Generation) -> Result<([u8; 32], u64)> {
+        let vfs = self.target.vfs.clone();
+        let upath = self.target.dir.join(undo_file(base));
+        let old_disk_bytes =
+            self.target.catalog.as_ref().and_then(|c| c.current()).map_or(self.old_len, |p| p.geometry.disk_bytes);
+        let header = UndoHeader {
+            block_size: self.spec.geometry.block_size,
+            generation: base,
+            newer,
+            old_disk_bytes,
+            new_disk_bytes: self.spec.geometry.disk_bytes,
+        };
+        let mut w = UndoWriter::create(vfs.as_ref(), &upath, self.disk.as_ref(), &header)?;
+        let jpath = self.target.journal_path();
+        let storage = vfs.open(&jpath, OpenHow::Read).ctx(Place::State, "opening", &jpath)?;
+        let bs = self.spec.geometry.block_size.bytes();
+        journal::scan(&storage, &jpath, &mut |e| match e {
+            Entry::Patch { block, ranges, .. } => {
+                for (off, len) in ranges {
+                    w.save_overwrite(block * bs + off as u64, len as u64)?;
+                }
+                Ok(())
+            }
+            Entry::Zero { offset, len } => w.save_zeroing(offset, len),
+        })?;
+        if self.spec.geometry.disk_bytes < old_disk_bytes {
+            w.save_zeroing(self.spec.geometry.disk_bytes, old_disk_bytes - self.spec.geometry.disk_bytes)?;
+        }
+        w.finish()
+    }
+
+    /// A state filesystem that ran out of space: the staged data cannot
+    /// lead to a commit (the next push would fail the same way), so it is
+    /// released instead of kept for resume, and the error says how much
+    /// room a delta like this one needs.
+    pub(super) fn state_full(&mut self, e: Error) -> Error {
+        if e.code != ErrorCode::StateFull {
+            return e;
+        }
+        self.spec.resumable = false;
+        let staged = self.journal.as_ref().map_or(0, |j| j.len());
+        let mib = |b: u64| b.div_ceil(1 << 20);
+        Error {
+            message: format!(
+                "{}: the state directory's filesystem filled up after {} MiB of this delta were staged; they were released",
+                e.message,
+                mib(staged)
+            ),
+            hint: Some(format!(
+                "a delta needs about twice its size free there (redo log, then undo data): free more than {} MiB on the \
+                 state directory's filesystem (or point --state-dir elsewhere), or push a smaller change, then push again",
+                mib(2 * staged)
+            )),
+            ..e
+        }
+    }
+
+    /// Gives back what a reservation allocated (after a failure before the commit point).
+    fn release_reservation(&mut self) {
+        let Some(r) = self.reserved.take() else { return };
+        for (off, len) in r.holes {
+            let _ = self.disk.zero_range(off, len);
+        }
+        if r.past_end {
+            // Truncating to the current size frees blocks allocated past it.
+            let _ = self.disk.set_len(self.old_len);
+        }
+    }
+
+    pub(super) fn cleanup_uncommitted(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.release_reservation();
+        let vfs = self.target.vfs.clone();
+        if let Some(mut j) = self.journal.take() {
+            let _ = j.sync_entries();
+        }
+        let _ = vfs.remove_file(&self.manifest_path);
+        if !self.spec.resumable {
+            // A failed seal may still have left a durable commit record: the
+            // journal goes (durably) first, the data it could name after.
+            let removed = self.target.remove_journal().is_ok() && vfs.sync_dir(&self.target.dir).is_ok();
+            if removed && self.spec.mode == ApplyMode::Partial {
+                let _ = vfs.remove_file(&self.disk_path);
+            }
+        }
+    }
+}
+
+impl Drop for Apply<'_> {
+    fn drop(&mut self) {
+        self.cleanup_uncommitted();
+    }
+}
