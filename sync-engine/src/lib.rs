@@ -33,6 +33,7 @@ pub mod plan;
 pub mod points;
 pub mod remote;
 pub mod seqio;
+pub mod session;
 pub mod store;
 pub mod tree;
 pub mod verify;

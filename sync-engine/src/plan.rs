@@ -98,22 +98,49 @@ pub fn plan_region(
     let mut plan = RegionPlan::default();
     plan.stats.blocks = source.len() as u64;
     for (i, s) in source.iter().enumerate() {
-        let block = first + i as u64;
-        let t = target.get(i).copied().flatten();
-        if t == Some(*s) {
-            continue;
-        }
-        if s.is_zero() {
-            plan.push_zero(block);
-        } else if let Some(from) = lookup(s) {
-            plan.stats.copy += 1;
-            plan.ops.push(Op::Copy { block, from });
-        } else {
-            plan.stats.send += 1;
-            plan.ops.push(Op::Send { block });
-        }
+        plan.block(first + i as u64, s, target.get(i).copied().flatten(), lookup);
     }
     plan
+}
+
+/// Plans only the blocks a comparison found different, given as
+/// `(block, source hash, what the target holds)` in block order (the
+/// network compare finds them chunk by chunk, `docs/design.md` §10.3).
+pub fn plan_differing(
+    blocks: &[(u64, BlockHash, Option<BlockHash>)],
+    lookup: &mut dyn FnMut(&BlockHash) -> Option<u64>,
+) -> RegionPlan {
+    let mut plan = RegionPlan::default();
+    plan.stats.blocks = blocks.len() as u64;
+    for (block, s, t) in blocks {
+        plan.block(*block, s, *t, lookup);
+    }
+    plan
+}
+
+impl RegionPlan {
+    /// The one rule: equal is skipped, zeros become a zero range, content
+    /// the target holds elsewhere is copied there, the rest is sent.
+    fn block(
+        &mut self,
+        block: u64,
+        s: &BlockHash,
+        t: Option<BlockHash>,
+        lookup: &mut dyn FnMut(&BlockHash) -> Option<u64>,
+    ) {
+        if t == Some(*s) {
+            return;
+        }
+        if s.is_zero() {
+            self.push_zero(block);
+        } else if let Some(from) = lookup(s) {
+            self.stats.copy += 1;
+            self.ops.push(Op::Copy { block, from });
+        } else {
+            self.stats.send += 1;
+            self.ops.push(Op::Send { block });
+        }
+    }
 }
 
 /// The full-download plan: every non-zero block is sent, zero runs become
@@ -209,6 +236,18 @@ mod tests {
             assert_eq!(plan.ops, c.want, "{}", c.name);
             assert_eq!(plan.stats.blocks, c.source.len() as u64);
         }
+    }
+
+    #[test]
+    fn differing_blocks_follow_the_same_rule() {
+        let blocks = [(4, h(1), Some(h(2))), (5, Z, Some(h(3))), (6, Z, None), (9, h(7), None), (12, h(2), Some(h(2)))];
+        let mut lookup = |x: &BlockHash| (*x == h(7)).then_some(40);
+        let plan = plan_differing(&blocks, &mut lookup);
+        assert_eq!(
+            plan.ops,
+            vec![Op::Send { block: 4 }, Op::Zero { first: 5, count: 2 }, Op::Copy { block: 9, from: 40 }]
+        );
+        assert_eq!(plan.stats, PlanStats { blocks: 5, send: 1, copy: 1, zero: 2 });
     }
 
     #[test]

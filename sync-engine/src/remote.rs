@@ -3,16 +3,14 @@
 //! agent only moves these frames between QUIC streams and the engine.
 
 use bytes::Bytes;
-use diskferry_protocol::message::{encode_block, encode_block_head, BlockFrame, Codec, WantBlock};
-use diskferry_protocol::session::Differing;
-use diskferry_protocol::{BlockHash, Geometry, PAGE_SIZE};
+use diskferry_protocol::message::{encode_block, encode_block_head, BlockFrame, Codec};
+use diskferry_protocol::{Geometry, PAGE_SIZE};
 
-use crate::apply::{Apply, OldContent};
+use crate::apply::OldContent;
 use crate::block::{Patch, ReceivedBlock, VerifiedBlock, VerifiedSlice};
 use crate::compress::{compress, decompress};
 use crate::error::{Error, Result};
 use crate::hash::hash_block;
-use crate::manifest::Manifest;
 
 /// Truncated blake3 (first 8 bytes, little-endian) of each 4 KiB page.
 pub fn page_hashes(bytes: &[u8]) -> Vec<u64> {
@@ -142,54 +140,6 @@ pub fn verify_frame(frame: &BlockFrame, old: &OldContent, g: &Geometry) -> Resul
         old.read(frame.index).map_err(FrameRejection::Storage)?
     };
     received.verify(&base).map_err(|_| FrameRejection::Mismatch)
-}
-
-/// Stages what the target can do itself for differing blocks (zeros, copies
-/// of content it already holds) and returns the blocks to fetch, with the
-/// page hashes of their current content. With a trusted manifest, the
-/// current content of each touched block is checked against it first.
-pub fn resolve(
-    apply: &mut Apply<'_>,
-    old: &OldContent,
-    blocks: &[Differing],
-    manifest: Option<&Manifest>,
-    trusted: bool,
-) -> Result<Vec<WantBlock>> {
-    let mut wants = Vec::new();
-    for d in blocks {
-        if d.source.is_zero() {
-            apply.stage_zero(d.index, 1)?;
-            continue;
-        }
-        let current = old.read(d.index)?;
-        if trusted {
-            if let Some(expected) = d.target {
-                if !old.is_staged(d.index) && hash_block(&current) != expected {
-                    return Err(crate::apply::diverged_error(
-                        old.path(),
-                        &format!("block {} differs from the last commit", d.index),
-                        0,
-                    ));
-                }
-            }
-        }
-        if let Some(from) = manifest.map(|m| m.lookup(&d.source)).transpose()?.flatten() {
-            let bytes = old.read(from)?;
-            if bytes.len() == current.len() && !old.is_staged(from) && hash_block(&bytes) == d.source {
-                let base = (!old.is_staged(d.index)).then_some(current.as_slice());
-                apply.stage(&VerifiedBlock::from_local(d.index, &bytes, base))?;
-                continue;
-            }
-        }
-        let page_hashes = if old.is_staged(d.index) { Vec::new() } else { page_hashes(&current) };
-        wants.push(WantBlock { index: d.index, page_hashes });
-    }
-    Ok(wants)
-}
-
-/// Whether `hashes` hash to `expected` as a region (a full copy's check).
-pub fn region_matches(hashes: &[BlockHash], expected: &BlockHash) -> bool {
-    crate::tree::region_hash(hashes) == *expected
 }
 
 #[cfg(test)]

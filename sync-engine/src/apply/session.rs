@@ -313,6 +313,11 @@ impl Apply<'_> {
         (nothing_staged && consistency.to_u8() <= current.consistency.to_u8()).then_some(current)
     }
 
+    /// The target being written.
+    pub fn target(&self) -> &Target {
+        self.target
+    }
+
     /// The generation the updates apply to (`None`: a new chain).
     pub fn base(&self) -> Option<Generation> {
         self.spec.base
