@@ -13,9 +13,9 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
 use diskferry_benches::{change_pages, rng, TempImage, MIB, PAGE};
 use diskferry_protocol::{Generation, SessionId};
-use diskferry_sync_engine::hash::thread_pool;
 use diskferry_sync_engine::local::{sync, Mode, NoProgress, SyncJob, SyncOptions};
 use diskferry_sync_engine::store::RealFs;
+use diskferry_sync_engine::thread_pool;
 
 const DISK_BYTES: usize = 64 * MIB;
 const CHANGED_PAGES: usize = DISK_BYTES / PAGE / 100;

@@ -5,7 +5,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use diskferry_benches::{mem_disk, random_bytes, TempImage, KIB, MIB};
 use diskferry_protocol::{BlockSize, Geometry};
-use diskferry_sync_engine::hash::{hash_blocks, thread_pool};
+use diskferry_sync_engine::hash::hash_blocks;
+use diskferry_sync_engine::thread_pool;
 use diskferry_sync_engine::Disk;
 
 const DISK_BYTES: usize = 256 * MIB;

@@ -39,15 +39,6 @@ pub fn hash_block(bytes: &[u8]) -> BlockHash {
     }
 }
 
-/// A rayon pool with `threads` workers (all cores when `None`).
-pub fn thread_pool(threads: Option<usize>) -> io::Result<rayon::ThreadPool> {
-    let mut b = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("df-hash-{i}"));
-    if let Some(n) = threads {
-        b = b.num_threads(n.max(1));
-    }
-    b.build().map_err(io::Error::other)
-}
-
 /// Called from the hashing threads with each non-zero block.
 pub type BlockVisitor<'a> = &'a (dyn Fn(VerifiedSlice<'_>) -> io::Result<()> + Sync);
 

@@ -31,6 +31,7 @@ pub mod manifest;
 mod mmap;
 pub mod plan;
 pub mod points;
+mod pool;
 pub mod remote;
 pub mod seqio;
 pub mod session;
@@ -41,3 +42,4 @@ pub mod view;
 
 pub use disk::Disk;
 pub use error::{Error, Place, Result};
+pub use pool::thread_pool;

@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use anyhow::Result;
 use diskferry_sync_engine::error::{IoContext, Place};
-use diskferry_sync_engine::hash::thread_pool;
 use diskferry_sync_engine::local::{self, Mode, SyncJob, SyncOptions, SyncReport};
 use diskferry_sync_engine::store::RealFs;
+use diskferry_sync_engine::thread_pool;
 use serde_json::{json, Value};
 
 use super::{human_bytes, mb_per_s, new_generation, new_session, now_unix_ns, round_secs};

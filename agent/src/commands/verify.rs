@@ -6,8 +6,8 @@ use anyhow::Result;
 use diskferry_protocol::ErrorCode;
 use diskferry_sync_engine::apply::{Recovery, Target, TargetOptions};
 use diskferry_sync_engine::error::{IoContext, Place};
-use diskferry_sync_engine::hash::thread_pool;
 use diskferry_sync_engine::store::RealFs;
+use diskferry_sync_engine::thread_pool;
 use diskferry_sync_engine::verify::verify;
 use serde_json::json;
 

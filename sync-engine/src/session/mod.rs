@@ -23,7 +23,11 @@
 //!    prepare → seal (the commit point) → finish.
 
 pub mod decide;
+pub mod record;
+pub mod source;
 pub mod target;
 
 pub use decide::{decide, Decision, Request};
+pub use record::SentRecord;
+pub use source::{Item, Link, SourceSession};
 pub use target::{Accepted, Outcome, TargetRequest, TargetSession};

@@ -5,9 +5,9 @@ use std::sync::{Arc, OnceLock};
 
 use diskferry_protocol::{BlockSize, ErrorCode, Generation, SessionId};
 use diskferry_sync_engine::apply::{Target, TargetOptions};
-use diskferry_sync_engine::hash::thread_pool;
 use diskferry_sync_engine::local::{self, NoProgress, SyncJob, SyncOptions, SyncReport};
 use diskferry_sync_engine::store::Vfs;
+use diskferry_sync_engine::thread_pool;
 use diskferry_sync_engine::verify;
 use diskferry_sync_engine::Result;
 use diskferry_testkit::{read_image, MemFs};

@@ -1,0 +1,188 @@
+//! The source agent: `diskferry push`. The engine's [`SourceSession`]
+//! hashes the source and builds the frames; this module connects, moves
+//! frames between QUIC streams and the protocol's [`SenderSession`]
+//! (`session.rs`), and reports.
+//!
+//! [`SenderSession`]: diskferry_protocol::session::SenderSession
+
+mod session;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use diskferry_protocol::message::{Open, Plan, SyncMode};
+use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, SessionId, TargetName};
+use diskferry_sync_engine::error::IoContext;
+use diskferry_sync_engine::local::Progress;
+use diskferry_sync_engine::session::{SentRecord, SourceSession};
+use diskferry_sync_engine::store::{RealFs, Vfs};
+use diskferry_sync_engine::{Error, Place};
+
+use crate::identity::Identity;
+use crate::{transport, trust};
+
+/// What to push where.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    pub source: PathBuf,
+    pub peer: SocketAddr,
+    pub peer_fingerprint: String,
+    pub target: TargetName,
+    pub mode: SyncMode,
+    pub block_size: BlockSize,
+    pub compress: Option<i32>,
+    pub force: bool,
+    pub threads: Option<usize>,
+    pub max_mtu: Option<u16>,
+    /// Where the manifest of what was last sent is kept (none: not kept).
+    pub state_root: Option<PathBuf>,
+    /// How long a silent target is waited for.
+    pub idle_timeout: Duration,
+}
+
+/// What a push did.
+#[derive(Debug, Clone)]
+pub struct PushReport {
+    pub plan: Plan,
+    pub disk_bytes: u64,
+    pub blocks_total: u64,
+    pub blocks_changed: u64,
+    pub bytes_sent: u64,
+    pub wire_bytes: u64,
+    pub path_mtu: u16,
+    pub generation: Generation,
+    pub consistency: Consistency,
+    pub root: BlockHash,
+    pub staged_before: u64,
+    /// Bytes of control frames (hash exchange, requests) both ways.
+    pub control_bytes: u64,
+    /// Recovery points the target dropped to start a new chain (`--force`).
+    pub points_dropped: u32,
+    /// The target already held this content: `generation` is its existing point.
+    pub unchanged: bool,
+}
+
+impl PushReport {
+    /// `delta` or `full`, as the target decided.
+    pub fn mode(&self) -> &'static str {
+        match self.plan {
+            Plan::Full => "full",
+            _ => "delta",
+        }
+    }
+}
+
+/// Runs one push.
+pub async fn push(
+    id: &Identity,
+    opts: PushOptions,
+    progress: Arc<dyn Progress + Send + Sync>,
+) -> Result<PushReport, Error> {
+    let vfs: Arc<dyn Vfs> = Arc::new(RealFs);
+    let record = opts
+        .state_root
+        .as_deref()
+        .and_then(|root| SentRecord::open(vfs.as_ref(), root, &opts.peer_fingerprint, opts.target.as_str()));
+    let source = Arc::new(SourceSession::open(vfs, &opts.source, opts.block_size, record)?);
+    let g = source.geometry();
+    let open = Open {
+        session: SessionId(rand::random::<u128>() | 1),
+        target: opts.target.clone(),
+        disk_bytes: g.disk_bytes,
+        block_size: g.block_size,
+        mode: opts.mode,
+        force: opts.force,
+        source_base: source.last_sent(),
+    };
+
+    let endpoint =
+        transport::client_endpoint(&opts.peer).ctx(Place::Source, "opening a UDP socket for", Path::new("push"))?;
+    let tls = trust::client_config(id, &opts.peer_fingerprint)
+        .map_err(|e| Error::new(ErrorCode::Identity, format!("TLS setup: {e}")))?;
+    let qc = transport::client_config(tls, &opts.peer, opts.max_mtu, opts.idle_timeout)
+        .map_err(|e| Error::new(ErrorCode::Internal, format!("QUIC setup: {e}")))?;
+    let connecting = endpoint
+        .connect_with(qc, opts.peer, "diskferry")
+        .map_err(|e| Error::new(ErrorCode::Connection, format!("cannot connect to {}: {e}", opts.peer)))?;
+    tracing::debug!("connecting");
+    let conn = connecting.await.map_err(|e| connection_error(e, false, &opts, id))?;
+    tracing::debug!("connected");
+    let mut finish_sent = false;
+    let result = session::run(&conn, &opts, open, source, progress, &mut finish_sent).await;
+    let result = match (result, conn.close_reason()) {
+        // The commit may have landed with only its acknowledgement lost.
+        (Err(e), _) if finish_sent && e.code == ErrorCode::Connection => Err(Error::new(
+            ErrorCode::Connection,
+            format!(
+                "the connection to {} was lost after the commit was requested, so the target may hold the new generation ({})",
+                opts.peer, e.message
+            ),
+        )
+        .hint("push again: if the commit landed, the rerun says the target already holds this data; if not, it resumes")),
+        // With TLS 1.3 the target judges our certificate after we think the
+        // handshake is done: a refusal then shows as a lost stream.
+        (Err(e), Some(reason)) if e.code == ErrorCode::Connection => Err(connection_error(reason, true, &opts, id)),
+        (r, _) => r,
+    };
+    let stats = conn.stats();
+    conn.close(0u32.into(), b"done");
+    // Long enough for the close to leave; the draining period that follows
+    // only matters to a peer still sending, and the session is over.
+    let _ = tokio::time::timeout(Duration::from_millis(5), endpoint.wait_idle()).await;
+    let mut report = result?;
+    report.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
+    report.path_mtu = stats.path.current_mtu;
+    Ok(report)
+}
+
+/// A failure the session reported: the target's "what happened — what to
+/// do", or a default hint by code.
+fn peer_failure(code: ErrorCode, message: &str) -> Error {
+    let (what, hint) = match message.split_once(" — ") {
+        Some((w, h)) => (w.to_string(), h.to_string()),
+        None => {
+            let h = match code {
+                ErrorCode::Connection | ErrorCode::Cancelled | ErrorCode::PeerBusy | ErrorCode::Busy => {
+                    "push again: it resumes where it stopped"
+                }
+                ErrorCode::Diverged => "if the target's changes must be kept, stop; otherwise push again with --force",
+                ErrorCode::Protocol | ErrorCode::FrameTooLarge | ErrorCode::Version => {
+                    "the agents disagree on the protocol: check that both run the same diskferry version"
+                }
+                _ => "see the target agent's log for details",
+            };
+            (message.to_string(), h.to_string())
+        }
+    };
+    Error::new(code, format!("target: {what}")).hint(hint)
+}
+
+fn connection_error(e: quinn::ConnectionError, established: bool, opts: &PushOptions, id: &Identity) -> Error {
+    use quinn::ConnectionError as C;
+    let crypto = |code: u64| (0x100..0x200).contains(&code);
+    match &e {
+        C::TransportError(t) if crypto(u64::from(t.code)) => Error::new(
+            ErrorCode::PeerFingerprint,
+            format!(
+                "the agent at {} is not the one expected: its certificate does not match --peer-fingerprint",
+                opts.peer
+            ),
+        )
+        .hint("check the fingerprint with `diskferry id` on the target host"),
+        C::ConnectionClosed(c) if crypto(u64::from(c.error_code)) => {
+            Error::new(ErrorCode::UnknownPeer, format!("the agent at {} refused this agent's certificate", opts.peer))
+                .hint(format!(
+                    "add this agent as a [[peer]] in the target's config: fingerprint = \"{}\"",
+                    id.fingerprint()
+                ))
+        }
+        C::TimedOut if !established => Error::new(ErrorCode::Connection, format!("no answer from {}", opts.peer))
+            .hint("check the address, that `diskferry serve` runs there, and the firewall (UDP)"),
+        C::TimedOut => Error::new(ErrorCode::Connection, format!("the target at {} stopped answering", opts.peer))
+            .hint("push again: it resumes where it stopped"),
+        _ => Error::new(ErrorCode::Connection, format!("connection to {} lost: {e}", opts.peer))
+            .hint("push again: it resumes where it stopped"),
+    }
+}

@@ -1,0 +1,262 @@
+//! One push over QUIC: the protocol's sender state machine driven from the
+//! control stream, a hashing thread that feeds it region by region (within
+//! the target's window), and blocking tasks that read wanted blocks; frames
+//! go out on the data streams as the engine built them.
+
+use std::sync::Arc;
+
+use diskferry_protocol::message::{Committed, Message, Open, Plan, WantBlock, CAP_PAGES, CAP_ZSTD};
+use diskferry_protocol::session::{SenderEvent, SenderSession, SourceRegion};
+use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Geometry};
+use diskferry_sync_engine::local::Progress;
+use diskferry_sync_engine::remote::WireFrame;
+use diskferry_sync_engine::session::{Item, Link, SourceSession};
+use diskferry_sync_engine::{thread_pool, Error};
+use tokio::sync::mpsc;
+
+use super::{peer_failure, PushOptions, PushReport};
+use crate::transport::{write_frame, FrameReader, ReadError};
+
+/// Data streams per session (more streams on one connection do not add throughput).
+const DATA_STREAMS: usize = 2;
+
+/// Notes from the helper threads to the session loop.
+enum Note {
+    Region(SourceRegion),
+    Hashed,
+    Failed(Error),
+}
+
+/// Runs the session on an open connection.
+pub(super) async fn run(
+    conn: &quinn::Connection,
+    opts: &PushOptions,
+    open: Open,
+    source: Arc<SourceSession>,
+    progress: Arc<dyn Progress + Send + Sync>,
+    finish_sent: &mut bool,
+) -> Result<PushReport, Error> {
+    let lost = |e: &dyn std::fmt::Display| {
+        Error::new(ErrorCode::Connection, format!("connection lost: {e}"))
+            .hint("push again: it resumes where it stopped")
+    };
+    let g = source.geometry();
+    let (mut ctl_tx, ctl_rx) = conn.open_bi().await.map_err(|e| lost(&e))?;
+    let mut data_tx = Vec::new();
+    let mut writers = Vec::new();
+    for _ in 0..DATA_STREAMS {
+        let mut stream = conn.open_uni().await.map_err(|e| lost(&e))?;
+        let (tx, mut rx) = mpsc::channel::<WireFrame>(64);
+        data_tx.push(tx);
+        writers.push(tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                stream.write_chunk(f.head).await?;
+                if let Some(tail) = f.tail {
+                    stream.write_chunk(tail).await?;
+                }
+            }
+            stream.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
+            Ok::<(), quinn::WriteError>(())
+        }));
+    }
+    let mut session = SenderSession::new(open);
+    let mut reader = FrameReader::new(ctl_rx);
+    let (notes_tx, mut notes_rx) = mpsc::unbounded_channel::<Note>();
+    let (tokens_tx, tokens_rx) = crossbeam_channel::unbounded::<()>();
+    let mut hashed = false;
+    let mut staged_before = 0;
+    let mut consistency_sent: Option<Consistency> = None;
+    let mut control_sent = 0u64;
+    let region_bytes = g.region_blocks() * g.block_size.bytes();
+    progress.phase("pushing", g.disk_bytes);
+    loop {
+        // Send the control frames, then act on the session's events.
+        while let Some(m) = session.poll_transmit() {
+            control_sent += m.to_bytes().len() as u64;
+            write_frame(&mut ctl_tx, &m).await.map_err(|e| lost(&e))?;
+            if let Message::Finish { consistency } = m {
+                tracing::debug!(consistency = consistency.as_str(), "finish sent: the target commits now");
+            }
+        }
+        let mut committed: Option<Committed> = None;
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                SenderEvent::Accepted(a) => {
+                    staged_before = a.staged_blocks;
+                    // Only what the target speaks: zstd payloads, page patches.
+                    let caps = session.capabilities();
+                    let level = opts.compress.filter(|_| caps & CAP_ZSTD != 0);
+                    source.set_link(Link { level, pages: caps & CAP_PAGES != 0 })?;
+                    for _ in 0..a.window {
+                        let _ = tokens_tx.send(());
+                    }
+                    spawn_hasher(&source, a.plan == Plan::Full, opts.threads, &tokens_rx, &data_tx, &notes_tx)?;
+                }
+                SenderEvent::SendBlocks { region, blocks } => {
+                    let expected = announced(&session, g, region, &blocks);
+                    spawn_sender(&source, blocks, expected, &data_tx, &notes_tx);
+                }
+                SenderEvent::Resend { index } => {
+                    // A full copy's block whose bytes changed after hashing
+                    // fails verification: the resend then carries other bytes.
+                    let w = vec![WantBlock { index, page_hashes: Vec::new() }];
+                    let expected = announced(&session, g, g.region_of(index), &w);
+                    spawn_sender(&source, w, expected, &data_tx, &notes_tx);
+                }
+                SenderEvent::RegionDone { region, .. } => {
+                    tracing::debug!(region, "region done");
+                    let _ = tokens_tx.send(());
+                    let start = g.block_offset(g.region_range(region).start);
+                    progress.advance(region_bytes.min(g.disk_bytes - start));
+                }
+                SenderEvent::Committed(c) => {
+                    tracing::debug!(generation = %c.generation, "committed");
+                    committed = Some(c)
+                }
+                SenderEvent::Failed { code, message } => return Err(peer_failure(code, &message)),
+            }
+        }
+        if let Some(c) = committed {
+            let consistency = consistency_sent.unwrap_or(Consistency::Fuzzy);
+            source.commit_record(c.generation, consistency, crate::commands::now_unix_ns());
+            drop(data_tx);
+            for w in writers {
+                let _ = w.await;
+            }
+            return Ok(PushReport {
+                plan: session.plan().unwrap_or(Plan::Full),
+                disk_bytes: g.disk_bytes,
+                blocks_total: g.block_count(),
+                blocks_changed: c.blocks_changed,
+                bytes_sent: source.bytes_sent(),
+                wire_bytes: 0,
+                path_mtu: 0,
+                generation: c.generation,
+                consistency,
+                root: c.root,
+                staged_before,
+                control_bytes: control_sent + reader.bytes_read(),
+                points_dropped: c.points_dropped,
+                unchanged: c.unchanged,
+            });
+        }
+        // Finish once everything was hashed and the target has staged every
+        // region: only then is the source's stability known.
+        if hashed && consistency_sent.is_none() && session.outstanding() == 0 {
+            match source.consistency(false) {
+                Ok(c) => {
+                    consistency_sent = Some(c);
+                    *finish_sent = true;
+                    session.handle_source_done(c);
+                }
+                Err(e) => {
+                    session.abort(e.code, e.message.clone());
+                    while let Some(m) = session.poll_transmit() {
+                        let _ = write_frame(&mut ctl_tx, &m).await;
+                    }
+                    return Err(e);
+                }
+            }
+            continue;
+        }
+        tokio::select! {
+            frame = reader.next() => match frame {
+                Ok(Some(m)) => session.handle_message(m),
+                Ok(None) => return Err(lost(&"the target closed the session")),
+                Err(ReadError::Decode(e)) => session.abort(ErrorCode::Protocol, format!("bad frame from the target: {e}")),
+                Err(ReadError::Stream(e)) => return Err(lost(&e)),
+            },
+            Some(note) = notes_rx.recv() => match note {
+                Note::Region(r) => {
+                    tracing::debug!(region = r.region, "region hashed");
+                    session.handle_region(r)
+                }
+                Note::Hashed => {
+                    tracing::debug!("source hashed");
+                    hashed = true
+                }
+                Note::Failed(e) => {
+                    session.abort(e.code, e.message.clone());
+                    while let Some(m) = session.poll_transmit() {
+                        let _ = write_frame(&mut ctl_tx, &m).await;
+                    }
+                    return Err(e);
+                }
+            },
+        }
+    }
+}
+
+/// The hashes announced for `blocks` of `region` (still outstanding).
+fn announced(session: &SenderSession, g: Geometry, region: u64, blocks: &[WantBlock]) -> Vec<Option<BlockHash>> {
+    let first = g.region_range(region).start;
+    blocks
+        .iter()
+        .map(|w| session.region_blocks(region).and_then(|b| b.get((w.index - first) as usize).copied()))
+        .collect()
+}
+
+/// Hashes the source region by region, one window token each; a full copy
+/// queues every block's frame as it is hashed.
+fn spawn_hasher(
+    source: &Arc<SourceSession>,
+    full: bool,
+    threads: Option<usize>,
+    tokens: &crossbeam_channel::Receiver<()>,
+    data: &[mpsc::Sender<WireFrame>],
+    notes: &mpsc::UnboundedSender<Note>,
+) -> Result<(), Error> {
+    let pool = thread_pool(threads).map_err(|e| Error::new(ErrorCode::Internal, format!("thread pool: {e}")))?;
+    let (source, tokens, data, notes) = (source.clone(), tokens.clone(), data.to_vec(), notes.clone());
+    std::thread::Builder::new()
+        .name("df-hash".into())
+        .spawn(move || {
+            let g = source.geometry();
+            let out = |item: Item<'_>| -> std::io::Result<()> {
+                let stream = match &item {
+                    Item::Block(b) => (b.index() as usize) % data.len(),
+                    Item::Zero { .. } => 0,
+                };
+                data[stream].blocking_send(source.encode(&item)).map_err(|_| std::io::Error::other("session ended"))
+            };
+            for region in 0..g.region_count() {
+                // One token per region in flight: the target's window.
+                if tokens.recv().is_err() {
+                    return;
+                }
+                let hashed = pool.install(|| source.hash_region(region, full.then_some(&out)));
+                let note = match hashed {
+                    Ok(r) => Note::Region(r),
+                    // The session ended while a full copy queued frames.
+                    Err(e) if e.code == ErrorCode::Cancelled => return,
+                    Err(e) => Note::Failed(e),
+                };
+                let failed = matches!(note, Note::Failed(_));
+                if notes.send(note).is_err() || failed {
+                    return;
+                }
+            }
+            let _ = notes.send(Note::Hashed);
+        })
+        .map(|_| ())
+        .map_err(|e| Error::new(ErrorCode::Internal, format!("starting the hashing thread: {e}")))
+}
+
+/// Reads wanted blocks and queues their frames.
+fn spawn_sender(
+    source: &Arc<SourceSession>,
+    blocks: Vec<WantBlock>,
+    expected: Vec<Option<BlockHash>>,
+    data: &[mpsc::Sender<WireFrame>],
+    notes: &mpsc::UnboundedSender<Note>,
+) {
+    let (source, data, notes) = (source.clone(), data.to_vec(), notes.clone());
+    tokio::task::spawn_blocking(move || {
+        let sent = source.frames(&blocks, &expected, &mut |index, frame| {
+            data[(index as usize) % data.len()].blocking_send(frame).is_ok()
+        });
+        if let Err(e) = sent {
+            let _ = notes.send(Note::Failed(e));
+        }
+    });
+}

@@ -1,0 +1,287 @@
+//! The source side of a session, for local and network syncs alike: hash
+//! the source region by region (a full copy hands every non-zero block on
+//! as it is hashed), read the blocks the target wants and build their
+//! frames, tell whether the source stayed still, and keep a record of what
+//! was sent.
+//!
+//! A driver feeds it from [`diskferry_protocol::session::SenderSession`]'s
+//! events: `Accepted` → [`SourceSession::set_link`] and
+//! [`SourceSession::hash_region`] per window token, `SendBlocks`/`Resend` →
+//! [`SourceSession::frames`], before `Finish` →
+//! [`SourceSession::consistency`], `Committed` →
+//! [`SourceSession::commit_record`]. Its methods take `&self` and may run
+//! on several threads at once.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use diskferry_protocol::message::{Message, WantBlock};
+use diskferry_protocol::session::SourceRegion;
+use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry};
+
+use super::record::SentRecord;
+use crate::block::VerifiedSlice;
+use crate::disk::Disk;
+use crate::error::{Error, IoContext, Place, Result};
+use crate::hash::{hash_block, hash_blocks_visit};
+use crate::manifest::ManifestWriter;
+use crate::remote::{block_frame, whole_block_frame, WireFrame};
+use crate::store::{Meta, Vfs};
+use crate::tree::{chunk_hashes, region_hash_from_chunks};
+
+/// The consumer of a full copy's items stopped (the session ended, or the
+/// local target failed: its driver keeps that error).
+fn ended(e: io::Error) -> Error {
+    Error::new(ErrorCode::Cancelled, format!("the session ended while the source was read: {e}"))
+}
+
+/// What a full copy hands on while it hashes a region.
+#[derive(Debug)]
+pub enum Item<'a> {
+    /// A non-zero block, with the bytes that were hashed.
+    Block(VerifiedSlice<'a>),
+    /// Blocks `first..first+count` are zeros (sent after the region's blocks).
+    Zero {
+        /// First block.
+        first: u64,
+        /// Number of blocks.
+        count: u64,
+    },
+}
+
+/// How blocks travel, as the target accepted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Link {
+    /// zstd level for payloads (`None`: raw).
+    pub level: Option<i32>,
+    /// Whether the target takes page patches (else whole blocks).
+    pub pages: bool,
+}
+
+/// The source side of one session.
+#[derive(Debug)]
+pub struct SourceSession {
+    vfs: Arc<dyn Vfs>,
+    path: PathBuf,
+    disk: Arc<Disk>,
+    geometry: Geometry,
+    before: Meta,
+    link: Mutex<Link>,
+    changed_while_read: AtomicBool,
+    bytes_sent: AtomicU64,
+    record: Option<SentRecord>,
+    writer: Mutex<Option<ManifestWriter>>,
+}
+
+impl SourceSession {
+    /// Opens the source (`path` on `vfs`, or a disk already open) for a
+    /// session with `block_size` blocks; `record` keeps what was sent.
+    pub fn open(vfs: Arc<dyn Vfs>, path: &Path, block_size: BlockSize, record: Option<SentRecord>) -> Result<Self> {
+        let before = vfs.metadata(path).ctx(Place::Source, "reading", path)?.ok_or_else(|| {
+            Error::new(ErrorCode::NotFound, format!("source {} does not exist", path.display())).hint("check the path")
+        })?;
+        let disk = vfs.open_disk(path).ctx(Place::Source, "opening", path)?;
+        let geometry = Geometry::new(disk.len(), block_size);
+        Ok(SourceSession {
+            vfs,
+            path: path.to_path_buf(),
+            disk: Arc::new(disk),
+            geometry,
+            before,
+            link: Mutex::new(Link { level: None, pages: true }),
+            changed_while_read: AtomicBool::new(false),
+            bytes_sent: AtomicU64::new(0),
+            record,
+            writer: Mutex::new(None),
+        })
+    }
+
+    /// The session's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// The source as first seen (identity, size, stamp).
+    pub fn before(&self) -> &Meta {
+        &self.before
+    }
+
+    /// The generation the record says this target last committed (`Open.source_base`).
+    pub fn last_sent(&self) -> Option<Generation> {
+        self.record.as_ref().and_then(|r| r.last_generation())
+    }
+
+    /// How blocks travel (after the target accepted), and starts the record.
+    pub fn set_link(&self, link: Link) -> Result<()> {
+        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = link;
+        if let Some(r) = &self.record {
+            *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.writer(self.vfs.clone(), self.geometry)?);
+        }
+        Ok(())
+    }
+
+    fn link(&self) -> Link {
+        *self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Block payload bytes built so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Notes that a block was read with other bytes than it was hashed with.
+    pub fn note_changed(&self) {
+        self.changed_while_read.store(true, Ordering::Relaxed);
+    }
+
+    /// Hashes region `region` on the current rayon pool. A full copy hands
+    /// every non-zero block to `out` as it is hashed, then the region's zero
+    /// runs; the region's `items` counts them. An error from `out` stops
+    /// the hashing and is returned as it is.
+    pub fn hash_region(
+        &self,
+        region: u64,
+        full: Option<&(dyn Fn(Item<'_>) -> io::Result<()> + Sync)>,
+    ) -> Result<SourceRegion> {
+        let g = self.geometry;
+        let range = g.region_range(region);
+        let items = AtomicU64::new(0);
+        let out_failed = Mutex::new(None);
+        let visit = |b: VerifiedSlice<'_>| -> io::Result<()> {
+            let out = full.ok_or_else(|| io::Error::other("no consumer"))?;
+            if let Err(e) = out(Item::Block(b)) {
+                let msg = e.to_string();
+                out_failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                return Err(io::Error::other(msg));
+            }
+            items.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        };
+        let visitor: Option<crate::hash::BlockVisitor<'_>> = full.map(|_| &visit as crate::hash::BlockVisitor<'_>);
+        let hashes = match hash_blocks_visit(&self.disk, &g, range.clone(), visitor) {
+            Ok(h) => h,
+            Err(e) => {
+                if let Some(e) = out_failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    return Err(ended(e));
+                }
+                return Err(Error::io(Place::Source, "reading", &self.path, e));
+            }
+        };
+        if let Some(out) = full {
+            // Zero runs travel as ranges: the target records them (and zeroes
+            // a block device) without bytes on the wire.
+            let mut i = 0;
+            while i < hashes.len() {
+                if !hashes[i].is_zero() {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < hashes.len() && hashes[i].is_zero() {
+                    i += 1;
+                }
+                out(Item::Zero { first: range.start + start as u64, count: (i - start) as u64 }).map_err(ended)?;
+                items.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            w.push_region(region, &hashes)?;
+        }
+        let chunks = chunk_hashes(&hashes);
+        let hash = region_hash_from_chunks(&chunks);
+        Ok(SourceRegion { region, blocks: hashes, chunks, hash, items: items.load(Ordering::Relaxed) as u32 })
+    }
+
+    /// A full copy's item as a frame: a whole block (compressed when that
+    /// pays, else its payload shared with the map), or a zero range.
+    pub fn encode(&self, item: &Item<'_>) -> WireFrame {
+        match item {
+            Item::Block(b) => {
+                let (frame, payload) = whole_block_frame(b, self.link().level);
+                self.bytes_sent.fetch_add(payload, Ordering::Relaxed);
+                frame
+            }
+            Item::Zero { first, count } => Message::Zero { first: *first, count: *count }.to_bytes().into(),
+        }
+    }
+
+    /// Reads block `index` as it is now; a block whose bytes no longer hash
+    /// to `expected` (what was announced for it) marks the push fuzzy, and
+    /// the target gets what is there now.
+    pub fn read_block(&self, index: u64, expected: Option<BlockHash>) -> Result<Vec<u8>> {
+        let g = self.geometry;
+        if index >= g.block_count() {
+            return Err(Error::new(ErrorCode::Protocol, format!("the target asked for block {index}")));
+        }
+        let mut bytes = vec![0u8; g.block_len(index) as usize];
+        self.disk.read_at(g.block_offset(index), &mut bytes).ctx(Place::Source, "reading", &self.path)?;
+        if expected.is_some_and(|e| e != hash_block(&bytes)) {
+            self.note_changed();
+        }
+        Ok(bytes)
+    }
+
+    /// The frames of wanted blocks, each carrying only the pages whose hash
+    /// differs from the target's (whole blocks when it gave none), handed to
+    /// `out` in order; `out` returns `false` to stop. `expected[i]` is the
+    /// hash announced for `wants[i]`.
+    pub fn frames(
+        &self,
+        wants: &[WantBlock],
+        expected: &[Option<BlockHash>],
+        out: &mut dyn FnMut(u64, WireFrame) -> bool,
+    ) -> Result<()> {
+        let link = self.link();
+        for (i, w) in wants.iter().enumerate() {
+            let bytes = self.read_block(w.index, expected.get(i).copied().flatten())?;
+            let pages: &[u64] = if link.pages { &w.page_hashes } else { &[] };
+            let frame = block_frame(w.index, &bytes, pages, link.level);
+            self.bytes_sent.fetch_add(frame.payload.len() as u64, Ordering::Relaxed);
+            if !out(w.index, Message::Block(frame).to_bytes().into()) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// The label of what was read, once every block was sent: crash-
+    /// consistent (`app` when a quiesce hook ran) iff the source's stamp did
+    /// not move and no block changed between hashing and reading, else
+    /// fuzzy. A source that was removed, replaced or shrank is not the disk
+    /// whose bytes were sent: `E_SOURCE_CHANGED`.
+    pub fn consistency(&self, app: bool) -> Result<Consistency> {
+        let changed = |why: String| {
+            Error::new(ErrorCode::SourceChanged, format!("source {}: {why} while it was read", self.path.display()))
+                .hint(
+                    "sync from a snapshot, or run again once nothing truncates or replaces the source; the target keeps its last committed generation",
+                )
+        };
+        let after = match self.vfs.metadata(&self.path).ctx(Place::Source, "reading", &self.path)? {
+            None => return Err(changed("it was removed".into())),
+            Some(m) if m.identity != self.before.identity => {
+                return Err(changed("it was replaced by another file".into()))
+            }
+            Some(m) if m.len < self.geometry.disk_bytes => {
+                return Err(changed(format!("it shrank from {} to {} bytes", self.geometry.disk_bytes, m.len)))
+            }
+            Some(m) => m,
+        };
+        let stable = after.stamp == self.before.stamp && !self.changed_while_read.load(Ordering::Relaxed);
+        Ok(match (stable, app) {
+            (false, _) => Consistency::Fuzzy,
+            (true, true) => Consistency::App,
+            (true, false) => Consistency::Crash,
+        })
+    }
+
+    /// Keeps the record of what this session sent, under the generation the
+    /// target committed. Only a note for the next push: losing it costs nothing.
+    pub fn commit_record(&self, generation: Generation, consistency: Consistency, now_unix_ns: i64) {
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let (Some(r), Some(w)) = (&self.record, writer) {
+            r.commit(self.vfs.as_ref(), w, generation, consistency, now_unix_ns);
+        }
+    }
+}
