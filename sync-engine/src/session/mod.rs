@@ -29,5 +29,5 @@ pub mod target;
 
 pub use decide::{decide, Decision, Request};
 pub use record::SentRecord;
-pub use source::{Item, Link, SourceSession};
+pub use source::{Item, ItemSink, Link, SourceSession};
 pub use target::{Accepted, Outcome, TargetRequest, TargetSession};

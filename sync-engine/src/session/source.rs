@@ -51,6 +51,9 @@ pub enum Item<'a> {
     },
 }
 
+/// Where a full copy's items go while a region is hashed (from the hashing threads).
+pub type ItemSink<'a> = &'a (dyn Fn(Item<'_>) -> io::Result<()> + Sync);
+
 /// How blocks travel, as the target accepted.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Link {
@@ -143,7 +146,7 @@ impl SourceSession {
     pub fn hash_region(
         &self,
         region: u64,
-        full: Option<&(dyn Fn(Item<'_>) -> io::Result<()> + Sync)>,
+        full: Option<ItemSink<'_>>,
     ) -> Result<SourceRegion> {
         let g = self.geometry;
         let range = g.region_range(region);
