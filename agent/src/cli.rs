@@ -152,6 +152,17 @@ pub enum ModeArg {
     Full,
 }
 
+impl From<ModeArg> for diskferry_protocol::message::SyncMode {
+    fn from(m: ModeArg) -> Self {
+        use diskferry_protocol::message::SyncMode;
+        match m {
+            ModeArg::Auto => SyncMode::Auto,
+            ModeArg::Delta => SyncMode::Delta,
+            ModeArg::Full => SyncMode::Full,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct SyncArgs {
     /// Source disk (image file or block device).

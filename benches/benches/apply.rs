@@ -13,7 +13,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
 use diskferry_benches::{change_pages, rng, TempImage, MIB, PAGE};
 use diskferry_protocol::{Generation, SessionId};
-use diskferry_sync_engine::local::{sync, Mode, NoProgress, SyncJob, SyncOptions};
+use diskferry_sync_engine::local::{sync, NoProgress, SyncJob, SyncMode, SyncOptions};
 use diskferry_sync_engine::store::RealFs;
 use diskferry_sync_engine::thread_pool;
 
@@ -37,8 +37,8 @@ fn bench(c: &mut Criterion) {
     let dir = image.dir().to_path_buf();
     let source = image.path().to_path_buf();
     let pool = thread_pool(None).expect("thread pool");
-    let full = SyncOptions { mode: Mode::Full, ..SyncOptions::default() };
-    let delta = SyncOptions { mode: Mode::Delta, ..SyncOptions::default() };
+    let full = SyncOptions { mode: SyncMode::Full, ..SyncOptions::default() };
+    let delta = SyncOptions { mode: SyncMode::Delta, ..SyncOptions::default() };
     let mut n: u128 = 1;
     pool.install(|| sync(&job(&dir, &source, n), &full, &NoProgress)).expect("first full sync");
     let mut r = rng(8);

@@ -1,45 +1,62 @@
-//! A whole disk-to-disk sync with no network: hash, compare, stage, commit,
-//! region by region.
+//! A disk-to-disk sync with no network: the engine's source and target
+//! sessions joined in memory through the protocol's state machines — the
+//! same decisions, comparison and commit as a push, with no encoding, no
+//! encryption and no extra copy of block data. Blocks the source hashed
+//! are written as they are (they are verified by construction); where the
+//! target compares by its bytes, they are compared with the source's bytes
+//! instead of being hashed (one pass, no second hash).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use diskferry_sync_engine::local::{sync, NoProgress, SyncJob, SyncOptions};
+//! use diskferry_sync_engine::store::RealFs;
+//! use diskferry_protocol::{Generation, SessionId};
+//!
+//! let job = SyncJob {
+//!     vfs: Arc::new(RealFs),
+//!     state_root: "/var/lib/diskferry".into(),
+//!     source: "/srv/vm1.img".into(),
+//!     target: "/backup/vm1.img".into(),
+//!     generation: Generation(7),
+//!     session: SessionId(9),
+//!     now_unix_ns: 0,
+//! };
+//! let report = sync(&job, &SyncOptions::default(), &NoProgress)?;
+//! println!("{} blocks changed", report.blocks_changed);
+//! # Ok::<(), diskferry_sync_engine::Error>(())
+//! ```
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry, SessionId};
+pub use diskferry_protocol::message::SyncMode;
+use diskferry_protocol::message::{Open, Plan, WantBlock};
+use diskferry_protocol::session::{ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession};
+use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, SessionId, TargetName};
 use rayon::prelude::*;
 
-use crate::apply::{
-    diverged_error, ApplyMode, BeginSpec, CommitMeta, PointRecord, Recovery, Target, TargetOptions, Trust,
-};
+use crate::apply::{DirectSink, OldContent, Recovery, Target, TargetOptions};
 use crate::block::VerifiedBlock;
-use crate::disk::Disk;
 use crate::error::{Error, IoContext, Place, Result};
-use crate::hash::{hash_and_compare, hash_block, hash_blocks, hash_blocks_visit};
-use crate::manifest::{BlockCursor, Manifest};
-use crate::plan::{plan_full, plan_region, Op, PlanStats};
-use crate::store::{DiskKind, Meta, Vfs};
-use crate::view::manifest_view;
+use crate::hash::hash_and_compare;
+use crate::session::{Item, Link, Request, SourceSession, TargetRequest, TargetSession};
+use crate::store::Vfs;
+use crate::view::{view_of, ViewProducer};
 
-/// Which sync to run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Delta when the target exists, full otherwise.
-    Auto,
-    /// Compare and send only what changed (the target must exist).
-    Delta,
-    /// Copy every non-zero block without comparing.
-    Full,
-}
+/// Regions in flight between the two sessions (they run in one thread, so
+/// this only bounds what is buffered).
+const WINDOW: u32 = 4;
 
 /// Sync options.
 #[derive(Clone, Copy, Debug)]
 pub struct SyncOptions {
     /// Delta, full or auto.
-    pub mode: Mode,
+    pub mode: SyncMode,
     /// Block size.
     pub block_size: BlockSize,
-    /// Sync a diverged target anyway (full compare, its changes overwritten).
+    /// Sync a diverged target anyway (full compare, its changes overwritten),
+    /// or a full copy over recovery points (dropped).
     pub force: bool,
     /// Consistent recovery points to keep.
     pub retention: u32,
@@ -50,7 +67,7 @@ pub struct SyncOptions {
 impl Default for SyncOptions {
     fn default() -> Self {
         SyncOptions {
-            mode: Mode::Auto,
+            mode: SyncMode::Auto,
             block_size: BlockSize::DEFAULT,
             force: false,
             retention: 2,
@@ -129,26 +146,18 @@ pub struct SyncReport {
     pub unchanged: bool,
 }
 
-fn source_meta(vfs: &dyn Vfs, path: &Path) -> Result<Meta> {
-    vfs.metadata(path).ctx(Place::Source, "reading", path)?.ok_or_else(|| {
-        Error::new(ErrorCode::NotFound, format!("source {} does not exist", path.display())).hint("check the path")
-    })
-}
-
 /// Runs one local sync on the current rayon pool.
 pub fn sync(job: &SyncJob, opts: &SyncOptions, progress: &dyn Progress) -> Result<SyncReport> {
-    let vfs = job.vfs.as_ref();
-    let before = source_meta(vfs, &job.source)?;
-    let same = vfs
+    let source = SourceSession::open(job.vfs.clone(), &job.source, opts.block_size, None)?;
+    let same = job
+        .vfs
         .metadata(&job.target)
         .ctx(Place::Target, "reading", &job.target)?
-        .is_some_and(|t| t.identity == before.identity);
+        .is_some_and(|t| t.identity == source.before().identity);
     if job.source == job.target || same {
         return Err(Error::new(ErrorCode::InvalidInput, "source and target are the same file or device")
             .hint("give a different target path"));
     }
-    let source = vfs.open_disk(&job.source).ctx(Place::Source, "opening", &job.source)?;
-    let geometry = Geometry::new(source.len(), opts.block_size);
     let mut target = Target::open(
         job.vfs.clone(),
         &job.state_root,
@@ -157,312 +166,279 @@ pub fn sync(job: &SyncJob, opts: &SyncOptions, progress: &dyn Progress) -> Resul
     )?;
     // Local sessions do not resume: staged blocks are cheaper to redo than to trust.
     target.discard()?;
-    let dst_meta = vfs.metadata(&job.target).ctx(Place::Target, "reading", &job.target)?;
-    let full = match (opts.mode, &dst_meta) {
-        (Mode::Full, _) | (Mode::Auto, None) => true,
-        (Mode::Delta, None) => {
-            return Err(Error::new(
-                ErrorCode::NotFound,
-                format!("target {} does not exist; a delta needs one", job.target.display()),
-            )
-            .hint("use --mode full (or auto) to create it"))
-        }
-        _ => false,
-    };
-    if let Some(m) = &dst_meta {
-        if m.kind == DiskKind::BlockDevice && m.len < geometry.disk_bytes {
-            return Err(Error::new(
-                ErrorCode::TargetTooSmall,
-                format!(
-                    "target {} holds {} bytes but the source has {}",
-                    job.target.display(),
-                    m.len,
-                    geometry.disk_bytes
-                ),
-            )
-            .hint("use a block device at least as large as the source; the target was not touched"));
-        }
-    }
-    if full {
-        target.check_full_overwrite(opts.force)?;
-    }
     let recovery = target.recovery().clone();
-    // Counted before a full copy into a device marks it INCOMPLETE.
-    let kept_before = target.kept_points();
-    let mut run = Run { source: &source, geometry, progress, changed_while_read: false, stats: PlanStats::default() };
-    let (report, compare) = if full {
-        let is_device = dst_meta.is_some_and(|m| m.kind == DiskKind::BlockDevice);
-        (run.full(&mut target, job, is_device)?, "none")
-    } else {
-        run.delta(&mut target, job, opts)?
-    };
-    let after = source_meta(vfs, &job.source)?;
-    let stable = !run.changed_while_read && before.stamp == after.stamp;
-    let consistency = match (stable, opts.app_consistent) {
-        (false, _) => Consistency::Fuzzy,
-        (true, true) => Consistency::App,
-        (true, false) => Consistency::Crash,
-    };
-    let points_dropped = if report.base().is_none() { kept_before as u32 } else { 0 };
-    if let Some(point) = report.unchanged_point(consistency) {
-        // The target holds exactly this already: no new point.
-        report.abandon();
-        let root = target.manifest_of(&point)?.header().root;
-        return Ok(SyncReport {
-            mode: "delta",
-            compare,
-            disk_bytes: geometry.disk_bytes,
-            blocks_total: geometry.block_count(),
-            blocks_changed: 0,
-            bytes_written: 0,
-            log_bytes: 0,
-            undo_bytes: 0,
-            generation: point.generation,
-            consistency: point.consistency,
-            root,
-            recovery,
-            points_dropped: 0,
-            unchanged: true,
-        });
-    }
-    let commit =
-        report.commit(CommitMeta { generation: job.generation, consistency, created_unix_ns: job.now_unix_ns })?;
-    Ok(SyncReport {
-        mode: if full { "full" } else { "delta" },
-        compare,
-        disk_bytes: geometry.disk_bytes,
-        blocks_total: geometry.block_count(),
-        blocks_changed: run.stats.changed(),
-        bytes_written: commit.bytes_written,
-        log_bytes: commit.log_bytes,
-        undo_bytes: commit.undo_bytes,
-        generation: commit.generation,
-        consistency,
-        root: commit.root,
-        recovery,
-        points_dropped,
-        unchanged: false,
-    })
+    let mut join = Join::new(job, opts, &source, progress)?;
+    let mut report = join.run(&mut target)?;
+    report.recovery = recovery;
+    Ok(report)
 }
 
-struct Run<'a> {
-    source: &'a Disk,
-    geometry: Geometry,
+/// The two sessions and their state machines, in one thread.
+struct Join<'a> {
+    job: &'a SyncJob,
+    opts: &'a SyncOptions,
+    source: &'a SourceSession,
     progress: &'a dyn Progress,
-    changed_while_read: bool,
-    stats: PlanStats,
+    sender: SenderSession,
+    receiver: ReceiverSession,
 }
 
-/// Where the target side's hashes come from during a delta.
-enum View<'m> {
-    /// The committed manifest, trusted; `old` is its geometry.
-    Manifest { cursor: BlockCursor, old: Geometry, manifest: &'m Manifest, device: bool },
-    /// Compare with the target's bytes.
-    Hash { disk: Disk },
+/// The target side once accepted.
+struct Accepted<'t> {
+    session: TargetSession<'t>,
+    view: Option<ViewProducer>,
+    old: OldContent,
+    sink: Option<DirectSink>,
 }
 
-impl Run<'_> {
-    fn full<'t>(&mut self, target: &'t mut Target, job: &SyncJob, is_device: bool) -> Result<crate::apply::Apply<'t>> {
-        let g = self.geometry;
-        let mut apply = target.begin(BeginSpec {
+impl<'a> Join<'a> {
+    fn new(
+        job: &'a SyncJob,
+        opts: &'a SyncOptions,
+        source: &'a SourceSession,
+        progress: &'a dyn Progress,
+    ) -> Result<Self> {
+        let g = source.geometry();
+        let target = TargetName::new("local").map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
+        let open = Open {
             session: job.session,
-            geometry: g,
-            mode: if is_device { ApplyMode::Direct } else { ApplyMode::Partial },
-            base: None,
-            resumable: false,
-            index_entries: None,
-        })?;
-        let Some(sink) = apply.direct_sink() else {
-            return Err(Error::new(ErrorCode::Internal, "full copy without a direct sink"));
+            target,
+            disk_bytes: g.disk_bytes,
+            block_size: g.block_size,
+            mode: opts.mode,
+            force: opts.force,
+            source_base: None,
         };
-        self.progress.phase("copying", g.disk_bytes);
-        let sink_error = std::sync::Mutex::new(None);
-        for region in 0..g.region_count() {
-            let range = g.region_range(region);
-            let written = AtomicU64::new(0);
-            let blocks = AtomicU64::new(0);
-            let visit = |b: crate::block::VerifiedSlice<'_>| -> std::io::Result<()> {
-                if let Err(e) = sink.write(&b) {
-                    let msg = e.to_string();
-                    if let Ok(mut slot) = sink_error.lock() {
-                        slot.get_or_insert(e);
-                    }
-                    return Err(std::io::Error::other(msg));
-                }
-                written.fetch_add(b.bytes().len() as u64, Ordering::Relaxed);
-                blocks.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            };
-            let hashes = match hash_blocks_visit(self.source, &g, range.clone(), Some(&visit)) {
-                Ok(h) => h,
-                Err(e) => {
-                    if let Some(err) = sink_error.lock().ok().and_then(|mut s| s.take()) {
-                        return Err(err);
-                    }
-                    return Err(Error::io(Place::Source, "reading", &job.source, e));
-                }
-            };
-            let mut plan = plan_full(range.start, &hashes);
-            for op in &plan.ops {
-                if let Op::Zero { first, count } = *op {
-                    apply.stage_zero(first, count)?;
-                }
-            }
-            if !is_device {
-                // A new file is all holes already: zero runs change nothing there.
-                plan.stats.zero = 0;
-            }
-            self.stats.add(&plan.stats);
-            let end = g.block_offset(range.end).min(g.disk_bytes);
-            apply.account_direct(blocks.load(Ordering::Relaxed), written.load(Ordering::Relaxed), end);
-            apply.push_region(region, &hashes)?;
-            self.progress.advance(end - g.block_offset(range.start));
-        }
-        Ok(apply)
+        Ok(Join { job, opts, source, progress, sender: SenderSession::new(open), receiver: ReceiverSession::new() })
     }
 
-    fn delta<'t>(
-        &mut self,
-        target: &'t mut Target,
-        job: &SyncJob,
-        opts: &SyncOptions,
-    ) -> Result<(crate::apply::Apply<'t>, &'static str)> {
-        let vfs = job.vfs.clone();
-        let g = self.geometry;
-        let trust = target.settle_trust()?;
-        let (base_point, manifest): (Option<PointRecord>, Option<Manifest>) = match trust {
-            Trust::Trusted(p) => {
-                let m = target.manifest_of(&p)?;
-                if p.geometry.block_size == g.block_size {
-                    (Some(p), Some(m))
-                } else {
-                    (Some(p), None)
-                }
-            }
-            Trust::Diverged { why, .. } if !opts.force => return Err(target.diverged(&why)),
-            // No state, interrupted full copy, or forced: compare with the bytes.
-            _ => (None, None),
-        };
-        let device = vfs.metadata(&job.target).ctx(Place::Target, "reading", &job.target)?.map(|m| m.kind)
-            == Some(DiskKind::BlockDevice);
-        let mut view = match &manifest {
-            Some(m) => View::Manifest { cursor: m.cursor(), old: m.geometry(), manifest: m, device },
-            None => View::Hash { disk: vfs.open_disk(&job.target).ctx(Place::Target, "opening", &job.target)? },
-        };
-        let compare = if manifest.is_some() { "manifest" } else { "full-compare" };
-        let mut apply = target.begin(BeginSpec {
-            session: job.session,
-            geometry: g,
-            mode: ApplyMode::Journal,
-            base: base_point.map(|p| p.generation),
-            resumable: false,
-            index_entries: None,
-        })?;
-        self.progress.phase("comparing", g.disk_bytes);
-        for region in 0..g.region_count() {
-            let range = g.region_range(region);
-            let (src, tgt) = match &mut view {
-                View::Manifest { cursor, old, device, .. } => {
-                    let tgt = manifest_view(cursor, old, &g, range.clone(), *device)?;
-                    (hash_blocks(self.source, &g, range.clone()), tgt)
-                }
-                View::Hash { disk } => {
-                    // Locally the target's bytes are at hand: comparing them
-                    // with the source's is cheaper than hashing them.
-                    let pairs = hash_and_compare(self.source, disk, &g, range.clone())
-                        .map_err(|e| Error::io(Place::Source, "reading", &job.source, e))?;
-                    let (s, t): (Vec<BlockHash>, Vec<Option<BlockHash>>) =
-                        pairs.into_iter().map(|(h, equal)| (h, equal.then_some(h))).unzip();
-                    (Ok(s), t)
-                }
-            };
-            let mut src = src.ctx(Place::Source, "reading", &job.source)?;
-            let mut local: HashMap<BlockHash, u64> = HashMap::new();
-            for (i, t) in tgt.iter().enumerate() {
-                if let Some(t) = t.filter(|t| !t.is_zero()) {
-                    local.entry(t).or_insert(range.start + i as u64);
-                }
-            }
-            let manifest_ref = match &view {
-                View::Manifest { manifest, .. } => Some(*manifest),
-                View::Hash { .. } => None,
-            };
-            let mut lookup = |h: &BlockHash| -> Option<u64> {
-                if let Some(b) = local.get(h) {
-                    return Some(*b);
-                }
-                manifest_ref.and_then(|m| m.lookup(h).ok().flatten())
-            };
-            let plan = plan_region(range.start, &src, &tgt, &mut lookup);
-            self.stats.add(&plan.stats);
-            let trusted = matches!(view, View::Manifest { .. });
-            // Read and diff the changed blocks in parallel, stage them in order.
-            let updates: Vec<Result<Option<VerifiedBlock>>> = plan
-                .ops
-                .par_iter()
-                .filter(|op| !matches!(op, Op::Zero { .. }))
-                .map(|op| self.build_update(&apply, op, &src, &tgt, range.start, trusted, job))
-                .collect();
-            for op in &plan.ops {
-                if let Op::Zero { first, count } = *op {
-                    apply.stage_zero(first, count)?;
-                }
-            }
-            for u in updates {
-                if let Some(vb) = u? {
-                    let i = (vb.index() - range.start) as usize;
-                    if vb.hash() != src[i] {
-                        // The source changed between hashing and reading: record what was staged.
-                        self.changed_while_read = true;
-                        src[i] = vb.hash();
+    fn run<'t>(&mut self, target: &'t mut Target) -> Result<SyncReport> {
+        let g = self.source.geometry();
+        let mut accepted: Option<Accepted<'t>> = None;
+        let mut next_region = 0u64;
+        let mut finished = false;
+        let mut target = Some(target);
+        loop {
+            let mut progressed = self.exchange();
+            while let Some(ev) = self.receiver.poll_event() {
+                progressed = true;
+                match ev {
+                    ReceiverEvent::Open(o) => {
+                        let Some(t) = target.take() else { return Err(internal("opened twice")) };
+                        let req = TargetRequest {
+                            request: Request { mode: o.mode, force: o.force, geometry: g },
+                            session: o.session,
+                            resumable: false,
+                            window: WINDOW,
+                            index_entries: None,
+                        };
+                        let (session, a) = TargetSession::open(t, &req)?;
+                        self.receiver.accept(a.accept, a.geometry);
+                        self.source.set_link(Link { level: None, pages: true })?;
+                        let phase = if a.accept.plan == Plan::Full { "copying" } else { "comparing" };
+                        self.progress.phase(phase, g.disk_bytes);
+                        accepted = Some(Accepted { session, view: a.view, old: a.old, sink: a.sink });
                     }
-                    if !vb.patches().is_empty() {
-                        apply.stage(&vb)?;
+                    ReceiverEvent::Resolve { region, blocks } => {
+                        let t = accepted.as_mut().ok_or_else(|| internal("resolve before open"))?;
+                        let wants = t.session.resolve(&blocks)?;
+                        self.receiver.handle_resolved(region, wants);
                     }
+                    ReceiverEvent::RegionComplete { region, hashes, expected } => {
+                        let t = accepted.as_mut().ok_or_else(|| internal("region before open"))?;
+                        t.session.region(region, &hashes, expected)?;
+                    }
+                    ReceiverEvent::Commit { consistency } => {
+                        let t = accepted.take().ok_or_else(|| internal("commit before open"))?;
+                        let plan = t.session.plan();
+                        let outcome = t.session.commit(consistency, self.job.generation, self.job.now_unix_ns)?;
+                        let c = outcome.committed;
+                        self.receiver.handle_committed(c);
+                        self.exchange();
+                        return Ok(SyncReport {
+                            mode: if plan == Plan::Full { "full" } else { "delta" },
+                            compare: match plan {
+                                Plan::Full => "none",
+                                Plan::CompareManifest => "manifest",
+                                Plan::CompareHash => "full-compare",
+                            },
+                            disk_bytes: g.disk_bytes,
+                            blocks_total: g.block_count(),
+                            blocks_changed: c.blocks_changed,
+                            bytes_written: c.bytes_written,
+                            log_bytes: outcome.report.map_or(0, |r| r.log_bytes),
+                            undo_bytes: outcome.report.map_or(0, |r| r.undo_bytes),
+                            generation: c.generation,
+                            consistency,
+                            root: c.root,
+                            recovery: Recovery::Clean,
+                            points_dropped: c.points_dropped,
+                            unchanged: c.unchanged,
+                        });
+                    }
+                    ReceiverEvent::Failed { code, message } => return Err(Error::new(code, message)),
                 }
             }
-            apply.push_region(region, &src)?;
-            self.progress.advance(g.block_offset(range.end).min(g.disk_bytes) - g.block_offset(range.start));
+            let mut wanted = Vec::new();
+            while let Some(ev) = self.sender.poll_event() {
+                progressed = true;
+                match ev {
+                    SenderEvent::Accepted(_) | SenderEvent::Committed(_) => {}
+                    SenderEvent::SendBlocks { region, blocks } => wanted.push((region, blocks)),
+                    SenderEvent::Resend { index } => {
+                        wanted.push((g.region_of(index), vec![WantBlock { index, page_hashes: Vec::new() }]))
+                    }
+                    SenderEvent::RegionDone { region, .. } => {
+                        let r = g.region_range(region);
+                        self.progress.advance(g.block_offset(r.end).min(g.disk_bytes) - g.block_offset(r.start));
+                    }
+                    SenderEvent::Failed { code, message } => return Err(Error::new(code, message)),
+                }
+            }
+            if let Some(t) = accepted.as_mut() {
+                for (region, blocks) in wanted {
+                    self.send_blocks(t, region, &blocks)?;
+                }
+                if next_region < g.region_count() && self.sender.window_open() {
+                    self.feed_region(t, next_region)?;
+                    next_region += 1;
+                    continue;
+                }
+                if next_region == g.region_count() && !finished && self.sender.outstanding() == 0 {
+                    finished = true;
+                    let c = self.source.consistency(self.opts.app_consistent)?;
+                    self.sender.handle_source_done(c);
+                    continue;
+                }
+            }
+            if !progressed {
+                // Nothing moves: the two sessions wait on each other, a bug.
+                return Err(internal("the sessions stopped without a commit"));
+            }
         }
-        Ok((apply, compare))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn build_update(
-        &self,
-        apply: &crate::apply::Apply<'_>,
-        op: &Op,
-        src: &[BlockHash],
-        tgt: &[Option<BlockHash>],
-        first: u64,
-        trusted: bool,
-        job: &SyncJob,
-    ) -> Result<Option<VerifiedBlock>> {
-        let g = &self.geometry;
-        let block = match *op {
-            Op::Send { block } | Op::Copy { block, .. } => block,
-            Op::Zero { .. } => return Ok(None),
-        };
-        let len = g.block_len(block);
-        let i = (block - first) as usize;
-        let old = apply.read_old(block, len)?;
-        if trusted {
-            // The manifest claims this content; check it before overwriting,
-            // so a change made behind our back is never silently destroyed.
-            if let Some(expected) = tgt.get(i).copied().flatten() {
-                if hash_block(&old) != expected {
-                    return Err(diverged_error(&job.target, &format!("block {block} differs from the last commit"), 0));
-                }
+    /// Moves control frames between the two state machines; whether any moved.
+    fn exchange(&mut self) -> bool {
+        let mut moved = false;
+        loop {
+            let mut any = false;
+            while let Some(m) = self.sender.poll_transmit() {
+                self.receiver.handle_message(m);
+                any = true;
             }
-        }
-        if let Op::Copy { from, .. } = *op {
-            let bytes = apply.read_old(from, len)?;
-            if hash_block(&bytes) == src[i] {
-                return Ok(Some(VerifiedBlock::from_local(block, &bytes, Some(&old))));
+            while let Some(m) = self.receiver.poll_transmit() {
+                self.sender.handle_message(m);
+                any = true;
             }
+            if !any {
+                return moved;
+            }
+            moved = true;
         }
-        let mut new = vec![0u8; len as usize];
-        self.source.read_at(g.block_offset(block), &mut new).ctx(Place::Source, "reading", &job.source)?;
-        Ok(Some(VerifiedBlock::from_local(block, &new, Some(&old))))
     }
+
+    /// Hashes the next region, gives the target its view, and, for a full
+    /// copy, writes every block as it is hashed.
+    fn feed_region(&mut self, t: &mut Accepted<'_>, region: u64) -> Result<()> {
+        let g = self.source.geometry();
+        let range = g.region_range(region);
+        if let Some(sink) = &t.sink {
+            if t.session.plan() == Plan::Full {
+                let written = Mutex::new(Vec::new());
+                let zeros = Mutex::new(Vec::new());
+                let failed = Mutex::new(None);
+                let bytes = AtomicU64::new(0);
+                let out = |item: Item<'_>| -> std::io::Result<()> {
+                    match item {
+                        Item::Block(b) => {
+                            if let Err(e) = sink.write(&b) {
+                                let msg = e.to_string();
+                                failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                                return Err(std::io::Error::other(msg));
+                            }
+                            bytes.fetch_add(b.bytes().len() as u64, Ordering::Relaxed);
+                            written.lock().unwrap_or_else(|p| p.into_inner()).push((
+                                b.index(),
+                                b.hash(),
+                                b.bytes().len(),
+                            ));
+                        }
+                        Item::Zero { first, count } => {
+                            zeros.lock().unwrap_or_else(|p| p.into_inner()).push((first, count))
+                        }
+                    }
+                    Ok(())
+                };
+                let hashed = self.source.hash_region(region, Some(&out));
+                if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                    return Err(e);
+                }
+                let sr = hashed?;
+                let written = written.into_inner().unwrap_or_else(|p| p.into_inner());
+                let end = g.block_offset(range.end).min(g.disk_bytes);
+                t.session.account_direct(written.len() as u64, bytes.load(Ordering::Relaxed), end);
+                for (index, hash, len) in written {
+                    self.receiver.handle_staged(index, hash, len as u64);
+                }
+                for (first, count) in zeros.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                    t.session.stage_zero(first, count)?;
+                    self.receiver.handle_zeroed(first, count);
+                }
+                self.sender.handle_region(sr);
+                return Ok(());
+            }
+        }
+        let Some(view) = t.view.as_mut() else { return Err(internal("a compare without a view")) };
+        let (sr, rv) = match view.disk() {
+            // The target's bytes are at hand: compare them with the source's
+            // instead of hashing them.
+            Some(disk) => {
+                let pairs = hash_and_compare(self.source.disk(), disk, &g, range.clone())
+                    .map_err(|e| Error::io(Place::Source, "reading", &self.job.source, e))?;
+                self.source.check_size()?;
+                let (hashes, tgt): (Vec<BlockHash>, Vec<Option<BlockHash>>) =
+                    pairs.into_iter().map(|(h, equal)| (h, equal.then_some(h))).unzip();
+                let v = view_of(tgt);
+                (self.source.region_of(region, hashes)?, v)
+            }
+            None => {
+                let (r, v) = view.next_region()?;
+                debug_assert_eq!(r, region);
+                (self.source.hash_region(region, None)?, v)
+            }
+        };
+        self.receiver.handle_view(region, RegionView { blocks: rv.blocks, chunks: rv.chunks, hash: rv.hash });
+        self.sender.handle_region(sr);
+        Ok(())
+    }
+
+    /// The wanted blocks, read and diffed against the target's current bytes
+    /// in parallel, staged in order.
+    fn send_blocks(&mut self, t: &mut Accepted<'_>, region: u64, blocks: &[WantBlock]) -> Result<()> {
+        let g = self.source.geometry();
+        let first = g.region_range(region).start;
+        let announced = self.sender.region_blocks(region).map(|b| b.to_vec());
+        let built: Vec<Result<VerifiedBlock>> = blocks
+            .par_iter()
+            .map(|w| {
+                let expected = announced.as_ref().and_then(|b| b.get((w.index - first) as usize).copied());
+                let new = self.source.read_block(w.index, expected)?;
+                let old = t.old.read(w.index)?;
+                Ok(VerifiedBlock::from_local(w.index, &new, Some(&old)))
+            })
+            .collect();
+        for vb in built {
+            let vb = vb?;
+            if !vb.patches().is_empty() {
+                t.session.stage(&vb)?;
+            }
+            self.receiver.handle_staged(vb.index(), vb.hash(), vb.payload_len());
+        }
+        Ok(())
+    }
+}
+
+fn internal(what: &str) -> Error {
+    Error::new(ErrorCode::Internal, format!("local sync: {what}"))
 }

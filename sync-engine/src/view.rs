@@ -55,6 +55,14 @@ impl ViewProducer {
         ViewProducer { source, geometry, overlay, next: 0 }
     }
 
+    /// The disk, when the view hashes one.
+    pub fn disk(&self) -> Option<&Disk> {
+        match &self.source {
+            ViewSource::Disk(d) => Some(d),
+            ViewSource::Manifest { .. } => None,
+        }
+    }
+
     /// The manifest, when the view comes from one.
     pub fn manifest(&self) -> Option<&Manifest> {
         match &self.source {

@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use diskferry_protocol::message::SyncMode;
 use diskferry_protocol::{ErrorCode, TargetName};
 use diskferry_sync_engine::Error;
 use serde_json::json;
 
 use super::{cpu_seconds, human_bytes, mb_per_s, round_secs};
-use crate::cli::{InitArgs, ModeArg, PushArgs, ServeArgs};
+use crate::cli::{InitArgs, PushArgs, ServeArgs};
 use crate::config::Config;
 use crate::identity::{self, normalize_fingerprint};
 use crate::output::print_json;
@@ -90,11 +89,7 @@ pub fn push(a: PushArgs) -> Result<()> {
         peer,
         peer_fingerprint: fingerprint,
         target,
-        mode: match a.mode {
-            ModeArg::Auto => SyncMode::Auto,
-            ModeArg::Delta => SyncMode::Delta,
-            ModeArg::Full => SyncMode::Full,
-        },
+        mode: a.mode.into(),
         block_size: a.block_size,
         compress: a.compress.0,
         force: a.force,

@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use anyhow::Result;
 use diskferry_sync_engine::error::{IoContext, Place};
-use diskferry_sync_engine::local::{self, Mode, SyncJob, SyncOptions, SyncReport};
+use diskferry_sync_engine::local::{self, SyncJob, SyncOptions, SyncReport};
 use diskferry_sync_engine::store::RealFs;
 use diskferry_sync_engine::thread_pool;
 use serde_json::{json, Value};
 
 use super::{human_bytes, mb_per_s, new_generation, new_session, now_unix_ns, round_secs};
-use crate::cli::{ModeArg, SyncArgs};
+use crate::cli::SyncArgs;
 use crate::output::print_json;
 use crate::progress::Bar;
 use crate::state;
@@ -20,11 +20,7 @@ pub fn run(a: SyncArgs) -> Result<()> {
     let state_root = state::prepare(&state::resolve(a.common.state_dir.clone()))?;
     let target = state::canonical_target(&a.dst)?;
     let opts = SyncOptions {
-        mode: match a.mode {
-            ModeArg::Auto => Mode::Auto,
-            ModeArg::Delta => Mode::Delta,
-            ModeArg::Full => Mode::Full,
-        },
+        mode: a.mode.into(),
         block_size: a.block_size,
         force: a.force,
         retention: a.retention,

@@ -143,11 +143,7 @@ impl SourceSession {
     /// every non-zero block to `out` as it is hashed, then the region's zero
     /// runs; the region's `items` counts them. An error from `out` stops
     /// the hashing and is returned as it is.
-    pub fn hash_region(
-        &self,
-        region: u64,
-        full: Option<ItemSink<'_>>,
-    ) -> Result<SourceRegion> {
+    pub fn hash_region(&self, region: u64, full: Option<ItemSink<'_>>) -> Result<SourceRegion> {
         let g = self.geometry;
         let range = g.region_range(region);
         let items = AtomicU64::new(0);
@@ -189,12 +185,30 @@ impl SourceSession {
                 items.fetch_add(1, Ordering::Relaxed);
             }
         }
+        let mut r = self.region_of(region, hashes)?;
+        r.items = items.load(Ordering::Relaxed) as u32;
+        Ok(r)
+    }
+
+    /// The source disk (a local sync compares the target's bytes with it).
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    /// Fails with `E_SOURCE_CHANGED` if the source is now shorter than at open.
+    pub fn check_size(&self) -> Result<()> {
+        self.disk.check_size().ctx(Place::Source, "reading", &self.path)
+    }
+
+    /// A region hashed elsewhere (a local sync hashes while it compares):
+    /// its tree nodes, and its place in the record.
+    pub fn region_of(&self, region: u64, hashes: Vec<BlockHash>) -> Result<SourceRegion> {
         if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             w.push_region(region, &hashes)?;
         }
         let chunks = chunk_hashes(&hashes);
         let hash = region_hash_from_chunks(&chunks);
-        Ok(SourceRegion { region, blocks: hashes, chunks, hash, items: items.load(Ordering::Relaxed) as u32 })
+        Ok(SourceRegion { region, blocks: hashes, chunks, hash, items: 0 })
     }
 
     /// A full copy's item as a frame: a whole block (compressed when that

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use diskferry_protocol::{ErrorCode, Generation};
 use diskferry_sync_engine::apply::{Status, Target};
 use diskferry_sync_engine::local::NoProgress;
-use diskferry_sync_engine::local::{Mode, SyncOptions};
+use diskferry_sync_engine::local::{SyncMode, SyncOptions};
 use diskferry_sync_engine::store::Vfs;
 use diskferry_sync_engine::verify;
 use diskferry_testkit::{write_image, DiskGen, MemFs};
@@ -109,7 +109,7 @@ pub fn full_over_existing() -> Scenario {
     let v1 = g.disk(400_000);
     let v2 = g.evolve(&v1);
     let mut s = state_scenario("full copy over a synced target", 14, v1, v2, 4096, false);
-    s.opts.mode = Mode::Full;
+    s.opts.mode = SyncMode::Full;
     // It drops the kept point: the operator says so.
     s.opts.force = true;
     s
@@ -165,7 +165,7 @@ pub fn device_full() -> Scenario {
     fs.add_block_device(p(DST), garbage.len() as u64).unwrap();
     write_image(&fs, p(DST), &garbage).unwrap();
     let mut o = opts(65536, 3);
-    o.mode = Mode::Full;
+    o.mode = SyncMode::Full;
     // A rerun after a commit landed copies over a kept point.
     o.force = true;
     Scenario {
