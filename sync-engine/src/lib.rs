@@ -23,6 +23,7 @@
 pub mod apply;
 pub mod block;
 pub mod compress;
+pub mod digest;
 pub mod disk;
 pub mod error;
 pub mod hash;

@@ -143,23 +143,6 @@ impl RegionPlan {
     }
 }
 
-/// The full-download plan: every non-zero block is sent, zero runs become
-/// ranges; nothing is compared.
-pub fn plan_full(first: u64, source: &[BlockHash]) -> RegionPlan {
-    let mut plan = RegionPlan::default();
-    plan.stats.blocks = source.len() as u64;
-    for (i, s) in source.iter().enumerate() {
-        let block = first + i as u64;
-        if s.is_zero() {
-            plan.push_zero(block);
-        } else {
-            plan.stats.send += 1;
-            plan.ops.push(Op::Send { block });
-        }
-    }
-    plan
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,12 +231,5 @@ mod tests {
             vec![Op::Send { block: 4 }, Op::Zero { first: 5, count: 2 }, Op::Copy { block: 9, from: 40 }]
         );
         assert_eq!(plan.stats, PlanStats { blocks: 5, send: 1, copy: 1, zero: 2 });
-    }
-
-    #[test]
-    fn full_sends_all_data() {
-        let plan = plan_full(0, &[h(1), Z, Z, h(2)]);
-        assert_eq!(plan.ops, vec![Op::Send { block: 0 }, Op::Zero { first: 1, count: 2 }, Op::Send { block: 3 }]);
-        assert_eq!(plan.stats, PlanStats { blocks: 4, send: 2, copy: 0, zero: 2 });
     }
 }
