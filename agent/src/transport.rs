@@ -11,11 +11,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::VecDeque;
-
-use bytes::{Bytes, BytesMut};
-use diskferry_protocol::message::frame_length;
-use diskferry_protocol::{DecodeError, Message, MAX_FRAME};
+use diskferry_protocol::{DecodeError, FrameSplitter, Message, MAX_FRAME};
 use quinn::{MtuDiscoveryConfig, TransportConfig, VarInt};
 
 /// Stream flow-control window (per stream).
@@ -149,17 +145,14 @@ pub fn server_config(
     Ok(c)
 }
 
-/// Reads frames from a QUIC receive stream. It never reads past the frame
+/// Reads frames from a QUIC receive stream through the protocol's one
+/// [`FrameSplitter`], reading only the bytes it wants: never past the frame
 /// at hand, so bytes not yet wanted stay in QUIC's flow-controlled buffers
-/// (and stop the sender once its window is used). Received chunks are kept
-/// as they came; a frame inside one chunk is a slice of it, one spanning
-/// chunks is copied once into a buffer of exactly its size.
+/// (and stop the sender once its window is used).
 pub struct FrameReader {
     stream: quinn::RecvStream,
-    chunks: VecDeque<Bytes>,
-    buffered: usize,
+    splitter: FrameSplitter,
     bytes_read: u64,
-    max_frame: u32,
 }
 
 /// Why a frame could not be read.
@@ -181,7 +174,7 @@ impl FrameReader {
 
     /// A reader that refuses frames longer than `max_frame`.
     pub fn with_limit(stream: quinn::RecvStream, max_frame: u32) -> Self {
-        FrameReader { stream, chunks: VecDeque::new(), buffered: 0, bytes_read: 0, max_frame: max_frame.min(MAX_FRAME) }
+        FrameReader { stream, splitter: FrameSplitter::new(max_frame.min(MAX_FRAME)), bytes_read: 0 }
     }
 
     /// Bytes received so far.
@@ -189,114 +182,48 @@ impl FrameReader {
         self.bytes_read
     }
 
-    /// Reads until `want` bytes are buffered, and no further. `false` at a
-    /// clean end of stream with nothing buffered.
-    async fn fill(&mut self, want: usize) -> Result<bool, ReadError> {
-        while self.buffered < want {
-            match self.stream.read_chunk(want - self.buffered, true).await {
-                Ok(Some(chunk)) => {
-                    self.bytes_read += chunk.bytes.len() as u64;
-                    self.buffered += chunk.bytes.len();
-                    self.chunks.push_back(chunk.bytes);
-                }
-                Ok(None) if self.buffered == 0 => return Ok(false),
-                Ok(None) => return Err(ReadError::Decode(DecodeError::Truncated)),
-                Err(e) => return Err(ReadError::Stream(e.to_string())),
+    /// Reads up to `want` more bytes. `false` at a clean end of stream with
+    /// nothing buffered.
+    async fn read(&mut self, want: usize) -> Result<bool, ReadError> {
+        match self.stream.read_chunk(want, true).await {
+            Ok(Some(chunk)) => {
+                self.bytes_read += chunk.bytes.len() as u64;
+                self.splitter.push(chunk.bytes);
+                Ok(true)
             }
+            Ok(None) if self.splitter.buffered() == 0 => Ok(false),
+            Ok(None) => Err(ReadError::Decode(DecodeError::Truncated)),
+            Err(e) => Err(ReadError::Stream(e.to_string())),
         }
-        Ok(true)
-    }
-
-    /// The next frame's length, from its buffered prefix.
-    fn length(&self) -> Result<usize, ReadError> {
-        let mut prefix = [0u8; 4];
-        self.copy_front(&mut prefix);
-        Ok(frame_length(prefix, self.max_frame).map_err(ReadError::Decode)? as usize)
     }
 
     /// The next frame's length and its first `head` bytes (after the length
-    /// prefix), read but not consumed: what a reader needs to reserve memory
+    /// prefix), read but not taken: what a reader needs to reserve memory
     /// before it reads the body. `None` at a clean end of stream.
     pub async fn peek(&mut self, head: usize) -> Result<Option<(u32, Vec<u8>)>, ReadError> {
-        if !self.fill(4).await? {
-            return Ok(None);
+        loop {
+            if let Some(p) = self.splitter.peek(head).map_err(ReadError::Decode)? {
+                return Ok(Some(p));
+            }
+            let want = match self.splitter.buffered() {
+                n if n < 4 => 4 - n,
+                _ => self.splitter.wanted().map_err(ReadError::Decode)?.min(head.max(1)),
+            };
+            if !self.read(want.max(1)).await? {
+                return Ok(None);
+            }
         }
-        let len = self.length()?;
-        let n = len.min(head);
-        self.fill(4 + n).await?;
-        let mut front = vec![0u8; 4 + n];
-        self.copy_front(&mut front);
-        front.drain(..4);
-        Ok(Some((len as u32, front)))
     }
 
     /// The next frame; `Ok(None)` at a clean end of stream.
     pub async fn next(&mut self) -> Result<Option<Message>, ReadError> {
-        if !self.fill(4).await? {
-            return Ok(None);
-        }
-        let len = self.length()?;
-        self.fill(4 + len).await?;
-        match self.take_frame().map_err(ReadError::Decode)? {
-            Some(mut body) => Message::decode(&mut body).map(Some).map_err(ReadError::Decode),
-            None => Err(ReadError::Decode(DecodeError::Truncated)),
-        }
-    }
-
-    /// The next whole frame's body (without its length prefix), if buffered.
-    fn take_frame(&mut self) -> Result<Option<Bytes>, DecodeError> {
-        if self.buffered < 4 {
-            return Ok(None);
-        }
-        let mut prefix = [0u8; 4];
-        self.copy_front(&mut prefix);
-        let len = frame_length(prefix, self.max_frame)? as usize;
-        if self.buffered < 4 + len {
-            return Ok(None);
-        }
-        self.advance(4);
-        self.buffered -= len;
-        let Some(front) = self.chunks.front_mut() else { return Ok(None) };
-        if front.len() >= len {
-            let body = front.split_to(len);
-            if front.is_empty() {
-                self.chunks.pop_front();
+        loop {
+            if let Some(m) = self.splitter.next().map_err(ReadError::Decode)? {
+                return Ok(Some(m));
             }
-            return Ok(Some(body));
-        }
-        let mut body = BytesMut::with_capacity(len);
-        while body.len() < len {
-            let Some(mut c) = self.chunks.pop_front() else { break };
-            let n = (len - body.len()).min(c.len());
-            body.extend_from_slice(&c.split_to(n));
-            if !c.is_empty() {
-                self.chunks.push_front(c);
-            }
-        }
-        Ok(Some(body.freeze()))
-    }
-
-    fn copy_front(&self, out: &mut [u8]) {
-        let mut done = 0;
-        for c in &self.chunks {
-            let n = (out.len() - done).min(c.len());
-            out[done..done + n].copy_from_slice(&c[..n]);
-            done += n;
-            if done == out.len() {
-                break;
-            }
-        }
-    }
-
-    fn advance(&mut self, mut n: usize) {
-        self.buffered -= n;
-        while n > 0 {
-            let Some(front) = self.chunks.front_mut() else { return };
-            let k = n.min(front.len());
-            let _ = front.split_to(k);
-            n -= k;
-            if front.is_empty() {
-                self.chunks.pop_front();
+            let want = self.splitter.wanted().map_err(ReadError::Decode)?;
+            if !self.read(want.max(1)).await? {
+                return Ok(None);
             }
         }
     }

@@ -1,6 +1,6 @@
 //! The wire codec: `Message::encode` / `Message::decode` of a Block frame
 //! carrying a whole raw 64 KiB block and of a BlockHashes frame (one chunk:
-//! 32 block hashes), and `decode_frame` splitting frames off a receive
+//! 32 block hashes), and `FrameSplitter` splitting frames off a receive
 //! buffer (one frame, and a 4 MiB buffer of 64 Block frames). Throughput is
 //! frame bytes.
 
@@ -11,7 +11,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use diskferry_benches::{random_bytes, KIB};
 use diskferry_protocol::message::{BlockFrame, Codec};
 use diskferry_protocol::types::CHUNK_BLOCKS;
-use diskferry_protocol::{decode_frame, BlockHash, Message, MAX_FRAME};
+use diskferry_protocol::{BlockHash, FrameSplitter, Message, MAX_FRAME};
 use diskferry_sync_engine::hash::hash_block;
 
 fn block_frame() -> Message {
@@ -47,10 +47,13 @@ fn bench_message(c: &mut Criterion, name: &str, msg: &Message) {
         })
     });
     g.bench_function("decode", |b| b.iter(|| Message::decode(&mut black_box(&body).clone()).expect("decodes")));
-    g.bench_function("decode_frame", |b| {
+    g.bench_function("split", |b| {
         b.iter_batched(
-            || BytesMut::from(&frame[..]),
-            |mut buf| decode_frame(&mut buf, MAX_FRAME).expect("decodes").expect("a whole frame"),
+            || FrameSplitter::new(MAX_FRAME),
+            |mut s| {
+                s.push(frame.clone());
+                s.next().expect("decodes").expect("a whole frame")
+            },
             BatchSize::SmallInput,
         )
     });
@@ -71,12 +74,14 @@ fn bench(c: &mut Criterion) {
     }
     let mut g = c.benchmark_group("codec/stream-64x-block-64K");
     g.throughput(Throughput::Bytes(stream.len() as u64));
-    g.bench_function("decode_frame", |b| {
+    let stream = stream.freeze();
+    g.bench_function("split", |b| {
         b.iter_batched(
-            || stream.clone(),
-            |mut buf| {
+            || FrameSplitter::new(MAX_FRAME),
+            |mut s| {
+                s.push(stream.clone());
                 let mut n = 0;
-                while let Some(m) = decode_frame(&mut buf, MAX_FRAME).expect("decodes") {
+                while let Some(m) = s.next().expect("decodes") {
                     black_box(m);
                     n += 1;
                 }

@@ -1,7 +1,7 @@
 //! The diskferry wire format and the value types every layer shares.
 //!
 //! This crate does no I/O and knows no clock: [`Message`] turns into bytes and
-//! back ([`decode_frame`] splits frames off a buffer), the
+//! back ([`FrameSplitter`] splits frames off a stream of chunks), the
 //! [`session::SenderSession`] and [`session::ReceiverSession`] state machines
 //! hold the protocol's logic, and it holds the small newtypes ([`BlockHash`], [`BlockSize`],
 //! [`Generation`], [`Geometry`], [`TargetName`]) and the stable
@@ -17,13 +17,15 @@
 
 pub mod coding;
 pub mod error;
+pub mod frame;
 pub mod message;
 pub mod session;
 pub mod types;
 
 pub use coding::DecodeError;
 pub use error::{ErrorClass, ErrorCode};
-pub use message::{decode_frame, Message, ALPN, MAX_FRAME, VERSION};
+pub use frame::FrameSplitter;
+pub use message::{Message, ALPN, MAX_FRAME, VERSION};
 pub use types::{
     from_hex, parse_size, to_hex, BlockHash, BlockIndex, BlockSize, Consistency, Generation, Geometry,
     InvalidBlockSize, InvalidGeneration, InvalidTargetName, SessionId, TargetName, CHUNK_BLOCKS, PAGE_SIZE,

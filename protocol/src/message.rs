@@ -667,38 +667,16 @@ fn decode_block(b: &mut impl Buf) -> DecodeResult<BlockFrame> {
     Ok(BlockFrame { index, hash, block_len, codec, patches, payload })
 }
 
-/// The body length a frame's 4-byte prefix announces, checked against the
-/// limit before anything is buffered.
-pub fn frame_length(prefix: [u8; 4], max_frame: u32) -> DecodeResult<u32> {
-    let len = u32::from_le_bytes(prefix);
-    if len == 0 {
-        return Err(DecodeError::Truncated);
-    }
-    if len > max_frame {
-        return Err(DecodeError::TooLarge(len as u64));
-    }
-    Ok(len)
-}
-
-/// Splits frames off a receive buffer: `Ok(None)` means "read more bytes",
-/// an error means the peer sent bad bytes (kept apart, as in mini-redis).
-pub fn decode_frame(buf: &mut BytesMut, max_frame: u32) -> DecodeResult<Option<Message>> {
-    if buf.len() < 4 {
-        return Ok(None);
-    }
-    let len = frame_length([buf[0], buf[1], buf[2], buf[3]], max_frame)?;
-    if buf.len() < 4 + len as usize {
-        buf.reserve(4 + len as usize - buf.len());
-        return Ok(None);
-    }
-    buf.advance(4);
-    let mut body = buf.split_to(len as usize).freeze();
-    Message::decode(&mut body).map(Some)
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// One frame off `buf`, through the one splitter.
+    fn decode_frame(buf: &mut BytesMut, max: u32) -> DecodeResult<Option<Message>> {
+        let mut s = crate::frame::FrameSplitter::new(max);
+        s.push(buf.split().freeze());
+        s.next()
+    }
 
     pub(crate) fn samples() -> Vec<Message> {
         let h = BlockHash([0xab; 32]);

@@ -4,7 +4,7 @@
 use bytes::{Bytes, BytesMut};
 use diskferry_protocol::message::{Accept, BlockFrame, Codec, Committed, Open, Plan, SyncMode, WantBlock};
 use diskferry_protocol::{
-    decode_frame, BlockHash, BlockSize, Consistency, ErrorCode, Generation, Message, SessionId, TargetName, MAX_FRAME,
+    BlockHash, BlockSize, Consistency, ErrorCode, FrameSplitter, Generation, Message, SessionId, TargetName, MAX_FRAME,
 };
 use proptest::prelude::*;
 
@@ -109,37 +109,52 @@ fn message() -> impl Strategy<Value = Message> {
     ]
 }
 
+/// Every frame the splitter yields from `chunks`, and how it stopped.
+fn split(chunks: &[&[u8]]) -> (Vec<Message>, Result<(), diskferry_protocol::DecodeError>) {
+    let mut s = FrameSplitter::new(MAX_FRAME);
+    let mut out = Vec::new();
+    for c in chunks {
+        s.push(bytes::Bytes::copy_from_slice(c));
+        loop {
+            match s.next() {
+                Ok(Some(m)) => out.push(m),
+                Ok(None) => break,
+                Err(e) => return (out, Err(e)),
+            }
+        }
+    }
+    (out, Ok(()))
+}
+
 proptest! {
     #[test]
     fn decode_of_encode_is_identity(m in message()) {
-        let mut buf = BytesMut::from(&m.to_bytes()[..]);
-        prop_assert_eq!(decode_frame(&mut buf, MAX_FRAME).unwrap(), Some(m));
-        prop_assert!(buf.is_empty());
+        let bytes = m.to_bytes();
+        let (out, end) = split(&[&bytes]);
+        prop_assert_eq!(end, Ok(()));
+        prop_assert_eq!(out, vec![m]);
     }
 
     #[test]
-    fn frames_split_anywhere_reassemble(ms in prop::collection::vec(message(), 1..6), cut in any::<prop::sample::Index>()) {
+    fn frames_split_anywhere_reassemble(ms in prop::collection::vec(message(), 1..6), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..4)) {
         let mut all = BytesMut::new();
         for m in &ms {
             m.encode(&mut all);
         }
-        let cut = cut.index(all.len() + 1);
-        let mut buf = BytesMut::from(&all[..cut]);
-        let mut out = Vec::new();
-        while let Some(m) = decode_frame(&mut buf, MAX_FRAME).unwrap() {
-            out.push(m);
-        }
-        buf.extend_from_slice(&all[cut..]);
-        while let Some(m) = decode_frame(&mut buf, MAX_FRAME).unwrap() {
-            out.push(m);
-        }
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(all.len() + 1)).collect();
+        at.push(0);
+        at.push(all.len());
+        at.sort();
+        let chunks: Vec<&[u8]> = at.windows(2).map(|w| &all[w[0]..w[1]]).collect();
+        let (out, end) = split(&chunks);
+        prop_assert_eq!(end, Ok(()));
         prop_assert_eq!(out, ms);
     }
 
     #[test]
-    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        let mut buf = BytesMut::from(&bytes[..]);
-        while let Ok(Some(_)) = decode_frame(&mut buf, MAX_FRAME) {}
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512), step in 1usize..64) {
+        let chunks: Vec<&[u8]> = bytes.chunks(step).collect();
+        let _ = split(&chunks);
     }
 
     #[test]
@@ -149,7 +164,6 @@ proptest! {
             let at = i.index(bytes.len());
             bytes[at] ^= v | 1;
         }
-        let mut buf = BytesMut::from(&bytes[..]);
-        let _ = decode_frame(&mut buf, MAX_FRAME);
+        let _ = split(&[&bytes]);
     }
 }
