@@ -218,7 +218,7 @@ impl FrameReader {
     /// The next frame; `Ok(None)` at a clean end of stream.
     pub async fn next(&mut self) -> Result<Option<Message>, ReadError> {
         loop {
-            if let Some(m) = self.splitter.next().map_err(ReadError::Decode)? {
+            if let Some(m) = self.splitter.next_frame().map_err(ReadError::Decode)? {
                 return Ok(Some(m));
             }
             let want = self.splitter.wanted().map_err(ReadError::Decode)?;

@@ -52,7 +52,7 @@ fn bench_message(c: &mut Criterion, name: &str, msg: &Message) {
             || FrameSplitter::new(MAX_FRAME),
             |mut s| {
                 s.push(frame.clone());
-                s.next().expect("decodes").expect("a whole frame")
+                s.next_frame().expect("decodes").expect("a whole frame")
             },
             BatchSize::SmallInput,
         )
@@ -81,7 +81,7 @@ fn bench(c: &mut Criterion) {
             |mut s| {
                 s.push(stream.clone());
                 let mut n = 0;
-                while let Some(m) = s.next().expect("decodes") {
+                while let Some(m) = s.next_frame().expect("decodes") {
                     black_box(m);
                     n += 1;
                 }

@@ -21,12 +21,12 @@ fuzz_target!(|data: &[u8]| {
         assert!(wanted > 0 || s.buffered() >= 4, "a whole frame is buffered only once its prefix is");
         s.push(Bytes::copy_from_slice(chunk));
         loop {
-            match s.next() {
+            match s.next_frame() {
                 Ok(Some(m)) => {
                     let again = m.to_bytes();
                     let mut t = FrameSplitter::new(MAX_FRAME);
                     t.push(again);
-                    assert_eq!(t.next().ok().flatten(), Some(m));
+                    assert_eq!(t.next_frame().ok().flatten(), Some(m));
                 }
                 Ok(None) => break,
                 Err(_) => return,

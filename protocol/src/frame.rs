@@ -16,10 +16,10 @@
 //! let bytes = Message::Finish { consistency: diskferry_protocol::Consistency::Crash }.to_bytes();
 //! let mut s = FrameSplitter::new(MAX_FRAME);
 //! s.push(bytes.slice(..3));
-//! assert_eq!(s.next().unwrap(), None);
+//! assert_eq!(s.next_frame().unwrap(), None);
 //! assert_eq!(s.wanted().unwrap(), 1);
 //! s.push(bytes.slice(3..));
-//! assert!(matches!(s.next().unwrap(), Some(Message::Finish { .. })));
+//! assert!(matches!(s.next_frame().unwrap(), Some(Message::Finish { .. })));
 //! ```
 
 use std::collections::VecDeque;
@@ -103,7 +103,7 @@ impl FrameSplitter {
 
     /// The next whole frame, decoded and taken; `Ok(None)` means "read more
     /// bytes" ([`FrameSplitter::wanted`] says how many).
-    pub fn next(&mut self) -> DecodeResult<Option<Message>> {
+    pub fn next_frame(&mut self) -> DecodeResult<Option<Message>> {
         match self.take_body()? {
             Some(mut body) => Message::decode(&mut body).map(Some),
             None => Ok(None),
@@ -188,7 +188,7 @@ mod tests {
             for chunk in all.chunks(step) {
                 assert!(s.wanted().unwrap() > 0 || s.buffered() > 0);
                 s.push(Bytes::copy_from_slice(chunk));
-                while let Some(m) = s.next().unwrap() {
+                while let Some(m) = s.next_frame().unwrap() {
                     out.push(m);
                 }
             }
@@ -211,7 +211,7 @@ mod tests {
         assert_eq!(s.peek(3).unwrap(), Some((9, m[4..7].to_vec())));
         s.push(m.slice(7..));
         assert_eq!(s.wanted(), Ok(0));
-        assert_eq!(s.next().unwrap(), Some(Message::NeedChunks { region: 258 }));
+        assert_eq!(s.next_frame().unwrap(), Some(Message::NeedChunks { region: 258 }));
     }
 
     #[test]
@@ -219,9 +219,9 @@ mod tests {
         let mut s = FrameSplitter::new(MAX_FRAME);
         s.push(Bytes::from((MAX_FRAME + 1).to_le_bytes().to_vec()));
         assert!(matches!(s.wanted(), Err(DecodeError::TooLarge(_))));
-        assert!(matches!(s.next(), Err(DecodeError::TooLarge(_))));
+        assert!(matches!(s.next_frame(), Err(DecodeError::TooLarge(_))));
         let mut z = FrameSplitter::new(MAX_FRAME);
         z.push(Bytes::from_static(&[0, 0, 0, 0]));
-        assert_eq!(z.next(), Err(DecodeError::Truncated));
+        assert_eq!(z.next_frame(), Err(DecodeError::Truncated));
     }
 }

@@ -675,7 +675,7 @@ pub(crate) mod tests {
     fn decode_frame(buf: &mut BytesMut, max: u32) -> DecodeResult<Option<Message>> {
         let mut s = crate::frame::FrameSplitter::new(max);
         s.push(buf.split().freeze());
-        s.next()
+        s.next_frame()
     }
 
     pub(crate) fn samples() -> Vec<Message> {

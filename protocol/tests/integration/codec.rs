@@ -116,7 +116,7 @@ fn split(chunks: &[&[u8]]) -> (Vec<Message>, Result<(), diskferry_protocol::Deco
     for c in chunks {
         s.push(bytes::Bytes::copy_from_slice(c));
         loop {
-            match s.next() {
+            match s.next_frame() {
                 Ok(Some(m)) => out.push(m),
                 Ok(None) => break,
                 Err(e) => return (out, Err(e)),
