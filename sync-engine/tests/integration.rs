@@ -14,6 +14,7 @@ mod integration {
     mod faults;
     mod hash_paths;
     mod manifest;
+    mod net_apply;
     mod points;
     mod scenarios;
     mod sync_props;

@@ -8,6 +8,8 @@
 //!   rebuilds the image a power cut leaves ([`CrashFs::crash`]).
 //! - [`FaultyFs`]: wraps any `Vfs` and fails every operation after the N-th
 //!   with `EIO` or `ENOSPC` ([`Fault`]).
+//! - [`pair::push`]: a push in memory through the wire format, with the
+//!   networked apply (resumable target, verified frames, direct sinks).
 //! - [`DiskGen`]: seeded disk images (data, zero runs, repeats) and changes
 //!   to them (unaligned writes, zeroed runs, size changes), with
 //!   [`write_image`] / [`read_image`] / [`write_sparse_file`] to place them.
@@ -30,6 +32,7 @@ mod faulty;
 mod gen;
 mod memfs;
 mod model;
+pub mod pair;
 
 pub use crashfs::CrashFs;
 pub use faulty::{Fault, FaultyFs};
