@@ -3,5 +3,6 @@
 
 mod integration {
     mod codec;
+    mod faults;
     mod session;
 }
