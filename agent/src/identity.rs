@@ -43,7 +43,7 @@ impl Identity {
 
     /// Fails unless the key is the one the certificate was made for.
     fn check_pair(&self, key_path: &Path, cert_path: &Path) -> Result<(), Error> {
-        let provider = crate::trust::provider();
+        let provider = crate::crypto::provider();
         rustls::sign::CertifiedKey::from_der(vec![self.cert.clone()], self.private_key(), &provider).map(|_| ()).map_err(
             |e| {
                 tracing::debug!("identity check: {e}");

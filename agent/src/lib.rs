@@ -6,7 +6,9 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod crypto;
 pub mod identity;
+pub mod ids;
 pub mod output;
 pub mod progress;
 pub mod push;
@@ -14,6 +16,7 @@ pub mod serve;
 pub mod state;
 pub mod transport;
 pub mod trust;
+pub mod units;
 
 use clap::Parser;
 use diskferry_protocol::ErrorCode;

@@ -7,27 +7,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 
 use crate::identity::{fingerprint, Identity};
 
-/// The crypto provider: aws-lc-rs for the bulk cipher (its AES-GCM is the
-/// fastest with large packets), AES-128 first (fewer rounds than AES-256);
-/// ring for the handshake, whose randomness needs no aws-lc entropy seeding
-/// (which costs about 30 ms of CPU jitter sampling per process).
-pub fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::{aws_lc_rs, ring};
-    let mut p = ring::default_provider();
-    p.cipher_suites =
-        vec![aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256, aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384];
-    Arc::new(p)
-}
-
 fn algorithms() -> WebPkiSupportedAlgorithms {
-    provider().signature_verification_algorithms
+    crate::crypto::provider().signature_verification_algorithms
 }
 
 /// The handshake-signature half of a verifier, the same for both sides:
@@ -130,7 +118,7 @@ impl ClientCertVerifier for AllowedClients {
 
 /// TLS config of a source: our identity, the target pinned.
 pub fn client_config(id: &Identity, peer_fingerprint: &str) -> Result<rustls::ClientConfig, Error> {
-    let mut c = rustls::ClientConfig::builder_with_provider(provider())
+    let mut c = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedServer::new(peer_fingerprint.to_string())))
@@ -141,7 +129,7 @@ pub fn client_config(id: &Identity, peer_fingerprint: &str) -> Result<rustls::Cl
 
 /// TLS config of a target: our identity, clients from the allow list.
 pub fn server_config(id: &Identity, peers: BTreeMap<String, String>) -> Result<rustls::ServerConfig, Error> {
-    let mut c = rustls::ServerConfig::builder_with_provider(provider())
+    let mut c = rustls::ServerConfig::builder_with_provider(crate::crypto::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(AllowedClients::new(peers)))
         .with_single_cert(vec![id.cert.clone()], id.private_key())?;

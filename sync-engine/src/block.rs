@@ -6,7 +6,7 @@ use bytes::Bytes;
 use diskferry_protocol::{BlockHash, ErrorCode, PAGE_SIZE};
 
 use crate::error::Error;
-use crate::hash::hash_block;
+use crate::leaf::hash_block;
 
 /// A byte range inside one block and its new content (shared, not copied,
 /// from the frame it arrived in).
@@ -175,7 +175,7 @@ pub fn diff_pages(old: &[u8], new: &[u8]) -> Vec<(u32, u32)> {
         let end = (start + page).min(new.len());
         // Old bytes available in [start, hi); past the old end the page reads as zeros.
         let hi = end.min(old.len()).max(start);
-        let same = old.get(start..hi).unwrap_or(&[]) == &new[start..hi] && crate::hash::is_zero(&new[hi..end]);
+        let same = old.get(start..hi).unwrap_or(&[]) == &new[start..hi] && crate::leaf::is_zero(&new[hi..end]);
         if same {
             continue;
         }

@@ -8,8 +8,8 @@ use diskferry_protocol::{BlockHash, BlockSize, Consistency, Generation, Geometry
 
 use crate::error::{IoContext, Place, Result};
 use crate::hash::hash_blocks;
-use crate::local::Progress;
 use crate::manifest::{ManifestMeta, ManifestWriter};
+use crate::progress::Progress;
 use crate::store::Vfs;
 use crate::tree::{region_hash, RootHasher};
 
@@ -44,7 +44,7 @@ pub fn digest(
     progress: &dyn Progress,
 ) -> Result<Digest> {
     let before = vfs.metadata(path).ctx(Place::Source, "reading", path)?;
-    let disk = vfs.open_disk(path).ctx(Place::Source, "opening", path)?;
+    let disk = crate::disk::Disk::open_on(vfs.as_ref(), path).ctx(Place::Source, "opening", path)?;
     let g = Geometry::new(disk.len(), block_size);
     let mut writer = match &manifest {
         Some(m) => Some(ManifestWriter::create(vfs.clone(), m.path, g)?),

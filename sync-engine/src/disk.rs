@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::store::{file::FileStorage, DiskKind, Storage};
+use crate::store::{file::FileStorage, DiskKind, OpenHow, Storage, Vfs};
 
 /// A disk opened for reading: a file, a block device or any [`Storage`].
 #[derive(Debug)]
@@ -28,14 +28,28 @@ enum Backing {
 impl Disk {
     /// Opens a file or block device, reading it through memory maps.
     pub fn open(path: &Path) -> io::Result<Disk> {
-        let (file, kind, len) = open_file(path)?;
+        Self::mapped(File::open(path)?)
+    }
+
+    /// Opens `path` on any filesystem: memory-mapped where the filesystem
+    /// hands out a real file, else read through its [`Storage`].
+    pub fn open_on(vfs: &dyn Vfs, path: &Path) -> io::Result<Disk> {
+        if let Some(file) = vfs.mappable(path)? {
+            return Self::mapped(file);
+        }
+        let meta = vfs.metadata(path)?.ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        Ok(Disk::from_storage(vfs.open(path, OpenHow::Read)?, meta.kind, meta.len))
+    }
+
+    fn mapped(file: File) -> io::Result<Disk> {
+        let (file, kind, len) = describe(file)?;
         let storage = Arc::new(FileStorage::new(file.try_clone()?)?);
         Ok(Disk { backing: Backing::Mapped(file, storage), kind, len })
     }
 
     /// Opens a file or block device, reading it with `pread` (no memory maps).
     pub fn open_unmapped(path: &Path) -> io::Result<Disk> {
-        let (file, kind, len) = open_file(path)?;
+        let (file, kind, len) = describe(File::open(path)?)?;
         Ok(Disk { backing: Backing::Read(Arc::new(FileStorage::new(file)?)), kind, len })
     }
 
@@ -146,8 +160,7 @@ pub fn source_changed(why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, SourceChanged(why.to_string()))
 }
 
-fn open_file(path: &Path) -> io::Result<(File, DiskKind, u64)> {
-    let mut file = File::open(path)?;
+fn describe(mut file: File) -> io::Result<(File, DiskKind, u64)> {
     let md = file.metadata()?;
     let kind = if md.is_file() {
         DiskKind::File

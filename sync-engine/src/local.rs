@@ -40,6 +40,7 @@ use crate::apply::{DirectSink, OldContent, Recovery, Target, TargetOptions};
 use crate::block::VerifiedBlock;
 use crate::error::{Error, IoContext, Place, Result};
 use crate::hash::hash_and_compare;
+pub use crate::progress::{NoProgress, Progress};
 use crate::session::{Item, Link, Request, SourceSession, TargetRequest, TargetSession};
 use crate::store::Vfs;
 use crate::view::{view_of, ViewProducer};
@@ -93,23 +94,6 @@ pub struct SyncJob {
     pub session: SessionId,
     /// Commit time, ns since the epoch.
     pub now_unix_ns: i64,
-}
-
-/// Progress callbacks (called from the syncing thread).
-pub trait Progress: Sync {
-    /// A phase starts, covering `total` bytes.
-    fn phase(&self, name: &'static str, total: u64);
-    /// `bytes` more are done.
-    fn advance(&self, bytes: u64);
-}
-
-/// Progress that goes nowhere.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoProgress;
-
-impl Progress for NoProgress {
-    fn phase(&self, _: &'static str, _: u64) {}
-    fn advance(&self, _: u64) {}
 }
 
 /// What a sync did.

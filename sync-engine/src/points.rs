@@ -8,7 +8,7 @@ use crate::apply::undo::{apply_undo, check_undo};
 use crate::apply::{Status, Target, Trust};
 use crate::error::{Error, IoContext, Place, Result};
 use crate::hash::is_zero;
-use crate::local::NoProgress;
+use crate::progress::NoProgress;
 use crate::store::{OpenHow, Storage};
 
 /// One recovery point as listed to an operator.
@@ -148,8 +148,8 @@ fn build_image(target: &Target, index: usize, tmp: &Path) -> Result<ExportReport
     // Prove the image is the point before it appears under its name.
     let manifest = target.manifest_of(&point)?;
     let g = point.geometry;
-    let disk = vfs.open_disk(tmp).ctx(Place::Target, "opening", tmp)?;
-    let (mismatched, _) = crate::verify::compare_with_manifest(&disk, tmp, &manifest, &NoProgress, true)?;
+    let disk = crate::disk::Disk::open_on(vfs.as_ref(), tmp).ctx(Place::Target, "opening", tmp)?;
+    let (mismatched, _) = crate::manifest::compare::compare_with_manifest(&disk, tmp, &manifest, &NoProgress, true)?;
     if mismatched > 0 {
         return Err(Error::new(
             ErrorCode::StateCorrupt,

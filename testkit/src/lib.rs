@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod crashfs;
+mod crashlog;
 mod faulty;
 mod gen;
 mod memfs;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use diskferry_sync_engine::store::{DiskKind, Meta, OpenHow, Stamp, Storage, Vfs};
 
-use crate::crashfs::CrashLog;
+use crate::crashlog::CrashLog;
 use crate::model::{apply_ns, normalize, split, DataOp, Entries, Image, Inode, Node, NsOp};
 
 /// First value of the logical clock (any positive number would do).

@@ -12,11 +12,11 @@ use diskferry_sync_engine::store::RealFs;
 use diskferry_sync_engine::Error;
 use serde_json::json;
 
-use super::human_bytes;
 use crate::cli::AbortArgs;
 use crate::config::Config;
 use crate::output::print_json;
 use crate::state;
+use crate::units::human_bytes;
 
 pub fn run(a: AbortArgs) -> Result<()> {
     // A target of a serve config by name, or a path.

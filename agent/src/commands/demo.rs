@@ -20,7 +20,6 @@ use rand::{Rng, RngCore, SeedableRng};
 use serde_json::json;
 
 use super::net::{push_json, runtime};
-use super::{human_bytes, mb_per_s};
 use crate::cli::DemoArgs;
 use crate::config::Config;
 use crate::identity::Identity;
@@ -28,6 +27,7 @@ use crate::output::print_json;
 use crate::push::{self, PushOptions};
 use crate::serve::Server;
 use crate::state;
+use crate::units::{human_bytes, mb_per_s};
 
 const UNIT: u64 = 1 << 20;
 

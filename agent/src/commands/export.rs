@@ -9,10 +9,10 @@ use diskferry_sync_engine::points;
 use diskferry_sync_engine::store::RealFs;
 use serde_json::json;
 
-use super::{human_bytes, round_secs};
 use crate::cli::ExportArgs;
 use crate::output::print_json;
 use crate::state;
+use crate::units::{human_bytes, round_secs};
 
 pub fn run(a: ExportArgs) -> Result<()> {
     let state_root = state::prepare(&state::resolve(a.common.state_dir.clone()))?;

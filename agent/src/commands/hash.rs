@@ -10,10 +10,11 @@ use diskferry_sync_engine::store::RealFs;
 use diskferry_sync_engine::thread_pool;
 use serde_json::json;
 
-use super::{human_bytes, mb_per_s, new_generation, now_unix_ns, round_secs};
 use crate::cli::HashArgs;
+use crate::ids::{new_generation, now_unix_ns};
 use crate::output::print_json;
 use crate::progress::Bar;
+use crate::units::{human_bytes, mb_per_s, round_secs};
 
 pub fn run(a: HashArgs) -> Result<()> {
     let pool = thread_pool(a.threads).ctx(Place::Source, "starting threads for", &a.disk)?;

@@ -9,7 +9,6 @@ use diskferry_protocol::{ErrorCode, TargetName};
 use diskferry_sync_engine::Error;
 use serde_json::json;
 
-use super::{cpu_seconds, human_bytes, mb_per_s, round_secs};
 use crate::cli::{InitArgs, PushArgs, ServeArgs};
 use crate::config::Config;
 use crate::identity::{self, normalize_fingerprint};
@@ -18,6 +17,7 @@ use crate::progress::Bar;
 use crate::push::{self, PushOptions, PushReport};
 use crate::serve::Server;
 use crate::state;
+use crate::units::{cpu_seconds, human_bytes, mb_per_s, round_secs};
 
 /// A tokio runtime for the network commands.
 pub fn runtime() -> Result<tokio::runtime::Runtime> {

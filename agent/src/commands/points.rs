@@ -8,10 +8,10 @@ use diskferry_sync_engine::points;
 use diskferry_sync_engine::store::RealFs;
 use serde_json::json;
 
-use super::{format_time, human_bytes};
 use crate::cli::PointsArgs;
 use crate::output::print_json;
 use crate::state;
+use crate::units::{format_time, human_bytes};
 
 pub fn run(a: PointsArgs) -> Result<()> {
     let state_root = state::prepare(&state::resolve(a.common.state_dir.clone()))?;

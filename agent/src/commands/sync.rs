@@ -10,11 +10,12 @@ use diskferry_sync_engine::store::RealFs;
 use diskferry_sync_engine::thread_pool;
 use serde_json::{json, Value};
 
-use super::{human_bytes, mb_per_s, new_generation, new_session, now_unix_ns, round_secs};
 use crate::cli::SyncArgs;
+use crate::ids::{new_generation, new_session, now_unix_ns};
 use crate::output::print_json;
 use crate::progress::Bar;
 use crate::state;
+use crate::units::{human_bytes, mb_per_s, round_secs};
 
 pub fn run(a: SyncArgs) -> Result<()> {
     let state_root = state::prepare(&state::resolve(a.common.state_dir.clone()))?;

@@ -118,7 +118,7 @@ pub(super) async fn run(
         }
         if let Some(c) = committed {
             let consistency = consistency_sent.unwrap_or(Consistency::Fuzzy);
-            source.commit_record(c.generation, consistency, crate::commands::now_unix_ns());
+            source.commit_record(c.generation, consistency, crate::ids::now_unix_ns());
             drop(data_tx);
             for w in writers {
                 let _ = w.await;

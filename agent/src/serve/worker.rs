@@ -171,8 +171,7 @@ fn serve_session(
             Cmd::Account { blocks, bytes, end } => session.account_direct(blocks, bytes, end),
             Cmd::Region { region, hashes, expected } => session.region(region, &hashes, expected)?,
             Cmd::Commit { consistency } => {
-                let outcome =
-                    session.commit(consistency, crate::commands::new_generation(), crate::commands::now_unix_ns())?;
+                let outcome = session.commit(consistency, crate::ids::new_generation(), crate::ids::now_unix_ns())?;
                 let _ = replies.send(Reply::Committed(outcome.committed));
                 return Ok(());
             }

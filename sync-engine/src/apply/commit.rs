@@ -135,14 +135,6 @@ impl Sealed<'_> {
     }
 }
 
-/// Space a reservation allocated that the target did not use before: holes
-/// inside the file it filled, and blocks past its end.
-#[derive(Debug, Default)]
-pub(super) struct Reserved {
-    pub(super) holes: Vec<(u64, u64)>,
-    pub(super) past_end: bool,
-}
-
 impl<'t> Apply<'t> {
     /// Commits the new generation: [`Apply::prepare`], [`Prepared::seal`],
     /// [`Sealed::finish`] in a row.

@@ -10,6 +10,7 @@
 //! - `catalog`, `journal`, `undo`: the state files.
 
 pub mod catalog;
+mod check;
 mod commit;
 pub mod journal;
 mod recover;
@@ -19,6 +20,7 @@ mod target;
 pub mod undo;
 
 pub use catalog::{Catalog, PointRecord, Status, UndoRef};
+pub use check::VerifyReport;
 pub use commit::{CommitMeta, CommitReport, Prepared, Sealed};
 pub use session::{Apply, ApplyMode, ApplyStats, BeginSpec};
 pub use sink::{DirectSink, OldContent};

@@ -66,7 +66,7 @@ impl Target {
         let exists = self.vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?.is_some();
         // A target that is gone holds no mix to protect.
         if exists && matches!(self.trust()?, Trust::Unverified(_) | Trust::Diverged { .. }) {
-            let report = crate::verify::check(self, &crate::local::NoProgress)?;
+            let report = self.check(&crate::progress::NoProgress)?;
             if !report.ok {
                 return Err(Error::new(
                     ErrorCode::StateCorrupt,
@@ -258,9 +258,15 @@ impl Target {
         if meta.map(|m| m.len) != Some(g.disk_bytes) {
             return Err(damaged());
         }
-        let disk = self.vfs.open_disk(&self.path).ctx(Place::Target, "opening", &self.path)?;
-        let (mismatched, _) =
-            crate::verify::compare_with_manifest(&disk, &self.path, manifest, &crate::local::NoProgress, true)?;
+        let disk =
+            crate::disk::Disk::open_on(self.vfs.as_ref(), &self.path).ctx(Place::Target, "opening", &self.path)?;
+        let (mismatched, _) = crate::manifest::compare::compare_with_manifest(
+            &disk,
+            &self.path,
+            manifest,
+            &crate::progress::NoProgress,
+            true,
+        )?;
         if mismatched > 0 {
             return Err(damaged());
         }

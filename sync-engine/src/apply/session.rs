@@ -14,7 +14,6 @@ use crate::error::{Error, IoContext, Place, Result};
 use crate::manifest::ManifestWriter;
 use crate::store::{DiskKind, OpenHow, Storage};
 
-use super::commit::Reserved;
 use super::sink::*;
 use super::target::*;
 
@@ -335,4 +334,12 @@ impl Apply<'_> {
             None => Err(Error::new(ErrorCode::Internal, "apply already committed")),
         }
     }
+}
+
+/// Space a reservation allocated that the target did not use before: holes
+/// inside the file it filled, and blocks past its end.
+#[derive(Debug, Default)]
+pub(super) struct Reserved {
+    pub(super) holes: Vec<(u64, u64)>,
+    pub(super) past_end: bool,
 }

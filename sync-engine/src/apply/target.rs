@@ -302,7 +302,7 @@ impl Target {
     pub fn settle_trust(&mut self) -> Result<Trust> {
         match self.trust()? {
             Trust::Unverified(point) => {
-                let report = crate::verify::check(self, &crate::local::NoProgress)?;
+                let report = self.check(&crate::progress::NoProgress)?;
                 if report.ok {
                     self.restamp()?;
                     Ok(Trust::Trusted(point))

@@ -14,6 +14,7 @@
 //! the data, not the disk. Readers stream the runs and look up the index with
 //! positional reads: a manifest is never held whole in memory.
 
+pub mod compare;
 mod reader;
 mod writer;
 

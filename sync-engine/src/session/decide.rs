@@ -96,7 +96,7 @@ fn decide_inner(target: &mut Target, req: &Request) -> Result<Decision> {
         _ => false,
     };
     let disk_view = |p: &std::path::Path| -> Result<ViewSource> {
-        Ok(ViewSource::Disk(vfs.open_disk(p).ctx(Place::Target, "opening", p)?))
+        Ok(ViewSource::Disk(crate::disk::Disk::open_on(vfs.as_ref(), p).ctx(Place::Target, "opening", p)?))
     };
     if full {
         target.check_full_overwrite(req.force)?;

@@ -2,7 +2,7 @@
 //! syncs: [`target::TargetSession`] decides and applies on the target side,
 //! [`source::SourceSession`] hashes and reads on the source side. The sans-IO
 //! state machines of `diskferry_protocol::session` carry their exchange;
-//! a local sync joins the two in memory ([`crate::local`]), the agent
+//! a local sync joins the two in memory (the `local` module), the agent
 //! joins them over QUIC.
 //!
 //! Where a block goes from disk to disk:

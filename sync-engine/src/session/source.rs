@@ -85,7 +85,7 @@ impl SourceSession {
         let before = vfs.metadata(path).ctx(Place::Source, "reading", path)?.ok_or_else(|| {
             Error::new(ErrorCode::NotFound, format!("source {} does not exist", path.display())).hint("check the path")
         })?;
-        let disk = vfs.open_disk(path).ctx(Place::Source, "opening", path)?;
+        let disk = crate::disk::Disk::open_on(vfs.as_ref(), path).ctx(Place::Source, "opening", path)?;
         let geometry = Geometry::new(disk.len(), block_size);
         Ok(SourceSession {
             vfs,

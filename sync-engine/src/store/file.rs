@@ -10,7 +10,6 @@ use std::sync::Arc;
 use rustix::fs::{FallocateFlags, FlockOperation};
 
 use super::{DiskKind, Meta, OpenHow, Stamp, Storage, Vfs};
-use crate::disk::Disk;
 
 /// The error for a write through a symlink (`ELOOP` says too little).
 #[derive(Debug)]
@@ -246,8 +245,8 @@ impl Vfs for RealFs {
         Ok(Arc::new(FileStorage::new(o.open(path)?)?))
     }
 
-    fn open_disk(&self, path: &Path) -> io::Result<Disk> {
-        Disk::open(path)
+    fn mappable(&self, path: &Path) -> io::Result<Option<File>> {
+        File::open(path).map(Some)
     }
 
     fn metadata(&self, path: &Path) -> io::Result<Option<Meta>> {

@@ -15,8 +15,6 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::disk::Disk;
-
 /// The I/O error for a path that is neither a regular file nor a block
 /// device; [`crate::Error::io`] turns it into `E_NOT_A_DISK`.
 #[derive(Debug)]
@@ -162,10 +160,10 @@ pub type FileId = (u64, u64);
 pub trait Vfs: Send + Sync + fmt::Debug {
     /// Opens a file or block device.
     fn open(&self, path: &Path, how: OpenHow) -> io::Result<Arc<dyn Storage>>;
-    /// Opens a disk for hashing (memory-mapped where possible).
-    fn open_disk(&self, path: &Path) -> io::Result<Disk> {
-        let meta = self.metadata(path)?.ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-        Ok(Disk::from_storage(self.open(path, OpenHow::Read)?, meta.kind, meta.len))
+    /// The file behind `path`, opened read-only, when it can be memory
+    /// mapped for hashing (`None`: read it through [`Vfs::open`]).
+    fn mappable(&self, _path: &Path) -> io::Result<Option<std::fs::File>> {
+        Ok(None)
     }
     /// Metadata, or `None` if nothing is at `path`.
     fn metadata(&self, path: &Path) -> io::Result<Option<Meta>>;

@@ -106,7 +106,7 @@ fn check_input(block: u32, name: &str, bytes: &[u8], dir: &Path) {
     let paths: Vec<(&str, Open<'_>)> = vec![
         ("mmap", Box::new(|| Disk::open(&file).unwrap())),
         ("pread", Box::new(|| Disk::open_unmapped(&file).unwrap())),
-        ("memfs", Box::new(|| mem.open_disk(p("/d.img")).unwrap())),
+        ("memfs", Box::new(|| diskferry_sync_engine::Disk::open_on(&mem, p("/d.img")).unwrap())),
     ];
     for (path_name, open) in &paths {
         for threads in [1, 4] {
