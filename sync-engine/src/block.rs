@@ -169,18 +169,26 @@ impl VerifiedBlock {
 /// Ranges `(offset, len)` of the 4 KiB pages that differ between `old` and
 /// `new` (adjacent pages merged). `old` shorter than `new` reads as zeros.
 pub fn diff_pages(old: &[u8], new: &[u8]) -> Vec<(u32, u32)> {
-    let page = PAGE_SIZE as usize;
-    let mut out: Vec<(u32, u32)> = Vec::new();
-    for start in (0..new.len()).step_by(page) {
-        let end = (start + page).min(new.len());
+    changed_pages(new.len(), |start, end| {
         // Old bytes available in [start, hi); past the old end the page reads as zeros.
         let hi = end.min(old.len()).max(start);
-        let same = old.get(start..hi).unwrap_or(&[]) == &new[start..hi] && crate::leaf::is_zero(&new[hi..end]);
-        if same {
+        old.get(start..hi).unwrap_or(&[]) != &new[start..hi] || !crate::leaf::is_zero(&new[hi..end])
+    })
+}
+
+/// The one page-range merger: the `(offset, len)` ranges of a `len`-byte
+/// block made of the 4 KiB pages for which `differs(start, end)` holds,
+/// adjacent pages merged; the last page may be short.
+pub fn changed_pages(len: usize, mut differs: impl FnMut(usize, usize) -> bool) -> Vec<(u32, u32)> {
+    let page = PAGE_SIZE as usize;
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for start in (0..len).step_by(page) {
+        let end = (start + page).min(len);
+        if !differs(start, end) {
             continue;
         }
         match out.last_mut() {
-            Some((off, len)) if (*off + *len) as usize == start => *len += (end - start) as u32,
+            Some((off, l)) if (*off + *l) as usize == start => *l += (end - start) as u32,
             _ => out.push((start as u32, (end - start) as u32)),
         }
     }

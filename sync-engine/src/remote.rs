@@ -7,7 +7,7 @@ use diskferry_protocol::message::{encode_block, encode_block_head, BlockFrame, C
 use diskferry_protocol::{Geometry, PAGE_SIZE};
 
 use crate::apply::OldContent;
-use crate::block::{Patch, ReceivedBlock, VerifiedBlock, VerifiedSlice};
+use crate::block::{changed_pages, Patch, ReceivedBlock, VerifiedBlock, VerifiedSlice};
 use crate::compress::{compress, decompress};
 use crate::error::{Error, Result};
 use crate::hash::hash_block;
@@ -31,20 +31,9 @@ pub fn page_hashes(bytes: &[u8]) -> Vec<u64> {
 pub fn block_frame(index: u64, bytes: &[u8], target_pages: &[u64], level: Option<i32>) -> BlockFrame {
     let hash = hash_block(bytes);
     let ours = page_hashes(bytes);
-    let ranges: Vec<(u32, u32)> = if target_pages.len() == ours.len() && !ours.is_empty() {
-        let mut out: Vec<(u32, u32)> = Vec::new();
-        for (i, (a, b)) in ours.iter().zip(target_pages).enumerate() {
-            if a == b {
-                continue;
-            }
-            let start = i as u32 * PAGE_SIZE;
-            let len = (bytes.len() as u32 - start).min(PAGE_SIZE);
-            match out.last_mut() {
-                Some((off, l)) if *off + *l == start => *l += len,
-                _ => out.push((start, len)),
-            }
-        }
-        out
+    let ranges = if target_pages.len() == ours.len() && !ours.is_empty() {
+        let page = PAGE_SIZE as usize;
+        changed_pages(bytes.len(), |start, _| ours[start / page] != target_pages[start / page])
     } else {
         Vec::new()
     };

@@ -2,6 +2,8 @@
 //! optional running blake3 of the bytes (for checksummed state files).
 
 use std::io;
+
+use diskferry_protocol::coding::{BufExt, DecodeResult};
 use std::sync::Arc;
 
 use crate::store::Storage;
@@ -141,62 +143,67 @@ pub fn digest_range(storage: &dyn Storage, len: u64) -> io::Result<blake3::Hashe
     Ok(hasher)
 }
 
-/// Little-endian field readers over a byte slice with a cursor; short input
-/// is an error, never a panic.
+/// Field readers over a byte slice with a cursor, on the protocol's one
+/// little-endian decoder ([`BufExt`]); short input is `None`, never a panic.
 #[derive(Debug)]
 pub struct Fields<'a> {
-    bytes: &'a [u8],
+    rest: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Fields<'a> {
     /// Reads `bytes` from the start.
     pub fn new(bytes: &'a [u8]) -> Self {
-        Fields { bytes, pos: 0 }
+        Fields { rest: bytes, pos: 0 }
+    }
+
+    fn read<T>(&mut self, n: usize, get: impl FnOnce(&mut &'a [u8]) -> DecodeResult<T>) -> Option<T> {
+        let v = get(&mut self.rest).ok()?;
+        self.pos += n;
+        Some(v)
     }
 
     /// Next `n` bytes.
     pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let s = self.bytes.get(self.pos..self.pos.checked_add(n)?)?;
+        let (head, rest) = (self.rest.get(..n)?, self.rest.get(n..)?);
+        self.rest = rest;
         self.pos += n;
-        Some(s)
+        Some(head)
     }
 
     /// Next byte.
     pub fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
+        self.read(1, |b| b.get_u8_checked())
     }
 
     /// Next little-endian u16.
     pub fn u16(&mut self) -> Option<u16> {
-        self.array().map(u16::from_le_bytes)
+        self.read(2, |b| b.get_u16_checked())
     }
 
     /// Next little-endian u32.
     pub fn u32(&mut self) -> Option<u32> {
-        self.array().map(u32::from_le_bytes)
+        self.read(4, |b| b.get_u32_checked())
     }
 
     /// Next little-endian u64.
     pub fn u64(&mut self) -> Option<u64> {
-        self.array().map(u64::from_le_bytes)
+        self.read(8, |b| b.get_u64_checked())
     }
 
     /// Next little-endian i64.
     pub fn i64(&mut self) -> Option<i64> {
-        self.array().map(i64::from_le_bytes)
+        self.u64().map(|v| v as i64)
     }
 
     /// Next little-endian u128.
     pub fn u128(&mut self) -> Option<u128> {
-        self.array().map(u128::from_le_bytes)
+        self.read(16, |b| b.get_u128_checked())
     }
 
     /// Next `N` bytes as an array.
     pub fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Some(a)
+        self.take(N)?.try_into().ok()
     }
 
     /// Bytes consumed so far.

@@ -19,6 +19,7 @@
 
 use std::sync::Arc;
 
+use diskferry_protocol::coding::{BufExt, DecodeResult};
 use diskferry_protocol::message::MAX_FRAME;
 use diskferry_protocol::Geometry;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -122,11 +123,19 @@ pub fn frame_bytes(len: u32, head: &[u8]) -> u64 {
     if head.len() < BLOCK_HEAD || head[0] != 0x10 {
         return len;
     }
-    let u32_at = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]) as u64;
-    let block_len = u32_at(41).min(MAX_FRAME as u64);
-    let codec = head[45];
-    let patches = u16::from_le_bytes([head[46], head[47]]);
-    let whole = patches == 1 && u32_at(48) == 0 && u32_at(52) == block_len;
+    let mut f: &[u8] = &head[41..BLOCK_HEAD];
+    let fields = (|| -> DecodeResult<_> {
+        Ok((
+            f.get_u32_checked()?,
+            f.get_u8_checked()?,
+            f.get_u16_checked()?,
+            f.get_u32_checked()?,
+            f.get_u32_checked()?,
+        ))
+    })();
+    let Ok((block_len, codec, patches, first_off, first_len)) = fields else { return len };
+    let block_len = (block_len as u64).min(MAX_FRAME as u64);
+    let whole = patches == 1 && first_off == 0 && first_len as u64 == block_len;
     let mut bytes = len;
     if codec != 0 {
         bytes += block_len;
