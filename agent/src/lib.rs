@@ -39,11 +39,9 @@ pub fn run() -> i32 {
                 return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 2 } else { 0 };
             }
             let json = std::env::args().any(|a| a == "--json");
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
             let f = Failure {
                 code: ErrorCode::Usage,
-                message: first.to_string(),
+                message: usage_message(&e),
                 hint: Some("see `diskferry --help` or `diskferry COMMAND --help`".into()),
                 extra: None,
             };
@@ -60,5 +58,28 @@ pub fn run() -> i32 {
     match commands::run(cli.command) {
         Ok(()) => 0,
         Err(e) => Failure::from_error(&e).report(json),
+    }
+}
+
+/// A usage error in one line, from clap's error kind and context (not its
+/// rendered text): what was wrong, with which argument and value, and why.
+fn usage_message(e: &clap::Error) -> String {
+    use clap::error::ContextKind;
+    let ctx = |k| e.get(k).map(|v| v.to_string());
+    let what = match (ctx(ContextKind::InvalidArg), ctx(ContextKind::InvalidValue)) {
+        (Some(arg), Some(value)) => format!("invalid value {value:?} for {arg}"),
+        (Some(arg), None) => format!("{}: {arg}", e.kind()),
+        (None, _) => match ctx(ContextKind::InvalidSubcommand) {
+            Some(sub) => format!("{}: {sub}", e.kind()),
+            None => e.kind().to_string(),
+        },
+    };
+    let what = match ctx(ContextKind::ValidValue) {
+        Some(valid) => format!("{what} (one of {valid})"),
+        None => what,
+    };
+    match std::error::Error::source(e) {
+        Some(why) => format!("{what}: {why}"),
+        None => what,
     }
 }

@@ -57,27 +57,14 @@ impl fmt::Display for BlockHash {
 
 /// Lower-case hex of a byte string.
 pub fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
+    hex::encode(bytes)
 }
 
 /// Parses lower- or upper-case hex of exactly `N` bytes (colons allowed between bytes).
 pub fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    let digits: Vec<u8> = s.bytes().filter(|&c| c != b':').collect();
-    if digits.len() != N * 2 {
-        return None;
-    }
+    let digits: String = s.chars().filter(|&c| c != ':').collect();
     let mut out = [0u8; N];
-    for (i, pair) in digits.chunks(2).enumerate() {
-        let hi = (pair[0] as char).to_digit(16)?;
-        let lo = (pair[1] as char).to_digit(16)?;
-        out[i] = (hi * 16 + lo) as u8;
-    }
+    hex::decode_to_slice(digits, &mut out).ok()?;
     Some(out)
 }
 
