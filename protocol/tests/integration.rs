@@ -5,4 +5,5 @@ mod integration {
     mod codec;
     mod faults;
     mod session;
+    mod toy;
 }

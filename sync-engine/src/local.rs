@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 
 pub use diskferry_protocol::message::SyncMode;
 use diskferry_protocol::message::{Open, Plan, WantBlock};
-use diskferry_protocol::session::{ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession};
+use diskferry_protocol::session::{exchange, ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession};
 use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, SessionId, TargetName};
 use rayon::prelude::*;
 
@@ -302,24 +302,8 @@ impl<'a> Join<'a> {
         }
     }
 
-    /// Moves control frames between the two state machines; whether any moved.
     fn exchange(&mut self) -> bool {
-        let mut moved = false;
-        loop {
-            let mut any = false;
-            while let Some(m) = self.sender.poll_transmit() {
-                self.receiver.handle_message(m);
-                any = true;
-            }
-            while let Some(m) = self.receiver.poll_transmit() {
-                self.sender.handle_message(m);
-                any = true;
-            }
-            if !any {
-                return moved;
-            }
-            moved = true;
-        }
+        exchange(&mut self.sender, &mut self.receiver)
     }
 
     /// Hashes the next region, gives the target its view, and, for a full

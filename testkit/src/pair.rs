@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use diskferry_protocol::message::{Committed, Message, Open, Plan, SyncMode, WantBlock};
-use diskferry_protocol::session::{ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession};
+use diskferry_protocol::session::{exchange, ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession};
 use diskferry_protocol::{BlockSize, ErrorCode, FrameSplitter, Generation, SessionId, TargetName, MAX_FRAME};
 use diskferry_sync_engine::apply::{DirectSink, OldContent, Target, TargetOptions};
 use diskferry_sync_engine::remote::{verify_frame, FrameRejection, WireFrame};
@@ -212,22 +212,7 @@ impl Pair<'_> {
     }
 
     fn exchange(&mut self) -> bool {
-        let mut moved = false;
-        loop {
-            let mut any = false;
-            while let Some(m) = self.sender.poll_transmit() {
-                self.receiver.handle_message(m);
-                any = true;
-            }
-            while let Some(m) = self.receiver.poll_transmit() {
-                self.sender.handle_message(m);
-                any = true;
-            }
-            if !any {
-                return moved;
-            }
-            moved = true;
-        }
+        exchange(&mut self.sender, &mut self.receiver)
     }
 
     /// Hashes the next region: the target gets its view, and a full copy's

@@ -24,3 +24,25 @@ pub mod sender;
 
 pub use receiver::{Differing, ReceiverEvent, ReceiverSession, RegionView};
 pub use sender::{SenderEvent, SenderSession, SourceRegion};
+
+/// Moves control frames between two state machines joined in memory (a
+/// local sync, a test) until neither has any to send; whether any moved.
+/// Messages travel as values: no encoding, in order, nothing lost.
+pub fn exchange(sender: &mut SenderSession, receiver: &mut ReceiverSession) -> bool {
+    let mut moved = false;
+    loop {
+        let mut any = false;
+        while let Some(m) = sender.poll_transmit() {
+            receiver.handle_message(m);
+            any = true;
+        }
+        while let Some(m) = receiver.poll_transmit() {
+            sender.handle_message(m);
+            any = true;
+        }
+        if !any {
+            return moved;
+        }
+        moved = true;
+    }
+}

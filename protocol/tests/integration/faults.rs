@@ -13,7 +13,7 @@ use diskferry_protocol::session::{
     ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession, SourceRegion,
 };
 use diskferry_protocol::{
-    BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry, Message, SessionId, TargetName, CHUNK_BLOCKS,
+    BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry, Message, SessionId, TargetName,
 };
 use proptest::prelude::*;
 use rand::rngs::SmallRng;
@@ -22,31 +22,7 @@ use rand::{Rng, SeedableRng};
 /// 4 MiB blocks: 32 blocks a region, so small disks span several regions.
 const BS: u32 = 4 << 20;
 
-fn h(n: u64) -> BlockHash {
-    if n == 0 {
-        return BlockHash::ZERO;
-    }
-    let mut b = [0u8; 32];
-    b[..8].copy_from_slice(&n.to_le_bytes());
-    b[8] = 7;
-    BlockHash(b)
-}
-
-fn toy(children: &[BlockHash]) -> BlockHash {
-    let mut acc = [0u8; 32];
-    for (i, c) in children.iter().enumerate() {
-        for (j, b) in c.0.iter().enumerate() {
-            acc[j] = acc[j].wrapping_mul(31).wrapping_add(*b ^ i as u8);
-        }
-    }
-    BlockHash(acc)
-}
-
-fn tree(blocks: &[BlockHash]) -> (Vec<BlockHash>, BlockHash) {
-    let chunks: Vec<BlockHash> = blocks.chunks(CHUNK_BLOCKS as usize).map(toy).collect();
-    let region = toy(&chunks);
-    (chunks, region)
-}
+use super::toy::{h, tree};
 
 fn data_frame(index: u64, hash: BlockHash) -> Message {
     Message::Block(BlockFrame {
