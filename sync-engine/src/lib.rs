@@ -6,8 +6,14 @@
 //!   generation's block hashes with a hash tree ([`tree`]) and a hash index.
 //! - [`plan`] turns source and target hashes into operations, region by region.
 //! - [`apply::Target`] applies verified blocks crash-consistently: redo log,
-//!   commit record, in-place writes, undo segments for older recovery points.
-//! - [`local::sync`] runs a whole disk-to-disk sync with no network.
+//!   commit record, in-place writes, undo segments for older recovery points;
+//!   [`apply::Apply::prepare`] → [`apply::Prepared::seal`] →
+//!   [`apply::Sealed::finish`] is the commit.
+//! - [`session`] holds every sync session: [`mod@session::decide`] (the one
+//!   decision table), [`session::TargetSession`] and [`session::SourceSession`];
+//!   its module docs follow a block from disk to disk.
+//! - [`local::sync`] joins the two sessions in memory: a disk-to-disk sync
+//!   with no network; the agent joins them over QUIC.
 //!
 //! The engine is synchronous and parallel inside (rayon); it knows no network,
 //! no clock and no randomness: times and generation ids are arguments.
