@@ -5,14 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
-use diskferry_protocol::message::{Accept, Committed, Open, WantBlock};
+use diskferry_protocol::message::{Committed, Open, WantBlock};
 use diskferry_protocol::session::Differing;
 use diskferry_protocol::{BlockHash, Consistency, Geometry};
-use diskferry_sync_engine::apply::{DirectSink, OldContent, Target, TargetOptions};
+use diskferry_sync_engine::apply::{Target, TargetOptions};
 use diskferry_sync_engine::block::VerifiedBlock;
-use diskferry_sync_engine::session::{Request, TargetRequest, TargetSession};
+use diskferry_sync_engine::session::{Accepted, Request, TargetRequest, TargetSession};
 use diskferry_sync_engine::store::Vfs;
-use diskferry_sync_engine::view::ViewProducer;
 use diskferry_sync_engine::Error;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -31,14 +30,8 @@ pub struct OpenRequest {
     pub index_entries: usize,
 }
 
-/// The session as the worker opened it.
-pub struct Opened {
-    pub accept: Accept,
-    pub geometry: Geometry,
-    pub view: Option<ViewProducer>,
-    pub old: OldContent,
-    pub sink: Option<DirectSink>,
-}
+/// The session as the worker opened it (the engine's answer).
+pub type Opened = Accepted;
 
 /// Work for the worker.
 pub enum Cmd {
@@ -144,14 +137,7 @@ fn serve_session(
             return Ok(());
         }
     };
-    let opened_session = Opened {
-        accept: accepted.accept,
-        geometry: accepted.geometry,
-        view: accepted.view,
-        old: accepted.old,
-        sink: accepted.sink,
-    };
-    if opened.send(Ok(opened_session)).is_err() {
+    if opened.send(Ok(accepted)).is_err() {
         return Ok(());
     }
     while let Ok(cmd) = cmds.recv() {
