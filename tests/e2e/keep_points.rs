@@ -2,13 +2,17 @@
 //! target that holds points, or any push onto a target whose file vanished,
 //! is refused unless `--force`, and a forced push says how many it dropped.
 
+use std::ffi::OsStr;
+
 use serde_json::Value;
 
 use crate::net::{pair, push_to, sum};
 use crate::util::{self, compare, compare_prefix, make_disk, tempdir, uint, Loop, MIB};
 
 fn listed(state: &std::path::Path, target: &std::path::Path) -> usize {
-    let p = df!("points", target, "--state-dir", state, "--json").ok_json();
+    let args =
+        [OsStr::new("points"), target.as_os_str(), OsStr::new("--state-dir"), state.as_os_str(), OsStr::new("--json")];
+    let p = crate::util::run_settled(&args).ok_json();
     p["points"].as_array().map_or(0, Vec::len)
 }
 

@@ -1,6 +1,7 @@
 //! Two agents over QUIC on loopback: `diskferry serve` as a real process
 //! and `diskferry push` (or a raw QUIC client) against it.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -121,8 +122,27 @@ impl Agent {
         line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
     }
 
+    /// `verify` of a target, once the agent's session on it (which ends a
+    /// moment after the push returns) has released it.
     pub fn verify(&self, path: &Path) -> util::Out {
-        df!("verify", path, "--state-dir", self.id.state, "--json")
+        util::run_settled(&[
+            OsStr::new("verify"),
+            path.as_os_str(),
+            OsStr::new("--state-dir"),
+            self.id.state.as_os_str(),
+            OsStr::new("--json"),
+        ])
+    }
+
+    /// `points --json` of a target, likewise.
+    pub fn points(&self, path: &Path) -> util::Out {
+        util::run_settled(&[
+            OsStr::new("points"),
+            path.as_os_str(),
+            OsStr::new("--state-dir"),
+            self.id.state.as_os_str(),
+            OsStr::new("--json"),
+        ])
     }
 }
 
@@ -237,7 +257,7 @@ fn full_then_delta_push() {
     assert!(sent <= changed + 8192, "sent {sent} for {changed} changed bytes");
     assert!(uint(&delta, "blocks_changed") <= 40);
     // The previous generation is a recovery point on the target.
-    let points = df!("points", tgt, "--state-dir", p.agent.id.state, "--json").ok_json();
+    let points = p.agent.points(&tgt).ok_json();
     assert_eq!(points["points"].as_array().unwrap().len(), 2);
 }
 

@@ -76,7 +76,7 @@ fn a_source_written_during_a_push_commits_a_fuzzy_point() {
         }
         // The manifest describes the bytes the target holds.
         p.agent.verify(&tgt).ok();
-        let points = df!("points", tgt, "--state-dir", p.agent.id.state, "--json").ok_json();
+        let points = p.agent.points(&tgt).ok_json();
         let listed: Vec<String> =
             points["points"].as_array().unwrap().iter().map(|pt| pt["generation"].as_str().unwrap().into()).collect();
         assert!(!listed.contains(&v["generation"].as_str().unwrap().to_string()), "a fuzzy point is never listed");

@@ -72,6 +72,19 @@ pub fn run_env(args: &[&OsStr], env: &[(&str, &OsStr)]) -> Out {
     }
 }
 
+/// Runs `diskferry ARGS…`, again while it fails with `E_BUSY` (for up to
+/// 10 s): a target agent releases a target a moment after a push returns.
+pub fn run_settled(args: &[&OsStr]) -> Out {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = run(args);
+        if out.error_code().as_deref() != Some("E_BUSY") || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Starts `diskferry ARGS…` without waiting; stdout and stderr are piped.
 pub fn spawn(args: &[&OsStr]) -> Child {
     command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning diskferry")
