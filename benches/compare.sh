@@ -13,6 +13,7 @@
 #     df-sync full      diskferry sync SRC FULL --mode full, fresh state dir
 #   df-sync-trusted delta   TGT given state by an untimed sync of src_stale.img, then SRC -> TGT timed
 #   b3sum-t2 hash / df-hash hash   one hashing pass over SRC (the ceilings)
+#   b3sum-t1 hash     one single-threaded pass: the unit for the agents' CPU (cpu=)
 #   cp-sparse full    cp --sparse=always SRC X (secs+sync = until on disk)
 #   df-push-stateless delta  push SRC onto the stale target, serve with no state for it
 #   df-push-trusted delta    same, after an untimed push of src_stale.img gave the target state
@@ -334,6 +335,11 @@ hashing() {  # rep
   measure "b3sum-t2.$rep" b3sum --num-threads 2 "$SRC"
   v=OK; [ "$RC" -eq 0 ] || v="FAIL(rc=$RC)"
   result b3sum-t2 hash "$rep" "$SECS" "$SECS_SYNC" - "$v" "cpu=$CPU"
+  # One single-threaded pass: the unit the agents' CPU per byte is judged in.
+  drop; warm
+  measure "b3sum-t1.$rep" b3sum --num-threads 1 "$SRC"
+  v=OK; [ "$RC" -eq 0 ] || v="FAIL(rc=$RC)"
+  result b3sum-t1 hash "$rep" "$SECS" "$SECS_SYNC" - "$v" "cpu=$CPU"
 }
 df_hash() {  # rep
   local rep=$1 v

@@ -23,7 +23,7 @@ SPARSE = re.compile(r"SPARSE\s+(\S+)\s+du=(\d+)\s+src_du=(\d+)\s+size=(\d+)")
 ORDER = [
     ("df-sync", "delta"), ("df-sync-trusted", "delta"), ("rsync-local", "delta"),
     ("df-push-stateless", "delta"), ("df-push-trusted", "delta"), ("rsyncd", "delta"),
-    ("b3sum-t2", "hash"), ("df-hash", "hash"),
+    ("b3sum-t2", "hash"), ("b3sum-t1", "hash"), ("df-hash", "hash"),
     ("df-sync", "full"), ("df-push", "full"), ("cp-sparse", "full"), ("rsyncd", "full"), ("socat-tcp", "full"),
 ]
 
@@ -151,6 +151,14 @@ def main():
            t("df-push", "full", "ss"), t("rsyncd", "full", "ss"), 1.5)
     within("push full, until on disk, vs cp --sparse=always + sync",
            t("df-push", "full", "ss"), t("cp-sparse", "full", "ss"), 1.6)
+    # CPU per byte of a full download, in single-threaded b3sum passes.
+    b3 = stat(("b3sum-t1", "hash"), "cpu")
+    for side, field, goal in (("target", "tgt_cpu", 3), ("source", "src_cpu", 2)):
+        cpu = stat(("df-push", "full"), field)
+        r = ratio(cpu, b3)
+        checks.append((f"push full, {side} agent CPU vs one b3sum --num-threads 1 pass (CPU)",
+                       f"{fmt(cpu)} CPU-s, reference {fmt(b3)} CPU-s", f"{fmt(r)}x", f"<= {goal}x",
+                       None if r is None else r <= goal))
     # For reference, no target:
     within("(ref) local full copy, until on disk, vs cp --sparse=always + sync",
            t("df-sync", "full", "ss"), t("cp-sparse", "full", "ss"))
@@ -182,6 +190,7 @@ def main():
                       (("df-sync-trusted", "delta"), "local delta, trusted manifest (one process)"),
                       (("df-sync", "full"), "local full copy (one process)"),
                       (("df-hash", "hash"), "diskferry hash"), (("b3sum-t2", "hash"), "b3sum --num-threads 2"),
+                      (("b3sum-t1", "hash"), "b3sum --num-threads 1"),
                       (("cp-sparse", "full"), "cp --sparse=always")):
         if key in runs and stat(key, "cpu") is not None:
             print(f"| {what} | {fmt(stat(key, 'cpu') / gb)} | |")
