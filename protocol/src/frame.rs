@@ -24,10 +24,11 @@
 
 use std::collections::VecDeque;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::coding::{DecodeError, DecodeResult};
 use crate::message::Message;
+use crate::payload::Pieces;
 
 /// The body length a frame's 4-byte prefix announces, checked against the
 /// limit before anything is buffered.
@@ -42,9 +43,8 @@ pub fn frame_length(prefix: [u8; 4], max_frame: u32) -> DecodeResult<u32> {
     Ok(len)
 }
 
-/// Frames out of chunks. Chunks are kept as they came: a frame inside one
-/// chunk is a slice of it (no copy), one spanning chunks is copied once into
-/// a buffer of exactly its size.
+/// Frames out of chunks. Chunks are kept as they came and a frame is
+/// decoded across them: a block payload keeps its pieces (no copy).
 #[derive(Debug)]
 pub struct FrameSplitter {
     chunks: VecDeque<Bytes>,
@@ -116,35 +116,30 @@ impl FrameSplitter {
         Ok(frame_length(prefix, self.max_frame)? as usize)
     }
 
-    /// The next whole frame's body (without its length prefix), if buffered.
-    fn take_body(&mut self) -> DecodeResult<Option<Bytes>> {
+    /// The next whole frame's body (without its length prefix), if
+    /// buffered, in the chunks it arrived in: nothing is copied.
+    fn take_body(&mut self) -> DecodeResult<Option<Pieces>> {
         if self.buffered < 4 {
             return Ok(None);
         }
-        let len = self.length()?;
+        let mut len = self.length()?;
         if self.buffered < 4 + len {
             return Ok(None);
         }
         self.advance(4);
         self.buffered -= len;
-        let Some(front) = self.chunks.front_mut() else { return Ok(None) };
-        if front.len() >= len {
-            let body = front.split_to(len);
-            if front.is_empty() {
-                self.chunks.pop_front();
-            }
-            return Ok(Some(body));
-        }
-        let mut body = BytesMut::with_capacity(len);
-        while body.len() < len {
+        let mut body = Pieces::default();
+        while len > 0 {
             let Some(mut c) = self.chunks.pop_front() else { break };
-            let n = (len - body.len()).min(c.len());
-            body.extend_from_slice(&c.split_to(n));
-            if !c.is_empty() {
+            if c.len() > len {
+                body.push(c.split_to(len));
                 self.chunks.push_front(c);
+                break;
             }
+            len -= c.len();
+            body.push(c);
         }
-        Ok(Some(body.freeze()))
+        Ok(Some(body))
     }
 
     fn copy_front(&self, out: &mut [u8]) {

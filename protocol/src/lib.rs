@@ -19,6 +19,7 @@ pub mod coding;
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod payload;
 pub mod session;
 pub mod types;
 
@@ -26,6 +27,7 @@ pub use coding::DecodeError;
 pub use error::{ErrorClass, ErrorCode};
 pub use frame::FrameSplitter;
 pub use message::{Message, ALPN, MAX_FRAME, VERSION};
+pub use payload::Payload;
 pub use types::{
     from_hex, parse_size, to_hex, BlockHash, BlockIndex, BlockSize, Consistency, Generation, Geometry,
     InvalidBlockSize, InvalidGeneration, InvalidTargetName, SessionId, TargetName, CHUNK_BLOCKS, PAGE_SIZE,

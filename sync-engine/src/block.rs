@@ -5,8 +5,9 @@
 use bytes::Bytes;
 use diskferry_protocol::{BlockHash, ErrorCode, PAGE_SIZE};
 
+use crate::aligned::{is_direct_aligned, BufferPool};
 use crate::error::Error;
-use crate::leaf::hash_block;
+use crate::leaf::{hash_block, hash_pieces};
 
 /// A byte range inside one block and its new content (shared, not copied,
 /// from the frame it arrived in).
@@ -27,7 +28,8 @@ pub struct ReceivedBlock {
     pub len: u32,
     /// The blake3 the whole new block must have.
     pub expected: BlockHash,
-    /// Changed ranges; one patch covering the block for a whole block.
+    /// Changed ranges, in order; a whole block is covered by one patch or
+    /// by several that follow each other (the pieces it arrived in).
     pub patches: Vec<Patch>,
 }
 
@@ -98,9 +100,17 @@ impl ReceivedBlock {
         ReceivedBlock { index, len: data.len() as u32, expected, patches: vec![Patch { offset: 0, data }] }
     }
 
-    /// Whether the patches cover the whole block (no old content needed).
+    /// Whether the patches cover the whole block, in order and without
+    /// gaps (no old content needed).
     pub fn is_whole(&self) -> bool {
-        self.patches.len() == 1 && self.patches[0].offset == 0 && self.patches[0].data.len() == self.len as usize
+        let mut at = 0u64;
+        for p in &self.patches {
+            if p.offset as u64 != at {
+                return false;
+            }
+            at += p.data.len() as u64;
+        }
+        at == self.len as u64 && !self.patches.is_empty()
     }
 
     /// Checks that the patches applied over `old` (the block's current bytes,
@@ -109,7 +119,8 @@ impl ReceivedBlock {
         let mismatch = HashMismatch { index: self.index };
         let hash = if self.is_whole() {
             // The common case hashes the received bytes where they lie.
-            hash_block(&self.patches[0].data)
+            let pieces: Vec<&[u8]> = self.patches.iter().map(|p| &p.data[..]).collect();
+            hash_pieces(&pieces)
         } else {
             let mut new = old.to_vec();
             new.resize(self.len as usize, 0);
@@ -163,6 +174,42 @@ impl VerifiedBlock {
     /// Bytes of new content carried.
     pub fn payload_len(&self) -> u64 {
         self.patches.iter().map(|p| p.data.len() as u64).sum()
+    }
+
+    /// The same update with each run of adjacent patches (a block that
+    /// arrived in pieces) copied into one buffer from `pool`, aligned for
+    /// direct I/O. The bytes are the ones that were verified: only their
+    /// place in memory changes.
+    pub fn gathered(self, pool: &BufferPool) -> VerifiedBlock {
+        let mut patches: Vec<Patch> = Vec::new();
+        let mut run: Vec<&Patch> = Vec::new();
+        let flush = |run: &mut Vec<&Patch>, out: &mut Vec<Patch>| {
+            if run.iter().all(|p| is_direct_aligned(0, &[&p.data])) {
+                // Already where direct I/O wants it (adjacent buffers are
+                // written as one vectored write).
+                out.extend(run.iter().map(|p| (*p).clone()));
+            } else if let Some(first) = run.first() {
+                let len = run.iter().map(|p| p.data.len()).sum();
+                let data = pool.filled(len, |buf| {
+                    let mut at = 0;
+                    for p in run.iter() {
+                        buf[at..at + p.data.len()].copy_from_slice(&p.data);
+                        at += p.data.len();
+                    }
+                });
+                out.push(Patch { offset: first.offset, data });
+            }
+            run.clear();
+        };
+        for p in &self.patches {
+            let adjacent = run.last().is_some_and(|l| l.offset as usize + l.data.len() == p.offset as usize);
+            if !adjacent {
+                flush(&mut run, &mut patches);
+            }
+            run.push(p);
+        }
+        flush(&mut run, &mut patches);
+        VerifiedBlock { index: self.index, hash: self.hash, patches }
     }
 }
 

@@ -26,6 +26,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod aligned;
 pub mod apply;
 pub mod block;
 pub mod compress;

@@ -4,8 +4,9 @@
 
 use bytes::Bytes;
 use diskferry_protocol::message::{encode_block, encode_block_head, BlockFrame, Codec};
-use diskferry_protocol::{Geometry, PAGE_SIZE};
+use diskferry_protocol::{Geometry, Payload, PAGE_SIZE};
 
+use crate::aligned::BufferPool;
 use crate::apply::OldContent;
 use crate::block::{changed_pages, Patch, ReceivedBlock, VerifiedBlock, VerifiedSlice};
 use crate::compress::{compress, decompress};
@@ -98,7 +99,15 @@ pub enum FrameRejection {
 }
 
 /// Decodes and verifies a block frame against the target's current content.
-pub fn verify_frame(frame: &BlockFrame, old: &OldContent, g: &Geometry) -> Result<VerifiedBlock, FrameRejection> {
+/// With `gather`, a raw payload is first copied out of the pieces it
+/// arrived in into one aligned buffer from that pool (for a full copy's
+/// direct writes), and hashed there, in one piece while it is in cache.
+pub fn verify_frame(
+    frame: &BlockFrame,
+    old: &OldContent,
+    g: &Geometry,
+    gather: Option<&BufferPool>,
+) -> Result<VerifiedBlock, FrameRejection> {
     if frame.index >= g.block_count() || frame.block_len != g.block_len(frame.index) {
         return Err(FrameRejection::Invalid(format!(
             "block {} has the wrong length or is outside the disk",
@@ -106,16 +115,29 @@ pub fn verify_frame(frame: &BlockFrame, old: &OldContent, g: &Geometry) -> Resul
         )));
     }
     let plain_len = frame.plain_len() as usize;
-    let plain: Bytes = match frame.codec {
-        Codec::Raw => frame.payload.clone(),
-        Codec::Zstd => decompress(&frame.payload, plain_len)
-            .ok_or_else(|| FrameRejection::Invalid(format!("block {}: bad zstd payload", frame.index)))?
-            .into(),
+    let plain: Payload = match (frame.codec, gather) {
+        (Codec::Raw, Some(pool)) if frame.payload.len() == plain_len => {
+            pool.filled(plain_len, |buf| frame.payload.copy_to_slice(buf)).into()
+        }
+        (Codec::Raw, _) => frame.payload.clone(),
+        (Codec::Zstd, _) => Bytes::from(
+            decompress(&frame.payload.to_bytes(), plain_len)
+                .ok_or_else(|| FrameRejection::Invalid(format!("block {}: bad zstd payload", frame.index)))?,
+        )
+        .into(),
     };
+    if plain.len() != plain_len {
+        return Err(FrameRejection::Invalid(format!("block {}: payload length", frame.index)));
+    }
+    // A patch that arrived in pieces stays in pieces: one patch each.
     let mut patches = Vec::with_capacity(frame.patches.len());
     let mut at = 0usize;
     for (off, len) in &frame.patches {
-        patches.push(Patch { offset: *off, data: plain.slice(at..at + *len as usize) });
+        let mut inner = 0u32;
+        for part in plain.slice(at..at + *len as usize).parts() {
+            patches.push(Patch { offset: off + inner, data: part.clone() });
+            inner += part.len() as u32;
+        }
         at += *len as usize;
     }
     let received = ReceivedBlock { index: frame.index, len: frame.block_len, expected: frame.hash, patches };

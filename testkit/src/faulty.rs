@@ -144,6 +144,11 @@ impl Storage for FaultyStorage {
         self.inner.write_at(off, buf)
     }
 
+    fn write_vectored_at(&self, off: u64, bufs: &[&[u8]], bypass_cache: bool) -> io::Result<()> {
+        self.counter.tick()?;
+        self.inner.write_vectored_at(off, bufs, bypass_cache)
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.counter.tick()?;
         self.inner.set_len(len)

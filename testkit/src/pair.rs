@@ -18,6 +18,7 @@ use diskferry_protocol::message::{Committed, Message, Open, Plan, SyncMode, Want
 use diskferry_protocol::session::{exchange, ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession};
 use diskferry_protocol::{BlockSize, ErrorCode, FrameSplitter, Generation, SessionId, TargetName, MAX_FRAME};
 use diskferry_sync_engine::apply::{DirectSink, OldContent, Target, TargetOptions};
+use diskferry_sync_engine::block::VerifiedBlock;
 use diskferry_sync_engine::remote::{verify_frame, FrameRejection, WireFrame};
 use diskferry_sync_engine::session::{Item, Link, Request, SourceSession, TargetRequest, TargetSession};
 use diskferry_sync_engine::store::Vfs;
@@ -240,8 +241,24 @@ impl Pair<'_> {
         Ok(Step::Go)
     }
 
-    /// Frames through the wire format, verified, then staged or written.
+    /// Frames through the wire format, verified, then staged or (a full
+    /// copy) gathered and written as one batch, as the agent's writer does.
     fn deliver(&mut self, s: &mut Side<'_>, frames: Vec<WireFrame>) -> Result<Step> {
+        let g = self.source.geometry();
+        let mut batch = Vec::new();
+        let step = self.verify_into(s, frames, &mut batch);
+        if let (Some(sink), false) = (&s.sink, batch.is_empty()) {
+            sink.write_batch(&batch)?;
+            for vb in &batch {
+                let end = g.block_offset(vb.index()) + g.block_len(vb.index()) as u64;
+                s.session.account_direct(1, vb.payload_len(), end);
+                self.receiver.handle_staged(vb.index(), vb.hash(), vb.payload_len());
+            }
+        }
+        step
+    }
+
+    fn verify_into(&mut self, s: &mut Side<'_>, frames: Vec<WireFrame>, batch: &mut Vec<VerifiedBlock>) -> Result<Step> {
         let g = self.source.geometry();
         for f in frames {
             self.wire.push(f.head);
@@ -254,22 +271,20 @@ impl Pair<'_> {
                 }
                 self.staged += 1;
                 match m {
-                    Message::Block(frame) => match verify_frame(&frame, &s.old, &g) {
-                        Ok(vb) => {
-                            match &s.sink {
-                                Some(sink) => {
-                                    sink.write_verified(&vb)?;
-                                    let end = g.block_offset(vb.index()) + g.block_len(vb.index()) as u64;
-                                    s.session.account_direct(1, vb.payload_len(), end);
+                    Message::Block(frame) => {
+                        match verify_frame(&frame, &s.old, &g, s.sink.as_ref().map(|k| k.buffers())) {
+                            Ok(vb) => match &s.sink {
+                                Some(sink) => batch.push(sink.prepare(vb)),
+                                None => {
+                                    s.session.stage(&vb)?;
+                                    self.receiver.handle_staged(vb.index(), vb.hash(), vb.payload_len());
                                 }
-                                None => s.session.stage(&vb)?,
-                            }
-                            self.receiver.handle_staged(vb.index(), vb.hash(), vb.payload_len());
+                            },
+                            Err(FrameRejection::Mismatch) => self.receiver.handle_verify_failed(frame.index),
+                            Err(FrameRejection::Invalid(msg)) => return Err(Error::new(ErrorCode::Protocol, msg)),
+                            Err(FrameRejection::Storage(e)) => return Err(e),
                         }
-                        Err(FrameRejection::Mismatch) => self.receiver.handle_verify_failed(frame.index),
-                        Err(FrameRejection::Invalid(msg)) => return Err(Error::new(ErrorCode::Protocol, msg)),
-                        Err(FrameRejection::Storage(e)) => return Err(e),
-                    },
+                    }
                     Message::Zero { first, count } => {
                         s.session.stage_zero(first, count)?;
                         self.receiver.handle_zeroed(first, count);

@@ -149,7 +149,6 @@ pub fn frame_bytes(len: u32, head: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use diskferry_protocol::message::{BlockFrame, Codec};
     use diskferry_protocol::{BlockHash, BlockSize, Message};
 
@@ -160,7 +159,7 @@ mod tests {
             block_len: 65536,
             codec,
             patches,
-            payload: Bytes::from(vec![1u8; payload]),
+            payload: vec![1u8; payload].into(),
         });
         m.to_bytes().to_vec()
     }

@@ -6,6 +6,7 @@ pub mod budget;
 mod session;
 pub mod targets;
 mod worker;
+mod writer;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

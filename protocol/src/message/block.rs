@@ -1,9 +1,10 @@
 //! Block frames (type 0x10): new content for ranges of one block, and their
 //! encoding; the layout is in the table of [`super`].
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::coding::{BufExt, DecodeError, DecodeResult};
+use crate::payload::{Body, Payload};
 use crate::types::{BlockHash, BlockSize};
 
 /// How a block payload is encoded.
@@ -28,8 +29,8 @@ pub struct BlockFrame {
     pub codec: Codec,
     /// `(offset, len)` of each patch; the payload holds their bytes in order.
     pub patches: Vec<(u32, u32)>,
-    /// Encoded patch bytes.
-    pub payload: Bytes,
+    /// Encoded patch bytes, in the pieces they arrived in.
+    pub payload: Payload,
 }
 
 impl BlockFrame {
@@ -46,7 +47,7 @@ pub(super) fn put_block_fields(
     block_len: u32,
     codec: Codec,
     patches: &[(u32, u32)],
-    payload: &[u8],
+    payload: &[&[u8]],
 ) {
     b.put_u64_le(index);
     b.put_slice(hash.as_bytes());
@@ -60,8 +61,10 @@ pub(super) fn put_block_fields(
         b.put_u32_le(*off);
         b.put_u32_le(*len);
     }
-    b.put_u32_le(payload.len() as u32);
-    b.put_slice(payload);
+    b.put_u32_le(payload.iter().map(|p| p.len()).sum::<usize>() as u32);
+    for p in payload {
+        b.put_slice(p);
+    }
 }
 
 /// A Block frame encoded straight from borrowed bytes (one copy: into the
@@ -77,7 +80,7 @@ pub fn encode_block(
     let mut b = BytesMut::with_capacity(64 + patches.len() * 8 + payload.len());
     b.put_u32_le(0);
     b.put_u8(0x10);
-    put_block_fields(&mut b, index, hash, block_len, codec, patches, payload);
+    put_block_fields(&mut b, index, hash, block_len, codec, patches, &[payload]);
     let len = (b.len() - 4) as u32;
     b[0..4].copy_from_slice(&len.to_le_bytes());
     b.freeze()
@@ -103,7 +106,7 @@ pub fn encode_block_head(
     b.freeze()
 }
 
-pub(super) fn decode_block(b: &mut impl Buf) -> DecodeResult<BlockFrame> {
+pub(super) fn decode_block(b: &mut impl Body) -> DecodeResult<BlockFrame> {
     let index = b.get_u64_checked()?;
     let hash = b.get_hash()?;
     let block_len = b.get_u32_checked()?;
@@ -141,6 +144,6 @@ pub(super) fn decode_block(b: &mut impl Buf) -> DecodeResult<BlockFrame> {
     if codec == Codec::Raw && payload_len as u64 != total {
         return Err(DecodeError::Invalid("payload length"));
     }
-    let payload = b.copy_to_bytes(payload_len);
+    let payload = b.take_payload(payload_len);
     Ok(BlockFrame { index, hash, block_len, codec, patches, payload })
 }

@@ -38,6 +38,7 @@ use block::{decode_block, put_block_fields};
 pub use block::{encode_block, encode_block_head, BlockFrame, Codec};
 
 use crate::coding::{put_str, BufExt, DecodeError, DecodeResult};
+use crate::payload::Body;
 use crate::error::ErrorCode;
 use crate::types::{BlockHash, BlockSize, Consistency, Generation, SessionId, TargetName};
 
@@ -386,7 +387,10 @@ impl Message {
                 b.put_u16_le(code.to_u16());
                 put_str(b, message);
             }
-            Message::Block(f) => put_block_fields(b, f.index, &f.hash, f.block_len, f.codec, &f.patches, &f.payload),
+            Message::Block(f) => {
+                let parts: Vec<&[u8]> = f.payload.parts().iter().map(|p| &p[..]).collect();
+                put_block_fields(b, f.index, &f.hash, f.block_len, f.codec, &f.patches, &parts)
+            }
             Message::Zero { first, count } => {
                 b.put_u64_le(*first);
                 b.put_u64_le(*count);
@@ -397,7 +401,7 @@ impl Message {
 
     /// Decodes one frame body (type byte and fields, without the length
     /// prefix). Every field is checked; leftover bytes are an error.
-    pub fn decode(body: &mut impl Buf) -> DecodeResult<Message> {
+    pub fn decode(body: &mut impl Body) -> DecodeResult<Message> {
         let ty = body.get_u8_checked()?;
         let m = match ty {
             0x01 => Message::Hello {
@@ -602,7 +606,7 @@ pub(crate) mod tests {
                 block_len: 65536,
                 codec: Codec::Raw,
                 patches: vec![(0, 3), (4096, 2)],
-                payload: Bytes::from_static(b"abcde"),
+                payload: Bytes::from_static(b"abcde").into(),
             }),
             Message::Zero { first: 1, count: 100 },
             Message::Nack { index: 4 },
@@ -623,10 +627,10 @@ pub(crate) mod tests {
     fn borrowed_block_encoding_matches() {
         for m in samples() {
             if let Message::Block(f) = &m {
-                let b = encode_block(f.index, &f.hash, f.block_len, f.codec, &f.patches, &f.payload);
+                let b = encode_block(f.index, &f.hash, f.block_len, f.codec, &f.patches, &f.payload.to_bytes());
                 assert_eq!(b, m.to_bytes());
                 let head = encode_block_head(f.index, &f.hash, f.block_len, f.codec, &f.patches, f.payload.len());
-                assert_eq!([&head[..], &f.payload[..]].concat(), m.to_bytes());
+                assert_eq!([&head[..], &f.payload.to_bytes()[..]].concat(), m.to_bytes());
             }
         }
     }
@@ -693,7 +697,7 @@ pub(crate) mod tests {
                 block_len: 8192,
                 codec: Codec::Raw,
                 patches: vec![(0, 4096), (100, 1)],
-                payload: Bytes::from(vec![0u8; 4097]),
+                payload: vec![0u8; 4097].into(),
             })
             .to_bytes()[..],
         );

@@ -33,7 +33,7 @@ fn block_frame() -> impl Strategy<Value = BlockFrame> {
                 block_len: pages * 4096,
                 codec: if zstd { Codec::Zstd } else { Codec::Raw },
                 patches,
-                payload,
+                payload: payload.into(),
             }
         },
     )

@@ -9,6 +9,7 @@ use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Generation, Geometry
 
 use super::catalog::{write_catalog, Catalog, PointRecord, Status};
 use super::journal::{JournalHeader, JournalKind, JournalWriter};
+use crate::aligned::BufferPool;
 use crate::block::VerifiedBlock;
 use crate::error::{Error, IoContext, Place, Result};
 use crate::manifest::ManifestWriter;
@@ -16,6 +17,9 @@ use crate::store::{DiskKind, OpenHow, Storage};
 
 use super::sink::*;
 use super::target::*;
+
+/// Idle aligned buffers a full copy keeps for reuse.
+const IDLE_BUFFERS: usize = 32 << 20;
 
 /// How a session writes its target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,6 +170,7 @@ impl Target {
             geometry: spec.geometry,
             sparse: spec.mode == ApplyMode::Partial && old_len == 0,
             writing: Arc::default(),
+            buffers: BufferPool::new(spec.geometry.block_size.bytes() as usize, IDLE_BUFFERS),
         });
         let mpath = self.dir.join(MANIFEST_TMP);
         let mut manifest = ManifestWriter::create(vfs, &mpath, spec.geometry)?;

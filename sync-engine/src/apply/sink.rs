@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use diskferry_protocol::{BlockHash, Geometry};
 
+use crate::aligned::BufferPool;
 use crate::block::{VerifiedBlock, VerifiedSlice};
 use crate::error::{IoContext, Place, Result};
 use crate::store::Storage;
@@ -22,46 +23,111 @@ pub struct DirectSink {
     /// One writer at a time: the kernel serializes writes to a file anyway,
     /// and threads queued here sleep instead of spinning on its lock.
     pub(super) writing: Arc<std::sync::Mutex<()>>,
+    /// Aligned buffers that received blocks are gathered into.
+    pub(super) buffers: BufferPool,
 }
 
+/// Largest single write a batch is merged into.
+const MAX_WRITE: usize = 8 << 20;
+
 impl DirectSink {
-    /// Writes one block.
+    /// Writes one block (through the page cache: a local copy writes from
+    /// the thread that hashed it, one block at a time, and small direct
+    /// writes would wait on the device one by one).
     pub fn write(&self, block: &VerifiedSlice<'_>) -> Result<()> {
-        self.write_at(self.geometry.block_offset(block.index()), block.bytes())
+        let segments = self.segments(self.geometry.block_offset(block.index()), block.bytes());
+        self.write_segments(segments, false)
     }
 
     /// Writes the patches of a verified update in place.
     pub fn write_verified(&self, block: &VerifiedBlock) -> Result<()> {
-        let base = self.geometry.block_offset(block.index());
-        for p in block.patches() {
-            self.write_at(base + p.offset as u64, &p.data)?;
-        }
-        Ok(())
+        self.write_batch(std::slice::from_ref(block))
     }
 
-    fn write_at(&self, off: u64, bytes: &[u8]) -> Result<()> {
-        let _one_writer = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.sparse {
-            return self.disk.write_at(off, bytes).ctx(Place::Target, "writing", &self.path);
+    /// The aligned buffers received blocks are gathered into (for
+    /// [`crate::remote::verify_frame`]).
+    pub fn buffers(&self) -> &BufferPool {
+        &self.buffers
+    }
+
+    /// A verified block ready for [`DirectSink::write_batch`]: its pieces
+    /// gathered into one aligned buffer (done on the thread that verified
+    /// it, while the bytes are still in its cache).
+    pub fn prepare(&self, block: VerifiedBlock) -> VerifiedBlock {
+        block.gathered(&self.buffers)
+    }
+
+    /// Writes several verified blocks with as few writes as their places
+    /// allow: adjacent ones are merged into one vectored write of up to
+    /// 8 MiB, sent past the page cache when the buffers are aligned
+    /// ([`DirectSink::prepare`]). Either all of it is written or an error
+    /// says what failed; nothing is durable before the commit's sync.
+    pub fn write_batch(&self, blocks: &[VerifiedBlock]) -> Result<()> {
+        let mut segments = Vec::new();
+        for b in blocks {
+            let base = self.geometry.block_offset(b.index());
+            for p in b.patches() {
+                segments.extend(self.segments(base + p.offset as u64, &p.data));
+            }
         }
-        // Only the runs of non-zero 4 KiB pages: a new file reads zeros
-        // elsewhere, and unwritten pages cost no space.
-        let page = diskferry_protocol::PAGE_SIZE as usize;
+        self.write_segments(segments, true)
+    }
+
+    /// The pieces of `bytes` (to be written at `off`) that need writing:
+    /// all of them, or into a new sparse file only the runs of non-zero
+    /// 4 KiB pages (a new file reads zeros elsewhere, and unwritten pages
+    /// cost no space).
+    fn segments<'a>(&self, off: u64, bytes: &'a [u8]) -> Vec<(u64, &'a [u8])> {
+        if !self.sparse {
+            return vec![(off, bytes)];
+        }
+        let page = diskferry_protocol::PAGE_SIZE as u64;
+        let mut out = Vec::new();
         let mut run: Option<usize> = None;
-        for start in (0..bytes.len()).step_by(page).chain(std::iter::once(bytes.len())) {
-            let zero = start == bytes.len() || crate::hash::is_zero(&bytes[start..(start + page).min(bytes.len())]);
+        let mut start = 0usize;
+        while start <= bytes.len() {
+            // Pages on the disk's page boundaries, whatever `off` is.
+            let end = if start == bytes.len() {
+                start
+            } else {
+                let next = (off + start as u64) / page * page + page;
+                (next - off).min(bytes.len() as u64) as usize
+            };
+            let zero = start == bytes.len() || crate::hash::is_zero(&bytes[start..end]);
             match (zero, run) {
                 (false, None) => run = Some(start),
                 (true, Some(from)) => {
-                    self.disk.write_at(off + from as u64, &bytes[from..start]).ctx(
-                        Place::Target,
-                        "writing",
-                        &self.path,
-                    )?;
+                    out.push((off + from as u64, &bytes[from..start]));
                     run = None;
                 }
                 _ => {}
             }
+            if start == bytes.len() {
+                break;
+            }
+            start = end;
+        }
+        out
+    }
+
+    fn write_segments(&self, mut segments: Vec<(u64, &[u8])>, bypass_cache: bool) -> Result<()> {
+        segments.sort_unstable_by_key(|s| s.0);
+        let _one_writer = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut i = 0;
+        while i < segments.len() {
+            // Adjacent segments, up to MAX_WRITE bytes (at least one).
+            let start = segments[i].0;
+            let mut end = start;
+            let mut bufs: Vec<&[u8]> = Vec::new();
+            while let Some(&(off, bytes)) = segments.get(i) {
+                if !bufs.is_empty() && (off != end || (end - start) as usize + bytes.len() > MAX_WRITE) {
+                    break;
+                }
+                bufs.push(bytes);
+                end = off + bytes.len() as u64;
+                i += 1;
+            }
+            self.disk.write_vectored_at(start, &bufs, bypass_cache).ctx(Place::Target, "writing", &self.path)?;
         }
         Ok(())
     }

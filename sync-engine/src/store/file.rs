@@ -1,15 +1,18 @@
 //! [`Storage`] and [`Vfs`] over the real filesystem and block devices.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, SeekFrom};
+use std::io::{self, IoSlice, Seek, SeekFrom};
 use std::num::NonZeroU64;
 use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use rustix::fs::{FallocateFlags, FlockOperation};
 
 use super::{DiskKind, Meta, OpenHow, Stamp, Storage, Vfs};
+use crate::aligned::is_direct_aligned;
 
 /// The error for a write through a symlink (`ELOOP` says too little).
 #[derive(Debug)]
@@ -32,13 +35,40 @@ pub struct RealFs;
 pub struct FileStorage {
     file: File,
     kind: DiskKind,
+    /// A second open of the same file with `O_DIRECT`, made on the first
+    /// write that asks for it (`None`: the filesystem has no direct I/O).
+    direct: OnceLock<Option<File>>,
+    /// Set when the kernel refused a direct write: buffered from then on.
+    direct_refused: AtomicBool,
 }
 
 impl FileStorage {
     /// Wraps an open file.
     pub fn new(file: File) -> io::Result<Self> {
         let kind = kind_of(&file.metadata()?.file_type())?;
-        Ok(FileStorage { file, kind })
+        Ok(FileStorage { file, kind, direct: OnceLock::new(), direct_refused: AtomicBool::new(false) })
+    }
+
+    /// The `O_DIRECT` twin of the file, if the filesystem has direct I/O.
+    /// `O_DIRECT` belongs to an open file description, so it is a second
+    /// open (through `/proc/self/fd`: the same inode, never a path that
+    /// could have been swapped since), and the first keeps buffered reads.
+    fn direct_file(&self) -> Option<&File> {
+        if self.direct_refused.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.direct
+            .get_or_init(|| {
+                let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                let twin = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                    .open(proc_path)
+                    .ok()?;
+                let (a, b) = (twin.metadata().ok()?, self.file.metadata().ok()?);
+                (a.dev() == b.dev() && a.ino() == b.ino() && a.rdev() == b.rdev()).then_some(twin)
+            })
+            .as_ref()
     }
 
     fn write_zeros(&self, off: u64, len: u64) -> io::Result<()> {
@@ -51,6 +81,29 @@ impl FileStorage {
         }
         Ok(())
     }
+}
+
+/// Writes all of `bufs` from `off`: a short write (a signal, a nearly
+/// full disk) continues where it stopped, so it either all lands or fails
+/// with the error that stopped it (`ENOSPC`, `EIO`).
+fn pwritev_all(file: &File, mut off: u64, bufs: &[&[u8]]) -> io::Result<()> {
+    // At most IOV_MAX (1024) slices per call.
+    for group in bufs.chunks(1024) {
+        let mut slices: Vec<IoSlice<'_>> = group.iter().map(|b| IoSlice::new(b)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match rustix::io::pwritev(file, rest, off) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the write stopped short")),
+                Ok(n) => {
+                    off += n as u64;
+                    IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn kind_of(ft: &fs::FileType) -> io::Result<DiskKind> {
@@ -82,6 +135,24 @@ impl Storage for FileStorage {
 
     fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
         self.file.write_all_at(buf, off)
+    }
+
+    fn write_vectored_at(&self, off: u64, bufs: &[&[u8]], bypass_cache: bool) -> io::Result<()> {
+        if bypass_cache && std::env::var_os("DF_NO_DIRECT").is_none() && is_direct_aligned(off, bufs) {
+            if let Some(direct) = self.direct_file() {
+                match pwritev_all(direct, off, bufs) {
+                    Ok(()) => return Ok(()),
+                    // EINVAL: this file or device wants another alignment
+                    // (or none at all): buffered from now on; the retry
+                    // below rewrites the whole range.
+                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                        self.direct_refused.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        pwritev_all(&self.file, off, bufs)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

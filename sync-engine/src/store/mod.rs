@@ -127,6 +127,22 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes all of `buf` at `off`, extending a file as needed.
     fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()>;
+    /// Writes `bufs` back to back from `off`, with as few calls as the
+    /// storage allows. `bypass_cache` asks for direct I/O where the storage
+    /// has it and `off` and the buffers suit it
+    /// ([`crate::aligned::is_direct_aligned`]): a full copy's data would only
+    /// push the host's own pages out of its cache, and a fresh page-cache
+    /// page can cost more CPU than the copy into it. Durability is as for
+    /// any write: only after [`Storage::sync`].
+    fn write_vectored_at(&self, off: u64, bufs: &[&[u8]], bypass_cache: bool) -> io::Result<()> {
+        let _ = bypass_cache;
+        let mut at = off;
+        for b in bufs {
+            self.write_at(at, b)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
     /// Sets a file's size (zeros when growing). Block devices: `Unsupported`.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes `[off, off+len)` read as zeros: punches a hole in a file,

@@ -1,0 +1,111 @@
+//! The writer of a full copy: one thread per session that takes verified
+//! blocks off a queue and writes them with the engine's
+//! [`DirectSink::write_batch`]. Whatever queued while the last batch was
+//! being written goes out as the next batch, so a busy session gets large
+//! merged writes (which direct I/O needs: small ones each wait for the
+//! device) and a quiet one has nothing held back.
+
+use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
+use diskferry_protocol::Geometry;
+use diskferry_sync_engine::apply::DirectSink;
+use diskferry_sync_engine::block::VerifiedBlock;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::worker::{Cmd, Reply};
+
+/// A block waiting to be written, with its share of the memory budget.
+pub type Queued = (VerifiedBlock, OwnedSemaphorePermit);
+
+/// Blocks merged into one batch at most.
+const MAX_BATCH: usize = 512;
+
+/// The running writer.
+pub struct Writer {
+    queue: Sender<Queued>,
+    stop: Option<Sender<()>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts the writer for `sink`. Written blocks are counted with the
+    /// apply worker (`cmds`) and reported (`report`: `Staged`, or `Failed`
+    /// once, after which it writes nothing more).
+    pub fn spawn(
+        name: &str,
+        sink: DirectSink,
+        geometry: Geometry,
+        cmds: Sender<Cmd>,
+        report: impl Fn(Reply) + Send + 'static,
+    ) -> std::io::Result<Writer> {
+        let (queue, rx) = crossbeam_channel::unbounded::<Queued>();
+        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let handle = std::thread::Builder::new()
+            .name(format!("df-write-{name}"))
+            .spawn(move || run(&sink, geometry, &rx, &stop_rx, &cmds, &report))?;
+        Ok(Writer { queue, stop: Some(stop), handle: Some(handle) })
+    }
+
+    /// Where verified blocks go.
+    pub fn queue(&self) -> Sender<Queued> {
+        self.queue.clone()
+    }
+
+    /// Stops the writer and waits for it: a batch being written is
+    /// finished, queued blocks are dropped (a resumed push sends them
+    /// again). Nothing of this session is written after this returns.
+    pub fn stop(&mut self) {
+        self.stop.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(
+    sink: &DirectSink,
+    g: Geometry,
+    rx: &Receiver<Queued>,
+    stop: &Receiver<()>,
+    cmds: &Sender<Cmd>,
+    report: &dyn Fn(Reply),
+) {
+    loop {
+        let first = select! {
+            recv(rx) -> m => match m {
+                Ok(m) => m,
+                Err(_) => return,
+            },
+            // The sender is dropped to stop: this arm fires at once.
+            recv(stop) -> _ => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
+            return;
+        }
+        // The budget is held until the bytes are written.
+        let (blocks, permits): (Vec<VerifiedBlock>, Vec<OwnedSemaphorePermit>) = batch.into_iter().unzip();
+        if std::env::var_os("DF_NO_WRITE").is_some() {} else if let Err(e) = sink.write_batch(&blocks) {
+            report(Reply::Failed(e));
+            return;
+        }
+        drop(permits);
+        let bytes = blocks.iter().map(VerifiedBlock::payload_len).sum();
+        let end = blocks.iter().map(|b| g.block_offset(b.index()) + g.block_len(b.index()) as u64).max().unwrap_or(0);
+        let _ = cmds.send(Cmd::Account { blocks: blocks.len() as u64, bytes, end });
+        for b in &blocks {
+            report(Reply::Staged { index: b.index(), hash: b.hash(), bytes: b.payload_len() });
+        }
+    }
+}
