@@ -7,7 +7,7 @@ use diskferry_protocol::{BlockHash, ErrorCode, PAGE_SIZE};
 
 use crate::aligned::{is_direct_aligned, BufferPool};
 use crate::error::Error;
-use crate::leaf::{hash_block, hash_pieces};
+use crate::leaf::hash_block;
 
 /// A byte range inside one block and its new content (shared, not copied,
 /// from the frame it arrived in).
@@ -28,8 +28,7 @@ pub struct ReceivedBlock {
     pub len: u32,
     /// The blake3 the whole new block must have.
     pub expected: BlockHash,
-    /// Changed ranges, in order; a whole block is covered by one patch or
-    /// by several that follow each other (the pieces it arrived in).
+    /// Changed ranges; one patch covering the block for a whole block.
     pub patches: Vec<Patch>,
 }
 
@@ -100,17 +99,9 @@ impl ReceivedBlock {
         ReceivedBlock { index, len: data.len() as u32, expected, patches: vec![Patch { offset: 0, data }] }
     }
 
-    /// Whether the patches cover the whole block, in order and without
-    /// gaps (no old content needed).
+    /// Whether the patches cover the whole block (no old content needed).
     pub fn is_whole(&self) -> bool {
-        let mut at = 0u64;
-        for p in &self.patches {
-            if p.offset as u64 != at {
-                return false;
-            }
-            at += p.data.len() as u64;
-        }
-        at == self.len as u64 && !self.patches.is_empty()
+        self.patches.len() == 1 && self.patches[0].offset == 0 && self.patches[0].data.len() == self.len as usize
     }
 
     /// Checks that the patches applied over `old` (the block's current bytes,
@@ -119,8 +110,7 @@ impl ReceivedBlock {
         let mismatch = HashMismatch { index: self.index };
         let hash = if self.is_whole() {
             // The common case hashes the received bytes where they lie.
-            let pieces: Vec<&[u8]> = self.patches.iter().map(|p| &p.data[..]).collect();
-            hash_pieces(&pieces)
+            hash_block(&self.patches[0].data)
         } else {
             let mut new = old.to_vec();
             new.resize(self.len as usize, 0);

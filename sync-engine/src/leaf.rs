@@ -20,19 +20,3 @@ pub fn hash_block(bytes: &[u8]) -> BlockHash {
         BlockHash(*blake3::hash(bytes).as_bytes())
     }
 }
-
-/// [`hash_block`] of a block's bytes given in pieces, in order (as they
-/// arrived from the network: joining them first would copy them).
-pub fn hash_pieces(pieces: &[&[u8]]) -> BlockHash {
-    if let [one] = pieces {
-        return hash_block(one);
-    }
-    if pieces.iter().all(|p| is_zero(p)) {
-        return BlockHash::ZERO;
-    }
-    let mut h = blake3::Hasher::new();
-    for p in pieces {
-        h.update(p);
-    }
-    BlockHash(*h.finalize().as_bytes())
-}

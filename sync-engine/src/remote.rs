@@ -129,15 +129,12 @@ pub fn verify_frame(
     if plain.len() != plain_len {
         return Err(FrameRejection::Invalid(format!("block {}: payload length", frame.index)));
     }
-    // A patch that arrived in pieces stays in pieces: one patch each.
+    // One patch per declared range, in one piece: shared when it arrived
+    // in one (or was gathered), else joined here.
     let mut patches = Vec::with_capacity(frame.patches.len());
     let mut at = 0usize;
     for (off, len) in &frame.patches {
-        let mut inner = 0u32;
-        for part in plain.slice(at..at + *len as usize).parts() {
-            patches.push(Patch { offset: off + inner, data: part.clone() });
-            inner += part.len() as u32;
-        }
+        patches.push(Patch { offset: *off, data: plain.slice(at..at + *len as usize).to_bytes() });
         at += *len as usize;
     }
     let received = ReceivedBlock { index: frame.index, len: frame.block_len, expected: frame.hash, patches };

@@ -16,6 +16,7 @@ mod integration {
     mod manifest;
     mod net_apply;
     mod points;
+    mod receive;
     mod scenarios;
     mod sync_props;
 }

@@ -87,6 +87,8 @@ pub fn push(vfs: Arc<dyn Vfs>, spec: &PushSpec) -> Result<PushEnd> {
         receiver: ReceiverSession::new(),
         staged: 0,
         wire: FrameSplitter::new(MAX_FRAME),
+        packets: 0,
+        packet_left: 0,
     };
     pair.run(&mut target)
 }
@@ -100,7 +102,14 @@ struct Pair<'a> {
     staged: u64,
     /// Data frames pass through the one splitter, as bytes.
     wire: FrameSplitter,
+    /// Packets cut so far, and the room left in the current one.
+    packets: usize,
+    packet_left: usize,
 }
+
+/// Sizes the stream is cut at, as QUIC chunks would cut it: never in line
+/// with frames, so payloads arrive in pieces of every shape.
+const PACKET_SIZES: [usize; 5] = [64_937, 1_452, 30_001, 65_000, 4_099];
 
 struct Side<'t> {
     session: TargetSession<'t>,
@@ -258,12 +267,24 @@ impl Pair<'_> {
         step
     }
 
-    fn verify_into(&mut self, s: &mut Side<'_>, frames: Vec<WireFrame>, batch: &mut Vec<VerifiedBlock>) -> Result<Step> {
+    fn verify_into(
+        &mut self,
+        s: &mut Side<'_>,
+        frames: Vec<WireFrame>,
+        batch: &mut Vec<VerifiedBlock>,
+    ) -> Result<Step> {
         let g = self.source.geometry();
         for f in frames {
-            self.wire.push(f.head);
-            if let Some(tail) = f.tail {
-                self.wire.push(tail);
+            for mut part in std::iter::once(f.head).chain(f.tail) {
+                while !part.is_empty() {
+                    if self.packet_left == 0 {
+                        self.packet_left = PACKET_SIZES[self.packets % PACKET_SIZES.len()];
+                        self.packets += 1;
+                    }
+                    let n = self.packet_left.min(part.len());
+                    self.wire.push(part.split_to(n));
+                    self.packet_left -= n;
+                }
             }
             while let Some(m) = self.wire.next_frame().map_err(|e| Error::new(ErrorCode::Protocol, e.to_string()))? {
                 if self.spec.stop_after.is_some_and(|n| self.staged >= n) {

@@ -157,6 +157,11 @@ impl Session {
     fn handle_note(&mut self, note: Note) {
         match note {
             Note::Reply(Reply::Staged { index, hash, bytes }) => self.rs.handle_staged(index, hash, bytes),
+            Note::Reply(Reply::Written(blocks)) => {
+                for (index, hash, bytes) in blocks {
+                    self.rs.handle_staged(index, hash, bytes);
+                }
+            }
             Note::Reply(Reply::Zeroed { first, count }) => self.rs.handle_zeroed(first, count),
             Note::Reply(Reply::Resolved { region, wants }) => self.rs.handle_resolved(region, wants),
             Note::Reply(Reply::Committed(c)) => {

@@ -64,9 +64,21 @@ pub enum Cmd {
 
 /// What the worker reports to the session.
 pub enum Reply {
-    Staged { index: u64, hash: BlockHash, bytes: u64 },
-    Zeroed { first: u64, count: u64 },
-    Resolved { region: u64, wants: Vec<WantBlock> },
+    Staged {
+        index: u64,
+        hash: BlockHash,
+        bytes: u64,
+    },
+    /// Blocks a full copy's writer wrote: `(index, hash, bytes)`.
+    Written(Vec<(u64, BlockHash, u64)>),
+    Zeroed {
+        first: u64,
+        count: u64,
+    },
+    Resolved {
+        region: u64,
+        wants: Vec<WantBlock>,
+    },
     Committed(Committed),
     Failed(Error),
 }

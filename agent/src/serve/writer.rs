@@ -28,7 +28,7 @@ pub struct Writer {
 
 impl Writer {
     /// Starts the writer for `sink`. Written blocks are counted with the
-    /// apply worker (`cmds`) and reported (`report`: `Staged`, or `Failed`
+    /// apply worker (`cmds`) and reported (`report`: `Written` per batch, or `Failed`
     /// once, after which it writes nothing more).
     pub fn spawn(
         name: &str,
@@ -96,7 +96,7 @@ fn run(
         }
         // The budget is held until the bytes are written.
         let (blocks, permits): (Vec<VerifiedBlock>, Vec<OwnedSemaphorePermit>) = batch.into_iter().unzip();
-        if std::env::var_os("DF_NO_WRITE").is_some() {} else if let Err(e) = sink.write_batch(&blocks) {
+        if let Err(e) = sink.write_batch(&blocks) {
             report(Reply::Failed(e));
             return;
         }
@@ -104,8 +104,6 @@ fn run(
         let bytes = blocks.iter().map(VerifiedBlock::payload_len).sum();
         let end = blocks.iter().map(|b| g.block_offset(b.index()) + g.block_len(b.index()) as u64).max().unwrap_or(0);
         let _ = cmds.send(Cmd::Account { blocks: blocks.len() as u64, bytes, end });
-        for b in &blocks {
-            report(Reply::Staged { index: b.index(), hash: b.hash(), bytes: b.payload_len() });
-        }
+        report(Reply::Written(blocks.iter().map(|b| (b.index(), b.hash(), b.payload_len())).collect()));
     }
 }

@@ -38,8 +38,8 @@ use block::{decode_block, put_block_fields};
 pub use block::{encode_block, encode_block_head, BlockFrame, Codec};
 
 use crate::coding::{put_str, BufExt, DecodeError, DecodeResult};
-use crate::payload::Body;
 use crate::error::ErrorCode;
+use crate::payload::Body;
 use crate::types::{BlockHash, BlockSize, Consistency, Generation, SessionId, TargetName};
 
 /// The protocol version this crate speaks.

@@ -3,9 +3,9 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Seek, SeekFrom};
 use std::num::NonZeroU64;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -83,23 +83,36 @@ impl FileStorage {
     }
 }
 
-/// Writes all of `bufs` from `off`: a short write (a signal, a nearly
-/// full disk) continues where it stopped, so it either all lands or fails
-/// with the error that stopped it (`ENOSPC`, `EIO`).
-fn pwritev_all(file: &File, mut off: u64, bufs: &[&[u8]]) -> io::Result<()> {
+/// Writes all of `bufs` from `off` to `file` (see [`write_all_vectored`]).
+fn pwritev_all(file: &File, off: u64, bufs: &[&[u8]]) -> io::Result<()> {
+    write_all_vectored(off, bufs, |slices, at| match rustix::io::pwritev(file, slices, at) {
+        Err(rustix::io::Errno::INTR) => Ok(None),
+        r => r.map(Some).map_err(io::Error::from),
+    })
+}
+
+/// Writes all of `bufs` from `off` with `writev(slices, offset)`, which
+/// returns how much it wrote (`None`: interrupted, try again). A short
+/// write (a signal, a nearly full disk) continues where it stopped, so the
+/// range either all lands or the error that stopped it comes back
+/// (`ENOSPC`, `EIO`; a write of nothing is `WriteZero`).
+fn write_all_vectored(
+    mut off: u64,
+    bufs: &[&[u8]],
+    mut writev: impl FnMut(&[IoSlice<'_>], u64) -> io::Result<Option<usize>>,
+) -> io::Result<()> {
     // At most IOV_MAX (1024) slices per call.
     for group in bufs.chunks(1024) {
         let mut slices: Vec<IoSlice<'_>> = group.iter().map(|b| IoSlice::new(b)).collect();
         let mut rest = &mut slices[..];
         while !rest.is_empty() {
-            match rustix::io::pwritev(file, rest, off) {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the write stopped short")),
-                Ok(n) => {
+            match writev(rest, off)? {
+                None => {}
+                Some(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the write stopped short")),
+                Some(n) => {
                     off += n as u64;
                     IoSlice::advance_slices(&mut rest, n);
                 }
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -138,7 +151,7 @@ impl Storage for FileStorage {
     }
 
     fn write_vectored_at(&self, off: u64, bufs: &[&[u8]], bypass_cache: bool) -> io::Result<()> {
-        if bypass_cache && std::env::var_os("DF_NO_DIRECT").is_none() && is_direct_aligned(off, bufs) {
+        if bypass_cache && is_direct_aligned(off, bufs) {
             if let Some(direct) = self.direct_file() {
                 match pwritev_all(direct, off, bufs) {
                     Ok(()) => return Ok(()),
@@ -394,5 +407,88 @@ impl Vfs for RealFs {
                 Ok(false)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aligned::BufferPool;
+
+    /// A `writev` into `disk` that writes at most `most` bytes per call and
+    /// fails with `fail_at` once the offset reaches it.
+    fn short_writer<'a>(
+        disk: &'a mut Vec<u8>,
+        most: usize,
+        fail_at: Option<u64>,
+    ) -> impl FnMut(&[IoSlice<'_>], u64) -> io::Result<Option<usize>> + 'a {
+        let mut calls = 0;
+        move |slices, off| {
+            calls += 1;
+            if calls % 3 == 0 {
+                return Ok(None); // interrupted
+            }
+            if fail_at.is_some_and(|f| off >= f) {
+                return Err(io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error()));
+            }
+            let mut n = 0;
+            for s in slices {
+                let take = s.len().min(most - n);
+                let at = off as usize + n;
+                if disk.len() < at + take {
+                    disk.resize(at + take, 0);
+                }
+                disk[at..at + take].copy_from_slice(&s[..take]);
+                n += take;
+                if n == most {
+                    break;
+                }
+            }
+            Ok(Some(n))
+        }
+    }
+
+    #[test]
+    fn short_writes_continue_and_failures_are_reported() {
+        let bufs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i + 1; 1000 + i as usize * 777]).collect();
+        let slices: Vec<&[u8]> = bufs.iter().map(|b| &b[..]).collect();
+        let want: Vec<u8> = [vec![0u8; 100], bufs.concat()].concat();
+        for most in [1, 999, 1000, 4096, 100_000] {
+            let mut disk = Vec::new();
+            write_all_vectored(100, &slices, short_writer(&mut disk, most, None)).unwrap();
+            assert_eq!(disk, want, "at most {most} bytes per write");
+        }
+        // The disk fills up part way: the error comes back, not success.
+        let mut disk = Vec::new();
+        let e = write_all_vectored(100, &slices, short_writer(&mut disk, 1500, Some(3000))).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(rustix::io::Errno::NOSPC.raw_os_error()));
+        // A write that writes nothing is an error too, not a hang.
+        let e = write_all_vectored(0, &slices, |_, _| Ok(Some(0))).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WriteZero);
+    }
+
+    #[test]
+    fn vectored_writes_land_direct_or_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let disk = FileStorage::new(file).unwrap();
+        let pool = BufferPool::new(8192, 1 << 20);
+        let a = pool.filled(8192, |b| b.fill(1));
+        let b = pool.filled(4096, |b| b.fill(2));
+        // Aligned: past the page cache where the filesystem allows it.
+        disk.write_vectored_at(4096, &[&a, &b], true).unwrap();
+        // Unaligned (offset and buffers): through the page cache.
+        let c = vec![3u8; 1000];
+        disk.write_vectored_at(20_000, &[&c[..10], &c[10..]], true).unwrap();
+        let got = std::fs::read(&path).unwrap();
+        let mut want = vec![0u8; 21_000];
+        want[4096..12288].fill(1);
+        want[12288..16384].fill(2);
+        want[20_000..].fill(3);
+        assert_eq!(got, want);
+        let mut back = vec![0u8; 4096];
+        disk.read_at(12288, &mut back).unwrap();
+        assert!(back.iter().all(|&x| x == 2), "buffered reads see direct writes");
     }
 }
