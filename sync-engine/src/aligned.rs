@@ -16,7 +16,8 @@ pub const DIRECT_ALIGN: usize = 4096;
 /// Whether `off`, and every buffer's address and length, suit direct I/O.
 pub fn is_direct_aligned(off: u64, bufs: &[&[u8]]) -> bool {
     let a = DIRECT_ALIGN;
-    off % a as u64 == 0 && bufs.iter().all(|b| b.as_ptr() as usize % a == 0 && b.len() % a == 0)
+    off.is_multiple_of(a as u64)
+        && bufs.iter().all(|b| (b.as_ptr() as usize).is_multiple_of(a) && b.len().is_multiple_of(a))
 }
 
 /// A pool of aligned buffers, shared by the threads that fill them.
