@@ -15,7 +15,9 @@
 //!
 //! What stays outside: the binary itself, thread stacks and the runtime, a
 //! few small buffers per connection that waits for admission — a fixed
-//! amount that does not grow with the number of sessions or the disk size.
+//! amount that does not grow with the disk size — and, per full-copy
+//! session, up to 8 MiB of idle aligned write buffers kept for reuse
+//! (a buffer in use belongs to a frame and is counted with it).
 
 use std::sync::Arc;
 
@@ -114,8 +116,9 @@ impl Budget {
 }
 
 /// The memory a frame of `len` bytes holds until staged, judged from its
-/// first bytes: the wire bytes, plus a decompressed copy for zstd, plus the
-/// block's current content when it patches only part of it.
+/// first bytes: the wire bytes, plus a decompressed copy for zstd, plus one
+/// block (the aligned copy of a whole block, or the current content a patch
+/// applies to).
 pub fn frame_bytes(len: u32, head: &[u8]) -> u64 {
     let len = len.min(MAX_FRAME) as u64;
     // Block: type 0x10 · u64 index · [32] hash · u32 block len · u8 codec ·
@@ -124,25 +127,17 @@ pub fn frame_bytes(len: u32, head: &[u8]) -> u64 {
         return len;
     }
     let mut f: &[u8] = &head[41..BLOCK_HEAD];
-    let fields = (|| -> DecodeResult<_> {
-        Ok((
-            f.get_u32_checked()?,
-            f.get_u8_checked()?,
-            f.get_u16_checked()?,
-            f.get_u32_checked()?,
-            f.get_u32_checked()?,
-        ))
-    })();
-    let Ok((block_len, codec, patches, first_off, first_len)) = fields else { return len };
+    let fields = (|| -> DecodeResult<_> { Ok((f.get_u32_checked()?, f.get_u8_checked()?)) })();
+    let Ok((block_len, codec)) = fields else { return len };
     let block_len = (block_len as u64).min(MAX_FRAME as u64);
-    let whole = patches == 1 && first_off == 0 && first_len as u64 == block_len;
     let mut bytes = len;
     if codec != 0 {
         bytes += block_len;
     }
-    if !whole {
-        bytes += block_len;
-    }
+    // One block more: a whole block is copied into an aligned buffer for a
+    // full copy's direct writes (or joined from its pieces), a patch needs
+    // the block's current content to be verified over.
+    bytes += block_len;
     bytes
 }
 
@@ -168,10 +163,10 @@ mod tests {
     fn frames_cost_what_they_hold() {
         let whole = frame(Codec::Raw, vec![(0, 65536)], 65536);
         let len = whole.len() as u32 - 4;
-        assert_eq!(frame_bytes(len, &whole[4..]), len as u64);
+        assert_eq!(frame_bytes(len, &whole[4..]), len as u64 + 65536);
         let zstd = frame(Codec::Zstd, vec![(0, 65536)], 300);
         let len = zstd.len() as u32 - 4;
-        assert_eq!(frame_bytes(len, &zstd[4..]), len as u64 + 65536);
+        assert_eq!(frame_bytes(len, &zstd[4..]), len as u64 + 2 * 65536);
         let zstd_patch = frame(Codec::Zstd, vec![(0, 4096)], 300);
         let len = zstd_patch.len() as u32 - 4;
         assert_eq!(frame_bytes(len, &zstd_patch[4..]), len as u64 + 2 * 65536);

@@ -18,8 +18,10 @@ use crate::store::{DiskKind, OpenHow, Storage};
 use super::sink::*;
 use super::target::*;
 
-/// Idle aligned buffers a full copy keeps for reuse.
-const IDLE_BUFFERS: usize = 32 << 20;
+/// Idle aligned buffers a full copy keeps for reuse: enough for the few
+/// batches in flight between verification and the writer; more would sit
+/// outside the agent's memory budget, once per session.
+const IDLE_BUFFERS: usize = 8 << 20;
 
 /// How a session writes its target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
