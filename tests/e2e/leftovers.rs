@@ -136,7 +136,11 @@ fn abort_discards_an_interrupted_push() {
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = child.kill();
         let _ = child.wait();
-        if redo.exists() {
+        // The agent may still be applying what it got (a kill after the
+        // last frame still commits): decide once its session has ended,
+        // after its idle timeout. Staged data, not just the log's header.
+        std::thread::sleep(Duration::from_millis(3000));
+        if std::fs::metadata(&redo).is_ok_and(|m| m.len() > 4096) {
             staged = true;
             break;
         }
