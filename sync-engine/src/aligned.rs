@@ -1,5 +1,5 @@
 //! Page-aligned buffers for direct I/O, recycled. A full copy writes its
-//! blocks with `O_DIRECT` (see [`crate::store::Storage::write_vectored_at`]),
+//! blocks with `O_DIRECT` (the storage layer's `write_vectored_at`),
 //! which wants buffers aligned to the device's sector; the bytes that
 //! arrive from the network lie wherever the packet put them, so each block
 //! is gathered once into one of these. Recycling them keeps a long copy

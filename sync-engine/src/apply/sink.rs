@@ -45,7 +45,7 @@ impl DirectSink {
     }
 
     /// The aligned buffers received blocks are gathered into (for
-    /// [`crate::remote::verify_frame`]).
+    /// the verification of received frames).
     pub fn buffers(&self) -> &BufferPool {
         &self.buffers
     }
