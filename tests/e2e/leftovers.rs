@@ -134,14 +134,22 @@ fn abort_discards_an_interrupted_push() {
     let state = p.agent.id.state.clone();
     let redo = target_state_dir(&state).join("redo.log");
     let mut staged = false;
-    for delay_ms in [150u64, 300, 60, 500] {
+    for _attempt in 0..4 {
+        // Kill the push once the agent is staging (its redo log holds data),
+        // whatever the machine's speed.
         let mut child = spawn_push(&src, &p.source, &p.agent, "t0", &["--compress", "off"]);
-        std::thread::sleep(Duration::from_millis(delay_ms));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline && !std::fs::metadata(&redo).is_ok_and(|m| m.len() > (1 << 20)) {
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let _ = child.kill();
         let _ = child.wait();
-        // The agent may still be applying what it got (a kill after the
-        // last frame still commits): decide once its session has ended,
-        // after its idle timeout. Staged data, not just the log's header.
+        // The agent may still apply what it got (a kill after the last
+        // frame still commits): decide once its session has ended, after
+        // its idle timeout. Staged data, not just the log's header.
         std::thread::sleep(Duration::from_millis(3000));
         if std::fs::metadata(&redo).is_ok_and(|m| m.len() > 4096) {
             staged = true;
