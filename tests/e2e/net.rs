@@ -125,22 +125,21 @@ impl Agent {
     /// `verify` of a target, once the agent's session on it (which ends a
     /// moment after the push returns) has released it.
     pub fn verify(&self, path: &Path) -> util::Out {
-        util::run_settled(&[
-            OsStr::new("verify"),
-            path.as_os_str(),
-            OsStr::new("--state-dir"),
-            self.id.state.as_os_str(),
-            OsStr::new("--json"),
-        ])
+        self.inspect("verify", path)
     }
 
     /// `points --json` of a target, likewise.
     pub fn points(&self, path: &Path) -> util::Out {
+        self.inspect("points", path)
+    }
+
+    fn inspect(&self, command: &str, path: &Path) -> util::Out {
+        let state = self.id.state.as_os_str();
         util::run_settled(&[
-            OsStr::new("points"),
+            OsStr::new(command),
             path.as_os_str(),
             OsStr::new("--state-dir"),
-            self.id.state.as_os_str(),
+            state,
             OsStr::new("--json"),
         ])
     }
