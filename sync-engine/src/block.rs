@@ -5,7 +5,6 @@
 use bytes::Bytes;
 use diskferry_protocol::{BlockHash, ErrorCode, PAGE_SIZE};
 
-use crate::aligned::{is_direct_aligned, BufferPool};
 use crate::error::Error;
 use crate::leaf::hash_block;
 
@@ -164,42 +163,6 @@ impl VerifiedBlock {
     /// Bytes of new content carried.
     pub fn payload_len(&self) -> u64 {
         self.patches.iter().map(|p| p.data.len() as u64).sum()
-    }
-
-    /// The same update with each run of adjacent patches (a block that
-    /// arrived in pieces) copied into one buffer from `pool`, aligned for
-    /// direct I/O. The bytes are the ones that were verified: only their
-    /// place in memory changes.
-    pub fn gathered(self, pool: &BufferPool) -> VerifiedBlock {
-        let mut patches: Vec<Patch> = Vec::new();
-        let mut run: Vec<&Patch> = Vec::new();
-        let flush = |run: &mut Vec<&Patch>, out: &mut Vec<Patch>| {
-            if run.iter().all(|p| is_direct_aligned(0, &[&p.data])) {
-                // Already where direct I/O wants it (adjacent buffers are
-                // written as one vectored write).
-                out.extend(run.iter().map(|p| (*p).clone()));
-            } else if let Some(first) = run.first() {
-                let len = run.iter().map(|p| p.data.len()).sum();
-                let data = pool.filled(len, |buf| {
-                    let mut at = 0;
-                    for p in run.iter() {
-                        buf[at..at + p.data.len()].copy_from_slice(&p.data);
-                        at += p.data.len();
-                    }
-                });
-                out.push(Patch { offset: first.offset, data });
-            }
-            run.clear();
-        };
-        for p in &self.patches {
-            let adjacent = run.last().is_some_and(|l| l.offset as usize + l.data.len() == p.offset as usize);
-            if !adjacent {
-                flush(&mut run, &mut patches);
-            }
-            run.push(p);
-        }
-        flush(&mut run, &mut patches);
-        VerifiedBlock { index: self.index, hash: self.hash, patches }
     }
 }
 

@@ -36,8 +36,15 @@ pub fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
 
 /// Decompresses a payload that must decode to exactly `plain_len` bytes.
 pub fn decompress(payload: &[u8], plain_len: usize) -> Option<Vec<u8>> {
-    let out = zstd::bulk::decompress(payload, plain_len).ok()?;
-    (out.len() == plain_len).then_some(out)
+    let mut out = vec![0u8; plain_len];
+    decompress_into(payload, &mut out).then_some(out)
+}
+
+/// Decompresses a payload into `out`, which it must fill exactly (a
+/// receiver decompresses straight into the buffer it writes from).
+pub fn decompress_into(payload: &[u8], out: &mut [u8]) -> bool {
+    // A payload that decodes to more does not fit and fails; to less, is short.
+    zstd::bulk::decompress_to_buffer(payload, out).is_ok_and(|n| n == out.len())
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use diskferry_protocol::{Geometry, Payload, PAGE_SIZE};
 use crate::aligned::BufferPool;
 use crate::apply::OldContent;
 use crate::block::{changed_pages, Patch, ReceivedBlock, VerifiedBlock, VerifiedSlice};
-use crate::compress::{compress, decompress};
+use crate::compress::{compress, decompress_into};
 use crate::error::{Error, Result};
 use crate::hash::hash_block;
 
@@ -99,9 +99,9 @@ pub enum FrameRejection {
 }
 
 /// Decodes and verifies a block frame against the target's current content.
-/// With `gather`, a raw payload is first copied out of the pieces it
-/// arrived in into one aligned buffer from that pool (for a full copy's
-/// direct writes), and hashed there, in one piece while it is in cache.
+/// With `gather`, the payload is first copied (or decompressed) out of the
+/// pieces it arrived in into one aligned buffer from that pool, ready for a
+/// full copy's direct writes, and hashed there while it is in cache.
 pub fn verify_frame(
     frame: &BlockFrame,
     old: &OldContent,
@@ -115,16 +115,31 @@ pub fn verify_frame(
         )));
     }
     let plain_len = frame.plain_len() as usize;
-    let plain: Payload = match (frame.codec, gather) {
-        (Codec::Raw, Some(pool)) if frame.payload.len() == plain_len => {
-            pool.filled(plain_len, |buf| frame.payload.copy_to_slice(buf)).into()
+    let into_buffer = |fill: &mut dyn FnMut(&mut [u8])| -> Bytes {
+        match gather {
+            Some(pool) => pool.filled(plain_len, fill),
+            None => {
+                let mut v = vec![0u8; plain_len];
+                fill(&mut v);
+                v.into()
+            }
         }
-        (Codec::Raw, _) => frame.payload.clone(),
-        (Codec::Zstd, _) => Bytes::from(
-            decompress(&frame.payload.to_bytes(), plain_len)
-                .ok_or_else(|| FrameRejection::Invalid(format!("block {}: bad zstd payload", frame.index)))?,
-        )
-        .into(),
+    };
+    let plain: Payload = match (frame.codec, gather) {
+        (Codec::Raw, None) => frame.payload.clone(),
+        (Codec::Raw, Some(_)) if frame.payload.len() == plain_len => {
+            into_buffer(&mut |buf| frame.payload.copy_to_slice(buf)).into()
+        }
+        (Codec::Raw, Some(_)) => frame.payload.clone(),
+        (Codec::Zstd, _) => {
+            let packed = frame.payload.to_bytes();
+            let mut ok = false;
+            let out = into_buffer(&mut |buf| ok = decompress_into(&packed, buf));
+            if !ok {
+                return Err(FrameRejection::Invalid(format!("block {}: bad zstd payload", frame.index)));
+            }
+            out.into()
+        }
     };
     if plain.len() != plain_len {
         return Err(FrameRejection::Invalid(format!("block {}: payload length", frame.index)));

@@ -295,7 +295,7 @@ impl Pair<'_> {
                     Message::Block(frame) => {
                         match verify_frame(&frame, &s.old, &g, s.sink.as_ref().map(|k| k.buffers())) {
                             Ok(vb) => match &s.sink {
-                                Some(sink) => batch.push(sink.prepare(vb)),
+                                Some(_) => batch.push(vb),
                                 None => {
                                     s.session.stage(&vb)?;
                                     self.receiver.handle_staged(vb.index(), vb.hash(), vb.payload_len());

@@ -156,8 +156,7 @@ struct Session {
 impl Session {
     fn handle_note(&mut self, note: Note) {
         match note {
-            Note::Reply(Reply::Staged { index, hash, bytes }) => self.rs.handle_staged(index, hash, bytes),
-            Note::Reply(Reply::Written(blocks)) => {
+            Note::Reply(Reply::Staged(blocks)) => {
                 for (index, hash, bytes) in blocks {
                     self.rs.handle_staged(index, hash, bytes);
                 }
@@ -449,7 +448,7 @@ async fn data_stream(stream: quinn::RecvStream, st: Staging, notes: mpsc::Unboun
         match m {
             // A full copy's whole block needs no disk read to verify: done
             // here (tens of microseconds), sparing a thread hop per block.
-            Message::Block(frame) if st.sink.is_some() && frame.patches.len() == 1 => {
+            Message::Block(frame) if st.sink.is_some() && frame.patches == [(0, frame.block_len)] => {
                 verify_and_stage(frame, st.clone(), notes.clone(), permit)
             }
             Message::Block(frame) => {
@@ -476,10 +475,11 @@ fn verify_and_stage(frame: BlockFrame, st: Staging, notes: mpsc::UnboundedSender
     let index = frame.index;
     match verify_frame(&frame, &st.old, &st.geometry, st.sink.as_ref().map(|(s, _)| s.buffers())) {
         Ok(vb) => match &st.sink {
-            // Gathered here, on the thread that just read the bytes; the
-            // writer merges it with its neighbours.
-            Some((sink, writer)) => {
-                if writer.send((sink.prepare(vb), permit)).is_err() {
+            // Gathered into an aligned buffer by the verification above, on
+            // the thread that just read the bytes; the writer merges it with
+            // its neighbours.
+            Some((_, writer)) => {
+                if writer.send((vb, permit)).is_err() {
                     let _ = notes.send(Note::Fail(ErrorCode::Internal, "the writer stopped".into()));
                 }
             }

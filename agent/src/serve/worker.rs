@@ -64,13 +64,9 @@ pub enum Cmd {
 
 /// What the worker reports to the session.
 pub enum Reply {
-    Staged {
-        index: u64,
-        hash: BlockHash,
-        bytes: u64,
-    },
-    /// Blocks a full copy's writer wrote: `(index, hash, bytes)`.
-    Written(Vec<(u64, BlockHash, u64)>),
+    /// Blocks staged or written: `(index, hash, bytes)` each (a full
+    /// copy's writer reports a whole batch at once).
+    Staged(Vec<(u64, BlockHash, u64)>),
     Zeroed {
         first: u64,
         count: u64,
@@ -156,7 +152,7 @@ fn serve_session(
         match cmd {
             Cmd::Stage(vb, _permit) => {
                 session.stage(&vb)?;
-                let _ = replies.send(Reply::Staged { index: vb.index(), hash: vb.hash(), bytes: vb.payload_len() });
+                let _ = replies.send(Reply::Staged(vec![(vb.index(), vb.hash(), vb.payload_len())]));
             }
             Cmd::Zero { first, count } => {
                 session.stage_zero(first, count)?;

@@ -28,7 +28,7 @@ pub struct Writer {
 
 impl Writer {
     /// Starts the writer for `sink`. Written blocks are counted with the
-    /// apply worker (`cmds`) and reported (`report`: `Written` per batch, or `Failed`
+    /// apply worker (`cmds`) and reported (`report`: `Staged` per batch, or `Failed`
     /// once, after which it writes nothing more).
     pub fn spawn(
         name: &str,
@@ -104,6 +104,6 @@ fn run(
         let bytes = blocks.iter().map(VerifiedBlock::payload_len).sum();
         let end = blocks.iter().map(|b| g.block_offset(b.index()) + g.block_len(b.index()) as u64).max().unwrap_or(0);
         let _ = cmds.send(Cmd::Account { blocks: blocks.len() as u64, bytes, end });
-        report(Reply::Written(blocks.iter().map(|b| (b.index(), b.hash(), b.payload_len())).collect()));
+        report(Reply::Staged(blocks.iter().map(|b| (b.index(), b.hash(), b.payload_len())).collect()));
     }
 }

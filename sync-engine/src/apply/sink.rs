@@ -44,23 +44,16 @@ impl DirectSink {
         self.write_batch(std::slice::from_ref(block))
     }
 
-    /// The aligned buffers received blocks are gathered into (for
-    /// the verification of received frames).
+    /// The aligned buffers received blocks are gathered into, by the
+    /// verification of received frames.
     pub fn buffers(&self) -> &BufferPool {
         &self.buffers
     }
 
-    /// A verified block ready for [`DirectSink::write_batch`]: its pieces
-    /// gathered into one aligned buffer (done on the thread that verified
-    /// it, while the bytes are still in its cache).
-    pub fn prepare(&self, block: VerifiedBlock) -> VerifiedBlock {
-        block.gathered(&self.buffers)
-    }
-
     /// Writes several verified blocks with as few writes as their places
     /// allow: adjacent ones are merged into one vectored write of up to
-    /// 8 MiB, sent past the page cache when the buffers are aligned
-    /// ([`DirectSink::prepare`]). Either all of it is written or an error
+    /// 8 MiB, sent past the page cache when the buffers are aligned (as
+    /// verification with [`DirectSink::buffers`] leaves them). Either all of it is written or an error
     /// says what failed; nothing is durable before the commit's sync.
     pub fn write_batch(&self, blocks: &[VerifiedBlock]) -> Result<()> {
         let mut segments = Vec::new();

@@ -57,8 +57,18 @@ fn receive(block_size: u32, disk_len: usize, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let vfs: Arc<dyn Vfs> = Arc::new(RealFs);
     let target_path = dir.path().join("replica.img");
-    let src = disk(disk_len, &mut rng);
+    let mut src = disk(disk_len, &mut rng);
     let g = Geometry::new(disk_len as u64, BlockSize::new(block_size).unwrap());
+    // Every third block compresses: it travels as zstd and is decompressed
+    // straight into the aligned buffer.
+    let text = b"diskferry replicates virtual disks; ";
+    for i in (2..g.block_count()).step_by(3) {
+        let at = g.block_offset(i) as usize;
+        for (k, b) in src[at..at + g.block_len(i) as usize].iter_mut().enumerate() {
+            *b = text[k % text.len()];
+        }
+    }
+    let mut zstd_blocks = 0;
     let mut target = Target::open(vfs, &dir.path().join("state"), &target_path, TargetOptions::default()).unwrap();
     let req = TargetRequest {
         request: Request { mode: SyncMode::Full, force: false, geometry: g },
@@ -76,7 +86,10 @@ fn receive(block_size: u32, disk_len: usize, seed: u64) {
     for i in 0..g.block_count() {
         let range = g.block_offset(i) as usize..(g.block_offset(i) + g.block_len(i) as u64) as usize;
         let bytes = &src[range.clone()];
-        let wire = Message::Block(block_frame(i, bytes, &[], None)).to_bytes();
+        let level = (i % 3 == 2).then_some(1);
+        let frame = block_frame(i, bytes, &[], level);
+        zstd_blocks += u32::from(frame.codec == diskferry_protocol::message::Codec::Zstd);
+        let wire = Message::Block(frame).to_bytes();
         let parts = pieces(wire, &mut rng);
 
         // Damage one byte in one piece: refused, with and without gathering.
@@ -109,7 +122,7 @@ fn receive(block_size: u32, disk_len: usize, seed: u64) {
 
         let frame = decode(&parts);
         let vb = match verify_frame(&frame, &accepted.old, &g, Some(sink.buffers())) {
-            Ok(vb) => sink.prepare(vb),
+            Ok(vb) => vb,
             Err(e) => panic!("{}: a good frame was refused: {e:?}", what(i)),
         };
         assert_eq!(vb.patches().len(), 1, "{}", what(i));
@@ -129,6 +142,7 @@ fn receive(block_size: u32, disk_len: usize, seed: u64) {
             batch.clear();
         }
     }
+    assert!(zstd_blocks > 0 || g.block_count() < 3, "seed {seed}: no block travelled compressed");
     // The commit sets the size: a trailing zero page is not written before.
     let mut partial = std::fs::read(dir.path().join("replica.img.partial")).unwrap();
     assert!(partial.len() <= disk_len, "seed {seed}: the .partial is longer than the disk");
