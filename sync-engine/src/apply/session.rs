@@ -18,10 +18,11 @@ use crate::store::{DiskKind, OpenHow, Storage};
 use super::sink::*;
 use super::target::*;
 
-/// Idle aligned buffers a full copy keeps for reuse: enough for the few
-/// batches in flight between verification and the writer; more would sit
-/// outside the agent's memory budget, once per session.
-const IDLE_BUFFERS: usize = 8 << 20;
+/// Idle aligned buffers a full copy keeps for reuse: about what is in
+/// flight between verification and the writer (the receive window, at most
+/// 16 MiB). With 8 MiB, blocks past it were freed and fresh ones zeroed:
+/// 3.4 % of the target's CPU went to `memset`, 0.5 % with 16 MiB (perf).
+const IDLE_BUFFERS: usize = 16 << 20;
 
 /// How a session writes its target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
