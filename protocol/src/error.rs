@@ -113,6 +113,20 @@ error_codes! {
     TargetSwapped = 23, "E_TARGET_SWAPPED", Diverged, false;
     /// The move would drop kept recovery points (a full copy over them); needs `--force`.
     WouldDropPoints = 24, "E_WOULD_DROP_POINTS", Diverged, false;
+    /// The target is `live` (promoted: a VM runs on it); no push lands on
+    /// it, `--force` included, until it is demoted.
+    Promoted = 25, "E_PROMOTED", Diverged, false;
+    /// The receiving disk advanced past the last point it shares with the
+    /// sender (both sides wrote): the push would discard its changes.
+    SplitBrain = 26, "E_SPLIT_BRAIN", Diverged, false;
+    /// The receiving disk has a history of its own with nothing in common
+    /// with the sender's.
+    Unrelated = 27, "E_UNRELATED", Diverged, false;
+    /// The promoted disk was written since the promote: moving it to
+    /// another point would lose those writes.
+    WrittenSincePromote = 28, "E_WRITTEN_SINCE_PROMOTE", Diverged, false;
+    /// A recovery point is pinned by a test-failover clone.
+    Pinned = 29, "E_PINNED", Input, false;
     /// The target's filesystem is full.
     TargetFull = 30, "E_TARGET_FULL", Storage, true;
     /// The state directory's filesystem is full.

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use diskferry_protocol::{Consistency, ErrorCode, Generation};
 
-use crate::apply::undo::{apply_undo, check_undo};
+use crate::apply::undo::apply_undo;
 use crate::apply::{Status, Target, Trust};
 use crate::error::{Error, IoContext, Place, Result};
 use crate::hash::is_zero;
@@ -135,14 +135,12 @@ fn build_image(target: &Target, index: usize, tmp: &Path) -> Result<ExportReport
         sparse_copy(src.as_ref(), image.as_ref(), current.geometry.disk_bytes, target.path(), tmp)?;
         image
     };
-    for (newer, p) in catalog.points[..index].iter().zip(&catalog.points[1..=index]) {
-        let path = target.undo_path(p);
-        let (header, checksum, _) = check_undo(vfs.as_ref(), &path)?;
-        let recorded = p.undo.map(|u| u.checksum);
-        if recorded != Some(checksum) || header.generation != p.generation || header.newer != newer.generation {
-            return Err(Error::corrupt(&path, "it is not the undo segment the catalog recorded"));
-        }
-        apply_undo(vfs.as_ref(), &path, &header, image.as_ref(), tmp)?;
+    let path = catalog.path_to(point.generation).ok_or_else(|| {
+        Error::corrupt(&target.dir().join("catalog"), "a kept point's undo links do not reach the current one")
+    })?;
+    for p in &path {
+        let (upath, header) = target.checked_undo(p)?;
+        apply_undo(vfs.as_ref(), &upath, &header, image.as_ref(), tmp)?;
     }
     image.sync().ctx(Place::Target, "syncing", tmp)?;
     // Prove the image is the point before it appears under its name.
@@ -157,7 +155,7 @@ fn build_image(target: &Target, index: usize, tmp: &Path) -> Result<ExportReport
         )
         .hint("an undo segment or the target is damaged; this point cannot be exported"));
     }
-    Ok(ExportReport { generation: point.generation, disk_bytes: g.disk_bytes, reflinked, segments: index })
+    Ok(ExportReport { generation: point.generation, disk_bytes: g.disk_bytes, reflinked, segments: path.len() })
 }
 
 /// Copies `len` bytes, skipping holes and zero chunks (the copy stays sparse).

@@ -14,6 +14,7 @@ mod integration {
     mod faults;
     mod hash_paths;
     mod manifest;
+    mod moves;
     mod net_apply;
     mod points;
     mod receive;

@@ -3,11 +3,18 @@
 //!
 //! | part | layout (little-endian) |
 //! |------|------------------------|
-//! | head | `"DFCATLG1" · u32 version · u8 status (0 complete, 1 incomplete) · u8 kind (0 file, 1 block device) · u8 stamp kind (0 none, 1 file, 2 device) · u8 0` |
+//! | head | `"DFCATLG1" · u32 version (2; 1 is read) · u8 status (0 complete, 1 incomplete) · u8 kind (0 file, 1 block device) · u8 stamp kind (0 none, 1 file, 2 device) · u8 role (0 replica, 1 live)` |
 //! | stamp (48 B) | file: `u64 len · i64 mtime ns · i64 ctime ns · u64 inode · [16] 0`; device: `[16] boot id · u64 rdev · u64 sectors written · [16] 0` |
 //! | names | `u16 len · target path bytes · u16 len · target name bytes` |
-//! | points | `u32 count`, then per point (136 B), newest first: `u128 generation · u128 parent · u8 consistency · u8 has undo · [6] 0 · i64 created ns · u64 disk bytes · u32 block size · [4] 0 · [32] manifest checksum · [32] undo checksum · u64 undo bytes` |
+//! | points | `u32 count`, then per point (152 B), the current one first: `u128 generation · u128 parent · u8 consistency · u8 has undo · [6] 0 · i64 created ns · u64 disk bytes · u32 block size · [4] 0 · [32] manifest checksum · [32] undo checksum · u64 undo bytes · u128 generation the undo segment applies to` (version 1: 136 B without the last field, which is then the point before) |
+//! | pins | version 2: `u32 count`, then per pin `u128 generation · u16 len · clone path bytes` |
 //! | checksum | `[32]` blake3 of everything before |
+//!
+//! The points form a tree rooted at the current one: each other point's
+//! undo segment turns the image of the point it applies to into its own.
+//! A commit adds a new root above the old one; a failover to a kept point
+//! (`apply/moves.rs`) makes that point the root and the old root a leaf
+//! restored from it.
 //!
 //! It is replaced atomically: written to `catalog.tmp`, synced, renamed over
 //! `catalog`, and the directory synced.
@@ -21,7 +28,7 @@ use crate::seqio::Fields;
 use crate::store::{DiskKind, OpenHow, Stamp, Vfs};
 
 const MAGIC: &[u8; 8] = b"DFCATLG1";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// File name of the catalog in a target's state directory.
 pub const CATALOG: &str = "catalog";
 const CATALOG_TMP: &str = "catalog.tmp";
@@ -36,6 +43,25 @@ pub enum Status {
     Incomplete,
 }
 
+/// What a target is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// It receives pushes.
+    Replica,
+    /// It was promoted (`failover`): a VM runs on it and no push lands on it.
+    Live,
+}
+
+impl Role {
+    /// The name printed and accepted by operators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Replica => "replica",
+            Role::Live => "live",
+        }
+    }
+}
+
 /// An undo segment kept for a recovery point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UndoRef {
@@ -43,6 +69,17 @@ pub struct UndoRef {
     pub checksum: [u8; 32],
     /// Bytes of old content it holds.
     pub data_bytes: u64,
+    /// The point whose image the segment turns into this one.
+    pub applies_to: Generation,
+}
+
+/// A point held by a test-failover clone: never pruned while the clone exists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pin {
+    /// The pinned point.
+    pub generation: Generation,
+    /// The clone's path.
+    pub clone: PathBuf,
 }
 
 /// One kept generation.
@@ -77,8 +114,12 @@ pub struct Catalog {
     pub status: Status,
     /// Stamp of the target right after the last commit.
     pub stamp: Option<Stamp>,
-    /// Kept generations, newest (the current one) first.
+    /// Replica or live.
+    pub role: Role,
+    /// Kept generations, the current one first, then newest first.
     pub points: Vec<PointRecord>,
+    /// Points pinned by test-failover clones.
+    pub pins: Vec<Pin>,
 }
 
 impl Catalog {
@@ -90,21 +131,63 @@ impl Catalog {
         }
     }
 
-    /// Drops the points past the `retention`-th consistent one (the current
-    /// generation always stays). Returns the dropped points.
+    /// A kept point by generation.
+    pub fn point(&self, g: Generation) -> Option<&PointRecord> {
+        self.points.iter().find(|p| p.generation == g)
+    }
+
+    /// The points whose undo segments turn the current image into `g`'s,
+    /// in the order they are applied (empty for the current point); `None`
+    /// if `g` is not kept or its links do not reach the current point.
+    pub fn path_to(&self, g: Generation) -> Option<Vec<PointRecord>> {
+        let root = self.points.first()?.generation;
+        let mut path = Vec::new();
+        let mut at = *self.point(g)?;
+        while at.generation != root {
+            if path.len() > self.points.len() {
+                return None;
+            }
+            path.push(at);
+            at = *self.point(at.undo?.applies_to)?;
+        }
+        path.reverse();
+        Some(path)
+    }
+
+    /// Whether `g` is pinned by a test-failover clone.
+    pub fn is_pinned(&self, g: Generation) -> bool {
+        self.pins.iter().any(|p| p.generation == g)
+    }
+
+    /// Drops every point but the current one, the `retention` newest
+    /// consistent ones, the pinned ones, and the points their undo segments
+    /// go through (fuzzy links between kept points stay, never listed).
+    /// Returns the dropped points.
     pub fn prune(&mut self, retention: u32) -> Vec<PointRecord> {
-        let mut consistent = 0;
-        let mut keep = 1;
-        for (i, p) in self.points.iter().enumerate() {
-            if p.consistency.is_recovery_point() {
-                consistent += 1;
-                keep = i + 1;
-                if consistent >= retention.max(1) {
-                    break;
-                }
+        let mut by_age: Vec<&PointRecord> = self.points.iter().skip(1).collect();
+        by_age.sort_by_key(|p| std::cmp::Reverse(p.created_unix_ns));
+        let mut wanted: Vec<Generation> = self.points.first().map(|p| p.generation).into_iter().collect();
+        let current_counts = self.points.first().is_some_and(|p| p.consistency.is_recovery_point());
+        let more = (retention.max(1) as usize).saturating_sub(current_counts as usize);
+        wanted.extend(by_age.iter().filter(|p| p.consistency.is_recovery_point()).take(more).map(|p| p.generation));
+        wanted.extend(self.pins.iter().map(|p| p.generation));
+        self.keep_only(&wanted)
+    }
+
+    /// Keeps the `wanted` points and every point on their paths from the
+    /// current one; returns the others, removed.
+    pub fn keep_only(&mut self, wanted: &[Generation]) -> Vec<PointRecord> {
+        let mut keep: Vec<Generation> = Vec::new();
+        for g in wanted {
+            if let Some(path) = self.path_to(*g) {
+                keep.extend(path.iter().map(|p| p.generation));
             }
         }
-        self.points.split_off(keep.min(self.points.len()))
+        keep.extend(self.points.first().map(|p| p.generation));
+        let (kept, dropped): (Vec<_>, Vec<_>) = self.points.drain(..).partition(|p| keep.contains(&p.generation));
+        self.points = kept;
+        self.pins.retain(|p| keep.contains(&p.generation));
+        dropped
     }
 }
 
@@ -141,7 +224,10 @@ fn encode(c: &Catalog) -> Vec<u8> {
             2
         }
     });
-    b.push(0);
+    b.push(match c.role {
+        Role::Replica => 0,
+        Role::Live => 1,
+    });
     b.extend_from_slice(&stamp);
     put_str(&mut b, &c.path.to_string_lossy());
     put_str(&mut b, c.name.as_deref().unwrap_or(""));
@@ -157,9 +243,15 @@ fn encode(c: &Catalog) -> Vec<u8> {
         b.extend_from_slice(&p.geometry.block_size.get().to_le_bytes());
         b.extend_from_slice(&[0; 4]);
         b.extend_from_slice(&p.manifest_checksum);
-        let u = p.undo.unwrap_or(UndoRef { checksum: [0; 32], data_bytes: 0 });
+        let u = p.undo.unwrap_or(UndoRef { checksum: [0; 32], data_bytes: 0, applies_to: Generation(0) });
         b.extend_from_slice(&u.checksum);
         b.extend_from_slice(&u.data_bytes.to_le_bytes());
+        b.extend_from_slice(&u.applies_to.0.to_le_bytes());
+    }
+    b.extend_from_slice(&(c.pins.len() as u32).to_le_bytes());
+    for pin in &c.pins {
+        b.extend_from_slice(&pin.generation.0.to_le_bytes());
+        put_str(&mut b, &pin.clone.to_string_lossy());
     }
     let sum = blake3::hash(&b);
     b.extend_from_slice(sum.as_bytes());
@@ -171,7 +263,11 @@ fn decode(b: &[u8]) -> Option<Catalog> {
         return None;
     }
     let mut f = Fields::new(&b[..b.len() - 32]);
-    if f.take(8)? != MAGIC || f.u32()? != VERSION {
+    if f.take(8)? != MAGIC {
+        return None;
+    }
+    let version = f.u32()?;
+    if !(1..=VERSION).contains(&version) {
         return None;
     }
     let status = match f.u8()? {
@@ -181,7 +277,11 @@ fn decode(b: &[u8]) -> Option<Catalog> {
     };
     let kind = DiskKind::from_u8(f.u8()?)?;
     let stamp_kind = f.u8()?;
-    f.u8()?;
+    let role = match f.u8()? {
+        0 => Role::Replica,
+        1 => Role::Live,
+        _ => return None,
+    };
     let mut s = Fields::new(f.take(48)?);
     let stamp = match stamp_kind {
         0 => None,
@@ -194,7 +294,7 @@ fn decode(b: &[u8]) -> Option<Catalog> {
     let name_len = f.u16()? as usize;
     let name = String::from_utf8(f.take(name_len)?.to_vec()).ok()?;
     let count = f.u32()?;
-    let mut points = Vec::new();
+    let mut points: Vec<PointRecord> = Vec::new();
     for _ in 0..count {
         let generation = Generation(f.u128()?);
         let parent = match f.u128()? {
@@ -209,7 +309,12 @@ fn decode(b: &[u8]) -> Option<Catalog> {
         let block_size = BlockSize::new(f.u32()?).ok()?;
         f.take(4)?;
         let manifest_checksum = f.array()?;
-        let undo = UndoRef { checksum: f.array()?, data_bytes: f.u64()? };
+        let (checksum, data_bytes) = (f.array()?, f.u64()?);
+        let applies_to = match version {
+            1 => points.last().map_or(Generation(0), |p| p.generation),
+            _ => Generation(f.u128()?),
+        };
+        let undo = UndoRef { checksum, data_bytes, applies_to };
         points.push(PointRecord {
             generation,
             parent,
@@ -220,10 +325,19 @@ fn decode(b: &[u8]) -> Option<Catalog> {
             undo: has_undo.then_some(undo),
         });
     }
+    let mut pins = Vec::new();
+    if version >= 2 {
+        for _ in 0..f.u32()? {
+            let generation = Generation(f.u128()?);
+            let len = f.u16()? as usize;
+            let clone = PathBuf::from(String::from_utf8(f.take(len)?.to_vec()).ok()?);
+            pins.push(Pin { generation, clone });
+        }
+    }
     if f.position() != b.len() - 32 {
         return None;
     }
-    Some(Catalog { path, name: (!name.is_empty()).then_some(name), kind, status, stamp, points })
+    Some(Catalog { path, name: (!name.is_empty()).then_some(name), kind, status, stamp, role, points, pins })
 }
 
 /// Reads the catalog in `dir`; `None` if there is none.
@@ -257,28 +371,42 @@ pub fn write_catalog(vfs: &dyn Vfs, dir: &Path, c: &Catalog) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// Point `n` of a linear chain: created at `n`, restored from `n + 1`.
     fn point(n: u128, c: Consistency) -> PointRecord {
         PointRecord {
             generation: Generation(n),
             parent: None,
             consistency: c,
-            created_unix_ns: 5,
+            created_unix_ns: n as i64,
             geometry: Geometry::new(1 << 20, BlockSize::DEFAULT),
             manifest_checksum: [n as u8; 32],
-            undo: (n > 1).then_some(UndoRef { checksum: [1; 32], data_bytes: 7 }),
+            undo: Some(UndoRef { checksum: [1; 32], data_bytes: 7, applies_to: Generation(n + 1) }),
+        }
+    }
+
+    fn chain(cs: &[Consistency]) -> Catalog {
+        let mut points: Vec<PointRecord> = cs.iter().enumerate().map(|(i, c)| point(10 - i as u128, *c)).collect();
+        points[0].undo = None;
+        Catalog {
+            path: "/x".into(),
+            name: None,
+            kind: DiskKind::File,
+            status: Status::Complete,
+            stamp: None,
+            role: Role::Replica,
+            points,
+            pins: Vec::new(),
         }
     }
 
     #[test]
     fn round_trip_and_damage() {
-        let c = Catalog {
-            path: "/srv/disk.img".into(),
-            name: Some("vm1".into()),
-            kind: DiskKind::File,
-            status: Status::Complete,
-            stamp: Some(Stamp::File { len: 1, mtime_ns: 2, ctime_ns: 3, ino: 4 }),
-            points: vec![point(3, Consistency::Crash), point(2, Consistency::Fuzzy)],
-        };
+        let mut c = chain(&[Consistency::Crash, Consistency::Fuzzy]);
+        c.path = "/srv/disk.img".into();
+        c.name = Some("vm1".into());
+        c.stamp = Some(Stamp::File { len: 1, mtime_ns: 2, ctime_ns: 3, ino: 4 });
+        c.role = Role::Live;
+        c.pins = vec![Pin { generation: Generation(9), clone: "/tmp/test.img".into() }];
         let b = encode(&c);
         assert_eq!(decode(&b), Some(c));
         for i in [0, 10, b.len() / 2, b.len() - 1] {
@@ -290,25 +418,74 @@ mod tests {
     }
 
     #[test]
+    fn version_1_reads_as_a_linear_chain() {
+        let c = chain(&[Consistency::Crash, Consistency::Crash, Consistency::App]);
+        // Version 1: no applies-to field, no pins, role byte 0.
+        let mut b = encode(&c);
+        b.truncate(b.len() - 32 - 4);
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let points_at = b.len() - 3 * 152;
+        let mut v1 = b[..points_at].to_vec();
+        for i in 0..3 {
+            v1.extend_from_slice(&b[points_at + i * 152..points_at + i * 152 + 136]);
+        }
+        let sum = blake3::hash(&v1);
+        v1.extend_from_slice(sum.as_bytes());
+        let want = c.clone();
+        let got = decode(&v1).expect("version 1 decodes");
+        assert_eq!(got.points[1..], want.points[1..]);
+        assert_eq!(got.path_to(Generation(8)).map(|p| p.len()), Some(2));
+    }
+
+    #[test]
     fn prune_keeps_consistent_points_and_chain() {
         use Consistency::*;
-        let mk = |cs: &[Consistency]| Catalog {
-            path: "/x".into(),
-            name: None,
-            kind: DiskKind::File,
-            status: Status::Complete,
-            stamp: None,
-            points: cs.iter().enumerate().map(|(i, c)| point(10 - i as u128, *c)).collect(),
-        };
-        let mut c = mk(&[Crash, Crash, Crash]);
+        let mut c = chain(&[Crash, Crash, Crash]);
         assert_eq!(c.prune(2).len(), 1);
         assert_eq!(c.points.len(), 2);
         // Fuzzy links between consistent points are kept; fuzzy ones past the last are not.
-        let mut c = mk(&[Fuzzy, Fuzzy, Crash, Fuzzy, Crash, Fuzzy]);
+        let mut c = chain(&[Fuzzy, Fuzzy, Crash, Fuzzy, Crash, Fuzzy]);
         c.prune(2);
         assert_eq!(c.points.len(), 5);
-        let mut c = mk(&[Fuzzy, Fuzzy]);
+        let mut c = chain(&[Fuzzy, Fuzzy]);
         c.prune(2);
         assert_eq!(c.points.len(), 1);
+    }
+
+    #[test]
+    fn pins_survive_pruning_with_their_links() {
+        use Consistency::*;
+        let mut c = chain(&[Crash, Fuzzy, Crash, Crash, Crash]);
+        c.pins.push(Pin { generation: Generation(6), clone: "/t".into() });
+        let dropped: Vec<u128> = c.prune(1).iter().map(|p| p.generation.0).collect();
+        assert_eq!(dropped, Vec::<u128>::new(), "6 is pinned: 9, 8 and 7 are its links");
+        c.pins.clear();
+        let dropped: Vec<u128> = c.prune(1).iter().map(|p| p.generation.0).collect();
+        assert_eq!(dropped, vec![9, 8, 7, 6]);
+    }
+
+    #[test]
+    fn paths_follow_the_tree_after_a_re_root() {
+        use Consistency::*;
+        // 10 (current) <- 9 <- 8: move to 8, so 10 is restored from 8 and 9 still from 10.
+        let mut c = chain(&[Crash, Crash, Crash]);
+        assert_eq!(
+            c.path_to(Generation(8)).map(|p| p.iter().map(|p| p.generation.0).collect::<Vec<_>>()),
+            Some(vec![9, 8])
+        );
+        let mut eight = c.points[2];
+        eight.undo = None;
+        let mut ten = c.points[0];
+        ten.undo = Some(UndoRef { checksum: [2; 32], data_bytes: 3, applies_to: Generation(8) });
+        c.points = vec![eight, ten, c.points[1]];
+        let ids =
+            |c: &Catalog, g| c.path_to(Generation(g)).map(|p| p.iter().map(|p| p.generation.0).collect::<Vec<_>>());
+        assert_eq!(ids(&c, 9), Some(vec![10, 9]));
+        assert_eq!(ids(&c, 10), Some(vec![10]));
+        assert_eq!(ids(&c, 8), Some(vec![]));
+        assert_eq!(ids(&c, 7), None);
+        // A link that points nowhere (or in a circle) is no path.
+        c.points[2].undo = Some(UndoRef { checksum: [0; 32], data_bytes: 0, applies_to: Generation(9) });
+        assert_eq!(ids(&c, 9), None);
     }
 }

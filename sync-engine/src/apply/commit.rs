@@ -9,7 +9,7 @@ use super::journal::{self, CommitRecord, Entry, JournalHeader, JournalWriter};
 use super::undo::{UndoHeader, UndoWriter};
 use crate::error::{Error, IoContext, Place, Result};
 use crate::manifest::{Manifest, ManifestMeta};
-use crate::store::{DiskKind, OpenHow};
+use crate::store::{DiskKind, OpenHow, Storage};
 
 use super::session::*;
 use super::target::*;
@@ -99,7 +99,7 @@ impl<'t> Prepared<'t> {
                     manifest_checksum: step.manifest_checksum,
                     undo: None,
                 };
-                apply.target.write_new_catalog(DiskKind::BlockDevice, vec![point])?;
+                apply.target.write_new_catalog(DiskKind::BlockDevice, vec![point], None)?;
                 apply.done = true;
                 apply.committed = true;
                 Ok(Sealed { apply, meta, root: step.root, finish: None, log_bytes: 0 })
@@ -298,8 +298,6 @@ impl<'t> Apply<'t> {
 
     /// Writes the undo segment restoring `base` from `newer` and syncs it.
     fn save_undo(&self, base: Generation, newer: Generation) -> Result<([u8; 32], u64)> {
-        let vfs = self.target.vfs.clone();
-        let upath = self.target.dir.join(undo_file(base));
         let old_disk_bytes =
             self.target.catalog.as_ref().and_then(|c| c.current()).map_or(self.old_len, |p| p.geometry.disk_bytes);
         let header = UndoHeader {
@@ -309,23 +307,7 @@ impl<'t> Apply<'t> {
             old_disk_bytes,
             new_disk_bytes: self.spec.geometry.disk_bytes,
         };
-        let mut w = UndoWriter::create(vfs.as_ref(), &upath, self.disk.as_ref(), &header)?;
-        let jpath = self.target.journal_path();
-        let storage = vfs.open(&jpath, OpenHow::Read).ctx(Place::State, "opening", &jpath)?;
-        let bs = self.spec.geometry.block_size.bytes();
-        journal::scan(&storage, &jpath, &mut |e| match e {
-            Entry::Patch { block, ranges, .. } => {
-                for (off, len) in ranges {
-                    w.save_overwrite(block * bs + off as u64, len as u64)?;
-                }
-                Ok(())
-            }
-            Entry::Zero { offset, len } => w.save_zeroing(offset, len),
-        })?;
-        if self.spec.geometry.disk_bytes < old_disk_bytes {
-            w.save_zeroing(self.spec.geometry.disk_bytes, old_disk_bytes - self.spec.geometry.disk_bytes)?;
-        }
-        w.finish()
+        save_log_undo(self.target, self.disk.as_ref(), &header)
     }
 
     /// A state filesystem that ran out of space: the staged data cannot
@@ -392,4 +374,30 @@ impl Drop for Apply<'_> {
     fn drop(&mut self) {
         self.cleanup_uncommitted();
     }
+}
+
+/// Writes `<header.generation>.undo`: the target's current content of every
+/// range the staged redo log writes or zeroes (and of a tail a shrink
+/// cuts), then syncs it. Returns its checksum and data bytes.
+pub(super) fn save_log_undo(target: &Target, disk: &dyn Storage, header: &UndoHeader) -> Result<([u8; 32], u64)> {
+    let vfs = target.vfs.clone();
+    let upath = target.dir.join(undo_file(header.generation));
+    let mut w = UndoWriter::create(vfs.as_ref(), &upath, disk, header)?;
+    let jpath = target.journal_path();
+    let storage = vfs.open(&jpath, OpenHow::Read).ctx(Place::State, "opening", &jpath)?;
+    // The log's blocks are of the new geometry, as is the segment's block size.
+    let bs = header.block_size.bytes();
+    journal::scan(&storage, &jpath, &mut |e| match e {
+        Entry::Patch { block, ranges, .. } => {
+            for (off, len) in ranges {
+                w.save_overwrite(block * bs + off as u64, len as u64)?;
+            }
+            Ok(())
+        }
+        Entry::Zero { offset, len } => w.save_zeroing(offset, len),
+    })?;
+    if header.new_disk_bytes < header.old_disk_bytes {
+        w.save_zeroing(header.new_disk_bytes, header.old_disk_bytes - header.new_disk_bytes)?;
+    }
+    w.finish()
 }

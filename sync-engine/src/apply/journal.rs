@@ -41,6 +41,10 @@ pub enum JournalKind {
     Redo,
     /// A full download written to `NAME.partial`, renamed over `NAME` at commit.
     Partial,
+    /// A failover to a kept point (`apply/moves.rs`): the undo data from the
+    /// current point to that one, written in place at commit like `Redo`;
+    /// the commit record names the kept point, which becomes the current one.
+    Move,
 }
 
 /// The journal's first record.
@@ -131,6 +135,7 @@ fn encode_header(h: &JournalHeader) -> [u8; HEADER_LEN as usize] {
     b[12] = match h.kind {
         JournalKind::Redo => 0,
         JournalKind::Partial => 1,
+        JournalKind::Move => 2,
     };
     b[13] = h.resumable as u8;
     b[16..32].copy_from_slice(&h.session.0.to_le_bytes());
@@ -153,6 +158,7 @@ fn decode_header(b: &[u8]) -> Option<JournalHeader> {
     let kind = match f.u8()? {
         0 => JournalKind::Redo,
         1 => JournalKind::Partial,
+        2 => JournalKind::Move,
         _ => return None,
     };
     let resumable = f.u8()? != 0;
@@ -273,6 +279,23 @@ impl JournalWriter {
             e.extend_from_slice(&p.data);
         }
         self.data_bytes += block.payload_len();
+        self.finish_entry(&e)
+    }
+
+    /// Stages bytes for one range inside `block` (a move's restored
+    /// content). The block-hash field is zeros: a move is never resumed,
+    /// and only a resume reads it.
+    pub fn append_range(&mut self, block: u64, offset_in_block: u32, data: &[u8]) -> Result<()> {
+        let mut e = Vec::with_capacity(56 + data.len());
+        e.push(TAG_PATCH);
+        e.extend_from_slice(&[0; 3]);
+        e.extend_from_slice(&1u32.to_le_bytes());
+        e.extend_from_slice(&block.to_le_bytes());
+        e.extend_from_slice(&[0; 32]);
+        e.extend_from_slice(&offset_in_block.to_le_bytes());
+        e.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        e.extend_from_slice(data);
+        self.data_bytes += data.len() as u64;
         self.finish_entry(&e)
     }
 

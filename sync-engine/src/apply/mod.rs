@@ -6,6 +6,7 @@
 //! - `recover`: what opening a target does about an interrupted apply;
 //! - `session`: the apply of one session (mode, staging);
 //! - `commit`: prepare → seal → finish;
+//! - `moves`: failover to a kept point, commit, pins of test clones;
 //! - `sink`: direct writes of full copies, and reads of current content;
 //! - `catalog`, `journal`, `undo`: the state files.
 
@@ -13,15 +14,17 @@ pub mod catalog;
 mod check;
 mod commit;
 pub mod journal;
+mod moves;
 mod recover;
 mod session;
 mod sink;
 mod target;
 pub mod undo;
 
-pub use catalog::{Catalog, PointRecord, Status, UndoRef};
+pub use catalog::{Catalog, Pin, PointRecord, Role, Status, UndoRef};
 pub use check::VerifyReport;
 pub use commit::{CommitMeta, CommitReport, Prepared, Sealed};
+pub use moves::{CommitPointsReport, MoveReport};
 pub use session::{Apply, ApplyMode, ApplyStats, BeginSpec};
 pub use sink::{DirectSink, OldContent};
 pub use target::{

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use diskferry_protocol::{BlockHash, ErrorCode, Geometry};
 
-use super::catalog::{write_catalog, Catalog, PointRecord, Status, UndoRef, CATALOG};
+use super::catalog::{write_catalog, Catalog, PointRecord, Role, Status, UndoRef, CATALOG};
 use super::journal::{self, CommitRecord, Entry, JournalHeader, JournalKind};
 use crate::error::{Error, IoContext, Place, Result};
 use crate::manifest::Manifest;
@@ -188,7 +188,7 @@ impl Target {
             return Err(Error::corrupt(&mpath, "it does not match the commit record"));
         }
         let kind = match header.kind {
-            JournalKind::Redo => {
+            JournalKind::Redo | JournalKind::Move => {
                 let disk = match disk {
                     Some(d) => d,
                     None => self.open_for_write()?,
@@ -212,13 +212,20 @@ impl Target {
                 DiskKind::File
             }
         };
+        if header.kind == JournalKind::Move {
+            return self.finish_move(kind, header, record);
+        }
         let chain_continues = header.kind == JournalKind::Redo
             && header.base.is_some()
             && self.catalog.as_ref().and_then(|c| c.current()).map(|p| p.generation) == header.base;
         let mut points = if chain_continues {
             let mut old = self.catalog.as_ref().map(|c| c.points.clone()).unwrap_or_default();
             if let Some(first) = old.first_mut() {
-                first.undo = record.undo.map(|(checksum, data_bytes)| UndoRef { checksum, data_bytes });
+                first.undo = record.undo.map(|(checksum, data_bytes)| UndoRef {
+                    checksum,
+                    data_bytes,
+                    applies_to: record.generation,
+                });
                 if first.undo.is_none() {
                     // Without an undo segment the previous point cannot be rebuilt.
                     old.clear();
@@ -241,7 +248,38 @@ impl Target {
                 undo: None,
             },
         );
-        self.write_new_catalog(kind, points)
+        self.write_new_catalog(kind, points, None)
+    }
+
+    /// The catalog after a committed move to a kept point: that point is
+    /// the current one (role `live`), the old current one is restored from
+    /// it by the move's undo segment, every other link stays. Nothing is
+    /// pruned: until `commit` every kept point stays reachable.
+    fn finish_move(&mut self, kind: DiskKind, header: &JournalHeader, record: &CommitRecord) -> Result<()> {
+        let cpath = self.dir.join(CATALOG);
+        let old = self.catalog.as_ref().map(|c| c.points.clone()).unwrap_or_default();
+        let (Some(base), Some(current)) = (header.base, old.first().copied()) else {
+            return Err(Error::corrupt(&cpath, "a move was committed for a target without points"));
+        };
+        if current.generation != base || !old.iter().any(|p| p.generation == record.generation) {
+            return Err(Error::corrupt(&cpath, "it does not hold the points the committed move names"));
+        }
+        let Some((checksum, data_bytes)) = record.undo else {
+            return Err(Error::corrupt(&self.journal_path(), "a committed move without undo data"));
+        };
+        let mut points = Vec::with_capacity(old.len());
+        for mut p in old {
+            if p.generation == record.generation {
+                p.undo = None;
+                points.insert(0, p);
+                continue;
+            }
+            if p.generation == base {
+                p.undo = Some(UndoRef { checksum, data_bytes, applies_to: record.generation });
+            }
+            points.push(p);
+        }
+        self.write_new_catalog(kind, points, Some(Role::Live))
     }
 
     /// Whether the target's bytes are those of `manifest`, as a typed error.
@@ -279,7 +317,15 @@ impl Target {
             .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("{} disappeared", self.path.display())))
     }
 
-    pub(super) fn write_new_catalog(&mut self, kind: DiskKind, points: Vec<PointRecord>) -> Result<()> {
+    /// Replaces the catalog with `points` (the current one first), stamped
+    /// now; `role` changes the role (a move), else it is kept. Pruned to the
+    /// retention unless this is a move.
+    pub(super) fn write_new_catalog(
+        &mut self,
+        kind: DiskKind,
+        points: Vec<PointRecord>,
+        role: Option<Role>,
+    ) -> Result<()> {
         let stamp = self.vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?.map(|m| m.stamp);
         let mut c = Catalog {
             path: self.path.clone(),
@@ -287,9 +333,11 @@ impl Target {
             kind,
             status: Status::Complete,
             stamp,
+            role: role.unwrap_or_else(|| self.catalog.as_ref().map_or(Role::Replica, |c| c.role)),
             points,
+            pins: self.catalog.as_ref().map(|c| c.pins.clone()).unwrap_or_default(),
         };
-        if let Some(r) = self.options.retention {
+        if let (Some(r), None) = (self.options.retention, role) {
             c.prune(r);
         }
         write_catalog(self.vfs.as_ref(), &self.dir, &c)?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Generation, Geometry, SessionId};
 
-use super::catalog::{write_catalog, Catalog, PointRecord, Status};
+use super::catalog::{write_catalog, Catalog, PointRecord, Role, Status};
 use super::journal::{JournalHeader, JournalKind, JournalWriter};
 use crate::aligned::BufferPool;
 use crate::block::VerifiedBlock;
@@ -154,7 +154,9 @@ impl Target {
                     kind: DiskKind::BlockDevice,
                     status: Status::Incomplete,
                     stamp: None,
+                    role: Role::Replica,
                     points: Vec::new(),
+                    pins: Vec::new(),
                 };
                 write_catalog(vfs.as_ref(), &self.dir, &c)?;
                 self.catalog = Some(c);

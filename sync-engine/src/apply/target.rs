@@ -10,6 +10,7 @@ use diskferry_protocol::{to_hex, ErrorCode, Generation};
 
 use super::catalog::{read_catalog, write_catalog, Catalog, PointRecord, Status, CATALOG};
 use super::journal::Scan;
+use super::undo::{check_undo, UndoHeader};
 use crate::error::{Error, IoContext, Place, Result};
 use crate::manifest::Manifest;
 use crate::store::{FileId, OpenHow, Stamp, Storage, Vfs};
@@ -259,6 +260,20 @@ impl Target {
     /// Path of a kept point's undo segment.
     pub fn undo_path(&self, point: &PointRecord) -> PathBuf {
         self.dir.join(undo_file(point.generation))
+    }
+
+    /// A kept point's undo segment, checked whole against the catalog: its
+    /// checksum, the point it restores and the one it applies to.
+    pub fn checked_undo(&self, point: &PointRecord) -> Result<(PathBuf, UndoHeader)> {
+        let path = self.undo_path(point);
+        let (header, checksum, _) = check_undo(self.vfs.as_ref(), &path)?;
+        let ok = point.undo.is_some_and(|u| {
+            u.checksum == checksum && header.generation == point.generation && header.newer == u.applies_to
+        });
+        if !ok {
+            return Err(Error::corrupt(&path, "it is not the undo segment the catalog recorded"));
+        }
+        Ok((path, header))
     }
 
     /// Whether the committed manifest still describes the target's bytes,

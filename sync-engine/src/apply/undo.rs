@@ -179,6 +179,58 @@ fn decode_header(b: &[u8]) -> Option<UndoHeader> {
     })
 }
 
+/// One entry of an undo segment, as read back.
+#[derive(Debug)]
+pub enum UndoEntry<'a> {
+    /// Old content at a byte offset.
+    Data {
+        /// Byte offset.
+        offset: u64,
+        /// The bytes.
+        bytes: &'a [u8],
+    },
+    /// A range that was zeros (or a hole).
+    Zero {
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+/// Hands every entry of a (verified, see [`check_undo`]) segment to `visit`, in order.
+pub fn read_undo_entries(vfs: &dyn Vfs, path: &Path, visit: &mut dyn FnMut(UndoEntry<'_>) -> Result<()>) -> Result<()> {
+    let storage = vfs.open(path, OpenHow::Read).ctx(Place::State, "opening undo segment", path)?;
+    let len = storage.len().ctx(Place::State, "reading undo segment", path)?;
+    if len < HEADER_LEN + FOOTER_LEN {
+        return Err(Error::corrupt(path, "too short"));
+    }
+    let mut r = SeqReader::new(storage, HEADER_LEN, len - FOOTER_LEN, 1 << 20);
+    let mut buf = Vec::new();
+    while r.remaining() > 0 {
+        let mut e = [0u8; 24];
+        r.read_exact(&mut e).map_err(|_| Error::corrupt(path, "entry cut short"))?;
+        let mut f = Fields::new(&e[8..]);
+        let (offset, elen) = (f.u64().unwrap_or(0), f.u64().unwrap_or(0));
+        if offset.checked_add(elen).is_none() {
+            return Err(Error::corrupt(path, "entry range overflows"));
+        }
+        match e[0] {
+            KIND_DATA => {
+                if elen > r.remaining() {
+                    return Err(Error::corrupt(path, "entry longer than the segment"));
+                }
+                buf.resize(elen as usize, 0);
+                r.read_exact(&mut buf).map_err(|_| Error::corrupt(path, "entry cut short"))?;
+                visit(UndoEntry::Data { offset, bytes: &buf })?;
+            }
+            KIND_ZERO => visit(UndoEntry::Zero { offset, len: elen })?,
+            _ => return Err(Error::corrupt(path, "unknown entry kind")),
+        }
+    }
+    Ok(())
+}
+
 /// Applies a (verified) undo segment to `image`, which holds the newer
 /// generation, turning it into the restored one (a file image, cut to the
 /// restored size).
@@ -191,28 +243,10 @@ pub fn apply_undo(
     image_path: &Path,
 ) -> Result<UndoHeader> {
     let header = *header;
-    let storage = vfs.open(path, OpenHow::Read).ctx(Place::State, "opening undo segment", path)?;
-    let len = storage.len().ctx(Place::State, "reading undo segment", path)?;
-    let mut r = SeqReader::new(storage, HEADER_LEN, len - FOOTER_LEN, 1 << 20);
-    let mut buf = Vec::new();
-    while r.remaining() > 0 {
-        let mut e = [0u8; 24];
-        r.read_exact(&mut e).map_err(|_| Error::corrupt(path, "entry cut short"))?;
-        let mut f = Fields::new(&e[8..]);
-        let (offset, elen) = (f.u64().unwrap_or(0), f.u64().unwrap_or(0));
-        match e[0] {
-            KIND_DATA => {
-                if elen > r.remaining() {
-                    return Err(Error::corrupt(path, "entry longer than the segment"));
-                }
-                buf.resize(elen as usize, 0);
-                r.read_exact(&mut buf).map_err(|_| Error::corrupt(path, "entry cut short"))?;
-                image.write_at(offset, &buf).ctx(Place::Target, "writing", image_path)?;
-            }
-            KIND_ZERO => image.zero_range(offset, elen).ctx(Place::Target, "writing", image_path)?,
-            _ => return Err(Error::corrupt(path, "unknown entry kind")),
-        }
-    }
+    read_undo_entries(vfs, path, &mut |e| match e {
+        UndoEntry::Data { offset, bytes } => image.write_at(offset, bytes).ctx(Place::Target, "writing", image_path),
+        UndoEntry::Zero { offset, len } => image.zero_range(offset, len).ctx(Place::Target, "writing", image_path),
+    })?;
     // Cut between segments too: bytes past an older, smaller size must not
     // survive into the next (older) segment's image.
     image.set_len(header.old_disk_bytes).ctx(Place::Target, "resizing", image_path)?;

@@ -48,7 +48,7 @@ fn undo_bounds(old: &[u8], new: &[u8], block: usize) -> (u64, u64) {
 
 /// The next version: small unaligned writes, and a shrink, a growth and a
 /// zeroed run at fixed steps.
-fn next_version(g: &mut DiskGen, cur: &[u8], step: usize) -> Vec<u8> {
+pub(super) fn next_version(g: &mut DiskGen, cur: &[u8], step: usize) -> Vec<u8> {
     let mut v = cur.to_vec();
     g.scribble(&mut v, 6, 12_000);
     match step {
