@@ -91,9 +91,14 @@ pub struct PushArgs {
     /// zstd level for block payloads (skipped for data it does not shrink), or off.
     #[arg(long, default_value = "1", value_parser = compress_level)]
     pub compress: Compress,
-    /// Push to a target that changed behind diskferry's back (full compare; its changes are overwritten).
+    /// Push to a target that changed behind diskferry's back, or whose disk has a history unrelated to
+    /// this source's (full compare; its changes are overwritten). Never into a live target.
     #[arg(long)]
     pub force: bool,
+    /// The target's disk advanced past the last point it shares with this source (split brain):
+    /// discard its changes, keeping them there as a recovery point until `diskferry commit`.
+    #[arg(long)]
+    pub discard_target_changes: bool,
     /// Hashing threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -174,9 +179,14 @@ pub struct SyncArgs {
     /// Block size: a power of two from 4K to 4M.
     #[arg(long, default_value = "64K", value_parser = block_size)]
     pub block_size: BlockSize,
-    /// Sync a target that changed behind diskferry's back (full compare; its changes are overwritten).
+    /// Sync a target that changed behind diskferry's back, or whose disk has a history unrelated to
+    /// this source's (full compare; its changes are overwritten). Never into a live target.
     #[arg(long)]
     pub force: bool,
+    /// The target's disk advanced past the last point it shares with the source (split brain):
+    /// discard its changes, keeping them as a recovery point until `diskferry commit`.
+    #[arg(long)]
+    pub discard_target_changes: bool,
     /// Hashing threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,

@@ -63,6 +63,9 @@ pub struct SyncOptions {
     pub retention: u32,
     /// Label a stable read `app-consistent` (a quiesce hook ran) instead of `crash-consistent`.
     pub app_consistent: bool,
+    /// Proceed over a split brain, keeping the target's own changes as a
+    /// recovery point until `commit`.
+    pub discard_target_changes: bool,
 }
 
 impl Default for SyncOptions {
@@ -73,6 +76,7 @@ impl Default for SyncOptions {
             force: false,
             retention: 2,
             app_consistent: false,
+            discard_target_changes: false,
         }
     }
 }
@@ -191,7 +195,10 @@ impl<'a> Join<'a> {
             block_size: g.block_size,
             mode: opts.mode,
             force: opts.force,
-            source_base: None,
+            discard_target_changes: opts.discard_target_changes,
+            // The source's lineage is read, never written: a local sync
+            // leaves no history behind for its source.
+            lineage: crate::session::history::lineage_of(job.vfs.as_ref(), &job.state_root, &job.source)?,
         };
         Ok(Join { job, opts, source, progress, sender: SenderSession::new(open), receiver: ReceiverSession::new() })
     }
@@ -210,7 +217,17 @@ impl<'a> Join<'a> {
                     ReceiverEvent::Open(o) => {
                         let Some(t) = target.take() else { return Err(internal("opened twice")) };
                         let req = TargetRequest {
-                            request: Request { mode: o.mode, force: o.force, geometry: g },
+                            request: Request {
+                                mode: o.mode,
+                                force: o.force,
+                                geometry: g,
+                                lineage: o.lineage.clone(),
+                                discard_target_changes: o.discard_target_changes,
+                                // Generation ids are random; this one only
+                                // needs to differ from the sync's own.
+                                discard_point: Generation(self.job.generation.0 ^ (1 << 127)),
+                                now_unix_ns: self.job.now_unix_ns,
+                            },
                             session: o.session,
                             resumable: false,
                             window: WINDOW,

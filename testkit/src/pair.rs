@@ -78,7 +78,8 @@ pub fn push(vfs: Arc<dyn Vfs>, spec: &PushSpec) -> Result<PushEnd> {
         block_size: g.block_size,
         mode: spec.mode,
         force: spec.force,
-        source_base: None,
+        discard_target_changes: false,
+    lineage: Vec::new(),
     };
     let mut pair = Pair {
         spec,
@@ -138,7 +139,15 @@ impl Pair<'_> {
                     ReceiverEvent::Open(o) => {
                         let Some(t) = target.take() else { return Err(internal("opened twice")) };
                         let req = TargetRequest {
-                            request: Request { mode: o.mode, force: o.force, geometry: g },
+                            request: Request {
+                                mode: o.mode,
+                                force: o.force,
+                                geometry: g,
+                                lineage: o.lineage.clone(),
+                                discard_target_changes: o.discard_target_changes,
+                                discard_point: Generation(o.session.0 ^ (1 << 127)),
+                                now_unix_ns: 0,
+                            },
                             session: o.session,
                             resumable: true,
                             window: 4,

@@ -81,6 +81,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             block_size: BlockSize::DEFAULT,
             compress: Some(1),
             force: false,
+            discard_target_changes: false,
             threads: None,
             max_mtu: None,
             state_root: Some(source_state.clone()),

@@ -85,7 +85,8 @@ pub fn push(a: PushArgs) -> Result<()> {
     let rt = runtime()?;
     let peer: SocketAddr = rt.block_on(resolve(&a.peer))?;
     let opts = PushOptions {
-        source: a.src.clone(),
+        // Canonical: the disk's history is keyed by its path.
+        source: std::fs::canonicalize(&a.src).unwrap_or_else(|_| a.src.clone()),
         peer,
         peer_fingerprint: fingerprint,
         target,
@@ -93,6 +94,7 @@ pub fn push(a: PushArgs) -> Result<()> {
         block_size: a.block_size,
         compress: a.compress.0,
         force: a.force,
+        discard_target_changes: a.discard_target_changes,
         threads: a.threads,
         max_mtu: a.max_mtu,
         state_root: Some(state_root),
@@ -124,6 +126,15 @@ pub fn push(a: PushArgs) -> Result<()> {
         if report.points_dropped > 0 {
             println!("  dropped     {} recovery points of the target's old chain (--force)", report.points_dropped);
         }
+        if let Some(g) = report.common_point {
+            println!("  common      {g} (the last point both sides held); the target read {} of its disk", human_bytes(report.target_bytes_read));
+        }
+        if let Some(g) = report.discarded_point {
+            println!(
+                "  discarded   {} blocks of the target's own changes, kept there as point {g} until `diskferry commit`",
+                report.discarded_blocks
+            );
+        }
         println!("  time        {secs:.3} s ({:.0} MB/s)", mb_per_s(report.disk_bytes, secs));
     }
     Ok(())
@@ -148,6 +159,10 @@ pub fn push_json(r: &PushReport, secs: f64, cpu: f64) -> serde_json::Value {
         "control_bytes": r.control_bytes,
         "points_dropped": r.points_dropped,
         "unchanged": r.unchanged,
+        "common_point": r.common_point.map(|g| g.to_hex()),
+        "discarded_blocks": r.discarded_blocks,
+        "discarded_point": r.discarded_point.map(|g| g.to_hex()),
+        "target_bytes_read": r.target_bytes_read,
     })
 }
 

@@ -26,11 +26,13 @@ pub fn run(a: SyncArgs) -> Result<()> {
         force: a.force,
         retention: a.retention,
         app_consistent: a.app_consistent,
+        discard_target_changes: a.discard_target_changes,
     };
     let job = SyncJob {
         vfs: Arc::new(RealFs),
         state_root,
-        source: a.src.clone(),
+        // Canonical: the disk's history is keyed by its path.
+        source: std::fs::canonicalize(&a.src).unwrap_or_else(|_| a.src.clone()),
         target,
         generation: new_generation(),
         session: new_session(),

@@ -16,7 +16,7 @@ use diskferry_protocol::message::{Open, Plan, SyncMode};
 use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, SessionId, TargetName};
 use diskferry_sync_engine::error::IoContext;
 use diskferry_sync_engine::local::Progress;
-use diskferry_sync_engine::session::{SentRecord, SourceSession};
+use diskferry_sync_engine::session::SourceSession;
 use diskferry_sync_engine::store::{RealFs, Vfs};
 use diskferry_sync_engine::{Error, Place};
 
@@ -34,6 +34,9 @@ pub struct PushOptions {
     pub block_size: BlockSize,
     pub compress: Option<i32>,
     pub force: bool,
+    /// Proceed over a split brain (the target's own changes are kept there
+    /// as a recovery point until `commit`).
+    pub discard_target_changes: bool,
     pub threads: Option<usize>,
     pub max_mtu: Option<u16>,
     /// Where the manifest of what was last sent is kept (none: not kept).
@@ -62,6 +65,15 @@ pub struct PushReport {
     pub points_dropped: u32,
     /// The target already held this content: `generation` is its existing point.
     pub unchanged: bool,
+    /// The last point both sides held (the target's base when the source's
+    /// lineage has it).
+    pub common_point: Option<Generation>,
+    /// Blocks of the target's own changes discarded (`--discard-target-changes`).
+    pub discarded_blocks: u64,
+    /// The recovery point on the target that keeps them until `commit`.
+    pub discarded_point: Option<Generation>,
+    /// Bytes the target read from its own disk.
+    pub target_bytes_read: u64,
 }
 
 impl PushReport {
@@ -81,11 +93,7 @@ pub async fn push(
     progress: Arc<dyn Progress + Send + Sync>,
 ) -> Result<PushReport, Error> {
     let vfs: Arc<dyn Vfs> = Arc::new(RealFs);
-    let record = opts
-        .state_root
-        .as_deref()
-        .and_then(|root| SentRecord::open(vfs.as_ref(), root, &opts.peer_fingerprint, opts.target.as_str()));
-    let source = Arc::new(SourceSession::open(vfs, &opts.source, opts.block_size, record)?);
+    let source = Arc::new(SourceSession::open(vfs, &opts.source, opts.block_size, opts.state_root.as_deref())?);
     let g = source.geometry();
     let open = Open {
         session: SessionId(rand::random::<u128>() | 1),
@@ -94,7 +102,8 @@ pub async fn push(
         block_size: g.block_size,
         mode: opts.mode,
         force: opts.force,
-        source_base: source.last_sent(),
+        discard_target_changes: opts.discard_target_changes,
+        lineage: source.lineage().to_vec(),
     };
 
     let endpoint =

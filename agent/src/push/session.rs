@@ -118,11 +118,22 @@ pub(super) async fn run(
         }
         if let Some(c) = committed {
             let consistency = consistency_sent.unwrap_or(Consistency::Fuzzy);
-            source.commit_record(c.generation, consistency, crate::ids::now_unix_ns());
             drop(data_tx);
             for w in writers {
                 let _ = w.await;
             }
+            // The disk's history decides what may overwrite it later: a
+            // push whose history could not be kept says so.
+            source.commit_history(c.generation, consistency, crate::ids::now_unix_ns()).map_err(|e| {
+                Error::new(
+                    e.code,
+                    format!(
+                        "the target committed generation {}, but this disk's history could not be recorded: {}",
+                        c.generation, e.message
+                    ),
+                )
+                .hint("fix the state directory and push again: the rerun finds the data in place and records it")
+            })?;
             return Ok(PushReport {
                 plan: session.plan().unwrap_or(Plan::Full),
                 disk_bytes: g.disk_bytes,
@@ -138,6 +149,10 @@ pub(super) async fn run(
                 control_bytes: control_sent + reader.bytes_read(),
                 points_dropped: c.points_dropped,
                 unchanged: c.unchanged,
+                common_point: c.common_point,
+                discarded_blocks: c.discarded_blocks,
+                discarded_point: c.discarded_point,
+                target_bytes_read: c.target_bytes_read,
             });
         }
         // Finish once everything was hashed and the target has staged every

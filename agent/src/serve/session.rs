@@ -312,7 +312,8 @@ impl Session {
             target = %name,
             plan = ?opened.accept.plan,
             disk_bytes = o.disk_bytes,
-            source_base = ?o.source_base,
+            lineage = o.lineage.len(),
+            discard_target_changes = o.discard_target_changes,
             target_generation = ?opened.accept.target_generation,
             "session accepted"
         );

@@ -43,7 +43,7 @@ use crate::payload::Body;
 use crate::types::{BlockHash, BlockSize, Consistency, Generation, SessionId, TargetName};
 
 /// The protocol version this crate speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// TLS application protocol name.
 pub const ALPN: &[u8] = b"diskferry/1";
 /// Hard limit on a frame's length field: one largest block plus headers.
@@ -88,11 +88,19 @@ pub struct Open {
     pub block_size: BlockSize,
     /// Requested mode.
     pub mode: SyncMode,
-    /// Sync a diverged target anyway.
+    /// Sync a diverged target anyway, or one unrelated to the source.
     pub force: bool,
-    /// The generation the source last committed on this target, if any.
-    pub source_base: Option<Generation>,
+    /// A split brain proceeds: the target's own changes past the common
+    /// point are discarded (kept as a recovery point until `commit`).
+    pub discard_target_changes: bool,
+    /// The source disk's lineage, newest first (at most
+    /// [`MAX_LINEAGE`]): what it was last pushed as, or the generation it
+    /// holds as a promoted replica, and the ones before.
+    pub lineage: Vec<Generation>,
 }
+
+/// Generations an `Open` may carry as lineage.
+pub const MAX_LINEAGE: usize = 256;
 
 /// Session acceptance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,10 +141,22 @@ pub struct Committed {
     /// The target already held exactly this content at a point at least as
     /// consistent: no new generation was made, `generation` is that point.
     pub unchanged: bool,
+    /// The last point both sides held, when the target's disk had a
+    /// lineage of its own (or was a replica of the source's chain).
+    pub common_point: Option<Generation>,
+    /// Blocks of the target's own changes discarded (`discard_target_changes`).
+    pub discarded_blocks: u64,
+    /// The recovery point that keeps them until `commit`.
+    pub discarded_point: Option<Generation>,
+    /// Bytes the target read from its own disk.
+    pub target_bytes_read: u64,
 }
 
 /// [`Committed`] flag: the target already held this content.
 const COMMITTED_UNCHANGED: u8 = 1;
+/// [`Open`] flags.
+const OPEN_FORCE: u8 = 1;
+const OPEN_DISCARD: u8 = 2;
 
 /// Any protocol message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -320,8 +340,12 @@ impl Message {
                     SyncMode::Delta => 1,
                     SyncMode::Full => 2,
                 });
-                b.put_u8(o.force as u8);
-                b.put_u128_le(o.source_base.map_or(0, |g| g.0));
+                b.put_u8(if o.force { OPEN_FORCE } else { 0 } | if o.discard_target_changes { OPEN_DISCARD } else { 0 });
+                let lineage = &o.lineage[..o.lineage.len().min(MAX_LINEAGE)];
+                b.put_u32_le(lineage.len() as u32);
+                for g in lineage {
+                    b.put_u128_le(g.0);
+                }
             }
             Message::Accept(a) => {
                 b.put_u8(match a.plan {
@@ -382,6 +406,10 @@ impl Message {
                 b.put_u64_le(c.bytes_written);
                 b.put_u32_le(c.points_dropped);
                 b.put_u8(if c.unchanged { COMMITTED_UNCHANGED } else { 0 });
+                b.put_u128_le(c.common_point.map_or(0, |g| g.0));
+                b.put_u64_le(c.discarded_blocks);
+                b.put_u128_le(c.discarded_point.map_or(0, |g| g.0));
+                b.put_u64_le(c.target_bytes_read);
             }
             Message::Error { code, message } => {
                 b.put_u16_le(code.to_u16());
@@ -426,13 +454,28 @@ impl Message {
                     2 => SyncMode::Full,
                     _ => return Err(DecodeError::Invalid("mode")),
                 };
-                let force = match body.get_u8_checked()? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(DecodeError::Invalid("flags")),
-                };
-                let source_base = generation(body.get_u128_checked()?);
-                Message::Open(Open { session, target, disk_bytes, block_size, mode, force, source_base })
+                let flags = body.get_u8_checked()?;
+                if flags & !(OPEN_FORCE | OPEN_DISCARD) != 0 {
+                    return Err(DecodeError::Invalid("flags"));
+                }
+                let n = body.get_count(16)?;
+                if n > MAX_LINEAGE {
+                    return Err(DecodeError::Invalid("lineage"));
+                }
+                let mut lineage = Vec::with_capacity(n);
+                for _ in 0..n {
+                    lineage.push(generation(body.get_u128_checked()?).ok_or(DecodeError::Invalid("lineage"))?);
+                }
+                Message::Open(Open {
+                    session,
+                    target,
+                    disk_bytes,
+                    block_size,
+                    mode,
+                    force: flags & OPEN_FORCE != 0,
+                    discard_target_changes: flags & OPEN_DISCARD != 0,
+                    lineage,
+                })
             }
             0x04 => {
                 let plan = match body.get_u8_checked()? {
@@ -503,6 +546,10 @@ impl Message {
                     COMMITTED_UNCHANGED => true,
                     _ => return Err(DecodeError::Invalid("committed flags")),
                 },
+                common_point: generation(body.get_u128_checked()?),
+                discarded_blocks: body.get_u64_checked()?,
+                discarded_point: generation(body.get_u128_checked()?),
+                target_bytes_read: body.get_u64_checked()?,
             }),
             0x0f => Message::Error { code: ErrorCode::from_u16(body.get_u16_checked()?), message: body.get_str()? },
             0x10 => Message::Block(decode_block(body)?),

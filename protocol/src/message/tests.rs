@@ -21,7 +21,18 @@ pub(crate) fn samples() -> Vec<Message> {
             block_size: BlockSize::DEFAULT,
             mode: SyncMode::Auto,
             force: true,
-            source_base: Some(Generation(9)),
+            discard_target_changes: false,
+            lineage: vec![Generation(9), Generation(3)],
+        }),
+        Message::Open(Open {
+            session: SessionId(8),
+            target: TargetName::new("vm1-disk1").unwrap(),
+            disk_bytes: 1 << 20,
+            block_size: BlockSize::DEFAULT,
+            mode: SyncMode::Delta,
+            force: false,
+            discard_target_changes: true,
+            lineage: Vec::new(),
         }),
         Message::Accept(Accept { plan: Plan::CompareManifest, target_generation: None, staged_blocks: 3, window: 16 }),
         Message::Region { region: 2, hash: h },
@@ -43,6 +54,10 @@ pub(crate) fn samples() -> Vec<Message> {
             bytes_written: 4096,
             points_dropped: 2,
             unchanged: false,
+            common_point: Some(Generation(4)),
+            discarded_blocks: 17,
+            discarded_point: Some(Generation(99)),
+            target_bytes_read: 1 << 20,
         }),
         Message::Committed(Committed {
             generation: Generation(6),
@@ -51,6 +66,10 @@ pub(crate) fn samples() -> Vec<Message> {
             bytes_written: 0,
             points_dropped: 0,
             unchanged: true,
+            common_point: None,
+            discarded_blocks: 0,
+            discarded_point: None,
+            target_bytes_read: 0,
         }),
         Message::Error { code: ErrorCode::Diverged, message: "changed ünder us".into() },
         Message::Block(BlockFrame {
@@ -131,7 +150,8 @@ fn bad_frames_are_errors() {
         block_size: BlockSize::DEFAULT,
         mode: SyncMode::Full,
         force: false,
-        source_base: None,
+        discard_target_changes: false,
+        lineage: Vec::new(),
     })
     .encode(&mut path);
     // Rewrite the name "ok" to "..": a path component never decodes.

@@ -51,8 +51,16 @@ fn message() -> impl Strategy<Value = Message> {
             capabilities: b,
             max_frame: c
         }),
-        (any::<u128>(), name(), any::<u64>(), 12u32..=22, 0u8..3, any::<bool>(), prop::option::of(generation()))
-            .prop_map(|(s, target, disk_bytes, shift, mode, force, source_base)| {
+        (
+            any::<u128>(),
+            name(),
+            any::<u64>(),
+            12u32..=22,
+            0u8..3,
+            (any::<bool>(), any::<bool>()),
+            prop::collection::vec(generation(), 0..20)
+        )
+            .prop_map(|(s, target, disk_bytes, shift, mode, (force, discard_target_changes), lineage)| {
                 Message::Open(Open {
                     session: SessionId(s),
                     target,
@@ -60,7 +68,8 @@ fn message() -> impl Strategy<Value = Message> {
                     block_size: BlockSize::new(1 << shift).unwrap(),
                     mode: [SyncMode::Auto, SyncMode::Delta, SyncMode::Full][mode as usize],
                     force,
-                    source_base,
+                    discard_target_changes,
+                    lineage,
                 })
             }),
         (0u8..3, prop::option::of(generation()), any::<u64>(), any::<u32>()).prop_map(|(p, g, s, w)| Message::Accept(
@@ -91,16 +100,27 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         (any::<u64>(), any::<u64>()).prop_map(|(region, bytes_staged)| Message::RegionDone { region, bytes_staged }),
         (0u8..3).prop_map(|c| Message::Finish { consistency: Consistency::from_u8(c).unwrap() }),
-        (generation(), hash(), any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>()).prop_map(
-            |(generation, root, c, w, points_dropped, unchanged)| Message::Committed(Committed {
-                generation,
-                root,
-                blocks_changed: c,
-                bytes_written: w,
-                points_dropped,
-                unchanged
-            })
-        ),
+        (
+            (generation(), hash(), any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>()),
+            (prop::option::of(generation()), any::<u64>(), prop::option::of(generation()), any::<u64>())
+        )
+            .prop_map(
+                |(
+                    (generation, root, c, w, points_dropped, unchanged),
+                    (common_point, discarded_blocks, discarded_point, target_bytes_read),
+                )| Message::Committed(Committed {
+                    generation,
+                    root,
+                    blocks_changed: c,
+                    bytes_written: w,
+                    points_dropped,
+                    unchanged,
+                    common_point,
+                    discarded_blocks,
+                    discarded_point,
+                    target_bytes_read,
+                })
+            ),
         (0usize..ErrorCode::ALL.len(), ".{0,80}")
             .prop_map(|(i, message)| Message::Error { code: ErrorCode::ALL[i], message }),
         block_frame().prop_map(Message::Block),

@@ -35,7 +35,8 @@ fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) 
         block_size: g.block_size,
         mode: SyncMode::Auto,
         force: false,
-        source_base: None,
+        discard_target_changes: false,
+    lineage: Vec::new(),
     };
     let mut s = SenderSession::new(open);
     let mut r = ReceiverSession::new();
@@ -101,6 +102,10 @@ fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) 
                     bytes_written: 0,
                     points_dropped: 0,
                     unchanged: false,
+                common_point: None,
+                discarded_blocks: 0,
+                discarded_point: None,
+                target_bytes_read: 0,
                 }),
                 ReceiverEvent::Failed { code, .. } => out.receiver_failed = Some(code),
             }
@@ -246,7 +251,8 @@ fn unexpected_messages_fail_with_codes() {
         block_size: BlockSize::DEFAULT,
         mode: SyncMode::Auto,
         force: false,
-        source_base: None,
+        discard_target_changes: false,
+    lineage: Vec::new(),
     };
     let mut s = SenderSession::new(open);
     let _ = s.poll_transmit();
@@ -279,7 +285,8 @@ fn verify_failures_are_retried_then_fatal() {
         block_size: BlockSize::DEFAULT,
         mode: SyncMode::Full,
         force: false,
-        source_base: None,
+        discard_target_changes: false,
+    lineage: Vec::new(),
     };
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();
@@ -306,7 +313,8 @@ fn unrequested_blocks_are_refused() {
         block_size: BlockSize::DEFAULT,
         mode: SyncMode::Delta,
         force: false,
-        source_base: None,
+        discard_target_changes: false,
+    lineage: Vec::new(),
     };
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();
@@ -344,7 +352,8 @@ fn full_receiver(blocks: u64) -> ReceiverSession {
         block_size: g.block_size,
         mode: SyncMode::Full,
         force: false,
-        source_base: None,
+        discard_target_changes: false,
+    lineage: Vec::new(),
     };
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();

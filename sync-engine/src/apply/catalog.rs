@@ -73,13 +73,22 @@ pub struct UndoRef {
     pub applies_to: Generation,
 }
 
-/// A point held by a test-failover clone: never pruned while the clone exists.
+/// A point kept whatever the retention: by a test-failover clone while the
+/// clone exists, or — with an empty clone path — a receiving disk's own
+/// changes a push discarded, until `commit`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pin {
     /// The pinned point.
     pub generation: Generation,
-    /// The clone's path.
+    /// The clone's path (empty: discarded changes).
     pub clone: PathBuf,
+}
+
+impl Pin {
+    /// Whether it keeps discarded changes rather than a clone's point.
+    pub fn is_discarded(&self) -> bool {
+        self.clone.as_os_str().is_empty()
+    }
 }
 
 /// One kept generation.
@@ -191,7 +200,43 @@ impl Catalog {
     }
 }
 
-fn put_str(b: &mut Vec<u8>, s: &str) {
+/// A stamp as stored (catalog, source history): `u8 kind (0 none, 1 file,
+/// 2 device)` and 48 bytes (file: `u64 len · i64 mtime ns · i64 ctime ns ·
+/// u64 inode · [16] 0`; device: `[16] boot id · u64 rdev · u64 sectors
+/// written · [16] 0`).
+pub(crate) fn encode_stamp(stamp: Option<Stamp>) -> (u8, [u8; 48]) {
+    let mut b = [0u8; 48];
+    let kind = match stamp {
+        None => 0,
+        Some(Stamp::File { len, mtime_ns, ctime_ns, ino }) => {
+            b[0..8].copy_from_slice(&len.to_le_bytes());
+            b[8..16].copy_from_slice(&mtime_ns.to_le_bytes());
+            b[16..24].copy_from_slice(&ctime_ns.to_le_bytes());
+            b[24..32].copy_from_slice(&ino.to_le_bytes());
+            1
+        }
+        Some(Stamp::Device { boot_id, rdev, sectors_written }) => {
+            b[0..16].copy_from_slice(&boot_id);
+            b[16..24].copy_from_slice(&rdev.to_le_bytes());
+            b[24..32].copy_from_slice(&sectors_written.to_le_bytes());
+            2
+        }
+    };
+    (kind, b)
+}
+
+/// The inverse of [`encode_stamp`]; `None` for an unknown kind.
+pub(crate) fn decode_stamp(kind: u8, bytes: &[u8]) -> Option<Option<Stamp>> {
+    let mut s = Fields::new(bytes);
+    Some(match kind {
+        0 => None,
+        1 => Some(Stamp::File { len: s.u64()?, mtime_ns: s.i64()?, ctime_ns: s.i64()?, ino: s.u64()? }),
+        2 => Some(Stamp::Device { boot_id: s.array()?, rdev: s.u64()?, sectors_written: s.u64()? }),
+        _ => return None,
+    })
+}
+
+pub(crate) fn put_str(b: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     let n = bytes.len().min(u16::MAX as usize);
     b.extend_from_slice(&(n as u16).to_le_bytes());
@@ -207,23 +252,8 @@ fn encode(c: &Catalog) -> Vec<u8> {
         Status::Incomplete => 1,
     });
     b.push(c.kind.to_u8());
-    let mut stamp = [0u8; 48];
-    b.push(match c.stamp {
-        None => 0,
-        Some(Stamp::File { len, mtime_ns, ctime_ns, ino }) => {
-            stamp[0..8].copy_from_slice(&len.to_le_bytes());
-            stamp[8..16].copy_from_slice(&mtime_ns.to_le_bytes());
-            stamp[16..24].copy_from_slice(&ctime_ns.to_le_bytes());
-            stamp[24..32].copy_from_slice(&ino.to_le_bytes());
-            1
-        }
-        Some(Stamp::Device { boot_id, rdev, sectors_written }) => {
-            stamp[0..16].copy_from_slice(&boot_id);
-            stamp[16..24].copy_from_slice(&rdev.to_le_bytes());
-            stamp[24..32].copy_from_slice(&sectors_written.to_le_bytes());
-            2
-        }
-    });
+    let (stamp_kind, stamp) = encode_stamp(c.stamp);
+    b.push(stamp_kind);
     b.push(match c.role {
         Role::Replica => 0,
         Role::Live => 1,
@@ -282,13 +312,7 @@ fn decode(b: &[u8]) -> Option<Catalog> {
         1 => Role::Live,
         _ => return None,
     };
-    let mut s = Fields::new(f.take(48)?);
-    let stamp = match stamp_kind {
-        0 => None,
-        1 => Some(Stamp::File { len: s.u64()?, mtime_ns: s.i64()?, ctime_ns: s.i64()?, ino: s.u64()? }),
-        2 => Some(Stamp::Device { boot_id: s.array()?, rdev: s.u64()?, sectors_written: s.u64()? }),
-        _ => return None,
-    };
+    let stamp = decode_stamp(stamp_kind, f.take(48)?)?;
     let path_len = f.u16()? as usize;
     let path = PathBuf::from(String::from_utf8(f.take(path_len)?.to_vec()).ok()?);
     let name_len = f.u16()? as usize;

@@ -260,19 +260,14 @@ impl Target {
         Ok(())
     }
 
-    /// `commit` after a failover: keeps the current point (and the points
-    /// test-failover clones pin), drops every other one and its undo data.
+    /// `commit`: keeps the current point (and the points test-failover
+    /// clones pin), drops every other one and its undo data — after a
+    /// failover the points it could still move to, after a push that
+    /// discarded a disk's own changes the point that kept them.
     pub fn commit_point(&mut self) -> Result<CommitPointsReport> {
-        let c = self.complete_catalog()?;
-        if c.role != Role::Live {
-            return Err(Error::new(
-                ErrorCode::InvalidInput,
-                format!("{} was not failed over: commit would only drop its recovery points", self.path.display()),
-            )
-            .hint("run `diskferry failover` first; a replica's points are pruned by its retention"));
-        }
-        let mut c = c.clone();
+        let mut c = self.complete_catalog()?.clone();
         let kept = c.points[0].generation;
+        c.pins.retain(|p| !p.is_discarded());
         let pinned: Vec<Generation> = c.pins.iter().map(|p| p.generation).collect();
         let mut wanted = pinned.clone();
         wanted.push(kept);
@@ -293,7 +288,7 @@ impl Target {
     /// point is kept whatever the retention until [`Target::unpin`].
     pub fn pin(&mut self, g: Generation, clone: &Path) -> Result<()> {
         let Some(mut c) = self.catalog.clone() else { return Ok(()) };
-        if c.pins.iter().any(|p| p.clone == clone) {
+        if clone.as_os_str().is_empty() || c.pins.iter().any(|p| p.clone == clone) {
             return Err(Error::new(
                 ErrorCode::InvalidInput,
                 format!("{} is already a test-failover clone", clone.display()),
@@ -302,6 +297,18 @@ impl Target {
         c.pins.push(Pin { generation: g, clone: clone.to_path_buf() });
         write_catalog(self.vfs.as_ref(), &self.dir, &c)?;
         self.catalog = Some(c);
+        Ok(())
+    }
+
+    /// Keeps point `g` — a receiving disk's own changes a push discarded —
+    /// whatever the retention, until `commit`.
+    pub fn pin_discarded(&mut self, g: Generation) -> Result<()> {
+        let Some(mut c) = self.catalog.clone() else { return Ok(()) };
+        if !c.pins.iter().any(|p| p.generation == g && p.is_discarded()) {
+            c.pins.push(Pin { generation: g, clone: Default::default() });
+            write_catalog(self.vfs.as_ref(), &self.dir, &c)?;
+            self.catalog = Some(c);
+        }
         Ok(())
     }
 

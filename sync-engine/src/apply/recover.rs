@@ -342,6 +342,9 @@ impl Target {
         }
         write_catalog(self.vfs.as_ref(), &self.dir, &c)?;
         self.catalog = Some(c);
+        // The disk's bytes are this target's generation now, not what it
+        // was last pushed as.
+        crate::session::history::clear(self.vfs.as_ref(), &self.state_root, &self.path)?;
         self.collect_garbage()
     }
 

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Generation, Geometry, SessionId};
@@ -13,7 +14,7 @@ use crate::aligned::BufferPool;
 use crate::block::VerifiedBlock;
 use crate::error::{Error, IoContext, Place, Result};
 use crate::manifest::ManifestWriter;
-use crate::store::{DiskKind, OpenHow, Storage};
+use crate::store::{CountingStorage, DiskKind, OpenHow, Storage};
 
 use super::sink::*;
 use super::target::*;
@@ -88,6 +89,8 @@ pub struct Apply<'t> {
     pub(super) sink: Option<DirectSink>,
     /// What the commit's space reservation allocated, released if it fails.
     pub(super) reserved: Option<Reserved>,
+    /// Bytes read from the target's own disk (journal mode).
+    pub(super) disk_read: Arc<AtomicU64>,
 }
 
 impl Target {
@@ -121,9 +124,10 @@ impl Target {
             geometry: spec.geometry,
         };
         let jpath = self.journal_path();
+        let disk_read = Arc::new(AtomicU64::new(0));
         let (disk, disk_path, journal) = match spec.mode {
             ApplyMode::Journal => {
-                let disk = self.open_for_write()?;
+                let disk = CountingStorage::wrap(self.open_for_write()?, disk_read.clone());
                 let journal = match &resume {
                     Some(scan) => JournalWriter::resume(vfs.as_ref(), &jpath, scan)?,
                     None => JournalWriter::create(vfs.as_ref(), &jpath, header)?,
@@ -198,6 +202,7 @@ impl Target {
             committed: false,
             overlay: Arc::new(overlay),
             sink,
+            disk_read,
             reserved: None,
         })
     }
@@ -217,6 +222,18 @@ impl Apply<'_> {
     /// Blocks staged by the interrupted session this one resumed (block → hash).
     pub fn overlay(&self) -> &Arc<HashMap<u64, BlockHash>> {
         &self.overlay
+    }
+
+    /// Bytes this apply read from the target's own disk so far (old
+    /// content of changed blocks, undo data).
+    pub fn disk_bytes_read(&self) -> u64 {
+        self.disk_read.load(Ordering::Relaxed)
+    }
+
+    /// The counter behind [`Apply::disk_bytes_read`], still counting
+    /// through the commit (its undo data is read from the disk).
+    pub fn disk_read_counter(&self) -> Arc<AtomicU64> {
+        self.disk_read.clone()
     }
 
     /// A reader of the blocks' current content for other threads.

@@ -88,6 +88,7 @@ pub enum Trust {
 pub struct Target {
     pub(super) vfs: Arc<dyn Vfs>,
     pub(super) path: PathBuf,
+    pub(super) state_root: PathBuf,
     pub(super) dir: PathBuf,
     pub(super) _lock: LockGuard,
     pub(super) catalog: Option<Catalog>,
@@ -185,6 +186,7 @@ impl Target {
         let mut t = Target {
             vfs,
             path: path.to_path_buf(),
+            state_root: state_root.to_path_buf(),
             dir,
             _lock: LockGuard(lock),
             catalog,
@@ -205,6 +207,11 @@ impl Target {
     /// The target path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The agent's state directory (where every target's and disk's state lives).
+    pub fn state_root(&self) -> &Path {
+        &self.state_root
     }
 
     /// The state directory.
@@ -383,6 +390,13 @@ impl Target {
     /// `E_DIVERGED` for this target: what changed, and what `--force` would drop.
     pub fn diverged(&self, why: &str) -> Error {
         diverged_error(&self.path, why, self.kept_points())
+    }
+
+    /// Replaces the catalog (already written) the target holds, and drops
+    /// the files it no longer names.
+    pub(crate) fn replace_catalog(&mut self, c: super::Catalog) -> Result<()> {
+        self.catalog = Some(c);
+        self.collect_garbage()
     }
 
     /// Records the target's current stamp as the committed one. Only call

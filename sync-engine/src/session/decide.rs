@@ -4,6 +4,8 @@
 //!
 //! | target | asked | plan | apply mode | base |
 //! |---|---|---|---|---|
+//! | live (promoted) | any, `--force` included | refused: `E_PROMOTED` | | |
+//! | a disk with its own history (an old primary) | any | rules 4 and 5 first (`lineage.rs`): at the common point → as trusted at it; else `E_SPLIT_BRAIN` / `E_UNRELATED` | | |
 //! | trusted, same block size | delta or auto | compare with the manifest | journal | current |
 //! | trusted, other block size | delta or auto | compare by hashing | journal | current |
 //! | diverged | without `--force` | refused: `E_DIVERGED` | | |
@@ -19,21 +21,30 @@ use diskferry_protocol::message::{Plan, SyncMode};
 use diskferry_protocol::{ErrorCode, Generation, Geometry};
 
 use crate::apply::journal::JournalKind;
-use crate::apply::{partial_path, ApplyMode, Target, Trust};
+use super::lineage::{self, Verdict};
+use crate::apply::{partial_path, ApplyMode, Role, Target, Trust};
 use crate::error::{Error, IoContext, Place, Result};
 use crate::manifest::Manifest;
 use crate::store::DiskKind;
 use crate::view::ViewSource;
 
 /// What a source asks of a target.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Request {
     /// Delta, full or auto.
     pub mode: SyncMode,
-    /// Overwrite a diverged target, drop recovery points.
+    /// Overwrite a diverged or unrelated target, drop recovery points.
     pub force: bool,
     /// The source's geometry.
     pub geometry: Geometry,
+    /// The source disk's lineage, newest first.
+    pub lineage: Vec<Generation>,
+    /// Proceed over a split brain, keeping the target's changes as a point.
+    pub discard_target_changes: bool,
+    /// The id that point gets if the target's bytes must be hashed into one.
+    pub discard_point: Generation,
+    /// Now, ns since the epoch (that point's time).
+    pub now_unix_ns: i64,
 }
 
 /// How a session runs.
@@ -51,24 +62,48 @@ pub struct Decision {
     pub trusted: Option<Manifest>,
     /// Recovery points a new chain drops (only ever when forced).
     pub points_dropped: u32,
+    /// What the receiving disk's own history decided.
+    pub lineage: Verdict,
 }
 
 impl Decision {
     fn new(plan: Plan, mode: ApplyMode, base: Option<Generation>, view: Option<ViewSource>) -> Decision {
-        Decision { plan, mode, base, view, trusted: None, points_dropped: 0 }
+        Decision { plan, mode, base, view, trusted: None, points_dropped: 0, lineage: Verdict::default() }
     }
 }
 
 /// Decides a session on an opened (recovered) target.
 pub fn decide(target: &mut Target, req: &Request) -> Result<Decision> {
-    let mut d = decide_inner(target, req)?;
+    if target.role() == Some(Role::Live) {
+        let g = target.catalog().and_then(|c| c.current()).map(|p| p.generation);
+        return Err(Error::new(
+            ErrorCode::Promoted,
+            format!(
+                "{} is live: it was promoted{} and a VM may run on it; no push lands on it",
+                target.path().display(),
+                g.map(|g| format!(" to {g}")).unwrap_or_default()
+            ),
+        )
+        .hint("push the other way (this disk is the primary now), or `diskferry demote` it once its VM moved away"));
+    }
+    let verdict = lineage::check(target, req)?;
+    let forced = verdict.forced;
+    let mut d = decide_inner(target, req, forced)?;
+    if d.plan != Plan::Full && d.view.as_ref().is_some_and(|v| matches!(v, ViewSource::Disk(_))) {
+        d.lineage.bytes_read += req.geometry.disk_bytes;
+    }
+    d.lineage.applies = verdict.applies;
+    d.lineage.common = verdict.common.or_else(|| d.base.filter(|b| req.lineage.contains(b)));
+    d.lineage.discarded_blocks = verdict.discarded_blocks;
+    d.lineage.discarded_point = verdict.discarded_point;
+    d.lineage.bytes_read += verdict.bytes_read;
     if d.base.is_none() {
         d.points_dropped = target.kept_points() as u32;
     }
     Ok(d)
 }
 
-fn decide_inner(target: &mut Target, req: &Request) -> Result<Decision> {
+fn decide_inner(target: &mut Target, req: &Request, unrelated_forced: bool) -> Result<Decision> {
     let g = req.geometry;
     let vfs = target.vfs().clone();
     let path = target.path().to_path_buf();
@@ -98,6 +133,11 @@ fn decide_inner(target: &mut Target, req: &Request) -> Result<Decision> {
     let disk_view = |p: &std::path::Path| -> Result<ViewSource> {
         Ok(ViewSource::Disk(crate::disk::Disk::open_on(vfs.as_ref(), p).ctx(Place::Target, "opening", p)?))
     };
+    if unrelated_forced && !full {
+        // A disk with a history of its own the source shares nothing with:
+        // compare with its bytes, start a new chain.
+        return Ok(Decision::new(Plan::CompareHash, ApplyMode::Journal, None, Some(disk_view(&path)?)));
+    }
     if full {
         target.check_full_overwrite(req.force)?;
         return Ok(if staged_partial {

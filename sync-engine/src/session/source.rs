@@ -21,12 +21,12 @@ use diskferry_protocol::message::{Message, WantBlock};
 use diskferry_protocol::session::SourceRegion;
 use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry};
 
-use super::record::SentRecord;
+use super::history::{lineage_of, HistoryWriter};
 use crate::block::VerifiedSlice;
 use crate::disk::Disk;
 use crate::error::{Error, IoContext, Place, Result};
 use crate::hash::{hash_block, hash_blocks_visit};
-use crate::manifest::ManifestWriter;
+use crate::manifest::ManifestMeta;
 use crate::remote::{block_frame, whole_block_frame, WireFrame};
 use crate::store::{Meta, Vfs};
 use crate::tree::{chunk_hashes, region_hash_from_chunks};
@@ -74,19 +74,26 @@ pub struct SourceSession {
     link: Mutex<Link>,
     changed_while_read: AtomicBool,
     bytes_sent: AtomicU64,
-    record: Option<SentRecord>,
-    writer: Mutex<Option<ManifestWriter>>,
+    /// The agent's state directory, where the disk's history is kept.
+    state_root: Option<PathBuf>,
+    lineage: Vec<Generation>,
+    writer: Mutex<Option<HistoryWriter>>,
 }
 
 impl SourceSession {
     /// Opens the source (`path` on `vfs`, or a disk already open) for a
-    /// session with `block_size` blocks; `record` keeps what was sent.
-    pub fn open(vfs: Arc<dyn Vfs>, path: &Path, block_size: BlockSize, record: Option<SentRecord>) -> Result<Self> {
+    /// session with `block_size` blocks. With `state_root`, the disk's
+    /// lineage is read from there and what was sent becomes its history.
+    pub fn open(vfs: Arc<dyn Vfs>, path: &Path, block_size: BlockSize, state_root: Option<&Path>) -> Result<Self> {
         let before = vfs.metadata(path).ctx(Place::Source, "reading", path)?.ok_or_else(|| {
             Error::new(ErrorCode::NotFound, format!("source {} does not exist", path.display())).hint("check the path")
         })?;
         let disk = crate::disk::Disk::open_on(vfs.as_ref(), path).ctx(Place::Source, "opening", path)?;
         let geometry = Geometry::new(disk.len(), block_size);
+        let lineage = match state_root {
+            Some(root) => lineage_of(vfs.as_ref(), root, path)?,
+            None => Vec::new(),
+        };
         Ok(SourceSession {
             vfs,
             path: path.to_path_buf(),
@@ -96,7 +103,8 @@ impl SourceSession {
             link: Mutex::new(Link { level: None, pages: true }),
             changed_while_read: AtomicBool::new(false),
             bytes_sent: AtomicU64::new(0),
-            record,
+            state_root: state_root.map(Path::to_path_buf),
+            lineage,
             writer: Mutex::new(None),
         })
     }
@@ -111,16 +119,18 @@ impl SourceSession {
         &self.before
     }
 
-    /// The generation the record says this target last committed (`Open.source_base`).
-    pub fn last_sent(&self) -> Option<Generation> {
-        self.record.as_ref().and_then(|r| r.last_generation())
+    /// The disk's lineage, newest first (`Open.lineage`): its history as a
+    /// source, or its chain as a target of this agent.
+    pub fn lineage(&self) -> &[Generation] {
+        &self.lineage
     }
 
     /// How blocks travel (after the target accepted), and starts the record.
     pub fn set_link(&self, link: Link) -> Result<()> {
         *self.link.lock().unwrap_or_else(|p| p.into_inner()) = link;
-        if let Some(r) = &self.record {
-            *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.writer(self.vfs.clone(), self.geometry)?);
+        if let Some(root) = &self.state_root {
+            let w = HistoryWriter::create(self.vfs.clone(), root, &self.path, self.geometry, self.lineage.clone())?;
+            *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
         }
         Ok(())
     }
@@ -204,7 +214,7 @@ impl SourceSession {
     /// its tree nodes, and its place in the record.
     pub fn region_of(&self, region: u64, hashes: Vec<BlockHash>) -> Result<SourceRegion> {
         if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            w.push_region(region, &hashes)?;
+            w.manifest().push_region(region, &hashes)?;
         }
         let chunks = chunk_hashes(&hashes);
         let hash = region_hash_from_chunks(&chunks);
@@ -293,12 +303,15 @@ impl SourceSession {
         })
     }
 
-    /// Keeps the record of what this session sent, under the generation the
-    /// target committed. Only a note for the next push: losing it costs nothing.
-    pub fn commit_record(&self, generation: Generation, consistency: Consistency, now_unix_ns: i64) {
+    /// Records what this session sent as the disk's newest generation
+    /// (`generation`, as the target committed it), with the disk's stamp
+    /// when it was read at rest (`consistency` crash or app: the stamp did
+    /// not move from start to end). Call after [`SourceSession::consistency`].
+    pub fn commit_history(&self, generation: Generation, consistency: Consistency, now_unix_ns: i64) -> Result<()> {
         let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let (Some(r), Some(w)) = (&self.record, writer) {
-            r.commit(self.vfs.as_ref(), w, generation, consistency, now_unix_ns);
-        }
+        let Some(w) = writer else { return Ok(()) };
+        let at_rest = consistency.is_recovery_point().then_some(self.before.stamp);
+        let meta = ManifestMeta { generation, parent: None, consistency, created_unix_ns: now_unix_ns };
+        w.commit(self.vfs.as_ref(), meta, at_rest)
     }
 }

@@ -26,7 +26,7 @@ use crate::tree::region_hash;
 use crate::view::ViewProducer;
 
 /// What a target is asked to do, beyond the comparison itself.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct TargetRequest {
     /// The source's request.
     pub request: Request,
@@ -75,6 +75,7 @@ pub struct TargetSession<'t> {
     old: OldContent,
     blocks_changed: u64,
     points_dropped: u32,
+    lineage: super::lineage::Verdict,
 }
 
 impl<'t> TargetSession<'t> {
@@ -115,6 +116,7 @@ impl<'t> TargetSession<'t> {
             old,
             blocks_changed: 0,
             points_dropped: decision.points_dropped,
+            lineage: decision.lineage,
         };
         Ok((session, accepted))
     }
@@ -235,8 +237,11 @@ impl<'t> TargetSession<'t> {
     /// target already holds exactly this content at a point at least as
     /// consistent, ends without one and names that point (`unchanged`).
     pub fn commit(self, consistency: Consistency, generation: Generation, now_unix_ns: i64) -> Result<Outcome> {
+        let v = &self.lineage;
+        let (common_point, discarded_blocks, discarded_point) = (v.common, v.discarded_blocks, v.discarded_point);
         if let Some(point) = self.apply.unchanged_point(consistency) {
             let root = self.apply.target().manifest_of(&point)?.header().root;
+            let target_bytes_read = v.bytes_read + self.apply.disk_bytes_read();
             self.apply.abandon();
             return Ok(Outcome {
                 committed: Committed {
@@ -246,11 +251,17 @@ impl<'t> TargetSession<'t> {
                     bytes_written: 0,
                     points_dropped: 0,
                     unchanged: true,
+                    common_point,
+                    discarded_blocks,
+                    discarded_point,
+                    target_bytes_read,
                 },
                 report: None,
             });
         }
         let (blocks_changed, points_dropped) = (self.blocks_changed, self.points_dropped);
+        let read_before = v.bytes_read;
+        let read = self.apply.disk_read_counter();
         let report = self.apply.commit(CommitMeta { generation, consistency, created_unix_ns: now_unix_ns })?;
         Ok(Outcome {
             committed: Committed {
@@ -260,6 +271,10 @@ impl<'t> TargetSession<'t> {
                 bytes_written: report.bytes_written,
                 points_dropped,
                 unchanged: false,
+                common_point,
+                discarded_blocks,
+                discarded_point,
+                target_bytes_read: read_before + read.load(std::sync::atomic::Ordering::Relaxed),
             },
             report: Some(report),
         })

@@ -6,8 +6,10 @@
 //! in-memory filesystem and one that simulates power cuts, which is how the
 //! commit protocol is proven crash-safe.
 
+pub mod counting;
 pub mod file;
 
+pub use counting::CountingStorage;
 pub use file::{boot_id, FileStorage, RealFs};
 
 use std::fmt;

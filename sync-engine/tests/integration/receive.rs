@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use diskferry_protocol::message::{Plan, SyncMode};
-use diskferry_protocol::{BlockSize, FrameSplitter, Geometry, Message, SessionId, MAX_FRAME};
+use diskferry_protocol::{BlockSize, FrameSplitter, Generation, Geometry, Message, SessionId, MAX_FRAME};
 use diskferry_sync_engine::aligned::is_direct_aligned;
 use diskferry_sync_engine::apply::{Target, TargetOptions};
 use diskferry_sync_engine::block::VerifiedBlock;
@@ -71,7 +71,15 @@ fn receive(block_size: u32, disk_len: usize, seed: u64) {
     let mut zstd_blocks = 0;
     let mut target = Target::open(vfs, &dir.path().join("state"), &target_path, TargetOptions::default()).unwrap();
     let req = TargetRequest {
-        request: Request { mode: SyncMode::Full, force: false, geometry: g },
+        request: Request {
+            mode: SyncMode::Full,
+            force: false,
+            geometry: g,
+            lineage: Vec::new(),
+            discard_target_changes: false,
+            discard_point: Generation(77),
+            now_unix_ns: 0,
+        },
         session: SessionId(1),
         resumable: true,
         window: 4,
