@@ -29,6 +29,14 @@ pub enum Command {
     Export(ExportArgs),
     /// Discard an interrupted push's staged data (the target stays at its last commit).
     Abort(AbortArgs),
+    /// Promote a target to a recovery point (the newest consistent one by default) and mark it live.
+    Failover(FailoverArgs),
+    /// Keep a target's current point and drop the others (after a failover, or a discarded split brain).
+    Commit(MoveArgs),
+    /// Write a test image of a recovery point, pinned while it exists; --cleanup removes it.
+    TestFailover(TestFailoverArgs),
+    /// Turn a live target back into a replica once its VM moved away.
+    Demote(MoveArgs),
     /// Create this agent's key and certificate and print its fingerprint.
     Init(InitArgs),
     /// Print this agent's certificate fingerprint.
@@ -234,11 +242,64 @@ pub struct ExportArgs {
 
 #[derive(Args, Debug)]
 pub struct AbortArgs {
+    #[command(flatten)]
+    pub target: TargetArg,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// A target named on the command line: a path, or a name of a serve config.
+#[derive(Args, Debug, Clone)]
+pub struct TargetArg {
     /// Target disk path, or with --config a target name from that serve config.
     pub target: String,
-    /// The target agent's config: TARGET is one of its target names.
+    /// The target agent's config: TARGET is one of its target names (and its state_dir is used).
     #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
+    /// Seconds to wait while a session holds the target before failing with E_BUSY.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub wait: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct MoveArgs {
+    #[command(flatten)]
+    pub target: TargetArg,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct FailoverArgs {
+    #[command(flatten)]
+    pub target: TargetArg,
+    /// The recovery point (see `diskferry points`); default: the newest consistent one.
+    #[arg(long, value_parser = generation)]
+    pub point: Option<Generation>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct TestFailoverArgs {
+    /// Target disk path, or with --config a target name (not with --cleanup).
+    #[arg(required_unless_present = "cleanup")]
+    pub target: Option<String>,
+    /// The recovery point to write.
+    #[arg(long, value_parser = generation, required_unless_present = "cleanup")]
+    pub point: Option<Generation>,
+    /// The image to create (reflink where the filesystem can, else a sparse copy).
+    #[arg(long, value_name = "PATH", required_unless_present = "cleanup", conflicts_with = "cleanup")]
+    pub out: Option<PathBuf>,
+    /// Remove this test image and unpin its point.
+    #[arg(long, value_name = "PATH")]
+    pub cleanup: Option<PathBuf>,
+    /// The target agent's config (its state_dir; TARGET is one of its target names).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Seconds to wait while a session holds the target before failing with E_BUSY.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub wait: u64,
     #[command(flatten)]
     pub common: Common,
 }
@@ -261,6 +322,9 @@ impl Command {
             Command::Points(a) => a.common.json,
             Command::Export(a) => a.common.json,
             Command::Abort(a) => a.common.json,
+            Command::Failover(a) => a.common.json,
+            Command::Commit(a) | Command::Demote(a) => a.common.json,
+            Command::TestFailover(a) => a.common.json,
             Command::Demo(a) => a.common.json,
             Command::Init(a) | Command::Id(a) => a.common.json,
             Command::Serve(a) => a.common.json,

@@ -8,7 +8,10 @@
 //! - [`apply::Target`] applies verified blocks crash-consistently: redo log,
 //!   commit record, in-place writes, undo segments for older recovery points;
 //!   [`apply::Apply::prepare`] → [`apply::Prepared::seal`] →
-//!   [`apply::Sealed::finish`] is the commit.
+//!   [`apply::Sealed::finish`] is the commit; failover moves
+//!   ([`apply::Target::failover`]) run on the same log.
+//! - [`history`] is a disk's own history as a source; with a target's
+//!   catalog it decides what a push may overwrite (`session::lineage`).
 //! - [`session`] holds every sync session: [`mod@session::decide`] (the one
 //!   decision table), [`session::TargetSession`] and [`session::SourceSession`];
 //!   its module docs follow a block from disk to disk.
@@ -34,6 +37,7 @@ pub mod digest;
 pub mod disk;
 pub mod error;
 pub mod hash;
+pub mod history;
 mod leaf;
 pub mod local;
 pub mod manifest;

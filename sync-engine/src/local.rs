@@ -198,7 +198,7 @@ impl<'a> Join<'a> {
             discard_target_changes: opts.discard_target_changes,
             // The source's lineage is read, never written: a local sync
             // leaves no history behind for its source.
-            lineage: crate::session::history::lineage_of(job.vfs.as_ref(), &job.state_root, &job.source)?,
+            lineage: crate::session::lineage::lineage_of(job.vfs.as_ref(), &job.state_root, &job.source)?,
         };
         Ok(Join { job, opts, source, progress, sender: SenderSession::new(open), receiver: ReceiverSession::new() })
     }

@@ -26,15 +26,21 @@ pub struct PointInfo {
     pub undo_bytes: u64,
     /// Whether the target is at this point now.
     pub current: bool,
+    /// Kept by a test-failover image while it exists.
+    pub pinned: bool,
+    /// Holds a disk's own changes a push discarded (kept until `commit`).
+    pub discarded: bool,
 }
 
 /// The kept recovery points, newest first (fuzzy generations are not
 /// recovery points and are left out).
 pub fn list(target: &Target) -> Vec<PointInfo> {
     let Some(c) = target.catalog().filter(|c| c.status == Status::Complete) else { return Vec::new() };
-    c.points
-        .iter()
-        .enumerate()
+    let mut points: Vec<(usize, &crate::apply::PointRecord)> = c.points.iter().enumerate().collect();
+    // After a failover the current point need not be the newest.
+    points.sort_by_key(|(_, p)| std::cmp::Reverse(p.created_unix_ns));
+    points
+        .into_iter()
         .filter(|(_, p)| p.consistency.is_recovery_point())
         .map(|(i, p)| PointInfo {
             generation: p.generation,
@@ -43,6 +49,8 @@ pub fn list(target: &Target) -> Vec<PointInfo> {
             disk_bytes: p.geometry.disk_bytes,
             undo_bytes: p.undo.map_or(0, |u| u.data_bytes),
             current: i == 0,
+            pinned: c.pins.iter().any(|x| x.generation == p.generation && !x.is_discarded()),
+            discarded: c.pins.iter().any(|x| x.generation == p.generation && x.is_discarded()),
         })
         .collect()
 }

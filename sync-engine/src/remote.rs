@@ -154,6 +154,7 @@ pub fn verify_frame(
     }
     let received = ReceivedBlock { index: frame.index, len: frame.block_len, expected: frame.hash, patches };
     let base = if received.is_whole() {
+        old.forget(frame.index);
         Vec::new()
     } else if old.is_staged(frame.index) {
         // Patches over a staged block would be verified against bytes the

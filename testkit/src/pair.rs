@@ -79,7 +79,7 @@ pub fn push(vfs: Arc<dyn Vfs>, spec: &PushSpec) -> Result<PushEnd> {
         mode: spec.mode,
         force: spec.force,
         discard_target_changes: false,
-    lineage: Vec::new(),
+        lineage: Vec::new(),
     };
     let mut pair = Pair {
         spec,

@@ -13,6 +13,7 @@ mod blockdev;
 mod cli;
 mod corrupt;
 mod diverge;
+mod failover;
 mod full_download;
 mod full_fs;
 mod guard;

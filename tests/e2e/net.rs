@@ -47,7 +47,18 @@ pub struct TargetSpec<'a> {
 
 impl Agent {
     pub fn start(dir: &Path, peers: &[(&str, &str)], targets: &[TargetSpec<'_>], extra: &str) -> Agent {
-        let id = Identity::init(dir, "target-state");
+        Agent::start_as(Identity::init(dir, "target-state"), dir, peers, targets, extra)
+    }
+
+    /// [`Agent::start`] with an identity (and state directory) made before:
+    /// a host that also pushes, from the same state directory.
+    pub fn start_as(
+        id: Identity,
+        dir: &Path,
+        peers: &[(&str, &str)],
+        targets: &[TargetSpec<'_>],
+        extra: &str,
+    ) -> Agent {
         let port = free_udp_port();
         let mut cfg = format!("listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\n{extra}\n", id.state.display());
         for (name, fp) in peers {

@@ -2,45 +2,19 @@
 //! purpose (a push that will not be resumed, or one whose redo log fills the
 //! state directory), leaving the target at its last commit.
 
-use std::path::Path;
-use std::sync::Arc;
-
 use anyhow::Result;
-use diskferry_protocol::ErrorCode;
-use diskferry_sync_engine::apply::{Recovery, Target, TargetOptions, Trust};
-use diskferry_sync_engine::store::RealFs;
-use diskferry_sync_engine::Error;
+use diskferry_sync_engine::apply::{Recovery, Trust};
 use serde_json::json;
 
+use super::target_arg::{open_waiting, resolve_arg};
 use crate::cli::AbortArgs;
-use crate::config::Config;
 use crate::output::print_json;
-use crate::state;
 use crate::units::human_bytes;
 
 pub fn run(a: AbortArgs) -> Result<()> {
-    // A target of a serve config by name, or a path.
-    let (path, state_dir) = match &a.config {
-        Some(file) => {
-            let config = Config::load(file)?;
-            let t = config.targets.get(&a.target).ok_or_else(|| {
-                Error::new(ErrorCode::UnknownTarget, format!("{} has no target named {:?}", file.display(), a.target))
-                    .hint("give a target name from that config, or a path without --config")
-            })?;
-            (t.path.clone(), a.common.state_dir.clone().or(config.state_dir))
-        }
-        None => (state::canonical_target(Path::new(&a.target))?, a.common.state_dir.clone()),
-    };
-    let state_root = state::prepare(&state::resolve(state_dir))?;
-    if !Target::state_dir(&state_root, &path).is_dir() {
-        return Err(Error::new(
-            ErrorCode::NoState,
-            format!("{} has no diskferry state in {}", path.display(), state_root.display()),
-        )
-        .hint("check the path and --state-dir (the target agent's state directory)")
-        .into());
-    }
-    let mut target = Target::open(Arc::new(RealFs), &state_root, &path, TargetOptions::default())?;
+    let r = resolve_arg(&a.target, a.common.state_dir.clone())?;
+    let path = r.path.clone();
+    let mut target = open_waiting(&r, std::time::Duration::from_secs(a.target.wait))?;
     let finished = match target.recovery() {
         Recovery::Finished(g) => Some(*g),
         _ => None,

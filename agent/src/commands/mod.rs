@@ -3,10 +3,13 @@
 mod abort;
 mod demo;
 mod export;
+mod failover;
 mod hash;
 mod net;
 mod points;
 mod sync;
+mod target_arg;
+mod test_failover;
 mod verify;
 
 use crate::cli::Command;
@@ -16,6 +19,10 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Hash(a) => hash::run(a),
         Command::Abort(a) => abort::run(a),
+        Command::Failover(a) => failover::failover(a),
+        Command::Commit(a) => failover::commit(a),
+        Command::Demote(a) => failover::demote(a),
+        Command::TestFailover(a) => test_failover::run(a),
         Command::Sync(a) => sync::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Points(a) => points::run(a),

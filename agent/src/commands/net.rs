@@ -127,7 +127,10 @@ pub fn push(a: PushArgs) -> Result<()> {
             println!("  dropped     {} recovery points of the target's old chain (--force)", report.points_dropped);
         }
         if let Some(g) = report.common_point {
-            println!("  common      {g} (the last point both sides held); the target read {} of its disk", human_bytes(report.target_bytes_read));
+            println!(
+                "  common      {g} (the last point both sides held); the target read {} of its disk",
+                human_bytes(report.target_bytes_read)
+            );
         }
         if let Some(g) = report.discarded_point {
             println!(

@@ -30,11 +30,17 @@ pub fn run(a: PointsArgs) -> Result<()> {
                     "disk_bytes": p.disk_bytes,
                     "undo_bytes": p.undo_bytes,
                     "current": p.current,
+                    "pinned": p.pinned,
+                    "discarded": p.discarded,
                 })
             })
             .collect();
-        print_json(&json!({ "target": path, "points": items }));
+        let role = target.role().map(|r| r.as_str());
+        print_json(&json!({ "target": path, "role": role, "points": items }));
         return Ok(());
+    }
+    if let Some(role) = target.role() {
+        println!("{}: {}", a.dst.display(), role.as_str());
     }
     if list.is_empty() {
         println!("{}: no recovery points", a.dst.display());
@@ -49,7 +55,11 @@ pub fn run(a: PointsArgs) -> Result<()> {
             p.consistency.as_str(),
             human_bytes(p.disk_bytes),
             human_bytes(p.undo_bytes),
-            if p.current { "  (current)" } else { "" }
+            [(p.current, "  (current)"), (p.pinned, "  (pinned)"), (p.discarded, "  (discarded changes)")]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, s)| *s)
+                .collect::<String>()
         );
     }
     Ok(())

@@ -340,7 +340,9 @@ impl Message {
                     SyncMode::Delta => 1,
                     SyncMode::Full => 2,
                 });
-                b.put_u8(if o.force { OPEN_FORCE } else { 0 } | if o.discard_target_changes { OPEN_DISCARD } else { 0 });
+                b.put_u8(
+                    if o.force { OPEN_FORCE } else { 0 } | if o.discard_target_changes { OPEN_DISCARD } else { 0 },
+                );
                 let lineage = &o.lineage[..o.lineage.len().min(MAX_LINEAGE)];
                 b.put_u32_le(lineage.len() as u32);
                 for g in lineage {

@@ -78,7 +78,7 @@ impl Conn {
             mode: if plan == Plan::Full { SyncMode::Full } else { SyncMode::Auto },
             force: false,
             discard_target_changes: false,
-        lineage: Vec::new(),
+            lineage: Vec::new(),
         };
         Conn {
             s: SenderSession::new(open),
@@ -154,10 +154,10 @@ fn run(source: &[BlockHash], target: &mut Vec<BlockHash>, plan: Plan, f: &Faults
                         bytes_written: 0,
                         points_dropped: 0,
                         unchanged: false,
-                    common_point: None,
-                    discarded_blocks: 0,
-                    discarded_point: None,
-                    target_bytes_read: 0,
+                        common_point: None,
+                        discarded_blocks: 0,
+                        discarded_point: None,
+                        target_bytes_read: 0,
                     });
                     *target = committed.clone();
                     return End::Committed(committed);

@@ -36,7 +36,7 @@ fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) 
         mode: SyncMode::Auto,
         force: false,
         discard_target_changes: false,
-    lineage: Vec::new(),
+        lineage: Vec::new(),
     };
     let mut s = SenderSession::new(open);
     let mut r = ReceiverSession::new();
@@ -102,10 +102,10 @@ fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) 
                     bytes_written: 0,
                     points_dropped: 0,
                     unchanged: false,
-                common_point: None,
-                discarded_blocks: 0,
-                discarded_point: None,
-                target_bytes_read: 0,
+                    common_point: None,
+                    discarded_blocks: 0,
+                    discarded_point: None,
+                    target_bytes_read: 0,
                 }),
                 ReceiverEvent::Failed { code, .. } => out.receiver_failed = Some(code),
             }
@@ -252,7 +252,7 @@ fn unexpected_messages_fail_with_codes() {
         mode: SyncMode::Auto,
         force: false,
         discard_target_changes: false,
-    lineage: Vec::new(),
+        lineage: Vec::new(),
     };
     let mut s = SenderSession::new(open);
     let _ = s.poll_transmit();
@@ -286,7 +286,7 @@ fn verify_failures_are_retried_then_fatal() {
         mode: SyncMode::Full,
         force: false,
         discard_target_changes: false,
-    lineage: Vec::new(),
+        lineage: Vec::new(),
     };
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();
@@ -314,7 +314,7 @@ fn unrequested_blocks_are_refused() {
         mode: SyncMode::Delta,
         force: false,
         discard_target_changes: false,
-    lineage: Vec::new(),
+        lineage: Vec::new(),
     };
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();
@@ -353,7 +353,7 @@ fn full_receiver(blocks: u64) -> ReceiverSession {
         mode: SyncMode::Full,
         force: false,
         discard_target_changes: false,
-    lineage: Vec::new(),
+        lineage: Vec::new(),
     };
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();

@@ -25,7 +25,7 @@ use diskferry_protocol::{BlockSize, Consistency, Generation, Geometry};
 
 use crate::error::{Error, IoContext, Place, Result};
 use crate::seqio::Fields;
-use crate::store::{DiskKind, OpenHow, Stamp, Vfs};
+use crate::store::{decode_stamp, encode_stamp, put_str, DiskKind, OpenHow, Stamp, Vfs};
 
 const MAGIC: &[u8; 8] = b"DFCATLG1";
 const VERSION: u32 = 2;
@@ -163,6 +163,21 @@ impl Catalog {
         Some(path)
     }
 
+    /// The current generation and its parents as far as the kept points
+    /// go, newest first (at most [`crate::history::MAX_CHAIN`]).
+    pub fn ancestry(&self) -> Vec<Generation> {
+        let mut out = Vec::new();
+        let mut at = self.current().copied();
+        while let Some(p) = at {
+            if out.contains(&p.generation) || out.len() >= crate::history::MAX_CHAIN {
+                break;
+            }
+            out.push(p.generation);
+            at = p.parent.and_then(|g| self.point(g)).copied();
+        }
+        out
+    }
+
     /// Whether `g` is pinned by a test-failover clone.
     pub fn is_pinned(&self, g: Generation) -> bool {
         self.pins.iter().any(|p| p.generation == g)
@@ -198,49 +213,6 @@ impl Catalog {
         self.pins.retain(|p| keep.contains(&p.generation));
         dropped
     }
-}
-
-/// A stamp as stored (catalog, source history): `u8 kind (0 none, 1 file,
-/// 2 device)` and 48 bytes (file: `u64 len · i64 mtime ns · i64 ctime ns ·
-/// u64 inode · [16] 0`; device: `[16] boot id · u64 rdev · u64 sectors
-/// written · [16] 0`).
-pub(crate) fn encode_stamp(stamp: Option<Stamp>) -> (u8, [u8; 48]) {
-    let mut b = [0u8; 48];
-    let kind = match stamp {
-        None => 0,
-        Some(Stamp::File { len, mtime_ns, ctime_ns, ino }) => {
-            b[0..8].copy_from_slice(&len.to_le_bytes());
-            b[8..16].copy_from_slice(&mtime_ns.to_le_bytes());
-            b[16..24].copy_from_slice(&ctime_ns.to_le_bytes());
-            b[24..32].copy_from_slice(&ino.to_le_bytes());
-            1
-        }
-        Some(Stamp::Device { boot_id, rdev, sectors_written }) => {
-            b[0..16].copy_from_slice(&boot_id);
-            b[16..24].copy_from_slice(&rdev.to_le_bytes());
-            b[24..32].copy_from_slice(&sectors_written.to_le_bytes());
-            2
-        }
-    };
-    (kind, b)
-}
-
-/// The inverse of [`encode_stamp`]; `None` for an unknown kind.
-pub(crate) fn decode_stamp(kind: u8, bytes: &[u8]) -> Option<Option<Stamp>> {
-    let mut s = Fields::new(bytes);
-    Some(match kind {
-        0 => None,
-        1 => Some(Stamp::File { len: s.u64()?, mtime_ns: s.i64()?, ctime_ns: s.i64()?, ino: s.u64()? }),
-        2 => Some(Stamp::Device { boot_id: s.array()?, rdev: s.u64()?, sectors_written: s.u64()? }),
-        _ => return None,
-    })
-}
-
-pub(crate) fn put_str(b: &mut Vec<u8>, s: &str) {
-    let bytes = s.as_bytes();
-    let n = bytes.len().min(u16::MAX as usize);
-    b.extend_from_slice(&(n as u16).to_le_bytes());
-    b.extend_from_slice(&bytes[..n]);
 }
 
 fn encode(c: &Catalog) -> Vec<u8> {

@@ -7,12 +7,14 @@
 //! - `session`: the apply of one session (mode, staging);
 //! - `commit`: prepare → seal → finish;
 //! - `moves`: failover to a kept point, commit, pins of test clones;
+//! - `demote`: a live target back to a replica;
 //! - `sink`: direct writes of full copies, and reads of current content;
 //! - `catalog`, `journal`, `undo`: the state files.
 
 pub mod catalog;
 mod check;
 mod commit;
+mod demote;
 pub mod journal;
 mod moves;
 mod recover;
@@ -24,6 +26,7 @@ pub mod undo;
 pub use catalog::{Catalog, Pin, PointRecord, Role, Status, UndoRef};
 pub use check::VerifyReport;
 pub use commit::{CommitMeta, CommitReport, Prepared, Sealed};
+pub use demote::DemoteReport;
 pub use moves::{CommitPointsReport, MoveReport};
 pub use session::{Apply, ApplyMode, ApplyStats, BeginSpec};
 pub use sink::{DirectSink, OldContent};

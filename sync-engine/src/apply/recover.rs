@@ -344,7 +344,7 @@ impl Target {
         self.catalog = Some(c);
         // The disk's bytes are this target's generation now, not what it
         // was last pushed as.
-        crate::session::history::clear(self.vfs.as_ref(), &self.state_root, &self.path)?;
+        crate::history::clear(self.vfs.as_ref(), &self.state_root, &self.path)?;
         self.collect_garbage()
     }
 

@@ -91,6 +91,8 @@ pub struct Apply<'t> {
     pub(super) reserved: Option<Reserved>,
     /// Bytes read from the target's own disk (journal mode).
     pub(super) disk_read: Arc<AtomicU64>,
+    /// Current bytes of wanted blocks, kept for their patches.
+    pub(super) kept: Arc<super::sink::KeptBlocks>,
 }
 
 impl Target {
@@ -203,6 +205,7 @@ impl Target {
             overlay: Arc::new(overlay),
             sink,
             disk_read,
+            kept: Arc::default(),
             reserved: None,
         })
     }
@@ -244,6 +247,7 @@ impl Apply<'_> {
             geometry: self.spec.geometry,
             old_len: self.old_len,
             overlay: self.overlay.clone(),
+            kept: self.kept.clone(),
         }
     }
 

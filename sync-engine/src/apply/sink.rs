@@ -136,16 +136,66 @@ pub struct OldContent {
     pub(super) geometry: Geometry,
     pub(super) old_len: u64,
     pub(super) overlay: Arc<HashMap<u64, BlockHash>>,
+    pub(super) kept: Arc<KeptBlocks>,
+}
+
+/// Current bytes of wanted blocks, read once when the target asked for
+/// their changed pages and kept for the frame that patches them, so a
+/// delta reads each block it rewrites once, not twice. Bounded: past
+/// [`KeptBlocks::MAX_BYTES`] a block is simply read again.
+#[derive(Debug, Default)]
+pub struct KeptBlocks {
+    blocks: std::sync::Mutex<HashMap<u64, Vec<u8>>>,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl KeptBlocks {
+    /// Bytes kept at most per session.
+    pub const MAX_BYTES: u64 = 32 << 20;
 }
 
 impl OldContent {
+    /// Keeps `bytes`, just read as `block`'s current content, for the frame
+    /// that will patch it ([`OldContent::read`] takes them).
+    pub fn keep(&self, block: u64, bytes: Vec<u8>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let k = &self.kept;
+        if k.bytes.load(Relaxed) + bytes.len() as u64 > KeptBlocks::MAX_BYTES {
+            return;
+        }
+        k.bytes.fetch_add(bytes.len() as u64, Relaxed);
+        if let Some(old) = k.blocks.lock().unwrap_or_else(|p| p.into_inner()).insert(block, bytes) {
+            k.bytes.fetch_sub(old.len() as u64, Relaxed);
+        }
+    }
+
+    /// Drops what was kept for `block` (it arrived whole).
+    pub fn forget(&self, block: u64) {
+        let _ = self.take(block);
+    }
+
+    fn take(&self, block: u64) -> Option<Vec<u8>> {
+        let b = self.kept.blocks.lock().unwrap_or_else(|p| p.into_inner()).remove(&block)?;
+        self.kept.bytes.fetch_sub(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Some(b)
+    }
+
     /// The target (or `.partial`) these bytes come from.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The bytes of `block` (zeros past the end).
+    /// The bytes of `block` (zeros past the end): kept ones if
+    /// [`OldContent::keep`] holds them (taken), else read.
     pub fn read(&self, block: u64) -> Result<Vec<u8>> {
+        if let Some(b) = self.take(block) {
+            return Ok(b);
+        }
+        self.read_disk(block)
+    }
+
+    /// The bytes of `block` read from the disk (zeros past the end).
+    pub fn read_disk(&self, block: u64) -> Result<Vec<u8>> {
         let len = self.geometry.block_len(block);
         let off = self.geometry.block_offset(block);
         let mut buf = vec![0u8; len as usize];

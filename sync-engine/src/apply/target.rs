@@ -2,11 +2,10 @@
 //! the committed manifest can be trusted. Recovery is in `recover.rs`, the
 //! apply of one session in `session.rs` and `commit.rs`.
 
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use diskferry_protocol::{to_hex, ErrorCode, Generation};
+use diskferry_protocol::{ErrorCode, Generation};
 
 use super::catalog::{read_catalog, write_catalog, Catalog, PointRecord, Status, CATALOG};
 use super::journal::Scan;
@@ -107,16 +106,7 @@ impl std::fmt::Debug for LockGuard {
 
 /// The state subdirectory name for a target path: readable, and unique per path.
 pub fn target_key(path: &Path) -> String {
-    let name: String = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        .take(40)
-        .collect();
-    let digest = blake3::hash(path.as_os_str().as_bytes());
-    format!("{name}-{}", to_hex(&digest.as_bytes()[..8]))
+    crate::store::state_key(path)
 }
 
 /// The manifest file name of a generation.

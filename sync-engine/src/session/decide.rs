@@ -20,8 +20,8 @@
 use diskferry_protocol::message::{Plan, SyncMode};
 use diskferry_protocol::{ErrorCode, Generation, Geometry};
 
-use crate::apply::journal::JournalKind;
 use super::lineage::{self, Verdict};
+use crate::apply::journal::JournalKind;
 use crate::apply::{partial_path, ApplyMode, Role, Target, Trust};
 use crate::error::{Error, IoContext, Place, Result};
 use crate::manifest::Manifest;
@@ -86,7 +86,14 @@ pub fn decide(target: &mut Target, req: &Request) -> Result<Decision> {
         )
         .hint("push the other way (this disk is the primary now), or `diskferry demote` it once its VM moved away"));
     }
-    let verdict = lineage::check(target, req)?;
+    let ask = lineage::Ask {
+        lineage: &req.lineage,
+        force: req.force,
+        discard_target_changes: req.discard_target_changes,
+        discard_point: req.discard_point,
+        now_unix_ns: req.now_unix_ns,
+    };
+    let verdict = lineage::check(target, &ask)?;
     let forced = verdict.forced;
     let mut d = decide_inner(target, req, forced)?;
     if d.plan != Plan::Full && d.view.as_ref().is_some_and(|v| matches!(v, ViewSource::Disk(_))) {

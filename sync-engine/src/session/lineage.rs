@@ -12,15 +12,14 @@ use std::path::Path;
 
 use diskferry_protocol::{Consistency, ErrorCode, Generation, Geometry};
 
-use super::decide::Request;
-use super::history::History;
 use crate::apply::catalog::write_catalog;
 use crate::apply::{manifest_file, Catalog, PointRecord, Role, Status, Target};
 use crate::disk::Disk;
 use crate::error::{Error, IoContext, Place, Result};
 use crate::hash::hash_blocks;
+use crate::history::History;
 use crate::manifest::{Manifest, ManifestMeta, ManifestWriter};
-use crate::store::{Meta, OpenHow, Vfs};
+use crate::store::{Meta, Vfs};
 
 /// What the receiving disk's own history decided.
 #[derive(Debug, Default)]
@@ -39,11 +38,26 @@ pub struct Verdict {
     pub forced: bool,
 }
 
+/// What the source asked that these rules read.
+#[derive(Clone, Copy, Debug)]
+pub struct Ask<'a> {
+    /// The source's lineage, newest first.
+    pub lineage: &'a [Generation],
+    /// `--force`: an unrelated disk is compared by hashing and overwritten.
+    pub force: bool,
+    /// `--discard-target-changes`: a split brain proceeds.
+    pub discard_target_changes: bool,
+    /// The id of the point that keeps discarded changes, if one is hashed.
+    pub discard_point: Generation,
+    /// Its time.
+    pub now_unix_ns: i64,
+}
+
 /// Applies rules 4 and 5. When the disk is at the common point, or its
 /// changes are discarded on request, the target's catalog is set to that
 /// point (adopted from the history, or hashed), so the ordinary rules then
 /// see a trusted replica.
-pub fn check(target: &mut Target, req: &Request) -> Result<Verdict> {
+pub fn check(target: &mut Target, req: &Ask<'_>) -> Result<Verdict> {
     let vfs = target.vfs().clone();
     let root = target.state_root().to_path_buf();
     let path = target.path().to_path_buf();
@@ -96,10 +110,15 @@ pub fn check(target: &mut Target, req: &Request) -> Result<Verdict> {
     if !req.discard_target_changes {
         return Err(Error::new(
             ErrorCode::SplitBrain,
-            format!("{} advanced past the last point it shares with this source: a push would discard {lost}", path.display()),
+            format!(
+                "{} advanced past the last point it shares with this source: a push would discard {lost}",
+                path.display()
+            ),
         )
-        .hint("both sides wrote after the split: keep this disk's changes (stop here), or push again with \
-               --discard-target-changes, which keeps them as a recovery point until `diskferry commit`"));
+        .hint(
+            "both sides wrote after the split: keep this disk's changes (stop here), or push again with \
+               --discard-target-changes, which keeps them as a recovery point until `diskferry commit`",
+        ));
     }
     let kept = match hashed {
         Some(w) => {
@@ -177,7 +196,7 @@ fn adopt(target: &mut Target, manifest: &Manifest, meta: &Meta) -> Result<()> {
     target.discard()?;
     let vfs = target.vfs().clone();
     let to = target.dir().join(manifest_file(h.generation));
-    copy_file(vfs.as_ref(), manifest.path(), &to)?;
+    crate::history::copy_file(vfs.as_ref(), manifest.path(), &to)?;
     let point = PointRecord {
         generation: h.generation,
         parent: h.parent,
@@ -239,17 +258,13 @@ fn set_catalog(target: &mut Target, point: PointRecord, meta: &Meta) -> Result<(
     target.replace_catalog(c)
 }
 
-fn copy_file(vfs: &dyn Vfs, from: &Path, to: &Path) -> Result<()> {
-    let src = vfs.open(from, OpenHow::Read).ctx(Place::State, "opening", from)?;
-    let dst = vfs.open(to, OpenHow::Truncate).ctx(Place::State, "creating", to)?;
-    let len = src.len().ctx(Place::State, "reading", from)?;
-    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(buf.len() as u64) as usize;
-        src.read_at(at, &mut buf[..n]).ctx(Place::State, "reading", from)?;
-        dst.write_at(at, &buf[..n]).ctx(Place::State, "writing", to)?;
-        at += n as u64;
+/// The lineage a push or sync of `disk` offers: its own history when it
+/// has one, else, when it is a target of this agent (a promoted replica),
+/// its current generation and the parents kept in its catalog.
+pub fn lineage_of(vfs: &dyn Vfs, state_root: &Path, disk: &Path) -> Result<Vec<Generation>> {
+    if let Some(h) = History::load(vfs, state_root, disk)? {
+        return Ok(h.lineage());
     }
-    dst.sync().ctx(Place::State, "syncing", to)
+    let c = crate::apply::catalog::read_catalog(vfs, &Target::state_dir(state_root, disk))?;
+    Ok(c.map(|c| c.ancestry()).unwrap_or_default())
 }

@@ -23,12 +23,10 @@
 //!    prepare → seal (the commit point) → finish.
 
 pub mod decide;
-pub mod history;
 pub mod lineage;
 pub mod source;
 pub mod target;
 
 pub use decide::{decide, Decision, Request};
-pub use history::{History, HistoryWriter};
 pub use source::{Item, ItemSink, Link, SourceSession};
 pub use target::{Accepted, Outcome, TargetRequest, TargetSession};

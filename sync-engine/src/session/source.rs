@@ -21,11 +21,12 @@ use diskferry_protocol::message::{Message, WantBlock};
 use diskferry_protocol::session::SourceRegion;
 use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry};
 
-use super::history::{lineage_of, HistoryWriter};
+use super::lineage::lineage_of;
 use crate::block::VerifiedSlice;
 use crate::disk::Disk;
 use crate::error::{Error, IoContext, Place, Result};
 use crate::hash::{hash_block, hash_blocks_visit};
+use crate::history::HistoryWriter;
 use crate::manifest::ManifestMeta;
 use crate::remote::{block_frame, whole_block_frame, WireFrame};
 use crate::store::{Meta, Vfs};

@@ -155,18 +155,18 @@ impl<'t> TargetSession<'t> {
                 Op::Zero { first, count } => self.apply.stage_zero(first, count)?,
                 Op::Copy { block, from } => {
                     let current = self.checked_current(block, blocks)?;
-                    let bytes = self.old.read(from)?;
+                    let bytes = self.old.read_disk(from)?;
                     let source = list.iter().find(|b| b.0 == block).map(|b| b.1);
                     if bytes.len() == current.len() && !self.old.is_staged(from) && Some(hash_block(&bytes)) == source {
                         let base = (!self.old.is_staged(block)).then_some(current.as_slice());
                         self.apply.stage(&VerifiedBlock::from_local(block, &bytes, base))?;
                     } else {
-                        wants.push(self.want(block, &current));
+                        wants.push(self.want(block, current));
                     }
                 }
                 Op::Send { block } => {
                     let current = self.checked_current(block, blocks)?;
-                    wants.push(self.want(block, &current));
+                    wants.push(self.want(block, current));
                 }
             }
         }
@@ -176,7 +176,7 @@ impl<'t> TargetSession<'t> {
 
     /// The block's current bytes, checked against the trusted manifest.
     fn checked_current(&self, block: u64, blocks: &[Differing]) -> Result<Vec<u8>> {
-        let current = self.old.read(block)?;
+        let current = self.old.read_disk(block)?;
         if self.trusted.is_some() && !self.old.is_staged(block) {
             if let Some(expected) = blocks.iter().find(|d| d.index == block).and_then(|d| d.target) {
                 if hash_block(&current) != expected {
@@ -193,8 +193,13 @@ impl<'t> TargetSession<'t> {
 
     /// A block to fetch: only the pages that differ from `current`, unless an
     /// interrupted session staged it (its content is then not `current`).
-    fn want(&self, block: u64, current: &[u8]) -> WantBlock {
-        let page_hashes = if self.old.is_staged(block) { Vec::new() } else { page_hashes(current) };
+    /// The current bytes are kept for the frame that patches them.
+    fn want(&self, block: u64, current: Vec<u8>) -> WantBlock {
+        if self.old.is_staged(block) {
+            return WantBlock { index: block, page_hashes: Vec::new() };
+        }
+        let page_hashes = page_hashes(&current);
+        self.old.keep(block, current);
         WantBlock { index: block, page_hashes }
     }
 

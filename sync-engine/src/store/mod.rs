@@ -204,3 +204,67 @@ pub trait Vfs: Send + Sync + fmt::Debug {
         Ok(false)
     }
 }
+
+/// A stamp as stored (catalog, source history): `u8 kind (0 none, 1 file,
+/// 2 device)` and 48 bytes (file: `u64 len · i64 mtime ns · i64 ctime ns ·
+/// u64 inode · [16] 0`; device: `[16] boot id · u64 rdev · u64 sectors
+/// written · [16] 0`).
+pub(crate) fn encode_stamp(stamp: Option<Stamp>) -> (u8, [u8; 48]) {
+    let mut b = [0u8; 48];
+    let kind = match stamp {
+        None => 0,
+        Some(Stamp::File { len, mtime_ns, ctime_ns, ino }) => {
+            b[0..8].copy_from_slice(&len.to_le_bytes());
+            b[8..16].copy_from_slice(&mtime_ns.to_le_bytes());
+            b[16..24].copy_from_slice(&ctime_ns.to_le_bytes());
+            b[24..32].copy_from_slice(&ino.to_le_bytes());
+            1
+        }
+        Some(Stamp::Device { boot_id, rdev, sectors_written }) => {
+            b[0..16].copy_from_slice(&boot_id);
+            b[16..24].copy_from_slice(&rdev.to_le_bytes());
+            b[24..32].copy_from_slice(&sectors_written.to_le_bytes());
+            2
+        }
+    };
+    (kind, b)
+}
+
+/// The inverse of [`encode_stamp`]; `None` for an unknown kind.
+pub(crate) fn decode_stamp(kind: u8, bytes: &[u8]) -> Option<Option<Stamp>> {
+    let u64_at = |at: usize| Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
+    let i64_at = |at: usize| Some(i64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
+    Some(match kind {
+        0 => None,
+        1 => Some(Stamp::File { len: u64_at(0)?, mtime_ns: i64_at(8)?, ctime_ns: i64_at(16)?, ino: u64_at(24)? }),
+        2 => Some(Stamp::Device {
+            boot_id: bytes.get(0..16)?.try_into().ok()?,
+            rdev: u64_at(16)?,
+            sectors_written: u64_at(24)?,
+        }),
+        _ => return None,
+    })
+}
+
+pub(crate) fn put_str(b: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    let n = bytes.len().min(u16::MAX as usize);
+    b.extend_from_slice(&(n as u16).to_le_bytes());
+    b.extend_from_slice(&bytes[..n]);
+}
+
+/// The state subdirectory name for a disk path (its target state, its
+/// history): readable, and unique per path.
+pub fn state_key(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let name: String = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(40)
+        .collect();
+    let digest = blake3::hash(path.as_os_str().as_bytes());
+    format!("{name}-{}", diskferry_protocol::to_hex(&digest.as_bytes()[..8]))
+}

@@ -24,12 +24,10 @@ use std::sync::Arc;
 
 use diskferry_protocol::{BlockHash, Generation, Geometry};
 
-use crate::apply::catalog::{decode_stamp, encode_stamp, put_str, read_catalog};
-use crate::apply::{target_key, Target};
 use crate::error::{Error, IoContext, Place, Result};
 use crate::manifest::{Manifest, ManifestMeta, ManifestWriter};
 use crate::seqio::Fields;
-use crate::store::{OpenHow, Stamp, Vfs};
+use crate::store::{decode_stamp, encode_stamp, put_str, state_key, OpenHow, Stamp, Vfs};
 
 const MAGIC: &[u8; 8] = b"DFHIST01";
 const VERSION: u32 = 1;
@@ -54,7 +52,7 @@ pub struct History {
 
 /// The history directory of `disk` under `state_root`.
 pub fn history_dir(state_root: &Path, disk: &Path) -> PathBuf {
-    state_root.join("history").join(target_key(disk))
+    state_root.join("history").join(state_key(disk))
 }
 
 impl History {
@@ -91,26 +89,6 @@ impl History {
         }
         Ok(m)
     }
-}
-
-/// The lineage a push or sync of `disk` offers: its own history when it
-/// has one, else, when it is a target of this agent (a promoted replica),
-/// its current generation and the parents kept in its catalog.
-pub fn lineage_of(vfs: &dyn Vfs, state_root: &Path, disk: &Path) -> Result<Vec<Generation>> {
-    if let Some(h) = History::load(vfs, state_root, disk)? {
-        return Ok(h.lineage());
-    }
-    let Some(c) = read_catalog(vfs, &Target::state_dir(state_root, disk))? else { return Ok(Vec::new()) };
-    let mut out = Vec::new();
-    let mut at = c.current().copied();
-    while let Some(p) = at {
-        if out.contains(&p.generation) || out.len() >= MAX_CHAIN {
-            break;
-        }
-        out.push(p.generation);
-        at = p.parent.and_then(|g| c.point(g)).copied();
-    }
-    Ok(out)
 }
 
 /// A push's record in progress: the manifest of what is sent.
@@ -182,6 +160,22 @@ pub fn clear(vfs: &dyn Vfs, state_root: &Path, disk: &Path) -> Result<()> {
         let _ = vfs.remove_file(&dir.join(name));
     }
     Ok(())
+}
+
+/// Copies a state file (a manifest) and syncs the copy.
+pub(crate) fn copy_file(vfs: &dyn Vfs, from: &Path, to: &Path) -> Result<()> {
+    let src = vfs.open(from, OpenHow::Read).ctx(Place::State, "opening", from)?;
+    let dst = vfs.open(to, OpenHow::Truncate).ctx(Place::State, "creating", to)?;
+    let len = src.len().ctx(Place::State, "reading", from)?;
+    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        src.read_at(at, &mut buf[..n]).ctx(Place::State, "reading", from)?;
+        dst.write_at(at, &buf[..n]).ctx(Place::State, "writing", to)?;
+        at += n as u64;
+    }
+    dst.sync().ctx(Place::State, "syncing", to)
 }
 
 fn read_file(vfs: &dyn Vfs, file: &Path) -> Result<Option<History>> {

@@ -1,0 +1,126 @@
+//! `demote`: a live target goes back to being a replica once its VM moved
+//! away. What the disk holds becomes a generation of its own history, so
+//! the next push from the new primary is a delta from the point both hold,
+//! or a split brain if this disk was written after its last push.
+
+use diskferry_protocol::{Consistency, ErrorCode, Generation, Geometry};
+
+use super::catalog::{write_catalog, Catalog, PointRecord, Role};
+use crate::disk::Disk;
+use crate::error::{Error, IoContext, Place, Result};
+use crate::hash::hash_blocks;
+use crate::history::{copy_file, History, HistoryWriter};
+use crate::manifest::{Manifest, ManifestMeta};
+use crate::progress::Progress;
+
+use super::target::*;
+
+/// What `demote` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DemoteReport {
+    /// The generation the disk holds now.
+    pub generation: Generation,
+    /// Whether the disk had to be hashed (it was written since its last
+    /// push or promote): `generation` is then new.
+    pub hashed: bool,
+    /// Recovery points dropped (they restored the promoted point, which
+    /// the VM's writes replaced).
+    pub points_dropped: usize,
+}
+
+impl Target {
+    /// Demotes a live target to a replica. If the disk is still what it was
+    /// last pushed as, or still the point it was promoted to, nothing is
+    /// read; otherwise it is hashed once into generation `fresh` (made at
+    /// `now_unix_ns`), recorded both as this target's point and as the
+    /// disk's own history.
+    pub fn demote(&mut self, fresh: Generation, now_unix_ns: i64, progress: &dyn Progress) -> Result<DemoteReport> {
+        let c = self.complete_catalog()?.clone();
+        if c.role != Role::Live {
+            return Err(Error::new(ErrorCode::InvalidInput, format!("{} is a replica already", self.path.display()))
+                .hint("demote only a target that was failed over (`diskferry failover`)"));
+        }
+        let vfs = self.vfs.clone();
+        let meta = vfs
+            .metadata(&self.path)
+            .ctx(Place::Target, "reading", &self.path)?
+            .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("{} does not exist", self.path.display())))?;
+        let history = History::load(vfs.as_ref(), &self.state_root, &self.path)?;
+        if let Some(h) = history.as_ref().filter(|h| h.at_rest == Some(meta.stamp)) {
+            // Pushed from since the promote, and not written since.
+            let generation = h.last().unwrap_or(c.points[0].generation);
+            self.set_role_kept(Role::Replica)?;
+            return Ok(DemoteReport { generation, hashed: false, points_dropped: 0 });
+        }
+        if let Trust::Trusted(p) = self.settle_trust()? {
+            self.set_role_kept(Role::Replica)?;
+            return Ok(DemoteReport { generation: p.generation, hashed: false, points_dropped: 0 });
+        }
+        // Written since: hash it once.
+        let lineage = match &history {
+            Some(h) => h.lineage(),
+            None => c.ancestry(),
+        };
+        let disk = Disk::open_on(vfs.as_ref(), &self.path).ctx(Place::Target, "opening", &self.path)?;
+        let g = Geometry::new(disk.len(), c.points[0].geometry.block_size);
+        let mut w = HistoryWriter::create(vfs.clone(), &self.state_root, &self.path, g, lineage.clone())?;
+        progress.phase("hashing", g.disk_bytes);
+        for region in 0..g.region_count() {
+            let range = g.region_range(region);
+            let hashes = hash_blocks(&disk, &g, range.clone()).ctx(Place::Target, "reading", &self.path)?;
+            w.manifest().push_region(region, &hashes)?;
+            progress.advance(g.block_offset(range.end).min(g.disk_bytes) - g.block_offset(range.start));
+        }
+        let after = vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?;
+        if after.map(|m| m.stamp) != Some(meta.stamp) {
+            return Err(Error::new(
+                ErrorCode::SourceChanged,
+                format!("{} was written while it was hashed: its VM still runs", self.path.display()),
+            )
+            .hint("stop the VM on this host first (its disk must be at rest), then demote again"));
+        }
+        let mmeta = ManifestMeta {
+            generation: fresh,
+            parent: lineage.first().copied(),
+            consistency: Consistency::Crash,
+            created_unix_ns: now_unix_ns,
+        };
+        w.commit(vfs.as_ref(), mmeta, Some(meta.stamp))?;
+        let h = History::load(vfs.as_ref(), &self.state_root, &self.path)?
+            .ok_or_else(|| Error::new(ErrorCode::Internal, "the history just written is gone"))?;
+        let hm = h.manifest(vfs.clone(), &self.state_root)?;
+        let to = self.dir.join(manifest_file(fresh));
+        copy_file(vfs.as_ref(), hm.path(), &to)?;
+        let m = Manifest::open(vfs.as_ref(), &to)?;
+        let point = PointRecord {
+            generation: fresh,
+            parent: mmeta.parent,
+            consistency: mmeta.consistency,
+            created_unix_ns: now_unix_ns,
+            geometry: g,
+            manifest_checksum: m.checksum(),
+            undo: None,
+        };
+        let points_dropped = c.points.len();
+        let new = Catalog {
+            stamp: Some(meta.stamp),
+            role: Role::Replica,
+            points: vec![point],
+            pins: c.pins.iter().filter(|p| !p.is_discarded()).cloned().collect(),
+            ..c
+        };
+        self.vfs.sync_dir(&self.dir).ctx(Place::State, "syncing", &self.dir)?;
+        write_catalog(vfs.as_ref(), &self.dir, &new)?;
+        self.replace_catalog(new)?;
+        Ok(DemoteReport { generation: fresh, hashed: true, points_dropped })
+    }
+
+    /// Rewrites the catalog with another role, keeping its stamp.
+    fn set_role_kept(&mut self, role: Role) -> Result<()> {
+        let Some(mut c) = self.catalog.clone() else { return Ok(()) };
+        c.role = role;
+        write_catalog(self.vfs.as_ref(), &self.dir, &c)?;
+        self.catalog = Some(c);
+        Ok(())
+    }
+}

@@ -1,0 +1,197 @@
+//! Failover moves between two hosts, each running `diskferry serve` and
+//! pushing from the same state directory: A runs the VM and pushes its
+//! disk to B; after a failover B pushes back. Every rule of which push is
+//! allowed, end to end: live targets refuse pushes, an old primary that
+//! kept writing is a split brain (with the counts), an unrelated disk is
+//! refused, and a planned round trip is deltas only.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::net::{push, sum, Agent, Identity, TargetSpec};
+use crate::util::{self, compare, make_disk, scatter_writes, tempdir, uint, write_at, MIB};
+
+/// Hosts A and B; each serves its disk `vm.img` as target "vm" to the other.
+pub struct Hosts {
+    pub _tmp: tempfile::TempDir,
+    pub a: Agent,
+    pub b: Agent,
+    pub disk_a: PathBuf,
+    pub disk_b: PathBuf,
+}
+
+impl Hosts {
+    pub fn start(name: &str, retention: u32) -> Hosts {
+        let tmp = tempdir(name);
+        let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(&da).unwrap();
+        std::fs::create_dir_all(&db).unwrap();
+        let (ia, ib) = (Identity::init(&da, "state"), Identity::init(&db, "state"));
+        let (fa, fb) = (ia.fingerprint.clone(), ib.fingerprint.clone());
+        let (disk_a, disk_b) = (da.join("vm.img"), db.join("vm.img"));
+        let target = |path: &Path, allowed| TargetSpec { name: "vm", path: path.to_path_buf(), allowed };
+        let mut a = Agent::start_as(ia, &da, &[("b", &fb)], &[target(&disk_a, &["b"])], "");
+        let mut b = Agent::start_as(ib, &db, &[("a", &fa)], &[target(&disk_b, &["a"])], "");
+        if retention != 3 {
+            for agent in [&mut a, &mut b] {
+                agent.kill9();
+                let cfg = std::fs::read_to_string(&agent.config).unwrap();
+                std::fs::write(&agent.config, cfg.replace("retention = 3", &format!("retention = {retention}")))
+                    .unwrap();
+                agent.spawn();
+            }
+        }
+        Hosts { _tmp: tmp, a, b, disk_a, disk_b }
+    }
+
+    /// Pushes A's disk to B (`from_a`) or B's to A.
+    pub fn push(&self, from_a: bool, extra: &[&str]) -> util::Out {
+        let src = if from_a { &self.disk_a } else { &self.disk_b };
+        self.push_file(src, from_a, extra)
+    }
+
+    /// Pushes `src` from A to B's target (`from_a`) or from B to A's.
+    pub fn push_file(&self, src: &Path, from_a: bool, extra: &[&str]) -> util::Out {
+        let (me, peer) = if from_a { (&self.a, &self.b) } else { (&self.b, &self.a) };
+        push(src, &me.id, &peer.addr.to_string(), &peer.id.fingerprint, "vm", extra)
+    }
+
+    /// A move command on the target "vm" of `host`'s agent, through its config.
+    pub fn mv(&self, host: &Agent, command: &str, extra: &[&str]) -> util::Out {
+        let mut args: Vec<&OsStr> = vec![OsStr::new(command), OsStr::new("vm"), OsStr::new("--config")];
+        args.push(host.config.as_os_str());
+        args.push(OsStr::new("--json"));
+        args.extend(extra.iter().map(OsStr::new));
+        util::run_settled(&args)
+    }
+}
+
+pub fn points(host: &Agent, disk: &Path) -> Vec<Value> {
+    host.points(disk).ok_json()["points"].as_array().cloned().unwrap_or_default()
+}
+
+/// A planned round trip A→B→A→B→A by pushes, failovers and demotes, with
+/// writes at every stage: every hop after the first is a delta, the
+/// receiving side reads only about what it rewrites, and each disk ends
+/// equal to the last writer's.
+#[test]
+fn planned_round_trip_is_deltas_only() {
+    let mut rng = util::rng("planned_round_trip_is_deltas_only");
+    let h = Hosts::start("fo-round", 3);
+    let size = 40 * MIB + 4096 * 3;
+    make_disk(&h.disk_a, size, 0.5, &mut rng);
+    let first = h.push(true, &[]).ok_json();
+    assert_eq!(first["mode"], "full");
+    let mut from_a = true;
+    for hop in 1..=4 {
+        let ctx = format!("hop {hop}");
+        let (writer, writer_disk, other, other_disk) =
+            if from_a { (&h.a, &h.disk_a, &h.b, &h.disk_b) } else { (&h.b, &h.disk_b, &h.a, &h.disk_a) };
+        // Planned failover to the other side: the last delta is shipped
+        // while the VM is down, the replica is promoted, the old side demoted.
+        h.mv(other, "failover", &[]).ok_json();
+        if hop > 1 {
+            let d = h.mv(writer, "demote", &[]).ok_json();
+            assert_eq!(d["hashed"], Value::Bool(false), "{ctx}: the old primary was pushed at rest: {d}");
+        }
+        // The VM now runs on the other side and writes.
+        let rewritten = scatter_writes(other_disk, 40, 64 * 1024, &mut rng);
+        from_a = !from_a;
+        let r = h.push(from_a, &[]).ok_json();
+        assert_eq!(r["mode"], "delta", "{ctx}: {r}");
+        assert!(r["common_point"].is_string(), "{ctx}: no common point: {r}");
+        // The receiver reads only the blocks it rewrites: each once for the
+        // pages it keeps, and the changed pages again for the undo data.
+        let read = uint(&r, "target_bytes_read");
+        let rewritten_blocks = uint(&r, "blocks_changed") * 64 * 1024;
+        assert!(rewritten > 0 && rewritten_blocks > 0, "{ctx}: {r}");
+        let bound = 2 * rewritten_blocks + size / 2000;
+        assert!(read <= bound, "{ctx}: the receiver read {read} bytes of its disk (bound {bound}): {r}");
+        compare(other_disk, writer_disk).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        writer.verify(writer_disk).ok();
+    }
+}
+
+/// A live target refuses every push, `--force` included, and nothing is written.
+#[test]
+fn promoted_target_refuses_pushes() {
+    let mut rng = util::rng("promoted_target_refuses_pushes");
+    let h = Hosts::start("fo-promoted", 3);
+    make_disk(&h.disk_a, 8 * MIB, 0.7, &mut rng);
+    h.push(true, &[]).ok();
+    let f = h.mv(&h.b, "failover", &[]).ok_json();
+    assert_eq!(f["role"], "live");
+    assert_eq!(f["moved"], Value::Bool(false), "to the latest point nothing is written: {f}");
+    scatter_writes(&h.disk_a, 10, 5000, &mut rng);
+    let before = sum(&h.disk_b);
+    for extra in [&[][..], &["--force"][..], &["--mode", "full", "--force"][..]] {
+        h.push(true, extra).expect_json_error("E_PROMOTED", 5);
+        assert_eq!(sum(&h.disk_b), before, "{extra:?}: the live disk was written");
+    }
+    let listed = h.b.points(&h.disk_b).ok_json();
+    assert_eq!(listed["role"], "live", "{listed}");
+}
+
+/// The old primary kept writing after its last push (an unplanned
+/// failover): pushing back is a split brain, refused with the exact count
+/// of what would be lost; `--discard-target-changes` proceeds and keeps the
+/// old primary's state as an exportable point until `commit`.
+#[test]
+fn split_brain_is_refused_with_counts_then_kept_as_a_point() {
+    let mut rng = util::rng("split_brain_is_refused_with_counts");
+    let h = Hosts::start("fo-split", 3);
+    make_disk(&h.disk_a, 16 * MIB, 0.8, &mut rng);
+    h.push(true, &[]).ok();
+    // A keeps writing: 5 distinct 64 KiB blocks, after the last push.
+    for (i, block) in [3u64, 40, 41, 100, 255].iter().enumerate() {
+        write_at(&h.disk_a, block * 65536 + 1000 * i as u64, &[0xA5; 700]);
+    }
+    let lost_state = h.disk_a.with_extension("lost");
+    util::copy(&h.disk_a, &lost_state);
+    // Unplanned failover to B; its VM writes.
+    h.mv(&h.b, "failover", &[]).ok();
+    scatter_writes(&h.disk_b, 20, 30_000, &mut rng);
+    let e = h.push(false, &[]).expect_json_error("E_SPLIT_BRAIN", 5);
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("5 blocks (327680 bytes)"), "counts: {msg}");
+    assert_eq!(sum(&h.disk_a), sum(&lost_state), "a refused push wrote the old primary");
+    let r = h.push(false, &["--discard-target-changes"]).ok_json();
+    assert_eq!(uint(&r, "discarded_blocks"), 5, "{r}");
+    let kept = r["discarded_point"].as_str().expect("a discarded point").to_string();
+    compare(&h.disk_b, &h.disk_a).unwrap();
+    let listed = points(&h.a, &h.disk_a);
+    let p = listed.iter().find(|p| p["generation"] == kept.as_str()).unwrap_or_else(|| panic!("{listed:?}"));
+    assert_eq!(p["discarded"], Value::Bool(true));
+    let out = h.disk_a.with_extension("export");
+    df!("export", &h.disk_a, "--point", &kept, &out, "--state-dir", &h.a.id.state).ok();
+    compare(&out, &lost_state).expect("the discarded state exports byte-exact");
+    // More pushes keep it; commit drops it.
+    scatter_writes(&h.disk_b, 5, 3000, &mut rng);
+    h.push(false, &[]).ok();
+    assert!(points(&h.a, &h.disk_a).iter().any(|p| p["generation"] == kept.as_str()));
+    let c = h.mv(&h.a, "commit", &[]).ok_json();
+    assert!(c["dropped"].as_array().unwrap().iter().any(|g| g == kept.as_str()), "{c}");
+    assert!(!points(&h.a, &h.disk_a).iter().any(|p| p["generation"] == kept.as_str()));
+}
+
+/// A disk with a history of its own that shares nothing with the sender
+/// is refused; `--force` compares by hashing and overwrites it.
+#[test]
+fn unrelated_disk_is_refused_unless_forced() {
+    let mut rng = util::rng("unrelated_disk_is_refused_unless_forced");
+    let h = Hosts::start("fo-unrelated", 3);
+    make_disk(&h.disk_a, 8 * MIB, 0.7, &mut rng);
+    h.push(true, &[]).ok();
+    // Another disk on B, never replicated, pushed to A's disk.
+    let other = h.disk_b.with_file_name("other.img");
+    make_disk(&other, 8 * MIB, 0.7, &mut rng);
+    let before = sum(&h.disk_a);
+    h.push_file(&other, false, &[]).expect_json_error("E_UNRELATED", 5);
+    h.push_file(&other, false, &["--discard-target-changes"]).expect_json_error("E_UNRELATED", 5);
+    assert_eq!(sum(&h.disk_a), before, "a refused push wrote the disk");
+    let r = h.push_file(&other, false, &["--force"]).ok_json();
+    assert_eq!(r["mode"], "delta", "a forced push compares, never a blind copy: {r}");
+    compare(&other, &h.disk_a).unwrap();
+}
