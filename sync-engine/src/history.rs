@@ -11,7 +11,8 @@
 //!                  u16 len · disk path · u32 n · n × (u128 generation · [32] root), newest first ·
 //!                  [32] blake3 of everything before
 //!   <gen>.dfm      manifest of the newest generation
-//!   sending.tmp    manifest of the push under way
+//!   sending-<pid>-<n>.tmp  manifest of a push under way (pushes of one disk to several targets may overlap)
+//!   lock           held while a push records its generation
 //! ```
 //!
 //! It decides what may overwrite the disk later (split brain), so it is
@@ -33,7 +34,7 @@ const MAGIC: &[u8; 8] = b"DFHIST01";
 const VERSION: u32 = 1;
 const FILE: &str = "history";
 const FILE_TMP: &str = "history.tmp";
-const SENDING: &str = "sending.tmp";
+const LOCK: &str = "lock";
 /// Generations of the chain kept (and offered to a peer as lineage).
 pub const MAX_CHAIN: usize = 256;
 
@@ -96,8 +97,17 @@ impl History {
 pub struct HistoryWriter {
     dir: PathBuf,
     path: PathBuf,
+    sending: PathBuf,
     lineage: Vec<Generation>,
-    manifest: ManifestWriter,
+    manifest: Option<ManifestWriter>,
+    /// Removes `sending` if the push never commits.
+    vfs: Arc<dyn Vfs>,
+}
+
+impl Drop for HistoryWriter {
+    fn drop(&mut self) {
+        let _ = self.vfs.remove_file(&self.sending);
+    }
 }
 
 impl HistoryWriter {
@@ -109,25 +119,46 @@ impl HistoryWriter {
         g: Geometry,
         lineage: Vec<Generation>,
     ) -> Result<HistoryWriter> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = history_dir(state_root, disk);
         vfs.create_dir_all(&dir).ctx(Place::State, "creating", &dir)?;
-        let manifest = ManifestWriter::create(vfs, &dir.join(SENDING), g)?;
-        Ok(HistoryWriter { dir, path: disk.to_path_buf(), lineage, manifest })
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sending = dir.join(format!("sending-{}-{n}.tmp", std::process::id()));
+        let manifest = ManifestWriter::create(vfs.clone(), &sending, g)?;
+        Ok(HistoryWriter { dir, path: disk.to_path_buf(), lineage, sending, manifest: Some(manifest), vfs })
     }
 
-    /// The manifest being written (fed region by region by the session).
-    pub fn manifest(&mut self) -> &mut ManifestWriter {
-        &mut self.manifest
+    /// Records a region's block hashes (in region order).
+    pub fn push_region(&mut self, region: u64, hashes: &[BlockHash]) -> Result<()> {
+        match &mut self.manifest {
+            Some(m) => m.push_region(region, hashes),
+            None => Err(Error::new(diskferry_protocol::ErrorCode::Internal, "history already committed")),
+        }
     }
 
     /// Records the committed push as the disk's newest generation.
-    pub fn commit(self, vfs: &dyn Vfs, meta: ManifestMeta, at_rest: Option<Stamp>) -> Result<()> {
-        let HistoryWriter { dir, path, lineage, manifest } = self;
-        let meta = ManifestMeta { parent: lineage.first().copied(), ..meta };
+    pub fn commit(mut self, vfs: &dyn Vfs, meta: ManifestMeta, at_rest: Option<Stamp>) -> Result<()> {
+        let meta = ManifestMeta { parent: self.lineage.first().copied(), ..meta };
+        let Some(manifest) = self.manifest.take() else {
+            return Err(Error::new(diskferry_protocol::ErrorCode::Internal, "history already committed"));
+        };
         let header = manifest.finish_with(meta, true)?;
+        let (dir, sending) = (self.dir.clone(), self.sending.clone());
+        let (path, lineage) = (self.path.clone(), std::mem::take(&mut self.lineage));
+        // Pushes of this disk to other targets may commit at the same moment.
+        let lock_path = dir.join(LOCK);
+        let _lock = loop {
+            match vfs.lock(&lock_path) {
+                Ok(l) => break l,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => return Err(Error::io(Place::State, "locking", &lock_path, e)),
+            }
+        };
         let name = format!("{}.dfm", meta.generation);
         let to = dir.join(&name);
-        vfs.rename(&dir.join(SENDING), &to).ctx(Place::State, "renaming", &to)?;
+        vfs.rename(&sending, &to).ctx(Place::State, "renaming", &to)?;
         // Roots of generations this disk was pushed as before are known; a
         // generation it received (its chain as a target) is recorded with
         // a zero root.
@@ -138,12 +169,18 @@ impl HistoryWriter {
         chain.truncate(MAX_CHAIN);
         write(vfs, &dir, &History { path, at_rest, chain })?;
         for old in vfs.list_dir(&dir).ctx(Place::State, "listing", &dir)? {
-            if old.ends_with(".dfm") && old != name {
+            if (old.ends_with(".dfm") && old != name) || orphan(&old) {
                 let _ = vfs.remove_file(&dir.join(old));
             }
         }
         Ok(())
     }
+}
+
+/// A push's manifest left by a process that is gone (killed mid-push).
+fn orphan(name: &str) -> bool {
+    let Some(pid) = name.strip_prefix("sending-").and_then(|r| r.split('-').next()) else { return false };
+    pid.parse::<u32>().is_ok_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// Forgets the history of `disk` (it received a commit: its bytes are a
@@ -156,8 +193,11 @@ pub fn clear(vfs: &dyn Vfs, state_root: &Path, disk: &Path) -> Result<()> {
     }
     vfs.remove_file(&file).ctx(Place::State, "removing", &file)?;
     vfs.sync_dir(&dir).ctx(Place::State, "syncing", &dir)?;
+    // Pushes of the disk under way keep their own files.
     for name in vfs.list_dir(&dir).ctx(Place::State, "listing", &dir)? {
-        let _ = vfs.remove_file(&dir.join(name));
+        if name.ends_with(".dfm") {
+            let _ = vfs.remove_file(&dir.join(name));
+        }
     }
     Ok(())
 }

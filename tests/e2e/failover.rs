@@ -195,3 +195,85 @@ fn unrelated_disk_is_refused_unless_forced() {
     assert_eq!(r["mode"], "delta", "a forced push compares, never a blind copy: {r}");
     compare(&other, &h.disk_a).unwrap();
 }
+
+/// Test failover while pushes keep landing with retention 1: the test image
+/// stays byte-exact, its point stays listed (pinned), writing the image
+/// changes nothing else, and cleanup unpins it.
+#[test]
+fn test_failover_pins_its_point_while_pushes_land() {
+    let mut rng = util::rng("test_failover_pins_its_point");
+    let h = Hosts::start("fo-test", 1);
+    make_disk(&h.disk_a, 12 * MIB, 0.7, &mut rng);
+    let first = h.push(true, &[]).ok_json();
+    let g1 = first["generation"].as_str().unwrap().to_string();
+    let v1 = sum(&h.disk_a);
+    let clone = h.disk_b.with_file_name("test.img");
+    let args = ["--point", g1.as_str(), "--out", clone.to_str().unwrap()];
+    let t = h.mv(&h.b, "test-failover", &args).ok_json();
+    assert_eq!(t["pinned"], Value::Bool(true), "{t}");
+    assert_eq!(sum(&clone), v1);
+    for round in 0..3 {
+        scatter_writes(&h.disk_a, 20, 20_000, &mut rng);
+        h.push(true, &[]).ok();
+        let listed = points(&h.b, &h.disk_b);
+        let p = listed.iter().find(|p| p["generation"] == g1.as_str());
+        assert!(p.is_some_and(|p| p["pinned"] == Value::Bool(true)), "round {round}: {listed:?}");
+        // Retention 1 keeps the current point, the pinned one, and the points
+        // between them its undo data goes through.
+        assert_eq!(listed.len(), 2 + round, "round {round}: {listed:?}");
+        assert_eq!(sum(&clone), v1, "round {round}: the test image changed");
+    }
+    // The test VM writes its image: the replica and its points do not move.
+    let replica = sum(&h.disk_b);
+    scatter_writes(&clone, 30, 10_000, &mut rng);
+    assert_eq!(sum(&h.disk_b), replica);
+    h.b.verify(&h.disk_b).ok();
+    let out = h.disk_b.with_file_name("e1.img");
+    df!("export", &h.disk_b, "--point", &g1, &out, "--state-dir", &h.b.id.state).ok();
+    assert_eq!(sum(&out), v1, "the pinned point still rebuilds exactly");
+    // Cleanup (found by the image's path alone) unpins: the next push prunes it.
+    let c = util::run_settled(&[
+        OsStr::new("test-failover"),
+        OsStr::new("--cleanup"),
+        clone.as_os_str(),
+        OsStr::new("--config"),
+        h.b.config.as_os_str(),
+        OsStr::new("--json"),
+    ])
+    .ok_json();
+    assert_eq!(c["unpinned"].as_str(), Some(g1.as_str()), "{c}");
+    assert!(!clone.exists());
+    scatter_writes(&h.disk_a, 5, 5_000, &mut rng);
+    h.push(true, &[]).ok();
+    assert!(!points(&h.b, &h.disk_b).iter().any(|p| p["generation"] == g1.as_str()));
+}
+
+/// After a failover the VM writes: moving to another point is refused (it
+/// would lose those writes); `failover --point` before any write moves
+/// back and forth.
+#[test]
+fn failover_point_moves_until_the_vm_writes() {
+    let mut rng = util::rng("failover_point_moves_until_the_vm_writes");
+    let h = Hosts::start("fo-point", 3);
+    make_disk(&h.disk_a, 12 * MIB, 0.7, &mut rng);
+    let mut gens = Vec::new();
+    let mut sums = Vec::new();
+    for _ in 0..3 {
+        let r = h.push(true, &[]).ok_json();
+        gens.push(r["generation"].as_str().unwrap().to_string());
+        sums.push(sum(&h.disk_a));
+        scatter_writes(&h.disk_a, 30, 30_000, &mut rng);
+    }
+    for i in [0usize, 2, 1, 0] {
+        let f = h.mv(&h.b, "failover", &["--point", &gens[i]]).ok_json();
+        assert_eq!(f["generation"].as_str(), Some(gens[i].as_str()));
+        assert_eq!(sum(&h.disk_b), sums[i], "at point {i}");
+        h.b.verify(&h.disk_b).ok();
+    }
+    write_at(&h.disk_b, 4096, b"the VM wrote this");
+    let e = h.mv(&h.b, "failover", &["--point", &gens[2]]);
+    e.expect_json_error("E_WRITTEN_SINCE_PROMOTE", 5);
+    assert_ne!(sum(&h.disk_b), sums[2]);
+    let fuzzy = h.mv(&h.b, "failover", &["--point", "0123456789abcdef0123456789abcdef"]);
+    fuzzy.expect_json_error("E_NO_SUCH_POINT", 3);
+}

@@ -14,6 +14,7 @@ mod cli;
 mod corrupt;
 mod diverge;
 mod failover;
+mod failover_kill;
 mod full_download;
 mod full_fs;
 mod guard;

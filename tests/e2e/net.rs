@@ -366,7 +366,8 @@ fn malformed_frames_get_coded_errors() {
 }
 
 fn hello() -> Vec<u8> {
-    diskferry_protocol::Message::Hello { min_version: 1, max_version: 1, capabilities: 3 }.to_bytes().to_vec()
+    let v = diskferry_protocol::VERSION;
+    diskferry_protocol::Message::Hello { min_version: v, max_version: v, capabilities: 3 }.to_bytes().to_vec()
 }
 
 /// An Open frame built by hand, so any name can be sent.
@@ -378,7 +379,8 @@ fn raw_open(name: &str) -> Vec<u8> {
     body.extend_from_slice(&(8u64 * MIB).to_le_bytes());
     body.extend_from_slice(&65536u32.to_le_bytes());
     body.extend_from_slice(&[0, 0]);
-    body.extend_from_slice(&0u128.to_le_bytes());
+    // No lineage.
+    body.extend_from_slice(&0u32.to_le_bytes());
     let mut f = (body.len() as u32).to_le_bytes().to_vec();
     f.extend_from_slice(&body);
     f

@@ -68,7 +68,7 @@ impl Target {
         for region in 0..g.region_count() {
             let range = g.region_range(region);
             let hashes = hash_blocks(&disk, &g, range.clone()).ctx(Place::Target, "reading", &self.path)?;
-            w.manifest().push_region(region, &hashes)?;
+            w.push_region(region, &hashes)?;
             progress.advance(g.block_offset(range.end).min(g.disk_bytes) - g.block_offset(range.start));
         }
         let after = vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?;

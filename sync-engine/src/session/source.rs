@@ -215,7 +215,7 @@ impl SourceSession {
     /// its tree nodes, and its place in the record.
     pub fn region_of(&self, region: u64, hashes: Vec<BlockHash>) -> Result<SourceRegion> {
         if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            w.manifest().push_region(region, &hashes)?;
+            w.push_region(region, &hashes)?;
         }
         let chunks = chunk_hashes(&hashes);
         let hash = region_hash_from_chunks(&chunks);
