@@ -125,8 +125,6 @@ error_codes! {
     /// The promoted disk was written since the promote: moving it to
     /// another point would lose those writes.
     WrittenSincePromote = 28, "E_WRITTEN_SINCE_PROMOTE", Diverged, false;
-    /// A recovery point is pinned by a test-failover clone.
-    Pinned = 29, "E_PINNED", Input, false;
     /// The target's filesystem is full.
     TargetFull = 30, "E_TARGET_FULL", Storage, true;
     /// The state directory's filesystem is full.

@@ -256,7 +256,11 @@ fn unexpected_messages_fail_with_codes() {
     };
     let mut s = SenderSession::new(open);
     let _ = s.poll_transmit();
-    s.handle_message(Message::Welcome { version: 1, capabilities: 3, max_frame: diskferry_protocol::MAX_FRAME });
+    s.handle_message(Message::Welcome {
+        version: diskferry_protocol::VERSION,
+        capabilities: 3,
+        max_frame: diskferry_protocol::MAX_FRAME,
+    });
     s.handle_message(Message::Accept(Accept {
         plan: Plan::CompareHash,
         target_generation: None,
@@ -276,7 +280,11 @@ fn unexpected_messages_fail_with_codes() {
 #[test]
 fn verify_failures_are_retried_then_fatal() {
     let mut r = ReceiverSession::new();
-    r.handle_message(Message::Hello { min_version: 1, max_version: 1, capabilities: 3 });
+    r.handle_message(Message::Hello {
+        min_version: diskferry_protocol::VERSION,
+        max_version: diskferry_protocol::VERSION,
+        capabilities: 3,
+    });
     let _ = r.poll_transmit();
     let open = Open {
         session: SessionId(1),
@@ -305,7 +313,11 @@ fn verify_failures_are_retried_then_fatal() {
 #[test]
 fn unrequested_blocks_are_refused() {
     let mut r = ReceiverSession::new();
-    r.handle_message(Message::Hello { min_version: 1, max_version: 1, capabilities: 3 });
+    r.handle_message(Message::Hello {
+        min_version: diskferry_protocol::VERSION,
+        max_version: diskferry_protocol::VERSION,
+        capabilities: 3,
+    });
     let open = Open {
         session: SessionId(1),
         target: TargetName::new("t").unwrap(),
@@ -343,7 +355,11 @@ fn unrequested_blocks_are_refused() {
 /// A receiver running a full copy of `blocks` 64 KiB blocks (one region).
 fn full_receiver(blocks: u64) -> ReceiverSession {
     let mut r = ReceiverSession::new();
-    r.handle_message(Message::Hello { min_version: 1, max_version: 1, capabilities: 3 });
+    r.handle_message(Message::Hello {
+        min_version: diskferry_protocol::VERSION,
+        max_version: diskferry_protocol::VERSION,
+        capabilities: 3,
+    });
     let g = Geometry::new(blocks * 65536, BlockSize::DEFAULT);
     let open = Open {
         session: SessionId(1),
