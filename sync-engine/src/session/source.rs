@@ -1,15 +1,15 @@
 //! The source side of a session, for local and network syncs alike: hash
 //! the source region by region (a full copy hands every non-zero block on
 //! as it is hashed), read the blocks the target wants and build their
-//! frames, tell whether the source stayed still, and keep a record of what
-//! was sent.
+//! frames, tell whether the source stayed still, and record what was sent
+//! as the disk's history (`history.rs`).
 //!
 //! A driver feeds it from [`diskferry_protocol::session::SenderSession`]'s
 //! events: `Accepted` → [`SourceSession::set_link`] and
 //! [`SourceSession::hash_region`] per window token, `SendBlocks`/`Resend` →
 //! [`SourceSession::frames`], before `Finish` →
 //! [`SourceSession::consistency`], `Committed` →
-//! [`SourceSession::commit_record`]. Its methods take `&self` and may run
+//! [`SourceSession::commit_history`]. Its methods take `&self` and may run
 //! on several threads at once.
 
 use std::io;
