@@ -277,3 +277,29 @@ fn failover_point_moves_until_the_vm_writes() {
     let fuzzy = h.mv(&h.b, "failover", &["--point", "0123456789abcdef0123456789abcdef"]);
     fuzzy.expect_json_error("E_NO_SUCH_POINT", 3);
 }
+
+/// Rules 1 and 2 end to end: a disk seeded offline (copied by hand, no
+/// diskferry state) is compared, not copied, without a flag; an alternate
+/// location (no disk at the path) gets a full download, even where the
+/// old disk's history is left.
+#[test]
+fn offline_seed_is_compared_and_a_missing_disk_gets_everything() {
+    let mut rng = util::rng("offline_seed_and_alternate_location");
+    let h = Hosts::start("fo-seed", 3);
+    make_disk(&h.disk_a, 16 * MIB, 0.7, &mut rng);
+    util::copy(&h.disk_a, &h.disk_b);
+    let r = h.push(true, &[]).ok_json();
+    assert_eq!(r["mode"], "delta", "{r}");
+    assert_eq!(uint(&r, "bytes_sent"), 0, "an exact seed sends nothing: {r}");
+    compare(&h.disk_a, &h.disk_b).unwrap();
+    // A fails; B takes over and writes; A's disk is lost: failback to an
+    // empty place is a full download.
+    h.mv(&h.b, "failover", &[]).ok();
+    scatter_writes(&h.disk_b, 10, 10_000, &mut rng);
+    std::fs::remove_file(&h.disk_a).unwrap();
+    let r = h.push(false, &[]).ok_json();
+    assert_eq!(r["mode"], "full", "{r}");
+    assert!(r["common_point"].is_null(), "{r}");
+    compare(&h.disk_b, &h.disk_a).unwrap();
+    h.a.verify(&h.disk_a).ok();
+}

@@ -47,10 +47,13 @@ impl Target {
             .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("{} does not exist", self.path.display())))?;
         let history = History::load(vfs.as_ref(), &self.state_root, &self.path)?;
         if let Some(h) = history.as_ref().filter(|h| h.at_rest == Some(meta.stamp)) {
-            // Pushed from since the promote, and not written since.
-            let generation = h.last().unwrap_or(c.points[0].generation);
-            self.set_role_kept(Role::Replica)?;
-            return Ok(DemoteReport { generation, hashed: false, points_dropped: 0 });
+            // Pushed from since the promote, and not written since: the disk
+            // is what it was last pushed as, which becomes the target's point.
+            let m = h.manifest(vfs.clone(), &self.state_root)?;
+            let generation = m.header().generation;
+            let points_dropped = c.points.len();
+            self.set_only_point(&c, &m, &meta)?;
+            return Ok(DemoteReport { generation, hashed: false, points_dropped });
         }
         if let Trust::Trusted(p) = self.settle_trust()? {
             self.set_role_kept(Role::Replica)?;
@@ -88,31 +91,41 @@ impl Target {
         w.commit(vfs.as_ref(), mmeta, Some(meta.stamp))?;
         let h = History::load(vfs.as_ref(), &self.state_root, &self.path)?
             .ok_or_else(|| Error::new(ErrorCode::Internal, "the history just written is gone"))?;
-        let hm = h.manifest(vfs.clone(), &self.state_root)?;
-        let to = self.dir.join(manifest_file(fresh));
-        copy_file(vfs.as_ref(), hm.path(), &to)?;
-        let m = Manifest::open(vfs.as_ref(), &to)?;
+        let m = h.manifest(vfs.clone(), &self.state_root)?;
+        let points_dropped = c.points.len();
+        self.set_only_point(&c, &m, &meta)?;
+        Ok(DemoteReport { generation: fresh, hashed: true, points_dropped })
+    }
+
+    /// Makes the disk's history manifest `m` the target's only point, as a
+    /// replica stamped with `meta` (its bytes are that generation's). The
+    /// older points restored the promoted point, which the VM replaced.
+    fn set_only_point(&mut self, c: &Catalog, m: &Manifest, meta: &crate::store::Meta) -> Result<()> {
+        let h = m.header();
+        let to = self.dir.join(manifest_file(h.generation));
+        if !c.points.iter().any(|p| p.generation == h.generation) {
+            copy_file(self.vfs.as_ref(), m.path(), &to)?;
+        }
+        let copied = Manifest::open(self.vfs.as_ref(), &to)?;
         let point = PointRecord {
-            generation: fresh,
-            parent: mmeta.parent,
-            consistency: mmeta.consistency,
-            created_unix_ns: now_unix_ns,
-            geometry: g,
-            manifest_checksum: m.checksum(),
+            generation: h.generation,
+            parent: h.parent,
+            consistency: h.consistency,
+            created_unix_ns: h.created_unix_ns,
+            geometry: h.geometry,
+            manifest_checksum: copied.checksum(),
             undo: None,
         };
-        let points_dropped = c.points.len();
         let new = Catalog {
             stamp: Some(meta.stamp),
             role: Role::Replica,
             points: vec![point],
             pins: c.pins.iter().filter(|p| !p.is_discarded()).cloned().collect(),
-            ..c
+            ..c.clone()
         };
         self.vfs.sync_dir(&self.dir).ctx(Place::State, "syncing", &self.dir)?;
-        write_catalog(vfs.as_ref(), &self.dir, &new)?;
-        self.replace_catalog(new)?;
-        Ok(DemoteReport { generation: fresh, hashed: true, points_dropped })
+        write_catalog(self.vfs.as_ref(), &self.dir, &new)?;
+        self.replace_catalog(new)
     }
 
     /// Rewrites the catalog with another role, keeping its stamp.

@@ -188,10 +188,10 @@ fn count_changes(
 /// target's trusted point (its manifest copied in, the stamp of now).
 fn adopt(target: &mut Target, manifest: &Manifest, meta: &Meta) -> Result<()> {
     let h = manifest.header();
-    if target.catalog().and_then(|c| c.current()).is_some_and(|p| p.generation == h.generation)
-        && target.catalog().is_some_and(|c| c.stamp == Some(meta.stamp))
-    {
-        return Ok(());
+    if target.catalog().and_then(|c| c.current()).is_some_and(|p| p.generation == h.generation) {
+        // Adopted by an earlier push that was cut: its staged blocks stay
+        // for the resume; the bytes were just proven, so the stamp is now.
+        return target.restamp();
     }
     target.discard()?;
     let vfs = target.vfs().clone();

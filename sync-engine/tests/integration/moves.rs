@@ -178,3 +178,37 @@ fn power_cut_during_a_move_leaves_old_or_chosen() {
     }
     assert_eq!(seen.len(), 2, "the sweep must cross the commit point: {seen:?}");
 }
+
+/// `demote`: a promoted disk never written goes back as it was; one the VM
+/// wrote is hashed once into a generation of its own history, which the
+/// target's catalog names too (so `verify` passes) and a later push from
+/// another lineage finds as a split brain.
+#[test]
+fn demote_keeps_or_hashes_what_the_disk_holds() {
+    let fs = fresh_fs();
+    let vfs: Arc<dyn Vfs> = Arc::new(fs.clone());
+    six_points(&fs, 36);
+    let mut t = open(vfs.clone());
+    assert_eq!(
+        t.demote(Generation(900), 9, &diskferry_sync_engine::NoProgress).unwrap_err().code,
+        ErrorCode::InvalidInput
+    );
+    one_thread(|| t.failover(Some(Generation(103)))).unwrap();
+    let d = one_thread(|| t.demote(Generation(900), 9, &diskferry_sync_engine::NoProgress)).unwrap();
+    assert_eq!((d.generation, d.hashed), (Generation(103), false));
+    assert_eq!(t.role(), Some(Role::Replica));
+    one_thread(|| t.failover(None)).unwrap();
+    let disk = vfs.open(p(DST), OpenHow::ReadWrite).unwrap();
+    disk.write_at(1234, &[7; 100]).unwrap();
+    drop(disk);
+    let d = one_thread(|| t.demote(Generation(901), 10, &diskferry_sync_engine::NoProgress)).unwrap();
+    assert_eq!((d.generation, d.hashed), (Generation(901), true));
+    let list = points::list(&t);
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert!(list[0].current && list[0].generation == Generation(901));
+    let h = diskferry_sync_engine::history::History::load(vfs.as_ref(), p(STATE), p(DST)).unwrap().unwrap();
+    assert_eq!(h.last(), Some(Generation(901)));
+    assert_eq!(h.lineage()[1], Generation(105), "its parent is the point it was promoted at");
+    drop(t);
+    verify_ok(vfs, "after demote");
+}
