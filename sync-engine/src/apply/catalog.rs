@@ -110,6 +110,22 @@ pub struct PointRecord {
     pub undo: Option<UndoRef>,
 }
 
+impl PointRecord {
+    /// The point a manifest describes (no undo segment).
+    pub fn of(m: &crate::manifest::Manifest) -> PointRecord {
+        let h = m.header();
+        PointRecord {
+            generation: h.generation,
+            parent: h.parent,
+            consistency: h.consistency,
+            created_unix_ns: h.created_unix_ns,
+            geometry: h.geometry,
+            manifest_checksum: m.checksum(),
+            undo: None,
+        }
+    }
+}
+
 /// A target's catalog.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Catalog {

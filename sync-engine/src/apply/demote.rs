@@ -5,12 +5,12 @@
 
 use diskferry_protocol::{Consistency, ErrorCode, Generation, Geometry};
 
-use super::catalog::{write_catalog, Catalog, PointRecord, Role};
+use super::catalog::{write_catalog, Role};
 use crate::disk::Disk;
 use crate::error::{Error, IoContext, Place, Result};
 use crate::hash::hash_blocks;
-use crate::history::{copy_file, History, HistoryWriter};
-use crate::manifest::{Manifest, ManifestMeta};
+use crate::history::{History, HistoryWriter};
+use crate::manifest::ManifestMeta;
 use crate::progress::Progress;
 
 use super::target::*;
@@ -52,7 +52,7 @@ impl Target {
             let m = h.manifest(vfs.clone(), &self.state_root)?;
             let generation = m.header().generation;
             let points_dropped = c.points.len();
-            self.set_only_point(&c, &m, &meta)?;
+            self.reset_to(&m, &meta)?;
             return Ok(DemoteReport { generation, hashed: false, points_dropped });
         }
         if let Trust::Trusted(p) = self.settle_trust()? {
@@ -93,39 +93,8 @@ impl Target {
             .ok_or_else(|| Error::new(ErrorCode::Internal, "the history just written is gone"))?;
         let m = h.manifest(vfs.clone(), &self.state_root)?;
         let points_dropped = c.points.len();
-        self.set_only_point(&c, &m, &meta)?;
+        self.reset_to(&m, &meta)?;
         Ok(DemoteReport { generation: fresh, hashed: true, points_dropped })
-    }
-
-    /// Makes the disk's history manifest `m` the target's only point, as a
-    /// replica stamped with `meta` (its bytes are that generation's). The
-    /// older points restored the promoted point, which the VM replaced.
-    fn set_only_point(&mut self, c: &Catalog, m: &Manifest, meta: &crate::store::Meta) -> Result<()> {
-        let h = m.header();
-        let to = self.dir.join(manifest_file(h.generation));
-        if !c.points.iter().any(|p| p.generation == h.generation) {
-            copy_file(self.vfs.as_ref(), m.path(), &to)?;
-        }
-        let copied = Manifest::open(self.vfs.as_ref(), &to)?;
-        let point = PointRecord {
-            generation: h.generation,
-            parent: h.parent,
-            consistency: h.consistency,
-            created_unix_ns: h.created_unix_ns,
-            geometry: h.geometry,
-            manifest_checksum: copied.checksum(),
-            undo: None,
-        };
-        let new = Catalog {
-            stamp: Some(meta.stamp),
-            role: Role::Replica,
-            points: vec![point],
-            pins: c.pins.iter().filter(|p| !p.is_discarded()).cloned().collect(),
-            ..c.clone()
-        };
-        self.vfs.sync_dir(&self.dir).ctx(Place::State, "syncing", &self.dir)?;
-        write_catalog(self.vfs.as_ref(), &self.dir, &new)?;
-        self.replace_catalog(new)
     }
 
     /// Rewrites the catalog with another role, keeping its stamp.

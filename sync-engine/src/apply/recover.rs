@@ -235,19 +235,7 @@ impl Target {
         } else {
             Vec::new()
         };
-        let h = manifest.header();
-        points.insert(
-            0,
-            PointRecord {
-                generation: h.generation,
-                parent: h.parent,
-                consistency: h.consistency,
-                created_unix_ns: h.created_unix_ns,
-                geometry: h.geometry,
-                manifest_checksum: manifest.checksum(),
-                undo: None,
-            },
-        );
+        points.insert(0, PointRecord::of(&manifest));
         self.write_new_catalog(kind, points, None)
     }
 

@@ -382,9 +382,31 @@ impl Target {
         diverged_error(&self.path, why, self.kept_points())
     }
 
-    /// Replaces the catalog (already written) the target holds, and drops
-    /// the files it no longer names.
-    pub(crate) fn replace_catalog(&mut self, c: super::Catalog) -> Result<()> {
+    /// Makes the generation of manifest `m` (copied into the state
+    /// directory if it lies elsewhere) the target's only point: a replica
+    /// whose bytes are that generation's, stamped with `meta`. Older points
+    /// go (they restored bytes the disk no longer holds); test-failover
+    /// pins stay so their images can still be cleaned up. Callers proved
+    /// the bytes.
+    pub(crate) fn reset_to(&mut self, m: &Manifest, meta: &crate::store::Meta) -> Result<()> {
+        let to = self.dir.join(manifest_file(m.header().generation));
+        if m.path() != to {
+            crate::history::copy_file(self.vfs.as_ref(), m.path(), &to)?;
+        }
+        let point = PointRecord::of(&Manifest::open(self.vfs.as_ref(), &to)?);
+        let old = self.catalog.take();
+        let c = super::Catalog {
+            path: self.path.clone(),
+            name: self.options.name.clone().or_else(|| old.as_ref().and_then(|c| c.name.clone())),
+            kind: meta.kind,
+            status: Status::Complete,
+            stamp: Some(meta.stamp),
+            role: super::Role::Replica,
+            points: vec![point],
+            pins: old.map(|c| c.pins.into_iter().filter(|p| !p.is_discarded()).collect()).unwrap_or_default(),
+        };
+        self.vfs.sync_dir(&self.dir).ctx(Place::State, "syncing", &self.dir)?;
+        write_catalog(self.vfs.as_ref(), &self.dir, &c)?;
         self.catalog = Some(c);
         self.collect_garbage()
     }

@@ -12,8 +12,7 @@ use std::path::Path;
 
 use diskferry_protocol::{Consistency, ErrorCode, Generation, Geometry};
 
-use crate::apply::catalog::write_catalog;
-use crate::apply::{manifest_file, Catalog, PointRecord, Role, Status, Target};
+use crate::apply::{manifest_file, Target};
 use crate::disk::Disk;
 use crate::error::{Error, IoContext, Place, Result};
 use crate::hash::hash_blocks;
@@ -194,19 +193,7 @@ fn adopt(target: &mut Target, manifest: &Manifest, meta: &Meta) -> Result<()> {
         return target.restamp();
     }
     target.discard()?;
-    let vfs = target.vfs().clone();
-    let to = target.dir().join(manifest_file(h.generation));
-    crate::history::copy_file(vfs.as_ref(), manifest.path(), &to)?;
-    let point = PointRecord {
-        generation: h.generation,
-        parent: h.parent,
-        consistency: h.consistency,
-        created_unix_ns: h.created_unix_ns,
-        geometry: h.geometry,
-        manifest_checksum: manifest.checksum(),
-        undo: None,
-    };
-    set_catalog(target, point, meta)
+    target.reset_to(manifest, meta)
 }
 
 /// Keeps the disk's own state (hashed into `w`) as the target's current
@@ -224,38 +211,11 @@ fn keep_discarded(target: &mut Target, w: ManifestWriter, meta_d: ManifestMeta, 
         .hint("stop whatever writes it (the old VM), then push again"));
     }
     target.discard()?;
-    let h = w.finish(meta_d)?;
+    w.finish(meta_d)?;
     let tmp = target.dir().join("discarded.tmp");
     let to = target.dir().join(manifest_file(meta_d.generation));
     vfs.rename(&tmp, &to).ctx(Place::State, "renaming", &to)?;
-    let m = Manifest::open(vfs.as_ref(), &to)?;
-    let point = PointRecord {
-        generation: meta_d.generation,
-        parent: meta_d.parent,
-        consistency: meta_d.consistency,
-        created_unix_ns: meta_d.created_unix_ns,
-        geometry: h.geometry,
-        manifest_checksum: m.checksum(),
-        undo: None,
-    };
-    set_catalog(target, point, meta)
-}
-
-fn set_catalog(target: &mut Target, point: PointRecord, meta: &Meta) -> Result<()> {
-    let c = Catalog {
-        path: target.path().to_path_buf(),
-        name: target.catalog().and_then(|c| c.name.clone()),
-        kind: meta.kind,
-        status: Status::Complete,
-        stamp: Some(meta.stamp),
-        role: Role::Replica,
-        points: vec![point],
-        pins: Vec::new(),
-    };
-    let vfs = target.vfs().clone();
-    vfs.sync_dir(target.dir()).ctx(Place::State, "syncing", target.dir())?;
-    write_catalog(vfs.as_ref(), target.dir(), &c)?;
-    target.replace_catalog(c)
+    target.reset_to(&Manifest::open(vfs.as_ref(), &to)?, meta)
 }
 
 /// The lineage a push or sync of `disk` offers: its own history when it
