@@ -217,17 +217,14 @@ impl<'a> Join<'a> {
                     ReceiverEvent::Open(o) => {
                         let Some(t) = target.take() else { return Err(internal("opened twice")) };
                         let req = TargetRequest {
-                            request: Request {
-                                mode: o.mode,
-                                force: o.force,
-                                geometry: g,
-                                lineage: o.lineage.clone(),
-                                discard_target_changes: o.discard_target_changes,
-                                // Generation ids are random; this one only
-                                // needs to differ from the sync's own.
-                                discard_point: Generation(self.job.generation.0 ^ (1 << 127)),
-                                now_unix_ns: self.job.now_unix_ns,
-                            },
+                            // Generation ids are random; the discarded
+                            // state's only needs to differ from the sync's own.
+                            request: Request::from_open(
+                                &o,
+                                g,
+                                Generation(self.job.generation.0 ^ (1 << 127)),
+                                self.job.now_unix_ns,
+                            ),
                             session: o.session,
                             resumable: false,
                             window: WINDOW,

@@ -139,15 +139,7 @@ impl Pair<'_> {
                     ReceiverEvent::Open(o) => {
                         let Some(t) = target.take() else { return Err(internal("opened twice")) };
                         let req = TargetRequest {
-                            request: Request {
-                                mode: o.mode,
-                                force: o.force,
-                                geometry: g,
-                                lineage: o.lineage.clone(),
-                                discard_target_changes: o.discard_target_changes,
-                                discard_point: Generation(o.session.0 ^ (1 << 127)),
-                                now_unix_ns: 0,
-                            },
+                            request: Request::from_open(&o, g, Generation(o.session.0 ^ (1 << 127)), 0),
                             session: o.session,
                             resumable: true,
                             window: 4,

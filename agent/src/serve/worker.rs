@@ -132,15 +132,7 @@ fn serve_session(
     opened: tokio::sync::oneshot::Sender<Result<Opened, Error>>,
 ) -> Result<(), Error> {
     let treq = TargetRequest {
-        request: Request {
-            mode: req.open.mode,
-            force: req.open.force,
-            geometry: *g,
-            lineage: req.open.lineage.clone(),
-            discard_target_changes: req.open.discard_target_changes,
-            discard_point: crate::ids::new_generation(),
-            now_unix_ns: crate::ids::now_unix_ns(),
-        },
+        request: Request::from_open(&req.open, *g, crate::ids::new_generation(), crate::ids::now_unix_ns()),
         session: req.open.session,
         resumable: true,
         window: req.regions_in_flight,

@@ -17,7 +17,7 @@
 //! Before a full copy, [`Target::check_full_overwrite`] refuses to drop
 //! recovery points or overwrite a diverged or vanished replica unless forced.
 
-use diskferry_protocol::message::{Plan, SyncMode};
+use diskferry_protocol::message::{Open, Plan, SyncMode};
 use diskferry_protocol::{ErrorCode, Generation, Geometry};
 
 use super::lineage::{self, Verdict};
@@ -45,6 +45,22 @@ pub struct Request {
     pub discard_point: Generation,
     /// Now, ns since the epoch (that point's time).
     pub now_unix_ns: i64,
+}
+
+impl Request {
+    /// What a source's `Open` asks, with the values the engine does not make:
+    /// the id a discarded state would get, and the time.
+    pub fn from_open(o: &Open, geometry: Geometry, discard_point: Generation, now_unix_ns: i64) -> Request {
+        Request {
+            mode: o.mode,
+            force: o.force,
+            geometry,
+            lineage: o.lineage.clone(),
+            discard_target_changes: o.discard_target_changes,
+            discard_point,
+            now_unix_ns,
+        }
+    }
 }
 
 /// How a session runs.
