@@ -113,6 +113,9 @@ pub struct PushArgs {
     /// Largest UDP payload to discover (default: 65000 on loopback, 1452 elsewhere).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1200..=65000))]
     pub max_mtu: Option<u16>,
+    /// This host's serve config: its state_dir is used (the agent's one state directory).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Seconds a silent target is waited for before the push fails (it can then be resumed).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub idle_timeout: u64,

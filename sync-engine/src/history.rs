@@ -106,7 +106,9 @@ pub struct HistoryWriter {
 
 impl Drop for HistoryWriter {
     fn drop(&mut self) {
-        let _ = self.vfs.remove_file(&self.sending);
+        if !self.sending.as_os_str().is_empty() {
+            let _ = self.vfs.remove_file(&self.sending);
+        }
     }
 }
 
@@ -159,10 +161,11 @@ impl HistoryWriter {
         let name = format!("{}.dfm", meta.generation);
         let to = dir.join(&name);
         vfs.rename(&sending, &to).ctx(Place::State, "renaming", &to)?;
+        self.sending = PathBuf::new();
         // Roots of generations this disk was pushed as before are known; a
         // generation it received (its chain as a target) is recorded with
         // a zero root.
-        let before = read_file(vfs, &dir.join(FILE)).ok().flatten().map(|h| h.chain).unwrap_or_default();
+        let before = read_file(vfs, &dir.join(FILE))?.map(|h| h.chain).unwrap_or_default();
         let root_of = |g: Generation| before.iter().find(|c| c.0 == g).map_or(BlockHash::ZERO, |c| c.1);
         let mut chain = vec![(meta.generation, header.root)];
         chain.extend(lineage.into_iter().filter(|g| *g != meta.generation).map(|g| (g, root_of(g))));
@@ -170,7 +173,8 @@ impl HistoryWriter {
         write(vfs, &dir, &History { path, at_rest, chain })?;
         for old in vfs.list_dir(&dir).ctx(Place::State, "listing", &dir)? {
             if (old.ends_with(".dfm") && old != name) || orphan(&old) {
-                let _ = vfs.remove_file(&dir.join(old));
+                let p = dir.join(old);
+                vfs.remove_file(&p).ctx(Place::State, "removing", &p)?;
             }
         }
         Ok(())

@@ -136,7 +136,9 @@ pub struct SyncReport {
 
 /// Runs one local sync on the current rayon pool.
 pub fn sync(job: &SyncJob, opts: &SyncOptions, progress: &dyn Progress) -> Result<SyncReport> {
-    let source = SourceSession::open(job.vfs.clone(), &job.source, opts.block_size, None)?;
+    // The source's history is kept as for a push: a disk synced from today
+    // may receive tomorrow, and must then be known for what it holds.
+    let source = SourceSession::open(job.vfs.clone(), &job.source, opts.block_size, Some(&job.state_root))?;
     let same = job
         .vfs
         .metadata(&job.target)
@@ -196,9 +198,7 @@ impl<'a> Join<'a> {
             mode: opts.mode,
             force: opts.force,
             discard_target_changes: opts.discard_target_changes,
-            // The source's lineage is read, never written: a local sync
-            // leaves no history behind for its source.
-            lineage: crate::session::lineage::lineage_of(job.vfs.as_ref(), &job.state_root, &job.source)?,
+            lineage: source.lineage().to_vec(),
         };
         Ok(Join { job, opts, source, progress, sender: SenderSession::new(open), receiver: ReceiverSession::new() })
     }
@@ -251,6 +251,7 @@ impl<'a> Join<'a> {
                         let plan = t.session.plan();
                         let outcome = t.session.commit(consistency, self.job.generation, self.job.now_unix_ns)?;
                         let c = outcome.committed;
+                        self.source.commit_history(c.generation, consistency, self.job.now_unix_ns)?;
                         self.receiver.handle_committed(c);
                         self.exchange();
                         return Ok(SyncReport {

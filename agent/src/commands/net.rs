@@ -73,7 +73,13 @@ async fn shutdown_signal() {
 }
 
 pub fn push(a: PushArgs) -> Result<()> {
-    let state_root = state::prepare(&state::resolve(a.common.state_dir.clone()))?;
+    // The agent's one state directory: the disk's history must be where
+    // this host's `serve` looks when the disk later receives.
+    let from_config = match (&a.config, &a.common.state_dir) {
+        (Some(file), None) => Config::load(file)?.state_dir,
+        _ => None,
+    };
+    let state_root = state::prepare(&state::resolve(a.common.state_dir.clone().or(from_config)))?;
     let id = identity::load(&state_root)?;
     let fingerprint = normalize_fingerprint(&a.peer_fingerprint).ok_or_else(|| {
         Error::new(

@@ -226,7 +226,9 @@ impl Catalog {
         keep.extend(self.points.first().map(|p| p.generation));
         let (kept, dropped): (Vec<_>, Vec<_>) = self.points.drain(..).partition(|p| keep.contains(&p.generation));
         self.points = kept;
-        self.pins.retain(|p| keep.contains(&p.generation));
+        // A test image's pin stays until its cleanup, even if its point went
+        // (a demote, a new chain): the cleanup finds the image by it.
+        self.pins.retain(|p| !p.is_discarded() || keep.contains(&p.generation));
         dropped
     }
 }

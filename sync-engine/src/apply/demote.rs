@@ -55,11 +55,12 @@ impl Target {
             self.reset_to(&m, &meta)?;
             return Ok(DemoteReport { generation, hashed: false, points_dropped });
         }
-        if let Trust::Trusted(p) = self.settle_trust()? {
+        if let Trust::Trusted(p) = self.trust()? {
             self.set_role_kept(Role::Replica)?;
             return Ok(DemoteReport { generation: p.generation, hashed: false, points_dropped: 0 });
         }
-        // Written since: hash it once.
+        // Maybe written since: hash it once, comparing with the promoted point
+        // on the way (a stamp that cannot tell is settled by the same pass).
         let lineage = match &history {
             Some(h) => h.lineage(),
             None => c.ancestry(),
@@ -67,10 +68,16 @@ impl Target {
         let disk = Disk::open_on(vfs.as_ref(), &self.path).ctx(Place::Target, "opening", &self.path)?;
         let g = Geometry::new(disk.len(), c.points[0].geometry.block_size);
         let mut w = HistoryWriter::create(vfs.clone(), &self.state_root, &self.path, g, lineage.clone())?;
+        let promoted = self.manifest_of(&c.points[0])?;
+        let mut same = promoted.geometry() == g;
+        let mut cursor = promoted.cursor();
         progress.phase("hashing", g.disk_bytes);
         for region in 0..g.region_count() {
             let range = g.region_range(region);
             let hashes = hash_blocks(&disk, &g, range.clone()).ctx(Place::Target, "reading", &self.path)?;
+            if same {
+                same = cursor.next_blocks(range.end - range.start)? == hashes;
+            }
             w.push_region(region, &hashes)?;
             progress.advance(g.block_offset(range.end).min(g.disk_bytes) - g.block_offset(range.start));
         }
@@ -81,6 +88,13 @@ impl Target {
                 format!("{} was written while it was hashed: its VM still runs", self.path.display()),
             )
             .hint("stop the VM on this host first (its disk must be at rest), then demote again"));
+        }
+        if same {
+            // Touched, never changed: still the promoted point.
+            drop(w);
+            self.restamp()?;
+            self.set_role_kept(Role::Replica)?;
+            return Ok(DemoteReport { generation: c.points[0].generation, hashed: true, points_dropped: 0 });
         }
         let mmeta = ManifestMeta {
             generation: fresh,

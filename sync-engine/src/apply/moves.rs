@@ -65,6 +65,9 @@ impl Target {
                 format!("{} is in the middle of a full copy and holds no recovery point", self.path.display()),
             )
             .hint("finish the full download first (push again)")),
+            Some(c) if c.points.is_empty() => {
+                Err(Error::corrupt(&self.dir.join("catalog"), "a complete catalog without points"))
+            }
             Some(c) => Ok(c),
         }
     }
@@ -104,6 +107,10 @@ impl Target {
             .hint("choose a crash- or app-consistent point from `diskferry points`"));
         }
         let role = c.role;
+        if self.vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?.is_none() {
+            return Err(Error::new(ErrorCode::NotFound, format!("{} does not exist", self.path.display()))
+                .hint("a failover needs the replica's disk: restore it, or push a full copy"));
+        }
         match self.settle_trust()? {
             Trust::Trusted(_) => {}
             Trust::Diverged { why, .. } if role == Role::Live => {
@@ -182,10 +189,16 @@ impl Target {
         let end = g.disk_bytes;
         let mut size = current.geometry.disk_bytes;
         // Later segments override earlier ones, as replay writes in order;
-        // each segment's cut to its size becomes a zero range, so bytes past
+        // each segment's change of size becomes a zero range, so bytes past
         // a smaller intermediate size do not survive a later growth.
         for p in path {
             let (upath, uh) = self.checked_undo(p)?;
+            if uh.old_disk_bytes > size {
+                // Growing back: the segment saved only the data of the tail
+                // its commit cut, so the rest reads as zeros — which a
+                // device (never cut) only does if it is zeroed.
+                zero_within(&mut j, size, uh.old_disk_bytes - size, end)?;
+            }
             read_undo_entries(vfs.as_ref(), &upath, &mut |e| match e {
                 UndoEntry::Data { offset, bytes } => {
                     let mut at = offset;

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use diskferry_protocol::{Consistency, ErrorCode, Generation, Geometry};
 
-use crate::apply::{manifest_file, Target};
+use crate::apply::{manifest_file, Role, Target, Trust};
 use crate::disk::Disk;
 use crate::error::{Error, IoContext, Place, Result};
 use crate::hash::hash_blocks;
@@ -64,6 +64,14 @@ pub fn check(target: &mut Target, req: &Ask<'_>) -> Result<Verdict> {
         return Ok(Verdict::default());
     };
     let Some(history) = History::load(vfs.as_ref(), &root, &path)? else { return Ok(Verdict::default()) };
+    // A replica untouched since its last commit whose point the sender
+    // holds is rule 3, whatever it was pushed on as since (a cascade: its
+    // history then names another id for the same bytes).
+    if let (Some(Role::Replica), Trust::Trusted(p)) = (target.role(), target.trust()?) {
+        if req.lineage.contains(&p.generation) && history.at_rest == Some(meta.stamp) {
+            return Ok(Verdict::default());
+        }
+    }
     let mut v = Verdict { applies: true, ..Verdict::default() };
     let Some(last) = history.last() else { return Ok(v) };
     v.common = history.lineage().into_iter().find(|g| req.lineage.contains(g));
@@ -87,14 +95,17 @@ pub fn check(target: &mut Target, req: &Ask<'_>) -> Result<Verdict> {
         (0, 0, None)
     } else {
         v.bytes_read += meta.len;
-        count_changes(target, &manifest, &meta, req.discard_target_changes)?
+        let counted = count_changes(target, &manifest, &meta, req.discard_target_changes)?;
+        // Bytes that moved while they were hashed prove nothing.
+        if vfs.metadata(&path).ctx(Place::Target, "reading", &path)?.map(|m| m.stamp) != Some(meta.stamp) {
+            return Err(target.diverged("it was written while it was compared with its last pushed generation"));
+        }
+        counted
     };
-    if blocks == 0 {
+    if blocks == 0 && common == last {
         // Exactly at `last`: its manifest is the target's point from here on.
         adopt(target, &manifest, &meta)?;
-        if common == last {
-            return Ok(v);
-        }
+        return Ok(v);
     }
     let lost = if common == last {
         format!("{blocks} blocks ({bytes} bytes) written since it was last pushed as {last}")
@@ -119,7 +130,8 @@ pub fn check(target: &mut Target, req: &Ask<'_>) -> Result<Verdict> {
                --discard-target-changes, which keeps them as a recovery point until `diskferry commit`",
         ));
     }
-    let kept = match hashed {
+    // The push goes ahead over the disk's own state: that state is kept.
+    let kept = match hashed.filter(|_| blocks > 0) {
         Some(w) => {
             let meta_d = ManifestMeta {
                 generation: req.discard_point,
@@ -130,7 +142,10 @@ pub fn check(target: &mut Target, req: &Ask<'_>) -> Result<Verdict> {
             keep_discarded(target, w, meta_d, &meta)?;
             meta_d.generation
         }
-        None => last,
+        None => {
+            adopt(target, &manifest, &meta)?;
+            last
+        }
     };
     target.pin_discarded(kept)?;
     v.discarded_blocks = blocks;
@@ -156,6 +171,8 @@ fn count_changes(
         false => None,
     };
     let want_g = manifest.geometry();
+    // A block's bytes: the longer of what the disk and the manifest hold.
+    let block_bytes = |b: u64| g.block_len(b).max(want_g.block_len(b)) as u64;
     let mut cursor = manifest.cursor();
     let (mut blocks, mut bytes, mut compared) = (0u64, 0u64, 0u64);
     for region in 0..g.region_count() {
@@ -168,7 +185,7 @@ fn count_changes(
             let b = range.start + i as u64;
             if want.get(i) != Some(h) {
                 blocks += 1;
-                bytes += g.block_len(b) as u64;
+                bytes += block_bytes(b);
             }
         }
         if let Some(w) = &mut writer {
@@ -178,7 +195,7 @@ fn count_changes(
     // Blocks of the old size the disk no longer has count as changed too.
     for b in compared.max(g.block_count())..want_g.block_count() {
         blocks += 1;
-        bytes += want_g.block_len(b) as u64;
+        bytes += block_bytes(b);
     }
     Ok((blocks, bytes, writer))
 }

@@ -183,3 +183,23 @@ fn a_live_target_refuses_every_push() {
         assert_eq!(ask(&fs, r).unwrap_err().0, ErrorCode::Promoted);
     }
 }
+
+/// A replica pushed on to a third host (a cascade) has a history naming
+/// another id for the same bytes: a push from its own source is still rule
+/// 3, and a refused split brain changes nothing.
+#[test]
+fn a_cascaded_replica_is_still_a_replica() {
+    let fs = fresh_fs();
+    let vfs: Arc<dyn Vfs> = Arc::new(fs.clone());
+    write_image(&fs, p(SRC), &DiskGen::new(9).disk(300_000)).unwrap();
+    sync(vfs.clone(), G, &opts(65536, 2)).unwrap();
+    record_history(&fs, &[0x70, G]);
+    let d = ask(&fs, row(&[G, F])).unwrap();
+    assert_eq!((d.plan, d.base, d.lineage.applies), (Plan::CompareManifest, Some(Generation(G)), false));
+    // Written since: its history decides, and refusing leaves the catalog as it was.
+    scribble(&fs, 1000);
+    let before = Target::open(vfs.clone(), p(STATE), p(DST), TargetOptions::default()).unwrap().catalog().cloned();
+    assert_eq!(ask(&fs, row(&[G])).unwrap_err().0, ErrorCode::SplitBrain);
+    let after = Target::open(vfs, p(STATE), p(DST), TargetOptions::default()).unwrap().catalog().cloned();
+    assert_eq!(before, after);
+}

@@ -212,3 +212,33 @@ fn demote_keeps_or_hashes_what_the_disk_holds() {
     drop(t);
     verify_ok(vfs, "after demote");
 }
+
+/// On a block device (never cut to a size), a move that grows the disk back
+/// must zero what the point had as zeros past the smaller size: a tail of
+/// zeros, then a shrink, then a growth with data, then back down and up.
+#[test]
+fn moves_on_a_device_zero_a_regrown_tail() {
+    let fs = fresh_fs();
+    let vfs: Arc<dyn Vfs> = Arc::new(fs.clone());
+    fs.add_block_device(p(DST), 1 << 20).unwrap();
+    let o = opts(4096, 6);
+    let mut g = DiskGen::new(37);
+    let mut v0 = g.disk(700_000);
+    v0[550_000..].fill(0);
+    let v1 = v0[..550_000].to_vec();
+    let mut v2 = v1.clone();
+    v2.extend_from_slice(&g.disk(150_000));
+    v2[600_000..600_100].fill(9);
+    let versions = [(100u128, &v0), (101, &v1), (102, &v2)];
+    for (generation, bytes) in versions {
+        write_image(&fs, p(SRC), bytes).unwrap();
+        sync(vfs.clone(), generation, &o).unwrap();
+    }
+    for to in [101u128, 100, 102, 100, 101, 102] {
+        failover(vfs.clone(), Some(to)).unwrap_or_else(|e| panic!("to {to}: {e}"));
+        let want = versions.iter().find(|v| v.0 == to).unwrap().1;
+        let have = read(&fs, DST).unwrap();
+        assert!(&have[..want.len()] == want.as_slice(), "to {to}: the device does not hold the point");
+        verify_ok(vfs.clone(), &format!("to {to}"));
+    }
+}
