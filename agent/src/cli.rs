@@ -107,6 +107,8 @@ pub struct PushArgs {
     /// discard its changes, keeping them there as a recovery point until `diskferry commit`.
     #[arg(long)]
     pub discard_target_changes: bool,
+    #[command(flatten)]
+    pub snapshot: SnapshotArgs,
     /// Hashing threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -121,6 +123,44 @@ pub struct PushArgs {
     pub idle_timeout: u64,
     #[command(flatten)]
     pub common: Common,
+}
+
+/// How the source is snapshotted, and the hooks around it.
+#[derive(Args, Debug, Clone)]
+pub struct SnapshotArgs {
+    /// none: read the disk itself (a running disk gives a fuzzy point); reflink: clone it beside
+    /// itself (XFS, btrfs) and read the clone; cmd: --snapshot-cmd prints a snapshot's path.
+    #[arg(long, value_enum, default_value = "none")]
+    pub snapshot: crate::snapshot::SnapshotKind,
+    /// Command (sh -c) that takes a snapshot and prints its path as its last line.
+    #[arg(long, value_name = "CMD")]
+    pub snapshot_cmd: Option<String>,
+    /// Command run with the snapshot's path as its last argument afterwards, also after a failure.
+    #[arg(long, value_name = "CMD")]
+    pub snapshot_cleanup_cmd: Option<String>,
+    /// Command run just before the snapshot (e.g. a filesystem freeze through a guest agent).
+    #[arg(long, value_name = "CMD")]
+    pub pre_snapshot: Option<String>,
+    /// Command run right after the snapshot; always, once the pre hook ran.
+    #[arg(long, value_name = "CMD")]
+    pub post_snapshot: Option<String>,
+    /// Seconds a hook or snapshot command may run before it is killed (E_HOOK).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub hook_timeout: u64,
+}
+
+impl SnapshotArgs {
+    /// The options the push takes.
+    pub fn options(&self) -> crate::snapshot::SnapshotOptions {
+        crate::snapshot::SnapshotOptions {
+            kind: self.snapshot,
+            cmd: self.snapshot_cmd.clone(),
+            cleanup_cmd: self.snapshot_cleanup_cmd.clone(),
+            pre: self.pre_snapshot.clone(),
+            post: self.post_snapshot.clone(),
+            hook_timeout: std::time::Duration::from_secs(self.hook_timeout),
+        }
+    }
 }
 
 fn block_size(s: &str) -> Result<BlockSize, String> {

@@ -102,6 +102,12 @@ error_codes! {
     NoSuchPoint = 9, "E_NO_SUCH_POINT", Input, false;
     /// The source shrank, vanished or was replaced while it was read.
     SourceChanged = 10, "E_SOURCE_CHANGED", Input, true;
+    /// The source could not be snapshotted (no reflink on its filesystem,
+    /// a snapshot command that printed no usable path).
+    Snapshot = 11, "E_SNAPSHOT", Input, false;
+    /// An operator hook (pre/post snapshot, snapshot command, quiesce)
+    /// failed or outlived its timeout.
+    Hook = 12, "E_HOOK", Input, true;
     /// The target was changed behind diskferry's back.
     Diverged = 20, "E_DIVERGED", Diverged, false;
     /// The target's bytes do not match its committed manifest.

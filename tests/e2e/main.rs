@@ -26,4 +26,5 @@ mod memory;
 mod net;
 mod points;
 mod restart;
+mod snapshot;
 mod source_change;

@@ -82,6 +82,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             compress: Some(1),
             force: false,
             discard_target_changes: false,
+            snapshot: Default::default(),
             threads: None,
             max_mtu: None,
             state_root: Some(source_state.clone()),

@@ -101,6 +101,7 @@ pub fn push(a: PushArgs) -> Result<()> {
         compress: a.compress.0,
         force: a.force,
         discard_target_changes: a.discard_target_changes,
+        snapshot: a.snapshot.options(),
         threads: a.threads,
         max_mtu: a.max_mtu,
         state_root: Some(state_root),
@@ -172,6 +173,7 @@ pub fn push_json(r: &PushReport, secs: f64, cpu: f64) -> serde_json::Value {
         "discarded_blocks": r.discarded_blocks,
         "discarded_point": r.discarded_point.map(|g| g.to_hex()),
         "target_bytes_read": r.target_bytes_read,
+        "snapshot": r.snapshot.as_str(),
     })
 }
 

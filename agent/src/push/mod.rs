@@ -7,6 +7,7 @@
 
 mod session;
 
+use crate::snapshot::{self, SnapshotKind, SnapshotOptions};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,6 +38,8 @@ pub struct PushOptions {
     /// Proceed over a split brain (the target's own changes are kept there
     /// as a recovery point until `commit`).
     pub discard_target_changes: bool,
+    /// How the source is snapshotted, and the hooks around it.
+    pub snapshot: SnapshotOptions,
     pub threads: Option<usize>,
     pub max_mtu: Option<u16>,
     /// Where the manifest of what was last sent is kept (none: not kept).
@@ -74,6 +77,8 @@ pub struct PushReport {
     pub discarded_point: Option<Generation>,
     /// Bytes the target read from its own disk.
     pub target_bytes_read: u64,
+    /// How the source was read.
+    pub snapshot: SnapshotKind,
 }
 
 impl PushReport {
@@ -93,7 +98,18 @@ pub async fn push(
     progress: Arc<dyn Progress + Send + Sync>,
 ) -> Result<PushReport, Error> {
     let vfs: Arc<dyn Vfs> = Arc::new(RealFs);
-    let source = Arc::new(SourceSession::open(vfs, &opts.source, opts.block_size, opts.state_root.as_deref())?);
+    // Hooks and the snapshot block: they run off the runtime's threads.
+    let (src, so) = (opts.source.clone(), opts.snapshot.clone());
+    let mut snap = tokio::task::spawn_blocking(move || snapshot::take(&src, &so))
+        .await
+        .map_err(|e| Error::new(ErrorCode::Internal, format!("snapshot task: {e}")))??;
+    let source = Arc::new(SourceSession::open_as(
+        vfs,
+        &snap.read_path,
+        &opts.source,
+        opts.block_size,
+        opts.state_root.as_deref(),
+    )?);
     let g = source.geometry();
     let open = Open {
         session: SessionId(rand::random::<u128>() | 1),
@@ -119,7 +135,7 @@ pub async fn push(
     let conn = connecting.await.map_err(|e| connection_error(e, false, &opts, id))?;
     tracing::debug!("connected");
     let mut finish_sent = false;
-    let result = session::run(&conn, &opts, open, source, progress, &mut finish_sent).await;
+    let result = session::run(&conn, &opts, open, source, progress, snap.app_consistent, &mut finish_sent).await;
     let result = match (result, conn.close_reason()) {
         // The commit may have landed with only its acknowledgement lost.
         (Err(e), _) if finish_sent && e.code == ErrorCode::Connection => Err(Error::new(
@@ -140,7 +156,9 @@ pub async fn push(
     // Long enough for the close to leave; the draining period that follows
     // only matters to a peer still sending, and the session is over.
     let _ = tokio::time::timeout(Duration::from_millis(5), endpoint.wait_idle()).await;
+    snap.finish();
     let mut report = result?;
+    report.snapshot = snap.kind;
     report.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
     report.path_mtu = stats.path.current_mtu;
     Ok(report)

@@ -34,6 +34,7 @@ pub(super) async fn run(
     open: Open,
     source: Arc<SourceSession>,
     progress: Arc<dyn Progress + Send + Sync>,
+    app_consistent: bool,
     finish_sent: &mut bool,
 ) -> Result<PushReport, Error> {
     let lost = |e: &dyn std::fmt::Display| {
@@ -153,12 +154,13 @@ pub(super) async fn run(
                 discarded_blocks: c.discarded_blocks,
                 discarded_point: c.discarded_point,
                 target_bytes_read: c.target_bytes_read,
+                snapshot: Default::default(),
             });
         }
         // Finish once everything was hashed and the target has staged every
         // region: only then is the source's stability known.
         if hashed && consistency_sent.is_none() && session.outstanding() == 0 {
-            match source.consistency(false) {
+            match source.consistency(app_consistent) {
                 Ok(c) => {
                     consistency_sent = Some(c);
                     *finish_sent = true;

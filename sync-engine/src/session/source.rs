@@ -75,6 +75,8 @@ pub struct SourceSession {
     link: Mutex<Link>,
     changed_while_read: AtomicBool,
     bytes_sent: AtomicU64,
+    /// The disk whose history this is (`path` may be a snapshot of it).
+    origin: PathBuf,
     /// The agent's state directory, where the disk's history is kept.
     state_root: Option<PathBuf>,
     lineage: Vec<Generation>,
@@ -86,18 +88,32 @@ impl SourceSession {
     /// session with `block_size` blocks. With `state_root`, the disk's
     /// lineage is read from there and what was sent becomes its history.
     pub fn open(vfs: Arc<dyn Vfs>, path: &Path, block_size: BlockSize, state_root: Option<&Path>) -> Result<Self> {
+        Self::open_as(vfs, path, path, block_size, state_root)
+    }
+
+    /// [`SourceSession::open`] reading `path` — a snapshot of the disk
+    /// `origin` — while the lineage and history are `origin`'s. A snapshot
+    /// is never the origin at rest: its history gets no at-rest stamp.
+    pub fn open_as(
+        vfs: Arc<dyn Vfs>,
+        path: &Path,
+        origin: &Path,
+        block_size: BlockSize,
+        state_root: Option<&Path>,
+    ) -> Result<Self> {
         let before = vfs.metadata(path).ctx(Place::Source, "reading", path)?.ok_or_else(|| {
             Error::new(ErrorCode::NotFound, format!("source {} does not exist", path.display())).hint("check the path")
         })?;
         let disk = crate::disk::Disk::open_on(vfs.as_ref(), path).ctx(Place::Source, "opening", path)?;
         let geometry = Geometry::new(disk.len(), block_size);
         let lineage = match state_root {
-            Some(root) => lineage_of(vfs.as_ref(), root, path)?,
+            Some(root) => lineage_of(vfs.as_ref(), root, origin)?,
             None => Vec::new(),
         };
         Ok(SourceSession {
             vfs,
             path: path.to_path_buf(),
+            origin: origin.to_path_buf(),
             disk: Arc::new(disk),
             geometry,
             before,
@@ -130,7 +146,7 @@ impl SourceSession {
     pub fn set_link(&self, link: Link) -> Result<()> {
         *self.link.lock().unwrap_or_else(|p| p.into_inner()) = link;
         if let Some(root) = &self.state_root {
-            let w = HistoryWriter::create(self.vfs.clone(), root, &self.path, self.geometry, self.lineage.clone())?;
+            let w = HistoryWriter::create(self.vfs.clone(), root, &self.origin, self.geometry, self.lineage.clone())?;
             *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
         }
         Ok(())
@@ -311,7 +327,7 @@ impl SourceSession {
     pub fn commit_history(&self, generation: Generation, consistency: Consistency, now_unix_ns: i64) -> Result<()> {
         let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(w) = writer else { return Ok(()) };
-        let at_rest = consistency.is_recovery_point().then_some(self.before.stamp);
+        let at_rest = (consistency.is_recovery_point() && self.path == self.origin).then_some(self.before.stamp);
         let meta = ManifestMeta { generation, parent: None, consistency, created_unix_ns: now_unix_ns };
         w.commit(self.vfs.as_ref(), meta, at_rest)
     }

@@ -1,0 +1,211 @@
+//! The source's snapshot around a push: the pre-snapshot hook, the
+//! snapshot itself (a reflink clone beside the disk, or an operator
+//! command that prints the snapshot's path), the post-snapshot hook — run
+//! always once the pre hook ran — and, at the end, the snapshot's removal
+//! (also after a failure). The push then reads the snapshot; the disk's
+//! history stays keyed by the origin disk.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use diskferry_protocol::ErrorCode;
+use diskferry_sync_engine::store::{RealFs, Vfs};
+use diskferry_sync_engine::Error;
+
+use crate::hooks;
+
+/// How the source is snapshotted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SnapshotKind {
+    /// Read the disk itself (a running disk gives a fuzzy point).
+    #[default]
+    None,
+    /// FICLONE the disk into `.NAME.diskferry-snap` beside it (XFS, btrfs).
+    Reflink,
+    /// `--snapshot-cmd` prints the snapshot's path (LVM and the like).
+    Cmd,
+}
+
+impl SnapshotKind {
+    /// The name in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotKind::None => "none",
+            SnapshotKind::Reflink => "reflink",
+            SnapshotKind::Cmd => "cmd",
+        }
+    }
+}
+
+/// The snapshot options of a push.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotOptions {
+    pub kind: SnapshotKind,
+    pub cmd: Option<String>,
+    pub cleanup_cmd: Option<String>,
+    pub pre: Option<String>,
+    pub post: Option<String>,
+    pub hook_timeout: Duration,
+}
+
+impl SnapshotOptions {
+    /// Refuses combinations that cannot work, before anything runs.
+    pub fn check(&self) -> Result<(), Error> {
+        let usage = |m: &str| Err(Error::new(ErrorCode::Usage, m.to_string()));
+        match self.kind {
+            SnapshotKind::Cmd if self.cmd.is_none() => usage("--snapshot cmd needs --snapshot-cmd"),
+            SnapshotKind::None if self.pre.is_some() || self.post.is_some() => {
+                usage("--pre-snapshot/--post-snapshot need a snapshot (--snapshot reflink or cmd)")
+            }
+            k if k != SnapshotKind::Cmd && (self.cmd.is_some() || self.cleanup_cmd.is_some()) => {
+                usage("--snapshot-cmd and --snapshot-cleanup-cmd go with --snapshot cmd")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A snapshot taken for one push; removed by [`Snapshot::finish`] (or on drop).
+#[derive(Debug)]
+pub struct Snapshot {
+    /// What the push reads.
+    pub read_path: PathBuf,
+    /// The pre and post hooks ran and succeeded: the point is app-consistent.
+    pub app_consistent: bool,
+    /// How it was taken.
+    pub kind: SnapshotKind,
+    cleanup: Option<Cleanup>,
+}
+
+#[derive(Debug)]
+enum Cleanup {
+    Remove(PathBuf),
+    Command { cmd: String, path: PathBuf, timeout: Duration },
+}
+
+/// The hidden reflink clone beside `src`.
+pub fn reflink_path(src: &Path) -> PathBuf {
+    let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    src.with_file_name(format!(".{name}.diskferry-snap"))
+}
+
+/// Runs the hooks and takes the snapshot of `src` (canonical). With
+/// [`SnapshotKind::None`] and no hooks, the push reads `src` itself.
+pub fn take(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
+    o.check()?;
+    if o.kind == SnapshotKind::None {
+        return Ok(Snapshot { read_path: src.to_path_buf(), app_consistent: false, kind: o.kind, cleanup: None });
+    }
+    let env = [("DISKFERRY_SOURCE", src.as_os_str())];
+    if o.kind == SnapshotKind::Reflink {
+        // A clone left by a killed run is stale: it goes before anything runs.
+        let leftover = reflink_path(src);
+        std::fs::remove_file(&leftover)
+            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+            .map_err(|e| Error::io(diskferry_sync_engine::Place::Source, "removing", &leftover, e))?;
+    }
+    let pre = match &o.pre {
+        Some(cmd) => Some(hooks::run("pre-snapshot", cmd, &[], &env, o.hook_timeout)),
+        None => None,
+    };
+    let taken = match &pre {
+        Some(Err(_)) => None,
+        _ => Some(snapshot(src, o)),
+    };
+    // Always once the pre hook ran, whatever failed in between.
+    let post = match &o.post {
+        Some(cmd) => Some(hooks::run("post-snapshot", cmd, &[], &env, o.hook_timeout)),
+        None => None,
+    };
+    let mut snap = match taken {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => return Err(e),
+        None => {
+            return Err(pre.and_then(Result::err).unwrap_or_else(|| Error::new(ErrorCode::Internal, "no snapshot")))
+        }
+    };
+    if let Some(Err(e)) = post {
+        snap.finish();
+        return Err(e);
+    }
+    if let Some(Err(e)) = pre {
+        snap.finish();
+        return Err(e);
+    }
+    snap.app_consistent = o.pre.is_some() || o.post.is_some();
+    Ok(snap)
+}
+
+fn snapshot(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
+    match o.kind {
+        SnapshotKind::Reflink => {
+            let to = reflink_path(src);
+            let cloned = RealFs
+                .reflink(src, &to)
+                .map_err(|e| Error::io(diskferry_sync_engine::Place::Source, "cloning", src, e))?;
+            if !cloned {
+                return Err(Error::new(
+                    ErrorCode::Snapshot,
+                    format!("{} cannot be cloned: its filesystem has no reflink (FICLONE)", src.display()),
+                )
+                .hint("put the disk on XFS (reflink=1) or btrfs, or use --snapshot cmd (LVM and the like); nothing was pushed"));
+            }
+            Ok(Snapshot {
+                read_path: to.clone(),
+                app_consistent: false,
+                kind: o.kind,
+                cleanup: Some(Cleanup::Remove(to)),
+            })
+        }
+        SnapshotKind::Cmd => {
+            let cmd = o.cmd.as_deref().unwrap_or_default();
+            let env = [("DISKFERRY_SOURCE", src.as_os_str())];
+            let printed = hooks::run("snapshot", cmd, &[], &env, o.hook_timeout)?;
+            let path = PathBuf::from(printed.lines().last().unwrap_or_default().trim());
+            let cleanup =
+                o.cleanup_cmd.clone().map(|cmd| Cleanup::Command { cmd, path: path.clone(), timeout: o.hook_timeout });
+            let snap = Snapshot { read_path: path.clone(), app_consistent: false, kind: o.kind, cleanup };
+            if path.as_os_str().is_empty() || !path.exists() {
+                drop(snap);
+                return Err(Error::new(
+                    ErrorCode::Snapshot,
+                    format!("the snapshot command printed {:?}, which is no readable path", path.display().to_string()),
+                )
+                .hint("the command must print the snapshot's path as its last line"));
+            }
+            Ok(snap)
+        }
+        SnapshotKind::None => {
+            Ok(Snapshot { read_path: src.to_path_buf(), app_consistent: false, kind: o.kind, cleanup: None })
+        }
+    }
+}
+
+impl Snapshot {
+    /// Removes the snapshot (the clone, or the cleanup command with its
+    /// path); a failure is logged, the push's own outcome stands.
+    pub fn finish(&mut self) {
+        match self.cleanup.take() {
+            Some(Cleanup::Remove(p)) => {
+                if let Err(e) = std::fs::remove_file(&p) {
+                    tracing::warn!("could not remove the snapshot {}: {e}", p.display());
+                }
+            }
+            Some(Cleanup::Command { cmd, path, timeout }) => {
+                let args = [path.as_os_str()];
+                let env = [("DISKFERRY_SNAPSHOT", path.as_os_str())];
+                if let Err(e) = hooks::run("snapshot-cleanup", &cmd, &args, &env, timeout) {
+                    tracing::warn!("{}", e.message);
+                    eprintln!("warning: {} — remove {} by hand", e.message, path.display());
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
