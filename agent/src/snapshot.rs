@@ -104,19 +104,13 @@ pub fn take(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
             .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
             .map_err(|e| Error::io(diskferry_sync_engine::Place::Source, "removing", &leftover, e))?;
     }
-    let pre = match &o.pre {
-        Some(cmd) => Some(hooks::run("pre-snapshot", cmd, &[], &env, o.hook_timeout)),
-        None => None,
-    };
+    let pre = o.pre.as_ref().map(|cmd| hooks::run("pre-snapshot", cmd, &[], &env, o.hook_timeout));
     let taken = match &pre {
         Some(Err(_)) => None,
         _ => Some(snapshot(src, o)),
     };
     // Always once the pre hook ran, whatever failed in between.
-    let post = match &o.post {
-        Some(cmd) => Some(hooks::run("post-snapshot", cmd, &[], &env, o.hook_timeout)),
-        None => None,
-    };
+    let post = o.post.as_ref().map(|cmd| hooks::run("post-snapshot", cmd, &[], &env, o.hook_timeout));
     let mut snap = match taken {
         Some(Ok(s)) => s,
         Some(Err(e)) => return Err(e),
