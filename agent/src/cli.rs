@@ -37,6 +37,9 @@ pub enum Command {
     TestFailover(TestFailoverArgs),
     /// Turn a live target back into a replica once its VM moved away.
     Demote(MoveArgs),
+    /// Sync before failover: delta passes while the VM runs, then the quiesce command, the last delta,
+    /// a consistent point (promoted with --promote), and the downtime it took.
+    FailoverSync(FailoverSyncArgs),
     /// Create this agent's key and certificate and print its fingerprint.
     Init(InitArgs),
     /// Print this agent's certificate fingerprint.
@@ -324,6 +327,34 @@ pub struct FailoverArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct FailoverSyncArgs {
+    #[command(flatten)]
+    pub push: PushArgs,
+    /// Command (sh -c) that quiesces the VM: shuts it down or freezes it; waited for.
+    #[arg(long, value_name = "CMD")]
+    pub quiesce_cmd: String,
+    /// Command run when the last delta fails after the quiesce (e.g. start the VM again).
+    #[arg(long, value_name = "CMD")]
+    pub unquiesce_cmd: Option<String>,
+    /// Passes while the VM runs, at most.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_passes: u32,
+    /// A pass that changed at most this much ends phase 1 (K, M, G suffixes).
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = size)]
+    pub converge_bytes: u64,
+    /// Promote the final point on the target in the same session; a live source is then demoted.
+    #[arg(long)]
+    pub promote: bool,
+    /// Seconds the quiesce command may take (a guest shutdown) before it is killed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub quiesce_timeout: u64,
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    diskferry_protocol::parse_size(s).ok_or_else(|| format!("{s:?} is not a size (e.g. 64M)"))
+}
+
+#[derive(Args, Debug)]
 pub struct TestFailoverArgs {
     /// Target disk path, or with --config a target name (not with --cleanup).
     #[arg(required_unless_present = "cleanup")]
@@ -368,6 +399,7 @@ impl Command {
             Command::Failover(a) => a.common.json,
             Command::Commit(a) | Command::Demote(a) => a.common.json,
             Command::TestFailover(a) => a.common.json,
+            Command::FailoverSync(a) => a.push.common.json,
             Command::Demo(a) => a.common.json,
             Command::Init(a) | Command::Id(a) => a.common.json,
             Command::Serve(a) => a.common.json,

@@ -199,6 +199,7 @@ impl<'a> Join<'a> {
             force: opts.force,
             discard_target_changes: opts.discard_target_changes,
             lineage: source.lineage().to_vec(),
+            promote: false,
         };
         Ok(Join { job, opts, source, progress, sender: SenderSession::new(open), receiver: ReceiverSession::new() })
     }

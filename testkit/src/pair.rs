@@ -80,6 +80,7 @@ pub fn push(vfs: Arc<dyn Vfs>, spec: &PushSpec) -> Result<PushEnd> {
         force: spec.force,
         discard_target_changes: false,
         lineage: Vec::new(),
+        promote: false,
     };
     let mut pair = Pair {
         spec,

@@ -15,6 +15,7 @@ mod corrupt;
 mod diverge;
 mod failover;
 mod failover_kill;
+mod failover_sync;
 mod full_download;
 mod full_fs;
 mod guard;

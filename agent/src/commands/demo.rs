@@ -83,6 +83,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
             force: false,
             discard_target_changes: false,
             snapshot: Default::default(),
+            promote: false,
+            fuzzy: false,
             threads: None,
             max_mtu: None,
             state_root: Some(source_state.clone()),

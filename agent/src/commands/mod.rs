@@ -4,6 +4,7 @@ mod abort;
 mod demo;
 mod export;
 mod failover;
+mod failover_sync;
 mod hash;
 mod net;
 mod points;
@@ -23,6 +24,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Commit(a) => failover::commit(a),
         Command::Demote(a) => failover::demote(a),
         Command::TestFailover(a) => test_failover::run(a),
+        Command::FailoverSync(a) => failover_sync::run(a),
         Command::Sync(a) => sync::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Points(a) => points::run(a),

@@ -72,7 +72,9 @@ async fn shutdown_signal() {
     }
 }
 
-pub fn push(a: PushArgs) -> Result<()> {
+/// What a push needs from its arguments: the options, this agent's
+/// identity, and a runtime (with the peer resolved on it).
+pub fn push_setup(a: &PushArgs) -> Result<(PushOptions, identity::Identity, tokio::runtime::Runtime)> {
     // The agent's one state directory: the disk's history must be where
     // this host's `serve` looks when the disk later receives.
     let from_config = match (&a.config, &a.common.state_dir) {
@@ -102,11 +104,18 @@ pub fn push(a: PushArgs) -> Result<()> {
         force: a.force,
         discard_target_changes: a.discard_target_changes,
         snapshot: a.snapshot.options(),
+        promote: false,
+        fuzzy: false,
         threads: a.threads,
         max_mtu: a.max_mtu,
         state_root: Some(state_root),
         idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
     };
+    Ok((opts, id, rt))
+}
+
+pub fn push(a: PushArgs) -> Result<()> {
+    let (opts, id, rt) = push_setup(&a)?;
     let bar = Arc::new(Bar::new());
     let start = Instant::now();
     let report = rt.block_on(push::push(&id, opts, bar.clone()));

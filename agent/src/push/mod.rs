@@ -40,6 +40,11 @@ pub struct PushOptions {
     pub discard_target_changes: bool,
     /// How the source is snapshotted, and the hooks around it.
     pub snapshot: SnapshotOptions,
+    /// Promote the committed point on the target in this session.
+    pub promote: bool,
+    /// Label the point fuzzy whatever the read saw (a pass of
+    /// `failover-sync` while the VM runs is never a recovery point).
+    pub fuzzy: bool,
     pub threads: Option<usize>,
     pub max_mtu: Option<u16>,
     /// Where the manifest of what was last sent is kept (none: not kept).
@@ -79,6 +84,10 @@ pub struct PushReport {
     pub target_bytes_read: u64,
     /// How the source was read.
     pub snapshot: SnapshotKind,
+    /// Content bytes the target wrote (changed).
+    pub bytes_written: u64,
+    /// The target promoted the point (`promote`).
+    pub promoted: bool,
 }
 
 impl PushReport {
@@ -120,6 +129,7 @@ pub async fn push(
         force: opts.force,
         discard_target_changes: opts.discard_target_changes,
         lineage: source.lineage().to_vec(),
+        promote: opts.promote,
     };
 
     let endpoint =

@@ -155,12 +155,14 @@ pub(super) async fn run(
                 discarded_point: c.discarded_point,
                 target_bytes_read: c.target_bytes_read,
                 snapshot: Default::default(),
+                bytes_written: c.bytes_written,
+                promoted: c.promoted,
             });
         }
         // Finish once everything was hashed and the target has staged every
         // region: only then is the source's stability known.
         if hashed && consistency_sent.is_none() && session.outstanding() == 0 {
-            match source.consistency(app_consistent) {
+            match source.consistency(app_consistent).map(|c| if opts.fuzzy { Consistency::Fuzzy } else { c }) {
                 Ok(c) => {
                     consistency_sent = Some(c);
                     *finish_sent = true;

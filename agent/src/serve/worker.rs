@@ -166,7 +166,18 @@ fn serve_session(
             Cmd::Region { region, hashes, expected } => session.region(region, &hashes, expected)?,
             Cmd::Commit { consistency } => {
                 let outcome = session.commit(consistency, crate::ids::new_generation(), crate::ids::now_unix_ns())?;
-                let _ = replies.send(Reply::Committed(outcome.committed));
+                let mut committed = outcome.committed;
+                if req.open.promote {
+                    // The last step of `failover-sync --promote`, in the same
+                    // session: the point just committed goes live.
+                    match target.failover(Some(committed.generation)) {
+                        Ok(_) => committed.promoted = true,
+                        Err(e) => {
+                            tracing::warn!(target = %req.name, "committed, but not promoted: error[{}]: {}", e.code, e.message)
+                        }
+                    }
+                }
+                let _ = replies.send(Reply::Committed(committed));
                 return Ok(());
             }
             Cmd::Stop => break,

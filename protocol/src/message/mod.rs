@@ -97,6 +97,9 @@ pub struct Open {
     /// [`MAX_LINEAGE`]): what it was last pushed as, or the generation it
     /// holds as a promoted replica, and the ones before.
     pub lineage: Vec<Generation>,
+    /// Promote the committed point (the target becomes `live`) in this
+    /// session: the last step of `failover-sync --promote`.
+    pub promote: bool,
 }
 
 /// Generations an `Open` may carry as lineage.
@@ -150,6 +153,8 @@ pub struct Committed {
     pub discarded_point: Option<Generation>,
     /// Bytes the target read from its own disk.
     pub target_bytes_read: u64,
+    /// The committed point was promoted (`Open.promote`).
+    pub promoted: bool,
 }
 
 /// [`Committed`] flag: the target already held this content.
@@ -157,6 +162,9 @@ const COMMITTED_UNCHANGED: u8 = 1;
 /// [`Open`] flags.
 const OPEN_FORCE: u8 = 1;
 const OPEN_DISCARD: u8 = 2;
+const OPEN_PROMOTE: u8 = 4;
+/// [`Committed`] flag: the point was promoted.
+const COMMITTED_PROMOTED: u8 = 2;
 
 /// Any protocol message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -341,7 +349,9 @@ impl Message {
                     SyncMode::Full => 2,
                 });
                 b.put_u8(
-                    if o.force { OPEN_FORCE } else { 0 } | if o.discard_target_changes { OPEN_DISCARD } else { 0 },
+                    if o.force { OPEN_FORCE } else { 0 }
+                        | if o.discard_target_changes { OPEN_DISCARD } else { 0 }
+                        | if o.promote { OPEN_PROMOTE } else { 0 },
                 );
                 let lineage = &o.lineage[..o.lineage.len().min(MAX_LINEAGE)];
                 b.put_u32_le(lineage.len() as u32);
@@ -407,7 +417,9 @@ impl Message {
                 b.put_u64_le(c.blocks_changed);
                 b.put_u64_le(c.bytes_written);
                 b.put_u32_le(c.points_dropped);
-                b.put_u8(if c.unchanged { COMMITTED_UNCHANGED } else { 0 });
+                b.put_u8(
+                    if c.unchanged { COMMITTED_UNCHANGED } else { 0 } | if c.promoted { COMMITTED_PROMOTED } else { 0 },
+                );
                 b.put_u128_le(c.common_point.map_or(0, |g| g.0));
                 b.put_u64_le(c.discarded_blocks);
                 b.put_u128_le(c.discarded_point.map_or(0, |g| g.0));
@@ -457,7 +469,7 @@ impl Message {
                     _ => return Err(DecodeError::Invalid("mode")),
                 };
                 let flags = body.get_u8_checked()?;
-                if flags & !(OPEN_FORCE | OPEN_DISCARD) != 0 {
+                if flags & !(OPEN_FORCE | OPEN_DISCARD | OPEN_PROMOTE) != 0 {
                     return Err(DecodeError::Invalid("flags"));
                 }
                 let n = body.get_count(16)?;
@@ -477,6 +489,7 @@ impl Message {
                     force: flags & OPEN_FORCE != 0,
                     discard_target_changes: flags & OPEN_DISCARD != 0,
                     lineage,
+                    promote: flags & OPEN_PROMOTE != 0,
                 })
             }
             0x04 => {
@@ -537,22 +550,30 @@ impl Message {
             0x0d => Message::Finish {
                 consistency: Consistency::from_u8(body.get_u8_checked()?).ok_or(DecodeError::Invalid("consistency"))?,
             },
-            0x0e => Message::Committed(Committed {
-                generation: generation(body.get_u128_checked()?).ok_or(DecodeError::Invalid("generation"))?,
-                root: body.get_hash()?,
-                blocks_changed: body.get_u64_checked()?,
-                bytes_written: body.get_u64_checked()?,
-                points_dropped: body.get_u32_checked()?,
-                unchanged: match body.get_u8_checked()? {
-                    0 => false,
-                    COMMITTED_UNCHANGED => true,
-                    _ => return Err(DecodeError::Invalid("committed flags")),
-                },
-                common_point: generation(body.get_u128_checked()?),
-                discarded_blocks: body.get_u64_checked()?,
-                discarded_point: generation(body.get_u128_checked()?),
-                target_bytes_read: body.get_u64_checked()?,
-            }),
+            0x0e => {
+                let new = generation(body.get_u128_checked()?).ok_or(DecodeError::Invalid("generation"))?;
+                let root = body.get_hash()?;
+                let blocks_changed = body.get_u64_checked()?;
+                let bytes_written = body.get_u64_checked()?;
+                let points_dropped = body.get_u32_checked()?;
+                let flags = body.get_u8_checked()?;
+                if flags & !(COMMITTED_UNCHANGED | COMMITTED_PROMOTED) != 0 {
+                    return Err(DecodeError::Invalid("committed flags"));
+                }
+                Message::Committed(Committed {
+                    generation: new,
+                    root,
+                    blocks_changed,
+                    bytes_written,
+                    points_dropped,
+                    unchanged: flags & COMMITTED_UNCHANGED != 0,
+                    common_point: generation(body.get_u128_checked()?),
+                    discarded_blocks: body.get_u64_checked()?,
+                    discarded_point: generation(body.get_u128_checked()?),
+                    target_bytes_read: body.get_u64_checked()?,
+                    promoted: flags & COMMITTED_PROMOTED != 0,
+                })
+            }
             0x0f => Message::Error { code: ErrorCode::from_u16(body.get_u16_checked()?), message: body.get_str()? },
             0x10 => Message::Block(decode_block(body)?),
             0x11 => Message::Zero { first: body.get_u64_checked()?, count: body.get_u64_checked()? },

@@ -23,6 +23,7 @@ pub(crate) fn samples() -> Vec<Message> {
             force: true,
             discard_target_changes: false,
             lineage: vec![Generation(9), Generation(3)],
+            promote: false,
         }),
         Message::Open(Open {
             session: SessionId(8),
@@ -33,6 +34,7 @@ pub(crate) fn samples() -> Vec<Message> {
             force: false,
             discard_target_changes: true,
             lineage: Vec::new(),
+            promote: false,
         }),
         Message::Accept(Accept { plan: Plan::CompareManifest, target_generation: None, staged_blocks: 3, window: 16 }),
         Message::Region { region: 2, hash: h },
@@ -58,6 +60,7 @@ pub(crate) fn samples() -> Vec<Message> {
             discarded_blocks: 17,
             discarded_point: Some(Generation(99)),
             target_bytes_read: 1 << 20,
+            promoted: false,
         }),
         Message::Committed(Committed {
             generation: Generation(6),
@@ -70,6 +73,7 @@ pub(crate) fn samples() -> Vec<Message> {
             discarded_blocks: 0,
             discarded_point: None,
             target_bytes_read: 0,
+            promoted: false,
         }),
         Message::Error { code: ErrorCode::Diverged, message: "changed ünder us".into() },
         Message::Block(BlockFrame {
@@ -152,6 +156,7 @@ fn bad_frames_are_errors() {
         force: false,
         discard_target_changes: false,
         lineage: Vec::new(),
+        promote: false,
     })
     .encode(&mut path);
     // Rewrite the name "ok" to "..": a path component never decodes.

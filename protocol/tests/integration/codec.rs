@@ -57,21 +57,24 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u64>(),
             12u32..=22,
             0u8..3,
-            (any::<bool>(), any::<bool>()),
+            (any::<bool>(), any::<bool>(), any::<bool>()),
             prop::collection::vec(generation(), 0..20)
         )
-            .prop_map(|(s, target, disk_bytes, shift, mode, (force, discard_target_changes), lineage)| {
-                Message::Open(Open {
-                    session: SessionId(s),
-                    target,
-                    disk_bytes,
-                    block_size: BlockSize::new(1 << shift).unwrap(),
-                    mode: [SyncMode::Auto, SyncMode::Delta, SyncMode::Full][mode as usize],
-                    force,
-                    discard_target_changes,
-                    lineage,
-                })
-            }),
+            .prop_map(
+                |(s, target, disk_bytes, shift, mode, (force, discard_target_changes, promote), lineage)| {
+                    Message::Open(Open {
+                        session: SessionId(s),
+                        target,
+                        disk_bytes,
+                        block_size: BlockSize::new(1 << shift).unwrap(),
+                        mode: [SyncMode::Auto, SyncMode::Delta, SyncMode::Full][mode as usize],
+                        force,
+                        discard_target_changes,
+                        lineage,
+                        promote,
+                    })
+                }
+            ),
         (0u8..3, prop::option::of(generation()), any::<u64>(), any::<u32>()).prop_map(|(p, g, s, w)| Message::Accept(
             Accept {
                 plan: [Plan::Full, Plan::CompareManifest, Plan::CompareHash][p as usize],
@@ -101,12 +104,12 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u64>(), any::<u64>()).prop_map(|(region, bytes_staged)| Message::RegionDone { region, bytes_staged }),
         (0u8..3).prop_map(|c| Message::Finish { consistency: Consistency::from_u8(c).unwrap() }),
         (
-            (generation(), hash(), any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>()),
+            (generation(), hash(), any::<u64>(), any::<u64>(), any::<u32>(), (any::<bool>(), any::<bool>())),
             (prop::option::of(generation()), any::<u64>(), prop::option::of(generation()), any::<u64>())
         )
             .prop_map(
                 |(
-                    (generation, root, c, w, points_dropped, unchanged),
+                    (generation, root, c, w, points_dropped, (unchanged, promoted)),
                     (common_point, discarded_blocks, discarded_point, target_bytes_read),
                 )| Message::Committed(Committed {
                     generation,
@@ -119,6 +122,7 @@ fn message() -> impl Strategy<Value = Message> {
                     discarded_blocks,
                     discarded_point,
                     target_bytes_read,
+                    promoted,
                 })
             ),
         (0usize..ErrorCode::ALL.len(), ".{0,80}")

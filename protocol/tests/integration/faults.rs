@@ -79,6 +79,7 @@ impl Conn {
             force: false,
             discard_target_changes: false,
             lineage: Vec::new(),
+            promote: false,
         };
         Conn {
             s: SenderSession::new(open),
@@ -158,6 +159,7 @@ fn run(source: &[BlockHash], target: &mut Vec<BlockHash>, plan: Plan, f: &Faults
                         discarded_blocks: 0,
                         discarded_point: None,
                         target_bytes_read: 0,
+                        promoted: false,
                     });
                     *target = committed.clone();
                     return End::Committed(committed);

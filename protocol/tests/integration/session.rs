@@ -37,6 +37,7 @@ fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) 
         force: false,
         discard_target_changes: false,
         lineage: Vec::new(),
+        promote: false,
     };
     let mut s = SenderSession::new(open);
     let mut r = ReceiverSession::new();
@@ -106,6 +107,7 @@ fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) 
                     discarded_blocks: 0,
                     discarded_point: None,
                     target_bytes_read: 0,
+                    promoted: false,
                 }),
                 ReceiverEvent::Failed { code, .. } => out.receiver_failed = Some(code),
             }
@@ -253,6 +255,7 @@ fn unexpected_messages_fail_with_codes() {
         force: false,
         discard_target_changes: false,
         lineage: Vec::new(),
+        promote: false,
     };
     let mut s = SenderSession::new(open);
     let _ = s.poll_transmit();
@@ -295,6 +298,7 @@ fn verify_failures_are_retried_then_fatal() {
         force: false,
         discard_target_changes: false,
         lineage: Vec::new(),
+        promote: false,
     };
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();
@@ -327,6 +331,7 @@ fn unrequested_blocks_are_refused() {
         force: false,
         discard_target_changes: false,
         lineage: Vec::new(),
+        promote: false,
     };
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();
@@ -370,6 +375,7 @@ fn full_receiver(blocks: u64) -> ReceiverSession {
         force: false,
         discard_target_changes: false,
         lineage: Vec::new(),
+        promote: false,
     };
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();

@@ -260,6 +260,7 @@ impl<'t> TargetSession<'t> {
                     discarded_blocks,
                     discarded_point,
                     target_bytes_read,
+                    promoted: false,
                 },
                 report: None,
             });
@@ -280,6 +281,7 @@ impl<'t> TargetSession<'t> {
                 discarded_blocks,
                 discarded_point,
                 target_bytes_read: read_before + read.load(std::sync::atomic::Ordering::Relaxed),
+                promoted: false,
             },
             report: Some(report),
         })
