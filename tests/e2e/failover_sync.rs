@@ -5,8 +5,6 @@
 //! is a delta, with the old live side demoted.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use rand::{Rng, RngCore};
 use serde_json::Value;
