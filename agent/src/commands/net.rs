@@ -183,6 +183,8 @@ pub fn push_json(r: &PushReport, secs: f64, cpu: f64) -> serde_json::Value {
         "discarded_point": r.discarded_point.map(|g| g.to_hex()),
         "target_bytes_read": r.target_bytes_read,
         "snapshot": r.snapshot.as_str(),
+        "bytes_written": r.bytes_written,
+        "promoted": r.promoted,
     })
 }
 
