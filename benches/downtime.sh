@@ -8,31 +8,7 @@ DF=${DF:-$(cd "$(dirname "$0")/.." && pwd)/target/release/diskferry}
 SRC=${WORKLOAD:-/tmp/ancbench/src.img}
 [ -f "$SRC" ] || { echo "no workload at $SRC: run benches/compare.sh once (it makes it), or set WORKLOAD" >&2; exit 2; }
 W=${WORK:-/tmp/diskferry-downtime}; rm -rf $W; mkdir -p $W/a $W/b
-A=$W/a/vm.img; B=$W/b/vm.img
-FA=$($DF init --state-dir $W/a/state); FB=$($DF init --state-dir $W/b/state)
-mk() {
-cat > $1/serve.toml <<T
-listen = "127.0.0.1:$4"
-state_dir = "$1/state"
-[[peer]]
-name = "p"
-fingerprint = "$2"
-[[target]]
-name = "vm"
-path = "$3"
-allowed_peers = ["p"]
-retention = 3
-[[target]]
-name = "plain"
-path = "$1/plain.img"
-allowed_peers = ["p"]
-T
-}
-mk $W/a $FB $A 47421; mk $W/b $FA $B 47422
-$DF serve --config $W/a/serve.toml 2>$W/a/log & PA=$!
-$DF serve --config $W/b/serve.toml 2>$W/b/log & PB=$!
-trap "kill $PA $PB 2>/dev/null" EXIT
-sleep 1
+PORT_A=47421; PORT_B=47422; EXTRA_TARGET=plain; . "$(dirname "$0")/two-agents.sh"
 cp --sparse=always "$SRC" $A
 push() { $DF push $1 --peer 127.0.0.1:47422 --peer-fingerprint $FB --target $2 --config $W/a/serve.toml --json | tail -1; }
 push $A vm > /dev/null

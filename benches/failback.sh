@@ -5,27 +5,7 @@
 set -e
 DF=${DF:-$(cd "$(dirname "$0")/.." && pwd)/target/release/diskferry}
 W=${WORK:-/tmp/diskferry-failback}; rm -rf $W; mkdir -p $W/a $W/b
-A=$W/a/vm.img; B=$W/b/vm.img
-FA=$($DF init --state-dir $W/a/state); FB=$($DF init --state-dir $W/b/state)
-mk() { # dir peer_fp disk port
-cat > $1/serve.toml <<T
-listen = "127.0.0.1:$4"
-state_dir = "$1/state"
-[[peer]]
-name = "p"
-fingerprint = "$2"
-[[target]]
-name = "vm"
-path = "$3"
-allowed_peers = ["p"]
-retention = 3
-T
-}
-mk $W/a $FB $A 47411; mk $W/b $FA $B 47412
-$DF serve --config $W/a/serve.toml 2>$W/a/log & PA=$!
-$DF serve --config $W/b/serve.toml 2>$W/b/log & PB=$!
-trap "kill $PA $PB 2>/dev/null" EXIT
-sleep 1
+PORT_A=47411; PORT_B=47412; . "$(dirname "$0")/two-agents.sh"
 python3 - $A <<'P'
 import os,sys,random
 r=random.Random(7); f=open(sys.argv[1],'wb'); f.truncate(2<<30)
