@@ -303,3 +303,38 @@ fn offline_seed_is_compared_and_a_missing_disk_gets_everything() {
     compare(&h.disk_b, &h.disk_a).unwrap();
     h.a.verify(&h.disk_a).ok();
 }
+
+/// A move waits while a session holds the target: `--wait 0` fails at once
+/// with `E_BUSY`, a longer wait succeeds once the session is gone.
+#[test]
+fn moves_wait_for_a_session_then_give_up() {
+    let mut rng = util::rng("moves_wait_for_a_session");
+    let p = crate::net::pair("fo-wait", 1, "");
+    let src = p.dir.join("src.img");
+    make_disk(&src, 8 * MIB, 0.9, &mut rng);
+    crate::net::push_to(&src, &p.source, &p.agent, "t0", &[]).ok();
+    // What a session holds: the target's lock (flock), here for 3 s.
+    let targets = p.agent.id.state.join("targets");
+    let dir = std::fs::read_dir(&targets).unwrap().flatten().next().unwrap().path();
+    let mut holder = util::KillOnDrop(
+        std::process::Command::new("flock").arg(dir.join("lock")).args(["sleep", "3"]).spawn().unwrap(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mv = |wait: &str| {
+        util::run(&[
+            OsStr::new("failover"),
+            OsStr::new("t0"),
+            OsStr::new("--config"),
+            p.agent.config.as_os_str(),
+            OsStr::new("--wait"),
+            OsStr::new(wait),
+            OsStr::new("--json"),
+        ])
+    };
+    mv("0").expect_json_error("E_BUSY", 3);
+    let start = std::time::Instant::now();
+    let ok = mv("30").ok_json();
+    assert_eq!(ok["role"], "live", "{ok}");
+    assert!(start.elapsed() > std::time::Duration::from_secs(1), "it waited for the holder");
+    let _ = holder.0.wait();
+}
