@@ -8,6 +8,7 @@ use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diskferry_protocol::ErrorCode;
@@ -15,6 +16,17 @@ use diskferry_sync_engine::Error;
 
 /// What a hook printed on stdout (trimmed), once it exited 0.
 pub fn run(name: &str, cmd: &str, args: &[&OsStr], env: &[(&str, &OsStr)], timeout: Duration) -> Result<String, Error> {
+    run_timed(name, cmd, args, env, timeout).map(|(out, _)| out)
+}
+
+/// [`run`], also telling when the command exited.
+pub fn run_timed(
+    name: &str,
+    cmd: &str,
+    args: &[&OsStr],
+    env: &[(&str, &OsStr)],
+    timeout: Duration,
+) -> Result<(String, Instant), Error> {
     let failed = |why: String| {
         Error::new(ErrorCode::Hook, format!("the {name} hook `{cmd}` {why}"))
             .hint(format!("fix the {name} command (it runs under `sh -c`), or raise --hook-timeout"))
@@ -28,15 +40,21 @@ pub fn run(name: &str, cmd: &str, args: &[&OsStr], env: &[(&str, &OsStr)], timeo
     }
     c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).process_group(0);
     let mut child = c.spawn().map_err(|e| failed(format!("could not start: {e}")))?;
-    // Read stdout on a thread, so a chatty hook cannot block on a full pipe.
+    // Read stdout on a thread, so a chatty hook cannot block on a full pipe;
+    // what it printed is kept as it arrives (up to 1 MiB, the rest drained).
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
     let mut stdout = child.stdout.take();
-    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = out.clone();
     std::thread::spawn(move || {
-        let mut out = Vec::new();
-        if let Some(s) = stdout.as_mut() {
-            let _ = s.take(1 << 20).read_to_end(&mut out);
+        let mut buf = [0u8; 8192];
+        while let Some(Ok(n @ 1..)) = stdout.as_mut().map(|s| s.read(&mut buf)) {
+            let mut o = sink.lock().unwrap_or_else(|p| p.into_inner());
+            if o.len() < 1 << 20 {
+                o.extend_from_slice(&buf[..n]);
+            }
         }
-        let _ = tx.send(out);
+        let _ = done_tx.send(());
     });
     let deadline = Instant::now() + timeout;
     let status = loop {
@@ -48,12 +66,18 @@ pub fn run(name: &str, cmd: &str, args: &[&OsStr], env: &[(&str, &OsStr)], timeo
                 return Err(failed(format!("did not finish within {} s and was killed", timeout.as_secs())));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(failed(format!("could not be waited for: {e}"))),
+            Err(e) => {
+                kill_group(child.id());
+                let _ = child.wait();
+                return Err(failed(format!("could not be waited for: {e}")));
+            }
         }
     };
+    let exited = Instant::now();
     // What it started in the background may hold the pipe open past its
-    // exit (and may be meant to keep running): read what came meanwhile.
-    let out = rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
+    // exit (and may be meant to keep running): take what came meanwhile.
+    let _ = done_rx.recv_timeout(Duration::from_secs(2));
+    let out = std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()));
     if !status.success() {
         let why = match (status.code(), status.signal()) {
             (Some(code), _) => format!("exited with status {code}"),
@@ -62,7 +86,7 @@ pub fn run(name: &str, cmd: &str, args: &[&OsStr], env: &[(&str, &OsStr)], timeo
         };
         return Err(failed(why));
     }
-    Ok(String::from_utf8_lossy(&out).trim().to_string())
+    Ok((String::from_utf8_lossy(&out).trim().to_string(), exited))
 }
 
 fn kill_group(pid: u32) {
@@ -91,5 +115,15 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(5), "the whole group was killed");
         let e = run("x", "kill -9 $$", &[], &[], T).unwrap_err();
         assert!(e.message.contains("signal 9"), "{}", e.message);
+        // A helper left running in the background with the pipe: the path
+        // printed before still counts, at once.
+        let start = Instant::now();
+        assert_eq!(run("x", "echo /snap; (sleep 5 &)", &[], &[], T).unwrap(), "/snap");
+        assert!(start.elapsed() < Duration::from_secs(4));
+        // Output past 1 MiB is drained, not a broken pipe.
+        assert_eq!(
+            run("x", "head -c 3000000 /dev/zero | tr '\\0' a; echo", &[], &[], T).map(|s| s.len()).ok(),
+            Some(1 << 20)
+        );
     }
 }

@@ -6,6 +6,8 @@
 //! history stays keyed by the origin disk.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use diskferry_protocol::ErrorCode;
@@ -75,6 +77,8 @@ pub struct Snapshot {
     /// How it was taken.
     pub kind: SnapshotKind,
     cleanup: Option<Cleanup>,
+    /// Held while a reflink clone exists (`.NAME.diskferry-snap.lock`).
+    lock: Option<std::fs::File>,
 }
 
 #[derive(Debug)]
@@ -83,21 +87,106 @@ enum Cleanup {
     Command { cmd: String, path: PathBuf, timeout: Duration },
 }
 
+/// Takes the lock of `src`'s clone, or `E_BUSY` if another push holds it.
+fn lock_clone(src: &Path) -> Result<std::fs::File, Error> {
+    let mut name = reflink_path(src).into_os_string();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(diskferry_sync_engine::Place::Source, "opening", &path, e))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(f),
+        Err(_) => Err(Error::new(
+            ErrorCode::Busy,
+            format!("another push of {} is taking or reading its snapshot", src.display()),
+        )
+        .hint("wait for it to finish, then push again")),
+    }
+}
+
+/// Whether two paths name the same file or device.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => {
+            (x.dev(), x.ino()) == (y.dev(), y.ino())
+                || (x.rdev() != 0 && x.rdev() == y.rdev() && x.file_type() == y.file_type())
+        }
+        _ => false,
+    }
+}
+
 /// The hidden reflink clone beside `src`.
 pub fn reflink_path(src: &Path) -> PathBuf {
     let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     src.with_file_name(format!(".{name}.diskferry-snap"))
 }
 
+/// SIGINT and SIGTERM, deferred while hooks run: a push stopped between a
+/// freeze and its thaw would leave the guest frozen. Outside [`take`] they
+/// act as always (the default action).
+struct DeferSignals {
+    allow: Arc<AtomicBool>,
+    seen: Arc<AtomicBool>,
+}
+
+impl DeferSignals {
+    fn get() -> &'static DeferSignals {
+        static ONCE: OnceLock<DeferSignals> = OnceLock::new();
+        ONCE.get_or_init(|| {
+            let d = DeferSignals { allow: Arc::new(AtomicBool::new(true)), seen: Arc::new(AtomicBool::new(false)) };
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                // Registration fails only for forbidden signals; these are not.
+                let _ = signal_hook::flag::register(sig, d.seen.clone());
+                let _ = signal_hook::flag::register_conditional_default(sig, d.allow.clone());
+            }
+            d
+        })
+    }
+}
+
 /// Runs the hooks and takes the snapshot of `src` (canonical). With
-/// [`SnapshotKind::None`] and no hooks, the push reads `src` itself.
+/// [`SnapshotKind::None`] and no hooks, the push reads `src` itself. A
+/// SIGINT or SIGTERM meanwhile is acted on once the post hook and the
+/// cleanup ran: `E_CANCELLED`.
 pub fn take(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
     o.check()?;
     if o.kind == SnapshotKind::None {
-        return Ok(Snapshot { read_path: src.to_path_buf(), app_consistent: false, kind: o.kind, cleanup: None });
+        return take_inner(src, o);
+    }
+    let d = DeferSignals::get();
+    d.seen.store(false, Ordering::SeqCst);
+    d.allow.store(false, Ordering::SeqCst);
+    let taken = take_inner(src, o);
+    d.allow.store(true, Ordering::SeqCst);
+    if d.seen.load(Ordering::SeqCst) {
+        drop(taken);
+        return Err(Error::new(ErrorCode::Cancelled, "interrupted while the snapshot was taken")
+            .hint("the post hook and the snapshot's cleanup ran; nothing was pushed"));
+    }
+    taken
+}
+
+fn take_inner(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
+    if o.kind == SnapshotKind::None {
+        return Ok(Snapshot {
+            read_path: src.to_path_buf(),
+            app_consistent: false,
+            kind: o.kind,
+            cleanup: None,
+            lock: None,
+        });
     }
     let env = [("DISKFERRY_SOURCE", src.as_os_str())];
+    let mut lock = None;
     if o.kind == SnapshotKind::Reflink {
+        // One clone per disk at a time: two pushes of it (to two targets)
+        // must not remove each other's clone as a leftover.
+        lock = Some(lock_clone(src)?);
         // A clone left by a killed run is stale: it goes before anything runs.
         let leftover = reflink_path(src);
         std::fs::remove_file(&leftover)
@@ -126,7 +215,9 @@ pub fn take(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
         snap.finish();
         return Err(e);
     }
-    snap.app_consistent = o.pre.is_some() || o.post.is_some();
+    // The pre hook is what quiesces the application; a post hook alone does not.
+    snap.app_consistent = o.pre.is_some();
+    snap.lock = lock;
     Ok(snap)
 }
 
@@ -149,29 +240,47 @@ fn snapshot(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
                 app_consistent: false,
                 kind: o.kind,
                 cleanup: Some(Cleanup::Remove(to)),
+                lock: None,
             })
         }
         SnapshotKind::Cmd => {
             let cmd = o.cmd.as_deref().unwrap_or_default();
             let env = [("DISKFERRY_SOURCE", src.as_os_str())];
             let printed = hooks::run("snapshot", cmd, &[], &env, o.hook_timeout)?;
-            let path = PathBuf::from(printed.lines().last().unwrap_or_default().trim());
-            let cleanup =
-                o.cleanup_cmd.clone().map(|cmd| Cleanup::Command { cmd, path: path.clone(), timeout: o.hook_timeout });
-            let snap = Snapshot { read_path: path.clone(), app_consistent: false, kind: o.kind, cleanup };
-            if path.as_os_str().is_empty() || !path.exists() {
-                drop(snap);
+            let printed = printed.lines().last().unwrap_or_default().trim().to_string();
+            // No cleanup runs for a path that is not a snapshot: above all
+            // not for the disk itself (a cleanup like `lvremove -f` would
+            // destroy it).
+            let Ok(path) = std::fs::canonicalize(&printed) else {
                 return Err(Error::new(
                     ErrorCode::Snapshot,
-                    format!("the snapshot command printed {:?}, which is no readable path", path.display().to_string()),
+                    format!("the snapshot command printed {printed:?}, which is no readable path"),
                 )
-                .hint("the command must print the snapshot's path as its last line"));
+                .hint(
+                    "the command must print the snapshot's path as its last line; if it made one, remove it by hand",
+                ));
+            };
+            if same_file(&path, src) {
+                return Err(Error::new(
+                    ErrorCode::Snapshot,
+                    format!(
+                        "the snapshot command printed {}, which is the disk itself, not a snapshot of it",
+                        path.display()
+                    ),
+                )
+                .hint("print the snapshot's own path (for LVM, the snapshot volume's); no cleanup was run"));
             }
-            Ok(snap)
+            let cleanup =
+                o.cleanup_cmd.clone().map(|cmd| Cleanup::Command { cmd, path: path.clone(), timeout: o.hook_timeout });
+            Ok(Snapshot { read_path: path, app_consistent: false, kind: o.kind, cleanup, lock: None })
         }
-        SnapshotKind::None => {
-            Ok(Snapshot { read_path: src.to_path_buf(), app_consistent: false, kind: o.kind, cleanup: None })
-        }
+        SnapshotKind::None => Ok(Snapshot {
+            read_path: src.to_path_buf(),
+            app_consistent: false,
+            kind: o.kind,
+            cleanup: None,
+            lock: None,
+        }),
     }
 }
 

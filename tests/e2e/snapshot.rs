@@ -161,12 +161,20 @@ fn snapshot_command_and_failing_hooks() {
     assert!(p.dir.join("cleaned").exists() && !snapfile.exists(), "the cleanup command ran with the path");
     assert!(!p.dir.join("t0.img").exists());
     reset();
-    // A command that prints no path.
-    push_to(&src, &p.source, &p.agent, "t0", &["--snapshot", "cmd", "--snapshot-cmd", "echo /nonexistent/x"])
-        .expect_json_error("E_SNAPSHOT", 3);
+    // A command that prints no path, or the disk itself: refused, and no
+    // cleanup runs (a cleanup of the disk would destroy it).
+    for printed in ["echo /nonexistent/x", "echo \"$DISKFERRY_SOURCE\""] {
+        let args = ["--snapshot", "cmd", "--snapshot-cmd", printed, "--snapshot-cleanup-cmd", cleanup.as_str()];
+        push_to(&src, &p.source, &p.agent, "t0", &args).expect_json_error("E_SNAPSHOT", 3);
+        assert!(src.exists() && !p.dir.join("cleaned").exists(), "{printed}: the cleanup ran");
+    }
     // Hooks without a snapshot are a usage error, before anything runs.
     push_to(&src, &p.source, &p.agent, "t0", &["--pre-snapshot", &post_ok]).expect_json_error("E_USAGE", 2);
     assert!(!post_ran.exists());
+    // A post hook alone quiesces nothing: crash-consistent.
+    let r = run(&["--post-snapshot", &post_ok]).ok_json();
+    assert_eq!(r["consistency"], "crash-consistent", "{r}");
+    reset();
     // Success: app-consistent, the target holds the snapshot, the cleanup ran.
     let r = run(&["--pre-snapshot", "true", "--post-snapshot", &post_ok]).ok_json();
     assert_eq!(r["consistency"], "app-consistent", "{r}");

@@ -67,42 +67,85 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
     // Phase 2: quiesce, the last delta, a consistent point.
     let timeout = Duration::from_secs(a.quiesce_timeout);
     let q0 = Instant::now();
-    hooks::run("quiesce", &a.quiesce_cmd, &[], &[("DISKFERRY_SOURCE", base.source.as_os_str())], timeout)
-        .map_err(|e| unquiesce(&a, e, "the quiesce command failed; the VM may be partly quiesced"))?;
-    let quiesce_seconds = q0.elapsed().as_secs_f64();
-    let down = Instant::now();
-    let last = push_once(PushOptions { promote: a.promote, ..base.clone() });
+    let env = [("DISKFERRY_SOURCE", base.source.as_os_str())];
+    // The downtime starts when the quiesce command exits.
+    let (_, down) = hooks::run_timed("quiesce", &a.quiesce_cmd, &[], &env, timeout)
+        .map_err(|e| unquiesce(&a, &base, e, "the quiesce command failed; the VM may be partly quiesced"))?;
+    let quiesce_seconds = (down - q0).as_secs_f64();
+    let mut commit_requested = false;
+    let last = {
+        let bar = Arc::new(Bar::new());
+        let start = Instant::now();
+        let opts = PushOptions { promote: a.promote, ..base.clone() };
+        let r = rt.block_on(push::push_tracked(&id, opts, bar.clone(), &mut commit_requested));
+        bar.finish();
+        r.map(|r| (r, start.elapsed().as_secs_f64()))
+    };
     let (r, last_seconds) = match last {
         Ok(x) => x,
+        // The commit may have landed, and gone live: restarting the VM here
+        // could make two live copies. The operator looks first.
+        Err(e) if commit_requested => {
+            return Err(Error {
+                message: format!(
+                    "the VM is quiesced; the last delta was sent and may have been committed{} on the target: {}",
+                    if a.promote { " and promoted" } else { "" },
+                    e.message
+                ),
+                hint: Some(
+                    "check `diskferry points` on the target before restarting anything here: if the point is there, \
+                     the failover happened; if not, run failover-sync again to resume"
+                        .into(),
+                ),
+                ..e
+            }
+            .into());
+        }
         Err(e) => {
             return Err(unquiesce(
                 &a,
+                &base,
                 e,
                 "the VM is quiesced and the last delta is not committed; run failover-sync again to resume it",
             )
             .into())
         }
     };
+    let downtime = down.elapsed().as_secs_f64();
     if r.consistency == Consistency::Fuzzy {
         let e = Error::new(
             ErrorCode::SourceChanged,
             format!("{} was still written after the quiesce command: the last point is fuzzy", base.source.display()),
         )
         .hint("make the quiesce command wait until the VM is down (or frozen), then run failover-sync again");
-        return Err(unquiesce(&a, e, "").into());
+        return Err(unquiesce(&a, &base, e, "").into());
     }
     if a.promote && !r.promoted {
         return Err(Error::new(
             ErrorCode::Internal,
-            format!("the target committed {} but did not promote it", r.generation),
+            format!("the VM is quiesced; the target committed {} (consistent) but did not promote it", r.generation),
         )
-        .hint("see the target agent's log, then run `diskferry failover` there")
+        .hint("see the target agent's log, then run `diskferry failover` there and start the VM on that side")
         .into());
     }
     // The source disk, if it is a live target of this agent, steps down
     // to a replica at the generation just shipped: the way back is a delta.
-    let demoted = if a.promote { demote_source(&base)? } else { None };
-    let downtime = down.elapsed().as_secs_f64();
+    let demoted = match a.promote {
+        true => demote_source(&base).map_err(|e| Error {
+            message: format!(
+                "the target is live at {}, but {} could not be demoted here: {}",
+                r.generation,
+                base.source.display(),
+                e.message
+            ),
+            hint: Some(format!(
+                "do not start the VM here; run `diskferry demote {}` (with this agent's --config or --state-dir)",
+                base.source.display()
+            )),
+            ..e
+        })?,
+        false => None,
+    };
 
     if json {
         let mut v = push_json(&r, last_seconds, cpu_seconds());
@@ -138,10 +181,11 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
 }
 
 /// Runs `--unquiesce-cmd` after a failure past the quiesce, and says so.
-fn unquiesce(a: &FailoverSyncArgs, e: Error, what: &str) -> Error {
+fn unquiesce(a: &FailoverSyncArgs, base: &PushOptions, e: Error, what: &str) -> Error {
     let mut message = if what.is_empty() { e.message.clone() } else { format!("{what}: {}", e.message) };
     if let Some(cmd) = &a.unquiesce_cmd {
-        match hooks::run("unquiesce", cmd, &[], &[], Duration::from_secs(a.quiesce_timeout)) {
+        let env = [("DISKFERRY_SOURCE", base.source.as_os_str())];
+        match hooks::run("unquiesce", cmd, &[], &env, Duration::from_secs(a.quiesce_timeout)) {
             Ok(_) => message.push_str(" (the unquiesce command ran)"),
             Err(u) => message.push_str(&format!(" (and {})", u.message)),
         }

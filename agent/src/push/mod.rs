@@ -106,6 +106,18 @@ pub async fn push(
     opts: PushOptions,
     progress: Arc<dyn Progress + Send + Sync>,
 ) -> Result<PushReport, Error> {
+    push_tracked(id, opts, progress, &mut false).await
+}
+
+/// [`push`], telling through `commit_requested` whether the target was asked
+/// to commit: a failure after that may still have landed (and, with
+/// `promote`, gone live) on the target.
+pub async fn push_tracked(
+    id: &Identity,
+    opts: PushOptions,
+    progress: Arc<dyn Progress + Send + Sync>,
+    commit_requested: &mut bool,
+) -> Result<PushReport, Error> {
     let vfs: Arc<dyn Vfs> = Arc::new(RealFs);
     // Hooks and the snapshot block: they run off the runtime's threads.
     let (src, so) = (opts.source.clone(), opts.snapshot.clone());
@@ -144,11 +156,12 @@ pub async fn push(
     tracing::debug!("connecting");
     let conn = connecting.await.map_err(|e| connection_error(e, false, &opts, id))?;
     tracing::debug!("connected");
-    let mut finish_sent = false;
-    let result = session::run(&conn, &opts, open, source, progress, snap.app_consistent, &mut finish_sent).await;
+    let finish_sent = commit_requested;
+    *finish_sent = false;
+    let result = session::run(&conn, &opts, open, source, progress, snap.app_consistent, finish_sent).await;
     let result = match (result, conn.close_reason()) {
         // The commit may have landed with only its acknowledgement lost.
-        (Err(e), _) if finish_sent && e.code == ErrorCode::Connection => Err(Error::new(
+        (Err(e), _) if *finish_sent && e.code == ErrorCode::Connection => Err(Error::new(
             ErrorCode::Connection,
             format!(
                 "the connection to {} was lost after the commit was requested, so the target may hold the new generation ({})",
