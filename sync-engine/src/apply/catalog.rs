@@ -6,7 +6,7 @@
 //! | head | `"DFCATLG1" · u32 version (2; 1 is read) · u8 status (0 complete, 1 incomplete) · u8 kind (0 file, 1 block device) · u8 stamp kind (0 none, 1 file, 2 device) · u8 role (0 replica, 1 live)` |
 //! | stamp (48 B) | file: `u64 len · i64 mtime ns · i64 ctime ns · u64 inode · [16] 0`; device: `[16] boot id · u64 rdev · u64 sectors written · [16] 0` |
 //! | names | `u16 len · target path bytes · u16 len · target name bytes` |
-//! | points | `u32 count`, then per point (152 B), the current one first: `u128 generation · u128 parent · u8 consistency · u8 has undo · [6] 0 · i64 created ns · u64 disk bytes · u32 block size · [4] 0 · [32] manifest checksum · [32] undo checksum · u64 undo bytes · u128 generation the undo segment applies to` (version 1: 136 B without the last field, which is then the point before) |
+//! | points | `u32 count`, then per point (184 B), the current one first: `u128 generation · u128 parent · u8 consistency · u8 has undo · [6] 0 · i64 created ns · u64 disk bytes · u32 block size · [4] 0 · [32] manifest checksum · [32] undo checksum · u64 undo bytes · u128 generation the undo segment applies to · [32] root` (version 1: 136 B without the last two fields: the point before, root unknown) |
 //! | pins | version 2: `u32 count`, then per pin `u128 generation · u16 len · clone path bytes` |
 //! | checksum | `[32]` blake3 of everything before |
 //!
@@ -21,7 +21,7 @@
 
 use std::path::{Path, PathBuf};
 
-use diskferry_protocol::{BlockSize, Consistency, Generation, Geometry};
+use diskferry_protocol::{BlockHash, BlockSize, Consistency, Generation, Geometry};
 
 use crate::error::{Error, IoContext, Place, Result};
 use crate::seqio::Fields;
@@ -106,6 +106,8 @@ pub struct PointRecord {
     pub geometry: Geometry,
     /// Checksum of its manifest file.
     pub manifest_checksum: [u8; 32],
+    /// Root of its hash tree.
+    pub root: BlockHash,
     /// For an older point: the segment that restores it from the next newer one.
     pub undo: Option<UndoRef>,
 }
@@ -121,6 +123,7 @@ impl PointRecord {
             created_unix_ns: h.created_unix_ns,
             geometry: h.geometry,
             manifest_checksum: m.checksum(),
+            root: h.root,
             undo: None,
         }
     }
@@ -267,6 +270,7 @@ fn encode(c: &Catalog) -> Vec<u8> {
         b.extend_from_slice(&u.checksum);
         b.extend_from_slice(&u.data_bytes.to_le_bytes());
         b.extend_from_slice(&u.applies_to.0.to_le_bytes());
+        b.extend_from_slice(p.root.as_bytes());
     }
     b.extend_from_slice(&(c.pins.len() as u32).to_le_bytes());
     for pin in &c.pins {
@@ -328,6 +332,11 @@ fn decode(b: &[u8]) -> Option<Catalog> {
             1 => points.last().map_or(Generation(0), |p| p.generation),
             _ => Generation(f.u128()?),
         };
+        // Version 1 kept no root (its manifest has it).
+        let root = match version {
+            1 => BlockHash::ZERO,
+            _ => BlockHash(f.array()?),
+        };
         let undo = UndoRef { checksum, data_bytes, applies_to };
         points.push(PointRecord {
             generation,
@@ -336,6 +345,7 @@ fn decode(b: &[u8]) -> Option<Catalog> {
             created_unix_ns,
             geometry: Geometry::new(disk_bytes, block_size),
             manifest_checksum,
+            root,
             undo: has_undo.then_some(undo),
         });
     }
@@ -394,6 +404,7 @@ mod tests {
             created_unix_ns: n as i64,
             geometry: Geometry::new(1 << 20, BlockSize::DEFAULT),
             manifest_checksum: [n as u8; 32],
+            root: BlockHash([n as u8 ^ 0x5A; 32]),
             undo: Some(UndoRef { checksum: [1; 32], data_bytes: 7, applies_to: Generation(n + 1) }),
         }
     }
@@ -438,14 +449,17 @@ mod tests {
         let mut b = encode(&c);
         b.truncate(b.len() - 32 - 4);
         b[8..12].copy_from_slice(&1u32.to_le_bytes());
-        let points_at = b.len() - 3 * 152;
+        let points_at = b.len() - 3 * 184;
         let mut v1 = b[..points_at].to_vec();
         for i in 0..3 {
-            v1.extend_from_slice(&b[points_at + i * 152..points_at + i * 152 + 136]);
+            v1.extend_from_slice(&b[points_at + i * 184..points_at + i * 184 + 136]);
         }
         let sum = blake3::hash(&v1);
         v1.extend_from_slice(sum.as_bytes());
-        let want = c.clone();
+        let mut want = c.clone();
+        for p in &mut want.points {
+            p.root = BlockHash::ZERO;
+        }
         let got = decode(&v1).expect("version 1 decodes");
         assert_eq!(got.points[1..], want.points[1..]);
         assert_eq!(got.path_to(Generation(8)).map(|p| p.len()), Some(2));

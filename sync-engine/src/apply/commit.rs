@@ -97,6 +97,7 @@ impl<'t> Prepared<'t> {
                     created_unix_ns: meta.created_unix_ns,
                     geometry: apply.spec.geometry,
                     manifest_checksum: step.manifest_checksum,
+                    root: step.root,
                     undo: None,
                 };
                 apply.target.write_new_catalog(DiskKind::BlockDevice, vec![point], None)?;

@@ -248,7 +248,11 @@ impl Target {
     pub fn manifest_of(&self, point: &PointRecord) -> Result<Manifest> {
         let path = self.dir.join(manifest_file(point.generation));
         let m = Manifest::open(self.vfs.as_ref(), &path)?;
-        if m.checksum() != point.manifest_checksum || m.header().generation != point.generation {
+        let root_known = point.root != diskferry_protocol::BlockHash::ZERO;
+        if m.checksum() != point.manifest_checksum
+            || m.header().generation != point.generation
+            || (root_known && m.header().root != point.root)
+        {
             return Err(Error::corrupt(&path, "it is not the manifest the catalog recorded"));
         }
         Ok(m)
