@@ -130,7 +130,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
                 "{:<7} {:<6} {:>15} {:>13} {:>13} {:>9.3} {:>9.0}",
                 step,
                 r.mode(),
-                r.blocks_changed,
+                r.committed.blocks_changed,
                 human_bytes(r.bytes_sent),
                 human_bytes(r.wire_bytes),
                 secs,

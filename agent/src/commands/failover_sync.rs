@@ -46,7 +46,7 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
     let mut not_shrinking = 0;
     for n in 1..=a.max_passes {
         let (r, seconds) = push_once(PushOptions { fuzzy: true, ..base.clone() })?;
-        let changed = r.bytes_written;
+        let changed = r.committed.bytes_written;
         if let Some(prev) = passes.last() {
             not_shrinking = if changed >= prev.bytes_changed { not_shrinking + 1 } else { 0 };
         }
@@ -120,10 +120,13 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
         .hint("make the quiesce command wait until the VM is down (or frozen), then run failover-sync again");
         return Err(unquiesce(&a, &base, e, "").into());
     }
-    if a.promote && !r.promoted {
+    if a.promote && !r.committed.promoted {
         return Err(Error::new(
             ErrorCode::Internal,
-            format!("the VM is quiesced; the target committed {} (consistent) but did not promote it", r.generation),
+            format!(
+                "the VM is quiesced; the target committed {} (consistent) but did not promote it",
+                r.committed.generation
+            ),
         )
         .hint("see the target agent's log, then run `diskferry failover` there and start the VM on that side")
         .into());
@@ -134,7 +137,7 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
         true => demote_source(&base).map_err(|e| Error {
             message: format!(
                 "the target is live at {}, but {} could not be demoted here: {}",
-                r.generation,
+                r.committed.generation,
                 base.source.display(),
                 e.message
             ),
@@ -155,7 +158,7 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
             .collect();
         v["quiesce_seconds"] = json!(round_secs(quiesce_seconds));
         v["downtime_seconds"] = json!(round_secs(downtime));
-        v["promoted"] = json!(r.promoted);
+        v["promoted"] = json!(r.committed.promoted);
         v["source_demoted"] = json!(demoted.map(|g| g.to_hex()));
         print_json(&v);
     } else {
@@ -164,14 +167,14 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
             base.source.display(),
             a.push.target,
             passes.len(),
-            human_bytes(r.bytes_written),
+            human_bytes(r.committed.bytes_written),
             r.consistency.as_str(),
-            r.generation
+            r.committed.generation
         );
         println!("  quiesce     {quiesce_seconds:.2} s (the quiesce command)");
         println!("  downtime    {downtime:.2} s (from the quiesce command's exit to the commit)");
-        if r.promoted {
-            println!("  promoted    the target is live at {}", r.generation);
+        if r.committed.promoted {
+            println!("  promoted    the target is live at {}", r.committed.generation);
         }
         if let Some(g) = demoted {
             println!("  demoted     {} is a replica at {g}", base.source.display());

@@ -129,29 +129,35 @@ pub fn push(a: PushArgs) -> Result<()> {
         println!("  disk        {} in {} blocks", human_bytes(report.disk_bytes), report.blocks_total);
         println!(
             "  changed     {} blocks; sent {} of block data, {} on the wire (path MTU {})",
-            report.blocks_changed,
+            report.committed.blocks_changed,
             human_bytes(report.bytes_sent),
             human_bytes(report.wire_bytes),
             report.path_mtu
         );
-        if report.unchanged {
-            println!("  generation  {} (the target already held this data: nothing changed since)", report.generation);
-        } else {
-            println!("  generation  {} ({})", report.generation, report.consistency.as_str());
-        }
-        if report.points_dropped > 0 {
-            println!("  dropped     {} recovery points of the target's old chain (--force)", report.points_dropped);
-        }
-        if let Some(g) = report.common_point {
+        if report.committed.unchanged {
             println!(
-                "  common      {g} (the last point both sides held); the target read {} of its disk",
-                human_bytes(report.target_bytes_read)
+                "  generation  {} (the target already held this data: nothing changed since)",
+                report.committed.generation
+            );
+        } else {
+            println!("  generation  {} ({})", report.committed.generation, report.consistency.as_str());
+        }
+        if report.committed.points_dropped > 0 {
+            println!(
+                "  dropped     {} recovery points of the target's old chain (--force)",
+                report.committed.points_dropped
             );
         }
-        if let Some(g) = report.discarded_point {
+        if let Some(g) = report.committed.common_point {
+            println!(
+                "  common      {g} (the last point both sides held); the target read {} of its disk",
+                human_bytes(report.committed.target_bytes_read)
+            );
+        }
+        if let Some(g) = report.committed.discarded_point {
             println!(
                 "  discarded   {} blocks of the target's own changes, kept there as point {g} until `diskferry commit`",
-                report.discarded_blocks
+                report.committed.discarded_blocks
             );
         }
         println!("  time        {secs:.3} s ({:.0} MB/s)", mb_per_s(report.disk_bytes, secs));
@@ -165,26 +171,26 @@ pub fn push_json(r: &PushReport, secs: f64, cpu: f64) -> serde_json::Value {
         "plan": format!("{:?}", r.plan),
         "disk_bytes": r.disk_bytes,
         "blocks_total": r.blocks_total,
-        "blocks_changed": r.blocks_changed,
+        "blocks_changed": r.committed.blocks_changed,
         "bytes_sent": r.bytes_sent,
         "wire_bytes": r.wire_bytes,
         "path_mtu": r.path_mtu,
         "seconds": round_secs(secs),
         "cpu_seconds": round_secs(cpu),
-        "generation": r.generation.to_hex(),
+        "generation": r.committed.generation.to_hex(),
         "consistency": r.consistency.as_str(),
-        "root": r.root.to_hex(),
+        "root": r.committed.root.to_hex(),
         "resumed_blocks": r.staged_before,
         "control_bytes": r.control_bytes,
-        "points_dropped": r.points_dropped,
-        "unchanged": r.unchanged,
-        "common_point": r.common_point.map(|g| g.to_hex()),
-        "discarded_blocks": r.discarded_blocks,
-        "discarded_point": r.discarded_point.map(|g| g.to_hex()),
-        "target_bytes_read": r.target_bytes_read,
+        "points_dropped": r.committed.points_dropped,
+        "unchanged": r.committed.unchanged,
+        "common_point": r.committed.common_point.map(|g| g.to_hex()),
+        "discarded_blocks": r.committed.discarded_blocks,
+        "discarded_point": r.committed.discarded_point.map(|g| g.to_hex()),
+        "target_bytes_read": r.committed.target_bytes_read,
         "snapshot": r.snapshot.as_str(),
-        "bytes_written": r.bytes_written,
-        "promoted": r.promoted,
+        "bytes_written": r.committed.bytes_written,
+        "promoted": r.committed.promoted,
     })
 }
 

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use diskferry_protocol::message::{Open, Plan, SyncMode};
-use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, SessionId, TargetName};
+use diskferry_protocol::message::{Committed, Open, Plan, SyncMode};
+use diskferry_protocol::{BlockSize, Consistency, ErrorCode, SessionId, TargetName};
 use diskferry_sync_engine::error::IoContext;
 use diskferry_sync_engine::local::Progress;
 use diskferry_sync_engine::session::SourceSession;
@@ -59,35 +59,18 @@ pub struct PushReport {
     pub plan: Plan,
     pub disk_bytes: u64,
     pub blocks_total: u64,
-    pub blocks_changed: u64,
     pub bytes_sent: u64,
     pub wire_bytes: u64,
     pub path_mtu: u16,
-    pub generation: Generation,
     pub consistency: Consistency,
-    pub root: BlockHash,
     pub staged_before: u64,
     /// Bytes of control frames (hash exchange, requests) both ways.
     pub control_bytes: u64,
-    /// Recovery points the target dropped to start a new chain (`--force`).
-    pub points_dropped: u32,
-    /// The target already held this content: `generation` is its existing point.
-    pub unchanged: bool,
-    /// The last point both sides held (the target's base when the source's
-    /// lineage has it).
-    pub common_point: Option<Generation>,
-    /// Blocks of the target's own changes discarded (`--discard-target-changes`).
-    pub discarded_blocks: u64,
-    /// The recovery point on the target that keeps them until `commit`.
-    pub discarded_point: Option<Generation>,
-    /// Bytes the target read from its own disk.
-    pub target_bytes_read: u64,
     /// How the source was read.
     pub snapshot: SnapshotKind,
-    /// Content bytes the target wrote (changed).
-    pub bytes_written: u64,
-    /// The target promoted the point (`promote`).
-    pub promoted: bool,
+    /// The target's answer: the generation, what changed and was read,
+    /// the common point, what was discarded and promoted.
+    pub committed: Committed,
 }
 
 impl PushReport {
