@@ -6,71 +6,11 @@
 //! refused, and a planned round trip is deltas only.
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::net::{push, sum, Agent, Identity, TargetSpec};
-use crate::util::{self, compare, make_disk, scatter_writes, tempdir, uint, write_at, MIB};
-
-/// Hosts A and B; each serves its disk `vm.img` as target "vm" to the other.
-pub struct Hosts {
-    pub _tmp: tempfile::TempDir,
-    pub a: Agent,
-    pub b: Agent,
-    pub disk_a: PathBuf,
-    pub disk_b: PathBuf,
-}
-
-impl Hosts {
-    pub fn start(name: &str, retention: u32) -> Hosts {
-        let tmp = tempdir(name);
-        let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
-        std::fs::create_dir_all(&da).unwrap();
-        std::fs::create_dir_all(&db).unwrap();
-        let (ia, ib) = (Identity::init(&da, "state"), Identity::init(&db, "state"));
-        let (fa, fb) = (ia.fingerprint.clone(), ib.fingerprint.clone());
-        let (disk_a, disk_b) = (da.join("vm.img"), db.join("vm.img"));
-        let target = |path: &Path, allowed| TargetSpec { name: "vm", path: path.to_path_buf(), allowed };
-        let mut a = Agent::start_as(ia, &da, &[("b", &fb)], &[target(&disk_a, &["b"])], "");
-        let mut b = Agent::start_as(ib, &db, &[("a", &fa)], &[target(&disk_b, &["a"])], "");
-        if retention != 3 {
-            for agent in [&mut a, &mut b] {
-                agent.kill9();
-                let cfg = std::fs::read_to_string(&agent.config).unwrap();
-                std::fs::write(&agent.config, cfg.replace("retention = 3", &format!("retention = {retention}")))
-                    .unwrap();
-                agent.spawn();
-            }
-        }
-        Hosts { _tmp: tmp, a, b, disk_a, disk_b }
-    }
-
-    /// Pushes A's disk to B (`from_a`) or B's to A.
-    pub fn push(&self, from_a: bool, extra: &[&str]) -> util::Out {
-        let src = if from_a { &self.disk_a } else { &self.disk_b };
-        self.push_file(src, from_a, extra)
-    }
-
-    /// Pushes `src` from A to B's target (`from_a`) or from B to A's.
-    pub fn push_file(&self, src: &Path, from_a: bool, extra: &[&str]) -> util::Out {
-        let (me, peer) = if from_a { (&self.a, &self.b) } else { (&self.b, &self.a) };
-        push(src, &me.id, &peer.addr.to_string(), &peer.id.fingerprint, "vm", extra)
-    }
-
-    /// A move command on the target "vm" of `host`'s agent, through its config.
-    pub fn mv(&self, host: &Agent, command: &str, extra: &[&str]) -> util::Out {
-        let mut args: Vec<&OsStr> = vec![OsStr::new(command), OsStr::new("vm"), OsStr::new("--config")];
-        args.push(host.config.as_os_str());
-        args.push(OsStr::new("--json"));
-        args.extend(extra.iter().map(OsStr::new));
-        util::run_settled(&args)
-    }
-}
-
-pub fn points(host: &Agent, disk: &Path) -> Vec<Value> {
-    host.points(disk).ok_json()["points"].as_array().cloned().unwrap_or_default()
-}
+use crate::agents::{points, sum, Hosts};
+use crate::util::{self, compare, make_disk, scatter_writes, uint, write_at, MIB};
 
 /// A planned round trip A→B→A→B→A by pushes, failovers and demotes, with
 /// writes at every stage: every hop after the first is a delta, the
@@ -309,10 +249,10 @@ fn offline_seed_is_compared_and_a_missing_disk_gets_everything() {
 #[test]
 fn moves_wait_for_a_session_then_give_up() {
     let mut rng = util::rng("moves_wait_for_a_session");
-    let p = crate::net::pair("fo-wait", 1, "");
+    let p = crate::agents::pair("fo-wait", 1, "");
     let src = p.dir.join("src.img");
     make_disk(&src, 8 * MIB, 0.9, &mut rng);
-    crate::net::push_to(&src, &p.source, &p.agent, "t0", &[]).ok();
+    crate::agents::push_to(&src, &p.source, &p.agent, "t0", &[]).ok();
     // What a session holds: the target's lock (flock), here for 3 s.
     let targets = p.agent.id.state.join("targets");
     let dir = std::fs::read_dir(&targets).unwrap().flatten().next().unwrap().path();

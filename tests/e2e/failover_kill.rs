@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use rand::Rng;
 
-use crate::net::{sum, Agent, Identity, TargetSpec};
+use crate::agents::{sum, Agent, Identity, TargetSpec};
 use crate::util::*;
 
 /// A target with five points (each version rewrote about a quarter of the

@@ -9,7 +9,7 @@ use std::path::Path;
 use rand::{Rng, RngCore};
 use serde_json::Value;
 
-use crate::failover::{points, Hosts};
+use crate::agents::{points, Hosts};
 use crate::util::*;
 
 /// Rewrites random 64 KiB runs of `path` until the file `dir/stop` appears,
@@ -40,26 +40,6 @@ fn quiesce(dir: &Path) -> String {
     format!("touch {d}/stop; while [ ! -e {d}/stopped ]; do sleep 0.01; done")
 }
 
-fn failover_sync(h: &Hosts, from_a: bool, extra: &[&str]) -> Out {
-    let (src, me, peer) = if from_a { (&h.disk_a, &h.a, &h.b) } else { (&h.disk_b, &h.b, &h.a) };
-    let mut args: Vec<std::ffi::OsString> = vec![
-        "failover-sync".into(),
-        src.into(),
-        "--peer".into(),
-        peer.addr.to_string().into(),
-        "--peer-fingerprint".into(),
-        peer.id.fingerprint.clone().into(),
-        "--target".into(),
-        "vm".into(),
-        "--config".into(),
-        me.config.clone().into(),
-        "--json".into(),
-    ];
-    args.extend(extra.iter().map(Into::into));
-    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    run(&refs)
-}
-
 #[test]
 fn passes_converge_then_the_last_delta_is_promoted() {
     let mut rng = rng("failover_sync_promotes");
@@ -69,12 +49,22 @@ fn passes_converge_then_the_last_delta_is_promoted() {
     let w = writer(&h.disk_a, &dir, 1);
     let q = quiesce(&dir);
     let unq = format!("touch {}/unquiesced", dir.display());
-    let r = failover_sync(
-        &h,
-        true,
-        &["--quiesce-cmd", &q, "--unquiesce-cmd", &unq, "--promote", "--max-passes", "4", "--converge-bytes", "256K"],
-    )
-    .ok_json();
+    let r = h
+        .failover_sync(
+            true,
+            &[
+                "--quiesce-cmd",
+                &q,
+                "--unquiesce-cmd",
+                &unq,
+                "--promote",
+                "--max-passes",
+                "4",
+                "--converge-bytes",
+                "256K",
+            ],
+        )
+        .ok_json();
     let writes = w.join().unwrap();
     assert!(writes > 0);
     let passes = r["passes"].as_array().unwrap();
@@ -101,7 +91,7 @@ fn passes_converge_then_the_last_delta_is_promoted() {
     // And back: B runs the VM, then failover-sync to A; B (a live target
     // of its own agent) is demoted at the generation it shipped.
     scatter_writes(&h.disk_b, 30, 20_000, &mut rng);
-    let back = failover_sync(&h, false, &["--quiesce-cmd", "true", "--promote"]).ok_json();
+    let back = h.failover_sync(false, &["--quiesce-cmd", "true", "--promote"]).ok_json();
     assert_eq!(back["mode"], "delta", "{back}");
     assert!(back["common_point"].is_string(), "{back}");
     assert_eq!(back["source_demoted"], back["generation"], "{back}");
@@ -122,8 +112,7 @@ fn a_failure_after_the_quiesce_says_so_and_unquiesces() {
     let dir = h.disk_a.parent().unwrap().to_path_buf();
     let unq = format!("touch {}/unquiesced", dir.display());
     // The quiesce command fails: E_HOOK, unquiesce runs.
-    let e =
-        failover_sync(&h, true, &["--quiesce-cmd", "exit 9", "--unquiesce-cmd", &unq]).expect_json_error("E_HOOK", 3);
+    let e = h.failover_sync(true, &["--quiesce-cmd", "exit 9", "--unquiesce-cmd", &unq]).expect_json_error("E_HOOK", 3);
     assert!(e["message"].as_str().unwrap().contains("quiesce"), "{e}");
     assert!(dir.join("unquiesced").exists());
     std::fs::remove_file(dir.join("unquiesced")).unwrap();
@@ -132,7 +121,7 @@ fn a_failure_after_the_quiesce_says_so_and_unquiesces() {
     let steal = format!("{} failover vm --config {} --json >/dev/null", bin().display(), h.b.config.display());
     scatter_writes(&h.disk_a, 10, 10_000, &mut rng);
     let e =
-        failover_sync(&h, true, &["--quiesce-cmd", &steal, "--unquiesce-cmd", &unq]).expect_json_error("E_PROMOTED", 5);
+        h.failover_sync(true, &["--quiesce-cmd", &steal, "--unquiesce-cmd", &unq]).expect_json_error("E_PROMOTED", 5);
     let msg = e["message"].as_str().unwrap();
     assert!(msg.contains("quiesced") && msg.contains("not committed"), "{msg}");
     assert!(msg.contains("unquiesce command ran"), "{msg}");

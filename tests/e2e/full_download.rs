@@ -6,7 +6,7 @@
 
 use std::fs;
 
-use crate::net::{pair, push_to, Agent, Identity, TargetSpec};
+use crate::agents::{pair, push_to, Agent, Identity, TargetSpec};
 use crate::util::*;
 
 #[test]

@@ -6,12 +6,12 @@ use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::net::{pair, push_to, sum, Identity};
+use crate::agents::{pair, push_to, sum, Identity};
 use crate::util::{self, compare, make_disk, tempdir, Loop, MIB};
 
 /// A serve config with one trusted peer and `targets` (name, path).
 fn write_config(dir: &Path, state: &Path, peer: &Identity, targets: &[(&str, PathBuf)]) -> PathBuf {
-    let port = crate::net::free_udp_port();
+    let port = crate::agents::free_udp_port();
     let mut cfg = format!(
         "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\n[[peer]]\nname = \"src\"\nfingerprint = \"{}\"\n",
         state.display(),
@@ -130,10 +130,10 @@ fn block_device_targets_named_through_symlinks_keep_working() {
     fs::create_dir(dir.join("vg0")).unwrap();
     let lv = dir.join("vg0/lv");
     symlink(&dev.dev, &lv).unwrap();
-    let agent = crate::net::Agent::start(
+    let agent = crate::agents::Agent::start(
         dir,
         &[("src", &source.fingerprint)],
-        &[crate::net::TargetSpec { name: "lv", path: lv.clone(), allowed: &["src"] }],
+        &[crate::agents::TargetSpec { name: "lv", path: lv.clone(), allowed: &["src"] }],
         "",
     );
     let src = dir.join("src.img");

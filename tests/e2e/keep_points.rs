@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 
 use serde_json::Value;
 
-use crate::net::{pair, push_to, sum};
+use crate::agents::{pair, push_to, sum};
 use crate::util::{self, compare, compare_prefix, make_disk, tempdir, uint, Loop, MIB};
 
 fn listed(state: &std::path::Path, target: &std::path::Path) -> usize {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::net::{pair, push_to, spawn_push, Agent, Identity, TargetSpec};
+use crate::agents::{pair, push_to, spawn_push, Agent, Identity, TargetSpec};
 use crate::util::*;
 
 fn target_dirs(state: &Path) -> Vec<PathBuf> {

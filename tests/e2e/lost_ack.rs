@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::net::{pair, push_to, Identity, Proxy};
+use crate::agents::{pair, push_to, Identity};
+use crate::net::Proxy;
 use crate::util::{self, make_disk, string, MIB};
 
 /// Pushes through `proxy`, cutting the target's answers the moment the

@@ -9,6 +9,7 @@
 #[macro_use]
 mod util;
 
+mod agents;
 mod blockdev;
 mod cli;
 mod corrupt;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::net::{pair, push_to};
+use crate::agents::{pair, push_to};
 use crate::util::{self, compare, make_disk, MIB};
 
 /// Samples a process's anonymous resident memory until stopped; keeps the peak.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 
-use crate::net::{pair, push_to, spawn_push};
+use crate::agents::{pair, push_to, spawn_push};
 use crate::util::{self, compare, make_disk, KIB, MIB};
 
 /// Pages sampled to see the in-place writes start.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rand::{Rng, RngCore};
 
-use crate::net::{pair, push_to, Pair};
+use crate::agents::{pair, push_to, Pair};
 use crate::util::*;
 
 /// Writes random 4 KiB pages into `path` until stopped; while the file

@@ -13,7 +13,7 @@ use std::time::Duration;
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 
-use crate::net::{pair, push_to, spawn_push, sum};
+use crate::agents::{pair, push_to, spawn_push, sum};
 use crate::util::{self, make_disk, MIB};
 
 /// Writes random 4 KiB pages into `path` until dropped.
