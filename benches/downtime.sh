@@ -2,12 +2,17 @@
 # failover-sync on the 4 GiB benchmark disk (compare.sh's workload) with a
 # writer rewriting ~1 % of it between passes, the quiesce command stopping
 # it; then a plain push of a delta of the same size as the final one, same
-# run: downtime_seconds against that push's time.
+# run: downtime_seconds against that push's time. REPS runs (default 3);
+# exits 1 when the median ratio misses the goal (at most GOAL=1.3).
 set -e
+REPS=${REPS:-3}; GOAL=${GOAL:-1.3}
 DF=${DF:-$(cd "$(dirname "$0")/.." && pwd)/target/release/diskferry}
 SRC=${WORKLOAD:-/tmp/ancbench/src.img}
 [ -f "$SRC" ] || { echo "no workload at $SRC: run benches/compare.sh once (it makes it), or set WORKLOAD" >&2; exit 2; }
-W=${WORK:-/tmp/diskferry-downtime}; rm -rf $W; mkdir -p $W/a $W/b
+WORK=${WORK:-/tmp/diskferry-downtime}
+RATIOS=$WORK.ratios; : > $RATIOS
+one_run() (
+W=$WORK; rm -rf $W; mkdir -p $W/a $W/b
 PORT_A=47421; PORT_B=47422; EXTRA_TARGET=plain; . "$(dirname "$0")/two-agents.sh"
 cp --sparse=always "$SRC" $A
 push() { $DF push $1 --peer 127.0.0.1:47422 --peer-fingerprint $FB --target $2 --config $W/a/serve.toml --json | tail -1; }
@@ -46,4 +51,20 @@ while w < max(n,4096):
     l=min(r.randint(4096,1<<20), max(n-w,4096)); o=r.randrange(0,size-l); f.seek(o); f.write(os.urandom(l)); w+=l
 P
 s=$(date +%s.%N); push $A plain > $W/plain.json; e=$(date +%s.%N)
-python3 -c "import json;d=json.load(open('$W/plain.json'));print(f'plain push of a delta of the same size: changed {d[\"bytes_written\"]/2**20:.1f} MiB, {d[\"seconds\"]:.2f} s (wall {$e-$s:.2f} s)')"
+python3 - $W/fs.json $W/plain.json $e $s $RATIOS <<'P'
+import json,sys
+f,d=json.load(open(sys.argv[1])),json.load(open(sys.argv[2]))
+print(f"plain push of a delta of the same size: changed {d['bytes_written']/2**20:.1f} MiB, {d['seconds']:.2f} s (wall {float(sys.argv[3])-float(sys.argv[4]):.2f} s)")
+r=f['downtime_seconds']/max(d['seconds'],1e-3)
+print(f"RESULT downtime {f['downtime_seconds']:.3f} s, plain push {d['seconds']:.3f} s, ratio {r:.2f}")
+open(sys.argv[5],'a').write(f"{r}\n")
+P
+)
+for rep in $(seq "$REPS"); do echo "== run $rep of $REPS"; one_run; done
+python3 - $RATIOS $GOAL <<'P'
+import sys,statistics
+r=sorted(float(x) for x in open(sys.argv[1]).read().split())
+m=statistics.median(r); goal=float(sys.argv[2])
+print(f"downtime / plain push of the same delta: runs {', '.join(f'{x:.2f}' for x in r)}; median {m:.2f}x (goal <= {goal}x): {'met' if m<=goal else 'MISSED'}")
+sys.exit(0 if m<=goal else 1)
+P

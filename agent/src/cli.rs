@@ -112,6 +112,18 @@ pub struct PushArgs {
     pub discard_target_changes: bool,
     #[command(flatten)]
     pub snapshot: SnapshotArgs,
+    /// What says which blocks may have changed since the target's generation: full-scan (read
+    /// every block), or ranges:FILE (a change list {"since": GEN, "ranges": [[offset, length], ...]}).
+    /// A hint not tied to the target's generation is not used: the disk is then read in full.
+    #[arg(long, default_value = "full-scan", value_name = "SOURCE")]
+    pub changes: crate::changes::Changes,
+    /// Share of the blocks a hint calls clean that are re-hashed to test it (at least 16 blocks);
+    /// one changed block and the disk is read in full.
+    #[arg(long, default_value_t = 0.001, value_parser = fraction)]
+    pub spot_check: f64,
+    /// Seed of the spot check's sample (default: random).
+    #[arg(long)]
+    pub spot_check_seed: Option<u64>,
     /// Hashing threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -162,12 +174,20 @@ impl SnapshotArgs {
             pre: self.pre_snapshot.clone(),
             post: self.post_snapshot.clone(),
             hook_timeout: std::time::Duration::from_secs(self.hook_timeout),
+            keep: false,
         }
     }
 }
 
 fn block_size(s: &str) -> Result<BlockSize, String> {
     s.parse::<BlockSize>().map_err(|e| e.to_string())
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err("a share from 0 to 1 (0.001 is 0.1 %)".into()),
+    }
 }
 
 fn generation(s: &str) -> Result<Generation, String> {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use diskferry_protocol::ErrorCode;
+use diskferry_protocol::{ErrorCode, Generation};
 use diskferry_sync_engine::store::{RealFs, Vfs};
 use diskferry_sync_engine::Error;
 
@@ -48,6 +48,9 @@ pub struct SnapshotOptions {
     pub pre: Option<String>,
     pub post: Option<String>,
     pub hook_timeout: Duration,
+    /// Keep the clone after the push (`--changes extent-map`): the next
+    /// push compares its own clone's extents with it.
+    pub keep: bool,
 }
 
 impl SnapshotOptions {
@@ -62,6 +65,7 @@ impl SnapshotOptions {
             k if k != SnapshotKind::Cmd && (self.cmd.is_some() || self.cleanup_cmd.is_some()) => {
                 usage("--snapshot-cmd and --snapshot-cleanup-cmd go with --snapshot cmd")
             }
+            k if k != SnapshotKind::Reflink && self.keep => usage("--changes extent-map needs --snapshot reflink"),
             _ => Ok(()),
         }
     }
@@ -126,6 +130,48 @@ pub fn reflink_path(src: &Path) -> PathBuf {
     src.with_file_name(format!(".{name}.diskferry-snap"))
 }
 
+/// Where an extent-map push clones to while the last clone is kept.
+fn next_path(src: &Path) -> PathBuf {
+    let mut name = reflink_path(src).into_os_string();
+    name.push(".next");
+    PathBuf::from(name)
+}
+
+fn remove_if_there(path: &Path) -> Result<(), Error> {
+    std::fs::remove_file(path)
+        .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+        .map_err(|e| Error::io(diskferry_sync_engine::Place::Source, "removing", path, e))
+}
+
+/// The record tying the kept clone to the generation it holds, in the
+/// disk's history directory (gone with the history).
+fn kept_record(state_root: &Path, src: &Path) -> PathBuf {
+    diskferry_sync_engine::history::history_dir(state_root, src).join("kept-snapshot")
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().filter(|m| m.is_file()).map(|m| (m.dev(), m.ino()))
+}
+
+/// The clone kept by the last extent-map push of `src` and the generation
+/// it holds — only if the record names exactly that file. A clone without
+/// a matching record is stale and removed.
+pub fn kept_snapshot(src: &Path, state_root: &Path) -> Result<Option<(PathBuf, Generation)>, Error> {
+    let kept = reflink_path(src);
+    let record = std::fs::read_to_string(kept_record(state_root, src)).unwrap_or_default();
+    let mut words = record.split_whitespace();
+    let parsed = (words.next().and_then(|g| g.parse::<Generation>().ok()), words.next(), words.next());
+    let id = file_id(&kept);
+    match (parsed, id) {
+        ((Some(gen), Some(dev), Some(ino)), Some((d, i))) if dev == d.to_string() && ino == i.to_string() => {
+            Ok(Some((kept, gen)))
+        }
+        (_, Some(_)) => remove_if_there(&kept).map(|()| None),
+        (_, None) => Ok(None),
+    }
+}
+
 /// SIGINT and SIGTERM, deferred while hooks run: a push stopped between a
 /// freeze and its thaw would leave the guest frozen. Outside [`take`] they
 /// act as always (the default action).
@@ -187,11 +233,15 @@ fn take_inner(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
         // One clone per disk at a time: two pushes of it (to two targets)
         // must not remove each other's clone as a leftover.
         lock = Some(lock_clone(src)?);
-        // A clone left by a killed run is stale: it goes before anything runs.
-        let leftover = reflink_path(src);
-        std::fs::remove_file(&leftover)
-            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
-            .map_err(|e| Error::io(diskferry_sync_engine::Place::Source, "removing", &leftover, e))?;
+        // A clone left by a killed run is stale: it goes before anything
+        // runs. The clone kept for extent maps stays for such pushes.
+        let mut leftovers = vec![next_path(src)];
+        if !o.keep {
+            leftovers.push(reflink_path(src));
+        }
+        for leftover in leftovers {
+            remove_if_there(&leftover)?;
+        }
     }
     let pre = o.pre.as_ref().map(|cmd| hooks::run("pre-snapshot", cmd, &[], &env, o.hook_timeout));
     let taken = match &pre {
@@ -224,7 +274,7 @@ fn take_inner(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
 fn snapshot(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
     match o.kind {
         SnapshotKind::Reflink => {
-            let to = reflink_path(src);
+            let to = if o.keep { next_path(src) } else { reflink_path(src) };
             let cloned = RealFs
                 .reflink(src, &to)
                 .map_err(|e| Error::io(diskferry_sync_engine::Place::Source, "cloning", src, e))?;
@@ -285,6 +335,23 @@ fn snapshot(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
 }
 
 impl Snapshot {
+    /// Keeps this push's reflink clone as `src`'s kept snapshot of
+    /// `generation` (the target committed it), replacing the last one.
+    pub fn keep_for(&mut self, src: &Path, state_root: &Path, generation: Generation) -> Result<(), Error> {
+        let Some(Cleanup::Remove(clone)) = &self.cleanup else { return Ok(()) };
+        let kept = reflink_path(src);
+        let io = |what, path: &Path, e| Error::io(diskferry_sync_engine::Place::Source, what, path, e);
+        // Renamed first, recorded second: a crash between leaves a record
+        // that names another file, so the clone is not trusted.
+        std::fs::rename(clone, &kept).map_err(|e| io("keeping", clone, e))?;
+        self.cleanup = None;
+        let (dev, ino) = file_id(&kept).ok_or_else(|| Error::new(ErrorCode::Io, "the kept clone vanished"))?;
+        let record = kept_record(state_root, src);
+        let tmp = record.with_extension("tmp");
+        std::fs::write(&tmp, format!("{} {dev} {ino}\n", generation.to_hex())).map_err(|e| io("writing", &tmp, e))?;
+        std::fs::rename(&tmp, &record).map_err(|e| io("writing", &record, e))
+    }
+
     /// Removes the snapshot (the clone, or the cleanup command with its
     /// path); a failure is logged, the push's own outcome stands.
     pub fn finish(&mut self) {

@@ -4,6 +4,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use diskferry_protocol::{BlockHash, Geometry};
@@ -43,11 +44,24 @@ pub fn hash_blocks_visit(
     blocks: Range<u64>,
     visit: Option<BlockVisitor<'_>>,
 ) -> io::Result<Vec<BlockHash>> {
+    hash_blocks_counted(disk, g, blocks, visit, &AtomicU64::new(0))
+}
+
+/// [`hash_blocks_visit`], adding to `read` the bytes it read (holes are
+/// not read).
+pub fn hash_blocks_counted(
+    disk: &Disk,
+    g: &Geometry,
+    blocks: Range<u64>,
+    visit: Option<BlockVisitor<'_>>,
+    read: &AtomicU64,
+) -> io::Result<Vec<BlockHash>> {
     let layout = Layout::new(disk, g, &blocks)?;
     let parts: Vec<Vec<BlockHash>> = batches(g, &blocks)
         .into_par_iter()
         .map(|batch| {
             with_batch(disk, &layout, g, &batch, &SCRATCH, |bytes| {
+                read.fetch_add(bytes.bytes.map_or(0, |b| b.len() as u64), Ordering::Relaxed);
                 batch
                     .clone()
                     .map(|i| {

@@ -32,6 +32,7 @@
 pub mod aligned;
 pub mod apply;
 pub mod block;
+pub mod changes;
 pub mod compress;
 pub mod digest;
 pub mod disk;

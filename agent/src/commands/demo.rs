@@ -89,6 +89,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
             max_mtu: None,
             state_root: Some(source_state.clone()),
             idle_timeout: crate::transport::DEFAULT_IDLE_TIMEOUT,
+            changes: Default::default(),
+            spot_check: diskferry_sync_engine::changes::SpotCheck::with_seed(1),
         };
         let timed = |opts: PushOptions| {
             let id = &source_id;

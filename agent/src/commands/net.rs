@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use diskferry_protocol::{ErrorCode, TargetName};
+use diskferry_sync_engine::changes::SpotCheck;
 use diskferry_sync_engine::Error;
 use serde_json::json;
 
@@ -103,13 +104,21 @@ pub fn push_setup(a: &PushArgs) -> Result<(PushOptions, identity::Identity, toki
         compress: a.compress.0,
         force: a.force,
         discard_target_changes: a.discard_target_changes,
-        snapshot: a.snapshot.options(),
+        snapshot: crate::snapshot::SnapshotOptions {
+            keep: a.changes == crate::changes::Changes::ExtentMap,
+            ..a.snapshot.options()
+        },
         promote: false,
         fuzzy: false,
         threads: a.threads,
         max_mtu: a.max_mtu,
         state_root: Some(state_root),
         idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
+        changes: a.changes.clone(),
+        spot_check: SpotCheck {
+            fraction: a.spot_check,
+            ..SpotCheck::with_seed(a.spot_check_seed.unwrap_or_else(rand::random))
+        },
     };
     Ok((opts, id, rt))
 }
@@ -191,6 +200,11 @@ pub fn push_json(r: &PushReport, secs: f64, cpu: f64) -> serde_json::Value {
         "snapshot": r.snapshot.as_str(),
         "bytes_written": r.committed.bytes_written,
         "promoted": r.committed.promoted,
+        "change_source": r.changes.source.as_str(),
+        "change_note": r.changes.note,
+        "hinted_blocks": r.changes.dirty_blocks,
+        "spot_checked_blocks": r.changes.spot_checked,
+        "source_bytes_read": r.source_bytes_read,
     })
 }
 

@@ -15,11 +15,14 @@ use std::time::Duration;
 
 use diskferry_protocol::message::{Committed, Open, Plan, SyncMode};
 use diskferry_protocol::{BlockSize, Consistency, ErrorCode, SessionId, TargetName};
+use diskferry_sync_engine::changes::{ChangeHint, ChangeSource, HintOutcome, SpotCheck};
 use diskferry_sync_engine::error::IoContext;
 use diskferry_sync_engine::local::Progress;
 use diskferry_sync_engine::session::SourceSession;
 use diskferry_sync_engine::store::{RealFs, Vfs};
 use diskferry_sync_engine::{Error, Place};
+
+use crate::changes::Changes;
 
 use crate::identity::Identity;
 use crate::{transport, trust};
@@ -49,6 +52,9 @@ pub struct PushOptions {
     pub max_mtu: Option<u16>,
     /// Where the manifest of what was last sent is kept (none: not kept).
     pub state_root: Option<PathBuf>,
+    /// What says which blocks may have changed, and how a hint is tested.
+    pub changes: Changes,
+    pub spot_check: SpotCheck,
     /// How long a silent target is waited for.
     pub idle_timeout: Duration,
 }
@@ -71,6 +77,10 @@ pub struct PushReport {
     /// The target's answer: the generation, what changed and was read,
     /// the common point, what was discarded and promoted.
     pub committed: Committed,
+    /// Whether a change hint was used, and why not.
+    pub changes: HintOutcome,
+    /// Source bytes read: hashing (holes are not read), spot check, sending.
+    pub source_bytes_read: u64,
 }
 
 impl PushReport {
@@ -114,6 +124,29 @@ pub async fn push_tracked(
         opts.block_size,
         opts.state_root.as_deref(),
     )?);
+    // Why a requested hint could not even be offered (the report says so).
+    let mut unoffered = None;
+    match &opts.changes {
+        Changes::FullScan => {}
+        Changes::Ranges(file) => source.offer_hint(crate::changes::read_change_list(file)?, opts.spot_check),
+        Changes::ExtentMap => {
+            let kept = match opts.state_root.as_deref() {
+                Some(root) => snapshot::kept_snapshot(&opts.source, root)?,
+                None => None,
+            };
+            match kept {
+                Some((kept, since)) => match crate::changes::extent_changes(&kept, &snap.read_path) {
+                    Ok(ranges) => source
+                        .offer_hint(ChangeHint { since, source: ChangeSource::ExtentMap, ranges }, opts.spot_check),
+                    Err(e) => unoffered = Some(format!("the extent maps could not be read: {e}")),
+                },
+                None => {
+                    unoffered =
+                        Some("no snapshot is kept from an earlier push of this disk (this push keeps one)".into())
+                }
+            }
+        }
+    }
     let g = source.geometry();
     let open = Open {
         session: SessionId(rand::random::<u128>() | 1),
@@ -162,8 +195,18 @@ pub async fn push_tracked(
     // Long enough for the close to leave; the draining period that follows
     // only matters to a peer still sending, and the session is over.
     let _ = tokio::time::timeout(Duration::from_millis(5), endpoint.wait_idle()).await;
+    if let (Ok(r), Some(root), true) = (&result, opts.state_root.as_deref(), opts.changes == Changes::ExtentMap) {
+        // The next push compares its clone with this one. Not keeping it
+        // costs that push a full read, not correctness.
+        if let Err(e) = snap.keep_for(&opts.source, root, r.committed.generation) {
+            tracing::warn!("the snapshot was not kept for the next push: {}", e.message);
+        }
+    }
     snap.finish();
     let mut report = result?;
+    if report.changes.source == ChangeSource::FullScan && report.changes.note.is_none() {
+        report.changes.note = unoffered;
+    }
     report.snapshot = snap.kind;
     report.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
     report.path_mtu = stats.path.current_mtu;

@@ -88,6 +88,9 @@ pub(super) async fn run(
                     let caps = session.capabilities();
                     let level = opts.compress.filter(|_| caps & CAP_ZSTD != 0);
                     source.set_link(Link { level, pages: caps & CAP_PAGES != 0 })?;
+                    // Before any region is hashed: the spot check may turn
+                    // the hint down, and then every region is read.
+                    source.start_hint(a.target_generation, a.plan == Plan::Full)?;
                     for _ in 0..a.window {
                         let _ = tokens_tx.send(());
                     }
@@ -147,6 +150,8 @@ pub(super) async fn run(
                 control_bytes: control_sent + reader.bytes_read(),
                 snapshot: Default::default(),
                 committed: c,
+                changes: source.hint_outcome(),
+                source_bytes_read: source.bytes_read(),
             });
         }
         // Finish once everything was hashed and the target has staged every

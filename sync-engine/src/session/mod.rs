@@ -23,6 +23,7 @@
 //!    prepare → seal (the commit point) → finish.
 
 pub mod decide;
+mod hinted;
 pub mod lineage;
 pub mod source;
 pub mod target;

@@ -15,17 +15,19 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use diskferry_protocol::message::{Message, WantBlock};
 use diskferry_protocol::session::SourceRegion;
 use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry};
 
+use super::hinted::{self, Hinted, Offer};
 use super::lineage::lineage_of;
 use crate::block::VerifiedSlice;
+use crate::changes::{ChangeHint, HintOutcome, SpotCheck};
 use crate::disk::Disk;
 use crate::error::{Error, IoContext, Place, Result};
-use crate::hash::{hash_block, hash_blocks_visit};
+use crate::hash::{hash_block, hash_blocks_counted};
 use crate::history::HistoryWriter;
 use crate::manifest::ManifestMeta;
 use crate::remote::{block_frame, whole_block_frame, WireFrame};
@@ -81,6 +83,14 @@ pub struct SourceSession {
     state_root: Option<PathBuf>,
     lineage: Vec<Generation>,
     writer: Mutex<Option<HistoryWriter>>,
+    /// A change hint offered before the target answered.
+    offered: Mutex<Option<(ChangeHint, SpotCheck)>>,
+    /// The hint in use, once the target's generation matched it.
+    hinted: OnceLock<Hinted>,
+    outcome: Mutex<HintOutcome>,
+    /// Source bytes read: hashing (holes are not read), the spot check,
+    /// and the blocks read again to send them.
+    bytes_read: AtomicU64,
 }
 
 impl SourceSession {
@@ -123,7 +133,54 @@ impl SourceSession {
             state_root: state_root.map(Path::to_path_buf),
             lineage,
             writer: Mutex::new(None),
+            offered: Mutex::new(None),
+            hinted: OnceLock::new(),
+            outcome: Mutex::new(HintOutcome::full_scan()),
+            bytes_read: AtomicU64::new(0),
         })
+    }
+
+    /// Offers a change hint: the session reads only what it names, once
+    /// [`SourceSession::start_hint`] found it tied to the target's
+    /// generation and the spot check found it honest.
+    pub fn offer_hint(&self, hint: ChangeHint, spot: SpotCheck) {
+        *self.offered.lock().unwrap_or_else(|p| p.into_inner()) = Some((hint, spot));
+    }
+
+    /// Settles the offered hint once the target answered (`Accept`): it is
+    /// used only if the target holds the hint's generation, the disk's
+    /// history recorded that generation's manifest at this size, and the
+    /// spot check of clean blocks passes; else the disk is read in full and
+    /// [`SourceSession::hint_outcome`] says why. Call before hashing.
+    pub fn start_hint(&self, target_generation: Option<Generation>, full_copy: bool) -> Result<()> {
+        let Some((hint, spot)) = self.offered.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Ok(());
+        };
+        let offer = Offer {
+            vfs: &self.vfs,
+            state_root: self.state_root.as_deref(),
+            origin: &self.origin,
+            path: &self.path,
+            disk: &self.disk,
+            geometry: self.geometry,
+        };
+        let (hinted, outcome) = hinted::start(&offer, &hint, &spot, target_generation, full_copy, &self.bytes_read)?;
+        if let Some(h) = hinted {
+            // Offered once, so set once.
+            let _ = self.hinted.set(h);
+        }
+        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = outcome;
+        Ok(())
+    }
+
+    /// What came of the hint (full scan when none was offered).
+    pub fn hint_outcome(&self) -> HintOutcome {
+        self.outcome.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Source bytes read so far (hashing, spot check, sending).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
     }
 
     /// The session's geometry.
@@ -172,6 +229,11 @@ impl SourceSession {
     /// the hashing and is returned as it is.
     pub fn hash_region(&self, region: u64, full: Option<ItemSink<'_>>) -> Result<SourceRegion> {
         let g = self.geometry;
+        if let (Some(h), None) = (self.hinted.get(), full) {
+            if let Some(hashes) = h.region(&self.disk, &g, region, &self.path, &self.bytes_read)? {
+                return self.region_of(region, hashes);
+            }
+        }
         let range = g.region_range(region);
         let items = AtomicU64::new(0);
         let out_failed = Mutex::new(None);
@@ -186,7 +248,7 @@ impl SourceSession {
             Ok(())
         };
         let visitor: Option<crate::hash::BlockVisitor<'_>> = full.map(|_| &visit as crate::hash::BlockVisitor<'_>);
-        let hashes = match hash_blocks_visit(&self.disk, &g, range.clone(), visitor) {
+        let hashes = match hash_blocks_counted(&self.disk, &g, range.clone(), visitor, &self.bytes_read) {
             Ok(h) => h,
             Err(e) => {
                 if let Some(e) = out_failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -261,6 +323,7 @@ impl SourceSession {
         }
         let mut bytes = vec![0u8; g.block_len(index) as usize];
         self.disk.read_at(g.block_offset(index), &mut bytes).ctx(Place::Source, "reading", &self.path)?;
+        self.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if expected.is_some_and(|e| e != hash_block(&bytes)) {
             self.note_changed();
         }

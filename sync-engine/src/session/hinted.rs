@@ -1,0 +1,140 @@
+//! A source session's hinted read (`changes.rs`): whether a hint may be
+//! used for this session, the spot check that tests it, and each region's
+//! hashes from the dirty runs read and the history's record of the rest.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use diskferry_protocol::{BlockHash, Generation, Geometry};
+
+use crate::changes::{ChangeHint, DirtyBlocks, HintOutcome, SpotCheck};
+use crate::disk::Disk;
+use crate::error::{IoContext, Place, Result};
+use crate::hash::{hash_block, hash_blocks_counted};
+use crate::history::History;
+use crate::manifest::{BlockCursor, Manifest};
+use crate::store::Vfs;
+
+/// Dirty runs closer than this many blocks are read as one.
+const JOIN_GAP_BLOCKS: u64 = 1;
+
+/// A hint in use: the dirty blocks and the recorded hashes of the rest,
+/// read region by region in order.
+#[derive(Debug)]
+pub(super) struct Hinted {
+    dirty: DirtyBlocks,
+    recorded: Mutex<(u64, BlockCursor)>,
+}
+
+/// What a session was handed to decide on a hint.
+pub(super) struct Offer<'a> {
+    pub vfs: &'a Arc<dyn Vfs>,
+    pub state_root: Option<&'a Path>,
+    pub origin: &'a Path,
+    pub path: &'a Path,
+    pub disk: &'a Disk,
+    pub geometry: Geometry,
+}
+
+/// Decides whether `hint` may stand in for a full read of the source, now
+/// that the target said which generation it holds (`None` with a full
+/// copy: everything is read anyway), and tests it on a sample of the
+/// blocks it calls clean. A hint that is not used says why.
+pub(super) fn start(
+    o: &Offer<'_>,
+    hint: &ChangeHint,
+    spot: &SpotCheck,
+    target_generation: Option<Generation>,
+    full_copy: bool,
+    read: &AtomicU64,
+) -> Result<(Option<Hinted>, HintOutcome)> {
+    let refuse = |why: String| Ok((None, HintOutcome::refused(why)));
+    if full_copy {
+        return refuse("a full copy reads every block".into());
+    }
+    if target_generation != Some(hint.since) {
+        let at = target_generation.map_or_else(|| "no generation".to_string(), |g| format!("generation {g}"));
+        return refuse(format!("the hint counts from generation {}, the target holds {at}", hint.since));
+    }
+    let Some(root) = o.state_root else { return refuse("no state directory holds the disk's history".into()) };
+    let history = match History::load(o.vfs.as_ref(), root, o.origin)? {
+        Some(h) if h.last() == Some(hint.since) => h,
+        Some(h) => {
+            let last = h.last().map_or_else(|| "nothing".to_string(), |g| g.to_string());
+            return refuse(format!("the disk's history last recorded {last}, not the hint's {}", hint.since));
+        }
+        None => return refuse("the disk has no history to take unchanged blocks from".into()),
+    };
+    let manifest = history.manifest(o.vfs.clone(), root)?;
+    if manifest.geometry() != o.geometry {
+        return refuse("the disk's size or block size changed since the hint's generation".into());
+    }
+    let g = o.geometry;
+    let dirty = DirtyBlocks::from_ranges(&g, &hint.ranges);
+    let sample = dirty.sample_clean(&g, spot);
+    let mut outcome =
+        HintOutcome { source: hint.source, note: None, dirty_blocks: dirty.count(), spot_checked: sample.len() as u64 };
+    if let Some(block) = spot_check(o, &manifest, &sample, read)? {
+        outcome.source = crate::changes::ChangeSource::FullScan;
+        outcome.note = Some(format!(
+            "the spot check found block {block} changed where the {} hint called it clean: the disk was read in full",
+            hint.source.as_str()
+        ));
+        return Ok((None, outcome));
+    }
+    Ok((Some(Hinted { dirty, recorded: Mutex::new((0, manifest.cursor())) }), outcome))
+}
+
+/// The first sampled block whose bytes no longer hash to the record.
+fn spot_check(o: &Offer<'_>, manifest: &Manifest, sample: &[u64], read: &AtomicU64) -> Result<Option<u64>> {
+    let g = o.geometry;
+    let mut cursor = manifest.cursor();
+    let mut at = 0u64;
+    let mut buf = Vec::new();
+    for &b in sample {
+        // Skip to block b in the record (a sorted sample: one pass).
+        if b > at {
+            cursor.next_blocks(b - at)?;
+        }
+        let recorded = cursor.next_blocks(1)?.first().copied().unwrap_or(BlockHash::ZERO);
+        at = b + 1;
+        buf.resize(g.block_len(b) as usize, 0);
+        o.disk.read_at(g.block_offset(b), &mut buf).ctx(Place::Source, "reading", o.path)?;
+        read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        if hash_block(&buf) != recorded {
+            return Ok(Some(b));
+        }
+    }
+    Ok(None)
+}
+
+impl Hinted {
+    /// Region `region`'s block hashes: the dirty runs read and hashed, the
+    /// rest as recorded. `None` when regions are asked out of order (the
+    /// record is read forward only): the caller then reads the region.
+    pub(super) fn region(
+        &self,
+        disk: &Disk,
+        g: &Geometry,
+        region: u64,
+        path: &Path,
+        read: &AtomicU64,
+    ) -> Result<Option<Vec<BlockHash>>> {
+        let range = g.region_range(region);
+        let mut hashes = {
+            let mut rec = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
+            if rec.0 != region {
+                return Ok(None);
+            }
+            rec.0 += 1;
+            rec.1.next_blocks(range.end - range.start)?
+        };
+        for run in self.dirty.within(range.clone(), JOIN_GAP_BLOCKS) {
+            let fresh = hash_blocks_counted(disk, g, run.clone(), None, read).ctx(Place::Source, "reading", path)?;
+            let at = (run.start - range.start) as usize;
+            hashes[at..at + fresh.len()].copy_from_slice(&fresh);
+        }
+        Ok(Some(hashes))
+    }
+}
