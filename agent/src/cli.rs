@@ -83,8 +83,12 @@ fn compress_level(s: &str) -> Result<Compress, String> {
 
 #[derive(Args, Debug)]
 pub struct PushArgs {
-    /// Source disk (image file or block device).
+    /// Source disk: image file, block device, or NBD URL (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT).
     pub src: PathBuf,
+    /// How SRC's bytes are read: raw (the file is the disk), or an image format read through a
+    /// read-only qemu-nbd that diskferry starts and stops. The replica holds the guest-visible disk.
+    #[arg(long, value_enum, default_value = "raw")]
+    pub format: crate::nbd::Format,
     /// Target agent address.
     #[arg(long, value_name = "HOST:PORT")]
     pub peer: String,
@@ -206,8 +210,11 @@ pub struct Common {
 
 #[derive(Args, Debug)]
 pub struct HashArgs {
-    /// Disk image or block device.
+    /// Disk image, block device, or NBD URL.
     pub disk: PathBuf,
+    /// How the disk's bytes are read (raw, or an image format through qemu-nbd).
+    #[arg(long, value_enum, default_value = "raw")]
+    pub format: crate::nbd::Format,
     /// Block size: a power of two from 4K to 4M.
     #[arg(long, default_value = "64K", value_parser = block_size)]
     pub block_size: BlockSize,

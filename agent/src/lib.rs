@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod hooks;
 pub mod identity;
 pub mod ids;
+pub mod nbd;
 pub mod output;
 pub mod progress;
 pub mod push;

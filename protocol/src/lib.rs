@@ -19,6 +19,7 @@ pub mod coding;
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod nbd;
 pub mod payload;
 pub mod session;
 pub mod types;

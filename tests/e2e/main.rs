@@ -26,6 +26,7 @@ mod kill;
 mod leftovers;
 mod lost_ack;
 mod memory;
+mod nbd;
 mod net;
 mod points;
 mod restart;

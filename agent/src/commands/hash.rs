@@ -1,12 +1,10 @@
 //! `diskferry hash`.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
 use diskferry_sync_engine::digest::{digest, ManifestOut};
 use diskferry_sync_engine::error::{IoContext, Place};
-use diskferry_sync_engine::store::RealFs;
 use diskferry_sync_engine::thread_pool;
 use serde_json::json;
 
@@ -25,7 +23,8 @@ pub fn run(a: HashArgs) -> Result<()> {
         generation: new_generation(),
         now_unix_ns: now_unix_ns(),
     });
-    let d = pool.install(|| digest(Arc::new(RealFs), &a.disk, a.block_size, out, &bar))?;
+    let source = crate::nbd::open_source(&a.disk, a.format, &[])?;
+    let d = pool.install(|| digest(source.vfs.clone(), &source.read_path, a.block_size, out, &bar))?;
     let (g, root, zero_blocks) = (d.geometry, d.root, d.zero_blocks);
     let secs = start.elapsed().as_secs_f64();
     bar.finish();

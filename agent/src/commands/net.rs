@@ -94,7 +94,7 @@ pub fn push_setup(a: &PushArgs) -> Result<(PushOptions, identity::Identity, toki
     let rt = runtime()?;
     let peer: SocketAddr = rt.block_on(resolve(&a.peer))?;
     let opts = PushOptions {
-        // Canonical: the disk's history is keyed by its path.
+        // Canonical: the disk's history is keyed by its path (an NBD URL as written).
         source: std::fs::canonicalize(&a.src).unwrap_or_else(|_| a.src.clone()),
         peer,
         peer_fingerprint: fingerprint,
@@ -115,6 +115,7 @@ pub fn push_setup(a: &PushArgs) -> Result<(PushOptions, identity::Identity, toki
         state_root: Some(state_root),
         idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
         changes: a.changes.clone(),
+        format: a.format,
         spot_check: SpotCheck {
             fraction: a.spot_check,
             ..SpotCheck::with_seed(a.spot_check_seed.unwrap_or_else(rand::random))

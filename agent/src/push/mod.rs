@@ -19,7 +19,6 @@ use diskferry_sync_engine::changes::{ChangeHint, ChangeSource, HintOutcome, Spot
 use diskferry_sync_engine::error::IoContext;
 use diskferry_sync_engine::local::Progress;
 use diskferry_sync_engine::session::SourceSession;
-use diskferry_sync_engine::store::{RealFs, Vfs};
 use diskferry_sync_engine::{Error, Place};
 
 use crate::changes::Changes;
@@ -52,6 +51,8 @@ pub struct PushOptions {
     pub max_mtu: Option<u16>,
     /// Where the manifest of what was last sent is kept (none: not kept).
     pub state_root: Option<PathBuf>,
+    /// How the source's bytes are read (raw, or an image format through qemu-nbd).
+    pub format: crate::nbd::Format,
     /// What says which blocks may have changed, and how a hint is tested.
     pub changes: Changes,
     pub spot_check: SpotCheck,
@@ -111,15 +112,28 @@ pub async fn push_tracked(
     progress: Arc<dyn Progress + Send + Sync>,
     commit_requested: &mut bool,
 ) -> Result<PushReport, Error> {
-    let vfs: Arc<dyn Vfs> = Arc::new(RealFs);
+    let through_nbd =
+        opts.format != crate::nbd::Format::Raw || crate::nbd::url::is_nbd_url(&opts.source.to_string_lossy());
+    if through_nbd && opts.snapshot.kind != SnapshotKind::None {
+        return Err(Error::new(
+            ErrorCode::Usage,
+            "--snapshot reads a raw disk file; an NBD source or an image read through qemu-nbd is read as it is served",
+        )
+        .hint("serve a snapshot over NBD (QEMU's block-export of a backup point), or use --format raw"));
+    }
     // Hooks and the snapshot block: they run off the runtime's threads.
     let (src, so) = (opts.source.clone(), opts.snapshot.clone());
     let mut snap = tokio::task::spawn_blocking(move || snapshot::take(&src, &so))
         .await
         .map_err(|e| Error::new(ErrorCode::Internal, format!("snapshot task: {e}")))??;
+    let (read, format) = (snap.read_path.clone(), opts.format);
+    // Kept until the push ends: it may own the qemu-nbd it reads through.
+    let reader = tokio::task::spawn_blocking(move || crate::nbd::open_source(&read, format, &[]))
+        .await
+        .map_err(|e| Error::new(ErrorCode::Internal, format!("source task: {e}")))??;
     let source = Arc::new(SourceSession::open_as(
-        vfs,
-        &snap.read_path,
+        reader.vfs.clone(),
+        &reader.read_path,
         &opts.source,
         opts.block_size,
         opts.state_root.as_deref(),
@@ -203,6 +217,7 @@ pub async fn push_tracked(
         }
     }
     snap.finish();
+    drop(reader);
     let mut report = result?;
     if report.changes.source == ChangeSource::FullScan && report.changes.note.is_none() {
         report.changes.note = unoffered;

@@ -1,0 +1,351 @@
+//! Sources read through NBD: an NBD URL served by anyone (`qemu-nbd`,
+//! QEMU's own NBD server for a running VM), or an image file in a format
+//! QEMU reads (`--format qcow2|vmdk|vhdx|vdi`) for which diskferry starts
+//! and stops a read-only `qemu-nbd` itself. The engine reads them as any
+//! disk: [`NbdStorage`] is its [`Storage`], `base:allocation` its holes.
+
+pub mod client;
+pub mod url;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diskferry_protocol::nbd::{BASE_ALLOCATION, STATE_ZERO};
+use diskferry_protocol::ErrorCode;
+use diskferry_sync_engine::store::{DiskKind, FileId, Meta, OpenHow, RealFs, Stamp, Storage, Vfs};
+use diskferry_sync_engine::Error;
+
+use client::{ClientError, NbdClient};
+use url::NbdUrl;
+
+/// How long the server may take to answer one request (seconds in
+/// `DISKFERRY_NBD_TIMEOUT` override it).
+fn nbd_timeout() -> Duration {
+    let secs = std::env::var("DISKFERRY_NBD_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    Duration::from_secs(secs)
+}
+
+/// `--format`: how the source's bytes are read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// The file or device is the disk, byte for byte.
+    #[default]
+    Raw,
+    /// QEMU's copy-on-write image.
+    Qcow2,
+    /// VMware's image.
+    Vmdk,
+    /// Hyper-V's image.
+    Vhdx,
+    /// VirtualBox's image.
+    Vdi,
+}
+
+impl Format {
+    fn qemu_name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::Vmdk => "vmdk",
+            Format::Vhdx => "vhdx",
+            Format::Vdi => "vdi",
+        }
+    }
+}
+
+/// An NBD export as the engine's storage: read-only.
+#[derive(Debug)]
+pub struct NbdStorage {
+    client: Arc<NbdClient>,
+    allocation: Option<u32>,
+}
+
+fn read_only() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "an NBD source is read-only")
+}
+
+impl Storage for NbdStorage {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.client.export().size)
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        Ok(self.client.read_at(off, buf)?)
+    }
+
+    fn write_at(&self, _: u64, _: &[u8]) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn set_len(&self, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn zero_range(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn reserve(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Ranges `base:allocation` does not report as reading zeros (an
+    /// unallocated range that is not known to read zeros may show a backing
+    /// file: it is read).
+    fn data_ranges(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        let Some(ctx) = self.allocation else { return Ok(if len == 0 { Vec::new() } else { vec![(off, len)] }) };
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (at, l, flags) in self.client.extents(ctx, off, len)? {
+            if flags & STATE_ZERO != 0 {
+                continue;
+            }
+            match out.last_mut() {
+                Some((o, ol)) if *o + *ol == at => *ol += l,
+                _ => out.push((at, l)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A [`Vfs`] that is the host's, except that one pseudo path is the NBD
+/// export (the engine opens its sources and keeps its state through one Vfs).
+#[derive(Debug)]
+pub struct NbdVfs {
+    path: PathBuf,
+    storage: Arc<NbdStorage>,
+    /// The image file diskferry serves itself: its stamp is the source's.
+    image: Option<PathBuf>,
+    /// A served-by-anyone export cannot say whether it was written: every
+    /// look gives a new stamp, so such a read is fuzzy.
+    looks: AtomicI64,
+}
+
+impl NbdVfs {
+    fn meta(&self) -> io::Result<Option<Meta>> {
+        let len = self.storage.client.export().size;
+        if let Some(image) = &self.image {
+            let Some(m) = RealFs.metadata(image)? else { return Ok(None) };
+            return Ok(Some(Meta { kind: DiskKind::File, len, stamp: m.stamp, identity: m.identity }));
+        }
+        let look = self.looks.fetch_add(1, Ordering::Relaxed);
+        let identity: FileId = (u64::MAX - 1, u64::from_le_bytes(blake3_8(self.path.as_os_str().as_encoded_bytes())));
+        let stamp = Stamp::File { len, mtime_ns: look, ctime_ns: look, ino: identity.1 };
+        Ok(Some(Meta { kind: DiskKind::File, len, stamp, identity }))
+    }
+}
+
+fn blake3_8(bytes: &[u8]) -> [u8; 8] {
+    let h = blake3::hash(bytes);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    b
+}
+
+impl Vfs for NbdVfs {
+    fn open(&self, path: &Path, how: OpenHow) -> io::Result<Arc<dyn Storage>> {
+        if path == self.path {
+            return match how {
+                OpenHow::Read => Ok(self.storage.clone()),
+                _ => Err(read_only()),
+            };
+        }
+        RealFs.open(path, how)
+    }
+
+    fn metadata(&self, path: &Path) -> io::Result<Option<Meta>> {
+        if path == self.path {
+            return self.meta();
+        }
+        RealFs.metadata(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        RealFs.rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        RealFs.remove_file(path)
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        RealFs.create_dir_all(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        RealFs.sync_dir(dir)
+    }
+
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+        RealFs.list_dir(dir)
+    }
+
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        RealFs.lock(path)
+    }
+}
+
+/// A read-only `qemu-nbd` serving an image file on a private unix socket,
+/// stopped when dropped.
+#[derive(Debug)]
+pub struct QemuNbd {
+    child: Child,
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    format: Format,
+}
+
+impl QemuNbd {
+    /// Starts `qemu-nbd` for `image` in `format` and waits until it listens.
+    pub fn start(image: &Path, format: Format) -> Result<(QemuNbd, NbdUrl), Error> {
+        let dir = tempfile::Builder::new()
+            .prefix("diskferry-nbd-")
+            .tempdir_in("/tmp")
+            .map_err(|e| Error::new(ErrorCode::Io, format!("a directory for qemu-nbd's socket: {e}")))?;
+        let socket = dir.path().join("s");
+        let child = Command::new("qemu-nbd")
+            .arg("--read-only")
+            .arg(format!("--format={}", format.qemu_name()))
+            .arg("--export-name=disk")
+            .arg("--shared=8")
+            .arg("--persistent")
+            .arg("--socket")
+            .arg(&socket)
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                Error::new(ErrorCode::NotFound, format!("cannot run qemu-nbd to read {}: {e}", image.display()))
+                    .hint("install qemu-utils (qemu-nbd), or convert the image to raw")
+            })?;
+        let mut q = QemuNbd { child, dir, image: image.to_path_buf(), format };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if let Some(e) = q.exited(Duration::ZERO) {
+                return Err(e);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::new(ErrorCode::Connection, "qemu-nbd did not start listening within 20 s"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let url = NbdUrl { transport: url::Transport::Unix(socket), export: "disk".into() };
+        Ok((q, url))
+    }
+
+    /// If `qemu-nbd` exits within `wait` (it could not open the image),
+    /// why, in its own words.
+    fn exited(&mut self, wait: Duration) -> Option<Error> {
+        let deadline = Instant::now() + wait;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break s,
+                _ if Instant::now() >= deadline => return None,
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = io::Read::read_to_string(&mut e, &mut err);
+        }
+        Some(
+            Error::new(
+                ErrorCode::InvalidInput,
+                format!(
+                    "qemu-nbd could not open {} as {}: {} ({status})",
+                    self.image.display(),
+                    self.format.qemu_name(),
+                    err.trim()
+                ),
+            )
+            .hint("check --format: `qemu-img info` names the image's format"),
+        )
+    }
+
+    /// The directory holding its socket.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nbd_error(url: &str, e: ClientError) -> Error {
+    let code = match &e {
+        ClientError::Timeout { .. } | ClientError::Connection { .. } => ErrorCode::Connection,
+        ClientError::Nbd(diskferry_protocol::nbd::NbdError::Refused { .. }) => ErrorCode::NotFound,
+        ClientError::Nbd(_) => ErrorCode::Protocol,
+    };
+    Error::new(code, format!("{url}: {e}")).hint("check that the NBD server runs and exports that name")
+}
+
+/// A source ready for the engine: the Vfs to read it through, the path to
+/// read, and the disk its history belongs to.
+#[derive(Debug)]
+pub struct Source {
+    /// What the engine opens the source with.
+    pub vfs: Arc<dyn Vfs>,
+    /// The path the engine reads (a pseudo path for an NBD export).
+    pub read_path: PathBuf,
+    /// The connection, when read through NBD.
+    pub client: Option<Arc<NbdClient>>,
+    /// The `qemu-nbd` diskferry started, stopped when this drops.
+    pub server: Option<QemuNbd>,
+}
+
+/// Opens `src`: a raw file or device as it is; an NBD URL through NBD; an
+/// image in another format through a `qemu-nbd` started here.
+pub fn open_source(src: &Path, format: Format, contexts: &[&str]) -> Result<Source, Error> {
+    let text = src.to_string_lossy();
+    let (url, server, image) = if url::is_nbd_url(&text) {
+        if format != Format::Raw {
+            return Err(Error::new(
+                ErrorCode::Usage,
+                "--format applies to image files; an NBD URL is read as its server exports it",
+            ));
+        }
+        let url: NbdUrl = text.parse().map_err(|e: String| Error::new(ErrorCode::Usage, format!("{text}: {e}")))?;
+        (url, None, None)
+    } else if format == Format::Raw {
+        return Ok(Source { vfs: Arc::new(RealFs), read_path: src.to_path_buf(), client: None, server: None });
+    } else {
+        if !src.exists() {
+            return Err(Error::new(ErrorCode::NotFound, format!("source {} does not exist", src.display())));
+        }
+        let (server, url) = QemuNbd::start(src, format)?;
+        (url, Some(server), Some(src.to_path_buf()))
+    };
+    let mut asked = vec![BASE_ALLOCATION];
+    asked.extend_from_slice(contexts);
+    let client = match NbdClient::connect(&url, &asked, nbd_timeout()) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            // A qemu-nbd that could not open the image says why as it exits.
+            let mut server = server;
+            return Err(server
+                .as_mut()
+                .and_then(|s| s.exited(Duration::from_secs(2)))
+                .unwrap_or_else(|| nbd_error(&url.to_string(), e)));
+        }
+    };
+    let allocation = client.export().context(BASE_ALLOCATION);
+    let storage = Arc::new(NbdStorage { client: client.clone(), allocation });
+    let read_path = image.clone().unwrap_or_else(|| PathBuf::from(url.to_string()));
+    let vfs = NbdVfs { path: read_path.clone(), storage, image, looks: AtomicI64::new(0) };
+    Ok(Source { vfs: Arc::new(vfs), read_path, client: Some(client), server })
+}

@@ -1,0 +1,295 @@
+//! Sources read through NBD: qcow2 images through the `qemu-nbd` diskferry
+//! starts itself, NBD URLs served by anyone (unix socket and TCP), and a
+//! hostile fake server — correct bytes or a typed error within a timeout,
+//! never a panic or a hang.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::agents::{pair, push_to};
+use crate::util::{self, compare, tempdir, uint, MIB};
+
+fn sh(cmd: &str, args: &[&str]) {
+    let o = Command::new(cmd).args(args).output().unwrap();
+    assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A qcow2 image written by `qemu-io` at unaligned offsets and sizes, with
+/// holes between.
+fn qcow2(path: &Path, size: u64, writes: &[(u64, u64, u8)]) {
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", path.to_str().unwrap(), &size.to_string()]);
+    qemu_io(path, writes);
+}
+
+fn qemu_io(path: &Path, writes: &[(u64, u64, u8)]) {
+    let mut args = vec!["-f".to_string(), "qcow2".into()];
+    for (off, len, pattern) in writes {
+        args.push("-c".into());
+        args.push(format!("write -P {pattern} {off} {len}"));
+    }
+    args.push(path.to_str().unwrap().into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    sh("qemu-io", &refs);
+}
+
+fn raw_of(image: &Path) -> std::path::PathBuf {
+    let raw = image.with_extension("raw");
+    sh("qemu-img", &["convert", "-O", "raw", image.to_str().unwrap(), raw.to_str().unwrap()]);
+    raw
+}
+
+fn hash(args: &[&str]) -> util::Out {
+    let mut a: Vec<&std::ffi::OsStr> = vec!["hash".as_ref()];
+    a.extend(args.iter().map(std::ffi::OsStr::new));
+    a.push("--json".as_ref());
+    util::run(&a)
+}
+
+#[test]
+fn qcow2_images_are_read_as_the_guest_sees_them() {
+    let p = pair("nbd-qcow2", 1, "");
+    let img = p.dir.join("vm.qcow2");
+    let size = 96 * MIB + 4096;
+    qcow2(&img, size, &[(12345, 70_000, 0xa1), (5 * MIB + 1, 3 * MIB, 0x5c), (90 * MIB, 77, 0x01)]);
+    let raw = raw_of(&img);
+    let via_nbd = hash(&[img.to_str().unwrap(), "--format", "qcow2"]).ok_json();
+    let direct = hash(&[raw.to_str().unwrap()]).ok_json();
+    assert_eq!(via_nbd["root"], direct["root"], "{via_nbd} vs {direct}");
+    assert_eq!(uint(&via_nbd, "disk_bytes"), size);
+
+    let tgt = p.dir.join("t0.img");
+    let r = push_to(&img, &p.source, &p.agent, "t0", &["--format", "qcow2"]).ok_json();
+    assert_eq!(r["mode"], "full");
+    assert_eq!(r["consistency"], "crash-consistent", "an image at rest, served read-only: {r}");
+    compare(&raw, &tgt).unwrap();
+    // The guest writes again: a delta, still byte-exact; the history is the image's.
+    qemu_io(&img, &[(7 * MIB + 3, 100_000, 0x77), (0, 1, 0x02)]);
+    let raw = raw_of(&img);
+    let r = push_to(&img, &p.source, &p.agent, "t0", &["--format", "qcow2"]).ok_json();
+    assert_eq!(r["mode"], "delta", "{r}");
+    assert!(uint(&r, "bytes_sent") < 2 * MIB, "{r}");
+    compare(&raw, &tgt).unwrap();
+    p.agent.verify(&tgt).ok();
+
+    // A file that is no qcow2: a clear error, nothing pushed.
+    let junk = p.dir.join("junk.qcow2");
+    std::fs::write(&junk, vec![7u8; 65536]).unwrap();
+    let e = push_to(&junk, &p.source, &p.agent, "t0", &["--format", "qcow2"]).expect_json_error("E_INVALID_INPUT", 3);
+    assert!(e["message"].as_str().unwrap().contains("qemu-nbd"), "{e}");
+    // --snapshot does not apply to an image read through qemu-nbd.
+    push_to(&img, &p.source, &p.agent, "t0", &["--format", "qcow2", "--snapshot", "reflink"])
+        .expect_json_error("E_USAGE", 2);
+}
+
+/// Starts `qemu-nbd` on `image` (qcow2, read-only) at `listen` args.
+struct Server(std::process::Child);
+
+impl Server {
+    fn start(image: &Path, listen: &[&str], ready: impl Fn() -> bool) -> Server {
+        let mut args = vec!["--read-only", "--format=qcow2", "--export-name=vm", "--persistent", "--shared=4"];
+        args.extend_from_slice(listen);
+        args.push(image.to_str().unwrap());
+        let child = Command::new("qemu-nbd").args(&args).spawn().unwrap();
+        let t = Instant::now();
+        while !ready() {
+            assert!(t.elapsed() < Duration::from_secs(20), "qemu-nbd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server(child)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn nbd_urls_over_unix_sockets_and_tcp() {
+    let p = pair("nbd-urls", 2, "");
+    let img = p.dir.join("vm.qcow2");
+    qcow2(&img, 32 * MIB, &[(100, 1_000_000, 0x31), (20 * MIB, 4097, 0x32)]);
+    let raw = raw_of(&img);
+    let want = hash(&[raw.to_str().unwrap()]).ok_json()["root"].clone();
+
+    let sock = std::path::PathBuf::from(format!("/tmp/df-nbd-test-{}.sock", std::process::id()));
+    let s = sock.clone();
+    let _unix = Server::start(&img, &["--socket", sock.to_str().unwrap()], move || s.exists());
+    let unix_url = format!("nbd+unix:///vm?socket={}", sock.display());
+    assert_eq!(hash(&[&unix_url]).ok_json()["root"], want);
+    let r = push_to(Path::new(&unix_url), &p.source, &p.agent, "t0", &[]).ok_json();
+    assert_eq!(r["consistency"], "fuzzy", "an export served by anyone may be written meanwhile: {r}");
+    compare(&raw, &p.dir.join("t0.img")).unwrap();
+
+    let port = crate::agents::free_udp_port();
+    let listen = ["--bind", "127.0.0.1", "--port"];
+    let port_s = port.to_string();
+    let _tcp = Server::start(&img, &[listen[0], listen[1], listen[2], &port_s], move || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let tcp_url = format!("nbd://127.0.0.1:{port}/vm");
+    assert_eq!(hash(&[&tcp_url]).ok_json()["root"], want);
+    push_to(Path::new(&tcp_url), &p.source, &p.agent, "t1", &[]).ok();
+    compare(&raw, &p.dir.join("t1.img")).unwrap();
+
+    // An export that does not exist, a socket nobody listens on.
+    let missing = format!("nbd+unix:///nope?socket={}", sock.display());
+    hash(&[&missing]).expect_json_error("E_NOT_FOUND", 3);
+    let dead = format!("nbd+unix:///vm?socket={}", p.dir.join("none.sock").display());
+    hash(&[&dead]).expect_json_error("E_CONNECTION", 4);
+}
+
+/// How the fake server misbehaves once the handshake is done.
+#[derive(Clone, Copy, Debug)]
+enum Hostile {
+    WrongCookie,
+    Stall,
+    ExtentPastEnd,
+    ErrorMidRead,
+    ShortRead,
+    Garbage,
+    HugeChunk,
+}
+
+fn be(v: u64, n: usize) -> Vec<u8> {
+    v.to_be_bytes()[8 - n..].to_vec()
+}
+
+fn structured(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+    let mut v = be(0x668e_33ef, 4);
+    v.extend(be(u64::from(flags), 2));
+    v.extend(be(u64::from(kind), 2));
+    v.extend(be(cookie, 8));
+    v.extend(be(payload.len() as u64, 4));
+    v.extend_from_slice(payload);
+    v
+}
+
+/// One connection: a correct handshake (export of `size` bytes with
+/// `base:allocation` as context 1), then requests answered as `how` says.
+fn fake_server(listener: UnixListener, size: u64, how: Hostile) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else { return };
+        let mut out = b"NBDMAGIC".to_vec();
+        out.extend(be(0x4948_4156_454f_5054, 8));
+        out.extend(be(3, 2));
+        let reply = |out: &mut Vec<u8>, opt: u64, kind: u64, data: &[u8]| {
+            out.extend(be(0x0003_e889_0455_65a9, 8));
+            out.extend(be(opt, 4));
+            out.extend(be(kind, 4));
+            out.extend(be(data.len() as u64, 4));
+            out.extend_from_slice(data);
+        };
+        reply(&mut out, 8, 1, &[]);
+        let mut ctx = be(1, 4);
+        ctx.extend_from_slice(b"base:allocation");
+        reply(&mut out, 10, 4, &ctx);
+        reply(&mut out, 10, 1, &[]);
+        let mut info = be(0, 2);
+        info.extend(be(size, 8));
+        info.extend(be(1, 2));
+        reply(&mut out, 7, 3, &info);
+        reply(&mut out, 7, 1, &[]);
+        if s.write_all(&out).is_err() {
+            return;
+        }
+        // The client's flags and three options.
+        let mut flags = [0u8; 4];
+        if s.read_exact(&mut flags).is_err() {
+            return;
+        }
+        for _ in 0..3 {
+            let mut h = [0u8; 16];
+            if s.read_exact(&mut h).is_err() {
+                return;
+            }
+            let mut data = vec![0u8; u32::from_be_bytes([h[12], h[13], h[14], h[15]]) as usize];
+            if s.read_exact(&mut data).is_err() {
+                return;
+            }
+        }
+        let mut req = [0u8; 28];
+        while s.read_exact(&mut req).is_ok() {
+            let kind = u16::from_be_bytes([req[6], req[7]]);
+            let cookie = u64::from_be_bytes(req[8..16].try_into().unwrap());
+            let offset = u64::from_be_bytes(req[16..24].try_into().unwrap());
+            let len = u64::from(u32::from_be_bytes(req[24..28].try_into().unwrap()));
+            let answer = match (how, kind) {
+                (_, 2) => return,
+                (Hostile::Stall, _) => {
+                    std::thread::sleep(Duration::from_secs(30));
+                    return;
+                }
+                (Hostile::WrongCookie, _) => structured(1, 0, cookie + 1000, &[]),
+                (Hostile::Garbage, _) => b"this is not an NBD reply at all".to_vec(),
+                (Hostile::HugeChunk, _) => {
+                    let mut v = structured(1, 1, cookie, &[]);
+                    v[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
+                    v
+                }
+                (Hostile::ExtentPastEnd, 7) => {
+                    let mut p = be(1, 4);
+                    p.extend(be(len + size, 4));
+                    p.extend(be(0, 4));
+                    structured(1, 5, cookie, &p)
+                }
+                (_, 7) => {
+                    let mut p = be(1, 4);
+                    p.extend(be(len, 4));
+                    p.extend(be(0, 4));
+                    structured(1, 5, cookie, &p)
+                }
+                (Hostile::ErrorMidRead, _) => {
+                    let mut p = be(5, 4);
+                    p.extend(be(3, 2));
+                    p.extend_from_slice(b"bad");
+                    structured(1, (1 << 15) | 1, cookie, &p)
+                }
+                (_, _) => {
+                    // Hostile::ShortRead (and ExtentPastEnd's reads): half the bytes.
+                    let mut p = be(offset, 8);
+                    p.extend(vec![9u8; (len / 2).max(1) as usize]);
+                    structured(1, 1, cookie, &p)
+                }
+            };
+            if s.write_all(&answer).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn a_hostile_nbd_server_gets_typed_errors_not_panics_or_hangs() {
+    let tmp = tempdir("nbd-hostile");
+    for how in [
+        Hostile::WrongCookie,
+        Hostile::Stall,
+        Hostile::ExtentPastEnd,
+        Hostile::ErrorMidRead,
+        Hostile::ShortRead,
+        Hostile::Garbage,
+        Hostile::HugeChunk,
+    ] {
+        let sock = tmp.path().join(format!("{how:?}.sock"));
+        let server = fake_server(UnixListener::bind(&sock).unwrap(), 8 * MIB, how);
+        let url = format!("nbd+unix:///x?socket={}", sock.display());
+        let start = Instant::now();
+        let out = util::run_env(
+            &["hash".as_ref(), url.as_ref(), "--json".as_ref()],
+            &[("DISKFERRY_NBD_TIMEOUT", "2".as_ref())],
+        );
+        let secs = start.elapsed().as_secs_f64();
+        assert!(out.code != 0 && out.code != 101, "{how:?}: exit {} {}", out.code, out.stderr);
+        let e = out.json();
+        assert!(e["code"].as_str().is_some_and(|c| c.starts_with("E_")), "{how:?}: {e}");
+        assert!(e["message"].as_str().is_some_and(|m| m.contains("NBD")), "{how:?}: {e}");
+        assert!(secs < 20.0, "{how:?} took {secs:.1} s");
+        drop(server);
+    }
+}
