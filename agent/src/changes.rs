@@ -22,6 +22,9 @@ pub enum Changes {
     /// The extents a reflink snapshot no longer shares with the one kept
     /// from the last push (`--snapshot reflink`).
     ExtentMap,
+    /// The qcow2 image's persistent dirty bitmap started after the last
+    /// push (`--format qcow2`).
+    DirtyBitmap,
 }
 
 impl std::str::FromStr for Changes {
@@ -31,9 +34,10 @@ impl std::str::FromStr for Changes {
         match s {
             "full-scan" => Ok(Changes::FullScan),
             "extent-map" => Ok(Changes::ExtentMap),
+            "dirty-bitmap" => Ok(Changes::DirtyBitmap),
             _ => match s.strip_prefix("ranges:") {
                 Some(file) if !file.is_empty() => Ok(Changes::Ranges(PathBuf::from(file))),
-                _ => Err("full-scan, extent-map, or ranges:FILE".into()),
+                _ => Err("full-scan, dirty-bitmap, extent-map, or ranges:FILE".into()),
             },
         }
     }

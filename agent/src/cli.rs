@@ -117,7 +117,9 @@ pub struct PushArgs {
     #[command(flatten)]
     pub snapshot: SnapshotArgs,
     /// What says which blocks may have changed since the target's generation: full-scan (read
-    /// every block), or ranges:FILE (a change list {"since": GEN, "ranges": [[offset, length], ...]}).
+    /// every block), ranges:FILE (a change list {"since": GEN, "ranges": [[offset, length], ...]}),
+    /// extent-map (with --snapshot reflink: the extents the new clone no longer shares with the
+    /// last push's), or dirty-bitmap (with --format qcow2: the image's bitmap started after the last push).
     /// A hint not tied to the target's generation is not used: the disk is then read in full.
     #[arg(long, default_value = "full-scan", value_name = "SOURCE")]
     pub changes: crate::changes::Changes,

@@ -293,3 +293,82 @@ fn a_hostile_nbd_server_gets_typed_errors_not_panics_or_hangs() {
         drop(server);
     }
 }
+
+fn bitmaps(image: &Path) -> Vec<(String, bool)> {
+    let o = Command::new("qemu-img").args(["info", "--output=json", "--force-share"]).arg(image).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let list = v["format-specific"]["data"]["bitmaps"].as_array().cloned().unwrap_or_default();
+    list.iter()
+        .map(|b| {
+            let in_use = b["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "in-use"));
+            (b["name"].as_str().unwrap().to_string(), in_use)
+        })
+        .collect()
+}
+
+/// The bitmap lifecycle: started after each push, read by the next one
+/// (only the dirty extents), rotated after its commit; removed, or left in
+/// use by a writer killed with -9 → a full read, still byte-exact.
+#[test]
+fn dirty_bitmaps_of_a_qcow2_image() {
+    let p = pair("nbd-bitmap", 1, "");
+    let img = p.dir.join("vm.qcow2");
+    let tgt = p.dir.join("t0.img");
+    let size = 64 * MIB;
+    qcow2(&img, size, &[(0, 20 * MIB, 0x11), (30 * MIB + 7, 5 * MIB, 0x22)]);
+    let args = ["--format", "qcow2", "--changes", "dirty-bitmap"];
+    let first = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
+    assert_eq!(first["change_source"], "full-scan");
+    assert!(first["change_note"].as_str().is_some_and(|n| n.contains("no history")), "{first}");
+    let gen = first["generation"].as_str().unwrap().to_string();
+    assert_eq!(bitmaps(&img), vec![(format!("diskferry-{gen}"), false)]);
+
+    // Writes at unaligned offsets and sizes.
+    qemu_io(&img, &[(3 * MIB + 5, 70_000, 0x33), (40 * MIB + 4095, 2, 0x44), (63 * MIB, 12_345, 0x55)]);
+    let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
+    assert_eq!(r["change_source"], "dirty-bitmap", "{r}");
+    compare(&raw_of(&img), &tgt).unwrap();
+    let hinted = uint(&r, "hinted_blocks");
+    assert!((3..=8).contains(&hinted), "the bitmap names about the written blocks: {r}");
+    let read = uint(&r, "source_bytes_read");
+    let bound = 2 * hinted * 65536 + uint(&r, "spot_checked_blocks") * 65536 + size / 100;
+    assert!(read <= bound, "read {read} > {bound}: {r}");
+    let gen = r["generation"].as_str().unwrap().to_string();
+    assert_eq!(bitmaps(&img), vec![(format!("diskferry-{gen}"), false)], "rotated");
+
+    // Removed: a full read that says why, and a new bitmap after it.
+    sh("qemu-img", &["bitmap", "--remove", img.to_str().unwrap(), &format!("diskferry-{gen}")]);
+    qemu_io(&img, &[(10 * MIB + 1, 1000, 0x66)]);
+    let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
+    assert_eq!(r["change_source"], "full-scan", "{r}");
+    assert!(r["change_note"].as_str().is_some_and(|n| n.contains("no bitmap")), "{r}");
+    compare(&raw_of(&img), &tgt).unwrap();
+    let gen = r["generation"].as_str().unwrap().to_string();
+    assert_eq!(bitmaps(&img), vec![(format!("diskferry-{gen}"), false)]);
+
+    // A writer killed with -9 leaves the bitmap in use: not trusted.
+    let mut writer = Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    writer.stdin.as_mut().unwrap().write_all(b"write -P 119 5000 300000\n").unwrap();
+    let t = Instant::now();
+    while !bitmaps(&img).iter().any(|b| b.1) {
+        assert!(t.elapsed() < Duration::from_secs(20), "the writer never opened the image");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+    assert!(bitmaps(&img).iter().any(|b| b.1), "left in use");
+    let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
+    assert_eq!(r["change_source"], "full-scan", "{r}");
+    assert!(r["change_note"].as_str().is_some_and(|n| n.contains("in use")), "{r}");
+    compare(&raw_of(&img), &tgt).unwrap();
+    p.agent.verify(&tgt).ok();
+    // Dirty bitmaps need a qcow2 image.
+    push_to(&raw_of(&img), &p.source, &p.agent, "t0", &["--changes", "dirty-bitmap"]).expect_json_error("E_USAGE", 2);
+}

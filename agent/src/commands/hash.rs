@@ -23,7 +23,7 @@ pub fn run(a: HashArgs) -> Result<()> {
         generation: new_generation(),
         now_unix_ns: now_unix_ns(),
     });
-    let source = crate::nbd::open_source(&a.disk, a.format, &[])?;
+    let source = crate::nbd::open_source(&a.disk, a.format, None)?;
     let d = pool.install(|| digest(source.vfs.clone(), &source.read_path, a.block_size, out, &bar))?;
     let (g, root, zero_blocks) = (d.geometry, d.root, d.zero_blocks);
     let secs = start.elapsed().as_secs_f64();

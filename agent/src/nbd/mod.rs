@@ -4,6 +4,7 @@
 //! and stops a read-only `qemu-nbd` itself. The engine reads them as any
 //! disk: [`NbdStorage`] is its [`Storage`], `base:allocation` its holes.
 
+pub mod bitmap;
 pub mod client;
 pub mod url;
 
@@ -205,13 +206,17 @@ pub struct QemuNbd {
 
 impl QemuNbd {
     /// Starts `qemu-nbd` for `image` in `format` and waits until it listens.
-    pub fn start(image: &Path, format: Format) -> Result<(QemuNbd, NbdUrl), Error> {
+    pub fn start(image: &Path, format: Format, bitmap: Option<&str>) -> Result<(QemuNbd, NbdUrl), Error> {
         let dir = tempfile::Builder::new()
             .prefix("diskferry-nbd-")
             .tempdir_in("/tmp")
             .map_err(|e| Error::new(ErrorCode::Io, format!("a directory for qemu-nbd's socket: {e}")))?;
         let socket = dir.path().join("s");
-        let child = Command::new("qemu-nbd")
+        let mut cmd = Command::new("qemu-nbd");
+        if let Some(b) = bitmap {
+            cmd.arg("--bitmap").arg(b);
+        }
+        let child = cmd
             .arg("--read-only")
             .arg(format!("--format={}", format.qemu_name()))
             .arg("--export-name=disk")
@@ -294,6 +299,24 @@ fn nbd_error(url: &str, e: ClientError) -> Error {
     Error::new(code, format!("{url}: {e}")).hint("check that the NBD server runs and exports that name")
 }
 
+impl Source {
+    /// The byte ranges the dirty bitmap `name` (exported with the source)
+    /// marks as written; `None` if the server did not grant it.
+    pub fn dirty_ranges(&self, name: &str) -> Result<Option<Vec<(u64, u64)>>, Error> {
+        let Some(client) = &self.client else { return Ok(None) };
+        let Some(ctx) = client.export().context(&format!("qemu:dirty-bitmap:{name}")) else { return Ok(None) };
+        let size = client.export().size;
+        let extents = client.extents(ctx, 0, size).map_err(|e| nbd_error(client.url(), e))?;
+        Ok(Some(
+            extents
+                .into_iter()
+                .filter(|&(_, _, flags)| flags & diskferry_protocol::nbd::STATE_DIRTY != 0)
+                .map(|(at, len, _)| (at, len))
+                .collect(),
+        ))
+    }
+}
+
 /// A source ready for the engine: the Vfs to read it through, the path to
 /// read, and the disk its history belongs to.
 #[derive(Debug)]
@@ -310,7 +333,7 @@ pub struct Source {
 
 /// Opens `src`: a raw file or device as it is; an NBD URL through NBD; an
 /// image in another format through a `qemu-nbd` started here.
-pub fn open_source(src: &Path, format: Format, contexts: &[&str]) -> Result<Source, Error> {
+pub fn open_source(src: &Path, format: Format, bitmap: Option<&str>) -> Result<Source, Error> {
     let text = src.to_string_lossy();
     let (url, server, image) = if url::is_nbd_url(&text) {
         if format != Format::Raw {
@@ -327,11 +350,12 @@ pub fn open_source(src: &Path, format: Format, contexts: &[&str]) -> Result<Sour
         if !src.exists() {
             return Err(Error::new(ErrorCode::NotFound, format!("source {} does not exist", src.display())));
         }
-        let (server, url) = QemuNbd::start(src, format)?;
+        let (server, url) = QemuNbd::start(src, format, bitmap)?;
         (url, Some(server), Some(src.to_path_buf()))
     };
+    let bitmap_context = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
     let mut asked = vec![BASE_ALLOCATION];
-    asked.extend_from_slice(contexts);
+    asked.extend(bitmap_context.as_deref());
     let client = match NbdClient::connect(&url, &asked, nbd_timeout()) {
         Ok(c) => Arc::new(c),
         Err(e) => {

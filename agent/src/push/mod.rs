@@ -17,8 +17,10 @@ use diskferry_protocol::message::{Committed, Open, Plan, SyncMode};
 use diskferry_protocol::{BlockSize, Consistency, ErrorCode, SessionId, TargetName};
 use diskferry_sync_engine::changes::{ChangeHint, ChangeSource, HintOutcome, SpotCheck};
 use diskferry_sync_engine::error::IoContext;
+use diskferry_sync_engine::history::History;
 use diskferry_sync_engine::local::Progress;
 use diskferry_sync_engine::session::SourceSession;
+use diskferry_sync_engine::store::{RealFs, Vfs};
 use diskferry_sync_engine::{Error, Place};
 
 use crate::changes::Changes;
@@ -126,9 +128,18 @@ pub async fn push_tracked(
     let mut snap = tokio::task::spawn_blocking(move || snapshot::take(&src, &so))
         .await
         .map_err(|e| Error::new(ErrorCode::Internal, format!("snapshot task: {e}")))??;
-    let (read, format) = (snap.read_path.clone(), opts.format);
+    // Why a requested hint could not even be offered (the report says so).
+    let mut unoffered = None;
+    let bitmap = match opts.changes {
+        Changes::DirtyBitmap => bitmap_to_read(&opts, &mut unoffered)?,
+        _ => None,
+    };
+    // The image's stamp before it is read: a bitmap is started after the
+    // commit only if nothing wrote the image since.
+    let image_before = RealFs.metadata(&opts.source).ok().flatten();
+    let (read, format, b) = (snap.read_path.clone(), opts.format, bitmap.as_ref().map(|b| b.1.clone()));
     // Kept until the push ends: it may own the qemu-nbd it reads through.
-    let reader = tokio::task::spawn_blocking(move || crate::nbd::open_source(&read, format, &[]))
+    let reader = tokio::task::spawn_blocking(move || crate::nbd::open_source(&read, format, b.as_deref()))
         .await
         .map_err(|e| Error::new(ErrorCode::Internal, format!("source task: {e}")))??;
     let source = Arc::new(SourceSession::open_as(
@@ -138,10 +149,19 @@ pub async fn push_tracked(
         opts.block_size,
         opts.state_root.as_deref(),
     )?);
-    // Why a requested hint could not even be offered (the report says so).
-    let mut unoffered = None;
     match &opts.changes {
         Changes::FullScan => {}
+        Changes::DirtyBitmap => {
+            if let Some((since, name)) = &bitmap {
+                match reader.dirty_ranges(name)? {
+                    Some(ranges) => source.offer_hint(
+                        ChangeHint { since: *since, source: ChangeSource::DirtyBitmap, ranges },
+                        opts.spot_check,
+                    ),
+                    None => unoffered = Some(format!("the NBD server did not export the bitmap {name}")),
+                }
+            }
+        }
         Changes::Ranges(file) => source.offer_hint(crate::changes::read_change_list(file)?, opts.spot_check),
         Changes::ExtentMap => {
             let kept = match opts.state_root.as_deref() {
@@ -218,6 +238,32 @@ pub async fn push_tracked(
     }
     snap.finish();
     drop(reader);
+    if let (Ok(r), Changes::DirtyBitmap) = (&result, &opts.changes) {
+        // After the read, with diskferry's qemu-nbd stopped: the bitmap of
+        // the new generation counts every later write. Not starting one
+        // costs the next push a full read, not correctness.
+        let still = RealFs.metadata(&opts.source).ok().flatten();
+        let at_rest =
+            matches!((&image_before, &still), (Some(a), Some(b)) if a.stamp == b.stamp && a.identity == b.identity);
+        let image = opts.source.clone();
+        let generation = r.committed.generation;
+        let done = tokio::task::spawn_blocking(move || {
+            if at_rest {
+                crate::nbd::bitmap::rotate(&image, generation)
+            } else {
+                crate::nbd::bitmap::drop_all(&image)
+            }
+        })
+        .await;
+        match done {
+            Ok(Ok(())) if at_rest => {}
+            Ok(Ok(())) => tracing::warn!(
+                "the image was written while it was read: no bitmap was started, the next push reads it in full"
+            ),
+            Ok(Err(e)) => tracing::warn!("no dirty bitmap was started for the next push: {}", e.message),
+            Err(e) => tracing::warn!("bitmap task: {e}"),
+        }
+    }
     let mut report = result?;
     if report.changes.source == ChangeSource::FullScan && report.changes.note.is_none() {
         report.changes.note = unoffered;
@@ -226,6 +272,44 @@ pub async fn push_tracked(
     report.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
     report.path_mtu = stats.path.current_mtu;
     Ok(report)
+}
+
+/// The bitmap a `--changes dirty-bitmap` push reads: `diskferry-<G>` for
+/// the generation G its history last recorded, if it exists and QEMU did
+/// not leave it in use. Otherwise `None`, and `why` says so.
+fn bitmap_to_read(
+    opts: &PushOptions,
+    why: &mut Option<String>,
+) -> Result<Option<(diskferry_protocol::Generation, String)>, Error> {
+    if opts.format != crate::nbd::Format::Qcow2 {
+        return Err(Error::new(
+            ErrorCode::Usage,
+            "--changes dirty-bitmap reads the persistent dirty bitmaps of a qcow2 image: use it with --format qcow2",
+        ));
+    }
+    let last = match opts.state_root.as_deref() {
+        Some(root) => History::load(&RealFs, root, &opts.source)?.and_then(|h| h.last()),
+        None => None,
+    };
+    let Some(last) = last else {
+        *why = Some("the image has no history yet: this push starts its dirty bitmap".into());
+        return Ok(None);
+    };
+    let name = crate::nbd::bitmap::name_for(last);
+    let found = crate::nbd::bitmap::list(&opts.source)?.into_iter().find(|b| b.name == name);
+    Ok(match found {
+        Some(b) if !b.inconsistent => Some((last, name)),
+        Some(_) => {
+            *why = Some(format!(
+                "the bitmap {name} is marked in use (its writer stopped without closing the image): it may have missed writes"
+            ));
+            None
+        }
+        None => {
+            *why = Some(format!("the image has no bitmap {name} (removed, renamed, or never started)"));
+            None
+        }
+    })
 }
 
 /// A failure the session reported: the target's "what happened — what to
