@@ -154,6 +154,8 @@ enum Hostile {
     ShortRead,
     Garbage,
     HugeChunk,
+    EndlessErrors,
+    Overlap,
 }
 
 fn be(v: u64, n: usize) -> Vec<u8> {
@@ -244,6 +246,23 @@ fn fake_server(listener: UnixListener, size: u64, how: Hostile) -> std::thread::
                     p.extend(be(0, 4));
                     structured(1, 5, cookie, &p)
                 }
+                (Hostile::EndlessErrors, _) => {
+                    // Error chunks that never end their reply, as fast as it reads them.
+                    let mut p = be(5, 4);
+                    p.extend(be(0, 2));
+                    let one = structured(0, (1 << 15) | 1, cookie, &p);
+                    while s.write_all(&one).is_ok() {}
+                    return;
+                }
+                (Hostile::Overlap, _) => {
+                    let mut a = be(offset, 8);
+                    a.extend(vec![1u8; len as usize / 2 + 10]);
+                    let mut b = be(offset + len / 2, 8);
+                    b.extend(vec![2u8; (len - len / 2) as usize]);
+                    let mut v = structured(0, 1, cookie, &a);
+                    v.extend(structured(1, 1, cookie, &b));
+                    v
+                }
                 (Hostile::ErrorMidRead, _) => {
                     let mut p = be(5, 4);
                     p.extend(be(3, 2));
@@ -275,6 +294,8 @@ fn a_hostile_nbd_server_gets_typed_errors_not_panics_or_hangs() {
         Hostile::ShortRead,
         Hostile::Garbage,
         Hostile::HugeChunk,
+        Hostile::EndlessErrors,
+        Hostile::Overlap,
     ] {
         let sock = tmp.path().join(format!("{how:?}.sock"));
         let server = fake_server(UnixListener::bind(&sock).unwrap(), 8 * MIB, how);
@@ -369,6 +390,14 @@ fn dirty_bitmaps_of_a_qcow2_image() {
     assert!(r["change_note"].as_str().is_some_and(|n| n.contains("in use")), "{r}");
     compare(&raw_of(&img), &tgt).unwrap();
     p.agent.verify(&tgt).ok();
+    // A disabled bitmap records nothing: not trusted either.
+    let gen = r["generation"].as_str().unwrap().to_string();
+    sh("qemu-img", &["bitmap", "--disable", img.to_str().unwrap(), &format!("diskferry-{gen}")]);
+    qemu_io(&img, &[(33 * MIB, 5000, 0x78)]);
+    let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
+    assert_eq!(r["change_source"], "full-scan", "{r}");
+    assert!(r["change_note"].as_str().is_some_and(|n| n.contains("disabled")), "{r}");
+    compare(&raw_of(&img), &tgt).unwrap();
     // Dirty bitmaps need a qcow2 image.
     push_to(&raw_of(&img), &p.source, &p.agent, "t0", &["--changes", "dirty-bitmap"]).expect_json_error("E_USAGE", 2);
 }

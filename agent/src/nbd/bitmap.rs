@@ -19,13 +19,14 @@ pub fn name_for(generation: Generation) -> String {
     format!("diskferry-{}", generation.to_hex())
 }
 
-/// A bitmap of the image: its name and whether QEMU marked it in use (the
-/// writer died with it open: it may have missed writes).
+/// A bitmap of the image: its name and whether it can be trusted to hold
+/// every write since it started.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bitmap {
     /// Its name.
     pub name: String,
-    /// `in-use`: not to be trusted.
+    /// `in-use` (its writer died with the image open) or not `auto` (it was
+    /// disabled and records nothing): not to be trusted.
     pub inconsistent: bool,
 }
 
@@ -60,7 +61,8 @@ pub fn list(image: &Path) -> Result<Vec<Bitmap>, Error> {
         .filter_map(|b| {
             let name = b["name"].as_str()?.to_string();
             let flags = b["flags"].as_array().cloned().unwrap_or_default();
-            Some(Bitmap { name, inconsistent: flags.iter().any(|f| f == "in-use") })
+            let inconsistent = flags.iter().any(|f| f == "in-use") || !flags.iter().any(|f| f == "auto");
+            Some(Bitmap { name, inconsistent })
         })
         .collect())
 }

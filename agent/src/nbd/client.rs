@@ -40,6 +40,13 @@ impl Stream {
         }
     }
 
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+
     fn shutdown(&self) {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
@@ -109,7 +116,18 @@ impl From<ClientError> for std::io::Error {
     }
 }
 
-type Waiter = Sender<Result<Reply, ClientError>>;
+/// A request waiting for its reply, with what its reply may still bring:
+/// the reader drops the connection before it queues more than that (a
+/// hostile server cannot make the client buffer without bound).
+struct Waiter {
+    tx: Sender<Result<Reply, ClientError>>,
+    /// The byte range a read's data and holes must lie in (empty: no data allowed).
+    range: (u64, u64),
+    /// Bytes of data and holes still allowed.
+    bytes_left: u64,
+    /// Chunks still allowed.
+    chunks_left: u64,
+}
 
 /// Requests waiting for replies; `closed` once the connection is unusable.
 #[derive(Default)]
@@ -121,10 +139,15 @@ struct Pending {
 impl Pending {
     fn close(&mut self, e: ClientError) {
         for (_, w) in self.waiting.drain() {
-            let _ = w.send(Err(e.clone()));
+            let _ = w.tx.send(Err(e.clone()));
         }
         self.closed.get_or_insert(e);
     }
+}
+
+/// Milliseconds since `start`, as the reader last received bytes.
+fn millis(start: Instant) -> u64 {
+    start.elapsed().as_millis() as u64
 }
 
 /// An open NBD export.
@@ -132,9 +155,15 @@ pub struct NbdClient {
     url: String,
     export: Export,
     writer: Mutex<Stream>,
+    /// For shutting the socket down while a write holds `writer`.
+    control: Stream,
     pending: Arc<Mutex<Pending>>,
     cookie: AtomicU64,
     timeout: Duration,
+    /// When the reader last received bytes (ms since `epoch`): a request
+    /// times out only when the whole connection made no progress.
+    progress: Arc<AtomicU64>,
+    epoch: Instant,
 }
 
 impl std::fmt::Debug for NbdClient {
@@ -189,17 +218,38 @@ impl NbdClient {
             h.feed(&buf[..n])?;
         }
         let export = h.finish().ok_or_else(|| conn_err("the handshake ended without an export".into()))?;
-        // The reader blocks for as long as requests take; each request has its own timeout.
+        if export.min_block > 64 << 10 {
+            return Err(ClientError::Nbd(NbdError::Unsupported(format!(
+                "reads in units of {} bytes (its minimum block size)",
+                export.min_block
+            ))));
+        }
+        // The reader blocks for as long as requests take; each request has
+        // its own timeout. A server that stops reading fails our writes.
         stream.set_read_timeout(None).map_err(|e| conn_err(e.to_string()))?;
+        stream.set_write_timeout(Some(timeout)).map_err(|e| conn_err(e.to_string()))?;
         let reader = stream.try_clone().map_err(|e| conn_err(e.to_string()))?;
+        let control = stream.try_clone().map_err(|e| conn_err(e.to_string()))?;
         let pending: Arc<Mutex<Pending>> = Arc::default();
         let decoder = ReplyDecoder::new(h.leftover());
-        let (p, n) = (pending.clone(), name.clone());
+        let epoch = Instant::now();
+        let progress = Arc::new(AtomicU64::new(0));
+        let (p, n, pr) = (pending.clone(), name.clone(), progress.clone());
         std::thread::Builder::new()
             .name("df-nbd".into())
-            .spawn(move || read_replies(reader, decoder, p, n))
+            .spawn(move || read_replies(reader, decoder, p, n, pr, epoch))
             .map_err(|e| conn_err(e.to_string()))?;
-        Ok(NbdClient { url: name, export, writer: Mutex::new(stream), pending, cookie: AtomicU64::new(1), timeout })
+        Ok(NbdClient {
+            url: name,
+            export,
+            writer: Mutex::new(stream),
+            control,
+            pending,
+            cookie: AtomicU64::new(1),
+            timeout,
+            progress,
+            epoch,
+        })
     }
 
     /// The export as the server described it.
@@ -220,12 +270,23 @@ impl NbdClient {
     ) -> Result<Receiver<Result<Reply, ClientError>>, ClientError> {
         let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = channel();
+        let waiter = match command {
+            // Data chunks do not overlap: at most one per byte, and errors.
+            Command::Read => Waiter {
+                tx,
+                range: (offset, offset + u64::from(len)),
+                bytes_left: u64::from(len),
+                chunks_left: u64::from(len) + 16,
+            },
+            // One status chunk per context, and a few errors.
+            _ => Waiter { tx, range: (0, 0), bytes_left: 0, chunks_left: 16 + self.export.contexts.len() as u64 },
+        };
         {
             let mut p = lock(&self.pending);
             if let Some(e) = &p.closed {
                 return Err(e.clone());
             }
-            p.waiting.insert(cookie, tx);
+            p.waiting.insert(cookie, waiter);
         }
         let sent = lock(&self.writer).write_all(&request(command, cookie, offset, len));
         if let Err(e) = sent {
@@ -236,26 +297,37 @@ impl NbdClient {
         Ok(rx)
     }
 
-    /// The next chunk of a request; a silent server closes the connection.
+    /// The next chunk of a request. Replies come one after another on one
+    /// connection, so the timeout runs from the connection's last progress,
+    /// not from when this request was sent.
     fn chunk(&self, rx: &Receiver<Result<Reply, ClientError>>) -> Result<Reply, ClientError> {
-        match rx.recv_timeout(self.timeout) {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => {
-                let e = ClientError::Timeout { url: self.url.clone(), secs: self.timeout.as_secs() };
-                lock(&self.pending).close(e.clone());
-                lock(&self.writer).shutdown();
-                Err(e)
+        loop {
+            match rx.recv_timeout(self.timeout) {
+                Ok(r) => return r,
+                Err(RecvTimeoutError::Timeout) => {
+                    let idle = millis(self.epoch).saturating_sub(self.progress.load(Ordering::Relaxed));
+                    if Duration::from_millis(idle) < self.timeout {
+                        continue;
+                    }
+                    let e = ClientError::Timeout { url: self.url.clone(), secs: self.timeout.as_secs() };
+                    lock(&self.pending).close(e.clone());
+                    self.control.shutdown();
+                    return Err(e);
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(lock(&self.pending).closed.clone().unwrap_or_else(|| ClientError::Connection {
+                        url: self.url.clone(),
+                        message: "the reader stopped".into(),
+                    }))
+                }
             }
-            Err(RecvTimeoutError::Disconnected) => Err(lock(&self.pending).closed.clone().unwrap_or_else(|| {
-                ClientError::Connection { url: self.url.clone(), message: "the reader stopped".into() }
-            })),
         }
     }
 
     fn broken(&self, msg: String) -> ClientError {
         let e = ClientError::Nbd(NbdError::Protocol(msg));
         lock(&self.pending).close(e.clone());
-        lock(&self.writer).shutdown();
+        self.control.shutdown();
         e
     }
 
@@ -270,7 +342,10 @@ impl NbdClient {
                 self.export.size
             ))));
         }
-        let piece = self.export.max_block.clamp(4096, MAX_READ) as usize;
+        // The server's limits, as we asked for them: a multiple of its
+        // minimum, at most its maximum (and ours).
+        let min = self.export.min_block.max(1);
+        let piece = (self.export.max_block.min(MAX_READ) / min * min).max(min) as usize;
         let mut waits = Vec::new();
         for (i, part) in buf.chunks(piece).enumerate() {
             let at = offset + (i * piece) as u64;
@@ -292,10 +367,7 @@ impl NbdClient {
         let mut covered: Vec<(usize, usize)> = Vec::new();
         let mut failed = None;
         loop {
-            // Chunks do not overlap, so a reply has at most one per byte.
-            if covered.len() > len + 16 {
-                return Err(self.broken(format!("a reply to {at}+{len} that never ends")));
-            }
+            // The reader already bounded this reply's chunks and bytes.
             let r = self.chunk(rx)?;
             let place = |offset: u64, n: usize| -> Option<usize> {
                 let start = offset.checked_sub(at)? as usize;
@@ -426,32 +498,68 @@ impl NbdClient {
 
 impl Drop for NbdClient {
     fn drop(&mut self) {
-        let mut w = lock(&self.writer);
-        let _ = w.write_all(&request(Command::Disconnect, 0, 0, 0));
-        w.shutdown();
+        // Not behind the writer's lock: a stuck write must not hang the drop.
+        if let Ok(mut w) = self.writer.try_lock() {
+            let _ = w.write_all(&request(Command::Disconnect, 0, 0, 0));
+        }
+        self.control.shutdown();
     }
 }
 
-fn read_replies(mut stream: Stream, mut decoder: ReplyDecoder, pending: Arc<Mutex<Pending>>, url: String) {
+/// Why a chunk does not fit what its request may still receive.
+fn over_budget(w: &mut Waiter, chunk: &Chunk) -> Option<String> {
+    if w.chunks_left == 0 {
+        return Some("a reply with more chunks than its request allows".into());
+    }
+    w.chunks_left -= 1;
+    let (offset, n) = match chunk {
+        Chunk::Data { offset, data } => (*offset, data.len() as u64),
+        Chunk::Hole { offset, len } => (*offset, u64::from(*len)),
+        _ => return None,
+    };
+    let inside = offset >= w.range.0 && offset.checked_add(n).is_some_and(|e| e <= w.range.1);
+    if !inside || n > w.bytes_left {
+        return Some(format!("{n} bytes at {offset} outside the request {}..{}", w.range.0, w.range.1));
+    }
+    w.bytes_left -= n;
+    None
+}
+
+fn read_replies(
+    mut stream: Stream,
+    mut decoder: ReplyDecoder,
+    pending: Arc<Mutex<Pending>>,
+    url: String,
+    progress: Arc<AtomicU64>,
+    epoch: Instant,
+) {
     let mut buf = vec![0u8; 1 << 20];
-    let fail = |e: ClientError| lock(&pending).close(e);
+    let shut = stream.try_clone().ok();
+    let fail = |e: ClientError| {
+        lock(&pending).close(e);
+        if let Some(s) = &shut {
+            s.shutdown();
+        }
+    };
     loop {
         loop {
             match decoder.next_reply() {
                 Ok(Some(r)) => {
                     let mut p = lock(&pending);
-                    let waiter = if r.done { p.waiting.remove(&r.cookie) } else { p.waiting.get(&r.cookie).cloned() };
-                    match waiter {
-                        Some(w) => {
-                            let _ = w.send(Ok(r));
-                        }
-                        None => {
-                            drop(p);
-                            return fail(ClientError::Nbd(NbdError::Protocol(format!(
-                                "a reply for cookie {} that no request is waiting for",
-                                r.cookie
-                            ))));
-                        }
+                    let Some(w) = p.waiting.get_mut(&r.cookie) else {
+                        drop(p);
+                        return fail(ClientError::Nbd(NbdError::Protocol(format!(
+                            "a reply for cookie {} that no request is waiting for",
+                            r.cookie
+                        ))));
+                    };
+                    if let Some(why) = over_budget(w, &r.chunk) {
+                        drop(p);
+                        return fail(ClientError::Nbd(NbdError::Protocol(why)));
+                    }
+                    let tx = if r.done { p.waiting.remove(&r.cookie).map(|w| w.tx) } else { Some(w.tx.clone()) };
+                    if let Some(tx) = tx {
+                        let _ = tx.send(Ok(r));
                     }
                 }
                 Ok(None) => break,
@@ -460,7 +568,10 @@ fn read_replies(mut stream: Stream, mut decoder: ReplyDecoder, pending: Arc<Mute
         }
         match stream.read(&mut buf) {
             Ok(0) => return fail(ClientError::Connection { url, message: "the server closed the connection".into() }),
-            Ok(n) => decoder.feed(&buf[..n]),
+            Ok(n) => {
+                progress.store(millis(epoch), Ordering::Relaxed);
+                decoder.feed(&buf[..n]);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return fail(ClientError::Connection { url, message: e.to_string() }),
         }

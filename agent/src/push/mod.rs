@@ -301,7 +301,7 @@ fn bitmap_to_read(
         Some(b) if !b.inconsistent => Some((last, name)),
         Some(_) => {
             *why = Some(format!(
-                "the bitmap {name} is marked in use (its writer stopped without closing the image): it may have missed writes"
+                "the bitmap {name} is marked in use (its writer stopped without closing the image) or is disabled: it may have missed writes"
             ));
             None
         }

@@ -66,7 +66,22 @@ pub(super) fn start(
         }
         None => return refuse("the disk has no history to take unchanged blocks from".into()),
     };
-    let manifest = history.manifest(o.vfs.clone(), root)?;
+    // A push of the same disk to another target may have replaced it meanwhile.
+    let manifest = match history.manifest(o.vfs.clone(), root) {
+        Ok(m) => m,
+        Err(e) => return refuse(format!("the record of generation {} could not be read: {}", hint.since, e.message)),
+    };
+    // A change list counts from a moment; a fuzzy generation's hashes are
+    // of no single moment. (An extent map compares the very clone that was
+    // read, and a dirty bitmap starts after a read at rest: a fuzzy label on
+    // those is a failover-sync pass, not a moving read.)
+    let fuzzy = manifest.header().consistency == diskferry_protocol::Consistency::Fuzzy;
+    if fuzzy && hint.source == crate::changes::ChangeSource::Ranges {
+        return refuse(format!(
+            "generation {} was read while the disk changed (fuzzy): a change list cannot count from it",
+            hint.since
+        ));
+    }
     if manifest.geometry() != o.geometry {
         return refuse("the disk's size or block size changed since the hint's generation".into());
     }
@@ -93,9 +108,12 @@ fn spot_check(o: &Offer<'_>, manifest: &Manifest, sample: &[u64], read: &AtomicU
     let mut at = 0u64;
     let mut buf = Vec::new();
     for &b in sample {
-        // Skip to block b in the record (a sorted sample: one pass).
-        if b > at {
-            cursor.next_blocks(b - at)?;
+        // Skip to block b in the record (a sorted sample: one pass), a
+        // bounded batch at a time.
+        while b > at {
+            let step = (b - at).min(1 << 16);
+            cursor.next_blocks(step)?;
+            at += step;
         }
         let recorded = cursor.next_blocks(1)?.first().copied().unwrap_or(BlockHash::ZERO);
         at = b + 1;

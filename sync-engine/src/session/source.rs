@@ -390,7 +390,12 @@ impl SourceSession {
     pub fn commit_history(&self, generation: Generation, consistency: Consistency, now_unix_ns: i64) -> Result<()> {
         let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(w) = writer else { return Ok(()) };
-        let at_rest = (consistency.is_recovery_point() && self.path == self.origin).then_some(self.before.stamp);
+        // A hinted read took most hashes from the last record: it is no
+        // proof of what the disk holds, so it records no at-rest stamp (a
+        // later push onto this disk then hashes it instead of trusting it).
+        let hinted = self.hinted.get().is_some();
+        let at_rest =
+            (consistency.is_recovery_point() && self.path == self.origin && !hinted).then_some(self.before.stamp);
         let meta = ManifestMeta { generation, parent: None, consistency, created_unix_ns: now_unix_ns };
         w.commit(self.vfs.as_ref(), meta, at_rest)
     }
