@@ -253,8 +253,11 @@ impl From<ModeArg> for diskferry_protocol::message::SyncMode {
 
 #[derive(Args, Debug)]
 pub struct SyncArgs {
-    /// Source disk (image file or block device).
+    /// Source disk: image file, block device, or NBD URL.
     pub src: PathBuf,
+    /// How SRC's bytes are read: raw, or an image format through a read-only qemu-nbd.
+    #[arg(long, value_enum, default_value = "raw")]
+    pub format: crate::nbd::Format,
     /// Target disk (image file or block device).
     pub dst: PathBuf,
     #[arg(long, value_enum, default_value = "auto")]

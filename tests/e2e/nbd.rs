@@ -74,6 +74,10 @@ fn qcow2_images_are_read_as_the_guest_sees_them() {
     compare(&raw, &tgt).unwrap();
     p.agent.verify(&tgt).ok();
 
+    // A local sync reads it the same way.
+    let local = p.dir.join("local.img");
+    df!("sync", &img, &local, "--format", "qcow2", "--state-dir", &p.source.state, "--json").ok();
+    compare(&raw, &local).unwrap();
     // A file that is no qcow2: a clear error, nothing pushed.
     let junk = p.dir.join("junk.qcow2");
     std::fs::write(&junk, vec![7u8; 65536]).unwrap();

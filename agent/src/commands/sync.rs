@@ -1,12 +1,10 @@
 //! `diskferry sync`.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
 use diskferry_sync_engine::error::{IoContext, Place};
 use diskferry_sync_engine::local::{self, SyncJob, SyncOptions, SyncReport};
-use diskferry_sync_engine::store::RealFs;
 use diskferry_sync_engine::thread_pool;
 use serde_json::{json, Value};
 
@@ -28,11 +26,14 @@ pub fn run(a: SyncArgs) -> Result<()> {
         app_consistent: a.app_consistent,
         discard_target_changes: a.discard_target_changes,
     };
+    // Canonical: the disk's history is keyed by its path (an NBD URL as written).
+    let src = std::fs::canonicalize(&a.src).unwrap_or_else(|_| a.src.clone());
+    // Kept until the sync ends: it may own the qemu-nbd it reads through.
+    let reader = crate::nbd::open_source(&src, a.format, None)?;
     let job = SyncJob {
-        vfs: Arc::new(RealFs),
+        vfs: reader.vfs.clone(),
         state_root,
-        // Canonical: the disk's history is keyed by its path.
-        source: std::fs::canonicalize(&a.src).unwrap_or_else(|_| a.src.clone()),
+        source: reader.read_path.clone(),
         target,
         generation: new_generation(),
         session: new_session(),

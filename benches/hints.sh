@@ -1,0 +1,66 @@
+#!/bin/bash
+# Hinted deltas on the 4 GiB benchmark disk (compare.sh's workload) with 1 %
+# of its blocks rewritten: a change list (ranges) and a qcow2 dirty bitmap,
+# each against a full-read delta of the same change to a second target and
+# one `b3sum --num-threads 2` pass over the raw image, same run, hot cache.
+# Goals (issue 11): source_bytes_read <= 2x the changed blocks + 1 % of the
+# disk, and the hinted push <= 0.6x the b3sum pass.
+set -euo pipefail
+DF=${DF:-$(cd "$(dirname "$0")/.." && pwd)/target/release/diskferry}
+SRC=${WORKLOAD:-/tmp/ancbench/src.img}
+[ -f "$SRC" ] || { echo "no workload at $SRC: run benches/compare.sh once (it makes it), or set WORKLOAD" >&2; exit 2; }
+W=${WORK:-/tmp/diskferry-hints}; rm -rf $W; mkdir -p $W/a $W/b
+PORT_A=47431; PORT_B=47432; EXTRA_TARGET=plain; . "$(dirname "$0")/two-agents.sh"
+push() { $DF push "$1" --peer 127.0.0.1:$PORT_B --peer-fingerprint $FB --target $2 --config $W/a/serve.toml --json "${@:3}" | tail -1; }
+field() { python3 -c "import json,sys;print(json.load(open('$1'))['$2'])"; }
+b3() { local s e; s=$(date +%s.%N); b3sum --num-threads 2 "$SRC" > /dev/null; e=$(date +%s.%N); python3 -c "print(f'{$e-$s:.3f}')"; }
+# 1 % of the 64 KiB blocks rewritten at random; prints the change list's ranges.
+rewrite_py='
+import os,sys,random,json
+p,seed=sys.argv[1],int(sys.argv[2]); r=random.Random(seed); size=os.path.getsize(p); blocks=size//65536
+picked=sorted(r.sample(range(blocks), blocks//100)); f=open(p,"r+b"); out=[]
+for b in picked:
+    f.seek(b*65536); f.write(os.urandom(65536)); out.append([b*65536,65536])
+f.close(); print(json.dumps(out))'
+report() { # name hinted.json plain.json b3sum-seconds
+  python3 - "$@" <<'P'
+import json,sys
+name,h,p,b=sys.argv[1],json.load(open(sys.argv[2])),json.load(open(sys.argv[3])),float(sys.argv[4])
+changed=h['blocks_changed']*65536; disk=h['disk_bytes']; bound=2*changed+disk//100
+print(f"{name}: change_source {h['change_source']}, read {h['source_bytes_read']/2**20:.1f} MiB (bound {bound/2**20:.1f} MiB: {'met' if h['source_bytes_read']<=bound else 'MISSED'}), "
+      f"hinted push {h['seconds']:.2f} s vs full-read delta {p['seconds']:.2f} s ({p['source_bytes_read']/2**20:.0f} MiB read) vs b3sum -t2 {b:.2f} s: "
+      f"{h['seconds']/b:.2f}x b3sum (goal <= 0.6x: {'met' if h['seconds']<=0.6*b else 'MISSED'})")
+P
+}
+
+# --- ranges: a change list from the writer itself
+A=$W/a/vm.img
+cp --sparse=always "$SRC" $A
+push $A plain > /dev/null
+gen=$(push $A vm | python3 -c 'import json,sys;print(json.load(sys.stdin)["generation"])')
+python3 -c "$rewrite_py" $A 1 > $W/ranges
+python3 -c "import json;print(json.dumps({'since':'$gen','ranges':json.load(open('$W/ranges'))}))" > $W/changes.json
+cat $A > /dev/null
+push $A vm --changes ranges:$W/changes.json > $W/ranges-hinted.json
+push $A plain > $W/ranges-plain.json
+report ranges $W/ranges-hinted.json $W/ranges-plain.json "$(b3)"
+cmp $A $W/b/vm.img && cmp $A $W/b/plain.img && echo "ranges: both replicas byte-exact"
+
+# --- dirty bitmap: the same workload as a qcow2 image
+Q=$W/a/vm.qcow2
+qemu-img convert -O qcow2 "$SRC" $Q
+push $Q plain --format qcow2 --changes dirty-bitmap --force > /dev/null
+push $Q vm --format qcow2 --changes dirty-bitmap --force > /dev/null
+python3 - $Q <<'P' > $W/qemu-io.cmds
+import random,subprocess,sys
+r=random.Random(2); size=4<<30; blocks=size//65536
+for b in sorted(r.sample(range(blocks), blocks//100)):
+    print(f"write -P {r.randrange(1,255)} {b*65536} 65536")
+P
+qemu-io -f qcow2 $Q < $W/qemu-io.cmds > /dev/null
+cat $Q > /dev/null
+push $Q vm --format qcow2 --changes dirty-bitmap > $W/bitmap-hinted.json
+push $Q plain --format qcow2 > $W/bitmap-plain.json
+report dirty-bitmap $W/bitmap-hinted.json $W/bitmap-plain.json "$(b3)"
+qemu-img convert -O raw $Q $W/a/q.raw && cmp $W/a/q.raw $W/b/vm.img && cmp $W/a/q.raw $W/b/plain.img && echo "dirty-bitmap: both replicas byte-exact"
+rm -f $W/a/q.raw
