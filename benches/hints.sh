@@ -45,6 +45,7 @@ push $A vm --changes ranges:$W/changes.json > $W/ranges-hinted.json
 push $A plain > $W/ranges-plain.json
 report ranges $W/ranges-hinted.json $W/ranges-plain.json "$(b3)"
 cmp $A $W/b/vm.img && cmp $A $W/b/plain.img && echo "ranges: both replicas byte-exact"
+rm -f $A $W/b/vm.img $W/b/plain.img   # room for the qcow2 round (its first pushes are --force)
 
 # --- dirty bitmap: the same workload as a qcow2 image
 Q=$W/a/vm.qcow2
@@ -62,5 +63,6 @@ cat $Q > /dev/null
 push $Q vm --format qcow2 --changes dirty-bitmap > $W/bitmap-hinted.json
 push $Q plain --format qcow2 > $W/bitmap-plain.json
 report dirty-bitmap $W/bitmap-hinted.json $W/bitmap-plain.json "$(b3)"
-qemu-img convert -O raw $Q $W/a/q.raw && cmp $W/a/q.raw $W/b/vm.img && cmp $W/a/q.raw $W/b/plain.img && echo "dirty-bitmap: both replicas byte-exact"
-rm -f $W/a/q.raw
+qemu-img compare -q -f qcow2 -F raw $Q $W/b/vm.img && qemu-img compare -q -f qcow2 -F raw $Q $W/b/plain.img \
+  && echo "dirty-bitmap: both replicas byte-exact"
+rm -rf $W
