@@ -190,8 +190,19 @@ impl NbdClient {
                 let addrs: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
                     .map_err(|e| conn_err(format!("{addr}: {e}")))?
                     .collect();
-                let first = addrs.first().ok_or_else(|| conn_err(format!("{addr} resolves to no address")))?;
-                let s = TcpStream::connect_timeout(first, timeout).map_err(|e| conn_err(e.to_string()))?;
+                // Every address the name resolves to, in order, until one answers.
+                let mut last = conn_err(format!("{addr} resolves to no address"));
+                let mut connected = None;
+                for a in &addrs {
+                    match TcpStream::connect_timeout(a, timeout) {
+                        Ok(s) => {
+                            connected = Some(s);
+                            break;
+                        }
+                        Err(e) => last = conn_err(format!("{a}: {e}")),
+                    }
+                }
+                let s = connected.ok_or(last)?;
                 let _ = s.set_nodelay(true);
                 Stream::Tcp(s)
             }

@@ -356,15 +356,25 @@ pub fn open_source(src: &Path, format: Format, bitmap: Option<&str>) -> Result<S
     let bitmap_context = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
     let mut asked = vec![BASE_ALLOCATION];
     asked.extend(bitmap_context.as_deref());
-    let client = match NbdClient::connect(&url, &asked, nbd_timeout()) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            // A qemu-nbd that could not open the image says why as it exits.
-            let mut server = server;
-            return Err(server
-                .as_mut()
-                .and_then(|s| s.exited(Duration::from_secs(2)))
-                .unwrap_or_else(|| nbd_error(&url.to_string(), e)));
+    let mut server = server;
+    let started = Instant::now();
+    let client = loop {
+        match NbdClient::connect(&url, &asked, nbd_timeout()) {
+            Ok(c) => break Arc::new(c),
+            Err(e) => {
+                // A qemu-nbd that could not open the image says why as it
+                // exits; one that made its socket but does not listen yet
+                // gets a moment.
+                if let Some(s) = server.as_mut() {
+                    if let Some(why) = s.exited(Duration::from_millis(50)) {
+                        return Err(why);
+                    }
+                    if matches!(e, ClientError::Connection { .. }) && started.elapsed() < Duration::from_secs(5) {
+                        continue;
+                    }
+                }
+                return Err(nbd_error(&url.to_string(), e));
+            }
         }
     };
     let allocation = client.export().context(BASE_ALLOCATION);

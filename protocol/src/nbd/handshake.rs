@@ -220,6 +220,14 @@ impl Handshake {
             if opt == OPT_STRUCTURED_REPLY {
                 return Err(NbdError::Unsupported(format!("structured replies ({message})")));
             }
+            if opt == OPT_SET_META_CONTEXT {
+                // Block status is optional: go on without it (everything
+                // reads as data, hints are not used). An unknown export is
+                // refused again by NBD_OPT_GO.
+                self.contexts.clear();
+                self.send_go();
+                return Ok(());
+            }
             return Err(NbdError::Refused { option: opt_name(opt), code: kind, message });
         }
         match (opt, kind) {
@@ -372,13 +380,21 @@ pub(crate) mod tests {
             assert!(h.feed(c).is_err(), "case {i} was accepted");
             assert!(h.finish().is_none());
         }
-        // An unknown export is refused with the server's words.
+        // A server without metadata contexts: the handshake goes on to GO,
+        // which refuses an unknown export with the server's words.
         let mut s = good[..18 + 20].to_vec();
-        s.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
-        s.extend_from_slice(&OPT_SET_META_CONTEXT.to_be_bytes());
-        s.extend_from_slice(&(REP_ERR_BIT | 6).to_be_bytes());
-        s.extend_from_slice(&4u32.to_be_bytes());
-        s.extend_from_slice(b"nope");
+        let err = |s: &mut Vec<u8>, opt: u32| {
+            s.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+            s.extend_from_slice(&opt.to_be_bytes());
+            s.extend_from_slice(&(REP_ERR_BIT | 6).to_be_bytes());
+            s.extend_from_slice(&4u32.to_be_bytes());
+            s.extend_from_slice(b"nope");
+        };
+        err(&mut s, OPT_SET_META_CONTEXT);
+        let mut h = Handshake::new("disk", &["base:allocation"]);
+        h.feed(&s).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!h.is_done());
+        err(&mut s, OPT_GO);
         let mut h = Handshake::new("disk", &["base:allocation"]);
         match h.feed(&s) {
             Err(NbdError::Refused { code, message, .. }) => assert!(code == REP_ERR_BIT | 6 && message == "nope"),
