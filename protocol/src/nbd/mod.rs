@@ -11,7 +11,7 @@ mod handshake;
 mod reply;
 
 pub use handshake::{Export, Handshake, MetaContext};
-pub use reply::{Chunk, Reply, ReplyDecoder};
+pub use reply::{finish, header_len, parse_header, Chunk, Header, Reply, ReplyDecoder};
 
 /// `NBD_STATE_HOLE` of `base:allocation`: not allocated.
 pub const STATE_HOLE: u32 = 1;

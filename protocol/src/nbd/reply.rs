@@ -91,45 +91,118 @@ impl ReplyDecoder {
         if self.buf.len() < 4 {
             return Ok(None);
         }
-        match be32(&self.buf, 0) {
-            SIMPLE_REPLY_MAGIC => {
-                if self.buf.len() < 16 {
-                    return Ok(None);
-                }
-                let (error, cookie) = (be32(&self.buf, 4), be64(&self.buf, 8));
-                if error == 0 {
-                    // With structured replies negotiated only an error may
-                    // come as a simple reply: a successful read's length is
-                    // not in its header.
-                    return Err(protocol("a simple reply without an error after structured replies were agreed"));
-                }
-                self.buf.advance(16);
-                let chunk = Chunk::Error { code: error, message: String::new(), offset: None };
-                Ok(Some(Reply { cookie, done: true, chunk }))
+        let n = header_len(&self.buf[..4])?;
+        if self.buf.len() < n {
+            return Ok(None);
+        }
+        let header = parse_header(&self.buf[..n])?;
+        let len = header.payload_len();
+        if self.buf.len() < n + len {
+            self.buf.reserve(n + len - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(n);
+        let payload = self.buf.split_to(len);
+        finish(header, payload).map(Some)
+    }
+}
+
+/// A reply's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Header {
+    /// A simple reply: only an error is accepted (structured replies were agreed).
+    Simple {
+        /// The request it answers.
+        cookie: u64,
+        /// NBD errno, nonzero.
+        error: u32,
+    },
+    /// A structured reply chunk.
+    Structured {
+        /// `NBD_REPLY_FLAG_DONE` and others.
+        flags: u16,
+        /// The chunk type.
+        kind: u16,
+        /// The request it answers.
+        cookie: u64,
+        /// Payload length, at most [`MAX_READ`] + 64.
+        len: u32,
+    },
+}
+
+impl Header {
+    /// Bytes of payload after the header.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Header::Simple { .. } => 0,
+            Header::Structured { len, .. } => *len as usize,
+        }
+    }
+
+    /// An `OFFSET_DATA` chunk with at least one byte: its payload is a u64
+    /// offset and then the data, which a client may read straight into a
+    /// buffer of its own (then [`Reply`] is built by the caller).
+    pub fn offset_data(&self) -> Option<(u64, bool, usize)> {
+        match *self {
+            Header::Structured { flags, kind: TYPE_OFFSET_DATA, cookie, len } if len > 8 => {
+                Some((cookie, flags & FLAG_DONE != 0, len as usize - 8))
             }
-            STRUCTURED_REPLY_MAGIC => {
-                if self.buf.len() < 20 {
-                    return Ok(None);
-                }
-                let (flags, kind, cookie, len) =
-                    (be16(&self.buf, 4), be16(&self.buf, 6), be64(&self.buf, 8), be32(&self.buf, 16));
-                if len > MAX_READ + 64 {
-                    return Err(protocol(format!("a reply chunk of {len} bytes")));
-                }
-                if self.buf.len() < 20 + len as usize {
-                    self.buf.reserve(20 + len as usize - self.buf.len());
-                    return Ok(None);
-                }
-                self.buf.advance(20);
-                let payload = self.buf.split_to(len as usize);
-                let chunk = decode_chunk(kind, payload)?;
-                let done = flags & FLAG_DONE != 0;
-                if chunk == Chunk::None && !done {
-                    return Err(protocol("an empty chunk that does not end its reply"));
-                }
-                Ok(Some(Reply { cookie, done, chunk }))
+            _ => None,
+        }
+    }
+}
+
+/// The whole header's length (16 or 20 bytes), from its first 4 bytes.
+pub fn header_len(magic: &[u8]) -> Result<usize, NbdError> {
+    match be32(magic, 0) {
+        SIMPLE_REPLY_MAGIC => Ok(16),
+        STRUCTURED_REPLY_MAGIC => Ok(20),
+        m => Err(protocol(format!("bad reply magic {m:#x}"))),
+    }
+}
+
+/// Decodes a whole header ([`header_len`] bytes).
+pub fn parse_header(b: &[u8]) -> Result<Header, NbdError> {
+    if b.len() != header_len(b)? {
+        return Err(protocol("a reply header of the wrong length"));
+    }
+    match be32(b, 0) {
+        SIMPLE_REPLY_MAGIC => {
+            let (error, cookie) = (be32(b, 4), be64(b, 8));
+            if error == 0 {
+                // With structured replies negotiated only an error may come
+                // as a simple reply: a successful read's length is not in
+                // its header.
+                return Err(protocol("a simple reply without an error after structured replies were agreed"));
             }
-            m => Err(protocol(format!("bad reply magic {m:#x}"))),
+            Ok(Header::Simple { cookie, error })
+        }
+        _ => {
+            let (flags, kind, cookie, len) = (be16(b, 4), be16(b, 6), be64(b, 8), be32(b, 16));
+            if len > MAX_READ + 64 {
+                return Err(protocol(format!("a reply chunk of {len} bytes")));
+            }
+            Ok(Header::Structured { flags, kind, cookie, len })
+        }
+    }
+}
+
+/// The reply a header and its whole payload make.
+pub fn finish(header: Header, payload: BytesMut) -> Result<Reply, NbdError> {
+    match header {
+        Header::Simple { cookie, error } => {
+            Ok(Reply { cookie, done: true, chunk: Chunk::Error { code: error, message: String::new(), offset: None } })
+        }
+        Header::Structured { flags, kind, cookie, len } => {
+            if payload.len() != len as usize {
+                return Err(protocol("a chunk payload of the wrong length"));
+            }
+            let chunk = decode_chunk(kind, payload)?;
+            let done = flags & FLAG_DONE != 0;
+            if chunk == Chunk::None && !done {
+                return Err(protocol("an empty chunk that does not end its reply"));
+            }
+            Ok(Reply { cookie, done, chunk })
         }
     }
 }
