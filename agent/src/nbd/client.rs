@@ -5,83 +5,19 @@
 //! stalls gets a timeout, one that breaks the protocol a typed error, and
 //! either way the connection is closed for every request.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use diskferry_protocol::nbd::{
-    finish, header_len, parse_header, request, Chunk, Command, Export, Handshake, NbdError, Reply, MAX_READ,
-};
+use diskferry_protocol::nbd::{request, Chunk, Command, Export, Handshake, NbdError, Reply, MAX_READ};
 
+use super::reader::{millis, read_replies, BufferPool, Pending, Waiter};
+use super::stream::Stream;
 use super::url::{NbdUrl, Transport};
-
-/// The socket, either kind.
-#[derive(Debug)]
-enum Stream {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Stream {
-    fn try_clone(&self) -> std::io::Result<Stream> {
-        Ok(match self {
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-        })
-    }
-
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tcp(s) => s.set_read_timeout(t),
-        }
-    }
-
-    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.set_write_timeout(t),
-            Stream::Tcp(s) => s.set_write_timeout(t),
-        }
-    }
-
-    fn shutdown(&self) {
-        let _ = match self {
-            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-        };
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.flush(),
-            Stream::Tcp(s) => s.flush(),
-        }
-    }
-}
 
 /// The largest read request this client sends (the server's limit may be lower).
 const READ_PIECE: u32 = 1 << 20;
@@ -122,40 +58,6 @@ impl From<ClientError> for std::io::Error {
     }
 }
 
-/// A request waiting for its reply, with what its reply may still bring:
-/// the reader drops the connection before it queues more than that (a
-/// hostile server cannot make the client buffer without bound).
-struct Waiter {
-    tx: Sender<Result<Reply, ClientError>>,
-    /// The byte range a read's data and holes must lie in (empty: no data allowed).
-    range: (u64, u64),
-    /// Bytes of data and holes still allowed.
-    bytes_left: u64,
-    /// Chunks still allowed.
-    chunks_left: u64,
-}
-
-/// Requests waiting for replies; `closed` once the connection is unusable.
-#[derive(Default)]
-struct Pending {
-    waiting: HashMap<u64, Waiter>,
-    closed: Option<ClientError>,
-}
-
-impl Pending {
-    fn close(&mut self, e: ClientError) {
-        for (_, w) in self.waiting.drain() {
-            let _ = w.tx.send(Err(e.clone()));
-        }
-        self.closed.get_or_insert(e);
-    }
-}
-
-/// Milliseconds since `start`, as the reader last received bytes.
-fn millis(start: Instant) -> u64 {
-    start.elapsed().as_millis() as u64
-}
-
 /// An open NBD export.
 pub struct NbdClient {
     url: String,
@@ -179,7 +81,7 @@ impl std::fmt::Debug for NbdClient {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -526,137 +428,5 @@ impl Drop for NbdClient {
             let _ = w.write_all(&request(Command::Disconnect, 0, 0, 0));
         }
         self.control.shutdown();
-    }
-}
-
-/// Why a chunk does not fit what its request may still receive.
-fn over_budget(w: &mut Waiter, chunk: &Chunk) -> Option<String> {
-    if w.chunks_left == 0 {
-        return Some("a reply with more chunks than its request allows".into());
-    }
-    w.chunks_left -= 1;
-    let (offset, n) = match chunk {
-        Chunk::Data { offset, data } => (*offset, data.len() as u64),
-        Chunk::Hole { offset, len } => (*offset, u64::from(*len)),
-        _ => return None,
-    };
-    let inside = offset >= w.range.0 && offset.checked_add(n).is_some_and(|e| e <= w.range.1);
-    if !inside || n > w.bytes_left {
-        return Some(format!("{n} bytes at {offset} outside the request {}..{}", w.range.0, w.range.1));
-    }
-    w.bytes_left -= n;
-    None
-}
-
-/// Counts every read as the connection's progress.
-struct Progressing<R> {
-    inner: R,
-    progress: Arc<AtomicU64>,
-    epoch: Instant,
-}
-
-impl<R: Read> Read for Progressing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.progress.store(millis(self.epoch), Ordering::Relaxed);
-        Ok(n)
-    }
-}
-
-/// Reply buffers handed back after use: a read's data lands in memory
-/// that is already mapped (fresh 4 MiB buffers cost a page fault per page).
-#[derive(Default)]
-struct BufferPool(Mutex<Vec<Vec<u8>>>);
-
-impl BufferPool {
-    fn take(&self) -> Vec<u8> {
-        lock(&self.0).pop().unwrap_or_default()
-    }
-
-    fn put(&self, v: Vec<u8>) {
-        let mut pool = lock(&self.0);
-        // Enough for the reads in flight; more would only hold memory.
-        if pool.len() < 16 {
-            pool.push(v);
-        }
-    }
-}
-
-/// Reads one reply from the server. A data chunk's payload is read
-/// straight into a pooled buffer; everything else through the decoder's
-/// checks.
-fn next_reply(r: &mut impl Read, pool: &BufferPool) -> Result<Reply, ClientError> {
-    let mut head = [0u8; 20];
-    r.read_exact(&mut head[..4]).map_err(io_error)?;
-    let n = header_len(&head[..4])?;
-    r.read_exact(&mut head[4..n]).map_err(io_error)?;
-    let header = parse_header(&head[..n])?;
-    if let Some((cookie, done, len)) = header.offset_data() {
-        let mut offset = [0u8; 8];
-        r.read_exact(&mut offset).map_err(io_error)?;
-        // A reused buffer keeps its length: resizing it writes no zeros.
-        let mut data = pool.take();
-        data.resize(len, 0);
-        r.read_exact(&mut data).map_err(io_error)?;
-        let chunk = Chunk::Data { offset: u64::from_be_bytes(offset), data: BytesMut::from(bytes::Bytes::from(data)) };
-        return Ok(Reply { cookie, done, chunk });
-    }
-    let mut payload = BytesMut::zeroed(header.payload_len());
-    r.read_exact(&mut payload).map_err(io_error)?;
-    Ok(finish(header, payload)?)
-}
-
-fn io_error(e: std::io::Error) -> ClientError {
-    let message = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        "the server closed the connection".to_string()
-    } else {
-        e.to_string()
-    };
-    ClientError::Connection { url: String::new(), message }
-}
-
-fn read_replies(
-    stream: Stream,
-    leftover: Vec<u8>,
-    pending: Arc<Mutex<Pending>>,
-    url: String,
-    progress: Arc<AtomicU64>,
-    epoch: Instant,
-    pool: Arc<BufferPool>,
-) {
-    let shut = stream.try_clone().ok();
-    let fail = |e: ClientError| {
-        let e = match e {
-            ClientError::Connection { message, .. } => ClientError::Connection { url: url.clone(), message },
-            e => e,
-        };
-        lock(&pending).close(e);
-        if let Some(s) = &shut {
-            s.shutdown();
-        }
-    };
-    let inner = std::io::Cursor::new(leftover).chain(stream);
-    let mut r = std::io::BufReader::with_capacity(256 << 10, Progressing { inner, progress, epoch });
-    loop {
-        let reply = match next_reply(&mut r, &pool) {
-            Ok(reply) => reply,
-            Err(e) => return fail(e),
-        };
-        let mut p = lock(&pending);
-        let Some(w) = p.waiting.get_mut(&reply.cookie) else {
-            drop(p);
-            return fail(ClientError::Nbd(NbdError::Protocol(format!(
-                "a reply for cookie {} that no request is waiting for",
-                reply.cookie
-            ))));
-        };
-        if let Some(why) = over_budget(w, &reply.chunk) {
-            drop(p);
-            return fail(ClientError::Nbd(NbdError::Protocol(why)));
-        }
-        let tx = if reply.done { p.waiting.remove(&reply.cookie).map(|w| w.tx) } else { Some(w.tx.clone()) };
-        if let Some(tx) = tx {
-            let _ = tx.send(Ok(reply));
-        }
     }
 }

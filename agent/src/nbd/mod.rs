@@ -6,6 +6,8 @@
 
 pub mod bitmap;
 pub mod client;
+mod reader;
+mod stream;
 pub mod url;
 
 use std::io;
