@@ -68,7 +68,7 @@ pub fn read_change_list(path: &Path) -> Result<ChangeHint, Error> {
     if let Some(&(off, len)) = list.ranges.iter().find(|(off, len)| off.checked_add(*len).is_none()) {
         return Err(bad(format!("the range [{off}, {len}] ends past 2^64")));
     }
-    Ok(ChangeHint { since, source: ChangeSource::Ranges, ranges: list.ranges })
+    Ok(ChangeHint { since, source: ChangeSource::Ranges, ranges: list.ranges, live: None })
 }
 
 /// One extent of a file, as FIEMAP reports it.

@@ -119,10 +119,19 @@ pub struct PushArgs {
     /// What says which blocks may have changed since the target's generation: full-scan (read
     /// every block), ranges:FILE (a change list {"since": GEN, "ranges": [[offset, length], ...]}),
     /// extent-map (with --snapshot reflink: the extents the new clone no longer shares with the
-    /// last push's), or dirty-bitmap (with --format qcow2: the image's bitmap started after the last push).
+    /// last push's), or dirty-bitmap (with --format qcow2, and --qmp for a running VM: the bitmap
+    /// started as the last push began reading).
     /// A hint not tied to the target's generation is not used: the disk is then read in full.
     #[arg(long, default_value = "full-scan", value_name = "SOURCE")]
     pub changes: crate::changes::Changes,
+    /// The running VM's QMP socket (one of its own for diskferry): with --changes dirty-bitmap,
+    /// the VM's disk (--node) is read through QEMU's NBD server and its bitmaps are kept over QMP.
+    /// When no QEMU listens there, SRC (the qcow2 image) is read at rest.
+    #[arg(long, value_name = "SOCKET", requires = "node")]
+    pub qmp: Option<PathBuf>,
+    /// The disk's block node in the running VM (its qcow2 format node, as `query-named-block-nodes` names it).
+    #[arg(long, value_name = "NAME", requires = "qmp")]
+    pub node: Option<String>,
     /// Share of the blocks a hint calls clean that are re-hashed to test it (at least 16 blocks);
     /// one changed block and the disk is read in full.
     #[arg(long, default_value_t = 0.001, value_parser = fraction)]

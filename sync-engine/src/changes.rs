@@ -48,7 +48,32 @@ pub struct ChangeHint {
     pub source: ChangeSource,
     /// `(offset, length)` byte ranges, in any order, possibly overlapping.
     pub ranges: Vec<(u64, u64)>,
+    /// For a disk that runs while it is read: the ranges written since the
+    /// hint was cut. A spot-check mismatch there is such a write, not a lie.
+    pub live: Option<LiveWrites>,
 }
+
+/// Asks the source's owner which byte ranges were written since the hint
+/// was cut (a running VM's bitmap started with the pass).
+#[derive(Clone)]
+pub struct LiveWrites(pub std::sync::Arc<WrittenRanges>);
+
+/// The byte ranges written since some moment, or why they are not known.
+pub type WrittenRanges = dyn Fn() -> std::io::Result<Vec<(u64, u64)>> + Send + Sync;
+
+impl std::fmt::Debug for LiveWrites {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LiveWrites")
+    }
+}
+
+impl PartialEq for LiveWrites {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for LiveWrites {}
 
 /// How many clean blocks a hinted push re-hashes to test the hint.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -13,6 +13,7 @@ mod integration {
     mod crash;
     mod faults;
     mod hash_paths;
+    mod hints;
     mod lineage;
     mod manifest;
     mod moves;

@@ -29,6 +29,7 @@ mod memory;
 mod nbd;
 mod net;
 mod points;
+mod qmp;
 mod restart;
 mod snapshot;
 mod source_change;

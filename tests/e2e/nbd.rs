@@ -12,19 +12,19 @@ use std::time::{Duration, Instant};
 use crate::agents::{pair, push_to};
 use crate::util::{self, compare, tempdir, uint, MIB};
 
-fn sh(cmd: &str, args: &[&str]) {
+pub fn sh(cmd: &str, args: &[&str]) {
     let o = Command::new(cmd).args(args).output().unwrap();
     assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// A qcow2 image written by `qemu-io` at unaligned offsets and sizes, with
 /// holes between.
-fn qcow2(path: &Path, size: u64, writes: &[(u64, u64, u8)]) {
+pub fn qcow2(path: &Path, size: u64, writes: &[(u64, u64, u8)]) {
     sh("qemu-img", &["create", "-q", "-f", "qcow2", path.to_str().unwrap(), &size.to_string()]);
     qemu_io(path, writes);
 }
 
-fn qemu_io(path: &Path, writes: &[(u64, u64, u8)]) {
+pub fn qemu_io(path: &Path, writes: &[(u64, u64, u8)]) {
     let mut args = vec!["-f".to_string(), "qcow2".into()];
     for (off, len, pattern) in writes {
         args.push("-c".into());
@@ -35,7 +35,7 @@ fn qemu_io(path: &Path, writes: &[(u64, u64, u8)]) {
     sh("qemu-io", &refs);
 }
 
-fn raw_of(image: &Path) -> std::path::PathBuf {
+pub fn raw_of(image: &Path) -> std::path::PathBuf {
     let raw = image.with_extension("raw");
     sh("qemu-img", &["convert", "-O", "raw", image.to_str().unwrap(), raw.to_str().unwrap()]);
     raw

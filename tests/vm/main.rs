@@ -17,6 +17,7 @@ mod util;
 #[path = "../e2e/agents.rs"]
 mod agents;
 
+mod bitmaps;
 mod checker;
 mod moves;
 mod qemu;

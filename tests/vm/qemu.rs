@@ -72,16 +72,25 @@ pub struct Vm {
     child: Option<Child>,
     pub log: PathBuf,
     qmp: PathBuf,
+    /// A second QMP monitor, for diskferry (`--qmp`); the disk is block
+    /// node `disk0`.
+    pub agent_qmp: PathBuf,
 }
 
 impl Vm {
     fn launch(disk: &Path, log: &Path, drive_opts: &str, cmdline: &str) -> Vm {
+        Vm::launch_as(disk, "raw", log, drive_opts, cmdline)
+    }
+
+    fn launch_as(disk: &Path, format: &str, log: &Path, drive_opts: &str, cmdline: &str) -> Vm {
         let g = guest();
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Unix socket paths must stay under 108 bytes: not in the test's dir.
         let qmp = PathBuf::from(format!("/tmp/diskferry-vm-{}-{n}.qmp", std::process::id()));
+        let agent_qmp = qmp.with_extension("agent.qmp");
         let _ = std::fs::remove_file(&qmp);
+        let _ = std::fs::remove_file(&agent_qmp);
         let _ = std::fs::remove_file(log);
         let child = Command::new("qemu-system-x86_64")
             // No KVM: the nested KVM here cannot run a stock kernel.
@@ -91,12 +100,17 @@ impl Vm {
             .arg(format!("file:{}", log.display()))
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", agent_qmp.display()))
             .arg("-kernel")
             .arg(g.join("vmlinuz"))
             .arg("-initrd")
             .arg(g.join("initrd.gz"))
             .arg("-drive")
-            .arg(format!("file={},format=raw,if=virtio,{drive_opts}", disk.display().to_string().replace(',', ",,")))
+            .arg(format!(
+                "file={},format={format},if=virtio,node-name=disk0,{drive_opts}",
+                disk.display().to_string().replace(',', ",,")
+            ))
             .arg("-append")
             .arg(format!("console=ttyS0 quiet panic=-1 {cmdline}"))
             .stdin(Stdio::null())
@@ -104,15 +118,20 @@ impl Vm {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start qemu-system-x86_64");
-        Vm { child: Some(child), log: log.to_path_buf(), qmp }
+        Vm { child: Some(child), log: log.to_path_buf(), qmp, agent_qmp }
     }
 
     /// Boots the writer guest on `disk` (through the host's page cache, so
     /// diskferry reads what the guest wrote) and waits until it writes.
     pub fn writer(disk: &Path, secs: u32, keep: u32) -> Vm {
+        Vm::writer_as(disk, "raw", secs, keep)
+    }
+
+    /// [`Vm::writer`] on an image in `format` (e.g. qcow2).
+    pub fn writer_as(disk: &Path, format: &str, secs: u32, keep: u32) -> Vm {
         let log = disk.with_extension("writer.log");
-        let mut vm =
-            Vm::launch(disk, &log, "cache=writeback", &format!("vmp.mode=writer vmp.secs={secs} vmp.keep={keep}"));
+        let cmdline = format!("vmp.mode=writer vmp.secs={secs} vmp.keep={keep}");
+        let mut vm = Vm::launch_as(disk, format, &log, "cache=writeback", &cmdline);
         // Not before: a power button pressed before the guest loaded its
         // ACPI module is ignored.
         vm.wait_for("VMP writer-start", Duration::from_secs(180));
@@ -213,6 +232,7 @@ impl Drop for Vm {
             let _ = c.wait();
         }
         let _ = std::fs::remove_file(&self.qmp);
+        let _ = std::fs::remove_file(&self.agent_qmp);
     }
 }
 

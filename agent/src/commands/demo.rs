@@ -90,6 +90,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             state_root: Some(source_state.clone()),
             idle_timeout: crate::transport::DEFAULT_IDLE_TIMEOUT,
             changes: Default::default(),
+            qmp: None,
             format: Default::default(),
             spot_check: diskferry_sync_engine::changes::SpotCheck::with_seed(1),
         };

@@ -115,6 +115,7 @@ pub fn push_setup(a: &PushArgs) -> Result<(PushOptions, identity::Identity, toki
         state_root: Some(state_root),
         idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
         changes: a.changes.clone(),
+        qmp: a.qmp.clone().zip(a.node.clone()),
         format: a.format,
         spot_check: SpotCheck {
             fraction: a.spot_check,
@@ -201,6 +202,7 @@ pub fn push_json(r: &PushReport, secs: f64, cpu: f64) -> serde_json::Value {
         "snapshot": r.snapshot.as_str(),
         "bytes_written": r.committed.bytes_written,
         "promoted": r.committed.promoted,
+        "read_through": r.read_through,
         "change_source": r.changes.source.as_str(),
         "change_note": r.changes.note,
         "hinted_blocks": r.changes.dirty_blocks,

@@ -1,33 +1,174 @@
-//! Persistent dirty bitmaps of a qcow2 image at rest (`--changes
-//! dirty-bitmap --format qcow2`): diskferry owns the bitmaps named
-//! `diskferry-<generation>`, each started right after the push that made
-//! that generation read the image, so it holds every write since. The next
-//! push exports the image with that bitmap (`qemu-nbd -B`) and reads only
-//! its dirty extents; after its commit the bitmap of the new generation is
-//! added and the superseded ones removed. Adding a bitmap needs the image
-//! unused: diskferry's own qemu-nbd has stopped by then.
+//! Dirty bitmaps diskferry owns (`--changes dirty-bitmap`), of a qcow2
+//! image at rest (through `qemu-img`) or of a running VM's block node
+//! (through QMP, `running.rs`).
+//!
+//! A bitmap never misses a write because each pass starts its own before
+//! it reads: `diskferry-pending-<id>` (for a running VM in one QMP
+//! `transaction` that also stops the older ones recording). After the
+//! commit of generation G' it becomes `diskferry-<G'>` (added, merged,
+//! removed in one step) and every older one goes. A pass that fails leaves
+//! its pending bitmap: the next pass reads the union of the chain — the
+//! bitmap of the target's generation G and every pending one since — which
+//! holds every write since G's read began.
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::Command;
 
 use diskferry_protocol::{ErrorCode, Generation};
 use diskferry_sync_engine::Error;
 
+const PREFIX: &str = "diskferry-";
+const PENDING: &str = "diskferry-pending-";
+/// A pass's union of the chain: temporary, removed after the read.
+const UNION: &str = "diskferry-union-";
+
 /// The bitmap that counts the writes since `generation`.
 pub fn name_for(generation: Generation) -> String {
-    format!("diskferry-{}", generation.to_hex())
+    format!("{PREFIX}{}", generation.to_hex())
 }
 
-/// A bitmap of the image: its name and whether it can be trusted to hold
-/// every write since it started.
+/// A bitmap as its owner lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bitmap {
-    /// Its name.
     pub name: String,
-    /// `in-use` (its writer died with the image open) or not `auto` (it was
-    /// disabled and records nothing): not to be trusted.
+    /// `in-use` at rest (its writer died with the image open) or
+    /// `inconsistent` in QEMU: it may have missed writes.
     pub inconsistent: bool,
+    /// It records writes now (`auto` at rest, `recording` in QEMU).
+    pub recording: bool,
+}
+
+/// Where the bitmaps live: an image at rest, or a running VM's node.
+pub trait BitmapStore: Send {
+    /// The node's or image's bitmaps.
+    fn list(&mut self) -> Result<Vec<Bitmap>, Error>;
+    /// Starts `pending` recording, and stops `stop` recording, as one step.
+    fn start(&mut self, pending: &str, stop: &[String]) -> Result<(), Error>;
+    /// A new bitmap `into`, not recording, holding the union of `from`.
+    fn union(&mut self, into: &str, from: &[String]) -> Result<(), Error>;
+    /// `to` takes over from `from` (which goes) without losing a write.
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), Error>;
+    fn remove(&mut self, name: &str) -> Result<(), Error>;
+}
+
+/// One pass's bitmaps, from before the read to after the commit.
+pub struct BitmapPass {
+    store: Box<dyn BitmapStore>,
+    pending: String,
+    /// What to export for this read, and the generation it counts from.
+    read: Option<(Generation, String)>,
+    /// Made for this pass: removed when it ends.
+    union: Option<String>,
+    /// Why no bitmap is read (the report says so).
+    pub why_not: Option<String>,
+}
+
+impl std::fmt::Debug for BitmapPass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BitmapPass").field("pending", &self.pending).field("read", &self.read).finish()
+    }
+}
+
+impl BitmapPass {
+    /// Before the read: removes what an earlier pass left mid-way, starts
+    /// this pass's bitmap, and picks what to read for the target's
+    /// generation `last` (the disk history's).
+    pub fn begin(mut store: Box<dyn BitmapStore>, last: Option<Generation>) -> Result<BitmapPass, Error> {
+        let id = format!("{:016x}", rand::random::<u64>());
+        let mut chain = Vec::new();
+        for b in store.list()? {
+            if b.name.starts_with(UNION) {
+                store.remove(&b.name)?;
+            } else if b.name.starts_with(PREFIX) {
+                chain.push(b);
+            }
+        }
+        let why_not = match last {
+            None => Some("the disk has no history yet: this push starts its dirty bitmap".to_string()),
+            Some(g) => trust(&chain, &name_for(g)),
+        };
+        let pending = format!("{PENDING}{id}");
+        let recording: Vec<String> = chain.iter().filter(|b| b.recording).map(|b| b.name.clone()).collect();
+        store.start(&pending, &recording)?;
+        let mut pass = BitmapPass { store, pending, read: None, union: None, why_not };
+        if let (None, Some(g)) = (&pass.why_not, last) {
+            let members: Vec<String> = chain.into_iter().map(|b| b.name).collect();
+            let name = if let [only] = members.as_slice() {
+                only.clone()
+            } else {
+                let union = format!("{UNION}{id}");
+                pass.union = Some(union.clone());
+                pass.store.union(&union, &members)?;
+                union
+            };
+            pass.read = Some((g, name));
+        }
+        Ok(pass)
+    }
+
+    /// The bitmap to export with the source, and the generation it counts from.
+    pub fn to_read(&self) -> Option<&(Generation, String)> {
+        self.read.as_ref()
+    }
+
+    /// This pass's own bitmap (it counts the writes since the read began).
+    pub fn pending(&self) -> &str {
+        &self.pending
+    }
+
+    /// After the commit of `generation`: this pass's bitmap becomes
+    /// `diskferry-<generation>` and every older one goes. Not done, the next
+    /// push reads in full; never a missed write.
+    pub fn commit(mut self, generation: Generation) -> Result<(), Error> {
+        self.drop_union();
+        let new = name_for(generation);
+        self.store.rename(&self.pending, &new)?;
+        for b in self.store.list()? {
+            if b.name.starts_with(PREFIX) && b.name != new {
+                self.store.remove(&b.name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a failed push: the pending bitmap stays in the chain.
+    pub fn abandon(mut self) {
+        self.drop_union();
+    }
+
+    fn drop_union(&mut self) {
+        if let Some(u) = self.union.take() {
+            if let Err(e) = self.store.remove(&u) {
+                tracing::warn!("the bitmap {u} was not removed (the next push removes it): {}", e.message);
+            }
+        }
+    }
+}
+
+/// Why the chain cannot stand for every write since `wanted` started, or
+/// `None` if it can: `wanted` is there, no member may have missed a write,
+/// and one still records (each pass stopped the older ones as it started its own).
+fn trust(chain: &[Bitmap], wanted: &str) -> Option<String> {
+    if !chain.iter().any(|b| b.name == wanted) {
+        return Some(format!("there is no bitmap {wanted} (removed, renamed, or never started)"));
+    }
+    if let Some(b) = chain.iter().find(|b| b.inconsistent) {
+        return Some(format!(
+            "the bitmap {} is marked in use or inconsistent (QEMU stopped without closing the image): it may have missed writes",
+            b.name
+        ));
+    }
+    if !chain.iter().any(|b| b.recording) {
+        return Some(format!("the bitmap {wanted} was disabled: it may have missed writes"));
+    }
+    None
+}
+
+/// The bitmaps of a qcow2 image nothing runs on, through `qemu-img`.
+#[derive(Debug)]
+pub struct AtRest {
+    pub image: PathBuf,
 }
 
 fn qemu_img(args: &[&OsStr]) -> Result<String, Error> {
@@ -40,53 +181,149 @@ fn qemu_img(args: &[&OsStr]) -> Result<String, Error> {
         return Err(Error::new(
             ErrorCode::InvalidInput,
             format!("qemu-img {}: {}", shown.join(" "), String::from_utf8_lossy(&o.stderr).trim()),
-        ));
+        )
+        .hint("a VM running on the image holds it: give its QMP socket (--qmp SOCKET --node NAME)"));
     }
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
-fn bitmap_op(op: &str, image: &Path, name: &str) -> Result<(), Error> {
-    qemu_img(&[OsStr::new("bitmap"), OsStr::new(op), image.as_os_str(), OsStr::new(name)]).map(|_| ())
+impl AtRest {
+    fn bitmap(&self, ops: &[&str], name: &str) -> Result<(), Error> {
+        let mut args: Vec<&OsStr> = vec![OsStr::new("bitmap")];
+        args.extend(ops.iter().map(OsStr::new));
+        args.extend([self.image.as_os_str(), OsStr::new(name)]);
+        qemu_img(&args).map(|_| ())
+    }
 }
 
-/// The image's persistent bitmaps.
-pub fn list(image: &Path) -> Result<Vec<Bitmap>, Error> {
-    let args = [OsStr::new("info"), OsStr::new("--output=json"), OsStr::new("--force-share"), image.as_os_str()];
-    let text = qemu_img(&args)?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::new(ErrorCode::InvalidInput, format!("qemu-img info of {}: {e}", image.display())))?;
-    let bitmaps = v["format-specific"]["data"]["bitmaps"].as_array().cloned().unwrap_or_default();
-    Ok(bitmaps
-        .iter()
-        .filter_map(|b| {
-            let name = b["name"].as_str()?.to_string();
-            let flags = b["flags"].as_array().cloned().unwrap_or_default();
-            let inconsistent = flags.iter().any(|f| f == "in-use") || !flags.iter().any(|f| f == "auto");
-            Some(Bitmap { name, inconsistent })
-        })
-        .collect())
+impl BitmapStore for AtRest {
+    fn list(&mut self) -> Result<Vec<Bitmap>, Error> {
+        let args =
+            [OsStr::new("info"), OsStr::new("--output=json"), OsStr::new("--force-share"), self.image.as_os_str()];
+        let text = qemu_img(&args)?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            Error::new(ErrorCode::InvalidInput, format!("qemu-img info of {}: {e}", self.image.display()))
+        })?;
+        let bitmaps = v["format-specific"]["data"]["bitmaps"].as_array().cloned().unwrap_or_default();
+        Ok(bitmaps
+            .iter()
+            .filter_map(|b| {
+                let flags = b["flags"].as_array().cloned().unwrap_or_default();
+                Some(Bitmap {
+                    name: b["name"].as_str()?.to_string(),
+                    inconsistent: flags.iter().any(|f| f == "in-use"),
+                    recording: flags.iter().any(|f| f == "auto"),
+                })
+            })
+            .collect())
+    }
+
+    /// Nothing writes an image at rest: the older bitmaps may go on recording.
+    fn start(&mut self, pending: &str, _stop: &[String]) -> Result<(), Error> {
+        self.bitmap(&["--add"], pending)
+    }
+
+    fn union(&mut self, into: &str, from: &[String]) -> Result<(), Error> {
+        self.bitmap(&["--add", "--disable"], into)?;
+        from.iter().try_for_each(|f| self.bitmap(&["--merge", f], into))
+    }
+
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), Error> {
+        // Both record until `from` goes: a writer between the two steps is
+        // counted by `to` as well.
+        self.bitmap(&["--add", "--merge", from], to)?;
+        self.remove(from)
+    }
+
+    fn remove(&mut self, name: &str) -> Result<(), Error> {
+        self.bitmap(&["--remove"], name)
+    }
 }
 
-/// Starts the bitmap of `generation` and removes diskferry's other ones.
-pub fn rotate(image: &Path, generation: Generation) -> Result<(), Error> {
-    let new = name_for(generation);
-    let have = list(image)?;
-    if !have.iter().any(|b| b.name == new && !b.inconsistent) {
-        if have.iter().any(|b| b.name == new) {
-            bitmap_op("--remove", image, &new)?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(name: &str, inconsistent: bool, recording: bool) -> Bitmap {
+        Bitmap { name: name.into(), inconsistent, recording }
+    }
+
+    #[test]
+    fn the_chain_is_trusted_only_whole_and_recording() {
+        let g = "diskferry-aa";
+        assert!(trust(&[b(g, false, true)], g).is_none());
+        // A failed pass stopped G and left its pending bitmap recording.
+        assert!(trust(&[b(g, false, false), b("diskferry-pending-1", false, true)], g).is_none());
+        assert!(trust(&[b("diskferry-bb", false, true)], g).unwrap().contains("no bitmap"));
+        assert!(trust(&[b(g, false, true), b("diskferry-pending-1", true, true)], g).unwrap().contains("in use"));
+        assert!(trust(&[b(g, false, false)], g).unwrap().contains("disabled"));
+    }
+
+    /// A store in memory that logs what was asked of it.
+    #[derive(Default)]
+    struct Log {
+        have: Vec<Bitmap>,
+        ops: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl BitmapStore for Log {
+        fn list(&mut self) -> Result<Vec<Bitmap>, Error> {
+            Ok(self.have.clone())
         }
-        bitmap_op("--add", image, &new)?;
+        fn start(&mut self, p: &str, stop: &[String]) -> Result<(), Error> {
+            self.ops.lock().unwrap().push(format!("start {} stop {}", &p[..PENDING.len()], stop.join(",")));
+            Ok(())
+        }
+        fn union(&mut self, into: &str, from: &[String]) -> Result<(), Error> {
+            self.ops.lock().unwrap().push(format!("union {} of {}", &into[..UNION.len()], from.join(",")));
+            Ok(())
+        }
+        fn rename(&mut self, from: &str, to: &str) -> Result<(), Error> {
+            self.ops.lock().unwrap().push(format!("rename {} to {to}", &from[..PENDING.len()]));
+            Ok(())
+        }
+        fn remove(&mut self, name: &str) -> Result<(), Error> {
+            self.ops.lock().unwrap().push(format!("remove {name}"));
+            Ok(())
+        }
     }
-    for old in have.iter().filter(|b| b.name.starts_with("diskferry-") && b.name != new) {
-        bitmap_op("--remove", image, &old.name)?;
-    }
-    Ok(())
-}
 
-/// Removes diskferry's bitmaps (none can describe the target any more).
-pub fn drop_all(image: &Path) -> Result<(), Error> {
-    for b in list(image)?.iter().filter(|b| b.name.starts_with("diskferry-")) {
-        bitmap_op("--remove", image, &b.name)?;
+    #[test]
+    fn a_pass_reads_the_union_after_a_failed_one_and_leaves_one_bitmap() {
+        let g = Generation(0xaa);
+        let gn = name_for(g);
+        let ops = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let have = vec![
+            b(&gn, false, false),
+            b("diskferry-pending-0000000000000001", false, true),
+            b("diskferry-union-0000000000000002", false, false),
+            b("other", false, true),
+        ];
+        let store = Log { have, ops: ops.clone() };
+        let pass = BitmapPass::begin(Box::new(store), Some(g)).unwrap();
+        assert!(pass.why_not.is_none(), "{:?}", pass.why_not);
+        let (since, read) = pass.to_read().unwrap().clone();
+        assert_eq!(since, g);
+        assert!(read.starts_with(UNION));
+        pass.commit(Generation(0xbb)).unwrap();
+        let ops = ops.lock().unwrap().clone();
+        assert_eq!(ops[0], "remove diskferry-union-0000000000000002");
+        assert_eq!(ops[1], format!("start {PENDING} stop diskferry-pending-0000000000000001"));
+        assert_eq!(ops[2], format!("union {UNION} of {gn},diskferry-pending-0000000000000001"));
+        assert!(ops[3].starts_with("remove diskferry-union-"), "{ops:?}");
+        assert_eq!(ops[4], format!("rename {PENDING} to {}", name_for(Generation(0xbb))));
+        // The listing is the stale one here: every diskferry bitmap but the new one goes, others stay.
+        assert!(ops.iter().any(|o| o == &format!("remove {gn}")));
+        assert!(!ops.iter().any(|o| o == "remove other"));
     }
-    Ok(())
+
+    #[test]
+    fn a_first_pass_reads_nothing_but_starts_its_bitmap() {
+        let ops = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let pass = BitmapPass::begin(Box::new(Log { have: vec![], ops: ops.clone() }), None).unwrap();
+        assert!(pass.to_read().is_none());
+        assert!(pass.why_not.as_deref().unwrap().contains("no history"));
+        pass.abandon();
+        assert_eq!(ops.lock().unwrap().len(), 1);
+    }
 }

@@ -6,7 +6,9 @@
 
 pub mod bitmap;
 pub mod client;
+pub mod qmp;
 mod reader;
+pub mod running;
 mod stream;
 pub mod url;
 
@@ -127,6 +129,9 @@ pub struct NbdVfs {
     storage: Arc<NbdStorage>,
     /// The image file diskferry serves itself: its stamp is the source's.
     image: Option<PathBuf>,
+    /// A running VM's node, and the bitmap started just before this read:
+    /// while it counts no write, the disk stood still.
+    witness: Option<(running::Node, String)>,
     /// A served-by-anyone export cannot say whether it was written: every
     /// look gives a new stamp, so such a read is fuzzy.
     looks: AtomicI64,
@@ -139,7 +144,13 @@ impl NbdVfs {
             let Some(m) = RealFs.metadata(image)? else { return Ok(None) };
             return Ok(Some(Meta { kind: DiskKind::File, len, stamp: m.stamp, identity: m.identity }));
         }
-        let look = self.looks.fetch_add(1, Ordering::Relaxed);
+        let mut look = self.looks.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some((node, bitmap)) = &self.witness {
+            let written = node.dirty_bytes(bitmap).map_err(|e| io::Error::other(e.message))?;
+            if written == 0 {
+                look = 0;
+            }
+        }
         let identity: FileId = (u64::MAX - 1, u64::from_le_bytes(blake3_8(self.path.as_os_str().as_encoded_bytes())));
         let stamp = Stamp::File { len, mtime_ns: look, ctime_ns: look, ino: identity.1 };
         Ok(Some(Meta { kind: DiskKind::File, len, stamp, identity }))
@@ -307,16 +318,19 @@ impl Source {
     pub fn dirty_ranges(&self, name: &str) -> Result<Option<Vec<(u64, u64)>>, Error> {
         let Some(client) = &self.client else { return Ok(None) };
         let Some(ctx) = client.export().context(&format!("qemu:dirty-bitmap:{name}")) else { return Ok(None) };
-        let size = client.export().size;
-        let extents = client.extents(ctx, 0, size).map_err(|e| nbd_error(client.url(), e))?;
-        Ok(Some(
-            extents
-                .into_iter()
-                .filter(|&(_, _, flags)| flags & diskferry_protocol::nbd::STATE_DIRTY != 0)
-                .map(|(at, len, _)| (at, len))
-                .collect(),
-        ))
+        dirty_extents(client, ctx).map(Some)
     }
+}
+
+/// The extents context `ctx` (a dirty bitmap's) marks dirty, over the whole export.
+fn dirty_extents(client: &NbdClient, ctx: u32) -> Result<Vec<(u64, u64)>, Error> {
+    let size = client.export().size;
+    let extents = client.extents(ctx, 0, size).map_err(|e| nbd_error(client.url(), e))?;
+    Ok(extents
+        .into_iter()
+        .filter(|&(_, _, flags)| flags & diskferry_protocol::nbd::STATE_DIRTY != 0)
+        .map(|(at, len, _)| (at, len))
+        .collect())
 }
 
 /// A source ready for the engine: the Vfs to read it through, the path to
@@ -331,6 +345,9 @@ pub struct Source {
     pub client: Option<Arc<NbdClient>>,
     /// The `qemu-nbd` diskferry started, stopped when this drops.
     pub server: Option<QemuNbd>,
+    /// QEMU's export of a running VM's node, stopped when this drops
+    /// (after the connection: fields drop in order).
+    pub export: Option<running::Export>,
 }
 
 /// Opens `src`: a raw file or device as it is; an NBD URL through NBD; an
@@ -347,7 +364,13 @@ pub fn open_source(src: &Path, format: Format, bitmap: Option<&str>) -> Result<S
         let url: NbdUrl = text.parse().map_err(|e: String| Error::new(ErrorCode::Usage, format!("{text}: {e}")))?;
         (url, None, None)
     } else if format == Format::Raw {
-        return Ok(Source { vfs: Arc::new(RealFs), read_path: src.to_path_buf(), client: None, server: None });
+        return Ok(Source {
+            vfs: Arc::new(RealFs),
+            read_path: src.to_path_buf(),
+            client: None,
+            server: None,
+            export: None,
+        });
     } else {
         if !src.exists() {
             return Err(Error::new(ErrorCode::NotFound, format!("source {} does not exist", src.display())));
@@ -355,19 +378,51 @@ pub fn open_source(src: &Path, format: Format, bitmap: Option<&str>) -> Result<S
         let (server, url) = QemuNbd::start(src, format, bitmap)?;
         (url, Some(server), Some(src.to_path_buf()))
     };
+    let mut server = server;
+    let client = connect(&url, bitmap, server.as_mut())?;
+    let read_path = image.clone().unwrap_or_else(|| PathBuf::from(url.to_string()));
+    let vfs = nbd_vfs(&client, read_path.clone(), image, None);
+    Ok(Source { vfs: Arc::new(vfs), read_path, client: Some(client), server, export: None })
+}
+
+/// Opens a running VM's node through QEMU's NBD server, with `bitmap`
+/// exported; `pending` is the bitmap this pass started, the witness of
+/// whether the guest wrote during the read.
+pub fn open_running(node: &running::Node, bitmap: Option<&str>, pending: &str) -> Result<Source, Error> {
+    let (export, url) = running::Export::start(node, bitmap)?;
+    let client = connect(&url, bitmap, None)?;
+    // Not the image's path: a read of a running disk is never the image at
+    // rest, and its history gets no at-rest stamp.
+    let read_path = PathBuf::from(format!("qmp:{}#{}", node.qmp_socket().display(), node.name));
+    let vfs = nbd_vfs(&client, read_path.clone(), None, Some((node.clone(), pending.to_string())));
+    Ok(Source { vfs: Arc::new(vfs), read_path, client: Some(client), server: None, export: Some(export) })
+}
+
+fn nbd_vfs(
+    client: &Arc<NbdClient>,
+    path: PathBuf,
+    image: Option<PathBuf>,
+    witness: Option<(running::Node, String)>,
+) -> NbdVfs {
+    let allocation = client.export().context(BASE_ALLOCATION);
+    let storage = Arc::new(NbdStorage { client: client.clone(), allocation });
+    NbdVfs { path, storage, image, witness, looks: AtomicI64::new(0) }
+}
+
+/// Connects to `url` asking for `base:allocation` and `bitmap`'s context.
+fn connect(url: &NbdUrl, bitmap: Option<&str>, mut server: Option<&mut QemuNbd>) -> Result<Arc<NbdClient>, Error> {
     let bitmap_context = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
     let mut asked = vec![BASE_ALLOCATION];
     asked.extend(bitmap_context.as_deref());
-    let mut server = server;
     let started = Instant::now();
-    let client = loop {
-        match NbdClient::connect(&url, &asked, nbd_timeout()) {
-            Ok(c) => break Arc::new(c),
+    loop {
+        match NbdClient::connect(url, &asked, nbd_timeout()) {
+            Ok(c) => return Ok(Arc::new(c)),
             Err(e) => {
                 // A qemu-nbd that could not open the image says why as it
                 // exits; one that made its socket but does not listen yet
                 // gets a moment.
-                if let Some(s) = server.as_mut() {
+                if let Some(s) = server.as_deref_mut() {
                     if let Some(why) = s.exited(Duration::from_millis(50)) {
                         return Err(why);
                     }
@@ -378,10 +433,5 @@ pub fn open_source(src: &Path, format: Format, bitmap: Option<&str>) -> Result<S
                 return Err(nbd_error(&url.to_string(), e));
             }
         }
-    };
-    let allocation = client.export().context(BASE_ALLOCATION);
-    let storage = Arc::new(NbdStorage { client: client.clone(), allocation });
-    let read_path = image.clone().unwrap_or_else(|| PathBuf::from(url.to_string()));
-    let vfs = NbdVfs { path: read_path.clone(), storage, image, looks: AtomicI64::new(0) };
-    Ok(Source { vfs: Arc::new(vfs), read_path, client: Some(client), server })
+    }
 }

@@ -20,7 +20,7 @@ use diskferry_sync_engine::error::IoContext;
 use diskferry_sync_engine::history::History;
 use diskferry_sync_engine::local::Progress;
 use diskferry_sync_engine::session::SourceSession;
-use diskferry_sync_engine::store::{RealFs, Vfs};
+use diskferry_sync_engine::store::RealFs;
 use diskferry_sync_engine::{Error, Place};
 
 use crate::changes::Changes;
@@ -57,6 +57,8 @@ pub struct PushOptions {
     pub format: crate::nbd::Format,
     /// What says which blocks may have changed, and how a hint is tested.
     pub changes: Changes,
+    /// A running VM's QMP socket and the disk's node in it.
+    pub qmp: Option<(PathBuf, String)>,
     pub spot_check: SpotCheck,
     /// How long a silent target is waited for.
     pub idle_timeout: Duration,
@@ -84,6 +86,9 @@ pub struct PushReport {
     pub changes: HintOutcome,
     /// Source bytes read: hashing (holes are not read), spot check, sending.
     pub source_bytes_read: u64,
+    /// `file`, `qemu-nbd` (an image diskferry served), `nbd` (a URL), or
+    /// `qmp` (a running VM's node through QEMU's NBD server).
+    pub read_through: &'static str,
 }
 
 impl PushReport {
@@ -130,18 +135,47 @@ pub async fn push_tracked(
         .map_err(|e| Error::new(ErrorCode::Internal, format!("snapshot task: {e}")))??;
     // Why a requested hint could not even be offered (the report says so).
     let mut unoffered = None;
-    let bitmap = match opts.changes {
-        Changes::DirtyBitmap => bitmap_to_read(&opts, &mut unoffered)?,
-        _ => None,
+    let (pass, node) = match opts.changes {
+        Changes::DirtyBitmap => {
+            let o = opts.clone();
+            let (pass, node) = tokio::task::spawn_blocking(move || begin_bitmaps(&o))
+                .await
+                .map_err(|e| Error::new(ErrorCode::Internal, format!("bitmap task: {e}")))??;
+            unoffered.clone_from(&pass.why_not);
+            (Some(pass), node)
+        }
+        _ if opts.qmp.is_some() => {
+            return Err(Error::new(ErrorCode::Usage, "--qmp reads a running VM's disk with --changes dirty-bitmap")
+                .hint("add --changes dirty-bitmap --format qcow2"))
+        }
+        _ => (None, None),
     };
-    // The image's stamp before it is read: a bitmap is started after the
-    // commit only if nothing wrote the image since.
-    let image_before = RealFs.metadata(&opts.source).ok().flatten();
+    let bitmap = pass.as_ref().and_then(|p| p.to_read().cloned());
+    let pending = pass.as_ref().map(|p| p.pending().to_string());
+    let reading_pending = pending.clone();
     let (read, format, b) = (snap.read_path.clone(), opts.format, bitmap.as_ref().map(|b| b.1.clone()));
-    // Kept until the push ends: it may own the qemu-nbd it reads through.
-    let reader = tokio::task::spawn_blocking(move || crate::nbd::open_source(&read, format, b.as_deref()))
-        .await
-        .map_err(|e| Error::new(ErrorCode::Internal, format!("source task: {e}")))??;
+    let read_through = match (&node, format) {
+        (Some(_), _) => "qmp",
+        (None, crate::nbd::Format::Raw) if crate::nbd::url::is_nbd_url(&read.to_string_lossy()) => "nbd",
+        (None, crate::nbd::Format::Raw) => "file",
+        (None, _) => "qemu-nbd",
+    };
+    // Kept until the push ends: it may own the qemu-nbd or the QEMU export it reads through.
+    let opened = tokio::task::spawn_blocking(move || match (&node, pending) {
+        (Some(node), Some(pending)) => crate::nbd::open_running(node, b.as_deref(), &pending),
+        _ => crate::nbd::open_source(&read, format, b.as_deref()),
+    })
+    .await
+    .map_err(|e| Error::new(ErrorCode::Internal, format!("source task: {e}")))?;
+    let reader = match opened {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(p) = pass {
+                p.abandon();
+            }
+            return Err(e);
+        }
+    };
     let source = Arc::new(SourceSession::open_as(
         reader.vfs.clone(),
         &reader.read_path,
@@ -155,7 +189,12 @@ pub async fn push_tracked(
             if let Some((since, name)) = &bitmap {
                 match reader.dirty_ranges(name)? {
                     Some(ranges) => source.offer_hint(
-                        ChangeHint { since: *since, source: ChangeSource::DirtyBitmap, ranges },
+                        ChangeHint {
+                            since: *since,
+                            source: ChangeSource::DirtyBitmap,
+                            ranges,
+                            live: live_writes(&reader, &reading_pending),
+                        },
                         opts.spot_check,
                     ),
                     None => unoffered = Some(format!("the NBD server did not export the bitmap {name}")),
@@ -170,8 +209,10 @@ pub async fn push_tracked(
             };
             match kept {
                 Some((kept, since)) => match crate::changes::extent_changes(&kept, &snap.read_path) {
-                    Ok(ranges) => source
-                        .offer_hint(ChangeHint { since, source: ChangeSource::ExtentMap, ranges }, opts.spot_check),
+                    Ok(ranges) => source.offer_hint(
+                        ChangeHint { since, source: ChangeSource::ExtentMap, ranges, live: None },
+                        opts.spot_check,
+                    ),
                     Err(e) => unoffered = Some(format!("the extent maps could not be read: {e}")),
                 },
                 None => {
@@ -238,29 +279,22 @@ pub async fn push_tracked(
     }
     snap.finish();
     drop(reader);
-    if let (Ok(r), Changes::DirtyBitmap) = (&result, &opts.changes) {
-        // After the read, with diskferry's qemu-nbd stopped: the bitmap of
-        // the new generation counts every later write. Not starting one
-        // costs the next push a full read, not correctness.
-        let still = RealFs.metadata(&opts.source).ok().flatten();
-        let at_rest =
-            matches!((&image_before, &still), (Some(a), Some(b)) if a.stamp == b.stamp && a.identity == b.identity);
-        let image = opts.source.clone();
-        let generation = r.committed.generation;
-        let done = tokio::task::spawn_blocking(move || {
-            if at_rest {
-                crate::nbd::bitmap::rotate(&image, generation)
-            } else {
-                crate::nbd::bitmap::drop_all(&image)
+    if let Some(pass) = pass {
+        // The pending bitmap becomes the new generation's; on a failure it
+        // stays in the chain the next push reads. Not renamed, the next
+        // push reads in full: never a missed write.
+        let generation = result.as_ref().ok().map(|r| r.committed.generation);
+        let done = tokio::task::spawn_blocking(move || match generation {
+            Some(g) => pass.commit(g),
+            None => {
+                pass.abandon();
+                Ok(())
             }
         })
         .await;
         match done {
-            Ok(Ok(())) if at_rest => {}
-            Ok(Ok(())) => tracing::warn!(
-                "the image was written while it was read: no bitmap was started, the next push reads it in full"
-            ),
-            Ok(Err(e)) => tracing::warn!("no dirty bitmap was started for the next push: {}", e.message),
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("the dirty bitmap was not handed on to the next push: {}", e.message),
             Err(e) => tracing::warn!("bitmap task: {e}"),
         }
     }
@@ -269,18 +303,31 @@ pub async fn push_tracked(
         report.changes.note = unoffered;
     }
     report.snapshot = snap.kind;
+    report.read_through = read_through;
     report.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
     report.path_mtu = stats.path.current_mtu;
     Ok(report)
 }
 
-/// The bitmap a `--changes dirty-bitmap` push reads: `diskferry-<G>` for
-/// the generation G its history last recorded, if it exists and QEMU did
-/// not leave it in use. Otherwise `None`, and `why` says so.
-fn bitmap_to_read(
+/// For a running VM: what the guest wrote since this pass began (its
+/// pending bitmap), asked when the spot check finds a clean block changed.
+fn live_writes(
+    reader: &crate::nbd::Source,
+    pending: &Option<String>,
+) -> Option<diskferry_sync_engine::changes::LiveWrites> {
+    let (export, pending) = (reader.export.as_ref()?, pending.clone()?);
+    let (node, socket) = (export.node().clone(), export.socket());
+    Some(diskferry_sync_engine::changes::LiveWrites(Arc::new(move || {
+        crate::nbd::running::written_ranges(&node, &socket, &pending).map_err(|e| std::io::Error::other(e.message))
+    })))
+}
+
+/// Starts a `--changes dirty-bitmap` pass: over QMP when a VM runs at
+/// `--qmp`, else on the qcow2 image at rest; picks the bitmap to read for
+/// the generation the disk's history last recorded.
+fn begin_bitmaps(
     opts: &PushOptions,
-    why: &mut Option<String>,
-) -> Result<Option<(diskferry_protocol::Generation, String)>, Error> {
+) -> Result<(crate::nbd::bitmap::BitmapPass, Option<crate::nbd::running::Node>), Error> {
     if opts.format != crate::nbd::Format::Qcow2 {
         return Err(Error::new(
             ErrorCode::Usage,
@@ -291,25 +338,21 @@ fn bitmap_to_read(
         Some(root) => History::load(&RealFs, root, &opts.source)?.and_then(|h| h.last()),
         None => None,
     };
-    let Some(last) = last else {
-        *why = Some("the image has no history yet: this push starts its dirty bitmap".into());
-        return Ok(None);
+    let node = match &opts.qmp {
+        Some((socket, name)) => match crate::nbd::qmp::Qmp::connect(socket)? {
+            Some(q) => Some(crate::nbd::running::Node::open(q, socket, name)?),
+            None => {
+                tracing::info!("no QEMU listens at {}: {} is read at rest", socket.display(), opts.source.display());
+                None
+            }
+        },
+        None => None,
     };
-    let name = crate::nbd::bitmap::name_for(last);
-    let found = crate::nbd::bitmap::list(&opts.source)?.into_iter().find(|b| b.name == name);
-    Ok(match found {
-        Some(b) if !b.inconsistent => Some((last, name)),
-        Some(_) => {
-            *why = Some(format!(
-                "the bitmap {name} is marked in use (its writer stopped without closing the image) or is disabled: it may have missed writes"
-            ));
-            None
-        }
-        None => {
-            *why = Some(format!("the image has no bitmap {name} (removed, renamed, or never started)"));
-            None
-        }
-    })
+    let store: Box<dyn crate::nbd::bitmap::BitmapStore> = match &node {
+        Some(n) => Box::new(n.clone()),
+        None => Box::new(crate::nbd::bitmap::AtRest { image: opts.source.clone() }),
+    };
+    Ok((crate::nbd::bitmap::BitmapPass::begin(store, last)?, node))
 }
 
 /// A failure the session reported: the target's "what happened — what to

@@ -152,6 +152,7 @@ pub(super) async fn run(
                 committed: c,
                 changes: source.hint_outcome(),
                 source_bytes_read: source.bytes_read(),
+                read_through: "file",
             });
         }
         // Finish once everything was hashed and the target has staged every

@@ -86,11 +86,12 @@ pub(super) fn start(
         return refuse("the disk's size or block size changed since the hint's generation".into());
     }
     let g = o.geometry;
-    let dirty = DirtyBlocks::from_ranges(&g, &hint.ranges);
+    let mut dirty = DirtyBlocks::from_ranges(&g, &hint.ranges);
     let sample = dirty.sample_clean(&g, spot);
     let mut outcome =
         HintOutcome { source: hint.source, note: None, dirty_blocks: dirty.count(), spot_checked: sample.len() as u64 };
-    if let Some(block) = spot_check(o, &manifest, &sample, read)? {
+    let mut written_meanwhile = Vec::new();
+    if let Some(block) = spot_check(o, &manifest, &sample, hint, &mut written_meanwhile, read)? {
         outcome.source = crate::changes::ChangeSource::FullScan;
         outcome.note = Some(format!(
             "the spot check found block {block} changed where the {} hint called it clean: the disk was read in full",
@@ -98,15 +99,32 @@ pub(super) fn start(
         ));
         return Ok((None, outcome));
     }
+    if !written_meanwhile.is_empty() {
+        // Written since the hint was cut: read them too.
+        let mut ranges = hint.ranges.clone();
+        ranges.extend(written_meanwhile.iter().map(|&b| (g.block_offset(b), u64::from(g.block_len(b)))));
+        dirty = DirtyBlocks::from_ranges(&g, &ranges);
+        outcome.dirty_blocks = dirty.count();
+    }
     Ok((Some(Hinted { dirty, recorded: Mutex::new((0, manifest.cursor())) }), outcome))
 }
 
-/// The first sampled block whose bytes no longer hash to the record.
-fn spot_check(o: &Offer<'_>, manifest: &Manifest, sample: &[u64], read: &AtomicU64) -> Result<Option<u64>> {
+/// The first sampled block whose bytes no longer hash to the record,
+/// except blocks the running source wrote since the hint was cut (those
+/// are put in `written_meanwhile`).
+fn spot_check(
+    o: &Offer<'_>,
+    manifest: &Manifest,
+    sample: &[u64],
+    hint: &ChangeHint,
+    written_meanwhile: &mut Vec<u64>,
+    read: &AtomicU64,
+) -> Result<Option<u64>> {
     let g = o.geometry;
     let mut cursor = manifest.cursor();
     let mut at = 0u64;
     let mut buf = Vec::new();
+    let mut live: Option<Vec<(u64, u64)>> = None;
     for &b in sample {
         // Skip to block b in the record (a sorted sample: one pass), a
         // bounded batch at a time.
@@ -130,7 +148,17 @@ fn spot_check(o: &Offer<'_>, manifest: &Manifest, sample: &[u64], read: &AtomicU
             hash_block(&buf)
         };
         if now != recorded {
-            return Ok(Some(b));
+            let Some(ask) = &hint.live else { return Ok(Some(b)) };
+            let covers = |list: &[(u64, u64)]| list.iter().any(|&(o, l)| o < off + len && off < o + l);
+            // Asked again only when the last answer does not cover it: the
+            // write may be newer than that answer.
+            if !live.as_deref().is_some_and(covers) {
+                live = Some((ask.0)().ctx(Place::Source, "asking what was written to", o.path)?);
+            }
+            if !live.as_deref().is_some_and(covers) {
+                return Ok(Some(b));
+            }
+            written_meanwhile.push(b);
         }
     }
     Ok(None)
