@@ -12,6 +12,21 @@ use std::time::{Duration, Instant};
 use crate::agents::{pair, push_to};
 use crate::util::{self, compare, tempdir, uint, MIB};
 
+/// QEMU's tools (and QEMU itself) for these tests: as root they are
+/// installed when missing, as `.ci/run` does, so the tests never skip.
+pub fn need_qemu() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let have = |tool: &str| Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+        let missing = !(have("qemu-img") && have("qemu-nbd") && have("qemu-io") && have("qemu-system-x86_64"));
+        if missing && rustix::process::geteuid().is_root() {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vm/guest.sh");
+            let s = Command::new("bash").arg(script).arg("install").status().unwrap();
+            assert!(s.success(), "tests/vm/guest.sh install failed ({s})");
+        }
+    });
+}
+
 pub fn sh(cmd: &str, args: &[&str]) {
     let o = Command::new(cmd).args(args).output().unwrap();
     assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
@@ -50,6 +65,7 @@ fn hash(args: &[&str]) -> util::Out {
 
 #[test]
 fn qcow2_images_are_read_as_the_guest_sees_them() {
+    need_qemu();
     let p = pair("nbd-qcow2", 1, "");
     let img = p.dir.join("vm.qcow2");
     let size = 96 * MIB + 4096;
@@ -115,6 +131,7 @@ impl Drop for Server {
 
 #[test]
 fn nbd_urls_over_unix_sockets_and_tcp() {
+    need_qemu();
     let p = pair("nbd-urls", 2, "");
     let img = p.dir.join("vm.qcow2");
     qcow2(&img, 32 * MIB, &[(100, 1_000_000, 0x31), (20 * MIB, 4097, 0x32)]);
@@ -336,6 +353,7 @@ fn bitmaps(image: &Path) -> Vec<(String, bool)> {
 /// use by a writer killed with -9 → a full read, still byte-exact.
 #[test]
 fn dirty_bitmaps_of_a_qcow2_image() {
+    need_qemu();
     let p = pair("nbd-bitmap", 1, "");
     let img = p.dir.join("vm.qcow2");
     let tgt = p.dir.join("t0.img");

@@ -127,6 +127,7 @@ fn assert_hinted(r: &Value, min: u64, max: u64, size: u64) {
 
 #[test]
 fn a_running_vms_bitmaps_over_qmp_then_at_rest() {
+    crate::nbd::need_qemu();
     let p = pair("qmp", 1, "");
     let img = p.dir.join("vm.qcow2");
     let tgt = p.dir.join("t0.img");
