@@ -134,6 +134,10 @@ pub fn manifest_view(
     let base = range.start;
     let have = range.end.min(old_count).saturating_sub(base);
     let hashes = cursor.next_blocks(have)?;
+    // The same geometry (the common case): every block is as recorded.
+    if old == g && range.end <= old_count {
+        return Ok(hashes.into_iter().map(Some).collect());
+    }
     Ok(range
         .map(|b| {
             if b < old_count {

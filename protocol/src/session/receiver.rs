@@ -332,14 +332,16 @@ impl ReceiverSession {
     }
 
     fn compare_region(&mut self, region: u64) {
-        let Some(view) = self.views.get(&region) else { return };
+        let Some(view) = self.views.get_mut(&region) else { return };
         let Some(p) = self.pending.get_mut(&region) else { return };
         p.parked = false;
         p.viewed = true;
-        p.hashes = view.blocks.clone();
         if view.hash.is_some() && view.hash == p.source_hash {
+            // Equal: the view is not looked at again.
+            p.hashes = std::mem::take(&mut view.blocks);
             return self.complete_region(region);
         }
+        p.hashes = view.blocks.clone();
         self.transmit.push_back(Message::NeedChunks { region });
     }
 

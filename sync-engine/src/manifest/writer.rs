@@ -78,10 +78,19 @@ impl ManifestWriter {
                 format!("manifest region {region} out of order or of the wrong length"),
             ));
         }
+        self.next_block = range.end;
+        // A region in a hole (most of a large sparse disk) is one count.
+        if hashes.iter().all(BlockHash::is_zero) {
+            self.flush_data()?;
+            self.pending_zero += hashes.len() as u64;
+            self.zero_blocks += hashes.len() as u64;
+            self.root.update(&BlockHash::ZERO);
+            self.regions.push(BlockHash::ZERO);
+            return Ok(());
+        }
         for (i, h) in hashes.iter().enumerate() {
             self.push_block(range.start + i as u64, *h)?;
         }
-        self.next_block = range.end;
         let rh = region_hash(hashes);
         self.root.update(&rh);
         self.regions.push(rh);
