@@ -41,7 +41,7 @@ use crate::block::VerifiedBlock;
 use crate::error::{Error, IoContext, Place, Result};
 use crate::hash::hash_and_compare;
 pub use crate::progress::{NoProgress, Progress};
-use crate::session::{Item, Link, Request, SourceSession, TargetRequest, TargetSession};
+use crate::session::{Item, Link, Outcome, Request, SourceSession, TargetRequest, TargetSession};
 use crate::store::Vfs;
 use crate::view::{view_of, ViewProducer};
 
@@ -158,9 +158,60 @@ pub fn sync(job: &SyncJob, opts: &SyncOptions, progress: &dyn Progress) -> Resul
     target.discard()?;
     let recovery = target.recovery().clone();
     let mut join = Join::new(job, opts, &source, progress)?;
-    let mut report = join.run(&mut target)?;
+    let ready = join.run_to_commit(&mut target)?;
+    let Ready { plan, consistency, accepted } = ready;
+    let Accepted { session, view, old, sink } = accepted;
+    let outcome = session.commit(consistency, job.generation, job.now_unix_ns)?;
+    drop((view, old, sink));
+    let mut report = join.committed(outcome, consistency, plan)?;
     report.recovery = recovery;
     Ok(report)
+}
+
+/// Syncs each `(job, options)` pair as a member of replication group
+/// `name`: every member is compared and staged, then all commit as one
+/// point (the first job's generation id), or none does. Members are synced
+/// one after another on the current rayon pool.
+pub fn sync_group(name: &str, members: &[(SyncJob, SyncOptions)], progress: &dyn Progress) -> Result<Vec<SyncReport>> {
+    let Some((first, _)) = members.first() else { return Err(internal("a group with no members")) };
+    let (generation, now) = (first.generation, first.now_unix_ns);
+    let mut sources = Vec::with_capacity(members.len());
+    let mut targets = Vec::with_capacity(members.len());
+    for (job, opts) in members {
+        if job.state_root != first.state_root {
+            return Err(internal("a group's members share one state directory"));
+        }
+        sources.push(SourceSession::open(job.vfs.clone(), &job.source, opts.block_size, Some(&job.state_root))?);
+        let mut t = Target::open(
+            job.vfs.clone(),
+            &job.state_root,
+            &job.target,
+            TargetOptions { retention: Some(opts.retention), name: None, expect_identity: None },
+        )?;
+        t.discard()?;
+        targets.push(t);
+    }
+    let mut joins = Vec::with_capacity(members.len());
+    for ((job, opts), source) in members.iter().zip(&sources) {
+        joins.push(Join::new(job, opts, source, progress)?);
+    }
+    let mut ready = Vec::with_capacity(members.len());
+    for (join, target) in joins.iter_mut().zip(targets.iter_mut()) {
+        ready.push(join.run_to_commit(target)?);
+    }
+    let mut kept = Vec::with_capacity(ready.len());
+    let mut prepared = Vec::with_capacity(ready.len());
+    for Ready { plan, consistency, accepted } in ready {
+        let Accepted { session, view, old, sink } = accepted;
+        prepared.push(session.prepare_member(consistency, generation, now)?);
+        kept.push((plan, consistency, (view, old, sink)));
+    }
+    let outcomes = crate::session::commit_group(first.vfs.as_ref(), &first.state_root, name, prepared)?;
+    let mut reports = Vec::with_capacity(outcomes.len());
+    for ((join, outcome), (plan, consistency, _)) in joins.iter_mut().zip(outcomes).zip(kept) {
+        reports.push(join.committed(outcome, consistency, plan)?);
+    }
+    Ok(reports)
 }
 
 /// The two sessions and their state machines, in one thread.
@@ -171,6 +222,14 @@ struct Join<'a> {
     progress: &'a dyn Progress,
     sender: SenderSession,
     receiver: ReceiverSession,
+}
+
+/// A session whose target was asked to commit (what it holds is kept
+/// until the commit is done).
+struct Ready<'t> {
+    plan: Plan,
+    consistency: Consistency,
+    accepted: Accepted<'t>,
 }
 
 /// The target side once accepted.
@@ -204,7 +263,8 @@ impl<'a> Join<'a> {
         Ok(Join { job, opts, source, progress, sender: SenderSession::new(open), receiver: ReceiverSession::new() })
     }
 
-    fn run<'t>(&mut self, target: &'t mut Target) -> Result<SyncReport> {
+    /// Runs both sessions until the target is asked to commit.
+    fn run_to_commit<'t>(&mut self, target: &'t mut Target) -> Result<Ready<'t>> {
         let g = self.source.geometry();
         let mut accepted: Option<Accepted<'t>> = None;
         let mut next_region = 0u64;
@@ -250,31 +310,7 @@ impl<'a> Join<'a> {
                     ReceiverEvent::Commit { consistency } => {
                         let t = accepted.take().ok_or_else(|| internal("commit before open"))?;
                         let plan = t.session.plan();
-                        let outcome = t.session.commit(consistency, self.job.generation, self.job.now_unix_ns)?;
-                        let c = outcome.committed;
-                        self.source.commit_history(c.generation, consistency, self.job.now_unix_ns)?;
-                        self.receiver.handle_committed(c);
-                        self.exchange();
-                        return Ok(SyncReport {
-                            mode: if plan == Plan::Full { "full" } else { "delta" },
-                            compare: match plan {
-                                Plan::Full => "none",
-                                Plan::CompareManifest => "manifest",
-                                Plan::CompareHash => "full-compare",
-                            },
-                            disk_bytes: g.disk_bytes,
-                            blocks_total: g.block_count(),
-                            blocks_changed: c.blocks_changed,
-                            bytes_written: c.bytes_written,
-                            log_bytes: outcome.report.map_or(0, |r| r.log_bytes),
-                            undo_bytes: outcome.report.map_or(0, |r| r.undo_bytes),
-                            generation: c.generation,
-                            consistency,
-                            root: c.root,
-                            recovery: Recovery::Clean,
-                            points_dropped: c.points_dropped,
-                            unchanged: c.unchanged,
-                        });
+                        return Ok(Ready { plan, consistency, accepted: t });
                     }
                     ReceiverEvent::Failed { code, message } => return Err(Error::new(code, message)),
                 }
@@ -316,6 +352,35 @@ impl<'a> Join<'a> {
                 return Err(internal("the sessions stopped without a commit"));
             }
         }
+    }
+
+    /// After the commit: the source's history, the sessions' last exchange, the report.
+    fn committed(&mut self, outcome: Outcome, consistency: Consistency, plan: Plan) -> Result<SyncReport> {
+        let g = self.source.geometry();
+        let c = outcome.committed;
+        self.source.commit_history(c.generation, consistency, self.job.now_unix_ns)?;
+        self.receiver.handle_committed(c);
+        self.exchange();
+        Ok(SyncReport {
+            mode: if plan == Plan::Full { "full" } else { "delta" },
+            compare: match plan {
+                Plan::Full => "none",
+                Plan::CompareManifest => "manifest",
+                Plan::CompareHash => "full-compare",
+            },
+            disk_bytes: g.disk_bytes,
+            blocks_total: g.block_count(),
+            blocks_changed: c.blocks_changed,
+            bytes_written: c.bytes_written,
+            log_bytes: outcome.report.map_or(0, |r| r.log_bytes),
+            undo_bytes: outcome.report.map_or(0, |r| r.undo_bytes),
+            generation: c.generation,
+            consistency,
+            root: c.root,
+            recovery: Recovery::Clean,
+            points_dropped: c.points_dropped,
+            unchanged: c.unchanged,
+        })
     }
 
     fn exchange(&mut self) -> bool {

@@ -12,6 +12,7 @@ mod integration {
     mod corrupt;
     mod crash;
     mod faults;
+    mod group;
     mod hash_paths;
     mod hints;
     mod lineage;

@@ -23,6 +23,8 @@ pub struct CommitMeta {
     pub consistency: Consistency,
     /// Commit time (ns since the epoch).
     pub created_unix_ns: i64,
+    /// A member of a replication group's commit (`apply/group.rs`).
+    pub grouped: bool,
 }
 
 /// The result of a commit.
@@ -111,6 +113,17 @@ impl<'t> Prepared<'t> {
     /// The generation this apply commits.
     pub fn generation(&self) -> Generation {
         self.meta.generation
+    }
+
+    /// A block device written directly: no log, its seal is its catalog
+    /// (and it held no recovery point while it was written).
+    pub fn is_direct(&self) -> bool {
+        self.step.journal.is_none()
+    }
+
+    /// The target's path.
+    pub fn target_path(&self) -> &std::path::Path {
+        self.apply.target.path()
     }
 }
 
@@ -245,6 +258,7 @@ impl<'t> Apply<'t> {
             entries_digest: journal.entries_digest(),
             manifest_checksum,
             undo,
+            grouped: meta.grouped,
         };
         Ok(PreparedStep { root: header.root, manifest_checksum, journal: Some((journal, record)) })
     }

@@ -6,7 +6,7 @@
 //! | header (96 B) | `"DFREDO01" · u32 version · u8 kind · u8 resumable · u16 0 · u128 session · u128 base generation · u64 disk bytes · u32 block size · u32 0 · [32] blake3 of bytes 0..64` |
 //! | patch | `u8 1 · [3] 0 · u32 n · u64 block · [32] new block hash · n × (u32 offset · u32 len) · data · [32] blake3 of the entry` |
 //! | zero  | `u8 2 · [7] 0 · u64 offset · u64 len · [32] blake3 of the entry` |
-//! | commit (176 B, last) | `u8 3 · [7] 0 · u128 generation · u64 entries · [32] digest of entry checksums · [32] manifest checksum · u8 has undo · [7] 0 · [32] undo checksum · u64 undo bytes · [32] blake3 of the record` |
+//! | commit (176 B, last) | `u8 3 · u8 grouped · [6] 0 · u128 generation · u64 entries · [32] digest of entry checksums · [32] manifest checksum · u8 has undo · [7] 0 · [32] undo checksum · u64 undo bytes · [32] blake3 of the record` |
 //!
 //! Entries are written without fsync; at commit they are synced, then the
 //! commit record is written and synced. A valid record therefore proves every
@@ -75,6 +75,9 @@ pub struct CommitRecord {
     pub manifest_checksum: [u8; 32],
     /// Checksum and size of the undo segment written for the previous generation.
     pub undo: Option<([u8; 32], u64)>,
+    /// A member of a replication group's commit: it stands only once the
+    /// group's record names its generation (`apply/group.rs`).
+    pub grouped: bool,
 }
 
 /// One staged update, as read back.
@@ -176,6 +179,7 @@ fn decode_header(b: &[u8]) -> Option<JournalHeader> {
 fn encode_commit(c: &CommitRecord) -> [u8; COMMIT_LEN as usize] {
     let mut b = [0u8; COMMIT_LEN as usize];
     b[0] = TAG_COMMIT;
+    b[1] = u8::from(c.grouped);
     b[8..24].copy_from_slice(&c.generation.0.to_le_bytes());
     b[24..32].copy_from_slice(&c.entries.to_le_bytes());
     b[32..64].copy_from_slice(&c.entries_digest);
@@ -191,9 +195,14 @@ fn encode_commit(c: &CommitRecord) -> [u8; COMMIT_LEN as usize] {
 }
 
 fn decode_commit(b: &[u8]) -> Option<CommitRecord> {
-    if b.len() != COMMIT_LEN as usize || b[0] != TAG_COMMIT || blake3::hash(&b[..144]).as_bytes() != &b[144..176] {
+    if b.len() != COMMIT_LEN as usize
+        || b[0] != TAG_COMMIT
+        || b[1] > 1
+        || blake3::hash(&b[..144]).as_bytes() != &b[144..176]
+    {
         return None;
     }
+    let grouped = b[1] == 1;
     let mut f = Fields::new(&b[8..]);
     let generation = Generation(f.u128()?);
     let entries = f.u64()?;
@@ -209,6 +218,7 @@ fn decode_commit(b: &[u8]) -> Option<CommitRecord> {
         entries_digest,
         manifest_checksum,
         undo: has_undo.then_some((undo_sum, undo_len)),
+        grouped,
     })
 }
 

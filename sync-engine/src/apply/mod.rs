@@ -6,6 +6,7 @@
 //! - `recover`: what opening a target does about an interrupted apply;
 //! - `session`: the apply of one session (mode, staging);
 //! - `commit`: prepare → seal → finish;
+//! - `group`: the commit of a replication group (one point across targets);
 //! - `moves`: failover to a kept point, commit, pins of test clones;
 //! - `demote`: a live target back to a replica;
 //! - `sink`: direct writes of full copies, and reads of current content;
@@ -15,6 +16,7 @@ pub mod catalog;
 mod check;
 mod commit;
 mod demote;
+pub mod group;
 pub mod journal;
 mod moves;
 mod recover;

@@ -239,6 +239,7 @@ impl Target {
             entries_digest: j.entries_digest(),
             manifest_checksum: chosen.manifest_checksum,
             undo: Some(undo),
+            grouped: false,
         };
         let data_bytes = j.data_bytes();
         j.seal(&record)?;

@@ -22,8 +22,11 @@ impl Target {
             return Ok(());
         }
         let storage = self.vfs.open(&jpath, OpenHow::Read).ctx(Place::State, "opening", &jpath)?;
-        let scan = journal::scan(&storage, &jpath, &mut |_| Ok(()))?;
+        let mut scan = journal::scan(&storage, &jpath, &mut |_| Ok(()))?;
         drop(storage);
+        if let Some(s) = scan.as_mut() {
+            self.ungroup_uncommitted(s, &jpath)?;
+        }
         if !matches!(&scan, Some(s) if s.commit.is_some()) {
             self.check_untouched()?;
         }
@@ -55,6 +58,25 @@ impl Target {
                 }
             },
         }
+        Ok(())
+    }
+
+    /// A replication group member sealed before its group's commit point
+    /// (no group record): its commit record is taken off the log, and the
+    /// apply is what it was before the seal — interrupted before its
+    /// commit point (kept for resume when resumable).
+    fn ungroup_uncommitted(&mut self, scan: &mut journal::Scan, jpath: &std::path::Path) -> Result<()> {
+        let Some(record) = scan.commit.filter(|r| r.grouped) else { return Ok(()) };
+        let current = self.catalog.as_ref().and_then(|c| c.current()).map(|p| p.generation);
+        if current == Some(record.generation)
+            || super::group::is_committed(self.vfs.as_ref(), &self.state_root, record.generation)?
+        {
+            return Ok(());
+        }
+        let log = self.vfs.open(jpath, OpenHow::ReadWrite).ctx(Place::State, "opening", jpath)?;
+        log.set_len(scan.valid_len).ctx(Place::State, "truncating", jpath)?;
+        log.sync().ctx(Place::State, "syncing", jpath)?;
+        scan.commit = None;
         Ok(())
     }
 

@@ -243,11 +243,11 @@ impl<'t> TargetSession<'t> {
     /// consistent, ends without one and names that point (`unchanged`).
     pub fn commit(self, consistency: Consistency, generation: Generation, now_unix_ns: i64) -> Result<Outcome> {
         let v = &self.lineage;
-        let (common_point, discarded_blocks, discarded_point) = (v.common, v.discarded_blocks, v.discarded_point);
         if let Some(point) = self.apply.unchanged_point(consistency) {
             let root = self.apply.target().manifest_of(&point)?.header().root;
             let target_bytes_read = v.bytes_read + self.apply.disk_bytes_read();
             self.apply.abandon();
+            let (common_point, discarded_blocks, discarded_point) = (v.common, v.discarded_blocks, v.discarded_point);
             return Ok(Outcome {
                 committed: Committed {
                     generation: point.generation,
@@ -268,7 +268,9 @@ impl<'t> TargetSession<'t> {
         let (blocks_changed, points_dropped) = (self.blocks_changed, self.points_dropped);
         let read_before = v.bytes_read;
         let read = self.apply.disk_read_counter();
-        let report = self.apply.commit(CommitMeta { generation, consistency, created_unix_ns: now_unix_ns })?;
+        let report =
+            self.apply.commit(CommitMeta { generation, consistency, created_unix_ns: now_unix_ns, grouped: false })?;
+        let (common_point, discarded_blocks, discarded_point) = (v.common, v.discarded_blocks, v.discarded_point);
         Ok(Outcome {
             committed: Committed {
                 generation: report.generation,
@@ -286,4 +288,71 @@ impl<'t> TargetSession<'t> {
             report: Some(report),
         })
     }
+}
+
+/// A session prepared as a member of a replication group's commit
+/// ([`TargetSession::prepare_member`]), awaiting [`commit_group`].
+#[derive(Debug)]
+pub struct Member<'t> {
+    prepared: crate::apply::Prepared<'t>,
+    committed: Committed,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<'t> TargetSession<'t> {
+    /// Every step before this member's commit point, its commit record
+    /// marked as a group's: it stands only once the group's record does.
+    /// A member always commits a new generation (the group's id), even when
+    /// its content did not change: every member carries each group point.
+    pub fn prepare_member(
+        self,
+        consistency: Consistency,
+        generation: Generation,
+        now_unix_ns: i64,
+    ) -> Result<Member<'t>> {
+        let v = &self.lineage;
+        let committed = Committed {
+            generation,
+            root: BlockHash::ZERO,
+            blocks_changed: self.blocks_changed,
+            bytes_written: 0,
+            points_dropped: self.points_dropped,
+            unchanged: false,
+            common_point: v.common,
+            discarded_blocks: v.discarded_blocks,
+            discarded_point: v.discarded_point,
+            target_bytes_read: v.bytes_read,
+            promoted: false,
+        };
+        let read = self.apply.disk_read_counter();
+        let meta = CommitMeta { generation, consistency, created_unix_ns: now_unix_ns, grouped: true };
+        Ok(Member { prepared: self.apply.prepare(meta)?, committed, read })
+    }
+}
+
+/// Commits the prepared `members` as one point of group `name` (see
+/// [`crate::apply::group`]); the outcomes come in the members' order.
+pub fn commit_group(
+    vfs: &dyn crate::store::Vfs,
+    state_root: &std::path::Path,
+    name: &str,
+    members: Vec<Member<'_>>,
+) -> Result<Vec<Outcome>> {
+    let mut answers = Vec::with_capacity(members.len());
+    let mut prepared = Vec::with_capacity(members.len());
+    for m in members {
+        answers.push((m.committed, m.read));
+        prepared.push(m.prepared);
+    }
+    let reports = crate::apply::group::commit(vfs, state_root, name, prepared)?;
+    Ok(answers
+        .into_iter()
+        .zip(reports)
+        .map(|((mut c, read), report)| {
+            c.root = report.root;
+            c.bytes_written = report.bytes_written;
+            c.target_bytes_read += read.load(std::sync::atomic::Ordering::Relaxed);
+            Outcome { committed: c, report: Some(report) }
+        })
+        .collect())
 }
