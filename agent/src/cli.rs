@@ -48,6 +48,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Send a disk to a target agent over QUIC (delta or full).
     Push(PushArgs),
+    /// Push several disks as one replication group: one snapshot moment (the pre hook, every
+    /// snapshot, the post hook), and the target commits them as one group point, or none.
+    PushGroup(PushGroupArgs),
     /// Push a generated sample disk to an in-process target agent (full, then delta) and print a table.
     Demo(DemoArgs),
 }
@@ -85,6 +88,35 @@ fn compress_level(s: &str) -> Result<Compress, String> {
 pub struct PushArgs {
     /// Source disk: image file, block device, or NBD URL (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT).
     pub src: PathBuf,
+    /// Target name in the target agent's config.
+    #[arg(long, value_name = "NAME")]
+    pub target: String,
+    #[command(flatten)]
+    pub opts: PushOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct PushGroupArgs {
+    /// The replication group's name (the target agent learns its members from its first group push).
+    #[arg(long, value_name = "NAME")]
+    pub group: String,
+    /// A member: its source disk and its target name on the peer (repeat for every disk).
+    #[arg(long = "disk", value_name = "SRC=TARGET", required = true, value_parser = disk_pair)]
+    pub disks: Vec<(PathBuf, String)>,
+    #[command(flatten)]
+    pub opts: PushOpts,
+}
+
+fn disk_pair(s: &str) -> Result<(PathBuf, String), String> {
+    match s.rsplit_once('=') {
+        Some((src, target)) if !src.is_empty() && !target.is_empty() => Ok((PathBuf::from(src), target.to_string())),
+        _ => Err(format!("{s:?} is not SRC=TARGET")),
+    }
+}
+
+/// What a push of one disk is told besides the disk and its target (shared by `push-group`).
+#[derive(Args, Debug, Clone)]
+pub struct PushOpts {
     /// How SRC's bytes are read: raw (the file is the disk), or an image format read through a
     /// read-only qemu-nbd that diskferry starts and stops. The replica holds the guest-visible disk.
     #[arg(long, value_enum, default_value = "raw")]
@@ -95,9 +127,6 @@ pub struct PushArgs {
     /// Hex SHA-256 of the target agent's certificate (`diskferry id` on that host).
     #[arg(long, value_name = "HEX")]
     pub peer_fingerprint: String,
-    /// Target name in the target agent's config.
-    #[arg(long, value_name = "NAME")]
-    pub target: String,
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: ModeArg,
     /// Block size: a power of two from 4K to 4M.
@@ -440,11 +469,12 @@ impl Command {
             Command::Failover(a) => a.common.json,
             Command::Commit(a) | Command::Demote(a) => a.common.json,
             Command::TestFailover(a) => a.common.json,
-            Command::FailoverSync(a) => a.push.common.json,
+            Command::FailoverSync(a) => a.push.opts.common.json,
             Command::Demo(a) => a.common.json,
             Command::Init(a) | Command::Id(a) => a.common.json,
             Command::Serve(a) => a.common.json,
-            Command::Push(a) => a.common.json,
+            Command::Push(a) => a.opts.common.json,
+            Command::PushGroup(a) => a.opts.common.json,
         }
     }
 }

@@ -200,14 +200,22 @@ impl DeferSignals {
 /// SIGINT or SIGTERM meanwhile is acted on once the post hook and the
 /// cleanup ran: `E_CANCELLED`.
 pub fn take(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
+    let mut taken = take_all(&[src.to_path_buf()], o)?;
+    taken.pop().ok_or_else(|| Error::new(ErrorCode::Internal, "no snapshot"))
+}
+
+/// Snapshots of several disks at one moment (a replication group): the pre
+/// hook once, every snapshot, the post hook once. `DISKFERRY_SOURCE` holds
+/// the disks' paths, one per line.
+pub fn take_all(srcs: &[PathBuf], o: &SnapshotOptions) -> Result<Vec<Snapshot>, Error> {
     o.check()?;
     if o.kind == SnapshotKind::None {
-        return take_inner(src, o);
+        return take_inner(srcs, o);
     }
     let d = DeferSignals::get();
     d.seen.store(false, Ordering::SeqCst);
     d.allow.store(false, Ordering::SeqCst);
-    let taken = take_inner(src, o);
+    let taken = take_inner(srcs, o);
     d.allow.store(true, Ordering::SeqCst);
     if d.seen.load(Ordering::SeqCst) {
         drop(taken);
@@ -217,40 +225,47 @@ pub fn take(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
     taken
 }
 
-fn take_inner(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
+fn take_inner(srcs: &[PathBuf], o: &SnapshotOptions) -> Result<Vec<Snapshot>, Error> {
     if o.kind == SnapshotKind::None {
-        return Ok(Snapshot {
-            read_path: src.to_path_buf(),
-            app_consistent: false,
-            kind: o.kind,
-            cleanup: None,
-            lock: None,
-        });
+        return Ok(srcs
+            .iter()
+            .map(|src| Snapshot {
+                read_path: src.clone(),
+                app_consistent: false,
+                kind: o.kind,
+                cleanup: None,
+                lock: None,
+            })
+            .collect());
     }
-    let env = [("DISKFERRY_SOURCE", src.as_os_str())];
-    let mut lock = None;
+    let joined = srcs.iter().map(|s| s.as_os_str()).collect::<Vec<_>>().join(std::ffi::OsStr::new("\n"));
+    let env = [("DISKFERRY_SOURCE", joined.as_os_str())];
+    let mut locks = Vec::with_capacity(srcs.len());
     if o.kind == SnapshotKind::Reflink {
-        // One clone per disk at a time: two pushes of it (to two targets)
-        // must not remove each other's clone as a leftover.
-        lock = Some(lock_clone(src)?);
-        // A clone left by a killed run is stale: it goes before anything
-        // runs. The clone kept for extent maps stays for such pushes.
-        let mut leftovers = vec![next_path(src)];
-        if !o.keep {
-            leftovers.push(reflink_path(src));
-        }
-        for leftover in leftovers {
-            remove_if_there(&leftover)?;
+        for src in srcs {
+            // One clone per disk at a time: two pushes of it (to two targets)
+            // must not remove each other's clone as a leftover.
+            locks.push(Some(lock_clone(src)?));
+            // A clone left by a killed run is stale: it goes before anything
+            // runs. The clone kept for extent maps stays for such pushes.
+            let mut leftovers = vec![next_path(src)];
+            if !o.keep {
+                leftovers.push(reflink_path(src));
+            }
+            for leftover in leftovers {
+                remove_if_there(&leftover)?;
+            }
         }
     }
     let pre = o.pre.as_ref().map(|cmd| hooks::run("pre-snapshot", cmd, &[], &env, o.hook_timeout));
-    let taken = match &pre {
+    let taken: Option<Result<Vec<Snapshot>, Error>> = match &pre {
         Some(Err(_)) => None,
-        _ => Some(snapshot(src, o)),
+        // Dropping the ones taken removes them when a later one fails.
+        _ => Some(srcs.iter().map(|src| snapshot(src, o)).collect()),
     };
     // Always once the pre hook ran, whatever failed in between.
     let post = o.post.as_ref().map(|cmd| hooks::run("post-snapshot", cmd, &[], &env, o.hook_timeout));
-    let mut snap = match taken {
+    let mut snaps = match taken {
         Some(Ok(s)) => s,
         Some(Err(e)) => return Err(e),
         None => {
@@ -258,17 +273,20 @@ fn take_inner(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {
         }
     };
     if let Some(Err(e)) = post {
-        snap.finish();
+        snaps.iter_mut().for_each(Snapshot::finish);
         return Err(e);
     }
     if let Some(Err(e)) = pre {
-        snap.finish();
+        snaps.iter_mut().for_each(Snapshot::finish);
         return Err(e);
     }
-    // The pre hook is what quiesces the application; a post hook alone does not.
-    snap.app_consistent = o.pre.is_some();
-    snap.lock = lock;
-    Ok(snap)
+    locks.resize_with(snaps.len(), || None);
+    for (snap, lock) in snaps.iter_mut().zip(locks) {
+        // The pre hook is what quiesces the application; a post hook alone does not.
+        snap.app_consistent = o.pre.is_some();
+        snap.lock = lock;
+    }
+    Ok(snaps)
 }
 
 fn snapshot(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {

@@ -259,6 +259,7 @@ impl<'a> Join<'a> {
             discard_target_changes: opts.discard_target_changes,
             lineage: source.lineage().to_vec(),
             promote: false,
+            group: None,
         };
         Ok(Join { job, opts, source, progress, sender: SenderSession::new(open), receiver: ReceiverSession::new() })
     }

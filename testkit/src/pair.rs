@@ -81,6 +81,7 @@ pub fn push(vfs: Arc<dyn Vfs>, spec: &PushSpec) -> Result<PushEnd> {
         discard_target_changes: false,
         lineage: Vec::new(),
         promote: false,
+        group: None,
     };
     let mut pair = Pair {
         spec,

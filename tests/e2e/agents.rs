@@ -163,8 +163,19 @@ impl Drop for Agent {
     }
 }
 
+/// A free port below the kernel's ephemeral range (32768 and up by
+/// default): an agent restarted on it cannot find it taken by some other
+/// test's client socket in the meantime.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use rand::Rng;
+    let mut rng = rand::rng();
+    loop {
+        let port = rng.random_range(20_000..32_000);
+        let tcp_free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if tcp_free && UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn push_args(

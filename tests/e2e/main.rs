@@ -20,6 +20,7 @@ mod failover_kill;
 mod failover_sync;
 mod full_download;
 mod full_fs;
+mod group;
 mod guard;
 mod keep_points;
 mod kill;

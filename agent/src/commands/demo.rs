@@ -91,6 +91,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
             idle_timeout: crate::transport::DEFAULT_IDLE_TIMEOUT,
             changes: Default::default(),
             qmp: None,
+            group: None,
+            cancel: None,
             format: Default::default(),
             spot_check: diskferry_sync_engine::changes::SpotCheck::with_seed(1),
         };

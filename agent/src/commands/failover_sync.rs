@@ -32,7 +32,7 @@ struct Pass {
 
 pub fn run(a: FailoverSyncArgs) -> Result<()> {
     let (base, id, rt) = push_setup(&a.push)?;
-    let json = a.push.common.json;
+    let json = a.push.opts.common.json;
     let push_once = |opts: PushOptions| -> Result<(PushReport, f64), Error> {
         let bar = Arc::new(Bar::new());
         let start = Instant::now();

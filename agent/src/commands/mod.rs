@@ -8,6 +8,7 @@ mod failover_sync;
 mod hash;
 mod net;
 mod points;
+mod push_group;
 mod sync;
 mod target_arg;
 mod test_failover;
@@ -34,5 +35,6 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Id(a) => net::id(a),
         Command::Serve(a) => net::serve(a),
         Command::Push(a) => net::push(a),
+        Command::PushGroup(a) => push_group::run(a),
     }
 }

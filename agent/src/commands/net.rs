@@ -10,7 +10,7 @@ use diskferry_sync_engine::changes::SpotCheck;
 use diskferry_sync_engine::Error;
 use serde_json::json;
 
-use crate::cli::{InitArgs, PushArgs, ServeArgs};
+use crate::cli::{InitArgs, PushArgs, PushOpts, ServeArgs};
 use crate::config::Config;
 use crate::identity::{self, normalize_fingerprint};
 use crate::output::print_json;
@@ -76,26 +76,46 @@ async fn shutdown_signal() {
 /// What a push needs from its arguments: the options, this agent's
 /// identity, and a runtime (with the peer resolved on it).
 pub fn push_setup(a: &PushArgs) -> Result<(PushOptions, identity::Identity, tokio::runtime::Runtime)> {
-    // The agent's one state directory: the disk's history must be where
-    // this host's `serve` looks when the disk later receives.
-    let from_config = match (&a.config, &a.common.state_dir) {
+    let (id, rt) = setup(&a.opts)?;
+    let opts = push_options(&a.src, &a.target, &a.opts, &rt)?;
+    Ok((opts, id, rt))
+}
+
+/// This agent's identity (from the agent's state directory), and a runtime.
+pub fn setup(o: &PushOpts) -> Result<(identity::Identity, tokio::runtime::Runtime)> {
+    let id = identity::load(&state_root_of(o)?)?;
+    Ok((id, runtime()?))
+}
+
+/// The agent's one state directory: the disk's history must be where this
+/// host's `serve` looks when the disk later receives.
+fn state_root_of(o: &PushOpts) -> Result<std::path::PathBuf> {
+    let from_config = match (&o.config, &o.common.state_dir) {
         (Some(file), None) => Config::load(file)?.state_dir,
         _ => None,
     };
-    let state_root = state::prepare(&state::resolve(a.common.state_dir.clone().or(from_config)))?;
-    let id = identity::load(&state_root)?;
+    Ok(state::prepare(&state::resolve(o.common.state_dir.clone().or(from_config)))?)
+}
+
+/// The options of a push of `src` to `target` (the peer resolved on `rt`).
+pub fn push_options(
+    src: &std::path::Path,
+    target: &str,
+    a: &PushOpts,
+    rt: &tokio::runtime::Runtime,
+) -> Result<PushOptions> {
+    let state_root = state_root_of(a)?;
     let fingerprint = normalize_fingerprint(&a.peer_fingerprint).ok_or_else(|| {
         Error::new(
             ErrorCode::Usage,
             "--peer-fingerprint must be 64 hex digits (`diskferry id` on the target host prints it)",
         )
     })?;
-    let target = TargetName::new(&a.target).map_err(|e| Error::new(ErrorCode::BadTargetName, e.to_string()))?;
-    let rt = runtime()?;
+    let target = TargetName::new(target).map_err(|e| Error::new(ErrorCode::BadTargetName, e.to_string()))?;
     let peer: SocketAddr = rt.block_on(resolve(&a.peer))?;
     let opts = PushOptions {
         // Canonical: the disk's history is keyed by its path (an NBD URL as written).
-        source: std::fs::canonicalize(&a.src).unwrap_or_else(|_| a.src.clone()),
+        source: std::fs::canonicalize(src).unwrap_or_else(|_| src.to_path_buf()),
         peer,
         peer_fingerprint: fingerprint,
         target,
@@ -121,8 +141,10 @@ pub fn push_setup(a: &PushArgs) -> Result<(PushOptions, identity::Identity, toki
             fraction: a.spot_check,
             ..SpotCheck::with_seed(a.spot_check_seed.unwrap_or_else(rand::random))
         },
+        group: None,
+        cancel: None,
     };
-    Ok((opts, id, rt))
+    Ok(opts)
 }
 
 pub fn push(a: PushArgs) -> Result<()> {
@@ -133,10 +155,10 @@ pub fn push(a: PushArgs) -> Result<()> {
     bar.finish();
     let report = report?;
     let secs = start.elapsed().as_secs_f64();
-    if a.common.json {
+    if a.opts.common.json {
         print_json(&push_json(&report, secs, cpu_seconds()));
     } else {
-        println!("pushed {} to {} at {} ({})", a.src.display(), a.target, a.peer, report.mode());
+        println!("pushed {} to {} at {} ({})", a.src.display(), a.target, a.opts.peer, report.mode());
         println!("  disk        {} in {} blocks", human_bytes(report.disk_bytes), report.blocks_total);
         println!(
             "  changed     {} blocks; sent {} of block data, {} on the wire (path MTU {})",

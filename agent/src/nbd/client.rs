@@ -15,48 +15,14 @@ use std::time::{Duration, Instant};
 
 use diskferry_protocol::nbd::{request, Chunk, Command, Export, Handshake, NbdError, Reply, MAX_READ};
 
+use super::error::lock;
+pub use super::error::ClientError;
 use super::reader::{millis, read_replies, BufferPool, Pending, Waiter};
 use super::stream::Stream;
 use super::url::{NbdUrl, Transport};
 
 /// The largest read request this client sends (the server's limit may be lower).
 const READ_PIECE: u32 = 1 << 20;
-
-/// Why a request failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ClientError {
-    /// The server broke the protocol or failed the request.
-    #[error(transparent)]
-    Nbd(#[from] NbdError),
-    /// The connection failed or was closed.
-    #[error("NBD connection to {url}: {message}")]
-    Connection {
-        /// The server.
-        url: String,
-        /// What happened.
-        message: String,
-    },
-    /// No answer in time.
-    #[error("the NBD server at {url} did not answer within {secs} s")]
-    Timeout {
-        /// The server.
-        url: String,
-        /// The timeout.
-        secs: u64,
-    },
-}
-
-impl From<ClientError> for std::io::Error {
-    fn from(e: ClientError) -> Self {
-        let kind = match &e {
-            ClientError::Timeout { .. } => std::io::ErrorKind::TimedOut,
-            ClientError::Connection { .. } => std::io::ErrorKind::ConnectionAborted,
-            ClientError::Nbd(NbdError::Command { .. }) => std::io::ErrorKind::Other,
-            ClientError::Nbd(_) => std::io::ErrorKind::InvalidData,
-        };
-        std::io::Error::new(kind, e)
-    }
-}
 
 /// An open NBD export.
 pub struct NbdClient {
@@ -79,10 +45,6 @@ impl std::fmt::Debug for NbdClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NbdClient").field("url", &self.url).field("export", &self.export).finish()
     }
-}
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl NbdClient {

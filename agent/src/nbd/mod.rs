@@ -6,6 +6,9 @@
 
 pub mod bitmap;
 pub mod client;
+mod connect;
+mod error;
+mod qemu_nbd;
 pub mod qmp;
 mod reader;
 pub mod running;
@@ -14,53 +17,18 @@ pub mod url;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use diskferry_protocol::nbd::{BASE_ALLOCATION, STATE_ZERO};
 use diskferry_protocol::ErrorCode;
 use diskferry_sync_engine::store::{DiskKind, FileId, Meta, OpenHow, RealFs, Stamp, Storage, Vfs};
 use diskferry_sync_engine::Error;
 
-use client::{ClientError, NbdClient};
+use client::NbdClient;
+use connect::{connect, dirty_extents};
+pub use qemu_nbd::{Format, QemuNbd};
 use url::NbdUrl;
-
-/// How long the server may take to answer one request (seconds in
-/// `DISKFERRY_NBD_TIMEOUT` override it).
-fn nbd_timeout() -> Duration {
-    let secs = std::env::var("DISKFERRY_NBD_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-    Duration::from_secs(secs)
-}
-
-/// `--format`: how the source's bytes are read.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// The file or device is the disk, byte for byte.
-    #[default]
-    Raw,
-    /// QEMU's copy-on-write image.
-    Qcow2,
-    /// VMware's image.
-    Vmdk,
-    /// Hyper-V's image.
-    Vhdx,
-    /// VirtualBox's image.
-    Vdi,
-}
-
-impl Format {
-    fn qemu_name(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
-            Format::Vmdk => "vmdk",
-            Format::Vhdx => "vhdx",
-            Format::Vdi => "vdi",
-        }
-    }
-}
 
 /// An NBD export as the engine's storage: read-only.
 #[derive(Debug)]
@@ -207,111 +175,6 @@ impl Vfs for NbdVfs {
     }
 }
 
-/// A read-only `qemu-nbd` serving an image file on a private unix socket,
-/// stopped when dropped.
-#[derive(Debug)]
-pub struct QemuNbd {
-    child: Child,
-    dir: tempfile::TempDir,
-    image: PathBuf,
-    format: Format,
-}
-
-impl QemuNbd {
-    /// Starts `qemu-nbd` for `image` in `format` and waits until it listens.
-    pub fn start(image: &Path, format: Format, bitmap: Option<&str>) -> Result<(QemuNbd, NbdUrl), Error> {
-        let dir = tempfile::Builder::new()
-            .prefix("diskferry-nbd-")
-            .tempdir_in("/tmp")
-            .map_err(|e| Error::new(ErrorCode::Io, format!("a directory for qemu-nbd's socket: {e}")))?;
-        let socket = dir.path().join("s");
-        let mut cmd = Command::new("qemu-nbd");
-        if let Some(b) = bitmap {
-            cmd.arg("--bitmap").arg(b);
-        }
-        let child = cmd
-            .arg("--read-only")
-            .arg(format!("--format={}", format.qemu_name()))
-            .arg("--export-name=disk")
-            .arg("--shared=8")
-            .arg("--persistent")
-            .arg("--socket")
-            .arg(&socket)
-            .arg(image)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| {
-                Error::new(ErrorCode::NotFound, format!("cannot run qemu-nbd to read {}: {e}", image.display()))
-                    .hint("install qemu-utils (qemu-nbd), or convert the image to raw")
-            })?;
-        let mut q = QemuNbd { child, dir, image: image.to_path_buf(), format };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() {
-            if let Some(e) = q.exited(Duration::ZERO) {
-                return Err(e);
-            }
-            if Instant::now() > deadline {
-                return Err(Error::new(ErrorCode::Connection, "qemu-nbd did not start listening within 20 s"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let url = NbdUrl { transport: url::Transport::Unix(socket), export: "disk".into() };
-        Ok((q, url))
-    }
-
-    /// If `qemu-nbd` exits within `wait` (it could not open the image),
-    /// why, in its own words.
-    fn exited(&mut self, wait: Duration) -> Option<Error> {
-        let deadline = Instant::now() + wait;
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(s)) => break s,
-                _ if Instant::now() >= deadline => return None,
-                _ => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = io::Read::read_to_string(&mut e, &mut err);
-        }
-        Some(
-            Error::new(
-                ErrorCode::InvalidInput,
-                format!(
-                    "qemu-nbd could not open {} as {}: {} ({status})",
-                    self.image.display(),
-                    self.format.qemu_name(),
-                    err.trim()
-                ),
-            )
-            .hint("check --format: `qemu-img info` names the image's format"),
-        )
-    }
-
-    /// The directory holding its socket.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn nbd_error(url: &str, e: ClientError) -> Error {
-    let code = match &e {
-        ClientError::Timeout { .. } | ClientError::Connection { .. } => ErrorCode::Connection,
-        ClientError::Nbd(diskferry_protocol::nbd::NbdError::Refused { .. }) => ErrorCode::NotFound,
-        ClientError::Nbd(_) => ErrorCode::Protocol,
-    };
-    Error::new(code, format!("{url}: {e}")).hint("check that the NBD server runs and exports that name")
-}
-
 impl Source {
     /// The byte ranges the dirty bitmap `name` (exported with the source)
     /// marks as written; `None` if the server did not grant it.
@@ -320,17 +183,6 @@ impl Source {
         let Some(ctx) = client.export().context(&format!("qemu:dirty-bitmap:{name}")) else { return Ok(None) };
         dirty_extents(client, ctx).map(Some)
     }
-}
-
-/// The extents context `ctx` (a dirty bitmap's) marks dirty, over the whole export.
-fn dirty_extents(client: &NbdClient, ctx: u32) -> Result<Vec<(u64, u64)>, Error> {
-    let size = client.export().size;
-    let extents = client.extents(ctx, 0, size).map_err(|e| nbd_error(client.url(), e))?;
-    Ok(extents
-        .into_iter()
-        .filter(|&(_, _, flags)| flags & diskferry_protocol::nbd::STATE_DIRTY != 0)
-        .map(|(at, len, _)| (at, len))
-        .collect())
 }
 
 /// A source ready for the engine: the Vfs to read it through, the path to
@@ -407,31 +259,4 @@ fn nbd_vfs(
     let allocation = client.export().context(BASE_ALLOCATION);
     let storage = Arc::new(NbdStorage { client: client.clone(), allocation });
     NbdVfs { path, storage, image, witness, looks: AtomicI64::new(0) }
-}
-
-/// Connects to `url` asking for `base:allocation` and `bitmap`'s context.
-fn connect(url: &NbdUrl, bitmap: Option<&str>, mut server: Option<&mut QemuNbd>) -> Result<Arc<NbdClient>, Error> {
-    let bitmap_context = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
-    let mut asked = vec![BASE_ALLOCATION];
-    asked.extend(bitmap_context.as_deref());
-    let started = Instant::now();
-    loop {
-        match NbdClient::connect(url, &asked, nbd_timeout()) {
-            Ok(c) => return Ok(Arc::new(c)),
-            Err(e) => {
-                // A qemu-nbd that could not open the image says why as it
-                // exits; one that made its socket but does not listen yet
-                // gets a moment.
-                if let Some(s) = server.as_deref_mut() {
-                    if let Some(why) = s.exited(Duration::from_millis(50)) {
-                        return Err(why);
-                    }
-                    if matches!(e, ClientError::Connection { .. }) && started.elapsed() < Duration::from_secs(5) {
-                        continue;
-                    }
-                }
-                return Err(nbd_error(&url.to_string(), e));
-            }
-        }
-    }
 }

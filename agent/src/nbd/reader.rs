@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use diskferry_protocol::nbd::{finish, header_len, parse_header, Chunk, NbdError, Reply};
 
-use super::client::{lock, ClientError};
+use super::error::{lock, ClientError};
 use super::stream::Stream;
 
 /// A request waiting for its reply, with what its reply may still bring:

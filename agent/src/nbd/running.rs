@@ -197,12 +197,12 @@ pub fn written_ranges(node: &Node, socket: &Path, name: &str) -> Result<Vec<(u64
     );
     let ranges = added.and_then(|_| {
         let url = NbdUrl { transport: Transport::Unix(socket.to_path_buf()), export: copy.clone() };
-        let source = super::connect(&url, Some(&copy), None)?;
+        let source = super::connect::connect(&url, Some(&copy), None)?;
         let ctx = source
             .export()
             .context(&format!("qemu:dirty-bitmap:{copy}"))
             .ok_or_else(|| Error::new(ErrorCode::Protocol, "QEMU did not export the bitmap asked for"))?;
-        super::dirty_extents(&source, ctx)
+        super::connect::dirty_extents(&source, ctx)
     });
     let _ = node.run("block-export-del", json!({ "id": export_id, "mode": "hard" }));
     wait_export_gone(&mut node.qmp.lock().unwrap_or_else(|p| p.into_inner()), &export_id);

@@ -62,6 +62,11 @@ pub struct PushOptions {
     pub spot_check: SpotCheck,
     /// How long a silent target is waited for.
     pub idle_timeout: Duration,
+    /// This push is one member of a replication group's push.
+    pub group: Option<diskferry_protocol::message::GroupTag>,
+    /// Set when another member of the group failed: the session is
+    /// closed at once (so the target lets go of every member now).
+    pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// What a push did.
@@ -119,6 +124,18 @@ pub async fn push_tracked(
     progress: Arc<dyn Progress + Send + Sync>,
     commit_requested: &mut bool,
 ) -> Result<PushReport, Error> {
+    push_with(id, opts, None, progress, commit_requested).await
+}
+
+/// [`push_tracked`] reading `taken` (a snapshot taken with the other
+/// members' of a group) instead of taking one.
+pub async fn push_with(
+    id: &Identity,
+    opts: PushOptions,
+    taken: Option<snapshot::Snapshot>,
+    progress: Arc<dyn Progress + Send + Sync>,
+    commit_requested: &mut bool,
+) -> Result<PushReport, Error> {
     let through_nbd =
         opts.format != crate::nbd::Format::Raw || crate::nbd::url::is_nbd_url(&opts.source.to_string_lossy());
     if through_nbd && opts.snapshot.kind != SnapshotKind::None {
@@ -130,9 +147,12 @@ pub async fn push_tracked(
     }
     // Hooks and the snapshot block: they run off the runtime's threads.
     let (src, so) = (opts.source.clone(), opts.snapshot.clone());
-    let mut snap = tokio::task::spawn_blocking(move || snapshot::take(&src, &so))
-        .await
-        .map_err(|e| Error::new(ErrorCode::Internal, format!("snapshot task: {e}")))??;
+    let mut snap = match taken {
+        Some(s) => s,
+        None => tokio::task::spawn_blocking(move || snapshot::take(&src, &so))
+            .await
+            .map_err(|e| Error::new(ErrorCode::Internal, format!("snapshot task: {e}")))??,
+    };
     // Why a requested hint could not even be offered (the report says so).
     let mut unoffered = None;
     let (pass, node) = match opts.changes {
@@ -233,6 +253,7 @@ pub async fn push_tracked(
         discard_target_changes: opts.discard_target_changes,
         lineage: source.lineage().to_vec(),
         promote: opts.promote,
+        group: opts.group.clone(),
     };
 
     let endpoint =
@@ -249,7 +270,17 @@ pub async fn push_tracked(
     tracing::debug!("connected");
     let finish_sent = commit_requested;
     *finish_sent = false;
-    let result = session::run(&conn, &opts, open, source, progress, snap.app_consistent, finish_sent).await;
+    let run = session::run(&conn, &opts, open, source, progress, snap.app_consistent, finish_sent);
+    let result = match opts.cancel.clone() {
+        None => run.await,
+        Some(mut cancel) => tokio::select! {
+            r = run => r,
+            _ = cancel.wait_for(|c| *c) => {
+                conn.close(1u32.into(), b"another member of the group failed");
+                Err(Error::new(ErrorCode::Cancelled, "another member of the group failed"))
+            }
+        },
+    };
     let result = match (result, conn.close_reason()) {
         // The commit may have landed with only its acknowledgement lost.
         (Err(e), _) if *finish_sent && e.code == ErrorCode::Connection => Err(Error::new(

@@ -3,6 +3,7 @@
 //! shuts down at safe points.
 
 pub mod budget;
+mod group;
 mod session;
 pub mod targets;
 mod worker;
@@ -35,6 +36,8 @@ pub struct ServerCtx {
     pub shutdown: watch::Receiver<bool>,
     /// What each target's path must name (checked at every session).
     pub pins: Arc<targets::Pins>,
+    /// Group pushes in progress.
+    pub groups: Arc<group::Groups>,
 }
 
 /// Which session holds which target, so a new push from the same peer can
@@ -161,6 +164,7 @@ impl Server {
             registry: Registry::default(),
             shutdown: shutdown_rx,
             pins,
+            groups: Arc::default(),
         });
         Ok(Server { endpoint, ctx, shutdown_tx })
     }

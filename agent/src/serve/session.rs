@@ -67,6 +67,7 @@ pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
         registration: None,
         target: String::new(),
         admission: None,
+        group: None,
     };
     let (notes_tx, mut notes_rx) = mpsc::unbounded_channel::<Note>();
     s.notes_tx = Some(notes_tx.clone());
@@ -151,6 +152,8 @@ struct Session {
     target: String,
     /// The session's share of the memory budget, held until it ends.
     admission: Option<OwnedSemaphorePermit>,
+    /// The group push this session is a member of.
+    group: Option<(Arc<super::group::Run>, Arc<super::group::Groups>)>,
 }
 
 impl Session {
@@ -193,6 +196,12 @@ impl Session {
                 }
                 ReceiverEvent::Commit { consistency } => {
                     tracing::debug!("commit starts");
+                    if self.group.is_some() {
+                        // Nothing more arrives: its share of the memory
+                        // budget goes to the members still receiving, which
+                        // this one now waits for.
+                        self.admission = None;
+                    }
                     self.cmd(Cmd::Commit { consistency })
                 }
                 ReceiverEvent::Failed { code, message } => {
@@ -250,7 +259,23 @@ impl Session {
             Err(e) => return self.rs.reject(e.code, with_hint(&e)),
         };
         self.registration = Some(registration);
+        let group = match &o.group {
+            Some(_) if o.promote => {
+                return self.rs.reject(ErrorCode::Usage, "a group push cannot promote: fail the group over instead")
+            }
+            Some(tag) => match self.ctx.groups.join(&self.peer, tag, &name) {
+                Ok(run) => {
+                    self.group = Some((run.clone(), self.ctx.groups.clone()));
+                    Some((run, self.ctx.groups.clone()))
+                }
+                Err(e) => return self.rs.reject(e.code, e.message),
+            },
+            None => None,
+        };
         let Ok(permit) = self.ctx.sessions.clone().try_acquire_owned() else {
+            if let Some((run, groups)) = &group {
+                run.fail(groups, "the target agent is at its session limit");
+            }
             return self.rs.reject(ErrorCode::PeerBusy, "the target agent is at its session limit — retry later");
         };
         // Wait (never fail) for the session's share of the memory budget.
@@ -293,6 +318,7 @@ impl Session {
             pins: self.ctx.pins.clone(),
             regions_in_flight: cost.regions_in_flight,
             index_entries: cost.index_entries,
+            group,
         };
         let handle = match worker::spawn(req, cmd_rx, reply_tx, opened_tx) {
             Ok(h) => h,
@@ -348,6 +374,12 @@ impl Session {
         // Nothing of this session may be written once the target is released.
         if let Some(mut w) = self.writer.take() {
             let _ = tokio::task::spawn_blocking(move || w.stop()).await;
+        }
+        if let Some((run, groups)) = self.group.take() {
+            // Its worker may wait for the other members: a session that
+            // ends first fails the group push (after the group record, this
+            // changes nothing).
+            run.fail(&groups, &format!("the session of member {} ended", self.target));
         }
         if let Some((tx, handle)) = self.worker.take() {
             let _ = tx.send(Cmd::Stop);

@@ -28,6 +28,8 @@ pub struct OpenRequest {
     pub regions_in_flight: u32,
     /// Manifest index entries held in memory before spilling.
     pub index_entries: usize,
+    /// The group push this session is a member of.
+    pub group: Option<(Arc<super::group::Run>, Arc<super::group::Groups>)>,
 }
 
 /// The session as the worker opened it (the engine's answer).
@@ -118,6 +120,14 @@ fn run(
         }
     };
     let result = serve_session(&mut target, &req, &g, cmds, replies, opened);
+    if let (Some((run, groups)), false) = (&req.group, matches!(result, Ok(true))) {
+        let why = match &result {
+            Err(e) => format!("member {} failed: {}", req.name, e.message),
+            _ => format!("member {} stopped before its commit", req.name),
+        };
+        run.fail(groups, &why);
+    }
+    let result = result.map(|_| ());
     // What the path names after this session wrote it (a full copy renames a new file into place).
     req.pins.update(&req.name, target.expected_identity());
     result
@@ -130,7 +140,7 @@ fn serve_session(
     cmds: Receiver<Cmd>,
     replies: &UnboundedSender<Reply>,
     opened: tokio::sync::oneshot::Sender<Result<Opened, Error>>,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let treq = TargetRequest {
         request: Request::from_open(&req.open, *g, crate::ids::new_generation(), crate::ids::now_unix_ns()),
         session: req.open.session,
@@ -142,11 +152,11 @@ fn serve_session(
         Ok(x) => x,
         Err(e) => {
             let _ = opened.send(Err(e));
-            return Ok(());
+            return Ok(false);
         }
     };
     if opened.send(Ok(accepted)).is_err() {
-        return Ok(());
+        return Ok(false);
     }
     while let Ok(cmd) = cmds.recv() {
         match cmd {
@@ -165,7 +175,10 @@ fn serve_session(
             Cmd::Account { blocks, bytes, end } => session.account_direct(blocks, bytes, end),
             Cmd::Region { region, hashes, expected } => session.region(region, &hashes, expected)?,
             Cmd::Commit { consistency } => {
-                let outcome = session.commit(consistency, crate::ids::new_generation(), crate::ids::now_unix_ns())?;
+                let outcome = match &req.group {
+                    Some((run, groups)) => commit_member(session, consistency, req, run, groups)?,
+                    None => session.commit(consistency, crate::ids::new_generation(), crate::ids::now_unix_ns())?,
+                };
                 let mut committed = outcome.committed;
                 if req.open.promote {
                     // The last step of `failover-sync --promote`, in the same
@@ -178,12 +191,32 @@ fn serve_session(
                     }
                 }
                 let _ = replies.send(Reply::Committed(committed));
-                return Ok(());
+                return Ok(true);
             }
             Cmd::Stop => break,
         }
     }
     // The session ended without a commit: dropping the apply keeps the
     // staged blocks (resumable) and leaves the target at its last commit.
-    Ok(())
+    Ok(false)
+}
+
+/// Commits this session as a member of its group push: prepared and
+/// sealed here, the group record written by the last member to seal, then
+/// finished here. An error before the record fails every member.
+fn commit_member(
+    session: TargetSession<'_>,
+    consistency: Consistency,
+    req: &OpenRequest,
+    run: &super::group::Run,
+    groups: &super::group::Groups,
+) -> Result<diskferry_sync_engine::session::Outcome, Error> {
+    let member = session.prepare_member(consistency, run.generation, crate::ids::now_unix_ns())?;
+    let sealed = member.seal()?;
+    run.sealed(req.vfs.as_ref(), &req.state_root)?;
+    // Past the group's commit point: a failure from here on is finished by
+    // recovery when the target is next opened.
+    let outcome = sealed.finish()?;
+    run.finished(groups, req.vfs.as_ref(), &req.state_root);
+    Ok(outcome)
 }

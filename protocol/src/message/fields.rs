@@ -50,7 +50,24 @@ pub struct Open {
     /// Promote the committed point (the target becomes `live`) in this
     /// session: the last step of `failover-sync --promote`.
     pub promote: bool,
+    /// This session is one member of a replication group's push: the
+    /// target commits it only together with the others.
+    pub group: Option<GroupTag>,
 }
+
+/// The replication group push a session belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupTag {
+    /// The group's name.
+    pub name: TargetName,
+    /// The push, the same in every member's session.
+    pub push: u128,
+    /// How many members (sessions) the push has.
+    pub members: u16,
+}
+
+/// Members a group push may have.
+pub const MAX_GROUP_MEMBERS: u16 = 64;
 
 /// Generations an `Open` may carry as lineage.
 pub const MAX_LINEAGE: usize = 256;
@@ -113,5 +130,6 @@ pub(super) const COMMITTED_UNCHANGED: u8 = 1;
 pub(super) const OPEN_FORCE: u8 = 1;
 pub(super) const OPEN_DISCARD: u8 = 2;
 pub(super) const OPEN_PROMOTE: u8 = 4;
+pub(super) const OPEN_GROUP: u8 = 8;
 /// [`Committed`] flag: the point was promoted.
 pub(super) const COMMITTED_PROMOTED: u8 = 2;

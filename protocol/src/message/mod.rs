@@ -38,7 +38,7 @@ mod fields;
 use block::{decode_block, put_block_fields};
 pub use block::{encode_block, encode_block_head, BlockFrame, Codec};
 pub use fields::*;
-use fields::{COMMITTED_PROMOTED, COMMITTED_UNCHANGED, OPEN_DISCARD, OPEN_FORCE, OPEN_PROMOTE};
+use fields::{COMMITTED_PROMOTED, COMMITTED_UNCHANGED, OPEN_DISCARD, OPEN_FORCE, OPEN_GROUP, OPEN_PROMOTE};
 
 use crate::coding::{put_str, BufExt, DecodeError, DecodeResult};
 use crate::error::ErrorCode;
@@ -241,12 +241,18 @@ impl Message {
                 b.put_u8(
                     if o.force { OPEN_FORCE } else { 0 }
                         | if o.discard_target_changes { OPEN_DISCARD } else { 0 }
-                        | if o.promote { OPEN_PROMOTE } else { 0 },
+                        | if o.promote { OPEN_PROMOTE } else { 0 }
+                        | if o.group.is_some() { OPEN_GROUP } else { 0 },
                 );
                 let lineage = &o.lineage[..o.lineage.len().min(MAX_LINEAGE)];
                 b.put_u32_le(lineage.len() as u32);
                 for g in lineage {
                     b.put_u128_le(g.0);
+                }
+                if let Some(t) = &o.group {
+                    put_str(b, t.name.as_str());
+                    b.put_u128_le(t.push);
+                    b.put_u16_le(t.members);
                 }
             }
             Message::Accept(a) => {
@@ -359,7 +365,7 @@ impl Message {
                     _ => return Err(DecodeError::Invalid("mode")),
                 };
                 let flags = body.get_u8_checked()?;
-                if flags & !(OPEN_FORCE | OPEN_DISCARD | OPEN_PROMOTE) != 0 {
+                if flags & !(OPEN_FORCE | OPEN_DISCARD | OPEN_PROMOTE | OPEN_GROUP) != 0 {
                     return Err(DecodeError::Invalid("flags"));
                 }
                 let n = body.get_count(16)?;
@@ -370,6 +376,17 @@ impl Message {
                 for _ in 0..n {
                     lineage.push(generation(body.get_u128_checked()?).ok_or(DecodeError::Invalid("lineage"))?);
                 }
+                let group = if flags & OPEN_GROUP != 0 {
+                    let name = TargetName::new(&body.get_str()?).map_err(|_| DecodeError::Invalid("group name"))?;
+                    let push = body.get_u128_checked()?;
+                    let members = body.get_u16_checked()?;
+                    if members == 0 || members > MAX_GROUP_MEMBERS {
+                        return Err(DecodeError::Invalid("group members"));
+                    }
+                    Some(GroupTag { name, push, members })
+                } else {
+                    None
+                };
                 Message::Open(Open {
                     session,
                     target,
@@ -380,6 +397,7 @@ impl Message {
                     discard_target_changes: flags & OPEN_DISCARD != 0,
                     lineage,
                     promote: flags & OPEN_PROMOTE != 0,
+                    group,
                 })
             }
             0x04 => {

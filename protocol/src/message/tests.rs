@@ -24,6 +24,7 @@ pub(crate) fn samples() -> Vec<Message> {
             discard_target_changes: false,
             lineage: vec![Generation(9), Generation(3)],
             promote: false,
+            group: None,
         }),
         Message::Open(Open {
             session: SessionId(8),
@@ -35,6 +36,7 @@ pub(crate) fn samples() -> Vec<Message> {
             discard_target_changes: true,
             lineage: Vec::new(),
             promote: false,
+            group: Some(GroupTag { name: TargetName::new("app").unwrap(), push: 77, members: 3 }),
         }),
         Message::Accept(Accept { plan: Plan::CompareManifest, target_generation: None, staged_blocks: 3, window: 16 }),
         Message::Region { region: 2, hash: h },
@@ -157,6 +159,7 @@ fn bad_frames_are_errors() {
         discard_target_changes: false,
         lineage: Vec::new(),
         promote: false,
+        group: None,
     })
     .encode(&mut path);
     // Rewrite the name "ok" to "..": a path component never decodes.

@@ -2,7 +2,7 @@
 //! arbitrary bytes never panic the decoder.
 
 use bytes::{Bytes, BytesMut};
-use diskferry_protocol::message::{Accept, BlockFrame, Codec, Committed, Open, Plan, SyncMode, WantBlock};
+use diskferry_protocol::message::{Accept, BlockFrame, Codec, Committed, GroupTag, Open, Plan, SyncMode, WantBlock};
 use diskferry_protocol::{
     BlockHash, BlockSize, Consistency, ErrorCode, FrameSplitter, Generation, Message, SessionId, TargetName, MAX_FRAME,
 };
@@ -58,10 +58,11 @@ fn message() -> impl Strategy<Value = Message> {
             12u32..=22,
             0u8..3,
             (any::<bool>(), any::<bool>(), any::<bool>()),
-            prop::collection::vec(generation(), 0..20)
+            prop::collection::vec(generation(), 0..20),
+            prop::option::of((name(), any::<u128>(), 1u16..=64))
         )
             .prop_map(
-                |(s, target, disk_bytes, shift, mode, (force, discard_target_changes, promote), lineage)| {
+                |(s, target, disk_bytes, shift, mode, (force, discard_target_changes, promote), lineage, group)| {
                     Message::Open(Open {
                         session: SessionId(s),
                         target,
@@ -72,6 +73,7 @@ fn message() -> impl Strategy<Value = Message> {
                         discard_target_changes,
                         lineage,
                         promote,
+                        group: group.map(|(name, push, members)| GroupTag { name, push, members }),
                     })
                 }
             ),

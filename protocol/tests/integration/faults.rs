@@ -80,6 +80,7 @@ impl Conn {
             discard_target_changes: false,
             lineage: Vec::new(),
             promote: false,
+            group: None,
         };
         Conn {
             s: SenderSession::new(open),

@@ -38,6 +38,7 @@ fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) 
         discard_target_changes: false,
         lineage: Vec::new(),
         promote: false,
+        group: None,
     };
     let mut s = SenderSession::new(open);
     let mut r = ReceiverSession::new();
@@ -256,6 +257,7 @@ fn unexpected_messages_fail_with_codes() {
         discard_target_changes: false,
         lineage: Vec::new(),
         promote: false,
+        group: None,
     };
     let mut s = SenderSession::new(open);
     let _ = s.poll_transmit();
@@ -299,6 +301,7 @@ fn verify_failures_are_retried_then_fatal() {
         discard_target_changes: false,
         lineage: Vec::new(),
         promote: false,
+        group: None,
     };
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();
@@ -332,6 +335,7 @@ fn unrequested_blocks_are_refused() {
         discard_target_changes: false,
         lineage: Vec::new(),
         promote: false,
+        group: None,
     };
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();
@@ -376,6 +380,7 @@ fn full_receiver(blocks: u64) -> ReceiverSession {
         discard_target_changes: false,
         lineage: Vec::new(),
         promote: false,
+        group: None,
     };
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();

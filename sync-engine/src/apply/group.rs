@@ -37,8 +37,9 @@ pub fn is_committed(vfs: &dyn Vfs, state_root: &Path, generation: Generation) ->
     Ok(vfs.metadata(&p).ctx(Place::State, "reading", &p)?.is_some())
 }
 
-/// The group's commit point: the record, synced, and its name durable.
-fn write_record(vfs: &dyn Vfs, state_root: &Path, generation: Generation, text: &str) -> Result<()> {
+/// The group's commit point: the record (`text` says what it is for the
+/// operator), synced, and its name durable.
+pub fn write_record(vfs: &dyn Vfs, state_root: &Path, generation: Generation, text: &str) -> Result<()> {
     let dir = records_dir(state_root);
     vfs.create_dir_all(&dir).ctx(Place::State, "creating", &dir)?;
     for d in [state_root.to_path_buf(), state_root.join("groups"), dir.clone()] {
@@ -55,7 +56,7 @@ fn write_record(vfs: &dyn Vfs, state_root: &Path, generation: Generation, text: 
 }
 
 /// Removes the record once every member finished (its logs are gone).
-fn forget_record(vfs: &dyn Vfs, state_root: &Path, generation: Generation) -> Result<()> {
+pub fn forget_record(vfs: &dyn Vfs, state_root: &Path, generation: Generation) -> Result<()> {
     let p = record_path(state_root, generation);
     vfs.remove_file(&p).ctx(Place::State, "removing", &p)?;
     let dir = records_dir(state_root);

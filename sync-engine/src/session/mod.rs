@@ -30,4 +30,4 @@ pub mod target;
 
 pub use decide::{decide, Decision, Request};
 pub use source::{Item, ItemSink, Link, SourceSession};
-pub use target::{commit_group, Accepted, Member, Outcome, TargetRequest, TargetSession};
+pub use target::{commit_group, Accepted, Member, Outcome, SealedMember, TargetRequest, TargetSession};

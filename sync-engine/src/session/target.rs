@@ -330,6 +330,42 @@ impl<'t> TargetSession<'t> {
     }
 }
 
+/// A member past [`Member::seal`]: waiting for the group record.
+#[derive(Debug)]
+pub struct SealedMember<'t> {
+    /// A block device written directly is sealed after the group record.
+    state: std::result::Result<crate::apply::Sealed<'t>, crate::apply::Prepared<'t>>,
+    committed: Committed,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<'t> Member<'t> {
+    /// The member's commit record, marked grouped (a block device written
+    /// directly waits for [`SealedMember::finish`]). When members seal on
+    /// threads of their own, the group record
+    /// ([`crate::apply::group::write_record`]) follows every member's seal.
+    pub fn seal(self) -> Result<SealedMember<'t>> {
+        let state = if self.prepared.is_direct() { Err(self.prepared) } else { Ok(self.prepared.seal()?) };
+        Ok(SealedMember { state, committed: self.committed, read: self.read })
+    }
+}
+
+impl SealedMember<'_> {
+    /// After the group record: the member's new point, in place.
+    pub fn finish(self) -> Result<Outcome> {
+        let sealed = match self.state {
+            Ok(s) => s,
+            Err(direct) => direct.seal()?,
+        };
+        let report = sealed.finish()?;
+        let mut c = self.committed;
+        c.root = report.root;
+        c.bytes_written = report.bytes_written;
+        c.target_bytes_read += self.read.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(Outcome { committed: c, report: Some(report) })
+    }
+}
+
 /// Commits the prepared `members` as one point of group `name` (see
 /// [`crate::apply::group`]); the outcomes come in the members' order.
 pub fn commit_group(

@@ -1,0 +1,219 @@
+//! Replication groups (`push-group`): three disks — two files and a loop
+//! device — pushed as one group point. The target agent is killed with
+//! SIGKILL at random moments of group pushes; after a restart of `serve`,
+//! or after `verify` of a single member with no `serve` running, all three
+//! members are at the same group point, old or new, byte for byte.
+
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::agents::{Agent, Identity, TargetSpec};
+use crate::util::*;
+
+struct Group {
+    _dir: tempfile::TempDir,
+    source: Identity,
+    agent: Agent,
+    /// (source disk, target path, target name)
+    members: Vec<(PathBuf, PathBuf, String)>,
+    _device: Loop,
+}
+
+impl Group {
+    fn new(name: &str, rng: &mut rand::rngs::SmallRng) -> Group {
+        let tmp = tempdir(name);
+        let dir = tmp.path().to_path_buf();
+        let source = Identity::init(&dir, "source-state");
+        let device = Loop::new(&dir.join("dev1.backing"), 16 * MIB);
+        let sizes = [24 * MIB + 4096 * 3, 16 * MIB, 8 * MIB + 77];
+        let targets = [dir.join("t0.img"), device.dev.clone(), dir.join("t2.img")];
+        let mut members = Vec::new();
+        for (i, (size, target)) in sizes.into_iter().zip(targets).enumerate() {
+            let src = dir.join(format!("src{i}.img"));
+            make_disk(&src, size, 0.7, rng);
+            members.push((src, target, format!("t{i}")));
+        }
+        let specs: Vec<TargetSpec<'_>> =
+            members.iter().map(|(_, path, name)| TargetSpec { name, path: path.clone(), allowed: &["src"] }).collect();
+        let agent = Agent::start(&dir, &[("src", &source.fingerprint)], &specs, "");
+        Group { _dir: tmp, source, agent, members, _device: device }
+    }
+
+    fn args(&self, extra: &[&str]) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec![
+            "push-group".into(),
+            "--group".into(),
+            "app".into(),
+            "--peer".into(),
+            self.agent.addr.to_string().into(),
+            "--peer-fingerprint".into(),
+            self.agent.id.fingerprint.clone().into(),
+            "--state-dir".into(),
+            self.source.state.clone().into(),
+            "--json".into(),
+        ];
+        for (src, _, name) in &self.members {
+            let mut d = src.clone().into_os_string();
+            d.push("=");
+            d.push(name);
+            a.push("--disk".into());
+            a.push(d);
+        }
+        a.extend(extra.iter().map(Into::into));
+        a
+    }
+
+    fn push(&self, extra: &[&str]) -> Out {
+        let args = self.args(extra);
+        let refs: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        run(&refs)
+    }
+
+    /// Each member's current generation and content hash (opening each
+    /// member recovers it).
+    fn state(&self) -> Vec<(String, [u8; 32])> {
+        self.members
+            .iter()
+            .map(|(src, target, _)| {
+                let p = self.agent.points(target).ok_json();
+                let current = p["points"].as_array().unwrap().iter().find(|x| x["current"] == true).cloned();
+                let gen = current.map_or_else(String::new, |c| c["generation"].as_str().unwrap().to_string());
+                let len = disk_len(src);
+                let mut h = blake3::Hasher::new();
+                let mut f = std::fs::File::open(target).unwrap();
+                let mut left = len;
+                let mut buf = vec![0u8; 1 << 20];
+                while left > 0 {
+                    let n = std::io::Read::read(&mut f, &mut buf[..left.min(1 << 20) as usize]).unwrap();
+                    assert!(n > 0);
+                    h.update(&buf[..n]);
+                    left -= n as u64;
+                }
+                (gen, *h.finalize().as_bytes())
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_group_push_commits_one_point_for_every_member() {
+    let mut rng = rng("group-basic");
+    let g = Group::new("group-basic", &mut rng);
+    let r = g.push(&[]).ok_json();
+    let gen = r["generation"].as_str().unwrap().to_string();
+    let members = r["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{r}");
+    for (m, (src, target, _)) in members.iter().zip(&g.members) {
+        assert_eq!(m["generation"], gen.as_str(), "every member carries the group point: {r}");
+        compare_prefix(src, target, disk_len(src)).unwrap();
+    }
+    // A delta of the group: only what changed is sent; still one point.
+    for (src, _, _) in &g.members {
+        scatter_writes(src, 5, 100_000, &mut rng);
+    }
+    let r = g.push(&[]).ok_json();
+    let gen2 = r["generation"].as_str().unwrap();
+    assert_ne!(gen2, gen);
+    for (m, (src, target, _)) in r["members"].as_array().unwrap().iter().zip(&g.members) {
+        assert_eq!(m["mode"], "delta", "{r}");
+        assert_eq!(m["generation"], gen2, "{r}");
+        compare_prefix(src, target, disk_len(src)).unwrap();
+    }
+    // A member unchanged since still gets the group's new point.
+    scatter_writes(&g.members[0].0, 2, 10_000, &mut rng);
+    let r = g.push(&[]).ok_json();
+    let gen3 = r["generation"].as_str().unwrap().to_string();
+    let state = g.state();
+    assert!(state.iter().all(|(gen, _)| *gen == gen3), "{state:?} vs {gen3}");
+    // An unknown member fails the whole group: nobody moves.
+    let mut bad = g.args(&[]);
+    bad.push("--disk".into());
+    bad.push(format!("{}=nosuch", g.members[0].0.with_file_name("extra.img").display()).into());
+    std::fs::write(g.members[0].0.with_file_name("extra.img"), vec![1u8; 65536]).unwrap();
+    scatter_writes(&g.members[1].0, 2, 10_000, &mut rng);
+    let refs: Vec<&OsStr> = bad.iter().map(|a| a.as_os_str()).collect();
+    run(&refs).expect_json_error("E_UNKNOWN_TARGET", 4);
+    let after = g.state();
+    assert_eq!(after, state, "a failed group push moved a member");
+}
+
+/// One kill trial: a group push after random writes, the target agent
+/// killed at a random moment, then recovery (by `verify` of one member
+/// with no `serve` running, or by restarting `serve`). Returns whether the
+/// group ended at the new point.
+fn kill_trial(g: &mut Group, rng: &mut rand::rngs::SmallRng, via_verify: bool, span: Duration) -> bool {
+    let before = g.state();
+    for (src, _, _) in &g.members {
+        scatter_writes(src, rng.random_range(1..6), 300_000, rng);
+    }
+    let args = g.args(&[]);
+    let refs: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let mut child = KillOnDrop(spawn(&refs));
+    let wait = span.mul_f64(rng.random_range(0.0..1.2));
+    let t = Instant::now();
+    while t.elapsed() < wait && child.0.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    g.agent.kill9();
+    // The source would wait out its idle timeout for the dead agent.
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+    if via_verify {
+        // One member alone, no serve: its recovery must read the group record.
+        g.agent.verify(&g.members[1].1).ok();
+    }
+    g.agent.spawn();
+    let after = g.state();
+    let gens: Vec<&String> = after.iter().map(|(gen, _)| gen).collect();
+    assert!(gens.iter().all(|x| *x == gens[0]), "members at different points: {after:?} (before {before:?})");
+    let new = after != before;
+    if new {
+        // At the new point every member holds its source's bytes.
+        for (src, target, _) in &g.members {
+            compare_prefix(src, target, disk_len(src)).unwrap();
+        }
+    } else {
+        for ((gen, bytes), (gen0, bytes0)) in after.iter().zip(&before) {
+            assert_eq!((gen, bytes), (gen0, bytes0), "the old point moved");
+        }
+    }
+    // The next group push lands whatever the kill left.
+    let r = g.push(&[]).ok_json();
+    let gen = r["generation"].as_str().unwrap();
+    assert!(g.state().iter().all(|(x, _)| x == gen));
+    new
+}
+
+fn kill_trials(name: &str, trials: usize) {
+    let mut rng = rng(name);
+    let mut g = Group::new(name, &mut rng);
+    g.push(&[]).ok_json();
+    // How long a group delta takes here: the kills land across it.
+    for (src, _, _) in &g.members {
+        scatter_writes(src, 5, 300_000, &mut rng);
+    }
+    let t = Instant::now();
+    g.push(&[]).ok_json();
+    let span = t.elapsed();
+    let mut news = 0;
+    for i in 0..trials {
+        news += usize::from(kill_trial(&mut g, &mut rng, i % 2 == 1, span));
+    }
+    eprintln!("{name}: {trials} kills over {span:?}, {news} at the new point, {} at the old", trials - news);
+    assert!(news > 0 && news < trials, "the kills all landed on one side of the commit");
+}
+
+#[test]
+fn a_killed_target_agent_never_leaves_a_group_mixed() {
+    kill_trials("group-kill", 20);
+}
+
+/// The long run by hand: `cargo test -p diskferry-agent --test e2e -- --ignored group_kill_stress`.
+#[test]
+#[ignore]
+fn group_kill_stress() {
+    kill_trials("group-kill-stress", 100);
+}
