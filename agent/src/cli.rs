@@ -338,7 +338,14 @@ pub struct VerifyArgs {
 #[derive(Args, Debug)]
 pub struct PointsArgs {
     /// Target disk.
-    pub dst: PathBuf,
+    #[arg(required_unless_present = "group")]
+    pub dst: Option<PathBuf>,
+    /// A replication group instead: the points every member holds (the group points).
+    #[arg(long, value_name = "NAME", conflicts_with = "dst")]
+    pub group: Option<String>,
+    /// With --group: the target agent's config (its state_dir is used).
+    #[arg(long, value_name = "FILE", requires = "group")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -368,7 +375,12 @@ pub struct AbortArgs {
 #[derive(Args, Debug, Clone)]
 pub struct TargetArg {
     /// Target disk path, or with --config a target name from that serve config.
-    pub target: String,
+    #[arg(required_unless_present = "group")]
+    pub target: Option<String>,
+    /// A replication group (see `push-group`) instead of one target: the move applies to every
+    /// member (failover, commit, points).
+    #[arg(long, value_name = "NAME", conflicts_with = "target")]
+    pub group: Option<String>,
     /// The target agent's config: TARGET is one of its target names (and its state_dir is used).
     #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod crypto;
+pub mod groups;
 pub mod hooks;
 pub mod identity;
 pub mod ids;

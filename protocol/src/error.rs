@@ -108,6 +108,9 @@ error_codes! {
     /// An operator hook (pre/post snapshot, snapshot command, quiesce)
     /// failed or outlived its timeout.
     Hook = 12, "E_HOOK", Input, true;
+    /// The disks of a group push do not match the group the target agent
+    /// knows: a disk in another group, or a group's members changed.
+    GroupMembers = 13, "E_GROUP_MEMBERS", Input, false;
     /// The target was changed behind diskferry's back.
     Diverged = 20, "E_DIVERGED", Diverged, false;
     /// The target's bytes do not match its committed manifest.

@@ -128,14 +128,15 @@ fn a_group_push_commits_one_point_for_every_member() {
     let gen3 = r["generation"].as_str().unwrap().to_string();
     let state = g.state();
     assert!(state.iter().all(|(gen, _)| *gen == gen3), "{state:?} vs {gen3}");
-    // An unknown member fails the whole group: nobody moves.
+    // A fourth disk, and one the agent does not know: refused (the group
+    // has three members), nobody moves.
     let mut bad = g.args(&[]);
     bad.push("--disk".into());
     bad.push(format!("{}=nosuch", g.members[0].0.with_file_name("extra.img").display()).into());
     std::fs::write(g.members[0].0.with_file_name("extra.img"), vec![1u8; 65536]).unwrap();
     scatter_writes(&g.members[1].0, 2, 10_000, &mut rng);
     let refs: Vec<&OsStr> = bad.iter().map(|a| a.as_os_str()).collect();
-    run(&refs).expect_json_error("E_UNKNOWN_TARGET", 4);
+    run(&refs).expect_json_error("E_GROUP_MEMBERS", 3);
     let after = g.state();
     assert_eq!(after, state, "a failed group push moved a member");
 }
@@ -216,4 +217,94 @@ fn a_killed_target_agent_never_leaves_a_group_mixed() {
 #[ignore]
 fn group_kill_stress() {
     kill_trials("group-kill-stress", 100);
+}
+
+/// The group's moves on the recovery site: its points are the generations
+/// every member holds (a member pushed alone adds none), `failover --group`
+/// makes every member live at one of them, `commit --group` keeps it; a
+/// disk of one group cannot be pushed in another, nor the group with other
+/// members.
+#[test]
+fn group_points_failover_and_commit() {
+    let mut rng = rng("group-moves");
+    let g = Group::new("group-moves", &mut rng);
+    let first = g.push(&[]).ok_json();
+    let p1 = first["generation"].as_str().unwrap().to_string();
+    let bytes_at_p1: Vec<Vec<u8>> = g.members.iter().map(|(src, _, _)| std::fs::read(src).unwrap()).collect();
+    for (src, _, _) in &g.members {
+        scatter_writes(src, 4, 100_000, &mut rng);
+    }
+    let p2 = g.push(&[]).ok_json()["generation"].as_str().unwrap().to_string();
+    // A member pushed alone: a point of its own, not a group point.
+    scatter_writes(&g.members[0].0, 2, 50_000, &mut rng);
+    let solo = crate::agents::push_to(&g.members[0].0, &g.source, &g.agent, "t0", &[]).ok_json();
+    let solo = solo["generation"].as_str().unwrap().to_string();
+
+    // The group with a member fewer: refused, and no member moves.
+    let before = g.state();
+    let mut fewer = g.args(&[]);
+    fewer.truncate(fewer.len() - 2);
+    let refs: Vec<&OsStr> = fewer.iter().map(|a| a.as_os_str()).collect();
+    scatter_writes(&g.members[1].0, 2, 50_000, &mut rng);
+    run(&refs).expect_json_error("E_GROUP_MEMBERS", 3);
+    assert_eq!(g.state(), before, "a refused group push moved a member");
+
+    let state = g.agent.id.state.clone();
+    let s = state.to_str().unwrap();
+    let pts = run_settled(&[
+        OsStr::new("points"),
+        OsStr::new("--group"),
+        OsStr::new("app"),
+        OsStr::new("--state-dir"),
+        OsStr::new(s),
+        OsStr::new("--json"),
+    ])
+    .ok_json();
+    let gens: Vec<&str> = pts["points"].as_array().unwrap().iter().map(|p| p["generation"].as_str().unwrap()).collect();
+    assert!(gens.contains(&p1.as_str()) && gens.contains(&p2.as_str()), "{pts}");
+    assert!(!gens.contains(&solo.as_str()), "a solo push is no group point: {pts}");
+    assert_eq!(pts["members"].as_array().unwrap().len(), 3, "{pts}");
+
+    let mv = |args: &[&str]| {
+        let mut a: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        a.extend([
+            OsStr::new("--group"),
+            OsStr::new("app"),
+            OsStr::new("--state-dir"),
+            OsStr::new(s),
+            OsStr::new("--json"),
+        ]);
+        run_settled(&a)
+    };
+    mv(&["failover", "--point", &solo]).expect_json_error("E_NO_SUCH_POINT", 3);
+    let f = mv(&["failover", "--point", &p1]).ok_json();
+    assert_eq!(f["generation"], p1.as_str(), "{f}");
+    for ((src_bytes, (_, target, _)), m) in bytes_at_p1.iter().zip(&g.members).zip(f["members"].as_array().unwrap()) {
+        assert_eq!(m["moved"], true, "{f}");
+        let now = std::fs::read(target).unwrap();
+        assert_eq!(&now[..src_bytes.len()], &src_bytes[..], "{} is not at the group point", target.display());
+        assert_eq!(g.agent.points(target).ok_json()["role"], "live");
+    }
+    let c = mv(&["commit"]).ok_json();
+    for m in c["members"].as_array().unwrap() {
+        assert_eq!(m["generation"], p1.as_str(), "{c}");
+    }
+
+    // Membership: a member of "app" cannot join another group, and "app"
+    // cannot change its members.
+    let other = run(&[
+        OsStr::new("push-group"),
+        OsStr::new("--group"),
+        OsStr::new("other"),
+        OsStr::new("--peer"),
+        OsStr::new(&g.agent.addr.to_string()),
+        OsStr::new("--peer-fingerprint"),
+        OsStr::new(&g.agent.id.fingerprint),
+        OsStr::new("--state-dir"),
+        g.source.state.as_os_str(),
+        OsStr::new("--json"),
+        OsStr::new("--disk"),
+        OsStr::new(&format!("{}=t0", g.members[0].0.display())),
+    ]);
+    other.expect_json_error("E_GROUP_MEMBERS", 3);
 }

@@ -27,6 +27,9 @@ fn open(r: &Resolved, wait: u64) -> Result<Target> {
 }
 
 pub fn failover(a: FailoverArgs) -> Result<()> {
+    if let Some(g) = &a.target.group {
+        return super::group_moves::failover(g, a.point, &a.target, a.common.state_dir.clone(), a.common.json);
+    }
     let r = resolve_arg(&a.target, a.common.state_dir.clone())?;
     let mut target = open(&r, a.target.wait)?;
     let start = Instant::now();
@@ -64,6 +67,9 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
 }
 
 pub fn commit(a: MoveArgs) -> Result<()> {
+    if let Some(g) = &a.target.group {
+        return super::group_moves::commit(g, &a.target, a.common.state_dir.clone(), a.common.json);
+    }
     let r = resolve_arg(&a.target, a.common.state_dir.clone())?;
     let mut target = open(&r, a.target.wait)?;
     let c = target.commit_point()?;

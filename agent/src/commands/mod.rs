@@ -5,6 +5,7 @@ mod demo;
 mod export;
 mod failover;
 mod failover_sync;
+mod group_moves;
 mod hash;
 mod net;
 mod points;

@@ -8,14 +8,24 @@ use diskferry_sync_engine::points;
 use diskferry_sync_engine::store::RealFs;
 use serde_json::json;
 
+use diskferry_protocol::ErrorCode;
+use diskferry_sync_engine::Error;
+
 use crate::cli::PointsArgs;
 use crate::output::print_json;
 use crate::state;
 use crate::units::{format_time, human_bytes};
 
 pub fn run(a: PointsArgs) -> Result<()> {
+    let dst = match (&a.dst, &a.group) {
+        (Some(d), _) => d.clone(),
+        (None, Some(g)) => {
+            return super::group_moves::points(g, a.config.as_deref(), a.common.state_dir.clone(), a.common.json)
+        }
+        (None, None) => return Err(Error::new(ErrorCode::Usage, "name a target disk or --group").into()),
+    };
     let state_root = state::prepare(&state::resolve(a.common.state_dir.clone()))?;
-    let path = state::canonical_target(&a.dst)?;
+    let path = state::canonical_target(&dst)?;
     let target = Target::open(Arc::new(RealFs), &state_root, &path, TargetOptions::default())?;
     let list = points::list(&target);
     if a.common.json {
@@ -40,10 +50,10 @@ pub fn run(a: PointsArgs) -> Result<()> {
         return Ok(());
     }
     if let Some(role) = target.role() {
-        println!("{}: {}", a.dst.display(), role.as_str());
+        println!("{}: {}", dst.display(), role.as_str());
     }
     if list.is_empty() {
-        println!("{}: no recovery points", a.dst.display());
+        println!("{}: no recovery points", dst.display());
         return Ok(());
     }
     println!("{:<32}  {:<23}  {:<16}  {:>12}  {:>12}", "GENERATION", "TIME", "CONSISTENCY", "SIZE", "UNDO");

@@ -54,7 +54,11 @@ pub fn state_root(config: Option<&Path>, state_dir: Option<PathBuf>) -> Result<P
 
 /// [`resolve`] for a [`TargetArg`], requiring that diskferry has state for it.
 pub fn resolve_arg(a: &TargetArg, state_dir: Option<PathBuf>) -> Result<Resolved, Error> {
-    let r = resolve(&a.target, a.config.as_deref(), state_dir)?;
+    let Some(target) = &a.target else {
+        return Err(Error::new(ErrorCode::Usage, "--group applies to failover, commit, points and test-failover")
+            .hint("name one target"));
+    };
+    let r = resolve(target, a.config.as_deref(), state_dir)?;
     if !Target::state_dir(&r.state_root, &r.path).is_dir() {
         return Err(Error::new(
             ErrorCode::NoState,

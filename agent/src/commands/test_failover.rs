@@ -30,7 +30,7 @@ fn create(a: &TestFailoverArgs) -> Result<()> {
     let (Some(name), Some(point), Some(out)) = (a.target.clone(), a.point, a.out.as_deref()) else {
         return Err(Error::new(ErrorCode::Usage, "TARGET, --point and --out are needed").into());
     };
-    let arg = TargetArg { target: name, config: a.config.clone(), wait: a.wait };
+    let arg = TargetArg { target: Some(name), group: None, config: a.config.clone(), wait: a.wait };
     let r = resolve_arg(&arg, a.common.state_dir.clone())?;
     let out = state::canonical_target(out)?;
     let mut target = open_waiting(&r, Duration::from_secs(a.wait))?;
@@ -73,7 +73,7 @@ fn cleanup(a: &TestFailoverArgs, clone: &Path) -> Result<()> {
     let clone = state::canonical_target(clone)?;
     let r = match &a.target {
         Some(t) => resolve_arg(
-            &TargetArg { target: t.clone(), config: a.config.clone(), wait: a.wait },
+            &TargetArg { target: Some(t.clone()), group: None, config: a.config.clone(), wait: a.wait },
             a.common.state_dir.clone(),
         )?,
         None => owner_of(&clone, a.config.as_deref(), a.common.state_dir.clone())?,

@@ -42,7 +42,8 @@ pub struct Run {
 
 #[derive(Default)]
 struct State {
-    joined: Vec<String>,
+    /// `(target name, path)` of the members that opened their sessions.
+    joined: Vec<(String, std::path::PathBuf)>,
     sealed: u16,
     failed: Option<String>,
     recorded: bool,
@@ -50,8 +51,17 @@ struct State {
 }
 
 impl Groups {
-    /// Adds `target` to the push `tag` from `peer` (the first member starts it).
-    pub fn join(&self, peer: &str, tag: &GroupTag, target: &str) -> Result<Arc<Run>, Error> {
+    /// Adds `target` (at `path`) to the push `tag` from `peer` (the first
+    /// member starts it), if the group the agent knows has it.
+    pub fn join(
+        &self,
+        state_root: &Path,
+        peer: &str,
+        tag: &GroupTag,
+        target: &str,
+        path: &Path,
+    ) -> Result<Arc<Run>, Error> {
+        crate::groups::check_member(state_root, tag.name.as_str(), target, usize::from(tag.members))?;
         let key = (peer.to_string(), tag.push);
         let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
         let run = runs
@@ -73,13 +83,13 @@ impl Groups {
         if run.name != tag.name.as_str() || run.members != tag.members {
             return Err(refuse(format!("group push {:x} changed its group or size", tag.push)));
         }
-        if s.joined.iter().any(|t| t == target) {
+        if s.joined.iter().any(|(t, _)| t == target) {
             return Err(refuse(format!("target {target:?} is in group push {:x} twice", tag.push)));
         }
         if s.joined.len() >= usize::from(run.members) || s.failed.is_some() {
             return Err(refuse(format!("group push {:x} is full or already failed", tag.push)));
         }
-        s.joined.push(target.to_string());
+        s.joined.push((target.to_string(), path.to_path_buf()));
         Ok(run.clone())
     }
 
@@ -112,8 +122,17 @@ impl Run {
         let mut s = self.lock();
         s.sealed += 1;
         if s.sealed == self.members && s.failed.is_none() {
-            let text = format!("group {}\nmembers {}\n", self.name, s.joined.join(" "));
-            group::write_record(vfs, state_root, self.generation, &text)?;
+            let membership = crate::groups::Membership { name: self.name.clone(), members: s.joined.clone() };
+            let names: Vec<&str> = s.joined.iter().map(|(n, _)| n.as_str()).collect();
+            let text = format!("group {}\nmembers {}\n", self.name, names.join(" "));
+            // The group's members are known before its first point is.
+            let recorded = crate::groups::learn(state_root, &membership)
+                .and_then(|()| group::write_record(vfs, state_root, self.generation, &text));
+            if let Err(e) = recorded {
+                s.failed = Some(e.message.clone());
+                self.changed.notify_all();
+                return Err(e);
+            }
             s.recorded = true;
             self.changed.notify_all();
         }

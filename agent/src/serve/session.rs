@@ -263,12 +263,12 @@ impl Session {
             Some(_) if o.promote => {
                 return self.rs.reject(ErrorCode::Usage, "a group push cannot promote: fail the group over instead")
             }
-            Some(tag) => match self.ctx.groups.join(&self.peer, tag, &name) {
+            Some(tag) => match self.ctx.groups.join(&self.ctx.state_root, &self.peer, tag, &name, &tc.path) {
                 Ok(run) => {
                     self.group = Some((run.clone(), self.ctx.groups.clone()));
                     Some((run, self.ctx.groups.clone()))
                 }
-                Err(e) => return self.rs.reject(e.code, e.message),
+                Err(e) => return self.rs.reject(e.code, with_hint(&e)),
             },
             None => None,
         };

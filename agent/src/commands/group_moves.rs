@@ -1,0 +1,175 @@
+//! The moves of a replication group on the recovery site: `points
+//! --group`, `failover --group`, `commit --group`. Every member is opened
+//! first (its recovery reads the group record, and its lock is held for the
+//! whole move), then the move is made on each.
+//!
+//! A group point is a generation every member holds (a group push commits
+//! the same generation on every member; a member pushed alone gets one of
+//! its own). A failover of the group moves each member in turn: a crash
+//! in between leaves some moved, and running the same failover again
+//! finishes the others (moving a member to the point it is at writes
+//! nothing).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Result;
+use diskferry_protocol::{Consistency, ErrorCode, Generation};
+use diskferry_sync_engine::apply::Target;
+use diskferry_sync_engine::points::{self, PointInfo};
+use diskferry_sync_engine::Error;
+use serde_json::json;
+
+use super::target_arg::{open_waiting, state_root, Resolved};
+use crate::cli::TargetArg;
+use crate::groups;
+use crate::output::print_json;
+use crate::units::format_time;
+
+/// A point every member holds.
+struct GroupPoint {
+    generation: Generation,
+    created_unix_ns: i64,
+    /// The weakest of the members' labels.
+    consistency: Consistency,
+    /// Every member is at it.
+    current: bool,
+}
+
+/// The group's members, opened (recovered and locked), in the group's order.
+fn open_members(
+    group: &str,
+    config: Option<&Path>,
+    state_dir: Option<PathBuf>,
+    wait: u64,
+) -> Result<(Vec<Resolved>, Vec<Target>), Error> {
+    let root = state_root(config, state_dir)?;
+    let m = groups::load(&root, group)?.ok_or_else(|| {
+        Error::new(ErrorCode::NotFound, format!("this agent knows no group {group:?} (in {})", root.display()))
+            .hint("a group is learned from its first `diskferry push-group`; check --config or --state-dir")
+    })?;
+    let resolved: Vec<Resolved> = m
+        .members
+        .into_iter()
+        .map(|(name, path)| Resolved { path, state_root: root.clone(), name: Some(name) })
+        .collect();
+    let targets = resolved.iter().map(|r| open_waiting(r, Duration::from_secs(wait))).collect::<Result<Vec<_>, _>>()?;
+    Ok((resolved, targets))
+}
+
+fn group_points(targets: &[Target]) -> Vec<GroupPoint> {
+    let lists: Vec<Vec<PointInfo>> = targets.iter().map(points::list).collect();
+    let Some(first) = lists.first() else { return Vec::new() };
+    first
+        .iter()
+        .filter_map(|p| {
+            let all: Vec<&PointInfo> =
+                lists.iter().filter_map(|l| l.iter().find(|q| q.generation == p.generation)).collect();
+            (all.len() == lists.len()).then(|| GroupPoint {
+                generation: p.generation,
+                created_unix_ns: p.created_unix_ns,
+                consistency: all.iter().map(|q| q.consistency).min().unwrap_or(Consistency::Fuzzy),
+                current: all.iter().all(|q| q.current),
+            })
+        })
+        .collect()
+}
+
+pub fn points(group: &str, config: Option<&Path>, state_dir: Option<PathBuf>, json: bool) -> Result<()> {
+    let (resolved, targets) = open_members(group, config, state_dir, 30)?;
+    let list = group_points(&targets);
+    if json {
+        let items: Vec<_> = list
+            .iter()
+            .map(|p| {
+                json!({
+                    "generation": p.generation.to_hex(),
+                    "created_unix_ns": p.created_unix_ns,
+                    "time": format_time(p.created_unix_ns),
+                    "consistency": p.consistency.as_str(),
+                    "current": p.current,
+                })
+            })
+            .collect();
+        let members: Vec<_> = resolved.iter().map(|r| json!({ "name": r.name, "target": r.path })).collect();
+        print_json(&json!({ "group": group, "members": members, "points": items }));
+        return Ok(());
+    }
+    let names: Vec<&str> = resolved.iter().filter_map(|r| r.name.as_deref()).collect();
+    println!("group {group}: {}", names.join(", "));
+    if list.is_empty() {
+        println!("no group points (no generation every member holds)");
+    }
+    for p in &list {
+        let mark = if p.current { "  (current)" } else { "" };
+        println!(
+            "{:<32}  {:<23}  {}{mark}",
+            p.generation.to_hex(),
+            format_time(p.created_unix_ns),
+            p.consistency.as_str()
+        );
+    }
+    Ok(())
+}
+
+pub fn failover(
+    group: &str,
+    point: Option<Generation>,
+    a: &TargetArg,
+    state_dir: Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
+    let (resolved, mut targets) = open_members(group, a.config.as_deref(), state_dir, a.wait)?;
+    let list = group_points(&targets);
+    let chosen = match point {
+        Some(g) => list.iter().find(|p| p.generation == g).ok_or_else(|| {
+            Error::new(ErrorCode::NoSuchPoint, format!("{g} is not a point of every member of group {group:?}"))
+                .hint("`diskferry points --group NAME` lists the group points")
+        })?,
+        None => list.iter().find(|p| p.consistency.is_recovery_point()).ok_or_else(|| {
+            Error::new(ErrorCode::NoSuchPoint, format!("group {group:?} has no consistent group point"))
+                .hint("push the group with a snapshot (push-group --snapshot reflink) first")
+        })?,
+    };
+    let (g, consistency) = (chosen.generation, chosen.consistency);
+    let mut moved = Vec::new();
+    for (r, t) in resolved.iter().zip(targets.iter_mut()) {
+        let m = t.failover(Some(g)).map_err(|e| {
+            Error::new(
+                e.code,
+                format!("member {}: {} (members before it are live at {g})", r.path.display(), e.message),
+            )
+            .hint("run the same failover again: it finishes the members left")
+        })?;
+        moved.push(json!({
+            "name": r.name, "target": r.path, "moved": m.moved, "from": m.from.to_hex(),
+            "bytes_restored": m.bytes_restored,
+        }));
+    }
+    if json {
+        print_json(&json!({
+            "group": group, "generation": g.to_hex(), "consistency": consistency.as_str(), "members": moved,
+        }));
+    } else {
+        println!("group {group} is live at {g} ({}) on {} members", consistency.as_str(), moved.len());
+    }
+    Ok(())
+}
+
+pub fn commit(group: &str, a: &TargetArg, state_dir: Option<PathBuf>, json: bool) -> Result<()> {
+    let (resolved, mut targets) = open_members(group, a.config.as_deref(), state_dir, a.wait)?;
+    let mut out = Vec::new();
+    for (r, t) in resolved.iter().zip(targets.iter_mut()) {
+        let c = t.commit_point()?;
+        out.push(json!({
+            "name": r.name, "target": r.path, "generation": c.kept.to_hex(),
+            "dropped": c.dropped.iter().map(|g| g.to_hex()).collect::<Vec<_>>(),
+        }));
+    }
+    if json {
+        print_json(&json!({ "group": group, "members": out }));
+    } else {
+        println!("group {group}: every member keeps its current point; older ones dropped");
+    }
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! The replication groups a target agent knows: `STATE/groups/NAME.members`,
+//! one `target-name<TAB>path` line per member, learned from the group's first
+//! push (`serve/group.rs`) and read by the group moves (`points`,
+//! `failover`, `commit --group`). A target belongs to one group at a time.
+
+use std::path::{Path, PathBuf};
+
+use diskferry_protocol::ErrorCode;
+use diskferry_sync_engine::Error;
+
+/// A group and its members.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    pub name: String,
+    /// `(target name, target path)`, in the order the group was learned.
+    pub members: Vec<(String, PathBuf)>,
+}
+
+fn dir(state_root: &Path) -> PathBuf {
+    state_root.join("groups")
+}
+
+fn file(state_root: &Path, name: &str) -> PathBuf {
+    dir(state_root).join(format!("{name}.members"))
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::io(diskferry_sync_engine::Place::State, what, path, e)
+}
+
+fn parse(name: &str, text: &str, path: &Path) -> Result<Membership, Error> {
+    let members = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.split_once('\t').map(|(n, p)| (n.to_string(), PathBuf::from(p))))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| Error::corrupt(path, "a line is not NAME<TAB>PATH"))?;
+    Ok(Membership { name: name.to_string(), members })
+}
+
+/// The group `name`, if this agent knows it.
+pub fn load(state_root: &Path, name: &str) -> Result<Option<Membership>, Error> {
+    let p = file(state_root, name);
+    match std::fs::read_to_string(&p) {
+        Ok(text) => parse(name, &text, &p).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("reading", &p, e)),
+    }
+}
+
+/// Every group this agent knows.
+pub fn all(state_root: &Path) -> Result<Vec<Membership>, Error> {
+    let d = dir(state_root);
+    let entries = match std::fs::read_dir(&d) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io("listing", &d, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io("listing", &d, e))?;
+        let file_name = entry.file_name();
+        if let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".members")) {
+            if let Some(m) = load(state_root, name)? {
+                out.push(m);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn refuse(what: String) -> Error {
+    Error::new(ErrorCode::GroupMembers, what).hint(
+        "push the group with the disks it was first pushed with; to regroup, remove the group's file in the target \
+         agent's state directory (groups/NAME.members)",
+    )
+}
+
+/// Whether `target` may be pushed as a member of `group` in a push of
+/// `members` disks: it is in no other group, and the group (if known) lists
+/// it and has that many members.
+pub fn check_member(state_root: &Path, group: &str, target: &str, members: usize) -> Result<(), Error> {
+    for m in all(state_root)? {
+        let listed = m.members.iter().any(|(n, _)| n == target);
+        if m.name == group && !listed {
+            return Err(refuse(format!("target {target:?} is not a member of group {group:?}")));
+        }
+        if m.name == group && m.members.len() != members {
+            let names: Vec<&str> = m.members.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(refuse(format!(
+                "group {group:?} has {} members ({}), this push has {members}",
+                m.members.len(),
+                names.join(", ")
+            )));
+        }
+        if m.name != group && listed {
+            return Err(refuse(format!("target {target:?} belongs to group {:?}", m.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Records the group's members on its first push (durably, before its
+/// first group point); a known group must come with the same members.
+pub fn learn(state_root: &Path, group: &Membership) -> Result<(), Error> {
+    if let Some(known) = load(state_root, &group.name)? {
+        let mut a: Vec<&String> = known.members.iter().map(|(n, _)| n).collect();
+        let mut b: Vec<&String> = group.members.iter().map(|(n, _)| n).collect();
+        a.sort();
+        b.sort();
+        return if a == b {
+            Ok(())
+        } else {
+            Err(refuse(format!("group {:?} has the members {a:?}, not {b:?}", group.name)))
+        };
+    }
+    let d = dir(state_root);
+    std::fs::create_dir_all(&d).map_err(|e| io("creating", &d, e))?;
+    let p = file(state_root, &group.name);
+    let tmp = p.with_extension("tmp");
+    let text: String = group.members.iter().map(|(n, path)| format!("{n}\t{}\n", path.display())).collect();
+    let sync_dir = |d: &Path| std::fs::File::open(d).and_then(|f| f.sync_all()).map_err(|e| io("syncing", d, e));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", &tmp, e))?;
+        f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(|e| io("writing", &tmp, e))?;
+    }
+    std::fs::rename(&tmp, &p).map_err(|e| io("renaming", &p, e))?;
+    sync_dir(&d)?;
+    sync_dir(state_root)
+}
