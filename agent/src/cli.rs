@@ -439,8 +439,12 @@ fn size(s: &str) -> Result<u64, String> {
 #[derive(Args, Debug)]
 pub struct TestFailoverArgs {
     /// Target disk path, or with --config a target name (not with --cleanup).
-    #[arg(required_unless_present = "cleanup")]
+    #[arg(required_unless_present_any = ["cleanup", "group"])]
     pub target: Option<String>,
+    /// A replication group instead: one image per member, `--out` (and `--cleanup`) being a
+    /// directory that holds `MEMBER.img` for each.
+    #[arg(long, value_name = "NAME", conflicts_with = "target")]
+    pub group: Option<String>,
     /// The recovery point to write.
     #[arg(long, value_parser = generation, required_unless_present = "cleanup")]
     pub point: Option<Generation>,

@@ -235,6 +235,7 @@ fn group_points_failover_and_commit() {
         scatter_writes(src, 4, 100_000, &mut rng);
     }
     let p2 = g.push(&[]).ok_json()["generation"].as_str().unwrap().to_string();
+    let bytes_at_p2: Vec<Vec<u8>> = g.members.iter().map(|(src, _, _)| std::fs::read(src).unwrap()).collect();
     // A member pushed alone: a point of its own, not a group point.
     scatter_writes(&g.members[0].0, 2, 50_000, &mut rng);
     let solo = crate::agents::push_to(&g.members[0].0, &g.source, &g.agent, "t0", &[]).ok_json();
@@ -277,6 +278,17 @@ fn group_points_failover_and_commit() {
         run_settled(&a)
     };
     mv(&["failover", "--point", &solo]).expect_json_error("E_NO_SUCH_POINT", 3);
+    // A test failover of the group: one image per member, of the group point.
+    let images = g.members[0].0.with_file_name("test-images");
+    let im = images.to_str().unwrap();
+    mv(&["test-failover", "--point", &solo, "--out", im]).expect_json_error("E_NO_SUCH_POINT", 3);
+    let t = mv(&["test-failover", "--point", &p2, "--out", im]).ok_json();
+    for ((bytes, (_, _, name)), m) in bytes_at_p2.iter().zip(&g.members).zip(t["members"].as_array().unwrap()) {
+        let image = std::fs::read(images.join(format!("{name}.img"))).unwrap();
+        assert_eq!(&image[..bytes.len()], &bytes[..], "{name}'s test image is not the group point: {m}");
+    }
+    mv(&["test-failover", "--cleanup", im]).ok_json();
+    assert_eq!(std::fs::read_dir(&images).unwrap().count(), 0, "test images left after cleanup");
     let f = mv(&["failover", "--point", &p1]).ok_json();
     assert_eq!(f["generation"], p1.as_str(), "{f}");
     for ((src_bytes, (_, target, _)), m) in bytes_at_p1.iter().zip(&g.members).zip(f["members"].as_array().unwrap()) {

@@ -173,3 +173,108 @@ pub fn commit(group: &str, a: &TargetArg, state_dir: Option<PathBuf>, json: bool
     }
     Ok(())
 }
+
+/// Each member's image of a test failover: `DIR/MEMBER.img`.
+fn image_of(dir: &Path, r: &Resolved) -> PathBuf {
+    dir.join(format!("{}.img", r.name.as_deref().unwrap_or("member")))
+}
+
+/// `test-failover --group NAME --point G --out DIR`: a writable image of
+/// group point G for every member in DIR, each pinning its point; all or
+/// none (a member that fails takes the images made before it back).
+pub fn test_failover(
+    group: &str,
+    point: Generation,
+    dir: &Path,
+    config: Option<&Path>,
+    state_dir: Option<PathBuf>,
+    wait: u64,
+    json: bool,
+) -> Result<()> {
+    let (resolved, mut targets) = open_members(group, config, state_dir, wait)?;
+    if !group_points(&targets).iter().any(|p| p.generation == point) {
+        return Err(Error::new(
+            ErrorCode::NoSuchPoint,
+            format!("{point} is not a point of every member of group {group:?}"),
+        )
+        .hint("`diskferry points --group NAME` lists the group points")
+        .into());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(diskferry_sync_engine::Place::Target, "creating", dir, e))?;
+    let dir = crate::state::canonical_target(dir)?;
+    let mut made: Vec<(usize, PathBuf)> = Vec::new();
+    let mut out = Vec::new();
+    for (i, (r, t)) in resolved.iter().zip(targets.iter_mut()).enumerate() {
+        let image = image_of(&dir, r);
+        let result = t.pin(point, &image).and_then(|()| {
+            points::export(t, point, &image).inspect_err(|_| {
+                let _ = t.unpin(&image);
+            })
+        });
+        match result {
+            Ok(report) => {
+                out.push(json!({ "name": r.name, "target": r.path, "out": image, "reflinked": report.reflinked }));
+                made.push((i, image));
+            }
+            Err(e) => {
+                for (j, image) in made {
+                    let _ = std::fs::remove_file(&image);
+                    let _ = targets[j].unpin(&image);
+                }
+                return Err(Error::new(e.code, format!("member {}: {}", r.path.display(), e.message))
+                    .hint("no test image of the group was kept")
+                    .into());
+            }
+        }
+    }
+    if json {
+        print_json(&json!({ "group": group, "generation": point.to_hex(), "out": dir, "members": out }));
+    } else {
+        println!(
+            "test images of group {group} at {point} in {}; pinned until `diskferry test-failover --group {group} --cleanup {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `test-failover --group NAME --cleanup DIR`: removes every member's image
+/// in DIR and unpins its point.
+pub fn test_cleanup(
+    group: &str,
+    dir: &Path,
+    config: Option<&Path>,
+    state_dir: Option<PathBuf>,
+    wait: u64,
+    json: bool,
+) -> Result<()> {
+    let (resolved, mut targets) = open_members(group, config, state_dir, wait)?;
+    let dir = crate::state::canonical_target(dir)?;
+    let mut removed = Vec::new();
+    for (r, t) in resolved.iter().zip(targets.iter_mut()) {
+        let image = image_of(&dir, r);
+        if !t.pins().iter().any(|p| p.clone == image) {
+            continue;
+        }
+        std::fs::remove_file(&image)
+            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+            .map_err(|e| Error::io(diskferry_sync_engine::Place::Target, "removing", &image, e))?;
+        t.unpin(&image)?;
+        removed.push(image);
+    }
+    if removed.is_empty() {
+        return Err(Error::new(
+            ErrorCode::NotFound,
+            format!("{} holds no test image of group {group:?}", dir.display()),
+        )
+        .hint("give the directory test-failover --group --out made")
+        .into());
+    }
+    if json {
+        print_json(&json!({ "group": group, "removed": removed }));
+    } else {
+        println!("removed {} test image(s) of group {group}; their points are no longer pinned", removed.len());
+    }
+    Ok(())
+}

@@ -20,6 +20,16 @@ use crate::state;
 use crate::units::{human_bytes, round_secs};
 
 pub fn run(a: TestFailoverArgs) -> Result<()> {
+    if let Some(g) = &a.group {
+        let (config, state_dir) = (a.config.as_deref(), a.common.state_dir.clone());
+        return match (&a.cleanup, a.point, &a.out) {
+            (Some(dir), _, _) => super::group_moves::test_cleanup(g, dir, config, state_dir, a.wait, a.common.json),
+            (None, Some(point), Some(dir)) => {
+                super::group_moves::test_failover(g, point, dir, config, state_dir, a.wait, a.common.json)
+            }
+            _ => Err(Error::new(ErrorCode::Usage, "--group needs --point and --out DIR, or --cleanup DIR").into()),
+        };
+    }
     match a.cleanup.clone() {
         Some(clone) => cleanup(&a, &clone),
         None => create(&a),
