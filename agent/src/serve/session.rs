@@ -78,6 +78,9 @@ pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
     // Control frames are small; a larger one is refused before it is buffered.
     let mut reader = FrameReader::with_limit(ctl_rx, MAX_CONTROL_FRAME);
     let mut cancel: Option<watch::Receiver<bool>> = None;
+    // A cancel stays set: once handled it is not polled again (a session
+    // in its commit would otherwise spin on it).
+    let mut cancel_handled = false;
     loop {
         let mut cancel_rx = cancel.clone();
         tokio::select! {
@@ -98,11 +101,17 @@ pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
                 if !s.rs.is_committing() {
                     s.rs.abort(ErrorCode::Cancelled, "the target agent is shutting down; push again to resume");
                 }
+                s.fail_group("the target agent is shutting down");
             }
-            _ = wait_cancel(&mut cancel_rx) => {
+            _ = wait_cancel(&mut cancel_rx), if !cancel_handled => {
+                cancel_handled = true;
                 if !s.rs.is_committing() {
                     s.rs.abort(ErrorCode::Cancelled, "a newer push from the same peer took over this target");
                 }
+                // A group member waiting for the others in its commit: the
+                // push it belongs to is over (after the group record, this
+                // changes nothing).
+                s.fail_group("a newer push from the same peer took over a member");
             }
         }
         if let Err(e) = s.pump(&mut view_tx).await {
@@ -208,6 +217,13 @@ impl Session {
                     tracing::warn!(peer = %self.peer, target = %self.target, "session failed: error[{code}]: {message}");
                 }
             }
+        }
+    }
+
+    /// Fails the group push this session is a member of, if any.
+    fn fail_group(&self, why: &str) {
+        if let Some((run, groups)) = &self.group {
+            run.fail(groups, why);
         }
     }
 
