@@ -377,3 +377,36 @@ fn a_cut_group_push_resumes_as_one() {
     }
     assert!(resumed, "no rerun of a cut group push reused what the cut one had staged");
 }
+
+/// The group keeps the smallest retention of its members on every member,
+/// so pruning never leaves a group point on some members only.
+#[test]
+fn group_points_are_pruned_as_one() {
+    let mut rng = rng("group-prune");
+    let mut g = Group::new("group-prune", &mut rng);
+    g.push(&[]).ok_json();
+    // t1 keeps 2 points, the others 3.
+    g.agent.kill9();
+    let cfg = std::fs::read_to_string(&g.agent.config).unwrap();
+    let marker =
+        format!("name = \"t1\"\npath = \"{}\"\nallowed_peers = [\"src\"]\nretention = 3", g.members[1].1.display());
+    assert!(cfg.contains(&marker), "{cfg}");
+    std::fs::write(&g.agent.config, cfg.replace(&marker, &marker.replace("retention = 3", "retention = 2"))).unwrap();
+    g.agent.spawn();
+    for _ in 0..4 {
+        for (src, _, _) in &g.members {
+            scatter_writes(src, 2, 50_000, &mut rng);
+        }
+        g.push(&[]).ok_json();
+    }
+    let lists: Vec<Vec<String>> = g
+        .members
+        .iter()
+        .map(|(_, target, _)| {
+            let p = g.agent.points(target).ok_json();
+            p["points"].as_array().unwrap().iter().map(|x| x["generation"].as_str().unwrap().to_string()).collect()
+        })
+        .collect();
+    assert_eq!(lists[0].len(), 2, "{lists:?}");
+    assert!(lists.iter().all(|l| *l == lists[0]), "members keep different points: {lists:?}");
+}
