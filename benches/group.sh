@@ -3,7 +3,7 @@
 # in eight) pushed with push-group — a full download, then a 1 % delta —
 # against the same 4 GiB pushed as one disk in the same mode, same run.
 # Goal (issue 12): the group takes at most 1.2x the one disk's time. Also
-# reports the target agent's peak RssAnon. REPS rounds (default 3).
+# reports the target agent's peak RssAnon during each push (stderr). REPS rounds (default 3).
 set -euo pipefail
 REPS=${REPS:-3}
 DF=${DF:-$(cd "$(dirname "$0")/.." && pwd)/target/release/diskferry}
@@ -27,7 +27,9 @@ for i in 0 1 2 3 4 5 6 7; do
   disks+=(--disk $W/a/m$i.img=m$i)
 done
 peer=(--peer 127.0.0.1:$PORT_B --peer-fingerprint $FB --config $W/a/serve.toml --json)
-rss() { awk '/RssAnon/{print $2}' /proc/$PB/status; }
+# Peak RssAnon of the target agent while a command runs (sampled every 20 ms).
+sample() { local m=0 r; while [ ! -e $W/stop-sampling ]; do r=$(awk '/RssAnon/{print $2}' /proc/$PB/status); [ "$r" -gt "$m" ] && m=$r; echo $m > $W/peak; sleep 0.02; done; }
+peak_of() { rm -f $W/stop-sampling; echo 0 > $W/peak; sample & local sp=$!; "$@"; touch $W/stop-sampling; wait $sp; echo "peak RssAnon $(( $(cat $W/peak) / 1024 )) MiB" >&2; }
 secs() { python3 -c 'import json,sys; print(json.loads(sys.stdin.read().splitlines()[-1])["seconds"])'; }
 change() { python3 - "$@" <<'P'
 import os,sys,random
@@ -38,13 +40,13 @@ for p in sys.argv[2:]:
 P
 }
 for rep in $(seq $REPS); do
-  one=$($DF push $W/a/one.img --target one --mode full --force "${peer[@]}" | secs)
-  grp=$($DF push-group --group g "${disks[@]}" --mode full --force "${peer[@]}" | secs)
+  one=$(peak_of $DF push $W/a/one.img --target one --mode full --force "${peer[@]}" | secs)
+  grp=$(peak_of $DF push-group --group g "${disks[@]}" --mode full --force "${peer[@]}" | secs)
   echo "round $rep full: one disk $one s, group of 8 $grp s, ratio $(python3 -c "print(round($grp/$one,2))") (goal <= 1.2)"
   change $rep $W/a/one.img; change $rep $W/a/m?.img
-  one=$($DF push $W/a/one.img --target one "${peer[@]}" | secs)
-  grp=$($DF push-group --group g "${disks[@]}" "${peer[@]}" | secs)
+  one=$(peak_of $DF push $W/a/one.img --target one "${peer[@]}" | secs)
+  grp=$(peak_of $DF push-group --group g "${disks[@]}" "${peer[@]}" | secs)
   echo "round $rep delta: one disk $one s, group of 8 $grp s, ratio $(python3 -c "print(round($grp/$one,2))") (goal <= 1.2)"
 done
-echo "target agent peak RssAnon now: $(rss) kB (VmHWM $(awk '/VmHWM/{print $2}' /proc/$PB/status) kB)"
+echo "target agent: memory_budget_mib 128 (the default); VmHWM $(( $(awk '/VmHWM/{print $2}' /proc/$PB/status) / 1024 )) MiB"
 [ -n "${KEEP:-}" ] || rm -rf $W

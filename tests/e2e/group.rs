@@ -410,3 +410,43 @@ fn group_points_are_pruned_as_one() {
     assert_eq!(lists[0].len(), 2, "{lists:?}");
     assert!(lists.iter().all(|l| *l == lists[0]), "members keep different points: {lists:?}");
 }
+
+/// Eight members under a 16 MiB memory budget: they share one session's
+/// share of it, so members waiting for each other in their commits never
+/// starve one still waiting for memory (a deadlock otherwise).
+#[test]
+fn a_large_group_fits_a_small_memory_budget() {
+    let mut rng = rng("group-budget");
+    let p = crate::agents::pair("group-budget", 8, "memory_budget_mib = 16");
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "push-group".into(),
+        "--group".into(),
+        "eight".into(),
+        "--peer".into(),
+        p.agent.addr.to_string().into(),
+        "--peer-fingerprint".into(),
+        p.agent.id.fingerprint.clone().into(),
+        "--state-dir".into(),
+        p.source.state.clone().into(),
+        "--json".into(),
+    ];
+    let mut srcs = Vec::new();
+    for i in 0..8 {
+        let src = p.dir.join(format!("s{i}.img"));
+        make_disk(&src, 6 * MIB + i * 4096, 0.8, &mut rng);
+        args.push("--disk".into());
+        args.push(format!("{}=t{i}", src.display()).into());
+        srcs.push(src);
+    }
+    let refs: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let mut child = KillOnDrop(spawn(&refs));
+    let t = Instant::now();
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(90), "the group push hangs:\n{}", p.agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(child.0.wait().unwrap().success(), "{}", p.agent.log());
+    for (i, src) in srcs.iter().enumerate() {
+        compare(src, &p.dir.join(format!("t{i}.img"))).unwrap();
+    }
+}

@@ -38,6 +38,8 @@ pub struct Run {
     key: (String, u128),
     state: Mutex<State>,
     changed: Condvar,
+    /// The one share of the memory budget the members use together.
+    pub admission: Arc<tokio::sync::Mutex<Option<Arc<tokio::sync::OwnedSemaphorePermit>>>>,
 }
 
 #[derive(Default)]
@@ -75,6 +77,7 @@ impl Groups {
                     key,
                     state: Mutex::new(State::default()),
                     changed: Condvar::new(),
+                    admission: Arc::default(),
                 })
             })
             .clone();

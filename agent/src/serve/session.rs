@@ -160,7 +160,8 @@ struct Session {
     registration: Option<Registration>,
     target: String,
     /// The session's share of the memory budget, held until it ends.
-    admission: Option<OwnedSemaphorePermit>,
+    /// Its share of the memory budget (a group push's members share one).
+    admission: Option<Arc<OwnedSemaphorePermit>>,
     /// The group push this session is a member of.
     group: Option<(Arc<super::group::Run>, Arc<super::group::Groups>)>,
 }
@@ -205,12 +206,6 @@ impl Session {
                 }
                 ReceiverEvent::Commit { consistency } => {
                     tracing::debug!("commit starts");
-                    if self.group.is_some() {
-                        // Nothing more arrives: its share of the memory
-                        // budget goes to the members still receiving, which
-                        // this one now waits for.
-                        self.admission = None;
-                    }
                     self.cmd(Cmd::Commit { consistency })
                 }
                 ReceiverEvent::Failed { code, message } => {
@@ -308,16 +303,41 @@ impl Session {
             return self.rs.reject(ErrorCode::PeerBusy, "the target agent is at its session limit — retry later");
         };
         // Wait (never fail) for the session's share of the memory budget.
-        let cost = self.ctx.budget.session_cost(&Geometry::new(o.disk_bytes, o.block_size));
-        if !self.ctx.budget.fits_now(&cost) {
-            tracing::info!(peer = %self.peer, target = %name, "waiting for the memory budget");
+        // A group push's members share one session's share (the first
+        // member waits for it), each with a slice of its window: members
+        // waiting for each other in their commits never starve one still
+        // waiting for memory.
+        let full = self.ctx.budget.session_cost(&Geometry::new(o.disk_bytes, o.block_size));
+        let mut cost = full;
+        let shared = group.as_ref().map(|(run, _)| run.admission.clone());
+        if let Some(tag) = &o.group {
+            let n = u64::from(tag.members.max(1));
+            cost.receive_window = (full.receive_window / n).max(1 << 20);
+            cost.regions_in_flight = (full.regions_in_flight / n as u32).max(2);
         }
-        let mut shutdown = self.ctx.shutdown.clone();
-        let admission = tokio::select! {
-            a = self.ctx.budget.admit(&cost) => a,
-            _ = self.conn.closed() => None,
-            _ = shutdown.changed() => None,
+        let mut slot = match &shared {
+            Some(m) => Some(m.lock().await),
+            None => None,
         };
+        let admission = match slot.as_deref() {
+            Some(Some(permit)) => Some(permit.clone()),
+            _ => {
+                if !self.ctx.budget.fits_now(&full) {
+                    tracing::info!(peer = %self.peer, target = %name, "waiting for the memory budget");
+                }
+                let mut shutdown = self.ctx.shutdown.clone();
+                let permit = tokio::select! {
+                    a = self.ctx.budget.admit(&full) => a.map(Arc::new),
+                    _ = self.conn.closed() => None,
+                    _ = shutdown.changed() => None,
+                };
+                if let (Some(slot), Some(p)) = (slot.as_deref_mut(), &permit) {
+                    *slot = Some(p.clone());
+                }
+                permit
+            }
+        };
+        drop(slot);
         let Some(admission) = admission else {
             return self.rs.reject(ErrorCode::Cancelled, "the session ended while it waited for memory");
         };
