@@ -104,6 +104,10 @@ pub fn check_member(state_root: &Path, group: &str, target: &str, members: usize
 /// Records the group's members on its first push (durably, before its
 /// first group point); a known group must come with the same members.
 pub fn learn(state_root: &Path, group: &Membership) -> Result<(), Error> {
+    // Two first pushes of one group at once: the second compares with the
+    // first's members instead of writing its own.
+    static LEARNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = LEARNING.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(known) = load(state_root, &group.name)? {
         let mut a: Vec<&String> = known.members.iter().map(|(n, _)| n).collect();
         let mut b: Vec<&String> = group.members.iter().map(|(n, _)| n).collect();

@@ -283,6 +283,8 @@ fn group_points_failover_and_commit() {
         run_settled(&a)
     };
     mv(&["failover", "--point", &solo]).expect_json_error("E_NO_SUCH_POINT", 3);
+    // t0 is at its solo point, the others at P2: no point to keep on all.
+    mv(&["commit"]).expect_json_error("E_NO_SUCH_POINT", 3);
     // A test failover of the group: one image per member, of the group point.
     let images = g.members[0].0.with_file_name("test-images");
     let im = images.to_str().unwrap();

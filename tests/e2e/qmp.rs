@@ -159,6 +159,35 @@ fn a_running_vms_bitmaps_over_qmp_then_at_rest() {
     let gen = r["generation"].as_str().unwrap().to_string();
     assert_eq!(vm.bitmaps(), vec![(format!("diskferry-{gen}"), true)], "handed on");
 
+    // Nothing written: the target keeps its generation, and so does the
+    // bitmap (no pending bitmaps pile up over idle pushes).
+    for _ in 0..2 {
+        let idle = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
+        assert_eq!(idle["generation"], gen.as_str(), "{idle}");
+        assert_eq!(vm.bitmaps(), vec![(format!("diskferry-{gen}"), true)], "after an idle push");
+    }
+
+    // A killed agent's leftovers: an export of a union bitmap on a server of
+    // its own. The next pass removes them and reads as usual.
+    let dead = p.dir.join("dead.sock");
+    vm.qmp(
+        "block-dirty-bitmap-add",
+        json!({ "node": "disk0", "name": "diskferry-union-00000000000000aa", "disabled": true }),
+    );
+    vm.qmp("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": dead } } }));
+    let a = vm.qmp(
+        "block-export-add",
+        json!({ "type": "nbd", "id": "diskferry-dead", "node-name": "disk0", "writable": false, "bitmaps": ["diskferry-union-00000000000000aa"] }),
+    );
+    assert!(a.get("return").is_some(), "{a}");
+    vm.write(&mirror, 5 * MIB, 4096, 0x5a);
+    let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
+    assert_hinted(&r, 1, 2, size);
+    compare(&mirror, &tgt).unwrap();
+    let gen = r["generation"].as_str().unwrap().to_string();
+    assert_eq!(vm.bitmaps(), vec![(format!("diskferry-{gen}"), true)], "the leftovers went");
+    assert_eq!(vm.qmp("query-block-exports", json!({}))["return"], json!([]));
+
     // A pass that fails after its bitmap started: the chain stays, and the
     // next pass reads the union of the old bitmap and the failed pass's.
     vm.write(&mirror, 10 * MIB + 1, 1000, 0x66);

@@ -158,6 +158,16 @@ pub fn failover(
 
 pub fn commit(group: &str, a: &TargetArg, state_dir: Option<PathBuf>, json: bool) -> Result<()> {
     let (resolved, mut targets) = open_members(group, a.config.as_deref(), state_dir, a.wait)?;
+    // Only a group point is kept on every member: members at different
+    // points would keep no point in common.
+    if !group_points(&targets).iter().any(|p| p.current) {
+        return Err(Error::new(
+            ErrorCode::NoSuchPoint,
+            format!("the members of group {group:?} are not at one group point"),
+        )
+        .hint("fail the group over to a group point first (`diskferry failover --group NAME`), then commit")
+        .into());
+    }
     let mut out = Vec::new();
     for (r, t) in resolved.iter().zip(targets.iter_mut()) {
         let c = t.commit_point()?;

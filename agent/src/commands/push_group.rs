@@ -65,6 +65,7 @@ pub fn run(a: PushGroupArgs) -> Result<()> {
             });
         }
         let mut reports: Vec<Option<PushReport>> = vec![None; all.len()];
+        let mut failed: Vec<(usize, Error)> = Vec::new();
         while let Some(joined) = set.join_next().await {
             let (i, r) = joined.map_err(|e| Error::new(ErrorCode::Internal, format!("member task: {e}")))?;
             match r {
@@ -73,11 +74,20 @@ pub fn run(a: PushGroupArgs) -> Result<()> {
                     // The others close their connections: the target lets
                     // go of every member at once and commits none of them.
                     let _ = cancel_tx.send(true);
-                    while set.join_next().await.is_some() {}
-                    let what = format!("member {} ({}): {}", all[i].target, all[i].source.display(), e.message);
-                    return Err(Error { message: what, ..e });
+                    failed.push((i, e));
                 }
             }
+        }
+        // The cause, not a member cancelled because of it.
+        let rank = |e: &Error| match e.code {
+            ErrorCode::Cancelled => 2,
+            ErrorCode::Connection => 1,
+            _ => 0,
+        };
+        failed.sort_by_key(|(_, e)| rank(e));
+        if let Some((i, e)) = failed.into_iter().next() {
+            let what = format!("member {} ({}): {}", all[i].target, all[i].source.display(), e.message);
+            return Err(Error { message: what, ..e });
         }
         Ok(reports.into_iter().flatten().collect())
     });

@@ -21,6 +21,9 @@ pub struct Qmp {
     socket: PathBuf,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// Each command's id: a late answer (after a timeout) is never taken
+    /// for a later command's.
+    next_id: u64,
 }
 
 /// A command QEMU refused: its class and description.
@@ -55,7 +58,7 @@ impl Qmp {
         stream.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io)?;
         stream.set_write_timeout(Some(ANSWER_TIMEOUT)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
-        let mut q = Qmp { socket: socket.to_path_buf(), reader: BufReader::new(stream), writer };
+        let mut q = Qmp { socket: socket.to_path_buf(), reader: BufReader::new(stream), writer, next_id: 1 };
         // QEMU serves one client per monitor: a second one waits in the
         // listen queue and never sees the greeting.
         let greeting = q.line().map_err(|e| {
@@ -89,9 +92,18 @@ impl Qmp {
     /// Runs `command`: its `return` value, or QEMU's refusal. A lost or
     /// garbled monitor is an error of its own.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Result<Value, Refusal>, Error> {
-        let msg = json!({ "execute": command, "arguments": arguments });
+        let id = self.next_id;
+        self.next_id += 1;
+        let msg = json!({ "execute": command, "arguments": arguments, "id": id });
         let sent = writeln!(self.writer, "{msg}");
-        let answer = sent.and_then(|()| self.line()).map_err(|e| qmp_error(&self.socket, format!("{command}: {e}")))?;
+        let answer = sent
+            .and_then(|()| loop {
+                let a = self.line()?;
+                if a.get("id").and_then(Value::as_u64) == Some(id) {
+                    break Ok(a);
+                }
+            })
+            .map_err(|e| qmp_error(&self.socket, format!("{command}: {e}")))?;
         if let Some(r) = answer.get("return") {
             return Ok(Ok(r.clone()));
         }

@@ -115,6 +115,17 @@ impl BitmapStore for Node {
         ])
     }
 
+    /// One transaction: every write is in `into` or still in one of `from`.
+    fn collapse(&mut self, into: &str, from: &[String]) -> Result<(), Error> {
+        let mut actions = Vec::new();
+        if !from.is_empty() {
+            actions.push(self.action("block-dirty-bitmap-merge", json!({ "target": into, "bitmaps": from })));
+        }
+        actions.push(self.action("block-dirty-bitmap-enable", json!({ "name": into })));
+        actions.extend(from.iter().map(|f| self.action("block-dirty-bitmap-remove", json!({ "name": f }))));
+        self.transaction(actions)
+    }
+
     fn remove(&mut self, name: &str) -> Result<(), Error> {
         self.run("block-dirty-bitmap-remove", json!({ "node": self.name, "name": name })).map(|_| ())
     }
@@ -227,14 +238,16 @@ fn wait_export_gone(q: &mut Qmp, id: &str) {
 }
 
 impl Node {
-    /// Exports an earlier, killed agent left behind.
-    fn clear_leftovers(&self) -> Result<(), Error> {
+    /// Removes the exports an earlier, killed agent left behind, and waits
+    /// until QEMU let go of them (their bitmaps are busy until then).
+    pub fn clear_leftovers(&self) -> Result<(), Error> {
         let exports = self.run("query-block-exports", json!({}))?;
         for e in exports.as_array().cloned().unwrap_or_default() {
-            let closing = e["shutting-down"].as_bool().unwrap_or(false);
-            if let Some(id) = e["id"].as_str().filter(|id| id.starts_with(EXPORT_PREFIX) && !closing) {
+            let Some(id) = e["id"].as_str().filter(|id| id.starts_with(EXPORT_PREFIX)) else { continue };
+            if !e["shutting-down"].as_bool().unwrap_or(false) {
                 self.run("block-export-del", json!({ "id": id, "mode": "hard" }))?;
             }
+            wait_export_gone(&mut self.qmp.lock().unwrap_or_else(|p| p.into_inner()), id);
         }
         Ok(())
     }

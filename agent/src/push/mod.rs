@@ -371,7 +371,12 @@ fn begin_bitmaps(
     };
     let node = match &opts.qmp {
         Some((socket, name)) => match crate::nbd::qmp::Qmp::connect(socket)? {
-            Some(q) => Some(crate::nbd::running::Node::open(q, socket, name)?),
+            Some(q) => {
+                let node = crate::nbd::running::Node::open(q, socket, name)?;
+                // A killed agent's export keeps its bitmaps busy.
+                node.clear_leftovers()?;
+                Some(node)
+            }
             None => {
                 tracing::info!("no QEMU listens at {}: {} is read at rest", socket.display(), opts.source.display());
                 None

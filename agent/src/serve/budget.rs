@@ -78,12 +78,26 @@ impl Budget {
 
     /// What a session of geometry `g` costs.
     pub fn session_cost(&self, g: &Geometry) -> SessionCost {
+        self.cost(g, 1)
+    }
+
+    /// What each of the `members` sessions of a group push costs when they
+    /// share one admission (`units` is the whole group's): one receive
+    /// window split between them, and each member's own state (its share
+    /// of the regions in flight, its index, its I/O buffers), judged from
+    /// `g` (the member that opens first).
+    pub fn group_cost(&self, g: &Geometry, members: u16) -> SessionCost {
+        self.cost(g, u64::from(members.max(1)))
+    }
+
+    fn cost(&self, g: &Geometry, members: u64) -> SessionCost {
         let pool = self.session_units as u64 * UNIT;
-        let receive_window = (pool / 8).clamp(1 << 20, 16 << 20);
+        let receive_window = ((pool / 8).clamp(1 << 20, 16 << 20) / members).max(1 << 20);
         // Each region in flight: the source's hashes, the target's view of it
         // and of the regions looked ahead (2 × window), about 34 bytes a block.
         let per_region = g.region_blocks() * 34 * 3;
-        let regions_in_flight = ((2 << 20) / per_region.max(1)).clamp(2, MAX_REGIONS_IN_FLIGHT as u64) as u32;
+        let regions_in_flight =
+            (((2 << 20) / per_region.max(1)).clamp(2, MAX_REGIONS_IN_FLIGHT as u64) / members).max(2) as u32;
         // A sorted run of about the size its merge reads back (64 KiB per run).
         let blocks = g.block_count().max(1);
         let index_entries = ((blocks * 4096) as f64).sqrt().clamp(16384.0, (1 << 20) as f64) as usize;
@@ -92,7 +106,7 @@ impl Budget {
             + blocks.div_ceil(index_entries as u64) * (64 << 10)
             + (3 << 20); // redo log, manifest and view I/O buffers
         SessionCost {
-            units: units(receive_window + state, self.session_units),
+            units: units((receive_window + state) * members, self.session_units),
             receive_window,
             regions_in_flight,
             index_entries,

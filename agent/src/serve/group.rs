@@ -65,6 +65,8 @@ impl Groups {
     ) -> Result<Arc<Run>, Error> {
         crate::groups::check_member(state_root, tag.name.as_str(), target, usize::from(tag.members))?;
         let key = (peer.to_string(), tag.push);
+        // The map's lock is never held while a run's is taken (a member
+        // holds its run's across fsyncs): taken and let go here.
         let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
         let run = runs
             .entry(key.clone())
@@ -81,6 +83,7 @@ impl Groups {
                 })
             })
             .clone();
+        drop(runs);
         let mut s = run.lock();
         let refuse = |why: String| Error::new(ErrorCode::Protocol, why);
         if run.name != tag.name.as_str() || run.members != tag.members {
@@ -159,7 +162,9 @@ impl Run {
     pub fn finished(&self, groups: &Groups, vfs: &dyn Vfs, state_root: &Path) {
         let mut s = self.lock();
         s.finished += 1;
-        if s.finished == self.members {
+        let last = s.finished == self.members;
+        drop(s);
+        if last {
             if let Err(e) = group::forget_record(vfs, state_root, self.generation) {
                 tracing::warn!(group = %self.name, "the group record stays: {}", e.message);
             }

@@ -307,14 +307,12 @@ impl Session {
         // member waits for it), each with a slice of its window: members
         // waiting for each other in their commits never starve one still
         // waiting for memory.
-        let full = self.ctx.budget.session_cost(&Geometry::new(o.disk_bytes, o.block_size));
-        let mut cost = full;
+        let g = Geometry::new(o.disk_bytes, o.block_size);
+        let cost = match &o.group {
+            Some(tag) => self.ctx.budget.group_cost(&g, tag.members),
+            None => self.ctx.budget.session_cost(&g),
+        };
         let shared = group.as_ref().map(|(run, _)| run.admission.clone());
-        if let Some(tag) = &o.group {
-            let n = u64::from(tag.members.max(1));
-            cost.receive_window = (full.receive_window / n).max(1 << 20);
-            cost.regions_in_flight = (full.regions_in_flight / n as u32).max(2);
-        }
         let mut slot = match &shared {
             Some(m) => Some(m.lock().await),
             None => None,
@@ -322,12 +320,12 @@ impl Session {
         let admission = match slot.as_deref() {
             Some(Some(permit)) => Some(permit.clone()),
             _ => {
-                if !self.ctx.budget.fits_now(&full) {
+                if !self.ctx.budget.fits_now(&cost) {
                     tracing::info!(peer = %self.peer, target = %name, "waiting for the memory budget");
                 }
                 let mut shutdown = self.ctx.shutdown.clone();
                 let permit = tokio::select! {
-                    a = self.ctx.budget.admit(&full) => a.map(Arc::new),
+                    a = self.ctx.budget.admit(&cost) => a.map(Arc::new),
                     _ = self.conn.closed() => None,
                     _ = shutdown.changed() => None,
                 };
