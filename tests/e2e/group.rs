@@ -441,6 +441,7 @@ fn a_large_group_fits_a_small_memory_budget() {
         srcs.push(src);
     }
     let refs: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let watch = crate::memory::RssAnon::watch(p.agent.pid());
     let mut child = KillOnDrop(spawn(&refs));
     let t = Instant::now();
     while child.0.try_wait().unwrap().is_none() {
@@ -448,6 +449,10 @@ fn a_large_group_fits_a_small_memory_budget() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(child.0.wait().unwrap().success(), "{}", p.agent.log());
+    // I4: the group stays inside the budget, with the slack the
+    // single-session memory tests allow.
+    let peak = watch.peak();
+    assert!(peak <= (16 + 64) * MIB, "peak RssAnon {} MiB over the 16 MiB budget plus 64 MiB", peak / MIB);
     for (i, src) in srcs.iter().enumerate() {
         compare(src, &p.dir.join(format!("t{i}.img"))).unwrap();
     }

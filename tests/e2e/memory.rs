@@ -9,14 +9,14 @@ use crate::agents::{pair, push_to};
 use crate::util::{self, compare, make_disk, MIB};
 
 /// Samples a process's anonymous resident memory until stopped; keeps the peak.
-struct RssAnon {
+pub struct RssAnon {
     peak: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl RssAnon {
-    fn watch(pid: u32) -> RssAnon {
+    pub fn watch(pid: u32) -> RssAnon {
         let peak = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (p, s) = (peak.clone(), stop.clone());
@@ -37,7 +37,7 @@ impl RssAnon {
         RssAnon { peak, stop, thread: Some(thread) }
     }
 
-    fn peak(mut self) -> u64 {
+    pub fn peak(mut self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
