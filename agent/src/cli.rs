@@ -51,6 +51,9 @@ pub enum Command {
     /// Push several disks as one replication group: one snapshot moment (the pre hook, every
     /// snapshot, the post hook), and the target commits them as one group point, or none.
     PushGroup(PushGroupArgs),
+    /// Recovery plans: ordered groups of VMs failed over group after group (docs/plans.md).
+    #[command(subcommand)]
+    Plan(PlanCommand),
     /// Push a generated sample disk to an in-process target agent (full, then delta) and print a table.
     Demo(DemoArgs),
 }
@@ -410,8 +413,21 @@ pub struct FailoverArgs {
 
 #[derive(Args, Debug)]
 pub struct FailoverSyncArgs {
+    /// Source disk: image file, block device, or NBD URL (or --group with --disk for several).
+    #[arg(required_unless_present = "group")]
+    pub src: Option<PathBuf>,
+    /// Target name in the target agent's config.
+    #[arg(long, value_name = "NAME", required_unless_present = "group", conflicts_with = "group")]
+    pub target: Option<String>,
+    /// A VM with several disks: push them as this replication group (one point for all; see
+    /// `push-group`), promoted together with --promote.
+    #[arg(long, value_name = "NAME", requires = "disks", conflicts_with = "src")]
+    pub group: Option<String>,
+    /// A member of --group: its source disk and its target name on the peer (repeat for every disk).
+    #[arg(long = "disk", value_name = "SRC=TARGET", value_parser = disk_pair, requires = "group")]
+    pub disks: Vec<(PathBuf, String)>,
     #[command(flatten)]
-    pub push: PushArgs,
+    pub opts: PushOpts,
     /// Command (sh -c) that quiesces the VM: shuts it down or freezes it; waited for.
     #[arg(long, value_name = "CMD")]
     pub quiesce_cmd: String,
@@ -485,12 +501,79 @@ impl Command {
             Command::Failover(a) => a.common.json,
             Command::Commit(a) | Command::Demote(a) => a.common.json,
             Command::TestFailover(a) => a.common.json,
-            Command::FailoverSync(a) => a.push.opts.common.json,
+            Command::FailoverSync(a) => a.opts.common.json,
             Command::Demo(a) => a.common.json,
             Command::Init(a) | Command::Id(a) => a.common.json,
             Command::Serve(a) => a.common.json,
             Command::Push(a) => a.opts.common.json,
             Command::PushGroup(a) => a.opts.common.json,
+            Command::Plan(PlanCommand::Run(a)) => a.common.json,
+            Command::Plan(PlanCommand::Cleanup(a)) => a.common.json,
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PlanCommand {
+    /// Fail a plan's VMs over, group after group: --planned on the primary (failover-sync
+    /// --promote of each VM; stops at the first error), --unplanned on the recovery site
+    /// (failover to --point; goes on past errors), --test (test-failover images instead).
+    Run(PlanRunArgs),
+    /// Remove the test images a `plan run --test` made, unpinning their points.
+    Cleanup(PlanCleanupArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["planned", "unplanned", "test"])))]
+pub struct PlanRunArgs {
+    /// The plan file (TOML).
+    pub plan: PathBuf,
+    /// On the primary: sync before failover and promote, VM after VM, group after group.
+    #[arg(long)]
+    pub planned: bool,
+    /// On the recovery site: fail every VM over to --point.
+    #[arg(long)]
+    pub unplanned: bool,
+    /// On the recovery site: writable test images of --point, replication untouched.
+    #[arg(long)]
+    pub test: bool,
+    /// latest (newest crash- or app-consistent point), latest-app (newest point app-consistent on
+    /// every disk of the VM), or an RFC 3339 time (the newest point not after it).
+    #[arg(long, default_value = "latest", value_parser = plan_point, conflicts_with = "planned")]
+    pub point: crate::plan::PointChoice,
+    #[command(flatten)]
+    pub site: PlanSiteArgs,
+    /// How each step is told on stderr as it happens: human lines, or JSON lines.
+    #[arg(long, value_enum, default_value = "human")]
+    pub progress: crate::plan::ProgressFormat,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Where the recovery site's agent is (unplanned and test modes, cleanup).
+#[derive(Args, Debug)]
+pub struct PlanSiteArgs {
+    /// The recovery site's serve config (default: the plan's recovery_config).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where test images go (default: the plan's test_dir, else STATE_DIR/plan-tests/PLAN).
+    #[arg(long, value_name = "DIR")]
+    pub test_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanCleanupArgs {
+    /// The plan file (TOML).
+    pub plan: PathBuf,
+    #[command(flatten)]
+    pub site: PlanSiteArgs,
+    /// How each step is told on stderr: human lines, or JSON lines.
+    #[arg(long, value_enum, default_value = "human")]
+    pub progress: crate::plan::ProgressFormat,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+fn plan_point(s: &str) -> Result<crate::plan::PointChoice, String> {
+    crate::plan::PointChoice::parse(s)
 }

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod ids;
 pub mod nbd;
 pub mod output;
+pub mod plan;
 pub mod progress;
 pub mod push;
 pub mod serve;

@@ -29,6 +29,7 @@ mod lost_ack;
 mod memory;
 mod nbd;
 mod net;
+mod plan;
 mod points;
 mod qmp;
 mod restart;

@@ -2,19 +2,22 @@
 //! while the VM runs (fuzzy points) until they converge; phase 2 runs the
 //! quiesce command, ships the last delta as a consistent point — promoted
 //! on the target in the same session with `--promote` — and reports the
-//! downtime: from the quiesce command's exit to the commit.
+//! downtime: from the quiesce command's exit to the commit. A VM with
+//! several disks (`--group NAME --disk SRC=TARGET ...`) is pushed as a
+//! replication group every pass: one point for all its disks, promoted
+//! together.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use diskferry_protocol::{Consistency, ErrorCode};
+use diskferry_protocol::{Consistency, ErrorCode, TargetName};
 use diskferry_sync_engine::apply::{Role, Target, TargetOptions};
 use diskferry_sync_engine::store::RealFs;
 use diskferry_sync_engine::Error;
 use serde_json::json;
 
-use super::net::{push_json, push_setup};
+use super::net::{push_json, push_options, setup};
 use crate::cli::FailoverSyncArgs;
 use crate::hooks;
 use crate::ids::{new_generation, now_unix_ns};
@@ -30,23 +33,99 @@ struct Pass {
     seconds: f64,
 }
 
+/// What is pushed every pass: one disk, or a VM's disks as one group.
+struct Disks {
+    members: Vec<PushOptions>,
+    group: Option<TargetName>,
+}
+
+/// One push of every disk: the members' reports, in order.
+struct Pushed {
+    reports: Vec<PushReport>,
+    seconds: f64,
+}
+
+impl Pushed {
+    fn changed(&self) -> u64 {
+        self.reports.iter().map(|r| r.committed.bytes_written).sum()
+    }
+    fn sent(&self) -> u64 {
+        self.reports.iter().map(|r| r.bytes_sent).sum()
+    }
+    fn consistency(&self) -> Consistency {
+        self.reports.iter().map(|r| r.consistency).min().unwrap_or(Consistency::Fuzzy)
+    }
+    fn promoted(&self) -> bool {
+        self.reports.iter().all(|r| r.committed.promoted)
+    }
+    fn generation(&self) -> String {
+        self.reports.first().map(|r| r.committed.generation.to_hex()).unwrap_or_default()
+    }
+    fn mode(&self) -> &'static str {
+        match self.reports.iter().any(|r| r.mode() == "full") {
+            true => "full",
+            false => "delta",
+        }
+    }
+}
+
+impl Disks {
+    fn sources(&self) -> std::ffi::OsString {
+        let paths: Vec<_> = self.members.iter().map(|o| o.source.display().to_string()).collect();
+        paths.join("\n").into()
+    }
+    fn what(&self) -> String {
+        match &self.group {
+            Some(g) => format!("group {g} ({} disks)", self.members.len()),
+            None => self.members.first().map(|o| o.source.display().to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+fn disks(a: &FailoverSyncArgs, rt: &tokio::runtime::Runtime) -> Result<Disks> {
+    match (&a.group, &a.src, &a.target) {
+        (Some(g), _, _) => {
+            let group = TargetName::new(g).map_err(|e| Error::new(ErrorCode::Usage, format!("--group: {e}")))?;
+            let members =
+                a.disks.iter().map(|(src, t)| push_options(src, t, &a.opts, rt)).collect::<Result<Vec<_>>>()?;
+            crate::push::group::check_members(&members)?;
+            Ok(Disks { members, group: Some(group) })
+        }
+        (None, Some(src), Some(target)) => {
+            Ok(Disks { members: vec![push_options(src, target, &a.opts, rt)?], group: None })
+        }
+        _ => Err(Error::new(ErrorCode::Usage, "give SRC --target NAME, or --group NAME --disk SRC=TARGET ...").into()),
+    }
+}
+
 pub fn run(a: FailoverSyncArgs) -> Result<()> {
-    let (base, id, rt) = push_setup(&a.push)?;
-    let json = a.push.opts.common.json;
-    let push_once = |opts: PushOptions| -> Result<(PushReport, f64), Error> {
-        let bar = Arc::new(Bar::new());
+    let (id, rt) = setup(&a.opts)?;
+    let id = Arc::new(id);
+    let d = disks(&a, &rt)?;
+    let json = a.opts.common.json;
+    let push_all = |fuzzy: bool, promote: bool, requested: &mut bool| -> Result<Pushed, Error> {
         let start = Instant::now();
-        let r = rt.block_on(push::push(&id, opts, bar.clone()));
-        bar.finish();
-        Ok((r?, start.elapsed().as_secs_f64()))
+        let members: Vec<PushOptions> = d.members.iter().map(|o| PushOptions { fuzzy, promote, ..o.clone() }).collect();
+        let reports = match (&d.group, members.first()) {
+            (Some(g), _) => push::group::push_members(&rt, &id, g, &members, requested)?,
+            (None, Some(o)) => {
+                let o = o.clone();
+                let bar = Arc::new(Bar::new());
+                let r = rt.block_on(push::push_tracked(&id, o, bar.clone(), requested));
+                bar.finish();
+                vec![r?]
+            }
+            (None, None) => return Err(Error::new(ErrorCode::Usage, "no disk to push")),
+        };
+        Ok(Pushed { reports, seconds: start.elapsed().as_secs_f64() })
     };
 
     // Phase 1: passes while the VM runs; never recovery points.
     let mut passes: Vec<Pass> = Vec::new();
     let mut not_shrinking = 0;
     for n in 1..=a.max_passes {
-        let (r, seconds) = push_once(PushOptions { fuzzy: true, ..base.clone() })?;
-        let changed = r.committed.bytes_written;
+        let r = push_all(true, false, &mut false)?;
+        let (changed, seconds) = (r.changed(), r.seconds);
         if let Some(prev) = passes.last() {
             not_shrinking = if changed >= prev.bytes_changed { not_shrinking + 1 } else { 0 };
         }
@@ -54,11 +133,11 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
             eprintln!(
                 "pass {n}: {} changed, {} sent in {seconds:.2} s ({})",
                 human_bytes(changed),
-                human_bytes(r.bytes_sent),
+                human_bytes(r.sent()),
                 r.mode()
             );
         }
-        passes.push(Pass { bytes_changed: changed, bytes_sent: r.bytes_sent, seconds });
+        passes.push(Pass { bytes_changed: changed, bytes_sent: r.sent(), seconds });
         if changed <= a.converge_bytes || not_shrinking >= 2 {
             break;
         }
@@ -67,21 +146,14 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
     // Phase 2: quiesce, the last delta, a consistent point.
     let timeout = Duration::from_secs(a.quiesce_timeout);
     let q0 = Instant::now();
-    let env = [("DISKFERRY_SOURCE", base.source.as_os_str())];
+    let sources = d.sources();
+    let env = [("DISKFERRY_SOURCE", sources.as_os_str())];
     // The downtime starts when the quiesce command exits.
     let (_, down) = hooks::run_timed("quiesce", &a.quiesce_cmd, &[], &env, timeout)
-        .map_err(|e| unquiesce(&a, &base, e, "the quiesce command failed; the VM may be partly quiesced"))?;
+        .map_err(|e| unquiesce(&a, &d, e, "the quiesce command failed; the VM may be partly quiesced"))?;
     let quiesce_seconds = (down - q0).as_secs_f64();
     let mut commit_requested = false;
-    let last = {
-        let bar = Arc::new(Bar::new());
-        let start = Instant::now();
-        let opts = PushOptions { promote: a.promote, ..base.clone() };
-        let r = rt.block_on(push::push_tracked(&id, opts, bar.clone(), &mut commit_requested));
-        bar.finish();
-        r.map(|r| (r, start.elapsed().as_secs_f64()))
-    };
-    let (r, last_seconds) = match last {
+    let r = match push_all(false, a.promote, &mut commit_requested) {
         Ok(x) => x,
         // The commit may have landed, and gone live: restarting the VM here
         // could make two live copies. The operator looks first.
@@ -104,7 +176,7 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
         Err(e) => {
             return Err(unquiesce(
                 &a,
-                &base,
+                &d,
                 e,
                 "the VM is quiesced and the last delta is not committed; run failover-sync again to resume it",
             )
@@ -112,82 +184,111 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
         }
     };
     let downtime = down.elapsed().as_secs_f64();
-    if r.consistency == Consistency::Fuzzy {
+    if r.consistency() == Consistency::Fuzzy {
         let e = Error::new(
             ErrorCode::SourceChanged,
-            format!("{} was still written after the quiesce command: the last point is fuzzy", base.source.display()),
+            format!("{} was still written after the quiesce command: the last point is fuzzy", d.what()),
         )
         .hint("make the quiesce command wait until the VM is down (or frozen), then run failover-sync again");
-        return Err(unquiesce(&a, &base, e, "").into());
+        return Err(unquiesce(&a, &d, e, "").into());
     }
-    if a.promote && !r.committed.promoted {
+    if a.promote && !r.promoted() {
+        let fix = match &d.group {
+            Some(g) => format!("`diskferry failover --group {g} --point {}`", r.generation()),
+            None => "`diskferry failover`".to_string(),
+        };
         return Err(Error::new(
             ErrorCode::Internal,
-            format!(
-                "the VM is quiesced; the target committed {} (consistent) but did not promote it",
-                r.committed.generation
-            ),
+            format!("the VM is quiesced; the target committed {} (consistent) but did not promote it", r.generation()),
         )
-        .hint("see the target agent's log, then run `diskferry failover` there and start the VM on that side")
+        .hint(format!("see the target agent's log, then run {fix} there and start the VM on that side"))
         .into());
     }
-    // The source disk, if it is a live target of this agent, steps down
-    // to a replica at the generation just shipped: the way back is a delta.
-    let demoted = match a.promote {
-        true => demote_source(&base).map_err(|e| Error {
-            message: format!(
-                "the target is live at {}, but {} could not be demoted here: {}",
-                r.committed.generation,
-                base.source.display(),
-                e.message
-            ),
-            hint: Some(format!(
-                "do not start the VM here; run `diskferry demote {}` (with this agent's --config or --state-dir)",
-                base.source.display()
-            )),
-            ..e
-        })?,
-        false => None,
-    };
+    // The source disks, if they are live targets of this agent, step down
+    // to replicas at the generation just shipped: the way back is a delta.
+    let mut demoted = Vec::new();
+    if a.promote {
+        for o in &d.members {
+            let g = demote_source(o).map_err(|e| Error {
+                message: format!(
+                    "the target is live at {}, but {} could not be demoted here: {}",
+                    r.generation(),
+                    o.source.display(),
+                    e.message
+                ),
+                hint: Some(format!(
+                    "do not start the VM here; run `diskferry demote {}` (with this agent's --config or --state-dir)",
+                    o.source.display()
+                )),
+                ..e
+            })?;
+            demoted.extend(g.map(|g| (o.source.clone(), g)));
+        }
+    }
 
     if json {
-        let mut v = push_json(&r, last_seconds, cpu_seconds());
+        let mut v = match (&d.group, r.reports.as_slice()) {
+            (None, [one]) => push_json(one, r.seconds, cpu_seconds()),
+            _ => json!({
+                "group": d.group.as_ref().map(|g| g.as_str()),
+                "generation": r.generation(),
+                "consistency": r.consistency().as_str(),
+                "bytes_sent": r.sent(),
+                "bytes_written": r.changed(),
+                "seconds": round_secs(r.seconds),
+                "cpu_seconds": round_secs(cpu_seconds()),
+                "members": r.reports.iter().zip(&d.members).map(|(m, o)| {
+                    let mut v = push_json(m, r.seconds, 0.0);
+                    v["target"] = json!(o.target.as_str());
+                    v["source"] = json!(o.source.display().to_string());
+                    v
+                }).collect::<Vec<_>>(),
+            }),
+        };
         v["passes"] = passes
             .iter()
             .map(|p| json!({"bytes_changed": p.bytes_changed, "bytes_sent": p.bytes_sent, "seconds": round_secs(p.seconds)}))
             .collect();
         v["quiesce_seconds"] = json!(round_secs(quiesce_seconds));
         v["downtime_seconds"] = json!(round_secs(downtime));
-        v["promoted"] = json!(r.committed.promoted);
-        v["source_demoted"] = json!(demoted.map(|g| g.to_hex()));
+        v["promoted"] = json!(r.promoted());
+        v["source_demoted"] = match (&d.group, demoted.as_slice()) {
+            (None, [(_, g)]) => json!(g.to_hex()),
+            (None, _) => json!(null),
+            (Some(_), all) => all.iter().map(|(p, g)| json!({"source": p, "generation": g.to_hex()})).collect(),
+        };
         print_json(&v);
     } else {
+        let to = match &d.group {
+            Some(_) => a.opts.peer.clone(),
+            None => d.members.iter().map(|o| o.target.to_string()).collect::<Vec<_>>().join(", "),
+        };
         println!(
-            "failover-sync of {} to {}: {} passes while running, then the last delta ({} changed) as {} point {}",
-            base.source.display(),
-            a.push.target,
+            "failover-sync of {} to {to}: {} passes while running, then the last delta ({} changed) as {} point {}",
+            d.what(),
             passes.len(),
-            human_bytes(r.committed.bytes_written),
-            r.consistency.as_str(),
-            r.committed.generation
+            human_bytes(r.changed()),
+            r.consistency().as_str(),
+            r.generation()
         );
         println!("  quiesce     {quiesce_seconds:.2} s (the quiesce command)");
         println!("  downtime    {downtime:.2} s (from the quiesce command's exit to the commit)");
-        if r.committed.promoted {
-            println!("  promoted    the target is live at {}", r.committed.generation);
+        if r.promoted() {
+            println!("  promoted    the target is live at {}", r.generation());
         }
-        if let Some(g) = demoted {
-            println!("  demoted     {} is a replica at {g}", base.source.display());
+        for (p, g) in &demoted {
+            println!("  demoted     {} is a replica at {g}", p.display());
         }
     }
     Ok(())
 }
 
 /// Runs `--unquiesce-cmd` after a failure past the quiesce, and says so.
-fn unquiesce(a: &FailoverSyncArgs, base: &PushOptions, e: Error, what: &str) -> Error {
+fn unquiesce(a: &FailoverSyncArgs, d: &Disks, e: Error, what: &str) -> Error {
     let mut message = if what.is_empty() { e.message.clone() } else { format!("{what}: {}", e.message) };
     if let Some(cmd) = &a.unquiesce_cmd {
-        let env = [("DISKFERRY_SOURCE", base.source.as_os_str())];
+        let sources = d.sources();
+        let env = [("DISKFERRY_SOURCE", sources.as_os_str())];
         match hooks::run("unquiesce", cmd, &[], &env, Duration::from_secs(a.quiesce_timeout)) {
             Ok(_) => message.push_str(" (the unquiesce command ran)"),
             Err(u) => message.push_str(&format!(" (and {})", u.message)),

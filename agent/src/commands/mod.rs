@@ -8,6 +8,7 @@ mod failover_sync;
 mod group_moves;
 mod hash;
 mod net;
+mod plan;
 mod points;
 mod push_group;
 mod sync;
@@ -37,5 +38,6 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Serve(a) => net::serve(a),
         Command::Push(a) => net::push(a),
         Command::PushGroup(a) => push_group::run(a),
+        Command::Plan(c) => plan::run(c),
     }
 }

@@ -5,6 +5,7 @@
 //!
 //! [`SenderSession`]: diskferry_protocol::session::SenderSession
 
+pub mod group;
 mod session;
 
 use crate::snapshot::{self, SnapshotKind, SnapshotOptions};

@@ -284,9 +284,6 @@ impl Session {
         };
         self.registration = Some(registration);
         let group = match &o.group {
-            Some(_) if o.promote => {
-                return self.rs.reject(ErrorCode::Usage, "a group push cannot promote: fail the group over instead")
-            }
             Some(tag) => match self.ctx.groups.join(&self.ctx.state_root, &self.peer, tag, &name, &tc.path) {
                 Ok(run) => {
                     self.group = Some((run.clone(), self.ctx.groups.clone()));

@@ -1,0 +1,160 @@
+//! `diskferry plan run` and `plan cleanup`: the plan is carried out by
+//! `crate::plan`; this prints its summary and turns its errors into the
+//! command's.
+
+use anyhow::Result;
+use diskferry_protocol::ErrorCode;
+use serde_json::Value;
+
+use crate::cli::{PlanCommand, PlanSiteArgs};
+use crate::output::{print_json, CommandFailure};
+use crate::plan::{self, Mode, Outcome, Plan, PointChoice, ProgressFormat, RunOptions};
+
+pub fn run(c: PlanCommand) -> Result<()> {
+    match c {
+        PlanCommand::Run(a) => {
+            let p = Plan::load(&a.plan)?;
+            let mode = match (a.planned, a.unplanned) {
+                (true, _) => Mode::Planned,
+                (_, true) => Mode::Unplanned,
+                _ => Mode::Test,
+            };
+            if mode == Mode::Planned {
+                // Refused before any VM is stopped, not at the group it is in.
+                let missing = p.without_quiesce();
+                if !missing.is_empty() {
+                    return Err(diskferry_sync_engine::Error::new(
+                        ErrorCode::Config,
+                        format!("plan {}: no quiesce command for {}", p.name, missing.join(", ")),
+                    )
+                    .hint("a planned failover stops every VM first: give each VM `quiesce`")
+                    .into());
+                }
+            }
+            let o = options(mode, a.point, &a.site, a.common.state_dir.clone(), a.progress);
+            let out = plan::run(&p, &o);
+            finish(&p, mode, out, a.common.json)
+        }
+        PlanCommand::Cleanup(a) => {
+            let p = Plan::load(&a.plan)?;
+            let o = options(Mode::Test, PointChoice::Latest, &a.site, a.common.state_dir.clone(), a.progress);
+            let out = plan::cleanup(&p, &o);
+            if !a.common.json && out.errors.is_empty() {
+                let n = out.summary["removed"].as_array().map_or(0, Vec::len);
+                println!("plan {}: removed {n} test image(s); their points are no longer pinned", p.name);
+            }
+            fail_with(&p, out, a.common.json, "cleanup")
+        }
+    }
+}
+
+fn options(
+    mode: Mode,
+    point: PointChoice,
+    site: &PlanSiteArgs,
+    state_dir: Option<std::path::PathBuf>,
+    progress: ProgressFormat,
+) -> RunOptions {
+    RunOptions { mode, point, config: site.config.clone(), state_dir, test_dir: site.test_dir.clone(), progress }
+}
+
+fn finish(p: &Plan, mode: Mode, out: Outcome, json: bool) -> Result<()> {
+    if !json {
+        print_table(&out.summary, mode);
+    }
+    fail_with(p, out, json, mode.as_str())
+}
+
+/// Success prints the summary (with --json); errors become the command's
+/// failure, the first one's code, the summary riding along in its JSON.
+fn fail_with(p: &Plan, out: Outcome, json: bool, what: &str) -> Result<()> {
+    let Some((at, first)) = out.errors.first() else {
+        if json {
+            print_json(&out.summary);
+        }
+        return Ok(());
+    };
+    let code = ErrorCode::ALL.iter().copied().find(|c| c.as_str() == first.code).unwrap_or(ErrorCode::Internal);
+    let message = match out.summary["stopped_at"].as_str() {
+        Some(stop) => {
+            let names = |status: &str| -> String {
+                let g: Vec<&str> =
+                    groups(&out.summary).filter(|g| g["status"] == status).filter_map(|g| g["name"].as_str()).collect();
+                if g.is_empty() {
+                    "none".into()
+                } else {
+                    g.join(", ")
+                }
+            };
+            format!(
+                "plan {} ({what}) stopped at {stop}: {at}: {}; failed over: {}; untouched: {}",
+                p.name,
+                first.message,
+                names("done"),
+                names("untouched")
+            )
+        }
+        None => format!("plan {} ({what}): {} error(s); the first, {at}: {}", p.name, out.errors.len(), first.message),
+    };
+    let mut extra = out.summary.clone();
+    if let Some(o) = extra.as_object_mut() {
+        o.remove("ok");
+    }
+    let hint = (!first.hint.is_empty()).then(|| first.hint.clone());
+    Err(CommandFailure { code, message, hint, extra: Some(extra) }.into())
+}
+
+fn groups(summary: &Value) -> impl Iterator<Item = &Value> {
+    summary["groups"].as_array().into_iter().flatten()
+}
+
+/// The summary for people: one line per VM.
+fn print_table(summary: &Value, mode: Mode) {
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    println!(
+        "plan {} ({}{}) in {} s",
+        s(&summary["plan"]),
+        mode.as_str(),
+        summary["point"].as_str().map(|p| format!(", point {p}")).unwrap_or_default(),
+        summary["seconds"]
+    );
+    println!(
+        "{:<14} {:<14} {:<12} {:<33} {:<17} {:>8}  ERROR",
+        "GROUP", "VM", "STATUS", "POINT", "CONSISTENCY", "SECONDS"
+    );
+    for g in groups(summary) {
+        for v in g["vms"].as_array().into_iter().flatten() {
+            let error = match v["code"].as_str() {
+                Some(c) => format!("{c}: {}", s(&v["message"])),
+                None => String::new(),
+            };
+            println!(
+                "{:<14} {:<14} {:<12} {:<33} {:<17} {:>8}  {error}",
+                s(&g["name"]),
+                s(&v["name"]),
+                s(&v["status"]),
+                s(&v["point"]),
+                s(&v["consistency"]),
+                v["seconds"].as_f64().map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into()),
+            );
+        }
+        for h in g["hooks"].as_array().into_iter().flatten().filter(|h| h["ok"] == false) {
+            println!(
+                "{:<14} {:<14} {:<12} error[{}]: {}",
+                s(&g["name"]),
+                format!("{} hook", s(&h["hook"])),
+                "failed",
+                s(&h["error"]["code"]),
+                s(&h["error"]["message"])
+            );
+        }
+    }
+    for h in summary["hooks"].as_array().into_iter().flatten().filter(|h| h["ok"] == false) {
+        println!(
+            "plan {} hook failed: error[{}]: {}",
+            s(&h["hook"]),
+            s(&h["error"]["code"]),
+            s(&h["error"]["message"])
+        );
+    }
+}

@@ -1,0 +1,387 @@
+//! Carrying out a plan, group after group: the plan's and each group's
+//! hooks around the group's VMs (run side by side). A planned failover
+//! stops at the first error (the groups before it failed over, the ones
+//! after it untouched); an unplanned one and a test go on and report every
+//! error.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use diskferry_protocol::ErrorCode;
+use serde_json::{json, Value};
+
+use super::step::{self, ProgressFormat, Reporter, StepError};
+use super::vm::{self, Site, VmResult};
+use super::Plan;
+use crate::units::round_secs;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Planned,
+    Unplanned,
+    Test,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Planned => "planned",
+            Mode::Unplanned => "unplanned",
+            Mode::Test => "test",
+        }
+    }
+}
+
+/// Which point each VM goes to (unplanned and test modes).
+#[derive(Clone, Copy, Debug)]
+pub enum PointChoice {
+    /// The newest recovery point (crash- or app-consistent).
+    Latest,
+    /// The newest point that is app-consistent on every disk of the VM.
+    LatestApp,
+    /// The newest recovery point not after this time.
+    NotAfter(jiff::Timestamp),
+}
+
+impl PointChoice {
+    pub fn parse(s: &str) -> Result<PointChoice, String> {
+        match s {
+            "latest" => Ok(PointChoice::Latest),
+            "latest-app" => Ok(PointChoice::LatestApp),
+            t => t
+                .parse::<jiff::Timestamp>()
+                .map(PointChoice::NotAfter)
+                .map_err(|e| format!("{t:?} is not latest, latest-app or an RFC 3339 time ({e})")),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            PointChoice::Latest => "a recovery point (crash- or app-consistent)".into(),
+            PointChoice::LatestApp => "app-consistent on every disk".into(),
+            PointChoice::NotAfter(t) => format!("a recovery point not after {t}"),
+        }
+    }
+
+    fn as_json(&self) -> String {
+        match self {
+            PointChoice::Latest => "latest".into(),
+            PointChoice::LatestApp => "latest-app".into(),
+            PointChoice::NotAfter(t) => t.to_string(),
+        }
+    }
+}
+
+/// How a plan is run.
+pub struct RunOptions {
+    pub mode: Mode,
+    pub point: PointChoice,
+    /// The recovery site's serve config (else the plan's `recovery_config`).
+    pub config: Option<PathBuf>,
+    /// This agent's state directory, given to every step.
+    pub state_dir: Option<PathBuf>,
+    /// Where test images go (else the plan's `test_dir`, else under the state directory).
+    pub test_dir: Option<PathBuf>,
+    pub progress: ProgressFormat,
+}
+
+/// What every step of one run shares.
+pub struct Ctx<'a> {
+    pub plan: &'a Plan,
+    pub mode: Mode,
+    pub point: PointChoice,
+    opts: &'a RunOptions,
+    site: OnceLock<Result<Site, StepError>>,
+    report: Reporter,
+}
+
+impl Ctx<'_> {
+    /// `--state-dir DIR` when the run was given one.
+    pub fn state_dir_args(&self) -> Vec<OsString> {
+        match &self.opts.state_dir {
+            Some(d) => vec!["--state-dir".into(), d.into()],
+            None => Vec::new(),
+        }
+    }
+
+    /// The recovery site, read once.
+    pub fn site(&self) -> Result<&Site, StepError> {
+        self.site.get_or_init(|| load_site(self.plan, self.opts)).as_ref().map_err(Clone::clone)
+    }
+
+    pub fn test_dir(&self) -> Result<PathBuf, StepError> {
+        match self.opts.test_dir.clone().or_else(|| self.plan.test_dir.clone()) {
+            Some(d) => Ok(d),
+            None => Ok(self.site()?.state_root.join("plan-tests").join(&self.plan.name)),
+        }
+    }
+
+    /// The environment of hooks and start commands.
+    pub fn env(&self, group: Option<&str>) -> Vec<(&'static str, OsString)> {
+        let mut env = vec![
+            ("DISKFERRY_PLAN", OsString::from(&self.plan.name)),
+            ("DISKFERRY_MODE", OsString::from(self.mode.as_str())),
+        ];
+        if let Some(g) = group {
+            env.push(("DISKFERRY_GROUP", g.into()));
+        }
+        env
+    }
+
+    /// Runs one hook, telling it; `None` when there is none.
+    fn hook(&self, scope: &str, name: &str, cmd: Option<&String>, group: Option<&str>) -> Option<Value> {
+        let cmd = cmd?;
+        let start = Instant::now();
+        let label = format!("{scope} {name} hook");
+        let r = step::hook(&format!("{scope}-{name}"), cmd, &self.env(group), self.plan.hook_timeout);
+        let secs = start.elapsed().as_secs_f64();
+        let mut v =
+            json!({ "scope": scope, "hook": name, "group": group, "ok": r.is_ok(), "seconds": round_secs(secs) });
+        match &r {
+            Ok(()) => self.report.event("hook", v.clone(), || format!("{label}: done in {secs:.1} s")),
+            Err(e) => {
+                v["error"] = e.json();
+                self.report
+                    .event("hook", v.clone(), || format!("{label}: error[{}]: {} — {}", e.code, e.message, e.hint));
+            }
+        }
+        Some(v)
+    }
+}
+
+fn load_site(plan: &Plan, o: &RunOptions) -> Result<Site, StepError> {
+    let Some(config) = o.config.clone().or_else(|| plan.recovery_config.clone()) else {
+        return Err(StepError::new(
+            ErrorCode::Usage,
+            "this mode runs on the recovery site and needs its serve config",
+            "give --config FILE, or recovery_config in the plan",
+        ));
+    };
+    let c = crate::config::Config::load(&config)?;
+    let state_root = crate::state::prepare(&crate::state::resolve(o.state_dir.clone().or(c.state_dir)))?;
+    let targets = c.targets.into_iter().map(|(name, t)| (name, t.path)).collect();
+    Ok(Site { config, state_root, targets })
+}
+
+/// What a run did: the summary, and the errors in the order they came.
+pub struct Outcome {
+    pub summary: Value,
+    pub errors: Vec<(String, StepError)>,
+}
+
+/// Runs `plan` in `o.mode`.
+pub fn run(plan: &Plan, o: &RunOptions) -> Outcome {
+    let ctx =
+        Ctx { plan, mode: o.mode, point: o.point, opts: o, site: OnceLock::new(), report: Reporter::new(o.progress) };
+    let start = Instant::now();
+    let stop_at_error = o.mode == Mode::Planned;
+    let mut errors: Vec<(String, StepError)> = Vec::new();
+    let mut hooks = Vec::new();
+    let mut groups_out = Vec::new();
+    let mut stopped: Option<String> = None;
+    let vms: usize = plan.groups.iter().map(|g| g.vms.len()).sum();
+    ctx.report.event(
+        "plan_start",
+        json!({ "plan": plan.name, "mode": o.mode.as_str(), "point": o.point.as_json(), "groups": plan.groups.len(), "vms": vms }),
+        || format!("plan {} ({}): {} groups, {vms} VMs", plan.name, o.mode.as_str(), plan.groups.len()),
+    );
+    let hook_failed = |v: &Value| v["ok"] == Value::Bool(false);
+    let note_hook = |v: Value, errors: &mut Vec<(String, StepError)>, hooks: &mut Vec<Value>| -> bool {
+        let failed = hook_failed(&v);
+        if failed {
+            let e = &v["error"];
+            let scope = match v["group"].as_str() {
+                Some(g) => format!("group {g}"),
+                None => "plan".into(),
+            };
+            errors.push((
+                format!("{scope} {} hook", v["hook"].as_str().unwrap_or_default()),
+                StepError {
+                    code: e["code"].as_str().unwrap_or("E_HOOK").into(),
+                    message: e["message"].as_str().unwrap_or_default().into(),
+                    hint: e["hint"].as_str().unwrap_or_default().into(),
+                },
+            ));
+        }
+        hooks.push(v);
+        failed
+    };
+    if let Some(v) = ctx.hook("plan", "pre", plan.pre.as_ref(), None) {
+        if note_hook(v, &mut errors, &mut hooks) && stop_at_error {
+            stopped = Some("the plan's pre hook".into());
+        }
+    }
+    for g in &plan.groups {
+        if stopped.is_some() {
+            ctx.report.event("group_skipped", json!({ "group": g.name }), || format!("group {}: untouched", g.name));
+            let vms: Vec<Value> = g.vms.iter().map(|v| json!({ "name": v.name, "status": "untouched" })).collect();
+            groups_out.push(json!({ "name": g.name, "status": "untouched", "hooks": [], "vms": vms }));
+            continue;
+        }
+        let group_start = Instant::now();
+        ctx.report.event("group_start", json!({ "group": g.name, "vms": g.vms.len() }), || {
+            format!("group {}: {} VMs", g.name, g.vms.len())
+        });
+        let mut group_hooks = Vec::new();
+        let mut group_failed = false;
+        if let Some(v) = ctx.hook("group", "pre", g.pre.as_ref(), Some(&g.name)) {
+            group_failed = note_hook(v, &mut errors, &mut group_hooks);
+        }
+        let results: Vec<VmResult> = if group_failed && stop_at_error {
+            Vec::new()
+        } else {
+            std::thread::scope(|s| {
+                let running: Vec<_> = g
+                    .vms
+                    .iter()
+                    .map(|v| {
+                        let ctx = &ctx;
+                        ctx.report.event("vm_start", json!({ "group": g.name, "vm": v.name }), || {
+                            format!("  {}: {}", v.name, step_name(o.mode))
+                        });
+                        s.spawn(move || {
+                            let r = vm::run(ctx, &g.name, v);
+                            tell_vm(ctx, &g.name, &r);
+                            r
+                        })
+                    })
+                    .collect();
+                running
+                    .into_iter()
+                    .zip(&g.vms)
+                    .map(|(h, v)| {
+                        h.join().unwrap_or_else(|_| VmResult {
+                            name: v.name.clone(),
+                            seconds: 0.0,
+                            point: None,
+                            downtime: None,
+                            disks: Vec::new(),
+                            error: Some(StepError::new(ErrorCode::Internal, "the VM's step panicked", "a bug")),
+                        })
+                    })
+                    .collect()
+            })
+        };
+        for r in &results {
+            if let Some(e) = &r.error {
+                errors.push((format!("group {} vm {}", g.name, r.name), e.clone()));
+                group_failed = true;
+            }
+        }
+        if !(group_failed && stop_at_error) {
+            if let Some(v) = ctx.hook("group", "post", g.post.as_ref(), Some(&g.name)) {
+                group_failed |= note_hook(v, &mut errors, &mut group_hooks);
+            }
+        }
+        let mut vms_out: Vec<Value> = results.iter().map(|r| r.json(o.mode)).collect();
+        if results.is_empty() {
+            vms_out = g.vms.iter().map(|v| json!({ "name": v.name, "status": "untouched" })).collect();
+        }
+        let status = match (group_failed, stop_at_error) {
+            (false, _) => "done",
+            (true, true) => "failed",
+            (true, false) => "errors",
+        };
+        ctx.report.event(
+            "group_done",
+            json!({ "group": g.name, "status": status, "seconds": round_secs(group_start.elapsed().as_secs_f64()) }),
+            || format!("group {}: {status}", g.name),
+        );
+        groups_out.push(json!({ "name": g.name, "status": status, "hooks": group_hooks, "vms": vms_out }));
+        if group_failed && stop_at_error {
+            stopped = Some(format!("group {}", g.name));
+        }
+    }
+    if stopped.is_none() {
+        if let Some(v) = ctx.hook("plan", "post", plan.post.as_ref(), None) {
+            if note_hook(v, &mut errors, &mut hooks) && stop_at_error {
+                stopped = Some("the plan's post hook".into());
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let ok = errors.is_empty();
+    ctx.report.event(
+        "plan_done",
+        json!({ "plan": plan.name, "ok": ok, "errors": errors.len(), "seconds": round_secs(secs) }),
+        || match ok {
+            true => format!("plan {}: done in {secs:.1} s", plan.name),
+            false => format!("plan {}: {} error(s) in {secs:.1} s", plan.name, errors.len()),
+        },
+    );
+    let summary = json!({
+        "plan": plan.name,
+        "file": plan.file,
+        "mode": o.mode.as_str(),
+        "point": (o.mode != Mode::Planned).then(|| o.point.as_json()),
+        "ok": ok,
+        "stopped_at": stopped,
+        "seconds": round_secs(secs),
+        "hooks": hooks,
+        "groups": groups_out,
+        "errors": errors.iter().map(|(at, e)| { let mut v = e.json(); v["at"] = json!(at); v }).collect::<Vec<_>>(),
+    });
+    Outcome { summary, errors }
+}
+
+fn step_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Planned => "failover-sync --promote",
+        Mode::Unplanned => "failover",
+        Mode::Test => "test-failover",
+    }
+}
+
+fn tell_vm(ctx: &Ctx, group: &str, r: &VmResult) {
+    let mut v = r.json(ctx.mode);
+    v["group"] = json!(group);
+    v["vm"] = json!(r.name);
+    ctx.report.event("vm_done", v, || match (&r.error, &r.point) {
+        (Some(e), _) => format!("  {}: error[{}]: {} — {}", r.name, e.code, e.message, e.hint),
+        (None, Some(p)) => format!("  {}: at {} ({}) in {:.1} s", r.name, p.generation, p.consistency, r.seconds),
+        (None, None) => format!("  {}: done in {:.1} s", r.name, r.seconds),
+    });
+}
+
+/// `plan cleanup`: removes every test image of the plan, unpinning its
+/// point; goes on past errors. The images removed, and the errors.
+pub fn cleanup(plan: &Plan, o: &RunOptions) -> Outcome {
+    let ctx = Ctx {
+        plan,
+        mode: Mode::Test,
+        point: o.point,
+        opts: o,
+        site: OnceLock::new(),
+        report: Reporter::new(o.progress),
+    };
+    let mut removed = Vec::new();
+    let mut errors = Vec::new();
+    for v in plan.groups.iter().flat_map(|g| &g.vms) {
+        match vm::cleanup(&ctx, v) {
+            Ok(images) => {
+                ctx.report.event("vm_cleaned", json!({ "vm": v.name, "removed": images }), || {
+                    format!("{}: removed {} test image(s)", v.name, images.len())
+                });
+                removed.extend(images);
+            }
+            Err(e) => {
+                ctx.report.event("vm_cleaned", json!({ "vm": v.name, "error": e.json() }), || {
+                    format!("{}: error[{}]: {} — {}", v.name, e.code, e.message, e.hint)
+                });
+                errors.push((format!("vm {}", v.name), e));
+            }
+        }
+    }
+    if let Ok(dir) = ctx.test_dir() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    let summary = json!({
+        "plan": plan.name,
+        "ok": errors.is_empty(),
+        "removed": removed,
+        "errors": errors.iter().map(|(at, e): &(String, StepError)| { let mut v = e.json(); v["at"] = json!(at); v }).collect::<Vec<_>>(),
+    });
+    Outcome { summary, errors }
+}

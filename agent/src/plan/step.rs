@@ -1,0 +1,143 @@
+//! The steps of a plan: `diskferry` commands run as children (each with
+//! `--json`, its answer or its error object read from the last stdout
+//! line), operator hooks, and the progress report of each as it happens.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use diskferry_protocol::ErrorCode;
+use serde_json::{json, Value};
+
+/// A step that failed: its code, what happened and what to do.
+#[derive(Debug, Clone)]
+pub struct StepError {
+    pub code: String,
+    pub message: String,
+    pub hint: String,
+}
+
+impl StepError {
+    pub fn new(code: ErrorCode, message: impl Into<String>, hint: impl Into<String>) -> StepError {
+        StepError { code: code.as_str().to_string(), message: message.into(), hint: hint.into() }
+    }
+
+    pub fn json(&self) -> Value {
+        json!({ "code": self.code, "message": self.message, "hint": self.hint })
+    }
+}
+
+impl From<diskferry_sync_engine::Error> for StepError {
+    fn from(e: diskferry_sync_engine::Error) -> StepError {
+        let hint = e.hint.clone().unwrap_or_default();
+        StepError { code: e.code.as_str().to_string(), message: e.message, hint }
+    }
+}
+
+/// Runs `diskferry ARGS --json` and returns its JSON answer.
+pub fn diskferry(args: &[OsString]) -> Result<Value, StepError> {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("diskferry"));
+    let mut c = Command::new(&exe);
+    c.args(args).arg("--json").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().map_err(|e| {
+        StepError::new(ErrorCode::Internal, format!("could not start {}: {e}", exe.display()), "check the install")
+    })?;
+    // stderr on a thread, so neither pipe can fill up and block the child;
+    // its tail explains a child that died without its JSON answer.
+    let mut stderr = child.stderr.take();
+    let tail = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut all);
+        }
+        let text = String::from_utf8_lossy(&all).into_owned();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines[lines.len().saturating_sub(5)..].join(" | ")
+    });
+    let mut out = Vec::new();
+    if let Some(s) = child.stdout.as_mut() {
+        let _ = s.read_to_end(&mut out);
+    }
+    let status = child.wait();
+    let tail = tail.join().unwrap_or_default();
+    let last: Option<Value> = String::from_utf8_lossy(&out)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| serde_json::from_str(l).ok());
+    let what = || {
+        let words: Vec<String> = args.iter().take(3).map(|a| a.to_string_lossy().into_owned()).collect();
+        format!("`diskferry {}`", words.join(" "))
+    };
+    match (status, last) {
+        (Ok(s), Some(v)) if s.success() => Ok(v),
+        (_, Some(v)) if v.get("ok") == Some(&Value::Bool(false)) => Err(StepError {
+            code: v["code"].as_str().unwrap_or("E_INTERNAL").to_string(),
+            message: v["message"].as_str().unwrap_or_default().to_string(),
+            hint: v["hint"].as_str().unwrap_or_default().to_string(),
+        }),
+        (status, _) => Err(StepError::new(
+            ErrorCode::Internal,
+            format!("{} ended ({}) without an answer: {tail}", what(), describe(&status)),
+            "see the output above; run the step by hand to see it whole",
+        )),
+    }
+}
+
+fn describe(s: &std::io::Result<std::process::ExitStatus>) -> String {
+    match s {
+        Ok(s) => s.to_string(),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Runs an operator hook (`sh -c`) with the plan's environment.
+pub fn hook(name: &str, cmd: &str, env: &[(&str, OsString)], timeout: Duration) -> Result<(), StepError> {
+    let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
+    crate::hooks::run(name, cmd, &[], &env, timeout).map(|_| ()).map_err(|e| {
+        let hint = e.hint.clone().unwrap_or_default();
+        StepError { code: e.code.as_str().to_string(), message: e.message, hint }
+    })
+}
+
+/// How progress is told: lines for people, or one JSON object per event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressFormat {
+    Human,
+    Json,
+}
+
+/// Tells each step as it happens, on stderr (steps of one group run on
+/// several threads: one line at a time).
+pub struct Reporter {
+    format: ProgressFormat,
+    out: Mutex<()>,
+}
+
+impl Reporter {
+    pub fn new(format: ProgressFormat) -> Reporter {
+        Reporter { format, out: Mutex::new(()) }
+    }
+
+    /// One event: `event` names it; `fields` says what about.
+    pub fn event(&self, event: &str, fields: Value, human: impl FnOnce() -> String) {
+        let _one = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let line = match self.format {
+            ProgressFormat::Json => {
+                let mut v = json!({ "event": event, "time": jiff::Timestamp::now().to_string() });
+                if let (Some(o), Value::Object(f)) = (v.as_object_mut(), fields) {
+                    o.extend(f);
+                }
+                v.to_string()
+            }
+            ProgressFormat::Human => {
+                format!("[{}] {}", jiff::Zoned::now().strftime("%H:%M:%S"), human())
+            }
+        };
+        let mut e = std::io::stderr().lock();
+        let _ = writeln!(e, "{line}");
+    }
+}
