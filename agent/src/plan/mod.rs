@@ -274,6 +274,18 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_a_valid_plan() {
+        let doc = include_str!("../../../docs/plans.md");
+        let start = doc.find("```toml\n").unwrap() + "```toml\n".len();
+        let text = &doc[start..start + doc[start..].find("```").unwrap()];
+        let p = plan(&text.replace("5f0c…", FP)).unwrap();
+        assert_eq!(p.name, "erp");
+        assert_eq!(p.groups.len(), 2);
+        assert_eq!(p.groups[0].vms[0].disks.len(), 2);
+        assert!(p.without_quiesce().is_empty());
+    }
+
+    #[test]
     fn refuses_mistakes_with_the_key_that_is_wrong() {
         let vm = |extra: &str, disks: &str| {
             format!(
