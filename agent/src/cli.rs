@@ -209,6 +209,10 @@ pub struct SnapshotArgs {
     /// Seconds a hook or snapshot command may run before it is killed (E_HOOK).
     #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub hook_timeout: u64,
+    /// QMP socket of the running QEMU guest these disks belong to: it is paused (QMP stop, which
+    /// drains its I/O) while the snapshots are taken, then resumed — one moment for every disk.
+    #[arg(long, value_name = "SOCKET")]
+    pub pause_vm_qmp: Option<PathBuf>,
 }
 
 impl SnapshotArgs {
@@ -222,6 +226,7 @@ impl SnapshotArgs {
             post: self.post_snapshot.clone(),
             hook_timeout: std::time::Duration::from_secs(self.hook_timeout),
             keep: false,
+            pause_qmp: self.pause_vm_qmp.clone(),
         }
     }
 }

@@ -51,6 +51,9 @@ pub struct SnapshotOptions {
     /// Keep the clone after the push (`--changes extent-map`): the next
     /// push compares its own clone's extents with it.
     pub keep: bool,
+    /// A running QEMU guest's QMP socket: the guest is paused while the
+    /// snapshots are taken (one moment for all of a group's disks).
+    pub pause_qmp: Option<PathBuf>,
 }
 
 impl SnapshotOptions {
@@ -66,6 +69,9 @@ impl SnapshotOptions {
                 usage("--snapshot-cmd and --snapshot-cleanup-cmd go with --snapshot cmd")
             }
             k if k != SnapshotKind::Reflink && self.keep => usage("--changes extent-map needs --snapshot reflink"),
+            SnapshotKind::None if self.pause_qmp.is_some() => {
+                usage("--pause-vm-qmp pauses the VM for a snapshot: add --snapshot reflink or cmd")
+            }
             _ => Ok(()),
         }
     }
@@ -261,7 +267,7 @@ fn take_inner(srcs: &[PathBuf], o: &SnapshotOptions) -> Result<Vec<Snapshot>, Er
     let taken: Option<Result<Vec<Snapshot>, Error>> = match &pre {
         Some(Err(_)) => None,
         // Dropping the ones taken removes them when a later one fails.
-        _ => Some(srcs.iter().map(|src| snapshot(src, o)).collect()),
+        _ => Some(paused(o.pause_qmp.as_deref(), || srcs.iter().map(|src| snapshot(src, o)).collect())),
     };
     // Always once the pre hook ran, whatever failed in between.
     let post = o.post.as_ref().map(|cmd| hooks::run("post-snapshot", cmd, &[], &env, o.hook_timeout));
@@ -287,6 +293,34 @@ fn take_inner(srcs: &[PathBuf], o: &SnapshotOptions) -> Result<Vec<Snapshot>, Er
         snap.lock = lock;
     }
     Ok(snaps)
+}
+
+/// Runs `take` with the guest behind `qmp` paused: QMP `stop` drains its
+/// in-flight I/O, so the snapshots taken meanwhile are one moment of every
+/// disk (crash-consistent across them). A guest that is not running (shut
+/// down, or paused by someone else) is left as it is.
+fn paused(qmp: Option<&Path>, take: impl FnOnce() -> Result<Vec<Snapshot>, Error>) -> Result<Vec<Snapshot>, Error> {
+    let Some(socket) = qmp else { return take() };
+    let Some(mut q) = crate::nbd::qmp::Qmp::connect(socket)? else { return take() };
+    let status = q.run("query-status", serde_json::json!({}))?;
+    if status["status"] != "running" {
+        return take();
+    }
+    q.run("stop", serde_json::json!({}))?;
+    let taken = take();
+    // Resumed whatever the snapshots did; a guest left paused is an outage.
+    if let Err(e) = q.run("cont", serde_json::json!({})) {
+        return Err(Error::new(
+            ErrorCode::Snapshot,
+            format!(
+                "the VM behind {} was paused for the snapshot and could not be resumed: {}",
+                socket.display(),
+                e.message
+            ),
+        )
+        .hint("resume it now (QMP `cont`, `virsh resume`); nothing was pushed"));
+    }
+    taken
 }
 
 fn snapshot(src: &Path, o: &SnapshotOptions) -> Result<Snapshot, Error> {

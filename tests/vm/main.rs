@@ -19,5 +19,6 @@ mod agents;
 
 mod bitmaps;
 mod checker;
+mod group;
 mod moves;
 mod qemu;

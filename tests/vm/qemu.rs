@@ -83,6 +83,11 @@ impl Vm {
     }
 
     fn launch_as(disk: &Path, format: &str, log: &Path, drive_opts: &str, cmdline: &str) -> Vm {
+        Vm::launch_disks(&[disk], format, log, drive_opts, cmdline)
+    }
+
+    /// A guest with `disks` as /dev/vda, /dev/vdb, … (block nodes `disk0`, `disk1`, …).
+    fn launch_disks(disks: &[&Path], format: &str, log: &Path, drive_opts: &str, cmdline: &str) -> Vm {
         let g = guest();
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -92,7 +97,14 @@ impl Vm {
         let _ = std::fs::remove_file(&qmp);
         let _ = std::fs::remove_file(&agent_qmp);
         let _ = std::fs::remove_file(log);
-        let child = Command::new("qemu-system-x86_64")
+        let mut qemu = Command::new("qemu-system-x86_64");
+        for (i, disk) in disks.iter().enumerate() {
+            qemu.arg("-drive").arg(format!(
+                "file={},format={format},if=virtio,node-name=disk{i},{drive_opts}",
+                disk.display().to_string().replace(',', ",,")
+            ));
+        }
+        let child = qemu
             // No KVM: the nested KVM here cannot run a stock kernel.
             .args(["-accel", "tcg", "-cpu", "qemu64", "-m", "256", "-smp", "1"])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-nic", "none", "-no-reboot"])
@@ -106,11 +118,6 @@ impl Vm {
             .arg(g.join("vmlinuz"))
             .arg("-initrd")
             .arg(g.join("initrd.gz"))
-            .arg("-drive")
-            .arg(format!(
-                "file={},format={format},if=virtio,node-name=disk0,{drive_opts}",
-                disk.display().to_string().replace(',', ",,")
-            ))
             .arg("-append")
             .arg(format!("console=ttyS0 quiet panic=-1 {cmdline}"))
             .stdin(Stdio::null())
@@ -192,6 +199,16 @@ impl Vm {
 
     /// QMP `system_powerdown` (the ACPI power button, what `virsh shutdown`
     /// sends), then waits until the guest has unmounted and powered off.
+    /// The writer guest with two disks: the manifest on `manifest`, the
+    /// data files on `data`.
+    pub fn writer2(manifest: &Path, data: &Path, secs: u32, keep: u32) -> Vm {
+        let log = manifest.with_extension("writer.log");
+        let cmdline = format!("vmp.mode=writer2 vmp.secs={secs} vmp.keep={keep}");
+        let mut vm = Vm::launch_disks(&[manifest, data], "raw", &log, "cache=writeback", &cmdline);
+        vm.wait_for("VMP writer-start", Duration::from_secs(180));
+        vm
+    }
+
     pub fn powerdown(&mut self, timeout: Duration) {
         qmp(&self.qmp, "system_powerdown");
         let status = self.wait_exit(timeout);
@@ -292,6 +309,17 @@ impl Verdict {
 pub fn check(disk: &Path) -> Verdict {
     let log = disk.with_extension("check.log");
     let mut vm = Vm::launch(disk, &log, "snapshot=on", "vmp.mode=check");
+    let status = vm.wait_exit(Duration::from_secs(300));
+    let console = vm.console();
+    let line = console.lines().rev().find(|l| l.contains("VMP VERDICT:")).map(str::to_string);
+    let line = line.unwrap_or_else(|| panic!("the checker gave no verdict ({status}):\n{console}"));
+    Verdict { pass: line.contains("VERDICT: PASS"), line, console }
+}
+
+/// [`check`] of a two-disk replica: the manifest's disk and the data disk.
+pub fn check2(manifest: &Path, data: &Path) -> Verdict {
+    let log = manifest.with_extension("check.log");
+    let mut vm = Vm::launch_disks(&[manifest, data], "raw", &log, "snapshot=on", "vmp.mode=check2");
     let status = vm.wait_exit(Duration::from_secs(300));
     let console = vm.console();
     let line = console.lines().rev().find(|l| l.contains("VMP VERDICT:")).map(str::to_string);
