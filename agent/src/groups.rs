@@ -134,3 +134,47 @@ pub fn learn(state_root: &Path, group: &Membership) -> Result<(), Error> {
     sync_dir(&d)?;
     sync_dir(state_root)
 }
+
+/// What a session on `target` keeps when it prunes: for a member of a
+/// known group — pushed with the group or alone — the smallest retention
+/// of the group's members (`retention_of` names each's), and the group's
+/// newest that many consistent group points (generations every member
+/// holds) besides its own newest points, so that a member pushed alone
+/// too keeps every group point its other members keep. The members'
+/// catalogs are read without their locks: they are replaced whole.
+///
+/// A group push (`group_push`) commits a group point itself: one fewer of
+/// the points before it is kept.
+pub fn retention(
+    state_root: &Path,
+    target: &str,
+    own: u32,
+    group_push: bool,
+    retention_of: impl Fn(&str) -> Option<u32>,
+) -> (u32, Vec<diskferry_protocol::Generation>) {
+    use diskferry_sync_engine::apply::catalog::read_catalog;
+    use diskferry_sync_engine::apply::Target;
+    let Ok(groups) = all(state_root) else { return (own, Vec::new()) };
+    let Some(m) = groups.into_iter().find(|m| m.members.iter().any(|(n, _)| n == target)) else {
+        return (own, Vec::new());
+    };
+    let keep = m.members.iter().filter_map(|(n, _)| retention_of(n)).fold(own, u32::min);
+    let fs = diskferry_sync_engine::store::RealFs;
+    let catalogs: Vec<_> = m
+        .members
+        .iter()
+        .map(|(_, path)| read_catalog(&fs, &Target::state_dir(state_root, path)).ok().flatten())
+        .collect();
+    let Some(Some(first)) = catalogs.first() else { return (keep, Vec::new()) };
+    let mut shared: Vec<_> = first
+        .points
+        .iter()
+        .filter(|p| p.consistency.is_recovery_point())
+        .filter(|p| {
+            catalogs.iter().all(|c| c.as_ref().is_some_and(|c| c.points.iter().any(|q| q.generation == p.generation)))
+        })
+        .collect();
+    shared.sort_by_key(|p| std::cmp::Reverse(p.created_unix_ns));
+    let older = keep.max(1) - u32::from(group_push);
+    (keep, shared.iter().take(older as usize).map(|p| p.generation).collect())
+}

@@ -152,7 +152,7 @@ pub fn sync(job: &SyncJob, opts: &SyncOptions, progress: &dyn Progress) -> Resul
         job.vfs.clone(),
         &job.state_root,
         &job.target,
-        TargetOptions { retention: Some(opts.retention), name: None, expect_identity: None },
+        TargetOptions { retention: Some(opts.retention), name: None, expect_identity: None, keep_points: Vec::new() },
     )?;
     // Local sessions do not resume: staged blocks are cheaper to redo than to trust.
     target.discard()?;
@@ -186,7 +186,12 @@ pub fn sync_group(name: &str, members: &[(SyncJob, SyncOptions)], progress: &dyn
             job.vfs.clone(),
             &job.state_root,
             &job.target,
-            TargetOptions { retention: Some(opts.retention), name: None, expect_identity: None },
+            TargetOptions {
+                retention: Some(opts.retention),
+                name: None,
+                expect_identity: None,
+                keep_points: Vec::new(),
+            },
         )?;
         t.discard()?;
         targets.push(t);

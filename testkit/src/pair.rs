@@ -69,7 +69,7 @@ pub fn push(vfs: Arc<dyn Vfs>, spec: &PushSpec) -> Result<PushEnd> {
         vfs,
         &spec.state_root,
         &spec.target,
-        TargetOptions { retention: Some(spec.retention), name: Some("t".into()), expect_identity: None },
+        TargetOptions { retention: Some(spec.retention), name: Some("t".into()), ..Default::default() },
     )?;
     let open = Open {
         session: spec.session,

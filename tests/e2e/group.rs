@@ -411,6 +411,38 @@ fn group_points_are_pruned_as_one() {
         .collect();
     assert_eq!(lists[0].len(), 2, "{lists:?}");
     assert!(lists.iter().all(|l| *l == lists[0]), "members keep different points: {lists:?}");
+    // A member pushed alone gets points of its own; it still keeps the
+    // group's newest points, whole on every member.
+    let group_points = |g: &Group| -> Vec<String> {
+        let v = run_settled(&[
+            "points".as_ref(),
+            "--group".as_ref(),
+            "app".as_ref(),
+            "--config".as_ref(),
+            g.agent.config.as_os_str(),
+            "--json".as_ref(),
+        ])
+        .ok_json();
+        v["points"].as_array().unwrap().iter().map(|x| x["generation"].as_str().unwrap().to_string()).collect()
+    };
+    let before = group_points(&g);
+    assert_eq!(before.len(), 2, "{before:?}");
+    let (src, target, name) = &g.members[0];
+    for _ in 0..3 {
+        scatter_writes(src, 2, 50_000, &mut rng);
+        crate::agents::push_to(src, &g.source, &g.agent, name, &[]).ok_json();
+    }
+    let alone = g.agent.points(target).ok_json();
+    assert!(alone["points"].as_array().unwrap().len() >= 4, "its own two newest and the group's two: {alone}");
+    assert_eq!(group_points(&g), before, "the group points stay whole");
+    // And a group push after that keeps them whole on every member too.
+    for (src, _, _) in &g.members {
+        scatter_writes(src, 2, 50_000, &mut rng);
+    }
+    g.push(&[]).ok_json();
+    let after = group_points(&g);
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(after[1], before[0], "{after:?} after {before:?}");
 }
 
 /// Eight members under a 16 MiB memory budget: they share one session's

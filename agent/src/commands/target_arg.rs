@@ -74,7 +74,7 @@ pub fn resolve_arg(a: &TargetArg, state_dir: Option<PathBuf>) -> Result<Resolved
 pub fn open_waiting(r: &Resolved, wait: Duration) -> Result<Target, Error> {
     let deadline = Instant::now() + wait;
     loop {
-        let opts = TargetOptions { retention: None, name: r.name.clone(), expect_identity: None };
+        let opts = TargetOptions { name: r.name.clone(), ..Default::default() };
         match Target::open(Arc::new(RealFs), &r.state_root, &r.path, opts) {
             Err(e) if e.code == ErrorCode::Busy && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(200));

@@ -215,19 +215,6 @@ impl Session {
         }
     }
 
-    /// The points the target keeps: its own retention, or for a group
-    /// member the smallest of the group's members', so that every member
-    /// keeps the same group points.
-    fn retention(&self, o: &Open, own: u32) -> u32 {
-        let Some(tag) = &o.group else { return own };
-        let Ok(Some(m)) = crate::groups::load(&self.ctx.state_root, tag.name.as_str()) else { return own };
-        m.members
-            .iter()
-            .filter_map(|(name, _)| self.ctx.config.targets.get(name))
-            .map(|t| t.retention)
-            .fold(own, u32::min)
-    }
-
     /// Fails the group push this session is a member of, if any.
     fn fail_group(&self, why: &str) {
         if let Some((run, groups)) = &self.group {
@@ -352,12 +339,19 @@ impl Session {
                 }
             }
         });
+        // A group member keeps the group's points whole, pushed alone too.
+        let in_group = o.group.is_some();
+        let (retention, keep_points) =
+            crate::groups::retention(&self.ctx.state_root, &name, tc.retention, in_group, |n| {
+                self.ctx.config.targets.get(n).map(|t| t.retention)
+            });
         let req = OpenRequest {
             vfs: self.ctx.vfs.clone(),
             state_root: self.ctx.state_root.clone(),
             path: tc.path.clone(),
             name: name.clone(),
-            retention: self.retention(&o, tc.retention),
+            retention,
+            keep_points,
             open: o.clone(),
             pins: self.ctx.pins.clone(),
             regions_in_flight: cost.regions_in_flight,

@@ -175,8 +175,12 @@ pub fn recover_all(config: &Config, state_root: &Path, vfs: &Arc<dyn Vfs>, pins:
         if !dir.is_dir() {
             continue;
         }
-        let opts =
-            TargetOptions { retention: Some(t.retention), name: Some(name.clone()), expect_identity: pins.get(name) };
+        let opts = TargetOptions {
+            retention: Some(t.retention),
+            name: Some(name.clone()),
+            expect_identity: pins.get(name),
+            keep_points: Vec::new(),
+        };
         match Target::open(vfs.clone(), state_root, &t.path, opts) {
             Ok(target) => {
                 match target.recovery() {

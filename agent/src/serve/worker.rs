@@ -22,6 +22,8 @@ pub struct OpenRequest {
     pub path: PathBuf,
     pub name: String,
     pub retention: u32,
+    /// A group's points kept besides the retention count (`groups::retention`).
+    pub keep_points: Vec<diskferry_protocol::Generation>,
     pub open: Open,
     pub pins: Arc<super::targets::Pins>,
     /// Regions the source may have in flight (what the memory budget allows).
@@ -111,7 +113,12 @@ fn run(
             return Ok(());
         }
     };
-    let opts = TargetOptions { retention: Some(req.retention), name: Some(req.name.clone()), expect_identity };
+    let opts = TargetOptions {
+        retention: Some(req.retention),
+        name: Some(req.name.clone()),
+        expect_identity,
+        keep_points: req.keep_points.clone(),
+    };
     let mut target = match Target::open(req.vfs.clone(), &req.state_root, &req.path, opts) {
         Ok(t) => t,
         Err(e) => {

@@ -206,7 +206,7 @@ impl Catalog {
     /// consistent ones, the pinned ones, and the points their undo segments
     /// go through (fuzzy links between kept points stay, never listed).
     /// Returns the dropped points.
-    pub fn prune(&mut self, retention: u32) -> Vec<PointRecord> {
+    pub fn prune(&mut self, retention: u32, also: &[Generation]) -> Vec<PointRecord> {
         let mut by_age: Vec<&PointRecord> = self.points.iter().skip(1).collect();
         by_age.sort_by_key(|p| std::cmp::Reverse(p.created_unix_ns));
         let mut wanted: Vec<Generation> = self.points.first().map(|p| p.generation).into_iter().collect();
@@ -214,6 +214,7 @@ impl Catalog {
         let more = (retention.max(1) as usize).saturating_sub(current_counts as usize);
         wanted.extend(by_age.iter().filter(|p| p.consistency.is_recovery_point()).take(more).map(|p| p.generation));
         wanted.extend(self.pins.iter().map(|p| p.generation));
+        wanted.extend(also.iter().filter(|g| self.points.iter().any(|p| p.generation == **g)));
         self.keep_only(&wanted)
     }
 
@@ -469,14 +470,14 @@ mod tests {
     fn prune_keeps_consistent_points_and_chain() {
         use Consistency::*;
         let mut c = chain(&[Crash, Crash, Crash]);
-        assert_eq!(c.prune(2).len(), 1);
+        assert_eq!(c.prune(2, &[]).len(), 1);
         assert_eq!(c.points.len(), 2);
         // Fuzzy links between consistent points are kept; fuzzy ones past the last are not.
         let mut c = chain(&[Fuzzy, Fuzzy, Crash, Fuzzy, Crash, Fuzzy]);
-        c.prune(2);
+        c.prune(2, &[]);
         assert_eq!(c.points.len(), 5);
         let mut c = chain(&[Fuzzy, Fuzzy]);
-        c.prune(2);
+        c.prune(2, &[]);
         assert_eq!(c.points.len(), 1);
     }
 
@@ -485,10 +486,10 @@ mod tests {
         use Consistency::*;
         let mut c = chain(&[Crash, Fuzzy, Crash, Crash, Crash]);
         c.pins.push(Pin { generation: Generation(6), clone: "/t".into() });
-        let dropped: Vec<u128> = c.prune(1).iter().map(|p| p.generation.0).collect();
+        let dropped: Vec<u128> = c.prune(1, &[]).iter().map(|p| p.generation.0).collect();
         assert_eq!(dropped, Vec::<u128>::new(), "6 is pinned: 9, 8 and 7 are its links");
         c.pins.clear();
-        let dropped: Vec<u128> = c.prune(1).iter().map(|p| p.generation.0).collect();
+        let dropped: Vec<u128> = c.prune(1, &[]).iter().map(|p| p.generation.0).collect();
         assert_eq!(dropped, vec![9, 8, 7, 6]);
     }
 

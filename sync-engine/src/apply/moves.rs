@@ -332,7 +332,7 @@ impl Target {
         let Some(i) = c.pins.iter().position(|p| p.clone == clone) else { return Ok(None) };
         let pin = c.pins.remove(i);
         if let Some(r) = self.options.retention {
-            c.prune(r);
+            c.prune(r, &self.options.keep_points);
         }
         write_catalog(self.vfs.as_ref(), &self.dir, &c)?;
         self.catalog = Some(c);

@@ -348,7 +348,7 @@ impl Target {
             pins: self.catalog.as_ref().map(|c| c.pins.clone()).unwrap_or_default(),
         };
         if let (Some(r), None) = (self.options.retention, role) {
-            c.prune(r);
+            c.prune(r, &self.options.keep_points);
         }
         write_catalog(self.vfs.as_ref(), &self.dir, &c)?;
         self.catalog = Some(c);

@@ -32,6 +32,10 @@ pub struct TargetOptions {
     /// writing (the agent pinned it); another one was swapped in and is
     /// refused with `E_TARGET_SWAPPED`. Updated by the target's own renames.
     pub expect_identity: Option<FileId>,
+    /// Points retention keeps besides its count: a replication group's
+    /// newest points, so that a member pushed alone too keeps the group
+    /// points its other members keep (the agent knows the group).
+    pub keep_points: Vec<Generation>,
 }
 
 /// What opening a target had to do first.

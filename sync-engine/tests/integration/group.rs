@@ -86,13 +86,9 @@ fn recovered(image: &MemFs, members: &[Member], order: &[usize], ctx: &str) -> V
     let mut at_new = vec![false; members.len()];
     for &i in order {
         let m = &members[i];
-        let t = Target::open(
-            vfs.clone(),
-            p(STATE),
-            &m.target,
-            TargetOptions { retention: Some(3), name: None, expect_identity: None },
-        )
-        .unwrap_or_else(|e| panic!("{ctx}: member {i}: recovery failed: [{}] {e}", e.code.as_str()));
+        let t =
+            Target::open(vfs.clone(), p(STATE), &m.target, TargetOptions { retention: Some(3), ..Default::default() })
+                .unwrap_or_else(|e| panic!("{ctx}: member {i}: recovery failed: [{}] {e}", e.code.as_str()));
         let current = t.catalog().and_then(|c| c.current()).map(|p| p.generation);
         let bytes = read(image, m.target.to_str().unwrap());
         let new = match current {

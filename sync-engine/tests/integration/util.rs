@@ -66,7 +66,12 @@ pub fn sync(vfs: Arc<dyn Vfs>, generation: u128, o: &SyncOptions) -> Result<Sync
 }
 
 pub fn open_target(vfs: Arc<dyn Vfs>, retention: u32) -> Result<Target> {
-    Target::open(vfs, p(STATE), p(DST), TargetOptions { retention: Some(retention), name: None, expect_identity: None })
+    Target::open(
+        vfs,
+        p(STATE),
+        p(DST),
+        TargetOptions { retention: Some(retention), name: None, expect_identity: None, keep_points: Vec::new() },
+    )
 }
 
 pub fn read(vfs: &dyn Vfs, path: &str) -> Option<Vec<u8>> {
