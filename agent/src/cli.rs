@@ -533,7 +533,7 @@ pub enum PlanCommand {
 pub struct PlanRunArgs {
     /// The plan file (TOML).
     pub plan: PathBuf,
-    /// On the primary: sync before failover and promote, VM after VM, group after group.
+    /// On the primary: sync before failover and promote, group after group.
     #[arg(long)]
     pub planned: bool,
     /// On the recovery site: fail every VM over to --point.
@@ -551,14 +551,19 @@ pub struct PlanRunArgs {
     /// How each step is told on stderr as it happens: human lines, or JSON lines.
     #[arg(long, value_enum, default_value = "human")]
     pub progress: crate::plan::ProgressFormat,
+    /// Start over: ignore what an earlier run of the plan that failed got done (by default a
+    /// rerun skips the VMs it failed over and started).
+    #[arg(long)]
+    pub restart: bool,
     #[command(flatten)]
     pub common: Common,
 }
 
-/// Where the recovery site's agent is (unplanned and test modes, cleanup).
+/// Where this host's agent is.
 #[derive(Args, Debug)]
 pub struct PlanSiteArgs {
-    /// The recovery site's serve config (default: the plan's recovery_config).
+    /// This host's agent config: on the recovery site its serve config (default: the plan's
+    /// recovery_config); on the primary, the config whose state_dir holds the disks' history.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Where test images go (default: the plan's test_dir, else STATE_DIR/plan-tests/PLAN).

@@ -52,8 +52,10 @@ pub fn transport_config(mtu: PathMtu, idle: Duration, receive_window: u64) -> Tr
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(VarInt::from_u64(receive_window).unwrap_or(VarInt::from_u32(CONN_WINDOW)));
     t.send_window(CONN_WINDOW as u64);
-    t.max_concurrent_uni_streams(VarInt::from_u32(64));
-    t.max_concurrent_bidi_streams(VarInt::from_u32(4));
+    // A group push carries every member on one connection: a control
+    // stream and two data streams each, for up to 64 members.
+    t.max_concurrent_uni_streams(VarInt::from_u32(160));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(72));
     t.keep_alive_interval(Some((idle / 4).max(Duration::from_millis(200))));
     if let Ok(idle) = idle.try_into() {
         t.max_idle_timeout(Some(idle));
@@ -172,6 +174,16 @@ impl FrameReader {
         Self::with_limit(stream, MAX_FRAME)
     }
 
+    /// A reader whose stream began with `read` (bytes taken off it before).
+    pub fn with_prefix(stream: quinn::RecvStream, read: bytes::Bytes) -> Self {
+        let mut r = Self::new(stream);
+        r.bytes_read = read.len() as u64;
+        if !read.is_empty() {
+            r.splitter.push(read);
+        }
+        r
+    }
+
     /// A reader that refuses frames longer than `max_frame`.
     pub fn with_limit(stream: quinn::RecvStream, max_frame: u32) -> Self {
         FrameReader { stream, splitter: FrameSplitter::new(max_frame.min(MAX_FRAME)), bytes_read: 0 }
@@ -232,4 +244,19 @@ impl FrameReader {
 /// Writes one frame.
 pub async fn write_frame(stream: &mut quinn::SendStream, m: &Message) -> Result<(), quinn::WriteError> {
     stream.write_chunk(m.to_bytes()).await
+}
+
+/// First bytes of a data stream that belongs to one session of several on
+/// a connection (a group push): this magic, then the session's control
+/// stream id (u64, big-endian). A stream without it starts with a frame
+/// (its length can never be these bytes: far above [`MAX_FRAME`]) and
+/// belongs to the connection's only session.
+pub const DATA_STREAM_MAGIC: [u8; 4] = *b"DFDS";
+
+/// The preamble of a data stream of the session on control stream `ctl`.
+pub fn data_stream_preamble(ctl: quinn::StreamId) -> bytes::Bytes {
+    let mut b = Vec::with_capacity(12);
+    b.extend_from_slice(&DATA_STREAM_MAGIC);
+    b.extend_from_slice(&u64::from(ctl).to_be_bytes());
+    b.into()
 }

@@ -128,6 +128,18 @@ fn a_group_push_commits_one_point_for_every_member() {
     let gen3 = r["generation"].as_str().unwrap().to_string();
     let state = g.state();
     assert!(state.iter().all(|(gen, _)| *gen == gen3), "{state:?} vs {gen3}");
+    // Each group push came on one connection carrying every member.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let connections = loop {
+        let log = g.agent.log();
+        let closed: Vec<String> = log.lines().filter(|l| l.contains("connection closed")).map(String::from).collect();
+        if closed.len() >= 3 || std::time::Instant::now() > deadline {
+            break closed;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(connections.len(), 3, "{connections:?}");
+    assert!(connections.iter().all(|l| l.contains("sessions=3")), "{connections:?}");
     // A fourth disk, and one the agent does not know: refused (the group
     // has three members), nobody moves.
     let mut bad = g.args(&[]);

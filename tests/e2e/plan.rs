@@ -105,10 +105,11 @@ impl Site {
                 let started = self.dir.join(format!("started-{vm}"));
                 text += &format!(
                     "[[group.vm]]\nname = \"{vm}\"\npeer = \"{}\"\npeer_fingerprint = \"{}\"\nquiesce = \"true\"\n\
-                     start = \"{start}echo \\\"$DISKFERRY_MODE $DISKFERRY_POINT\\\" > {}; echo \\\"$DISKFERRY_DISKS\\\" >> {}\"\n\
+                     start = \"{start}echo ran >> {}.count; echo \\\"$DISKFERRY_MODE $DISKFERRY_POINT\\\" > {}; echo \\\"$DISKFERRY_DISKS\\\" >> {}\"\n\
                      test_start = \"echo \\\"$DISKFERRY_DISKS\\\" > {}.test\"\ndisks = [{}]\n",
                     self.agent.addr,
                     self.agent.id.fingerprint,
+                    started.display(),
                     started.display(),
                     started.display(),
                     started.display(),
@@ -203,6 +204,28 @@ fn planned_failover_stops_at_a_failing_hook() {
     {
         assert!(names.contains(&want), "no {want} event in {names:?}");
     }
+    // Fixed and run again: it goes on where it stopped; db1 is neither
+    // synced nor started twice. Its hook writes on stderr: the progress
+    // stays JSON lines.
+    let plan = s.plan(&[("app", "pre = \"echo app pre >&2\"")], "");
+    let out = s.plan_run(&plan, &["--planned", "--progress", "json"]);
+    let v = out.json();
+    assert_eq!(out.code, 0, "{out}");
+    assert_eq!(vm_of(&v, "db1")["status"], "done-earlier", "{v}");
+    for vm in ["app1", "app2", "web1"] {
+        assert_eq!(vm_of(&v, vm)["status"], "failed-over", "{v}");
+        assert_eq!(s.points(vm)["role"], "live", "{vm}");
+        assert_same(&s.source(vm), &s.replica(vm));
+    }
+    assert_eq!(std::fs::read_to_string(s.dir.join("started-db1.count")).unwrap(), "ran\n");
+    for l in out.stderr.lines().filter(|l| !l.trim().is_empty()) {
+        let e: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"));
+        if e["event"] == "hook" && e["group"] == "app" {
+            assert!(e["output"].as_str().unwrap().contains("app pre"), "{e}");
+        }
+    }
+    // Done: the next run starts over, and finds the targets live.
+    s.plan_run(&plan, &["--planned"]).expect_json_error("E_PROMOTED", 5);
 }
 
 #[test]
@@ -229,12 +252,37 @@ fn unplanned_failover_goes_on_and_reports_every_failure() {
         assert_same(&s.source(t), &s.replica(t));
     }
     assert_eq!(vm_of(&v, "app2")["status"], "failed-over");
-    // The human table names every VM and error.
-    let human = run(&["plan".as_ref(), "run".as_ref(), plan.as_os_str(), "--unplanned".as_ref()]);
+    assert_eq!(vm_of(&v, "app1")["status"], "start-failed");
+    let live = v["failed_over"].as_array().unwrap();
+    assert_eq!(live.len(), 3, "db1, app1 and app2 run on this site: {v}");
+    // The human table names every VM and error; a rerun skips the VMs
+    // failed over and started before (never a VM started twice).
+    let human = run(&[
+        "plan".as_ref(),
+        "run".as_ref(),
+        plan.as_os_str(),
+        "--unplanned".as_ref(),
+        "--config".as_ref(),
+        broken.as_os_str(),
+    ]);
     assert_ne!(human.code, 0);
     for vm in ["db1", "app1", "app2", "web1"] {
         assert!(human.stdout.contains(vm), "{human}");
     }
+    assert!(human.stdout.contains("done-earlier"), "{human}");
+    // Fixed: the start of app1 and the failover of web1 are what is left.
+    let plan = s.plan(&[], "");
+    let v = s.plan_run(&plan, &["--unplanned"]).ok_json();
+    for (vm, status) in
+        [("db1", "done-earlier"), ("app2", "done-earlier"), ("app1", "failed-over"), ("web1", "failed-over")]
+    {
+        assert_eq!(vm_of(&v, vm)["status"], status, "{vm}: {v}");
+    }
+    for vm in ["db1", "app1", "app2", "web1"] {
+        let count = std::fs::read_to_string(s.dir.join(format!("started-{vm}.count"))).unwrap();
+        assert_eq!(count, "ran\n", "{vm} started once");
+    }
+    assert_same(&s.source("web1"), &s.replica("web1"));
 }
 
 /// Copies each source disk to `NAME.at-TAG`, to compare images with later.
@@ -291,8 +339,16 @@ fn points_by_consistency_and_time_and_test_images_leave_nothing_behind() {
         // A second test before cleanup is refused, VM by VM, and says why.
         let again = s.plan_run(&plan, &["--test", "--point", point]);
         again.expect_json_error("E_INVALID_INPUT", 3);
+        // A file in the test directory that is no test image is left alone.
+        let stray = test_dir.join("app1").join("notes.img");
+        std::fs::write(&stray, b"mine").unwrap();
         let cleaned = df!("plan", "cleanup", plan, "--json").ok_json();
         assert_eq!(cleaned["removed"].as_array().unwrap().len(), 5, "{cleaned}");
+        assert_eq!(cleaned["left"].as_array().unwrap().len(), 1, "{cleaned}");
+        assert_eq!(std::fs::read(&stray).unwrap(), b"mine");
+        std::fs::remove_file(&stray).unwrap();
+        std::fs::remove_dir(stray.parent().unwrap()).unwrap();
+        std::fs::remove_dir(&test_dir).unwrap();
         assert!(!test_dir.exists(), "cleanup leaves no test image or directory behind");
         for (_, _, disks) in VMS {
             for d in *disks {
@@ -331,4 +387,18 @@ fn a_bad_plan_is_refused_before_anything_runs() {
     df!("plan", "run", plan, "--planned", "--point", "latest").expect_error("E_USAGE", 2);
     // Nothing was pushed.
     assert!(!s.replica("db1-sys").exists() || std::fs::metadata(s.replica("db1-sys")).unwrap().len() == 0);
+}
+
+#[test]
+fn a_child_left_running_by_a_quiesce_command_does_not_hold_the_plan() {
+    let s = Site::new("plan-background");
+    let plan = s.plan(&[], "");
+    let text = std::fs::read_to_string(&plan).unwrap();
+    // It keeps the failover-sync's stderr open for 60 s.
+    std::fs::write(&plan, text.replacen("quiesce = \"true\"", "quiesce = \"sleep 60 >/dev/null &\"", 1)).unwrap();
+    let out = s.plan_run(&plan, &["--planned"]);
+    let v = out.json();
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.seconds < 40.0, "the plan waited for the background child: {out}");
+    assert_eq!(vm_of(&v, "db1")["status"], "failed-over", "{v}");
 }

@@ -93,6 +93,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             qmp: None,
             group: None,
             cancel: None,
+            shared: None,
             format: Default::default(),
             spot_check: diskferry_sync_engine::changes::SpotCheck::with_seed(1),
         };

@@ -143,6 +143,7 @@ pub fn push_options(
         },
         group: None,
         cancel: None,
+        shared: None,
     };
     Ok(opts)
 }

@@ -31,7 +31,8 @@ pub fn run(c: PlanCommand) -> Result<()> {
                     .into());
                 }
             }
-            let o = options(mode, a.point, &a.site, a.common.state_dir.clone(), a.progress);
+            let mut o = options(mode, a.point, &a.site, a.common.state_dir.clone(), a.progress);
+            o.restart = a.restart;
             let out = plan::run(&p, &o);
             finish(&p, mode, out, a.common.json)
         }
@@ -55,7 +56,15 @@ fn options(
     state_dir: Option<std::path::PathBuf>,
     progress: ProgressFormat,
 ) -> RunOptions {
-    RunOptions { mode, point, config: site.config.clone(), state_dir, test_dir: site.test_dir.clone(), progress }
+    RunOptions {
+        mode,
+        point,
+        config: site.config.clone(),
+        state_dir,
+        test_dir: site.test_dir.clone(),
+        progress,
+        restart: false,
+    }
 }
 
 fn finish(p: &Plan, mode: Mode, out: Outcome, json: bool) -> Result<()> {
@@ -75,32 +84,37 @@ fn fail_with(p: &Plan, out: Outcome, json: bool, what: &str) -> Result<()> {
         return Ok(());
     };
     let code = ErrorCode::ALL.iter().copied().find(|c| c.as_str() == first.code).unwrap_or(ErrorCode::Internal);
+    let names = |list: &Value| -> String {
+        let n: Vec<&str> = list.as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        if n.is_empty() {
+            "none".into()
+        } else {
+            n.join(", ")
+        }
+    };
     let message = match out.summary["stopped_at"].as_str() {
         Some(stop) => {
-            let names = |status: &str| -> String {
-                let g: Vec<&str> =
-                    groups(&out.summary).filter(|g| g["status"] == status).filter_map(|g| g["name"].as_str()).collect();
-                if g.is_empty() {
-                    "none".into()
-                } else {
-                    g.join(", ")
-                }
-            };
+            let untouched: Vec<Value> =
+                groups(&out.summary).filter(|g| g["status"] == "untouched").map(|g| g["name"].clone()).collect();
             format!(
-                "plan {} ({what}) stopped at {stop}: {at}: {}; failed over: {}; untouched: {}",
+                "plan {} ({what}) stopped at {stop}: {at}: {}; VMs failed over: {}; groups untouched: {}",
                 p.name,
                 first.message,
-                names("done"),
-                names("untouched")
+                names(&out.summary["failed_over"]),
+                names(&Value::from(untouched))
             )
         }
         None => format!("plan {} ({what}): {} error(s); the first, {at}: {}", p.name, out.errors.len(), first.message),
     };
+    let rerun = match what {
+        "planned" | "unplanned" => " — then run the plan again: it skips the VMs it failed over and started",
+        _ => "",
+    };
+    let hint = (!first.hint.is_empty()).then(|| format!("{}{rerun}", first.hint));
     let mut extra = out.summary.clone();
     if let Some(o) = extra.as_object_mut() {
         o.remove("ok");
     }
-    let hint = (!first.hint.is_empty()).then(|| first.hint.clone());
     Err(CommandFailure { code, message, hint, extra: Some(extra) }.into())
 }
 

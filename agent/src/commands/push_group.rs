@@ -43,6 +43,7 @@ pub fn run(a: PushGroupArgs) -> Result<()> {
             "generation": generation,
             "members": members,
             "bytes_sent": reports.iter().map(|r| r.bytes_sent).sum::<u64>(),
+            "wire_bytes": reports.first().map_or(0, |r| r.wire_bytes),
             "seconds": round_secs(secs),
             "cpu_seconds": round_secs(cpu_seconds()),
         }));

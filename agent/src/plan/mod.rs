@@ -4,6 +4,7 @@
 //! `diskferry` command per step (`step.rs`), so every step is one an
 //! operator could run by hand, with the same locks, codes and recovery.
 
+mod journal;
 mod run;
 mod step;
 mod vm;
@@ -21,12 +22,15 @@ pub use step::ProgressFormat;
 
 /// Hook timeout when the plan names none.
 const DEFAULT_HOOK_TIMEOUT: u64 = 600;
+/// VMs of a group handled at once when the plan names no number.
+const DEFAULT_PARALLEL: usize = 4;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPlan {
     name: Option<String>,
     hook_timeout: Option<u64>,
+    parallel: Option<usize>,
     recovery_config: Option<PathBuf>,
     test_dir: Option<PathBuf>,
     pre: Option<String>,
@@ -75,6 +79,8 @@ pub struct Plan {
     /// The plan file (canonical), named in reports.
     pub file: PathBuf,
     pub hook_timeout: std::time::Duration,
+    /// VMs of one group handled at once (each holds sessions on its peer).
+    pub parallel: usize,
     /// The recovery site's serve config (unplanned and test modes, cleanup).
     pub recovery_config: Option<PathBuf>,
     /// Where test mode writes its images (default: under the recovery agent's state directory).
@@ -151,6 +157,13 @@ impl Plan {
         if !(1..=86400).contains(&hook_timeout) {
             return Err(bad("hook_timeout", format!("{hook_timeout} is not 1..=86400 seconds")));
         }
+        let parallel = raw.parallel.unwrap_or(DEFAULT_PARALLEL);
+        if !(1..=64).contains(&parallel) {
+            return Err(bad("parallel", format!("{parallel} is not 1..=64")));
+        }
+        // Relative paths are the plan file's neighbours, wherever it runs from.
+        let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let at_plan = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let (mut group_names, mut vm_names, mut sources, mut targets) =
             (BTreeSet::new(), BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
         let mut replication_groups = BTreeSet::new();
@@ -178,13 +191,16 @@ impl Plan {
                 if v.disks.is_empty() {
                     return Err(bad(&at, "a VM needs at least one disk".into()));
                 }
+                if let Some(t) = v.quiesce_timeout.filter(|t| !(1..=86400).contains(t)) {
+                    return Err(bad(&at, format!("quiesce_timeout {t} is not 1..=86400 seconds")));
+                }
                 if let Some(f) = &v.format {
                     crate::nbd::Format::from_str(f, true)
                         .map_err(|_| bad(&at, format!("format {f:?} is not raw, qcow2, vmdk, vhdx or vdi")))?;
                 }
                 for d in &v.disks {
                     TargetName::new(&d.target).map_err(|e| bad(&at, format!("disk target {:?}: {e}", d.target)))?;
-                    if !sources.insert(d.source.clone()) || !targets.insert(d.target.clone()) {
+                    if !sources.insert(at_plan(d.source.clone())) || !targets.insert(d.target.clone()) {
                         return Err(bad(&at, format!("{} or {} is in the plan twice", d.source.display(), d.target)));
                     }
                 }
@@ -210,7 +226,7 @@ impl Plan {
                     test_start: v.test_start,
                     replication_group,
                     format: v.format,
-                    disks: v.disks.into_iter().map(|d| Disk { source: d.source, target: d.target }).collect(),
+                    disks: v.disks.into_iter().map(|d| Disk { source: at_plan(d.source), target: d.target }).collect(),
                 });
             }
             groups.push(Group { name: g.name, pre: g.pre, post: g.post, vms });
@@ -219,8 +235,9 @@ impl Plan {
             name,
             file: file.to_path_buf(),
             hook_timeout: std::time::Duration::from_secs(hook_timeout),
-            recovery_config: raw.recovery_config,
-            test_dir: raw.test_dir,
+            parallel,
+            recovery_config: raw.recovery_config.map(at_plan),
+            test_dir: raw.test_dir.map(at_plan),
             pre: raw.pre,
             post: raw.post,
             groups,

@@ -12,6 +12,7 @@ use std::time::Instant;
 use diskferry_protocol::ErrorCode;
 use serde_json::{json, Value};
 
+use super::journal::Journal;
 use super::step::{self, ProgressFormat, Reporter, StepError};
 use super::vm::{self, Site, VmResult};
 use super::Plan;
@@ -78,13 +79,17 @@ impl PointChoice {
 pub struct RunOptions {
     pub mode: Mode,
     pub point: PointChoice,
-    /// The recovery site's serve config (else the plan's `recovery_config`).
+    /// This host's agent config: on the recovery site its serve config
+    /// (else the plan's `recovery_config`); on the primary, where its
+    /// state directory is (given to every failover-sync).
     pub config: Option<PathBuf>,
     /// This agent's state directory, given to every step.
     pub state_dir: Option<PathBuf>,
     /// Where test images go (else the plan's `test_dir`, else under the state directory).
     pub test_dir: Option<PathBuf>,
     pub progress: ProgressFormat,
+    /// Ignore what an earlier run of the plan got done (its journal).
+    pub restart: bool,
 }
 
 /// What every step of one run shares.
@@ -95,6 +100,8 @@ pub struct Ctx<'a> {
     opts: &'a RunOptions,
     site: OnceLock<Result<Site, StepError>>,
     report: Reporter,
+    /// What this run and earlier ones of the plan got done (planned and unplanned).
+    pub journal: Option<Journal>,
 }
 
 impl Ctx<'_> {
@@ -104,6 +111,22 @@ impl Ctx<'_> {
             Some(d) => vec!["--state-dir".into(), d.into()],
             None => Vec::new(),
         }
+    }
+
+    /// `--config FILE` and `--state-dir DIR` as given: where this host's
+    /// agent keeps its state (a primary's failover-sync needs the disks'
+    /// history, and demotes a live source there).
+    pub fn agent_args(&self) -> Vec<OsString> {
+        let mut a = self.state_dir_args();
+        if let Some(c) = &self.opts.config {
+            a.extend(["--config".into(), c.into()]);
+        }
+        a
+    }
+
+    /// Hooks' own output is captured when stderr carries JSON progress.
+    pub fn capture_hooks(&self) -> bool {
+        self.report.format == ProgressFormat::Json
     }
 
     /// The recovery site, read once.
@@ -135,12 +158,19 @@ impl Ctx<'_> {
         let cmd = cmd?;
         let start = Instant::now();
         let label = format!("{scope} {name} hook");
-        let r = step::hook(&format!("{scope}-{name}"), cmd, &self.env(group), self.plan.hook_timeout);
+        let capture = self.capture_hooks();
+        let r = step::hook(&format!("{scope}-{name}"), cmd, &self.env(group), self.plan.hook_timeout, capture);
         let secs = start.elapsed().as_secs_f64();
         let mut v =
             json!({ "scope": scope, "hook": name, "group": group, "ok": r.is_ok(), "seconds": round_secs(secs) });
         match &r {
-            Ok(()) => self.report.event("hook", v.clone(), || format!("{label}: done in {secs:.1} s")),
+            Ok(out) => {
+                if capture {
+                    let from = out.char_indices().rev().nth(2000).map_or(0, |(i, _)| i);
+                    v["output"] = json!(&out[from..]);
+                }
+                self.report.event("hook", v.clone(), || format!("{label}: done in {secs:.1} s"))
+            }
             Err(e) => {
                 v["error"] = e.json();
                 self.report
@@ -173,11 +203,39 @@ pub struct Outcome {
 
 /// Runs `plan` in `o.mode`.
 pub fn run(plan: &Plan, o: &RunOptions) -> Outcome {
-    let ctx =
-        Ctx { plan, mode: o.mode, point: o.point, opts: o, site: OnceLock::new(), report: Reporter::new(o.progress) };
+    let mut ctx = Ctx {
+        plan,
+        mode: o.mode,
+        point: o.point,
+        opts: o,
+        site: OnceLock::new(),
+        report: Reporter::new(o.progress),
+        journal: None,
+    };
     let start = Instant::now();
     let stop_at_error = o.mode == Mode::Planned;
     let mut errors: Vec<(String, StepError)> = Vec::new();
+    // Where the journal lives: this host's state directory (on the
+    // recovery site, the one its config names).
+    let journal = match o.mode {
+        Mode::Test => None,
+        Mode::Planned => {
+            Some(this_state_root(o).and_then(|root| Journal::open(&root, &plan.name, "planned", o.restart)))
+        }
+        Mode::Unplanned => {
+            Some(ctx.site().and_then(|site| Journal::open(&site.state_root, &plan.name, "unplanned", o.restart)))
+        }
+    };
+    match journal {
+        Some(Ok(j)) => ctx.journal = Some(j),
+        Some(Err(e)) => errors.push(("the plan's journal".into(), e)),
+        None => {}
+    }
+    let ctx = ctx;
+    if !errors.is_empty() {
+        // Without its journal a run could fail a VM over twice.
+        return Outcome { summary: json!({ "plan": plan.name, "mode": o.mode.as_str(), "groups": [] }), errors };
+    }
     let mut hooks = Vec::new();
     let mut groups_out = Vec::new();
     let mut stopped: Option<String> = None;
@@ -229,41 +287,8 @@ pub fn run(plan: &Plan, o: &RunOptions) -> Outcome {
         if let Some(v) = ctx.hook("group", "pre", g.pre.as_ref(), Some(&g.name)) {
             group_failed = note_hook(v, &mut errors, &mut group_hooks);
         }
-        let results: Vec<VmResult> = if group_failed && stop_at_error {
-            Vec::new()
-        } else {
-            std::thread::scope(|s| {
-                let running: Vec<_> = g
-                    .vms
-                    .iter()
-                    .map(|v| {
-                        let ctx = &ctx;
-                        ctx.report.event("vm_start", json!({ "group": g.name, "vm": v.name }), || {
-                            format!("  {}: {}", v.name, step_name(o.mode))
-                        });
-                        s.spawn(move || {
-                            let r = vm::run(ctx, &g.name, v);
-                            tell_vm(ctx, &g.name, &r);
-                            r
-                        })
-                    })
-                    .collect();
-                running
-                    .into_iter()
-                    .zip(&g.vms)
-                    .map(|(h, v)| {
-                        h.join().unwrap_or_else(|_| VmResult {
-                            name: v.name.clone(),
-                            seconds: 0.0,
-                            point: None,
-                            downtime: None,
-                            disks: Vec::new(),
-                            error: Some(StepError::new(ErrorCode::Internal, "the VM's step panicked", "a bug")),
-                        })
-                    })
-                    .collect()
-            })
-        };
+        let results: Vec<VmResult> =
+            if group_failed && stop_at_error { Vec::new() } else { run_vms(&ctx, &g.name, &g.vms) };
         for r in &results {
             if let Some(e) = &r.error {
                 errors.push((format!("group {} vm {}", g.name, r.name), e.clone()));
@@ -303,6 +328,16 @@ pub fn run(plan: &Plan, o: &RunOptions) -> Outcome {
     }
     let secs = start.elapsed().as_secs_f64();
     let ok = errors.is_empty();
+    if let (true, Some(j)) = (ok, &ctx.journal) {
+        j.remove();
+    }
+    // The VMs that run on the recovery site now, whatever else failed.
+    let failed_over: Vec<Value> = groups_out
+        .iter()
+        .flat_map(|g| g["vms"].as_array().cloned().unwrap_or_default())
+        .filter(|v| matches!(v["status"].as_str(), Some("failed-over" | "start-failed" | "done-earlier")))
+        .map(|v| v["name"].clone())
+        .collect();
     ctx.report.event(
         "plan_done",
         json!({ "plan": plan.name, "ok": ok, "errors": errors.len(), "seconds": round_secs(secs) }),
@@ -318,12 +353,62 @@ pub fn run(plan: &Plan, o: &RunOptions) -> Outcome {
         "point": (o.mode != Mode::Planned).then(|| o.point.as_json()),
         "ok": ok,
         "stopped_at": stopped,
+        "failed_over": (o.mode != Mode::Test).then_some(failed_over),
         "seconds": round_secs(secs),
         "hooks": hooks,
         "groups": groups_out,
         "errors": errors.iter().map(|(at, e)| { let mut v = e.json(); v["at"] = json!(at); v }).collect::<Vec<_>>(),
     });
     Outcome { summary, errors }
+}
+
+/// This host's state directory: `--state-dir`, else its config's, else the default.
+fn this_state_root(o: &RunOptions) -> Result<PathBuf, StepError> {
+    let from_config = match (&o.config, &o.state_dir) {
+        (Some(c), None) => crate::config::Config::load(c)?.state_dir,
+        _ => None,
+    };
+    Ok(crate::state::prepare(&crate::state::resolve(o.state_dir.clone().or(from_config)))?)
+}
+
+/// Runs the VMs of a group side by side, at most the plan's `parallel` at
+/// once (each holds sessions on its peer, which has a limit); their
+/// results in the group's order.
+fn run_vms(ctx: &Ctx, group: &str, vms: &[super::Vm]) -> Vec<VmResult> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: std::sync::Mutex<Vec<Option<VmResult>>> = std::sync::Mutex::new(vms.iter().map(|_| None).collect());
+    let workers = ctx.plan.parallel.clamp(1, vms.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(v) = vms.get(i) else { return };
+                ctx.report.event("vm_start", json!({ "group": group, "vm": v.name }), || {
+                    format!("  {}: {}", v.name, step_name(ctx.mode))
+                });
+                let r = vm::run(ctx, group, v);
+                tell_vm(ctx, group, &r);
+                results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+            });
+        }
+    });
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    results
+        .into_iter()
+        .zip(vms)
+        .map(|(r, v)| {
+            r.unwrap_or_else(|| VmResult {
+                name: v.name.clone(),
+                seconds: 0.0,
+                point: None,
+                downtime: None,
+                disks: Vec::new(),
+                moved: false,
+                earlier: false,
+                error: Some(StepError::new(ErrorCode::Internal, "the VM's step panicked", "a bug")),
+            })
+        })
+        .collect()
 }
 
 fn step_name(mode: Mode) -> &'static str {
@@ -339,7 +424,8 @@ fn tell_vm(ctx: &Ctx, group: &str, r: &VmResult) {
     v["group"] = json!(group);
     v["vm"] = json!(r.name);
     ctx.report.event("vm_done", v, || match (&r.error, &r.point) {
-        (Some(e), _) => format!("  {}: error[{}]: {} — {}", r.name, e.code, e.message, e.hint),
+        _ if r.earlier => format!("  {}: done by an earlier run of the plan", r.name),
+        (Some(e), _) => format!("  {}: {}: error[{}]: {} — {}", r.name, r.status(ctx.mode), e.code, e.message, e.hint),
         (None, Some(p)) => format!("  {}: at {} ({}) in {:.1} s", r.name, p.generation, p.consistency, r.seconds),
         (None, None) => format!("  {}: done in {:.1} s", r.name, r.seconds),
     });
@@ -355,16 +441,23 @@ pub fn cleanup(plan: &Plan, o: &RunOptions) -> Outcome {
         opts: o,
         site: OnceLock::new(),
         report: Reporter::new(o.progress),
+        journal: None,
     };
     let mut removed = Vec::new();
+    let mut left = Vec::new();
     let mut errors = Vec::new();
     for v in plan.groups.iter().flat_map(|g| &g.vms) {
         match vm::cleanup(&ctx, v) {
-            Ok(images) => {
-                ctx.report.event("vm_cleaned", json!({ "vm": v.name, "removed": images }), || {
-                    format!("{}: removed {} test image(s)", v.name, images.len())
+            Ok(c) => {
+                ctx.report.event("vm_cleaned", json!({ "vm": v.name, "removed": c.removed, "left": c.left }), || {
+                    let mut line = format!("{}: removed {} test image(s)", v.name, c.removed.len());
+                    for l in &c.left {
+                        line.push_str(&format!("; left {} (no target pins it: not a test image)", l.display()));
+                    }
+                    line
                 });
-                removed.extend(images);
+                removed.extend(c.removed);
+                left.extend(c.left);
             }
             Err(e) => {
                 ctx.report.event("vm_cleaned", json!({ "vm": v.name, "error": e.json() }), || {
@@ -381,6 +474,7 @@ pub fn cleanup(plan: &Plan, o: &RunOptions) -> Outcome {
         "plan": plan.name,
         "ok": errors.is_empty(),
         "removed": removed,
+        "left": left,
         "errors": errors.iter().map(|(at, e): &(String, StepError)| { let mut v = e.json(); v["at"] = json!(at); v }).collect::<Vec<_>>(),
     });
     Outcome { summary, errors }

@@ -37,37 +37,66 @@ impl From<diskferry_sync_engine::Error> for StepError {
     }
 }
 
-/// Runs `diskferry ARGS --json` and returns its JSON answer.
+/// Runs `diskferry ARGS --json` and returns its JSON answer; a step that
+/// finds its target or its peer busy (a push in flight, the peer at its
+/// session limit) is tried again a few times first.
 pub fn diskferry(args: &[OsString]) -> Result<Value, StepError> {
+    let mut wait = Duration::from_secs(1);
+    for _ in 0..4 {
+        match diskferry_once(args) {
+            Err(e) if e.code == ErrorCode::Busy.as_str() || e.code == ErrorCode::PeerBusy.as_str() => {
+                std::thread::sleep(wait);
+                wait *= 2;
+            }
+            other => return other,
+        }
+    }
+    diskferry_once(args)
+}
+
+/// [`diskferry`] without the retries: for a step that must not run twice
+/// on its own (a failover-sync may have quiesced its VM before it failed).
+pub fn diskferry_once(args: &[OsString]) -> Result<Value, StepError> {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("diskferry"));
     let mut c = Command::new(&exe);
     c.args(args).arg("--json").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = c.spawn().map_err(|e| {
         StepError::new(ErrorCode::Internal, format!("could not start {}: {e}", exe.display()), "check the install")
     })?;
-    // stderr on a thread, so neither pipe can fill up and block the child;
-    // its tail explains a child that died without its JSON answer.
-    let mut stderr = child.stderr.take();
-    let tail = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        if let Some(s) = stderr.as_mut() {
-            let _ = s.read_to_end(&mut all);
-        }
-        let text = String::from_utf8_lossy(&all).into_owned();
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        lines[lines.len().saturating_sub(5)..].join(" | ")
-    });
-    let mut out = Vec::new();
-    if let Some(s) = child.stdout.as_mut() {
-        let _ = s.read_to_end(&mut out);
-    }
+    // Both pipes on threads, so neither can fill up and block the child.
+    // Hooks the child ran may keep them open in the background past its
+    // exit: what came until a moment after it is taken.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            if let Some(mut p) = pipe {
+                let mut buf = [0u8; 8192];
+                while let Ok(n @ 1..) = p.read(&mut buf) {
+                    all.extend_from_slice(&buf[..n]);
+                    let _ = tx.send(Some(all.clone()));
+                }
+            }
+            let _ = tx.send(None);
+        });
+        rx
+    };
+    let out_rx = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let err_rx = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
     let status = child.wait();
-    let tail = tail.join().unwrap_or_default();
-    let last: Option<Value> = String::from_utf8_lossy(&out)
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .and_then(|l| serde_json::from_str(l).ok());
+    let collect = |rx: std::sync::mpsc::Receiver<Option<Vec<u8>>>| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut last = Vec::new();
+        while let Ok(Some(b)) = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            last = b;
+        }
+        String::from_utf8_lossy(&last).into_owned()
+    };
+    let (out, err) = (collect(out_rx), collect(err_rx));
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+    let last: Option<Value> =
+        out.lines().rev().find(|l| !l.trim().is_empty()).and_then(|l| serde_json::from_str(l).ok());
     let what = || {
         let words: Vec<String> = args.iter().take(3).map(|a| a.to_string_lossy().into_owned()).collect();
         format!("`diskferry {}`", words.join(" "))
@@ -82,7 +111,7 @@ pub fn diskferry(args: &[OsString]) -> Result<Value, StepError> {
         (status, _) => Err(StepError::new(
             ErrorCode::Internal,
             format!("{} ended ({}) without an answer: {tail}", what(), describe(&status)),
-            "see the output above; run the step by hand to see it whole",
+            "run the step by hand to see its whole output",
         )),
     }
 }
@@ -94,12 +123,23 @@ fn describe(s: &std::io::Result<std::process::ExitStatus>) -> String {
     }
 }
 
-/// Runs an operator hook (`sh -c`) with the plan's environment.
-pub fn hook(name: &str, cmd: &str, env: &[(&str, OsString)], timeout: Duration) -> Result<(), StepError> {
+/// Runs an operator hook (`sh -c`) with the plan's environment. With
+/// `capture`, what it prints on stderr too is returned (JSON progress
+/// lines on stderr must stay JSON), else only stdout (its stderr is ours).
+pub fn hook(
+    name: &str,
+    cmd: &str,
+    env: &[(&str, OsString)],
+    timeout: Duration,
+    capture: bool,
+) -> Result<String, StepError> {
     let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
-    crate::hooks::run(name, cmd, &[], &env, timeout).map(|_| ()).map_err(|e| {
+    let script = if capture { format!("exec 2>&1\n{cmd}") } else { cmd.to_string() };
+    crate::hooks::run(name, &script, &[], &env, timeout).map_err(|e| {
         let hint = e.hint.clone().unwrap_or_default();
-        StepError { code: e.code.as_str().to_string(), message: e.message, hint }
+        // The error names the operator's command, not the wrapper.
+        let message = e.message.replace(&script, cmd);
+        StepError { code: e.code.as_str().to_string(), message, hint }
     })
 }
 
@@ -113,7 +153,7 @@ pub enum ProgressFormat {
 /// Tells each step as it happens, on stderr (steps of one group run on
 /// several threads: one line at a time).
 pub struct Reporter {
-    format: ProgressFormat,
+    pub format: ProgressFormat,
     out: Mutex<()>,
 }
 

@@ -10,6 +10,7 @@ use std::time::Instant;
 use diskferry_protocol::ErrorCode;
 use serde_json::{json, Value};
 
+use super::journal::Done;
 use super::run::{Ctx, Mode, PointChoice};
 use super::step::{self, StepError};
 use super::Vm;
@@ -26,11 +27,15 @@ pub struct Site {
 pub struct VmResult {
     pub name: String,
     pub seconds: f64,
-    /// The point it was failed over to (or its test images show).
+    /// The point it was failed over to (or its test images show), once it was.
     pub point: Option<Point>,
     pub downtime: Option<f64>,
     /// Its disks on this site: live targets, or test images.
     pub disks: Vec<PathBuf>,
+    /// The failover (or test images) went through.
+    pub moved: bool,
+    /// An earlier run of the plan did it all (its journal says so).
+    pub earlier: bool,
     pub error: Option<StepError>,
 }
 
@@ -42,15 +47,22 @@ pub struct Point {
 }
 
 impl VmResult {
+    /// `failed` (nothing moved), `start-failed` (failed over, its start
+    /// command failed), `failed-over`, `test-image`, `done-earlier`.
+    pub fn status(&self, mode: Mode) -> &'static str {
+        match (&self.error, self.moved, mode) {
+            (_, _, _) if self.earlier => "done-earlier",
+            (Some(_), false, _) => "failed",
+            (Some(_), true, _) => "start-failed",
+            (None, _, Mode::Test) => "test-image",
+            (None, _, _) => "failed-over",
+        }
+    }
+
     pub fn json(&self, mode: Mode) -> Value {
-        let status = match (&self.error, mode) {
-            (Some(_), _) => "failed",
-            (None, Mode::Test) => "test-image",
-            (None, _) => "failed-over",
-        };
         let mut v = json!({
             "name": self.name,
-            "status": status,
+            "status": self.status(mode),
             "point": self.point.as_ref().map(|p| &p.generation),
             "point_time": self.point.as_ref().and_then(|p| p.created_unix_ns).map(format_time),
             "consistency": self.point.as_ref().map(|p| &p.consistency),
@@ -71,15 +83,52 @@ fn os(s: impl Into<OsString>) -> OsString {
     s.into()
 }
 
-/// Fails `vm` over (or makes its test images), then runs its start command.
+/// Fails `vm` over (or makes its test images), then runs its start
+/// command; with a journal, skips what an earlier run of the plan did.
 pub fn run(ctx: &Ctx, group: &str, vm: &Vm) -> VmResult {
     let start = Instant::now();
-    let mut r =
-        VmResult { name: vm.name.clone(), seconds: 0.0, point: None, downtime: None, disks: Vec::new(), error: None };
-    let done = match ctx.mode {
-        Mode::Planned => planned(ctx, vm, &mut r),
-        Mode::Unplanned => unplanned(ctx, vm, &mut r),
-        Mode::Test => test(ctx, vm, &mut r),
+    let mut r = VmResult {
+        name: vm.name.clone(),
+        seconds: 0.0,
+        point: None,
+        downtime: None,
+        disks: Vec::new(),
+        moved: false,
+        earlier: false,
+        error: None,
+    };
+    let earlier = ctx.journal.as_ref().and_then(|j| j.get(&vm.name));
+    let done = match (&earlier, ctx.mode) {
+        (Some(d), _) if d.started => {
+            r.earlier = true;
+            r.point = Some(Point {
+                generation: d.generation.clone(),
+                created_unix_ns: None,
+                consistency: d.consistency.clone(),
+            });
+            r.seconds = start.elapsed().as_secs_f64();
+            return r;
+        }
+        // Failed over by an earlier run whose start command failed: the start only.
+        (Some(d), _) => {
+            r.point = Some(Point {
+                generation: d.generation.clone(),
+                created_unix_ns: None,
+                consistency: d.consistency.clone(),
+            });
+            r.disks = earlier_disks(ctx, vm);
+            Ok(())
+        }
+        (None, Mode::Planned) => planned(ctx, vm, &mut r),
+        (None, Mode::Unplanned) => unplanned(ctx, vm, &mut r),
+        (None, Mode::Test) => test(ctx, vm, &mut r),
+    };
+    r.moved = done.is_ok();
+    let record = |started: bool| match (&ctx.journal, &r.point) {
+        (Some(j), Some(p)) => {
+            j.record(&vm.name, Done { generation: p.generation.clone(), consistency: p.consistency.clone(), started })
+        }
+        _ => Ok(()),
     };
     let start_cmd = match ctx.mode {
         Mode::Test => vm.test_start.as_ref(),
@@ -87,24 +136,38 @@ pub fn run(ctx: &Ctx, group: &str, vm: &Vm) -> VmResult {
     };
     r.error = match (done, start_cmd) {
         (Err(e), _) => Some(e),
-        (Ok(()), None) => None,
-        (Ok(()), Some(cmd)) => {
-            let disks: Vec<String> = r.disks.iter().map(|p| p.display().to_string()).collect();
-            let mut env = ctx.env(Some(group));
-            env.push(("DISKFERRY_VM", os(&vm.name)));
-            env.push(("DISKFERRY_POINT", os(r.point.as_ref().map(|p| p.generation.clone()).unwrap_or_default())));
-            env.push(("DISKFERRY_DISKS", os(disks.join("\n"))));
-            step::hook("start", cmd, &env, ctx.plan.hook_timeout).err()
-        }
+        (Ok(()), None) => record(true).err(),
+        (Ok(()), Some(cmd)) => match record(false) {
+            Err(e) => Some(e),
+            Ok(()) => {
+                let disks: Vec<String> = r.disks.iter().map(|p| p.display().to_string()).collect();
+                let mut env = ctx.env(Some(group));
+                env.push(("DISKFERRY_VM", os(&vm.name)));
+                env.push(("DISKFERRY_POINT", os(r.point.as_ref().map(|p| p.generation.clone()).unwrap_or_default())));
+                env.push(("DISKFERRY_DISKS", os(disks.join("\n"))));
+                match step::hook("start", cmd, &env, ctx.plan.hook_timeout, ctx.capture_hooks()) {
+                    Ok(_) => record(true).err(),
+                    Err(e) => Some(e),
+                }
+            }
+        },
     };
     r.seconds = start.elapsed().as_secs_f64();
     r
 }
 
-/// The disks as `failover-sync` takes them: `SRC --target T`, or the group.
+/// The disks a VM failed over by an earlier run starts from.
+fn earlier_disks(ctx: &Ctx, vm: &Vm) -> Vec<PathBuf> {
+    match (ctx.mode, ctx.site()) {
+        (Mode::Unplanned, Ok(site)) => paths(site, vm).unwrap_or_default(),
+        _ => vm.disks.iter().map(|d| PathBuf::from(&d.target)).collect(),
+    }
+}
+
+/// The disks as `failover-sync` takes them: `--target T SRC`, or the group.
 fn disk_args(vm: &Vm) -> Vec<OsString> {
     match (&vm.replication_group, vm.disks.as_slice()) {
-        (None, [one]) => vec![os(&one.source), os("--target"), os(&one.target)],
+        (None, [one]) => vec![os("--target"), os(&one.target), os(&one.source)],
         (rg, disks) => {
             let mut a = vec![os("--group"), os(rg.clone().unwrap_or_else(|| vm.name.clone()))];
             for d in disks {
@@ -123,7 +186,6 @@ fn planned(ctx: &Ctx, vm: &Vm, r: &mut VmResult) -> Result<(), StepError> {
         StepError::new(ErrorCode::Config, "no quiesce command", "a planned failover needs `quiesce` for every VM")
     })?;
     let mut a = vec![os("failover-sync")];
-    a.extend(disk_args(vm));
     a.extend([os("--peer"), os(&vm.peer), os("--peer-fingerprint"), os(&vm.peer_fingerprint)]);
     a.extend([os("--quiesce-cmd"), os(quiesce), os("--promote")]);
     let timeout = vm.quiesce_timeout.unwrap_or(ctx.plan.hook_timeout.as_secs());
@@ -134,8 +196,11 @@ fn planned(ctx: &Ctx, vm: &Vm, r: &mut VmResult) -> Result<(), StepError> {
     if let Some(f) = &vm.format {
         a.extend([os("--format"), os(f)]);
     }
-    a.extend(ctx.state_dir_args());
-    let v = step::diskferry(&a)?;
+    a.extend(ctx.agent_args());
+    // The source path last: SRC is positional.
+    a.extend(disk_args(vm));
+    // Never again by itself: it may have quiesced the VM before it failed.
+    let v = step::diskferry_once(&a)?;
     r.point = Some(Point {
         generation: v["generation"].as_str().unwrap_or_default().to_string(),
         created_unix_ns: None,
@@ -162,14 +227,20 @@ fn paths(site: &Site, vm: &Vm) -> Result<Vec<PathBuf>, StepError> {
         .collect()
 }
 
+fn group_of(vm: &Vm) -> Option<String> {
+    match (&vm.replication_group, vm.disks.len()) {
+        (None, 1) => None,
+        (rg, _) => Some(rg.clone().unwrap_or_else(|| vm.name.clone())),
+    }
+}
+
 /// The point `ctx.point` picks among `vm`'s points on this site.
 fn choose(ctx: &Ctx, site: &Site, vm: &Vm, paths: &[PathBuf]) -> Result<Point, StepError> {
-    let config = os(&site.config);
-    let listed = match (&vm.replication_group, paths) {
+    let listed = match (group_of(vm), paths) {
         (None, [path]) => step::diskferry(&[os("points"), os(path), os("--state-dir"), os(&site.state_root)])?,
         (rg, _) => {
-            let rg = rg.clone().unwrap_or_else(|| vm.name.clone());
-            let mut a = vec![os("points"), os("--group"), os(rg), os("--config"), config];
+            let rg = rg.unwrap_or_else(|| vm.name.clone());
+            let mut a = vec![os("points"), os("--group"), os(rg), os("--config"), os(&site.config)];
             a.extend(ctx.state_dir_args());
             step::diskferry(&a)?
         }
@@ -207,34 +278,32 @@ fn unplanned(ctx: &Ctx, vm: &Vm, r: &mut VmResult) -> Result<(), StepError> {
     let paths = paths(site, vm)?;
     let point = choose(ctx, site, vm, &paths)?;
     let mut a = vec![os("failover")];
-    match (&vm.replication_group, vm.disks.as_slice()) {
+    match (group_of(vm), vm.disks.as_slice()) {
         (None, [one]) => a.push(os(&one.target)),
-        (rg, _) => a.extend([os("--group"), os(rg.clone().unwrap_or_else(|| vm.name.clone()))]),
+        (rg, _) => a.extend([os("--group"), os(rg.unwrap_or_else(|| vm.name.clone()))]),
     }
     a.extend([os("--config"), os(&site.config), os("--point"), os(&point.generation)]);
     a.extend(ctx.state_dir_args());
-    r.point = Some(point);
     step::diskferry(&a)?;
+    r.point = Some(point);
     r.disks = paths;
     Ok(())
 }
 
-/// Where test mode puts `vm`'s images: `TEST_DIR/VM/TARGET.img`.
-fn test_images(ctx: &Ctx, vm: &Vm) -> Result<(PathBuf, Vec<PathBuf>), StepError> {
-    let dir = ctx.test_dir()?.join(&vm.name);
-    let images = vm.disks.iter().map(|d| dir.join(format!("{}.img", d.target))).collect();
-    Ok((dir, images))
+/// Where test mode puts `vm`'s images: `TEST_DIR/VM/`.
+fn test_dir_of(ctx: &Ctx, vm: &Vm) -> Result<PathBuf, StepError> {
+    Ok(ctx.test_dir()?.join(&vm.name))
 }
 
 fn test(ctx: &Ctx, vm: &Vm, r: &mut VmResult) -> Result<(), StepError> {
     let site = ctx.site()?;
     let paths = paths(site, vm)?;
     let point = choose(ctx, site, vm, &paths)?;
-    let (dir, images) = test_images(ctx, vm)?;
+    let dir = test_dir_of(ctx, vm)?;
     std::fs::create_dir_all(&dir).map_err(|e| {
         StepError::new(ErrorCode::Io, format!("creating {}: {e}", dir.display()), "check test_dir in the plan")
     })?;
-    if let Some(old) = images.iter().find(|i| i.exists()) {
+    if let Some(old) = images_in(&dir).first() {
         return Err(StepError::new(
             ErrorCode::InvalidInput,
             format!("{} is there from an earlier test", old.display()),
@@ -242,57 +311,56 @@ fn test(ctx: &Ctx, vm: &Vm, r: &mut VmResult) -> Result<(), StepError> {
         ));
     }
     let mut a = vec![os("test-failover")];
-    match (&vm.replication_group, vm.disks.as_slice(), images.as_slice()) {
-        (None, [one], [image]) => a.extend([os(&one.target), os("--out"), os(image)]),
-        (rg, _, _) => {
-            a.extend([os("--group"), os(rg.clone().unwrap_or_else(|| vm.name.clone())), os("--out"), os(&dir)])
-        }
+    match (group_of(vm), vm.disks.as_slice()) {
+        (None, [one]) => a.extend([os(&one.target), os("--out"), os(dir.join(format!("{}.img", one.target)))]),
+        (rg, _) => a.extend([os("--group"), os(rg.unwrap_or_else(|| vm.name.clone())), os("--out"), os(&dir)]),
     }
     a.extend([os("--point"), os(&point.generation), os("--config"), os(&site.config)]);
     a.extend(ctx.state_dir_args());
+    let v = step::diskferry(&a)?;
+    // The images the agent made: a group's are one per member it knows.
+    r.disks = match v["members"].as_array() {
+        Some(members) => members.iter().filter_map(|m| m["out"].as_str()).map(PathBuf::from).collect(),
+        None => v["out"].as_str().map(PathBuf::from).into_iter().collect(),
+    };
     r.point = Some(point);
-    step::diskferry(&a)?;
-    r.disks = images;
     Ok(())
 }
 
-/// Removes `vm`'s test images (unpinning their points); the images it
-/// removed. A VM without images is left as it is.
-pub fn cleanup(ctx: &Ctx, vm: &Vm) -> Result<Vec<PathBuf>, StepError> {
+/// The `*.img` files in `dir`.
+fn images_in(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "img")).collect();
+    out.sort();
+    out
+}
+
+/// What cleaning up one VM's test images did.
+pub struct Cleaned {
+    pub removed: Vec<PathBuf>,
+    /// Files in its test directory that no target pins: not diskferry's
+    /// test images, so not removed.
+    pub left: Vec<PathBuf>,
+}
+
+/// Removes `vm`'s test images, unpinning their points. Only files a
+/// target pins as a test image are removed: the agent finds the target
+/// by the image alone (whether one disk's or a group member's).
+pub fn cleanup(ctx: &Ctx, vm: &Vm) -> Result<Cleaned, StepError> {
     let site = ctx.site()?;
-    let (dir, images) = test_images(ctx, vm)?;
-    let present: Vec<PathBuf> = images.iter().filter(|i| i.exists()).cloned().collect();
-    if present.is_empty() {
-        remove_empty(&dir);
-        return Ok(Vec::new());
-    }
-    // One image at a time, by the image alone: the agent finds the
-    // target that pins it, whether the image was one disk's or a group's.
-    for image in &present {
-        let mut a = vec![os("test-failover"), os("--cleanup"), os(image), os("--config"), os(&site.config)];
+    let dir = test_dir_of(ctx, vm)?;
+    let mut done = Cleaned { removed: Vec::new(), left: Vec::new() };
+    for image in images_in(&dir) {
+        let mut a = vec![os("test-failover"), os("--cleanup"), os(&image), os("--config"), os(&site.config)];
         a.extend(ctx.state_dir_args());
         match step::diskferry(&a) {
-            Ok(_) => {}
-            // Pinned by no target: a file left by a test that died before
-            // it pinned; it is ours to remove.
-            Err(e) if e.code == ErrorCode::NotFound.as_str() => match std::fs::remove_file(image) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(StepError::new(
-                        ErrorCode::Io,
-                        format!("removing {}: {e}", image.display()),
-                        "remove it by hand",
-                    ))
-                }
-            },
+            Ok(_) => done.removed.push(image),
+            Err(e) if e.code == ErrorCode::NotFound.as_str() => done.left.push(image),
             Err(e) => return Err(e),
         }
     }
-    remove_empty(&dir);
-    Ok(present)
-}
-
-fn remove_empty(dir: &Path) {
-    let _ = std::fs::remove_dir(dir);
+    // Only if it is empty now.
+    let _ = std::fs::remove_dir(&dir);
+    Ok(done)
 }

@@ -59,11 +59,19 @@ pub fn push_members(
     // One moment for every disk: the pre hook, every snapshot, the post hook.
     let sources: Vec<_> = members.iter().map(|o| o.source.clone()).collect();
     let snaps = snapshot::take_all(&sources, &first.snapshot)?;
+    // Every member on one connection: one handshake, one flow-control
+    // budget and one congestion controller for the whole group.
+    let (endpoint, conn) = rt.block_on(super::connect(id, first))?;
     let (reports, requested) = rt.block_on(async {
         let mut set = tokio::task::JoinSet::new();
         for (i, (o, snap)) in members.iter().cloned().zip(snaps).enumerate() {
             let id = id.clone();
-            let o = PushOptions { group: Some(tag.clone()), cancel: Some(cancel_rx.clone()), ..o };
+            let o = PushOptions {
+                group: Some(tag.clone()),
+                cancel: Some(cancel_rx.clone()),
+                shared: Some(conn.clone()),
+                ..o
+            };
             set.spawn(async move {
                 let mut requested = false;
                 let r = push_with(&id, o, Some(snap), Arc::new(NoProgress), &mut requested).await;
@@ -109,6 +117,16 @@ pub fn push_members(
         };
         (result, any_requested)
     });
+    let wire = conn.stats();
+    conn.close(0u32.into(), b"done");
+    rt.block_on(async { tokio::time::timeout(std::time::Duration::from_millis(5), endpoint.wait_idle()).await }).ok();
     *commit_requested = requested;
-    reports
+    // Each member's report has the connection's bytes at its end; the
+    // group's are the connection's in all.
+    reports.map(|mut all| {
+        for r in &mut all {
+            r.wire_bytes = wire.udp_tx.bytes + wire.udp_rx.bytes;
+        }
+        all
+    })
 }

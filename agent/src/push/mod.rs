@@ -68,6 +68,9 @@ pub struct PushOptions {
     /// Set when another member of the group failed: the session is
     /// closed at once (so the target lets go of every member now).
     pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The group push's one connection, which this member's session
+    /// shares with the others' (none: a connection of its own).
+    pub shared: Option<quinn::Connection>,
 }
 
 /// What a push did.
@@ -257,18 +260,14 @@ pub async fn push_with(
         group: opts.group.clone(),
     };
 
-    let endpoint =
-        transport::client_endpoint(&opts.peer).ctx(Place::Source, "opening a UDP socket for", Path::new("push"))?;
-    let tls = trust::client_config(id, &opts.peer_fingerprint)
-        .map_err(|e| Error::new(ErrorCode::Identity, format!("TLS setup: {e}")))?;
-    let qc = transport::client_config(tls, &opts.peer, opts.max_mtu, opts.idle_timeout)
-        .map_err(|e| Error::new(ErrorCode::Internal, format!("QUIC setup: {e}")))?;
-    let connecting = endpoint
-        .connect_with(qc, opts.peer, "diskferry")
-        .map_err(|e| Error::new(ErrorCode::Connection, format!("cannot connect to {}: {e}", opts.peer)))?;
-    tracing::debug!("connecting");
-    let conn = connecting.await.map_err(|e| connection_error(e, false, &opts, id))?;
-    tracing::debug!("connected");
+    // A group's members share the group's connection; it is the group's to close.
+    let (endpoint, conn) = match &opts.shared {
+        Some(c) => (None, c.clone()),
+        None => {
+            let (e, c) = connect(id, &opts).await?;
+            (Some(e), c)
+        }
+    };
     let finish_sent = commit_requested;
     *finish_sent = false;
     let run = session::run(&conn, &opts, open, source, progress, snap.app_consistent, finish_sent);
@@ -298,10 +297,12 @@ pub async fn push_with(
         (r, _) => r,
     };
     let stats = conn.stats();
-    conn.close(0u32.into(), b"done");
-    // Long enough for the close to leave; the draining period that follows
-    // only matters to a peer still sending, and the session is over.
-    let _ = tokio::time::timeout(Duration::from_millis(5), endpoint.wait_idle()).await;
+    if let Some(endpoint) = endpoint {
+        conn.close(0u32.into(), b"done");
+        // Long enough for the close to leave; the draining period that follows
+        // only matters to a peer still sending, and the session is over.
+        let _ = tokio::time::timeout(Duration::from_millis(5), endpoint.wait_idle()).await;
+    }
     if let (Ok(r), Some(root), true) = (&result, opts.state_root.as_deref(), opts.changes == Changes::ExtentMap) {
         // The next push compares its clone with this one. Not keeping it
         // costs that push a full read, not correctness.
@@ -339,6 +340,24 @@ pub async fn push_with(
     report.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
     report.path_mtu = stats.path.current_mtu;
     Ok(report)
+}
+
+/// Connects to `opts.peer`, checking its certificate against the
+/// fingerprint (and it ours).
+pub async fn connect(id: &Identity, opts: &PushOptions) -> Result<(quinn::Endpoint, quinn::Connection), Error> {
+    let endpoint =
+        transport::client_endpoint(&opts.peer).ctx(Place::Source, "opening a UDP socket for", Path::new("push"))?;
+    let tls = trust::client_config(id, &opts.peer_fingerprint)
+        .map_err(|e| Error::new(ErrorCode::Identity, format!("TLS setup: {e}")))?;
+    let qc = transport::client_config(tls, &opts.peer, opts.max_mtu, opts.idle_timeout)
+        .map_err(|e| Error::new(ErrorCode::Internal, format!("QUIC setup: {e}")))?;
+    let connecting = endpoint
+        .connect_with(qc, opts.peer, "diskferry")
+        .map_err(|e| Error::new(ErrorCode::Connection, format!("cannot connect to {}: {e}", opts.peer)))?;
+    tracing::debug!("connecting");
+    let conn = connecting.await.map_err(|e| connection_error(e, false, opts, id))?;
+    tracing::debug!("connected");
+    Ok((endpoint, conn))
 }
 
 /// For a running VM: what the guest wrote since this pass began (its

@@ -43,13 +43,20 @@ pub(super) async fn run(
     };
     let g = source.geometry();
     let (mut ctl_tx, ctl_rx) = conn.open_bi().await.map_err(|e| lost(&e))?;
+    // On a connection shared with other sessions (a group push), each data
+    // stream says which session it belongs to.
+    let preamble = opts.shared.as_ref().map(|_| crate::transport::data_stream_preamble(ctl_tx.id()));
     let mut data_tx = Vec::new();
     let mut writers = Vec::new();
     for _ in 0..DATA_STREAMS {
         let mut stream = conn.open_uni().await.map_err(|e| lost(&e))?;
         let (tx, mut rx) = mpsc::channel::<WireFrame>(64);
         data_tx.push(tx);
+        let preamble = preamble.clone();
         writers.push(tokio::spawn(async move {
+            if let Some(p) = preamble {
+                stream.write_chunk(p).await?;
+            }
             while let Some(f) = rx.recv().await {
                 stream.write_chunk(f.head).await?;
                 if let Some(tail) = f.tail {

@@ -3,6 +3,7 @@
 //! shuts down at safe points.
 
 pub mod budget;
+mod connection;
 mod group;
 mod session;
 pub mod targets;
@@ -216,5 +217,5 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ServerCtx>) {
         return;
     };
     tracing::debug!(%remote, %peer, "connection");
-    session::run(conn, peer, ctx).await;
+    connection::serve(conn, peer, ctx).await;
 }

@@ -2,7 +2,6 @@
 //! [`ReceiverSession`] state machine and the apply worker.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use diskferry_protocol::message::{BlockFrame, Message, Open};
 use diskferry_protocol::session::{ReceiverEvent, ReceiverSession, RegionView};
@@ -36,24 +35,18 @@ enum Note {
     Fail(ErrorCode, String),
 }
 
-/// Runs one session on an authenticated connection from `peer`.
-pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
+/// Runs one session of `conn` from `peer`, on its control stream `ctl`;
+/// its data streams come through `data` (`connection.rs` routes them).
+pub async fn run(
+    conn: quinn::Connection,
+    peer: String,
+    ctx: Arc<ServerCtx>,
+    ctl: (quinn::SendStream, quinn::RecvStream),
+    data: mpsc::UnboundedReceiver<super::connection::DataStream>,
+) {
     let remote = conn.remote_address();
     let mut shutdown = ctx.shutdown.clone();
-    let accepted = tokio::select! {
-        s = conn.accept_bi() => s,
-        _ = shutdown.changed() => {
-            conn.close(0u32.into(), b"shutting down");
-            return;
-        }
-    };
-    let (ctl_tx, ctl_rx) = match accepted {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(%remote, "connection ended before a session: {e}");
-            return;
-        }
-    };
+    let (ctl_tx, ctl_rx) = ctl;
     let mut s = Session {
         ctx: ctx.clone(),
         peer,
@@ -74,7 +67,7 @@ pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
     let (view_tx, mut view_rx) = mpsc::channel::<(u64, RegionView)>(2);
     let mut view_tx = Some(view_tx);
     let mut next_view = 0u64;
-    let data = tokio::spawn(accept_data_streams(conn.clone(), s.staging_tx.subscribe(), notes_tx.clone(), ctx.clone()));
+    let data = tokio::spawn(accept_data_streams(data, s.staging_tx.subscribe(), notes_tx.clone(), ctx.clone()));
     // Control frames are small; a larger one is refused before it is buffered.
     let mut reader = FrameReader::with_limit(ctl_rx, MAX_CONTROL_FRAME);
     let mut cancel: Option<watch::Receiver<bool>> = None;
@@ -128,9 +121,6 @@ pub async fn run(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
     }
     data.abort();
     s.finish().await;
-    // Let the source read the last frames before the connection goes.
-    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-    conn.close(0u32.into(), b"done");
 }
 
 async fn wait_cancel(rx: &mut Option<watch::Receiver<bool>>) {
@@ -324,7 +314,9 @@ impl Session {
             return self.rs.reject(ErrorCode::Cancelled, "the session ended while it waited for memory");
         };
         self.admission = Some(admission);
-        if let Ok(w) = quinn::VarInt::from_u64(cost.receive_window) {
+        // A group's members share their connection: its window is theirs together.
+        let window = cost.receive_window * o.group.as_ref().map_or(1, |t| u64::from(t.members.max(1)));
+        if let Ok(w) = quinn::VarInt::from_u64(window) {
             self.conn.set_receive_window(w);
         }
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
@@ -470,14 +462,14 @@ fn spawn_view_thread(
 }
 
 async fn accept_data_streams(
-    conn: quinn::Connection,
+    mut data: mpsc::UnboundedReceiver<super::connection::DataStream>,
     mut staging: watch::Receiver<Option<Staging>>,
     notes: mpsc::UnboundedSender<Note>,
     ctx: Arc<ServerCtx>,
 ) {
     // Dropping the set (when this task is aborted) stops every stream's task.
     let mut streams = tokio::task::JoinSet::new();
-    while let Ok(stream) = conn.accept_uni().await {
+    while let Some(stream) = data.recv().await {
         let st = loop {
             if let Some(st) = staging.borrow().clone() {
                 break Some(st);
@@ -491,8 +483,13 @@ async fn accept_data_streams(
     }
 }
 
-async fn data_stream(stream: quinn::RecvStream, st: Staging, notes: mpsc::UnboundedSender<Note>, ctx: Arc<ServerCtx>) {
-    let mut reader = FrameReader::new(stream);
+async fn data_stream(
+    (stream, read): super::connection::DataStream,
+    st: Staging,
+    notes: mpsc::UnboundedSender<Note>,
+    ctx: Arc<ServerCtx>,
+) {
+    let mut reader = FrameReader::with_prefix(stream, read);
     let fail = |e: DecodeError| {
         let code = if matches!(e, DecodeError::TooLarge(_)) { ErrorCode::FrameTooLarge } else { ErrorCode::Protocol };
         let _ = notes.send(Note::Fail(code, format!("bad data frame: {e}")));
