@@ -164,11 +164,16 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
                     if a.promote { " and promoted" } else { "" },
                     e.message
                 ),
-                hint: Some(
-                    "check `diskferry points` on the target before restarting anything here: if the point is there, \
-                     the failover happened; if not, run failover-sync again to resume"
+                hint: Some(match &d.group {
+                    None => "check `diskferry points` on the target before restarting anything here: if the point \
+                             is there, the failover happened; if not, run failover-sync again to resume"
                         .into(),
-                ),
+                    Some(g) => format!(
+                        "check `diskferry points --group {g}` on the target before restarting anything here: if a \
+                         new group point is there, the failover happened (`diskferry failover --group {g}` there \
+                         finishes members left unpromoted); if not, run failover-sync again to resume"
+                    ),
+                }),
                 ..e
             }
             .into());
