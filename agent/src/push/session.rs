@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use super::{peer_failure, PushOptions, PushReport};
 use crate::transport::{write_frame, FrameReader, ReadError};
 
-/// Data streams per session (more streams on one connection do not add throughput).
+/// Data streams of a session on a connection of its own (more do not add throughput).
 const DATA_STREAMS: usize = 2;
 
 /// Notes from the helper threads to the session loop.
@@ -48,7 +48,12 @@ pub(super) async fn run(
     let preamble = opts.shared.as_ref().map(|_| crate::transport::data_stream_preamble(ctl_tx.id()));
     let mut data_tx = Vec::new();
     let mut writers = Vec::new();
-    for _ in 0..DATA_STREAMS {
+    // A group's members share one connection: one data stream each (more
+    // streams interleave in its datagrams, and each half-read datagram
+    // holds its whole buffer on the target: 181 against 138 MiB peak for
+    // eight members, and no faster).
+    let streams = if opts.shared.is_some() { 1 } else { DATA_STREAMS };
+    for _ in 0..streams {
         let mut stream = conn.open_uni().await.map_err(|e| lost(&e))?;
         let (tx, mut rx) = mpsc::channel::<WireFrame>(64);
         data_tx.push(tx);
