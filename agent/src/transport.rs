@@ -53,7 +53,7 @@ pub fn transport_config(mtu: PathMtu, idle: Duration, receive_window: u64) -> Tr
     t.receive_window(VarInt::from_u64(receive_window).unwrap_or(VarInt::from_u32(CONN_WINDOW)));
     t.send_window(CONN_WINDOW as u64);
     // A group push carries every member on one connection: a control
-    // stream and two data streams each, for up to 64 members.
+    // stream and a data stream each, for up to 64 members.
     t.max_concurrent_uni_streams(VarInt::from_u32(160));
     t.max_concurrent_bidi_streams(VarInt::from_u32(72));
     t.keep_alive_interval(Some((idle / 4).max(Duration::from_millis(200))));
