@@ -4,6 +4,7 @@
 //! `diskferry` command per step (`step.rs`), so every step is one an
 //! operator could run by hand, with the same locks, codes and recovery.
 
+mod ctx;
 mod journal;
 mod run;
 mod step;
@@ -17,7 +18,8 @@ use diskferry_protocol::{ErrorCode, TargetName};
 use diskferry_sync_engine::Error;
 use serde::Deserialize;
 
-pub use run::{cleanup, run, Mode, Outcome, PointChoice, RunOptions};
+pub use ctx::{Mode, PointChoice, RunOptions};
+pub use run::{cleanup, run, Outcome};
 pub use step::ProgressFormat;
 
 /// Hook timeout when the plan names none.

@@ -2,7 +2,6 @@
 //! fail it over (or make its test images, or remove them), and its start
 //! command.
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,18 +9,11 @@ use std::time::Instant;
 use diskferry_protocol::ErrorCode;
 use serde_json::{json, Value};
 
+use super::ctx::{Ctx, Mode, PointChoice, Site};
 use super::journal::Done;
-use super::run::{Ctx, Mode, PointChoice};
 use super::step::{self, StepError};
 use super::Vm;
 use crate::units::{format_time, round_secs};
-
-/// The recovery site: its serve config, state directory and targets.
-pub struct Site {
-    pub config: PathBuf,
-    pub state_root: PathBuf,
-    pub targets: BTreeMap<String, PathBuf>,
-}
 
 /// What became of one VM.
 pub struct VmResult {
