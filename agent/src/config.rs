@@ -29,6 +29,9 @@ struct RawConfig {
     peer: Vec<RawPeer>,
     #[serde(default)]
     target: Vec<RawTarget>,
+    /// Disks this agent pushes on a schedule.
+    #[serde(default)]
+    protect: Vec<crate::protect::RawProtect>,
 }
 
 fn default_sessions() -> u32 {
@@ -89,6 +92,8 @@ pub struct Config {
     /// fingerprint → peer name
     pub peers: BTreeMap<String, String>,
     pub targets: BTreeMap<String, TargetConfig>,
+    /// Disks pushed on a schedule by `serve`.
+    pub protect: Vec<crate::protect::Protect>,
 }
 
 impl Config {
@@ -204,6 +209,7 @@ impl Config {
             idle_timeout: std::time::Duration::from_secs(raw.idle_timeout_secs as u64),
             peers,
             targets,
+            protect: crate::protect::parse(raw.protect, path)?,
         })
     }
 }

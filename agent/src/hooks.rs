@@ -50,9 +50,8 @@ pub fn run_timed(
         let mut buf = [0u8; 8192];
         while let Some(Ok(n @ 1..)) = stdout.as_mut().map(|s| s.read(&mut buf)) {
             let mut o = sink.lock().unwrap_or_else(|p| p.into_inner());
-            if o.len() < 1 << 20 {
-                o.extend_from_slice(&buf[..n]);
-            }
+            let room = (1usize << 20).saturating_sub(o.len());
+            o.extend_from_slice(&buf[..n.min(room)]);
         }
         let _ = done_tx.send(());
     });

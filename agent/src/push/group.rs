@@ -46,6 +46,16 @@ pub fn push_members(
     members: &[PushOptions],
     commit_requested: &mut bool,
 ) -> Result<Vec<PushReport>, Error> {
+    rt.block_on(push_members_async(id, name, members, commit_requested))
+}
+
+/// [`push_members`] on the caller's runtime (the agent's scheduler).
+pub async fn push_members_async(
+    id: &Arc<Identity>,
+    name: &TargetName,
+    members: &[PushOptions],
+    commit_requested: &mut bool,
+) -> Result<Vec<PushReport>, Error> {
     check_members(members)?;
     let Some(first) = members.first() else {
         return Err(Error::new(ErrorCode::Usage, "a group push needs at least one --disk"));
@@ -58,11 +68,14 @@ pub fn push_members(
     let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
     // One moment for every disk: the pre hook, every snapshot, the post hook.
     let sources: Vec<_> = members.iter().map(|o| o.source.clone()).collect();
-    let snaps = snapshot::take_all(&sources, &first.snapshot)?;
+    let so = first.snapshot.clone();
+    let snaps = tokio::task::spawn_blocking(move || snapshot::take_all(&sources, &so))
+        .await
+        .map_err(|e| Error::new(ErrorCode::Internal, format!("snapshot task: {e}")))??;
     // Every member on one connection: one handshake, one flow-control
     // budget and one congestion controller for the whole group.
-    let (endpoint, conn) = rt.block_on(super::connect(id, first))?;
-    let (reports, requested) = rt.block_on(async {
+    let (endpoint, conn) = super::connect(id, first).await?;
+    let (reports, requested) = {
         let mut set = tokio::task::JoinSet::new();
         for (i, (o, snap)) in members.iter().cloned().zip(snaps).enumerate() {
             let id = id.clone();
@@ -116,10 +129,10 @@ pub fn push_members(
             None => Ok(reports.into_iter().flatten().collect::<Vec<_>>()),
         };
         (result, any_requested)
-    });
+    };
     let wire = conn.stats();
     conn.close(0u32.into(), b"done");
-    rt.block_on(async { tokio::time::timeout(std::time::Duration::from_millis(5), endpoint.wait_idle()).await }).ok();
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(5), endpoint.wait_idle()).await;
     *commit_requested = requested;
     // Each member's report has the connection's bytes at its end; the
     // group's are the connection's in all.

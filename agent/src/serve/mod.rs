@@ -39,6 +39,8 @@ pub struct ServerCtx {
     pub pins: Arc<targets::Pins>,
     /// Group pushes in progress.
     pub groups: Arc<group::Groups>,
+    /// The agent's jobs: received sessions and scheduled pushes.
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 /// Which session holds which target, so a new push from the same peer can
@@ -134,6 +136,8 @@ pub struct Server {
     pub endpoint: quinn::Endpoint,
     ctx: Arc<ServerCtx>,
     shutdown_tx: watch::Sender<bool>,
+    /// This agent's identity, for the pushes of its protected disks.
+    identity: Arc<Identity>,
 }
 
 impl Server {
@@ -156,6 +160,7 @@ impl Server {
                 .hint("is another agent using that address?")
         })?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let jobs = Arc::new(crate::jobs::Jobs::load(Some(&state_root)));
         let ctx = Arc::new(ServerCtx {
             budget: budget::Budget::new(config.memory_budget),
             sessions: Arc::new(Semaphore::new(config.max_sessions as usize)),
@@ -166,8 +171,10 @@ impl Server {
             shutdown: shutdown_rx,
             pins,
             groups: Arc::default(),
+            jobs,
         });
-        Ok(Server { endpoint, ctx, shutdown_tx })
+        let identity = Arc::new(Identity { cert: identity.cert.clone(), key: identity.key.clone_key() });
+        Ok(Server { endpoint, ctx, shutdown_tx, identity })
     }
 
     /// The bound address.
@@ -178,6 +185,13 @@ impl Server {
     /// Serves until `stop` resolves, then lets sessions reach a safe point.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         let mut tasks = tokio::task::JoinSet::new();
+        let (_protected, mut protecting) = crate::protect::spawn_all(
+            &self.ctx.config.protect,
+            self.identity.clone(),
+            self.ctx.state_root.clone(),
+            self.ctx.jobs.clone(),
+            self.ctx.shutdown.clone(),
+        );
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -193,6 +207,15 @@ impl Server {
         tracing::info!("shutting down: stopping sessions at a safe point");
         let _ = self.shutdown_tx.send(true);
         while tasks.join_next().await.is_some() {}
+        // A scheduled push in flight is cut after a moment: its target keeps
+        // what it staged, and the next start resumes it.
+        let drained = tokio::time::timeout(Duration::from_secs(5), async {
+            while protecting.join_next().await.is_some() {}
+        });
+        if drained.await.is_err() {
+            protecting.abort_all();
+            while protecting.join_next().await.is_some() {}
+        }
         self.endpoint.close(0u32.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
     }

@@ -1,0 +1,210 @@
+//! The agent's jobs: every push it runs for a protected disk and every
+//! session it receives, running or finished, with phase, progress, rate
+//! and result. Finished jobs are kept (the newest [`KEEP`]) and persisted
+//! in the state directory (`jobs.json`), so a restart keeps them. The
+//! status endpoint and the metrics read them.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use diskferry_sync_engine::Progress;
+use serde::{Deserialize, Serialize};
+
+/// Finished jobs kept.
+pub const KEEP: usize = 200;
+
+/// One job as the status endpoint shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub id: u64,
+    /// `push` (a protected disk's scheduled push) or `receive`.
+    pub kind: String,
+    /// The disk: a push's source, a receive's target path.
+    pub disk: String,
+    pub peer: String,
+    pub target: String,
+    pub started_unix_ns: i64,
+    pub ended_unix_ns: Option<i64>,
+    pub phase: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub result: Option<JobResult>,
+}
+
+/// How a job ended.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JobResult {
+    pub ok: bool,
+    pub generation: Option<String>,
+    pub consistency: Option<String>,
+    /// Block payload sent (push) or received (receive).
+    pub payload_bytes: u64,
+    /// Bytes written to the target disk (receive).
+    pub written_bytes: u64,
+    pub wire_bytes: u64,
+    pub code: Option<String>,
+    pub message: Option<String>,
+    pub hint: Option<String>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct Saved {
+    next_id: u64,
+    done: VecDeque<Job>,
+}
+
+struct Inner {
+    next_id: u64,
+    running: BTreeMap<u64, Arc<Running>>,
+    done: VecDeque<Job>,
+}
+
+/// A running job: its fixed fields, and progress updated without a lock.
+pub struct Running {
+    job: Mutex<Job>,
+    done: AtomicU64,
+    total: AtomicU64,
+}
+
+/// Every job of this agent.
+pub struct Jobs {
+    inner: Mutex<Inner>,
+    file: Option<PathBuf>,
+}
+
+impl Jobs {
+    /// The jobs kept in `state_root` (none if it has none, or they cannot be read).
+    pub fn load(state_root: Option<&Path>) -> Jobs {
+        let file = state_root.map(|r| r.join("jobs.json"));
+        let saved: Saved = file
+            .as_ref()
+            .and_then(|f| std::fs::read(f).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Jobs {
+            inner: Mutex::new(Inner { next_id: saved.next_id.max(1), running: BTreeMap::new(), done: saved.done }),
+            file,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a job.
+    pub fn start(&self, kind: &str, disk: &str, peer: &str, target: &str) -> Arc<Running> {
+        let mut i = self.lock();
+        let id = i.next_id;
+        i.next_id += 1;
+        let job = Job {
+            id,
+            kind: kind.into(),
+            disk: disk.into(),
+            peer: peer.into(),
+            target: target.into(),
+            started_unix_ns: crate::ids::now_unix_ns(),
+            ended_unix_ns: None,
+            phase: "starting".into(),
+            bytes_done: 0,
+            bytes_total: 0,
+            result: None,
+        };
+        let r = Arc::new(Running { job: Mutex::new(job), done: AtomicU64::new(0), total: AtomicU64::new(0) });
+        i.running.insert(id, r.clone());
+        r
+    }
+
+    /// Ends a running job with `result`, keeps it, and saves the kept ones.
+    pub fn finish(&self, running: &Running, result: JobResult) {
+        let mut job = running.snapshot();
+        job.ended_unix_ns = Some(crate::ids::now_unix_ns());
+        job.phase = if result.ok { "done".into() } else { "failed".into() };
+        job.result = Some(result);
+        let saved = {
+            let mut i = self.lock();
+            i.running.remove(&job.id);
+            i.done.push_front(job);
+            i.done.truncate(KEEP);
+            serde_json::to_vec(&Saved { next_id: i.next_id, done: i.done.clone() }).unwrap_or_default()
+        };
+        if let Some(f) = &self.file {
+            // Written whole and renamed: a crash leaves the old list or the new one.
+            let tmp = f.with_extension("tmp");
+            let _ = std::fs::write(&tmp, saved).and_then(|()| std::fs::rename(&tmp, f));
+        }
+    }
+
+    /// Running jobs first (newest first), then finished ones.
+    pub fn list(&self) -> Vec<Job> {
+        let i = self.lock();
+        let mut out: Vec<Job> = i.running.values().rev().map(|r| r.snapshot()).collect();
+        out.extend(i.done.iter().cloned());
+        out
+    }
+
+    pub fn get(&self, id: u64) -> Option<Job> {
+        self.list().into_iter().find(|j| j.id == id)
+    }
+}
+
+impl Running {
+    /// The job as it stands.
+    pub fn snapshot(&self) -> Job {
+        let mut j = self.job.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        j.bytes_done = self.done.load(Ordering::Relaxed);
+        j.bytes_total = self.total.load(Ordering::Relaxed);
+        j
+    }
+
+    pub fn id(&self) -> u64 {
+        self.job.lock().unwrap_or_else(|p| p.into_inner()).id
+    }
+}
+
+impl Progress for Running {
+    fn phase(&self, name: &'static str, total: u64) {
+        self.job.lock().unwrap_or_else(|p| p.into_inner()).phase = name.into();
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_are_kept_across_a_restart_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::load(Some(dir.path()));
+        for n in 0..(KEEP + 5) {
+            let r = jobs.start("push", "/d", "p", "t");
+            r.phase("pushing", 100);
+            r.advance(40);
+            assert_eq!(jobs.get(r.id()).unwrap().bytes_done, 40);
+            let ok = JobResult {
+                ok: n % 2 == 0,
+                generation: None,
+                consistency: None,
+                payload_bytes: n as u64,
+                written_bytes: 0,
+                wire_bytes: 0,
+                code: None,
+                message: None,
+                hint: None,
+            };
+            jobs.finish(&r, ok);
+        }
+        let again = Jobs::load(Some(dir.path()));
+        let list = again.list();
+        assert_eq!(list.len(), KEEP);
+        assert_eq!(list[0].result.as_ref().unwrap().payload_bytes, (KEEP + 4) as u64, "newest first");
+        assert!(again.start("push", "/d", "p", "t").id() > list[0].id, "ids are not reused");
+    }
+}

@@ -1,0 +1,334 @@
+//! Running the `[[protect]]` entries inside `serve`: one task per disk (or
+//! per replication group of entries), each pushing on its schedule, never
+//! two pushes of one disk at once. A failed push is retried after a
+//! capped exponential backoff with jitter (1 s, 2 s, 4 s … up to the
+//! schedule, at most 5 min); a cut push resumes where it stopped (the
+//! target keeps what it staged). Each push is a job; each disk's status
+//! holds its RPO: the age of the newest consistent point its peer committed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use diskferry_protocol::message::SyncMode;
+use diskferry_protocol::{BlockSize, Consistency, ErrorCode};
+use diskferry_sync_engine::changes::SpotCheck;
+use diskferry_sync_engine::Error;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::Protect;
+use crate::identity::Identity;
+use crate::jobs::{JobResult, Jobs};
+use crate::push::{self, PushOptions, PushReport};
+
+/// The longest wait between two tries of a failing disk.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// One protected disk's state, as status and metrics show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Protected {
+    pub disk: String,
+    pub peer: String,
+    pub target: String,
+    pub group: Option<String>,
+    pub every_seconds: f64,
+    pub rpo_target_seconds: f64,
+    /// The newest consistent point the peer committed, and when its data was read.
+    pub last_point: Option<String>,
+    pub last_point_unix_ns: Option<i64>,
+    pub last_consistency: Option<String>,
+    pub last_error: Option<String>,
+    pub failures_in_a_row: u32,
+    pub next_unix_ns: Option<i64>,
+    pub running: bool,
+}
+
+impl Protected {
+    /// The RPO now: the age of the newest consistent point (or of the
+    /// agent's start, if none yet).
+    pub fn rpo_seconds(&self, since_start_ns: i64) -> f64 {
+        let now = crate::ids::now_unix_ns();
+        let from = self.last_point_unix_ns.unwrap_or(since_start_ns);
+        (now - from).max(0) as f64 / 1e9
+    }
+
+    pub fn over_rpo(&self, since_start_ns: i64) -> bool {
+        self.rpo_seconds(since_start_ns) > self.rpo_target_seconds
+    }
+}
+
+/// Every protected disk's status, by disk.
+pub struct ProtectStatus {
+    pub started_unix_ns: i64,
+    disks: Mutex<BTreeMap<String, Protected>>,
+}
+
+impl ProtectStatus {
+    pub fn list(&self) -> Vec<Protected> {
+        self.disks.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    fn update(&self, disk: &str, f: impl FnOnce(&mut Protected)) {
+        if let Some(p) = self.disks.lock().unwrap_or_else(|p| p.into_inner()).get_mut(disk) {
+            f(p);
+        }
+    }
+}
+
+/// Starts a task per protected disk (per group of entries) on the current
+/// runtime; they stop at a safe point when `stop` turns true.
+pub fn spawn_all(
+    entries: &[Protect],
+    id: Arc<Identity>,
+    state_root: PathBuf,
+    jobs: Arc<Jobs>,
+    stop: watch::Receiver<bool>,
+) -> (Arc<ProtectStatus>, tokio::task::JoinSet<()>) {
+    let started = crate::ids::now_unix_ns();
+    let mut disks = BTreeMap::new();
+    for e in entries {
+        // The last consistent point a kept job records survives a restart.
+        let last = jobs.list().into_iter().find(|j| {
+            j.kind == "push"
+                && j.disk == e.disk()
+                && j.result.as_ref().is_some_and(|r| r.ok && r.consistency.as_deref() != Some("fuzzy"))
+        });
+        disks.insert(
+            e.disk(),
+            Protected {
+                disk: e.disk(),
+                peer: e.peer.clone(),
+                target: e.target.to_string(),
+                group: e.group.as_ref().map(|g| g.to_string()),
+                every_seconds: e.every.as_secs_f64(),
+                rpo_target_seconds: e.rpo.as_secs_f64(),
+                last_point: last.as_ref().and_then(|j| j.result.as_ref()?.generation.clone()),
+                last_point_unix_ns: last.as_ref().map(|j| j.started_unix_ns),
+                last_consistency: last.as_ref().and_then(|j| j.result.as_ref()?.consistency.clone()),
+                last_error: None,
+                failures_in_a_row: 0,
+                next_unix_ns: None,
+                running: false,
+            },
+        );
+    }
+    let status = Arc::new(ProtectStatus { started_unix_ns: started, disks: Mutex::new(disks) });
+    // Entries of one group go together; the others alone.
+    let mut units: Vec<Vec<Protect>> = Vec::new();
+    for e in entries {
+        match units.iter_mut().find(|u| e.group.is_some() && u[0].group == e.group) {
+            Some(u) => u.push(e.clone()),
+            None => units.push(vec![e.clone()]),
+        }
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for unit in units {
+        let ctx = Unit { entries: unit, id: id.clone(), state_root: state_root.clone(), jobs: jobs.clone() };
+        tasks.spawn(run_unit(ctx, status.clone(), stop.clone()));
+    }
+    (status, tasks)
+}
+
+struct Unit {
+    entries: Vec<Protect>,
+    id: Arc<Identity>,
+    state_root: PathBuf,
+    jobs: Arc<Jobs>,
+}
+
+async fn run_unit(u: Unit, status: Arc<ProtectStatus>, mut stop: watch::Receiver<bool>) {
+    let every = u.entries[0].every;
+    let mut failures: u32 = 0;
+    let mut next = tokio::time::Instant::now();
+    loop {
+        let wall_next = crate::ids::now_unix_ns() + next.saturating_duration_since(tokio::time::Instant::now()).as_nanos() as i64;
+        for e in &u.entries {
+            status.update(&e.disk(), |p| p.next_unix_ns = Some(wall_next));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let began = tokio::time::Instant::now();
+        let began_ns = crate::ids::now_unix_ns();
+        for e in &u.entries {
+            status.update(&e.disk(), |p| p.running = true);
+        }
+        // A push is not stopped halfway by a shutdown: it ends at its
+        // commit or at a failure, and the next start resumes it.
+        let results = push_unit(&u).await;
+        let mut all_ok = true;
+        for (e, r) in u.entries.iter().zip(&results) {
+            status.update(&e.disk(), |p| {
+                p.running = false;
+                match r {
+                    Ok(rep) if rep.consistency != Consistency::Fuzzy => {
+                        p.last_point = Some(rep.committed.generation.to_hex());
+                        p.last_point_unix_ns = Some(began_ns);
+                        p.last_consistency = Some(rep.consistency.as_str().to_string());
+                        p.last_error = None;
+                    }
+                    Ok(_) => p.last_error = None,
+                    Err(err) => p.last_error = Some(format!("error[{}]: {}", err.code, err.message)),
+                }
+            });
+            all_ok &= r.is_ok();
+        }
+        if all_ok {
+            failures = 0;
+            next = began + every;
+        } else {
+            failures = failures.saturating_add(1);
+            next = tokio::time::Instant::now() + backoff(failures, every);
+        }
+        for e in &u.entries {
+            status.update(&e.disk(), |p| p.failures_in_a_row = failures);
+        }
+    }
+}
+
+/// The wait before try `n + 1` after `n` failures in a row: 1 s doubling,
+/// capped at the schedule (and 5 min), ±20 % so that disks failing
+/// together do not retry together.
+pub fn backoff(failures: u32, every: Duration) -> Duration {
+    let base = Duration::from_secs(1u64 << failures.saturating_sub(1).min(16));
+    let cap = every.min(MAX_BACKOFF).max(Duration::from_secs(1));
+    let d = base.min(cap);
+    let jitter = 0.8 + 0.4 * rand::random::<f64>();
+    d.mul_f64(jitter)
+}
+
+/// One push of a unit (one disk, or a group's disks as one group point);
+/// each disk's result, each recorded as a job.
+async fn push_unit(u: &Unit) -> Vec<Result<PushReport, Error>> {
+    let running: Vec<_> =
+        u.entries.iter().map(|e| u.jobs.start("push", &e.disk(), &e.peer, e.target.as_str())).collect();
+    let opts: Result<Vec<PushOptions>, Error> = {
+        let mut all = Vec::new();
+        for e in &u.entries {
+            match options(e, &u.state_root).await {
+                Ok(o) => all.push(o),
+                Err(err) => {
+                    all.clear();
+                    for r in &running {
+                        u.jobs.finish(r, failed(&err));
+                    }
+                    return u.entries.iter().map(|_| Err(copy(&err))).collect();
+                }
+            }
+        }
+        Ok(all)
+    };
+    let opts = opts.unwrap_or_default();
+    let results: Vec<Result<PushReport, Error>> = match (&u.entries[0].group, opts.as_slice()) {
+        (None, [one]) => {
+            let progress: Arc<dyn diskferry_sync_engine::Progress + Send + Sync> = running[0].clone();
+            vec![push::push(&u.id, one.clone(), progress).await]
+        }
+        (Some(g), all) => match push::group::push_members_async(&u.id, g, all, &mut false).await {
+            Ok(reports) => reports.into_iter().map(Ok).collect(),
+            Err(e) => all.iter().map(|_| Err(copy(&e))).collect(),
+        },
+        (None, _) => Vec::new(),
+    };
+    for (r, res) in running.iter().zip(&results) {
+        match res {
+            Ok(rep) => u.jobs.finish(
+                r,
+                JobResult {
+                    ok: true,
+                    generation: Some(rep.committed.generation.to_hex()),
+                    consistency: Some(rep.consistency.as_str().to_string()),
+                    payload_bytes: rep.bytes_sent,
+                    written_bytes: 0,
+                    wire_bytes: rep.wire_bytes,
+                    code: None,
+                    message: None,
+                    hint: None,
+                },
+            ),
+            Err(e) => u.jobs.finish(r, failed(e)),
+        }
+    }
+    results
+}
+
+/// The same error again, for each disk of a group (the I/O source stays with the first).
+fn copy(e: &Error) -> Error {
+    Error { code: e.code, message: e.message.clone(), hint: e.hint.clone(), source: None }
+}
+
+fn failed(e: &Error) -> JobResult {
+    JobResult {
+        ok: false,
+        generation: None,
+        consistency: None,
+        payload_bytes: 0,
+        written_bytes: 0,
+        wire_bytes: 0,
+        code: Some(e.code.as_str().to_string()),
+        message: Some(e.message.clone()),
+        hint: e.hint.clone(),
+    }
+}
+
+/// The push options of an entry (the peer resolved now: it may move).
+async fn options(e: &Protect, state_root: &std::path::Path) -> Result<PushOptions, Error> {
+    let peer = tokio::net::lookup_host(&e.peer)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| Error::new(ErrorCode::Connection, format!("{} does not resolve", e.peer)))?;
+    let source = std::fs::canonicalize(&e.source).unwrap_or_else(|_| e.source.clone());
+    Ok(PushOptions {
+        source,
+        peer,
+        peer_fingerprint: e.peer_fingerprint.clone(),
+        target: e.target.clone(),
+        mode: SyncMode::Auto,
+        block_size: BlockSize::default(),
+        compress: e.compress,
+        force: false,
+        discard_target_changes: false,
+        snapshot: crate::snapshot::SnapshotOptions {
+            kind: e.snapshot,
+            cmd: None,
+            cleanup_cmd: None,
+            pre: e.pre_snapshot.clone(),
+            post: e.post_snapshot.clone(),
+            hook_timeout: Duration::from_secs(60),
+            keep: e.changes == crate::changes::Changes::ExtentMap,
+            pause_qmp: None,
+        },
+        promote: false,
+        fuzzy: false,
+        threads: None,
+        max_mtu: None,
+        state_root: Some(state_root.to_path_buf()),
+        format: e.format,
+        changes: e.changes.clone(),
+        qmp: None,
+        spot_check: SpotCheck::with_seed(rand::random()),
+        idle_timeout: crate::transport::DEFAULT_IDLE_TIMEOUT,
+        group: None,
+        cancel: None,
+        shared: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_schedule() {
+        let every = Duration::from_secs(30);
+        for (n, want) in [(1, 1.0), (2, 2.0), (3, 4.0), (5, 16.0), (6, 30.0), (40, 30.0)] {
+            let d = backoff(n, every).as_secs_f64();
+            assert!(d >= want * 0.8 - 1e-9 && d <= want * 1.2 + 1e-9, "{n}: {d} vs {want}");
+        }
+        assert!(backoff(30, Duration::from_secs(3600)) <= MAX_BACKOFF.mul_f64(1.2));
+    }
+}
