@@ -32,6 +32,10 @@ struct RawConfig {
     /// Disks this agent pushes on a schedule.
     #[serde(default)]
     protect: Vec<crate::protect::RawProtect>,
+    /// The status endpoint's address (off when unset).
+    status_listen: Option<String>,
+    /// The bearer token the status endpoint requires (any non-loopback address needs one).
+    status_token_file: Option<PathBuf>,
 }
 
 fn default_sessions() -> u32 {
@@ -94,6 +98,9 @@ pub struct Config {
     pub targets: BTreeMap<String, TargetConfig>,
     /// Disks pushed on a schedule by `serve`.
     pub protect: Vec<crate::protect::Protect>,
+    /// The status endpoint: its address, and its token file.
+    pub status_listen: Option<SocketAddr>,
+    pub status_token_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -151,6 +158,20 @@ impl Config {
             if !(1200..=65000).contains(&m) {
                 return Err(bad("max_mtu", format!("{m} is outside 1200..=65000")));
             }
+        }
+        let status_listen = match &raw.status_listen {
+            Some(a) => Some(
+                a.parse::<SocketAddr>()
+                    .map_err(|_| bad("status_listen", format!("{a:?} is not an address like 127.0.0.1:7480")))?,
+            ),
+            None => None,
+        };
+        if status_listen.is_some_and(|a| !a.ip().is_loopback()) && raw.status_token_file.is_none() {
+            return Err(bad(
+                "status_listen",
+                "an address other than loopback needs status_token_file (a bearer token every request must carry)"
+                    .into(),
+            ));
         }
         let mut peers = BTreeMap::new();
         let mut peer_names = BTreeSet::new();
@@ -210,6 +231,8 @@ impl Config {
             peers,
             targets,
             protect: crate::protect::parse(raw.protect, path)?,
+            status_listen,
+            status_token_file: raw.status_token_file,
         })
     }
 }

@@ -72,6 +72,8 @@ pub struct Running {
 pub struct Jobs {
     inner: Mutex<Inner>,
     file: Option<PathBuf>,
+    /// Counted as each job ends.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Jobs {
@@ -86,6 +88,7 @@ impl Jobs {
         Jobs {
             inner: Mutex::new(Inner { next_id: saved.next_id.max(1), running: BTreeMap::new(), done: saved.done }),
             file,
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 
@@ -122,6 +125,7 @@ impl Jobs {
         job.ended_unix_ns = Some(crate::ids::now_unix_ns());
         job.phase = if result.ok { "done".into() } else { "failed".into() };
         job.result = Some(result);
+        self.metrics.job_ended(&job);
         let saved = {
             let mut i = self.lock();
             i.running.remove(&job.id);
@@ -142,6 +146,11 @@ impl Jobs {
         let mut out: Vec<Job> = i.running.values().rev().map(|r| r.snapshot()).collect();
         out.extend(i.done.iter().cloned());
         out
+    }
+
+    /// Jobs running now.
+    pub fn running(&self) -> usize {
+        self.lock().running.len()
     }
 
     pub fn get(&self, id: u64) -> Option<Job> {

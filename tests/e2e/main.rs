@@ -31,6 +31,7 @@ mod nbd;
 mod net;
 mod plan;
 mod points;
+mod protect;
 mod qmp;
 mod restart;
 mod snapshot;

@@ -13,7 +13,7 @@ use diskferry_protocol::{ErrorCode, TargetName};
 use diskferry_sync_engine::Error;
 use serde::Deserialize;
 
-pub use schedule::{spawn_all, Protected, ProtectStatus};
+pub use schedule::{spawn_all, ProtectStatus, Protected};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,7 +78,8 @@ pub fn parse(raw: Vec<RawProtect>, at: &std::path::Path) -> Result<Vec<Protect>,
             Error::new(ErrorCode::Config, format!("config {}: protect[{i}].{key}: {what}", at.display()))
                 .hint("fix the config file and start again")
         };
-        let every = parse_span(&r.every).ok_or_else(|| bad("every", format!("{:?} is not a span like 30s, 5m, 2h", r.every)))?;
+        let every = parse_span(&r.every)
+            .ok_or_else(|| bad("every", format!("{:?} is not a span like 30s, 5m, 2h", r.every)))?;
         let rpo = match &r.rpo {
             Some(s) => parse_span(s).ok_or_else(|| bad("rpo", format!("{s:?} is not a span like 30s, 5m, 2h")))?,
             None => every,

@@ -143,7 +143,8 @@ async fn run_unit(u: Unit, status: Arc<ProtectStatus>, mut stop: watch::Receiver
     let mut failures: u32 = 0;
     let mut next = tokio::time::Instant::now();
     loop {
-        let wall_next = crate::ids::now_unix_ns() + next.saturating_duration_since(tokio::time::Instant::now()).as_nanos() as i64;
+        let wall_next =
+            crate::ids::now_unix_ns() + next.saturating_duration_since(tokio::time::Instant::now()).as_nanos() as i64;
         for e in &u.entries {
             status.update(&e.disk(), |p| p.next_unix_ns = Some(wall_next));
         }

@@ -5,6 +5,7 @@
 pub mod budget;
 mod connection;
 mod group;
+mod job;
 mod session;
 pub mod targets;
 mod worker;
@@ -138,6 +139,8 @@ pub struct Server {
     shutdown_tx: watch::Sender<bool>,
     /// This agent's identity, for the pushes of its protected disks.
     identity: Arc<Identity>,
+    /// The status endpoint's socket, bound at start, and its token.
+    status: Option<(std::net::TcpListener, Option<String>)>,
 }
 
 impl Server {
@@ -174,7 +177,17 @@ impl Server {
             jobs,
         });
         let identity = Arc::new(Identity { cert: identity.cert.clone(), key: identity.key.clone_key() });
-        Ok(Server { endpoint, ctx, shutdown_tx, identity })
+        let status = match ctx.config.status_listen {
+            Some(addr) => {
+                let token = match &ctx.config.status_token_file {
+                    Some(f) => Some(crate::status::read_token(f)?),
+                    None => None,
+                };
+                Some((crate::status::bind(addr)?, token))
+            }
+            None => None,
+        };
+        Ok(Server { endpoint, ctx, shutdown_tx, identity, status })
     }
 
     /// The bound address.
@@ -185,13 +198,19 @@ impl Server {
     /// Serves until `stop` resolves, then lets sessions reach a safe point.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         let mut tasks = tokio::task::JoinSet::new();
-        let (_protected, mut protecting) = crate::protect::spawn_all(
+        let (protected, mut protecting) = crate::protect::spawn_all(
             &self.ctx.config.protect,
             self.identity.clone(),
             self.ctx.state_root.clone(),
             self.ctx.jobs.clone(),
             self.ctx.shutdown.clone(),
         );
+        if let Some((listener, token)) = self.status {
+            let c = &self.ctx;
+            let targets = c.config.targets.iter().map(|(n, t)| (n.clone(), t.path.clone())).collect();
+            let st = crate::status::Status::new(c.jobs.clone(), protected, targets, c.state_root.clone(), token);
+            tasks.spawn(crate::status::serve(listener, Arc::new(st), c.shutdown.clone()));
+        }
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -209,9 +228,8 @@ impl Server {
         while tasks.join_next().await.is_some() {}
         // A scheduled push in flight is cut after a moment: its target keeps
         // what it staged, and the next start resumes it.
-        let drained = tokio::time::timeout(Duration::from_secs(5), async {
-            while protecting.join_next().await.is_some() {}
-        });
+        let drained =
+            tokio::time::timeout(Duration::from_secs(5), async { while protecting.join_next().await.is_some() {} });
         if drained.await.is_err() {
             protecting.abort_all();
             while protecting.join_next().await.is_some() {}

@@ -26,6 +26,8 @@ struct Staging {
     /// A full copy's sink, and the queue of its writer thread.
     sink: Option<(DirectSink, crossbeam_channel::Sender<Queued>)>,
     cmds: crossbeam_channel::Sender<Cmd>,
+    /// The session's job: block payload is counted into it.
+    job: Option<Arc<crate::jobs::Running>>,
 }
 
 /// Messages to the session loop from its helpers.
@@ -61,6 +63,7 @@ pub async fn run(
         target: String::new(),
         admission: None,
         group: None,
+        job: None,
     };
     let (notes_tx, mut notes_rx) = mpsc::unbounded_channel::<Note>();
     s.notes_tx = Some(notes_tx.clone());
@@ -154,6 +157,8 @@ struct Session {
     admission: Option<Arc<OwnedSemaphorePermit>>,
     /// The group push this session is a member of.
     group: Option<(Arc<super::group::Run>, Arc<super::group::Groups>)>,
+    /// This session as one of the agent's jobs, once its target is granted.
+    job: Option<super::job::ReceiveJob>,
 }
 
 impl Session {
@@ -168,6 +173,9 @@ impl Session {
             Note::Reply(Reply::Resolved { region, wants }) => self.rs.handle_resolved(region, wants),
             Note::Reply(Reply::Committed(c)) => {
                 tracing::info!(target = %self.target, peer = %self.peer, generation = %c.generation, "committed");
+                if let Some(j) = &mut self.job {
+                    j.committed(&c);
+                }
                 self.rs.handle_committed(c);
             }
             Note::Reply(Reply::Failed(e)) => self.rs.abort(e.code, with_hint(&e)),
@@ -196,10 +204,16 @@ impl Session {
                 }
                 ReceiverEvent::Commit { consistency } => {
                     tracing::debug!("commit starts");
+                    if let Some(j) = &mut self.job {
+                        j.committing(consistency);
+                    }
                     self.cmd(Cmd::Commit { consistency })
                 }
                 ReceiverEvent::Failed { code, message } => {
                     tracing::warn!(peer = %self.peer, target = %self.target, "session failed: error[{code}]: {message}");
+                    if let Some(j) = &mut self.job {
+                        j.failed(code, &message);
+                    }
                 }
             }
         }
@@ -260,6 +274,7 @@ impl Session {
             Err(e) => return self.rs.reject(e.code, with_hint(&e)),
         };
         self.registration = Some(registration);
+        self.job = Some(super::job::ReceiveJob::start(&self.ctx.jobs, &tc.path, &self.peer, &name, o.disk_bytes));
         let group = match &o.group {
             Some(tag) => match self.ctx.groups.join(&self.ctx.state_root, &self.peer, tag, &name, &tc.path) {
                 Ok(run) => {
@@ -398,7 +413,13 @@ impl Session {
             }
             None => None,
         };
-        let _ = self.staging_tx.send(Some(Staging { geometry: opened.geometry, old: opened.old, sink, cmds: cmd_tx }));
+        let _ = self.staging_tx.send(Some(Staging {
+            geometry: opened.geometry,
+            old: opened.old,
+            sink,
+            cmds: cmd_tx,
+            job: self.job.as_ref().map(|j| j.progress()),
+        }));
         self.rs.accept(opened.accept, opened.geometry);
     }
 
@@ -425,7 +446,9 @@ impl Session {
             self.ctx.registry.release(&self.target, r).await;
         }
         self.admission = None;
-        let _ = &self.conn;
+        if let Some(j) = self.job.take() {
+            j.end();
+        }
     }
 }
 
@@ -505,7 +528,12 @@ async fn data_stream(
         // however many sessions run; unread bytes wait in QUIC's window.
         let permit = match reader.peek(BLOCK_HEAD).await {
             Ok(Some((len, head))) => match ctx.budget.frame(frame_bytes(len, &head)).await {
-                Some(p) => p,
+                Some(p) => {
+                    if let Some(j) = &st.job {
+                        diskferry_sync_engine::Progress::advance(j.as_ref(), u64::from(len));
+                    }
+                    p
+                }
                 None => return,
             },
             Ok(None) => return,

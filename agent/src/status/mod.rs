@@ -1,0 +1,178 @@
+//! The agent's status endpoint (`status_listen`, off unless set): a jobs
+//! page for people (`/`), JSON for tools (`/api/jobs`, `/api/jobs/ID`,
+//! `/api/targets`, `/api/protect`) and Prometheus metrics (`/metrics`),
+//! documented in `docs/status.md`. With `status_token_file` every request
+//! must carry `Authorization: Bearer TOKEN`; one without gets 401 and no
+//! body. Any address other than loopback requires the token (the config
+//! refuses it otherwise).
+
+mod page;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use diskferry_protocol::ErrorCode;
+use diskferry_sync_engine::apply::catalog::read_catalog;
+use diskferry_sync_engine::apply::Target;
+use diskferry_sync_engine::Error;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::jobs::Jobs;
+use crate::protect::ProtectStatus;
+
+/// What the endpoint reads.
+pub struct Status {
+    pub jobs: Arc<Jobs>,
+    pub protect: Arc<ProtectStatus>,
+    /// The served targets: name and path.
+    pub targets: Vec<(String, PathBuf)>,
+    pub state_root: PathBuf,
+    token: Option<String>,
+}
+
+/// The bearer token in `file` (its first line, at least 16 characters).
+pub fn read_token(file: &std::path::Path) -> Result<String, Error> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Error::new(ErrorCode::Config, format!("status_token_file {}: {e}", file.display()))
+            .hint("create it with the token on its first line, readable only by the agent (0600)")
+    })?;
+    let t = text.lines().next().unwrap_or_default().trim().to_string();
+    if t.len() < 16 {
+        return Err(Error::new(
+            ErrorCode::Config,
+            format!("status_token_file {}: the token is shorter than 16 characters", file.display()),
+        )
+        .hint("put a long random token in it (e.g. `openssl rand -hex 32`)"));
+    }
+    Ok(t)
+}
+
+impl Status {
+    pub fn new(
+        jobs: Arc<Jobs>,
+        protect: Arc<ProtectStatus>,
+        targets: Vec<(String, PathBuf)>,
+        state_root: PathBuf,
+        token: Option<String>,
+    ) -> Status {
+        Status { jobs, protect, targets, state_root, token }
+    }
+
+    fn protect_json(&self) -> Vec<Value> {
+        let start = self.protect.started_unix_ns;
+        self.protect
+            .list()
+            .into_iter()
+            .map(|p| {
+                let rpo = p.rpo_seconds(start);
+                let over = p.over_rpo(start);
+                let mut v = serde_json::to_value(&p).unwrap_or_default();
+                v["rpo_seconds"] = json!((rpo * 1000.0).round() / 1000.0);
+                v["over_rpo"] = json!(over);
+                v
+            })
+            .collect()
+    }
+
+    fn targets_json(&self) -> Vec<Value> {
+        self.targets
+            .iter()
+            .map(|(name, path)| {
+                // Read without the target's lock: the catalog is replaced whole.
+                let c = read_catalog(&diskferry_sync_engine::store::RealFs, &Target::state_dir(&self.state_root, path))
+                    .ok()
+                    .flatten();
+                let newest = c.as_ref().and_then(|c| c.points.first());
+                json!({
+                    "name": name,
+                    "path": path,
+                    "role": c.as_ref().map(|c| c.role.as_str()),
+                    "points": c.as_ref().map_or(0, |c| c.points.len()),
+                    "generation": newest.map(|p| p.generation.to_hex()),
+                    "point_time": newest.map(|p| crate::units::format_time(p.created_unix_ns)),
+                    "consistency": newest.map(|p| p.consistency.as_str()),
+                })
+            })
+            .collect()
+    }
+
+    fn metrics(&self) -> String {
+        let start = self.protect.started_unix_ns;
+        let rpo: Vec<(String, f64)> =
+            self.protect.list().iter().map(|p| (p.disk.clone(), p.rpo_seconds(start))).collect();
+        self.jobs.metrics.encode(self.jobs.running(), &rpo)
+    }
+}
+
+/// Binds `addr` now (a taken port fails the agent's start), and serves
+/// until `stop` turns true.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
+    let l = std::net::TcpListener::bind(addr).map_err(|e| {
+        Error::new(ErrorCode::InvalidInput, format!("cannot listen on status_listen {addr}: {e}"))
+            .hint("is another agent using that address? give each agent its own status_listen")
+    })?;
+    l.set_nonblocking(true).map_err(|e| Error::new(ErrorCode::Internal, format!("status socket: {e}")))?;
+    Ok(l)
+}
+
+pub async fn serve(listener: std::net::TcpListener, status: Arc<Status>, mut stop: watch::Receiver<bool>) {
+    let app = Router::new()
+        .route("/", get(page_handler))
+        .route("/api/jobs", get(|State(s): State<Arc<Status>>| async move { Json(s.jobs.list()) }))
+        .route("/api/jobs/{id}", get(job_handler))
+        .route("/api/targets", get(|State(s): State<Arc<Status>>| async move { Json(s.targets_json()) }))
+        .route("/api/protect", get(|State(s): State<Arc<Status>>| async move { Json(s.protect_json()) }))
+        .route("/metrics", get(metrics_handler))
+        .layer(middleware::from_fn_with_state(status.clone(), require_token))
+        .with_state(status);
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!("status endpoint: {e}"),
+    };
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        tracing::error!("status endpoint: {e}");
+    }
+}
+
+async fn require_token(State(s): State<Arc<Status>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.token {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let ok = given.and_then(|g| g.strip_prefix("Bearer ")).is_some_and(|g| constant_time_eq(g, token));
+        if !ok {
+            return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")]).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without stopping at the first difference (no timing oracle).
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn job_handler(State(s): State<Arc<Status>>, Path(id): Path<String>) -> Response {
+    match id.parse::<u64>().ok().and_then(|id| s.jobs.get(id)) {
+        Some(j) => Json(j).into_response(),
+        None => (StatusCode::NOT_FOUND, Json(json!({ "code": "E_NOT_FOUND", "message": format!("no job {id}") })))
+            .into_response(),
+    }
+}
+
+async fn metrics_handler(State(s): State<Arc<Status>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics()).into_response()
+}
+
+async fn page_handler(State(s): State<Arc<Status>>) -> Html<String> {
+    Html(page::render(&s.jobs.list(), &s.protect_json()))
+}
