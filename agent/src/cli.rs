@@ -177,6 +177,10 @@ pub struct PushOpts {
     /// Largest UDP payload to discover (default: 65000 on loopback, 1452 elsewhere).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1200..=65000))]
     pub max_mtu: Option<u16>,
+    /// Limit the block payload to RATE bytes a second, paced evenly (binary suffixes: 50M is
+    /// 50 MiB/s).
+    #[arg(long, value_name = "RATE", value_parser = rate)]
+    pub bwlimit: Option<u64>,
     /// This host's serve config: its state_dir is used (the agent's one state directory).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -451,6 +455,10 @@ pub struct FailoverSyncArgs {
     /// Seconds the quiesce command may take (a guest shutdown) before it is killed.
     #[arg(long, value_name = "SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub quiesce_timeout: u64,
+}
+
+fn rate(s: &str) -> Result<u64, String> {
+    crate::pace::parse_rate(s).ok_or_else(|| format!("{s:?} is not a rate (e.g. 50M for 50 MiB/s)"))
 }
 
 fn size(s: &str) -> Result<u64, String> {

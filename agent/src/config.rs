@@ -34,6 +34,8 @@ struct RawConfig {
     protect: Vec<crate::protect::RawProtect>,
     /// The status endpoint's address (off when unset).
     status_listen: Option<String>,
+    /// The block payload rate every push of the daemon shares.
+    bandwidth_limit: Option<String>,
     /// The bearer token the status endpoint requires (any non-loopback address needs one).
     status_token_file: Option<PathBuf>,
 }
@@ -101,6 +103,8 @@ pub struct Config {
     /// The status endpoint: its address, and its token file.
     pub status_listen: Option<SocketAddr>,
     pub status_token_file: Option<PathBuf>,
+    /// The block payload rate (bytes a second) the daemon's pushes share.
+    pub bandwidth_limit: Option<u64>,
 }
 
 impl Config {
@@ -233,6 +237,13 @@ impl Config {
             protect: crate::protect::parse(raw.protect, path)?,
             status_listen,
             status_token_file: raw.status_token_file,
+            bandwidth_limit: match &raw.bandwidth_limit {
+                Some(b) => Some(
+                    crate::pace::parse_rate(b)
+                        .ok_or_else(|| bad("bandwidth_limit", format!("{b:?} is not a rate like 50M (50 MiB/s)")))?,
+                ),
+                None => None,
+            },
         })
     }
 }

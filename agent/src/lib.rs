@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod nbd;
 pub mod output;
+pub mod pace;
 pub mod plan;
 pub mod progress;
 pub mod protect;

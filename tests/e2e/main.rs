@@ -11,6 +11,7 @@ mod util;
 
 mod agents;
 mod blockdev;
+mod bwlimit;
 mod changes;
 mod cli;
 mod corrupt;

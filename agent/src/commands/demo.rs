@@ -94,6 +94,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             group: None,
             cancel: None,
             shared: None,
+            pace: Vec::new(),
             format: Default::default(),
             spot_check: diskferry_sync_engine::changes::SpotCheck::with_seed(1),
         };

@@ -144,6 +144,7 @@ pub fn push_options(
         group: None,
         cancel: None,
         shared: None,
+        pace: a.bwlimit.map(|r| std::sync::Arc::new(crate::pace::Pacer::new(r))).into_iter().collect(),
     };
     Ok(opts)
 }

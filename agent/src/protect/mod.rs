@@ -31,6 +31,7 @@ pub struct RawProtect {
     format: Option<String>,
     compress: Option<String>,
     group: Option<String>,
+    bandwidth_limit: Option<String>,
 }
 
 /// A checked `[[protect]]` entry.
@@ -53,6 +54,8 @@ pub struct Protect {
     pub compress: Option<i32>,
     /// Entries with one group name are pushed together as a replication group.
     pub group: Option<TargetName>,
+    /// This disk's block payload rate, bytes a second.
+    pub bandwidth_limit: Option<u64>,
 }
 
 impl Protect {
@@ -123,6 +126,13 @@ pub fn parse(raw: Vec<RawProtect>, at: &std::path::Path) -> Result<Vec<Protect>,
             Some(g) => Some(TargetName::new(g).map_err(|e| bad("group", e.to_string()))?),
             None => None,
         };
+        let bandwidth_limit = match &r.bandwidth_limit {
+            Some(b) => Some(
+                crate::pace::parse_rate(b)
+                    .ok_or_else(|| bad("bandwidth_limit", format!("{b:?} is not a rate like 50M (50 MiB/s)")))?,
+            ),
+            None => None,
+        };
         let p = Protect {
             source: PathBuf::from(&r.source),
             peer: r.peer,
@@ -137,6 +147,7 @@ pub fn parse(raw: Vec<RawProtect>, at: &std::path::Path) -> Result<Vec<Protect>,
             format,
             compress,
             group,
+            bandwidth_limit,
         };
         if out.iter().any(|q| q.source == p.source && q.peer == p.peer) {
             return Err(bad("source", format!("{} is protected to {} twice", r.source, p.peer)));
@@ -196,5 +207,7 @@ mod tests {
             assert!(e.message.contains(&format!("protect[0].{key}")), "{key}: {}", e.message);
         }
         assert!(raw("every = \"30s\"\nbandwidth = 1").unwrap_err().message.contains("bandwidth"));
+        assert_eq!(raw("every = \"30s\"\nbandwidth_limit = \"2M\"").unwrap()[0].bandwidth_limit, Some(2 << 20));
+        assert!(raw("every = \"30s\"\nbandwidth_limit = \"lots\"").is_err());
     }
 }

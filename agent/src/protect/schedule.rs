@@ -84,8 +84,11 @@ pub fn spawn_all(
     id: Arc<Identity>,
     state_root: PathBuf,
     jobs: Arc<Jobs>,
+    daemon_limit: Option<u64>,
     stop: watch::Receiver<bool>,
 ) -> (Arc<ProtectStatus>, tokio::task::JoinSet<()>) {
+    // One limit every push of the daemon shares, first come, first served.
+    let daemon_pace = daemon_limit.map(|r| Arc::new(crate::pace::Pacer::new(r)));
     let started = crate::ids::now_unix_ns();
     let mut disks = BTreeMap::new();
     for e in entries {
@@ -125,7 +128,12 @@ pub fn spawn_all(
     }
     let mut tasks = tokio::task::JoinSet::new();
     for unit in units {
-        let ctx = Unit { entries: unit, id: id.clone(), state_root: state_root.clone(), jobs: jobs.clone() };
+        let pace = unit
+            .iter()
+            .map(|e| e.bandwidth_limit.map(|r| Arc::new(crate::pace::Pacer::new(r))))
+            .map(|own| own.into_iter().chain(daemon_pace.clone()).collect())
+            .collect();
+        let ctx = Unit { entries: unit, id: id.clone(), state_root: state_root.clone(), jobs: jobs.clone(), pace };
         tasks.spawn(run_unit(ctx, status.clone(), stop.clone()));
     }
     (status, tasks)
@@ -136,6 +144,8 @@ struct Unit {
     id: Arc<Identity>,
     state_root: PathBuf,
     jobs: Arc<Jobs>,
+    /// Each entry's pacers: its own limit, then the daemon's.
+    pace: Vec<Vec<Arc<crate::pace::Pacer>>>,
 }
 
 async fn run_unit(u: Unit, status: Arc<ProtectStatus>, mut stop: watch::Receiver<bool>) {
@@ -208,9 +218,9 @@ async fn push_unit(u: &Unit) -> Vec<Result<PushReport, Error>> {
         u.entries.iter().map(|e| u.jobs.start("push", &e.disk(), &e.peer, e.target.as_str())).collect();
     let opts: Result<Vec<PushOptions>, Error> = {
         let mut all = Vec::new();
-        for e in &u.entries {
+        for (e, pace) in u.entries.iter().zip(&u.pace) {
             match options(e, &u.state_root).await {
-                Ok(o) => all.push(o),
+                Ok(o) => all.push(PushOptions { pace: pace.clone(), ..o }),
                 Err(err) => {
                     all.clear();
                     for r in &running {
@@ -316,6 +326,7 @@ async fn options(e: &Protect, state_root: &std::path::Path) -> Result<PushOption
         group: None,
         cancel: None,
         shared: None,
+        pace: Vec::new(),
     })
 }
 

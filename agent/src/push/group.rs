@@ -83,6 +83,8 @@ pub async fn push_members_async(
                 group: Some(tag.clone()),
                 cancel: Some(cancel_rx.clone()),
                 shared: Some(conn.clone()),
+                // One limit for the group, as for its one connection.
+                pace: first.pace.clone(),
                 ..o
             };
             set.spawn(async move {

@@ -71,6 +71,8 @@ pub struct PushOptions {
     /// The group push's one connection, which this member's session
     /// shares with the others' (none: a connection of its own).
     pub shared: Option<quinn::Connection>,
+    /// Bandwidth limits the block payload is paced to (this push's, a daemon's).
+    pub pace: Vec<std::sync::Arc<crate::pace::Pacer>>,
 }
 
 /// What a push did.

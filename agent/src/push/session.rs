@@ -58,11 +58,16 @@ pub(super) async fn run(
         let (tx, mut rx) = mpsc::channel::<WireFrame>(64);
         data_tx.push(tx);
         let preamble = preamble.clone();
+        let pace = opts.pace.clone();
         writers.push(tokio::spawn(async move {
             if let Some(p) = preamble {
                 stream.write_chunk(p).await?;
             }
             while let Some(f) = rx.recv().await {
+                let len = f.head.len() + f.tail.as_ref().map_or(0, |t| t.len());
+                for p in &pace {
+                    p.take(len).await;
+                }
                 stream.write_chunk(f.head).await?;
                 if let Some(tail) = f.tail {
                     stream.write_chunk(tail).await?;

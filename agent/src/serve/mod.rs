@@ -203,6 +203,7 @@ impl Server {
             self.identity.clone(),
             self.ctx.state_root.clone(),
             self.ctx.jobs.clone(),
+            self.ctx.config.bandwidth_limit,
             self.ctx.shutdown.clone(),
         );
         if let Some((listener, token)) = self.status {

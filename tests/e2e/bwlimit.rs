@@ -1,0 +1,98 @@
+//! Bandwidth limits: a push at `--bwlimit` takes its payload over the
+//! limit, ±10 %; two pushes sharing a daemon's `bandwidth_limit` get
+//! shares within ±15 % of each other.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::agents::{free_udp_port, pair, push_to, Agent, Identity, TargetSpec};
+use crate::util::*;
+
+const RATE: u64 = 2 << 20;
+
+#[test]
+fn a_push_takes_its_payload_over_the_limit() {
+    let mut rng = rng("bwlimit-push");
+    let p = pair("bwlimit-push", 1, "");
+    let src = p.dir.join("src.img");
+    // Random data: nothing compresses, the payload is the disk.
+    make_disk(&src, 17 * MIB, 1.0, &mut rng);
+    let r = push_to(&src, &p.source, &p.agent, "t0", &["--bwlimit", "2M"]).ok_json();
+    let expected = uint(&r, "bytes_sent") as f64 / RATE as f64;
+    let took = r["seconds"].as_f64().unwrap();
+    eprintln!("bwlimit 2M: {took:.2} s for {expected:.2} s of payload ({:+.1} %)", (took / expected - 1.0) * 100.0);
+    assert!(expected >= 8.0, "at least 8 s of payload: {r}");
+    assert!((took / expected - 1.0).abs() <= 0.10, "{took:.2} s for {expected:.2} s of payload at 2 MiB/s: {r}");
+    assert_same(&src, &p.dir.join("t0.img"));
+}
+
+#[test]
+fn two_pushes_share_a_daemons_limit_evenly() {
+    let mut rng = rng("bwlimit-share");
+    let tmp = tempdir("bwlimit-share");
+    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let id_a = Identity::init(&dir_a, "state");
+    let specs: Vec<TargetSpec<'_>> = ["d1", "d2"]
+        .iter()
+        .map(|n| TargetSpec { name: n, path: dir_b.join(format!("{n}.replica")), allowed: &["a"] })
+        .collect();
+    let b = Agent::start(&dir_b, &[("a", &id_a.fingerprint)], &specs, "");
+    let status = free_udp_port();
+    let mut extra = format!("status_listen = \"127.0.0.1:{status}\"\nbandwidth_limit = \"4M\"\n");
+    for n in ["d1", "d2"] {
+        let disk = dir_a.join(format!("{n}.img"));
+        make_disk(&disk, 17 * MIB, 1.0, &mut rng);
+        extra += &format!(
+            "[[protect]]\nsource = \"{}\"\npeer = \"{}\"\npeer_fingerprint = \"{}\"\ntarget = \"{n}\"\nevery = \"1h\"\n",
+            disk.display(),
+            b.addr,
+            b.id.fingerprint
+        );
+    }
+    let _a = Agent::start_as(id_a, &dir_a, &[], &[], &extra);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let jobs = http_json(status, "/api/jobs");
+        let finished: Vec<Value> =
+            jobs.as_array().unwrap().iter().filter(|j| j["result"].is_object()).cloned().collect();
+        if finished.len() >= 2 {
+            break finished;
+        }
+        assert!(Instant::now() < deadline, "the two pushes did not end: {jobs}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let rates: Vec<f64> = done
+        .iter()
+        .map(|j| {
+            assert_eq!(j["result"]["ok"], true, "{j}");
+            let secs = (j["ended_unix_ns"].as_i64().unwrap() - j["started_unix_ns"].as_i64().unwrap()) as f64 / 1e9;
+            j["result"]["payload_bytes"].as_u64().unwrap() as f64 / secs
+        })
+        .collect();
+    let (x, y) = (rates[0], rates[1]);
+    eprintln!(
+        "daemon limit 4M: shares {:.2} and {:.2} MiB/s ({:+.1} %)",
+        x / MIB as f64,
+        y / MIB as f64,
+        (x / y - 1.0) * 100.0
+    );
+    assert!((x / y - 1.0).abs() <= 0.15, "shares {x:.0} and {y:.0} B/s");
+    assert!(x + y <= 4.0 * MIB as f64 * 1.1, "together {:.0} B/s over the 4 MiB/s limit", x + y);
+}
+
+fn http_json(port: u16, path: &str) -> Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let body = match out.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        true => body.split_once("\r\n").map(|(_, b)| b.rsplit_once("\r\n0\r\n").map_or(b, |x| x.0)).unwrap_or_default(),
+        false => body,
+    };
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {out}"))
+}
