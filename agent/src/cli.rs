@@ -258,6 +258,10 @@ pub struct Common {
     /// Print one compact JSON object as the last line of stdout.
     #[arg(long, global = true)]
     pub json: bool,
+    /// How long commands show progress on stderr: auto (a bar on a terminal), bar, json (one
+    /// object per phase change and about once a second), none.
+    #[arg(long, value_enum, global = true, default_value = "auto")]
+    pub progress: crate::progress::ProgressMode,
 }
 
 #[derive(Args, Debug)]
@@ -504,24 +508,29 @@ pub struct DemoArgs {
 
 impl Command {
     pub fn json(&self) -> bool {
+        self.common().json
+    }
+
+    /// The options every command has.
+    pub fn common(&self) -> &Common {
         match self {
-            Command::Hash(a) => a.common.json,
-            Command::Sync(a) => a.common.json,
-            Command::Verify(a) => a.common.json,
-            Command::Points(a) => a.common.json,
-            Command::Export(a) => a.common.json,
-            Command::Abort(a) => a.common.json,
-            Command::Failover(a) => a.common.json,
-            Command::Commit(a) | Command::Demote(a) => a.common.json,
-            Command::TestFailover(a) => a.common.json,
-            Command::FailoverSync(a) => a.opts.common.json,
-            Command::Demo(a) => a.common.json,
-            Command::Init(a) | Command::Id(a) => a.common.json,
-            Command::Serve(a) => a.common.json,
-            Command::Push(a) => a.opts.common.json,
-            Command::PushGroup(a) => a.opts.common.json,
-            Command::Plan(PlanCommand::Run(a)) => a.common.json,
-            Command::Plan(PlanCommand::Cleanup(a)) => a.common.json,
+            Command::Hash(a) => &a.common,
+            Command::Sync(a) => &a.common,
+            Command::Verify(a) => &a.common,
+            Command::Points(a) => &a.common,
+            Command::Export(a) => &a.common,
+            Command::Abort(a) => &a.common,
+            Command::Failover(a) => &a.common,
+            Command::Commit(a) | Command::Demote(a) => &a.common,
+            Command::TestFailover(a) => &a.common,
+            Command::FailoverSync(a) => &a.opts.common,
+            Command::Demo(a) => &a.common,
+            Command::Init(a) | Command::Id(a) => &a.common,
+            Command::Serve(a) => &a.common,
+            Command::Push(a) => &a.opts.common,
+            Command::PushGroup(a) => &a.opts.common,
+            Command::Plan(PlanCommand::Run(a)) => &a.common,
+            Command::Plan(PlanCommand::Cleanup(a)) => &a.common,
         }
     }
 }
@@ -556,9 +565,6 @@ pub struct PlanRunArgs {
     pub point: crate::plan::PointChoice,
     #[command(flatten)]
     pub site: PlanSiteArgs,
-    /// How each step is told on stderr as it happens: human lines, or JSON lines.
-    #[arg(long, value_enum, default_value = "human")]
-    pub progress: crate::plan::ProgressFormat,
     /// Start over: ignore what an earlier run of the plan that failed got done (by default a
     /// rerun skips the VMs it failed over and started).
     #[arg(long)]
@@ -585,9 +591,6 @@ pub struct PlanCleanupArgs {
     pub plan: PathBuf,
     #[command(flatten)]
     pub site: PlanSiteArgs,
-    /// How each step is told on stderr: human lines, or JSON lines.
-    #[arg(long, value_enum, default_value = "human")]
-    pub progress: crate::plan::ProgressFormat,
     #[command(flatten)]
     pub common: Common,
 }

@@ -66,6 +66,7 @@ pub fn run() -> i32 {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
     let json = cli.command.json();
+    progress::set_mode(cli.command.common().progress);
     match commands::run(cli.command) {
         Ok(()) => 0,
         Err(e) => Failure::from_error(&e).report(json),

@@ -17,8 +17,22 @@ fn a_push_takes_its_payload_over_the_limit() {
     let p = pair("bwlimit-push", 1, "");
     let src = p.dir.join("src.img");
     // Random data: nothing compresses, the payload is the disk.
-    make_disk(&src, 17 * MIB, 1.0, &mut rng);
-    let r = push_to(&src, &p.source, &p.agent, "t0", &["--bwlimit", "2M"]).ok_json();
+    make_disk(&src, 20 * MIB, 1.0, &mut rng);
+    let out = push_to(&src, &p.source, &p.agent, "t0", &["--bwlimit", "2M", "--progress", "json"]);
+    // `--progress json`: one object per phase change and about once a second.
+    let lines: Vec<Value> = out
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 7, "{} progress lines in 8 s: {}", lines.len(), out.stderr);
+    for l in &lines {
+        for k in ["phase", "bytes_done", "bytes_total", "rate", "eta_seconds"] {
+            assert!(l.get(k).is_some(), "{k} missing: {l}");
+        }
+    }
+    assert!(lines.iter().any(|l| l["phase"] == "pushing" && l["bytes_done"].as_u64() > Some(0)), "{}", out.stderr);
+    let r = out.ok_json();
     let expected = uint(&r, "bytes_sent") as f64 / RATE as f64;
     let took = r["seconds"].as_f64().unwrap();
     eprintln!("bwlimit 2M: {took:.2} s for {expected:.2} s of payload ({:+.1} %)", (took / expected - 1.0) * 100.0);

@@ -31,14 +31,15 @@ pub fn run(c: PlanCommand) -> Result<()> {
                     .into());
                 }
             }
-            let mut o = options(mode, a.point, &a.site, a.common.state_dir.clone(), a.progress);
+            let mut o = options(mode, a.point, &a.site, a.common.state_dir.clone(), a.common.progress.into());
             o.restart = a.restart;
             let out = plan::run(&p, &o);
             finish(&p, mode, out, a.common.json)
         }
         PlanCommand::Cleanup(a) => {
             let p = Plan::load(&a.plan)?;
-            let o = options(Mode::Test, PointChoice::Latest, &a.site, a.common.state_dir.clone(), a.progress);
+            let o =
+                options(Mode::Test, PointChoice::Latest, &a.site, a.common.state_dir.clone(), a.common.progress.into());
             let out = plan::cleanup(&p, &o);
             if !a.common.json && out.errors.is_empty() {
                 let n = out.summary["removed"].as_array().map_or(0, Vec::len);

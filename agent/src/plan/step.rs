@@ -143,11 +143,22 @@ pub fn hook(
     })
 }
 
-/// How progress is told: lines for people, or one JSON object per event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// How progress is told: lines for people, one JSON object per event, or nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProgressFormat {
     Human,
     Json,
+    None,
+}
+
+impl From<crate::progress::ProgressMode> for ProgressFormat {
+    fn from(m: crate::progress::ProgressMode) -> Self {
+        match m {
+            crate::progress::ProgressMode::Json => ProgressFormat::Json,
+            crate::progress::ProgressMode::None => ProgressFormat::None,
+            _ => ProgressFormat::Human,
+        }
+    }
 }
 
 /// Tells each step as it happens, on stderr (steps of one group run on
@@ -166,6 +177,7 @@ impl Reporter {
     pub fn event(&self, event: &str, fields: Value, human: impl FnOnce() -> String) {
         let _one = self.out.lock().unwrap_or_else(|p| p.into_inner());
         let line = match self.format {
+            ProgressFormat::None => return,
             ProgressFormat::Json => {
                 let mut v = json!({ "event": event, "time": jiff::Timestamp::now().to_string() });
                 if let (Some(o), Value::Object(f)) = (v.as_object_mut(), fields) {
