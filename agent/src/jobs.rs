@@ -44,6 +44,9 @@ pub struct JobResult {
     /// Bytes written to the target disk (receive).
     pub written_bytes: u64,
     pub wire_bytes: u64,
+    /// The target already held this content: no new point.
+    #[serde(default)]
+    pub unchanged: bool,
     pub code: Option<String>,
     pub message: Option<String>,
     pub hint: Option<String>,
@@ -59,6 +62,8 @@ struct Inner {
     next_id: u64,
     running: BTreeMap<u64, Arc<Running>>,
     done: VecDeque<Job>,
+    /// Bumped at every change worth saving; the file has `saved`.
+    version: u64,
 }
 
 /// A running job: its fixed fields, and progress updated without a lock.
@@ -72,6 +77,8 @@ pub struct Running {
 pub struct Jobs {
     inner: Mutex<Inner>,
     file: Option<PathBuf>,
+    /// One writer of the file at a time; the version it last wrote.
+    saved: Mutex<u64>,
     /// Counted as each job ends.
     pub metrics: crate::metrics::Metrics,
 }
@@ -80,14 +87,28 @@ impl Jobs {
     /// The jobs kept in `state_root` (none if it has none, or they cannot be read).
     pub fn load(state_root: Option<&Path>) -> Jobs {
         let file = state_root.map(|r| r.join("jobs.json"));
-        let saved: Saved = file
-            .as_ref()
-            .and_then(|f| std::fs::read(f).ok())
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let bytes = file.as_ref().and_then(|f| std::fs::read(f).ok());
+        let saved: Saved = match bytes.map(|b| serde_json::from_slice::<Saved>(&b)) {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                // Kept aside for a look, not silently replaced.
+                if let Some(f) = &file {
+                    let _ = std::fs::rename(f, f.with_extension("json.bad"));
+                    tracing::warn!("{} was not a job list ({e}); kept as jobs.json.bad", f.display());
+                }
+                Saved::default()
+            }
+            None => Saved::default(),
+        };
         Jobs {
-            inner: Mutex::new(Inner { next_id: saved.next_id.max(1), running: BTreeMap::new(), done: saved.done }),
+            inner: Mutex::new(Inner {
+                next_id: saved.next_id.max(1),
+                running: BTreeMap::new(),
+                done: saved.done,
+                version: 0,
+            }),
             file,
+            saved: Mutex::new(0),
             metrics: crate::metrics::Metrics::new(),
         }
     }
@@ -116,7 +137,35 @@ impl Jobs {
         };
         let r = Arc::new(Running { job: Mutex::new(job), done: AtomicU64::new(0), total: AtomicU64::new(0) });
         i.running.insert(id, r.clone());
+        i.version += 1;
+        drop(i);
+        // The id is used: saved now, so a crash never hands it out again.
+        self.save();
         r
+    }
+
+    /// Writes the kept jobs and the next id, if newer than what the file has.
+    fn save(&self) {
+        let Some(f) = &self.file else { return };
+        let mut saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
+        let (version, bytes) = {
+            let i = self.lock();
+            (i.version, serde_json::to_vec(&Saved { next_id: i.next_id, done: i.done.clone() }).unwrap_or_default())
+        };
+        if version <= *saved {
+            return;
+        }
+        let tmp = f.with_extension("tmp");
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut t| {
+                std::io::Write::write_all(&mut t, &bytes)?;
+                t.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, f));
+        match written {
+            Ok(()) => *saved = version,
+            Err(e) => tracing::warn!("the job list was not saved: {e}"),
+        }
     }
 
     /// Ends a running job with `result`, keeps it, and saves the kept ones.
@@ -126,18 +175,15 @@ impl Jobs {
         job.phase = if result.ok { "done".into() } else { "failed".into() };
         job.result = Some(result);
         self.metrics.job_ended(&job);
-        let saved = {
+        {
             let mut i = self.lock();
             i.running.remove(&job.id);
             i.done.push_front(job);
             i.done.truncate(KEEP);
-            serde_json::to_vec(&Saved { next_id: i.next_id, done: i.done.clone() }).unwrap_or_default()
-        };
-        if let Some(f) = &self.file {
-            // Written whole and renamed: a crash leaves the old list or the new one.
-            let tmp = f.with_extension("tmp");
-            let _ = std::fs::write(&tmp, saved).and_then(|()| std::fs::rename(&tmp, f));
+            i.version += 1;
         }
+        // Written whole and renamed: a crash leaves the old list or the new one.
+        self.save();
     }
 
     /// Running jobs first (newest first), then finished ones.
@@ -165,6 +211,11 @@ impl Running {
         j.bytes_done = self.done.load(Ordering::Relaxed);
         j.bytes_total = self.total.load(Ordering::Relaxed);
         j
+    }
+
+    /// Names the phase, keeping the counts (a session's commit).
+    pub fn set_phase(&self, name: &str) {
+        self.job.lock().unwrap_or_else(|p| p.into_inner()).phase = name.into();
     }
 
     pub fn id(&self) -> u64 {
@@ -204,6 +255,7 @@ mod tests {
                 payload_bytes: n as u64,
                 written_bytes: 0,
                 wire_bytes: 0,
+                unchanged: false,
                 code: None,
                 message: None,
                 hint: None,

@@ -105,7 +105,7 @@ impl Metrics {
         if let Some(code) = &r.code {
             self.errors.get_or_create(&Code { code: code.clone() }).inc();
         }
-        if r.ok && r.generation.is_some() {
+        if r.ok && r.generation.is_some() && !r.unchanged {
             self.points.get_or_create(&Target { target: job.target.clone() }).inc();
         }
     }
@@ -114,7 +114,9 @@ impl Metrics {
     pub fn encode(&self, running: usize, rpo: &[(String, f64)]) -> String {
         self.sessions.set(running as i64);
         for (disk, seconds) in rpo {
-            self.rpo.get_or_create(&Disk { disk: disk.clone() }).set(*seconds);
+            // The encoder does not escape label values (client_rust#151).
+            let disk: String = disk.chars().map(|c| if matches!(c, '"' | '\\' | '\n') { '_' } else { c }).collect();
+            self.rpo.get_or_create(&Disk { disk }).set(*seconds);
         }
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -94,7 +94,7 @@ fn a_protected_disk_is_pushed_on_schedule_with_status_and_metrics() {
         b.addr,
         b.id.fingerprint
     );
-    let a = Agent::start_as(id_a, &dir_a, &[], &[], &extra_a);
+    let mut a = Agent::start_as(id_a, &dir_a, &[], &[], &extra_a);
 
     // Pushed on schedule: the replica follows the disk, the RPO is met.
     wait_for("a first point", Duration::from_secs(30), || {
@@ -133,6 +133,17 @@ fn a_protected_disk_is_pushed_on_schedule_with_status_and_metrics() {
     assert_eq!(metric(&mb, "diskferry_written_bytes_total") as u64, written, "{mb}");
     assert_eq!(metric(&mb, "diskferry_received_bytes_total") as u64, payload, "{mb}");
     assert!(metric(&mb, "diskferry_points_committed_total{target=\"vm\"}") as u64 >= n as u64 - 1, "{mb}");
+    // What A sent is what B received, push by push (matched by point).
+    let recv_all = recv.as_array().unwrap();
+    let mut matched = 0;
+    for j in &ok {
+        let g = &j["result"]["generation"];
+        if let Some(r) = recv_all.iter().find(|r| r["result"]["generation"] == *g && r["result"]["ok"] == true) {
+            assert_eq!(r["result"]["payload_bytes"], j["result"]["payload_bytes"], "{j} vs {r}");
+            matched += 1;
+        }
+    }
+    assert!(matched >= 2, "{jobs} vs {recv}");
     let t = json(status_b, "/api/targets", Some(&token));
     assert_eq!(t[0]["name"], "vm", "{t}");
     // The page renders the jobs, with no external assets.
@@ -165,6 +176,24 @@ fn a_protected_disk_is_pushed_on_schedule_with_status_and_metrics() {
     wait_for("the catch-up", Duration::from_secs(90), || {
         json(status_a, "/api/protect", None)[0]["over_rpo"] == false && sum(&replica) == changed
     });
+    // A restart keeps the jobs (no id handed out twice) and the last point.
+    let before = json(status_a, "/api/jobs", None);
+    let max_id = before.as_array().unwrap().iter().filter_map(|j| j["id"].as_u64()).max().unwrap();
+    let t0 = Instant::now();
+    a.terminate();
+    assert!(t0.elapsed() < Duration::from_secs(15), "the agent took {:?} to stop", t0.elapsed());
+    a.spawn();
+    let p = json(status_a, "/api/protect", None);
+    assert!(p[0]["last_point"].is_string(), "{p}");
+    wait_for("a push after the restart", Duration::from_secs(30), || {
+        json(status_a, "/api/jobs", None).as_array().unwrap().iter().any(|j| j["id"].as_u64() > Some(max_id))
+    });
+    let after = json(status_a, "/api/jobs", None);
+    let ids: Vec<u64> = after.as_array().unwrap().iter().filter_map(|j| j["id"].as_u64()).collect();
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "an id was handed out twice: {after}");
 }
 
 #[test]

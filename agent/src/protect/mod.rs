@@ -65,6 +65,9 @@ impl Protect {
     }
 }
 
+/// The longest schedule or RPO.
+const MAX_SPAN: Duration = Duration::from_secs(366 * 86400);
+
 /// `30s`, `5m`, `2h`, `1h 30m`: a positive span.
 pub fn parse_span(s: &str) -> Option<Duration> {
     let d: jiff::SignedDuration = s.trim().parse().ok()?;
@@ -82,9 +85,12 @@ pub fn parse(raw: Vec<RawProtect>, at: &std::path::Path) -> Result<Vec<Protect>,
                 .hint("fix the config file and start again")
         };
         let every = parse_span(&r.every)
-            .ok_or_else(|| bad("every", format!("{:?} is not a span like 30s, 5m, 2h", r.every)))?;
+            .filter(|d| *d <= MAX_SPAN)
+            .ok_or_else(|| bad("every", format!("{:?} is not a span like 30s, 5m, 2h (at most a year)", r.every)))?;
         let rpo = match &r.rpo {
-            Some(s) => parse_span(s).ok_or_else(|| bad("rpo", format!("{s:?} is not a span like 30s, 5m, 2h")))?,
+            Some(s) => parse_span(s)
+                .filter(|d| *d <= MAX_SPAN)
+                .ok_or_else(|| bad("rpo", format!("{s:?} is not a span like 30s, 5m, 2h (at most a year)")))?,
             None => every,
         };
         let peer_fingerprint = crate::identity::normalize_fingerprint(&r.peer_fingerprint)
@@ -133,8 +139,14 @@ pub fn parse(raw: Vec<RawProtect>, at: &std::path::Path) -> Result<Vec<Protect>,
             ),
             None => None,
         };
+        // One entry per disk: a disk is never pushed twice at once, and its
+        // history (what its peer holds) is one.
+        let source = match crate::nbd::url::is_nbd_url(&r.source) {
+            true => PathBuf::from(&r.source),
+            false => std::fs::canonicalize(&r.source).unwrap_or_else(|_| PathBuf::from(&r.source)),
+        };
         let p = Protect {
-            source: PathBuf::from(&r.source),
+            source,
             peer: r.peer,
             peer_fingerprint,
             target,
@@ -149,8 +161,8 @@ pub fn parse(raw: Vec<RawProtect>, at: &std::path::Path) -> Result<Vec<Protect>,
             group,
             bandwidth_limit,
         };
-        if out.iter().any(|q| q.source == p.source && q.peer == p.peer) {
-            return Err(bad("source", format!("{} is protected to {} twice", r.source, p.peer)));
+        if out.iter().any(|q| q.source == p.source) {
+            return Err(bad("source", format!("{} is protected twice: a disk has one [[protect]] entry", r.source)));
         }
         if let Some(first) = p.group.as_ref().and_then(|g| out.iter().find(|q| q.group.as_ref() == Some(g))) {
             if first.peer != p.peer || first.every != p.every {

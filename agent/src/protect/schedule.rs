@@ -91,13 +91,11 @@ pub fn spawn_all(
     let daemon_pace = daemon_limit.map(|r| Arc::new(crate::pace::Pacer::new(r)));
     let started = crate::ids::now_unix_ns();
     let mut disks = BTreeMap::new();
+    let last_points = Arc::new(LastPoints { file: state_root.join("protect.json"), write: Mutex::new(()) });
+    let kept = last_points.load();
     for e in entries {
-        // The last consistent point a kept job records survives a restart.
-        let last = jobs.list().into_iter().find(|j| {
-            j.kind == "push"
-                && j.disk == e.disk()
-                && j.result.as_ref().is_some_and(|r| r.ok && r.consistency.as_deref() != Some("fuzzy"))
-        });
+        // The last consistent point survives a restart.
+        let last = kept.get(&e.disk());
         disks.insert(
             e.disk(),
             Protected {
@@ -107,9 +105,9 @@ pub fn spawn_all(
                 group: e.group.as_ref().map(|g| g.to_string()),
                 every_seconds: e.every.as_secs_f64(),
                 rpo_target_seconds: e.rpo.as_secs_f64(),
-                last_point: last.as_ref().and_then(|j| j.result.as_ref()?.generation.clone()),
-                last_point_unix_ns: last.as_ref().map(|j| j.started_unix_ns),
-                last_consistency: last.as_ref().and_then(|j| j.result.as_ref()?.consistency.clone()),
+                last_point: last.map(|l| l.generation.clone()),
+                last_point_unix_ns: last.map(|l| l.unix_ns),
+                last_consistency: last.map(|l| l.consistency.clone()),
                 last_error: None,
                 failures_in_a_row: 0,
                 next_unix_ns: None,
@@ -133,7 +131,14 @@ pub fn spawn_all(
             .map(|e| e.bandwidth_limit.map(|r| Arc::new(crate::pace::Pacer::new(r))))
             .map(|own| own.into_iter().chain(daemon_pace.clone()).collect())
             .collect();
-        let ctx = Unit { entries: unit, id: id.clone(), state_root: state_root.clone(), jobs: jobs.clone(), pace };
+        let ctx = Unit {
+            entries: unit,
+            id: id.clone(),
+            state_root: state_root.clone(),
+            jobs: jobs.clone(),
+            pace,
+            last_points: Some(last_points.clone()),
+        };
         tasks.spawn(run_unit(ctx, status.clone(), stop.clone()));
     }
     (status, tasks)
@@ -146,6 +151,8 @@ struct Unit {
     jobs: Arc<Jobs>,
     /// Each entry's pacers: its own limit, then the daemon's.
     pace: Vec<Vec<Arc<crate::pace::Pacer>>>,
+    /// Where each disk's last consistent point is kept across restarts.
+    last_points: Option<Arc<LastPoints>>,
 }
 
 async fn run_unit(u: Unit, status: Arc<ProtectStatus>, mut stop: watch::Receiver<bool>) {
@@ -169,7 +176,8 @@ async fn run_unit(u: Unit, status: Arc<ProtectStatus>, mut stop: watch::Receiver
         }
         // A push is not stopped halfway by a shutdown: it ends at its
         // commit or at a failure, and the next start resumes it.
-        let results = push_unit(&u).await;
+        let results = push_unit(&u, failures > 0).await;
+        let took = began.elapsed();
         let mut all_ok = true;
         for (e, r) in u.entries.iter().zip(&results) {
             status.update(&e.disk(), |p| {
@@ -189,13 +197,65 @@ async fn run_unit(u: Unit, status: Arc<ProtectStatus>, mut stop: watch::Receiver
         }
         if all_ok {
             failures = 0;
-            next = began + every;
+            // Started early by about the push's duration, so that the next
+            // point is committed by the time this one is `every` old.
+            next = began + every.saturating_sub(took.mul_f64(1.2).min(every / 2));
+            if let Some(f) = &u.last_points {
+                f.save(&status);
+            }
         } else {
             failures = failures.saturating_add(1);
             next = tokio::time::Instant::now() + backoff(failures, every);
         }
         for e in &u.entries {
             status.update(&e.disk(), |p| p.failures_in_a_row = failures);
+        }
+    }
+}
+
+/// A disk's last consistent point, as kept in `STATE/protect.json`.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+struct Last {
+    generation: String,
+    unix_ns: i64,
+    consistency: String,
+}
+
+/// The last consistent point of every protected disk, kept across restarts.
+struct LastPoints {
+    file: PathBuf,
+    write: Mutex<()>,
+}
+
+impl LastPoints {
+    fn load(&self) -> BTreeMap<String, Last> {
+        std::fs::read(&self.file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    /// Saves every disk's last point (one writer at a time, renamed into place).
+    fn save(&self, status: &ProtectStatus) {
+        let all: BTreeMap<String, Last> = status
+            .list()
+            .into_iter()
+            .filter_map(|p| {
+                Some((
+                    p.disk.clone(),
+                    Last {
+                        generation: p.last_point?,
+                        unix_ns: p.last_point_unix_ns?,
+                        consistency: p.last_consistency?,
+                    },
+                ))
+            })
+            .collect();
+        let _one = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let tmp = self.file.with_extension("tmp");
+        let written = serde_json::to_vec(&all)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &self.file));
+        if let Err(e) = written {
+            tracing::warn!("the protected disks' last points were not saved: {e}");
         }
     }
 }
@@ -213,26 +273,31 @@ pub fn backoff(failures: u32, every: Duration) -> Duration {
 
 /// One push of a unit (one disk, or a group's disks as one group point);
 /// each disk's result, each recorded as a job.
-async fn push_unit(u: &Unit) -> Vec<Result<PushReport, Error>> {
+async fn push_unit(u: &Unit, after_failure: bool) -> Vec<Result<PushReport, Error>> {
     let running: Vec<_> =
         u.entries.iter().map(|e| u.jobs.start("push", &e.disk(), &e.peer, e.target.as_str())).collect();
-    let opts: Result<Vec<PushOptions>, Error> = {
-        let mut all = Vec::new();
-        for (e, pace) in u.entries.iter().zip(&u.pace) {
-            match options(e, &u.state_root).await {
-                Ok(o) => all.push(PushOptions { pace: pace.clone(), ..o }),
-                Err(err) => {
-                    all.clear();
-                    for r in &running {
-                        u.jobs.finish(r, failed(&err));
-                    }
-                    return u.entries.iter().map(|_| Err(copy(&err))).collect();
+    // A push cut here (the agent shutting down) still ends its jobs.
+    let guard = Unfinished { jobs: &u.jobs, running: &running, armed: true };
+    let mut opts = Vec::new();
+    for (e, pace) in u.entries.iter().zip(&u.pace) {
+        match options(e, &u.state_root).await {
+            Ok(o) => opts.push(PushOptions { pace: pace.clone(), ..o }),
+            Err(err) => return guard.fail_all(&err, u.entries.len()),
+        }
+    }
+    // After a failure, the peer is reached before anything is read or
+    // snapshotted (the hooks would freeze a guest at every retry).
+    if after_failure {
+        if let Some(first) = opts.first() {
+            match push::connect(&u.id, first).await {
+                Ok((endpoint, conn)) => {
+                    conn.close(0u32.into(), b"probe");
+                    drop(endpoint);
                 }
+                Err(err) => return guard.fail_all(&err, u.entries.len()),
             }
         }
-        Ok(all)
-    };
-    let opts = opts.unwrap_or_default();
+    }
     let results: Vec<Result<PushReport, Error>> = match (&u.entries[0].group, opts.as_slice()) {
         (None, [one]) => {
             let progress: Arc<dyn diskferry_sync_engine::Progress + Send + Sync> = running[0].clone();
@@ -244,7 +309,8 @@ async fn push_unit(u: &Unit) -> Vec<Result<PushReport, Error>> {
         },
         (None, _) => Vec::new(),
     };
-    for (r, res) in running.iter().zip(&results) {
+    guard.disarm();
+    for (i, (r, res)) in running.iter().zip(&results).enumerate() {
         match res {
             Ok(rep) => u.jobs.finish(
                 r,
@@ -254,7 +320,9 @@ async fn push_unit(u: &Unit) -> Vec<Result<PushReport, Error>> {
                     consistency: Some(rep.consistency.as_str().to_string()),
                     payload_bytes: rep.bytes_sent,
                     written_bytes: 0,
-                    wire_bytes: rep.wire_bytes,
+                    // A group's members share one connection: its bytes once.
+                    wire_bytes: if i == 0 { rep.wire_bytes } else { 0 },
+                    unchanged: rep.committed.unchanged,
                     code: None,
                     message: None,
                     hint: None,
@@ -264,6 +332,40 @@ async fn push_unit(u: &Unit) -> Vec<Result<PushReport, Error>> {
         }
     }
     results
+}
+
+/// Ends a unit's jobs if its push is dropped before it ended them.
+struct Unfinished<'a> {
+    jobs: &'a Jobs,
+    running: &'a [Arc<crate::jobs::Running>],
+    armed: bool,
+}
+
+impl Unfinished<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+
+    /// Ends every job with `err`; the same error for each disk.
+    fn fail_all(mut self, err: &Error, n: usize) -> Vec<Result<PushReport, Error>> {
+        self.armed = false;
+        for r in self.running {
+            self.jobs.finish(r, failed(err));
+        }
+        (0..n).map(|_| Err(copy(err))).collect()
+    }
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let e =
+                Error::new(ErrorCode::Cancelled, "the agent stopped during the push").hint("the next start resumes it");
+            for r in self.running {
+                self.jobs.finish(r, failed(&e));
+            }
+        }
+    }
 }
 
 /// The same error again, for each disk of a group (the I/O source stays with the first).
@@ -279,6 +381,7 @@ fn failed(e: &Error) -> JobResult {
         payload_bytes: 0,
         written_bytes: 0,
         wire_bytes: 0,
+        unchanged: false,
         code: Some(e.code.as_str().to_string()),
         message: Some(e.message.clone()),
         hint: e.hint.clone(),

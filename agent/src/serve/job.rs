@@ -25,7 +25,8 @@ impl ReceiveJob {
         ReceiveJob { jobs: jobs.clone(), running, committing: None, committed: None, failed: None }
     }
 
-    /// What the data streams count their block payload into.
+    /// What the data streams count each block's payload into (as the
+    /// source counts what it sent).
     pub fn progress(&self) -> Arc<Running> {
         self.running.clone()
     }
@@ -33,7 +34,7 @@ impl ReceiveJob {
     /// The source asked for the commit, with this label.
     pub fn committing(&mut self, consistency: Consistency) {
         self.committing = Some(consistency);
-        self.running.phase("committing", 0);
+        self.running.set_phase("committing");
     }
 
     pub fn committed(&mut self, c: &Committed) {
@@ -56,6 +57,7 @@ impl ReceiveJob {
                 payload_bytes: received,
                 written_bytes: c.bytes_written,
                 wire_bytes: 0,
+                unchanged: c.unchanged,
                 code: None,
                 message: None,
                 hint: None,
@@ -74,6 +76,7 @@ impl ReceiveJob {
                     payload_bytes: received,
                     written_bytes: 0,
                     wire_bytes: 0,
+                    unchanged: false,
                     code: Some(code.as_str().to_string()),
                     message: Some(message),
                     hint,

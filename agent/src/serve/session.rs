@@ -528,12 +528,7 @@ async fn data_stream(
         // however many sessions run; unread bytes wait in QUIC's window.
         let permit = match reader.peek(BLOCK_HEAD).await {
             Ok(Some((len, head))) => match ctx.budget.frame(frame_bytes(len, &head)).await {
-                Some(p) => {
-                    if let Some(j) = &st.job {
-                        diskferry_sync_engine::Progress::advance(j.as_ref(), u64::from(len));
-                    }
-                    p
-                }
+                Some(p) => p,
                 None => return,
             },
             Ok(None) => return,
@@ -546,6 +541,9 @@ async fn data_stream(
             Err(ReadError::Decode(e)) => return fail(e),
             Err(ReadError::Stream(_)) => return,
         };
+        if let (Message::Block(frame), Some(j)) = (&m, &st.job) {
+            diskferry_sync_engine::Progress::advance(j.as_ref(), frame.payload.len() as u64);
+        }
         match m {
             // A full copy's whole block needs no disk read to verify: done
             // here (tens of microseconds), sparing a thread hop per block.

@@ -131,17 +131,29 @@ pub async fn serve(listener: std::net::TcpListener, status: Arc<Status>, mut sto
         .route("/api/targets", get(|State(s): State<Arc<Status>>| async move { Json(s.targets_json()) }))
         .route("/api/protect", get(|State(s): State<Arc<Status>>| async move { Json(s.protect_json()) }))
         .route("/metrics", get(metrics_handler))
+        // No Allow header to tell which paths exist.
+        .method_not_allowed_fallback(|| async { StatusCode::NOT_FOUND })
+        .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(middleware::from_fn_with_state(status.clone(), require_token))
         .with_state(status);
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => return tracing::error!("status endpoint: {e}"),
     };
+    let mut stopping = stop.clone();
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-        tracing::error!("status endpoint: {e}");
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    // A client that holds its connection open does not hold the agent's
+    // shutdown: two seconds after it begins, the endpoint is gone.
+    let cut = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    };
+    tokio::select! {
+        r = served => if let Err(e) = r { tracing::error!("status endpoint: {e}") },
+        _ = cut => {}
     }
 }
 
@@ -156,9 +168,10 @@ async fn require_token(State(s): State<Arc<Status>>, req: Request, next: Next) -
     next.run(req).await
 }
 
-/// Compares without stopping at the first difference (no timing oracle).
+/// Compares digests (blake3's equality is constant-time): no timing
+/// oracle, not even the token's length.
 fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    blake3::hash(a.as_bytes()) == blake3::hash(b.as_bytes())
 }
 
 async fn job_handler(State(s): State<Arc<Status>>, Path(id): Path<String>) -> Response {
