@@ -174,7 +174,19 @@ impl Jobs {
         job.ended_unix_ns = Some(crate::ids::now_unix_ns());
         job.phase = if result.ok { "done".into() } else { "failed".into() };
         job.result = Some(result);
-        self.metrics.job_ended(&job);
+        if let Some(r) = &job.result {
+            self.metrics.job_ended(&crate::metrics::Ended {
+                kind: &job.kind,
+                target: &job.target,
+                ok: r.ok,
+                seconds: (job.ended_unix_ns.unwrap_or(job.started_unix_ns) - job.started_unix_ns).max(0) as f64 / 1e9,
+                payload_bytes: r.payload_bytes,
+                written_bytes: r.written_bytes,
+                wire_bytes: r.wire_bytes,
+                code: r.code.as_deref(),
+                new_point: r.ok && r.generation.is_some() && !r.unchanged,
+            });
+        }
         {
             let mut i = self.lock();
             i.running.remove(&job.id);

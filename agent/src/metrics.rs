@@ -10,7 +10,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::jobs::Job;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindResult {
@@ -31,6 +30,20 @@ struct Disk {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Target {
     target: String,
+}
+
+/// A job that ended, as the metrics count it.
+pub struct Ended<'a> {
+    pub kind: &'a str,
+    pub target: &'a str,
+    pub ok: bool,
+    pub seconds: f64,
+    pub payload_bytes: u64,
+    pub written_bytes: u64,
+    pub wire_bytes: u64,
+    pub code: Option<&'a str>,
+    /// It committed a new point (not one the target already held).
+    pub new_point: bool,
 }
 
 /// Every metric, registered once.
@@ -89,24 +102,21 @@ impl Metrics {
     }
 
     /// Counts a job that ended.
-    pub fn job_ended(&self, job: &Job) {
-        let Some(r) = &job.result else { return };
-        let result = if r.ok { "ok" } else { "failed" };
-        self.jobs.get_or_create(&KindResult { kind: job.kind.clone(), result: result.into() }).inc();
-        if let Some(end) = job.ended_unix_ns {
-            self.duration.observe((end - job.started_unix_ns).max(0) as f64 / 1e9);
-        }
-        match job.kind.as_str() {
-            "receive" => self.received.inc_by(r.payload_bytes),
-            _ => self.sent.inc_by(r.payload_bytes),
+    pub fn job_ended(&self, e: &Ended<'_>) {
+        let result = if e.ok { "ok" } else { "failed" };
+        self.jobs.get_or_create(&KindResult { kind: e.kind.to_string(), result: result.into() }).inc();
+        self.duration.observe(e.seconds);
+        match e.kind {
+            "receive" => self.received.inc_by(e.payload_bytes),
+            _ => self.sent.inc_by(e.payload_bytes),
         };
-        self.written.inc_by(r.written_bytes);
-        self.wire.inc_by(r.wire_bytes);
-        if let Some(code) = &r.code {
-            self.errors.get_or_create(&Code { code: code.clone() }).inc();
+        self.written.inc_by(e.written_bytes);
+        self.wire.inc_by(e.wire_bytes);
+        if let Some(code) = e.code {
+            self.errors.get_or_create(&Code { code: code.to_string() }).inc();
         }
-        if r.ok && r.generation.is_some() && !r.unchanged {
-            self.points.get_or_create(&Target { target: job.target.clone() }).inc();
+        if e.new_point {
+            self.points.get_or_create(&Target { target: e.target.to_string() }).inc();
         }
     }
 
