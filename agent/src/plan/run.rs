@@ -211,14 +211,8 @@ fn run_vms(ctx: &Ctx, group: &str, vms: &[super::Vm]) -> Vec<VmResult> {
         .zip(vms)
         .map(|(r, v)| {
             r.unwrap_or_else(|| VmResult {
-                name: v.name.clone(),
-                seconds: 0.0,
-                point: None,
-                downtime: None,
-                disks: Vec::new(),
-                moved: false,
-                earlier: false,
                 error: Some(StepError::new(ErrorCode::Internal, "the VM's step panicked", "a bug")),
+                ..VmResult::new(&v.name)
             })
         })
         .collect()

@@ -39,6 +39,20 @@ pub struct Point {
 }
 
 impl VmResult {
+    /// Nothing done yet.
+    pub fn new(name: &str) -> VmResult {
+        VmResult {
+            name: name.to_string(),
+            seconds: 0.0,
+            point: None,
+            downtime: None,
+            disks: Vec::new(),
+            moved: false,
+            earlier: false,
+            error: None,
+        }
+    }
+
     /// `failed` (nothing moved), `start-failed` (failed over, its start
     /// command failed), `failed-over`, `test-image`, `done-earlier`.
     pub fn status(&self, mode: Mode) -> &'static str {
@@ -79,16 +93,7 @@ fn os(s: impl Into<OsString>) -> OsString {
 /// command; with a journal, skips what an earlier run of the plan did.
 pub fn run(ctx: &Ctx, group: &str, vm: &Vm) -> VmResult {
     let start = Instant::now();
-    let mut r = VmResult {
-        name: vm.name.clone(),
-        seconds: 0.0,
-        point: None,
-        downtime: None,
-        disks: Vec::new(),
-        moved: false,
-        earlier: false,
-        error: None,
-    };
+    let mut r = VmResult::new(&vm.name);
     let earlier = ctx.journal.as_ref().and_then(|j| j.get(&vm.name));
     let done = match (&earlier, ctx.mode) {
         (Some(d), _) if d.started => {
