@@ -67,11 +67,19 @@ struct RawTarget {
     #[serde(default)]
     allowed_peers: Vec<String>,
     #[serde(default = "default_retention")]
-    retention: u32,
+    retention: RawRetention,
 }
 
-fn default_retention() -> u32 {
-    2
+/// `retention = 3` (points) or `retention = "2h"` (every point that young).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawRetention {
+    Count(u32),
+    Age(String),
+}
+
+fn default_retention() -> RawRetention {
+    RawRetention::Count(2)
 }
 
 /// A configured target.
@@ -82,6 +90,9 @@ pub struct TargetConfig {
     pub path: PathBuf,
     pub allowed_peers: BTreeSet<String>,
     pub retention: u32,
+    /// Keep every consistent point younger than this (`retention = "2h"`;
+    /// `retention` is then 1: the current point).
+    pub max_age: Option<std::time::Duration>,
 }
 
 /// A validated config.
@@ -203,9 +214,21 @@ impl Config {
             if !paths.insert(t.path.clone()) {
                 return Err(bad(&format!("target[{i}].path"), format!("{} is used by two targets", t.path.display())));
             }
-            if t.retention == 0 {
-                return Err(bad(&format!("target[{i}].retention"), "must be at least 1".into()));
-            }
+            let (retention, max_age) = match &t.retention {
+                RawRetention::Count(0) => {
+                    return Err(bad(&format!("target[{i}].retention"), "must be at least 1".into()))
+                }
+                RawRetention::Count(n) => (*n, None),
+                RawRetention::Age(a) => match crate::protect::parse_span(a) {
+                    Some(d) => (1, Some(d)),
+                    None => {
+                        return Err(bad(
+                            &format!("target[{i}].retention"),
+                            format!("{a:?} is neither a count of points nor an age like \"2h\""),
+                        ))
+                    }
+                },
+            };
             for p in &t.allowed_peers {
                 if !peer_names.contains(p) {
                     return Err(bad(
@@ -218,7 +241,8 @@ impl Config {
                 index: i,
                 path: t.path.clone(),
                 allowed_peers: t.allowed_peers.iter().cloned().collect(),
-                retention: t.retention,
+                retention,
+                max_age,
             };
             if targets.insert(name.as_str().to_string(), tc).is_some() {
                 return Err(bad(&format!("target[{i}].name"), format!("{:?} is listed twice", t.name)));

@@ -1,13 +1,16 @@
 //! Recovery points are never dropped without asking: a full copy over a
 //! target that holds points, or any push onto a target whose file vanished,
 //! is refused unless `--force`, and a forced push says how many it dropped.
+//! Retention by age keeps every point younger than it.
 
 use std::ffi::OsStr;
 
 use serde_json::Value;
 
 use crate::agents::{pair, push_to, sum};
-use crate::util::{self, compare, compare_prefix, make_disk, tempdir, uint, Loop, MIB};
+use crate::util::{
+    self, assert_same, compare, compare_prefix, make_disk, rng, scatter_writes, tempdir, uint, Loop, MIB,
+};
 
 fn listed(state: &std::path::Path, target: &std::path::Path) -> usize {
     let args =
@@ -90,4 +93,43 @@ fn a_full_copy_onto_a_device_with_points_is_refused_before_it_is_marked_incomple
     let forced = df!("sync", src, dev.dev, "--mode", "full", "--force", "--state-dir", state, "--json").ok_json();
     assert_eq!(uint(&forced, "points_dropped"), 2, "{forced}");
     compare_prefix(&src, &dev.dev, size).unwrap();
+}
+
+/// `retention = "AGE"`: every consistent point younger than AGE is kept,
+/// however many; older ones go at the next push (or the next start).
+#[test]
+fn retention_by_age_keeps_every_young_point() {
+    let mut rng = rng("retention-age");
+    let mut p = crate::agents::pair("retention-age", 1, "");
+    let src = p.dir.join("src.img");
+    make_disk(&src, 4 * MIB, 0.5, &mut rng);
+    let set_retention = |p: &mut crate::agents::Pair, value: &str| {
+        p.agent.kill9();
+        let cfg = std::fs::read_to_string(&p.agent.config).unwrap();
+        let cfg =
+            cfg.lines()
+                .map(|l| if l.starts_with("retention = ") { format!("retention = {value}") } else { l.to_string() });
+        std::fs::write(&p.agent.config, cfg.collect::<Vec<_>>().join("\n") + "\n").unwrap();
+        p.agent.spawn();
+    };
+    set_retention(&mut p, "\"1h\"");
+    for _ in 0..5 {
+        scatter_writes(&src, 3, 20_000, &mut rng);
+        crate::agents::push_to(&src, &p.source, &p.agent, "t0", &[]).ok_json();
+    }
+    let target = p.dir.join("t0.img");
+    let points = crate::agents::points(&p.agent, &target);
+    assert_eq!(points.len(), 5, "every point of the last hour: {points:?}");
+    // An hour is long; three seconds are not: after them only the newest stays.
+    set_retention(&mut p, "\"3s\"");
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    scatter_writes(&src, 3, 20_000, &mut rng);
+    crate::agents::push_to(&src, &p.source, &p.agent, "t0", &[]).ok_json();
+    let points = crate::agents::points(&p.agent, &target);
+    assert_eq!(points.len(), 1, "{points:?}");
+    assert_same(&src, &target);
+    // A bad value is refused at start.
+    let cfg = std::fs::read_to_string(&p.agent.config).unwrap().replace("retention = \"3s\"", "retention = \"soon\"");
+    std::fs::write(&p.agent.config, cfg).unwrap();
+    df!("serve", "--config", p.agent.config).expect_error("E_CONFIG", 3);
 }

@@ -353,10 +353,11 @@ impl Session {
         });
         // A group member keeps the group's points whole, pushed alone too.
         let in_group = o.group.is_some();
-        let (retention, keep_points) =
+        let (retention, mut keep_points) =
             crate::groups::retention(&self.ctx.state_root, &name, tc.retention, in_group, |n| {
                 self.ctx.config.targets.get(n).map(|t| t.retention)
             });
+        keep_points.extend(super::targets::young_points(&self.ctx.state_root, &tc.path, tc.max_age));
         let req = OpenRequest {
             vfs: self.ctx.vfs.clone(),
             state_root: self.ctx.state_root.clone(),

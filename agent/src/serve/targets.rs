@@ -165,6 +165,28 @@ impl Pins {
     }
 }
 
+/// The points a target with `retention = "AGE"` keeps besides its
+/// current one: every consistent point younger than `max_age` (read from
+/// its catalog, which is replaced whole).
+pub fn young_points(
+    state_root: &Path,
+    path: &Path,
+    max_age: Option<std::time::Duration>,
+) -> Vec<diskferry_protocol::Generation> {
+    let Some(age) = max_age else { return Vec::new() };
+    let since = crate::ids::now_unix_ns().saturating_sub(i64::try_from(age.as_nanos()).unwrap_or(i64::MAX));
+    let catalog = diskferry_sync_engine::apply::catalog::read_catalog(
+        &diskferry_sync_engine::store::RealFs,
+        &Target::state_dir(state_root, path),
+    );
+    let Ok(Some(c)) = catalog else { return Vec::new() };
+    c.points
+        .iter()
+        .filter(|p| p.consistency.is_recovery_point() && p.created_unix_ns >= since)
+        .map(|p| p.generation)
+        .collect()
+}
+
 /// Opens every target that has state once, before the agent listens:
 /// recovery finishes an interrupted commit (or sets an uncommitted apply
 /// aside) and is logged. A target that cannot be recovered is logged and
@@ -179,7 +201,7 @@ pub fn recover_all(config: &Config, state_root: &Path, vfs: &Arc<dyn Vfs>, pins:
             retention: Some(t.retention),
             name: Some(name.clone()),
             expect_identity: pins.get(name),
-            keep_points: Vec::new(),
+            keep_points: young_points(state_root, &t.path, t.max_age),
         };
         match Target::open(vfs.clone(), state_root, &t.path, opts) {
             Ok(target) => {
