@@ -54,6 +54,8 @@ pub enum Command {
     /// Recovery plans: ordered groups of VMs failed over group after group (docs/plans.md).
     #[command(subcommand)]
     Plan(PlanCommand),
+    /// What the local agent (`serve`) is doing: protected disks and their RPO, jobs, targets.
+    Status(StatusArgs),
     /// Push a generated sample disk to an in-process target agent (full, then delta) and print a table.
     Demo(DemoArgs),
 }
@@ -531,6 +533,7 @@ impl Command {
             Command::PushGroup(a) => &a.opts.common,
             Command::Plan(PlanCommand::Run(a)) => &a.common,
             Command::Plan(PlanCommand::Cleanup(a)) => &a.common,
+            Command::Status(a) => &a.common,
         }
     }
 }
@@ -597,4 +600,13 @@ pub struct PlanCleanupArgs {
 
 fn plan_point(s: &str) -> Result<crate::plan::PointChoice, String> {
     crate::plan::PointChoice::parse(s)
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The agent's config (its state_dir is where the agent's socket is).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
 }

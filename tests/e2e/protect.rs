@@ -153,6 +153,14 @@ fn a_protected_disk_is_pushed_on_schedule_with_status_and_metrics() {
     assert!(page.contains("<span class=ok>ok</span>"), "a finished push's row: {page}");
     assert!(!page.contains("http://") && !page.contains("https://"), "external assets: {page}");
 
+    // `diskferry status` asks the agent over its socket.
+    let st = df!("status", "--state-dir", a.id.state, "--json").ok_json();
+    assert_eq!(st["protect"][0]["target"], "vm", "{st}");
+    assert!(st["jobs"].as_array().unwrap().len() >= 2, "{st}");
+    let human = df!("status", "--state-dir", a.id.state).ok();
+    assert!(human.stdout.contains(&disk.display().to_string()) && human.stdout.contains("JOB"), "{human}");
+    df!("status", "--state-dir", tmp.path().join("nobody")).expect_error("E_NOT_FOUND", 3);
+
     // Without the token: 401 and nothing else.
     let (code, body) = get(status_b, "/api/jobs", None);
     assert_eq!((code, body.trim()), (401, ""), "learns nothing");

@@ -11,6 +11,7 @@ mod net;
 mod plan;
 mod points;
 mod push_group;
+mod status;
 mod sync;
 mod target_arg;
 mod test_failover;
@@ -39,5 +40,6 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Push(a) => net::push(a),
         Command::PushGroup(a) => push_group::run(a),
         Command::Plan(c) => plan::run(c),
+        Command::Status(a) => status::run(a),
     }
 }

@@ -141,6 +141,8 @@ pub struct Server {
     identity: Arc<Identity>,
     /// The status endpoint's socket, bound at start, and its token.
     status: Option<(std::net::TcpListener, Option<String>)>,
+    /// The agent's unix socket (`diskferry status`).
+    unix: Option<std::os::unix::net::UnixListener>,
 }
 
 impl Server {
@@ -187,7 +189,16 @@ impl Server {
             }
             None => None,
         };
-        Ok(Server { endpoint, ctx, shutdown_tx, identity, status })
+        let unix = match crate::status::bind_unix(&ctx.state_root) {
+            Ok(l) => Some(l),
+            Err(e) if e.code == ErrorCode::Busy => return Err(e.into()),
+            // A path too long for a socket, say: the agent runs, `status` cannot reach it.
+            Err(e) => {
+                tracing::warn!("no agent socket: error[{}]: {}", e.code, e.message);
+                None
+            }
+        };
+        Ok(Server { endpoint, ctx, shutdown_tx, identity, status, unix })
     }
 
     /// The bound address.
@@ -206,11 +217,18 @@ impl Server {
             self.ctx.config.bandwidth_limit,
             self.ctx.shutdown.clone(),
         );
-        if let Some((listener, token)) = self.status {
-            let c = &self.ctx;
-            let targets = c.config.targets.iter().map(|(n, t)| (n.clone(), t.path.clone())).collect();
-            let st = crate::status::Status::new(c.jobs.clone(), protected, targets, c.state_root.clone(), token);
-            tasks.spawn(crate::status::serve(listener, Arc::new(st), c.shutdown.clone()));
+        let c = &self.ctx;
+        let targets: Vec<_> = c.config.targets.iter().map(|(n, t)| (n.clone(), t.path.clone())).collect();
+        let (token, tcp) = match self.status {
+            Some((listener, token)) => (token, Some(listener)),
+            None => (None, None),
+        };
+        let st = Arc::new(crate::status::Status::new(c.jobs.clone(), protected, targets, c.state_root.clone(), token));
+        if let Some(listener) = tcp {
+            tasks.spawn(crate::status::serve(listener, st.clone(), c.shutdown.clone()));
+        }
+        if let Some(unix) = self.unix {
+            tasks.spawn(crate::status::serve_unix(unix, st, c.shutdown.clone()));
         }
         tokio::pin!(stop);
         loop {

@@ -123,8 +123,8 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
     Ok(l)
 }
 
-pub async fn serve(listener: std::net::TcpListener, status: Arc<Status>, mut stop: watch::Receiver<bool>) {
-    let app = Router::new()
+fn router(status: Arc<Status>) -> Router {
+    Router::new()
         .route("/", get(page_handler))
         .route("/api/jobs", get(|State(s): State<Arc<Status>>| async move { Json(s.jobs.list()) }))
         .route("/api/jobs/{id}", get(job_handler))
@@ -135,11 +135,65 @@ pub async fn serve(listener: std::net::TcpListener, status: Arc<Status>, mut sto
         .method_not_allowed_fallback(|| async { StatusCode::NOT_FOUND })
         .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(middleware::from_fn_with_state(status.clone(), require_token))
-        .with_state(status);
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => return tracing::error!("status endpoint: {e}"),
-    };
+        .with_state(status)
+}
+
+/// Where `diskferry status` finds the agent: a unix socket in its state
+/// directory, readable by its owner only (no token: the file's mode is the
+/// access check).
+pub fn socket_path(state_root: &std::path::Path) -> PathBuf {
+    state_root.join("agent.sock")
+}
+
+/// Binds the agent's unix socket; refused while another agent serves the
+/// same state directory.
+pub fn bind_unix(state_root: &std::path::Path) -> Result<std::os::unix::net::UnixListener, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = socket_path(state_root);
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        return Err(Error::new(
+            ErrorCode::Busy,
+            format!("another agent serves the state directory {} (its socket answers)", state_root.display()),
+        )
+        .hint("stop it first, or give this one its own state_dir"));
+    }
+    // A socket file left by an agent that was killed.
+    let _ = std::fs::remove_file(&path);
+    let io = |e: std::io::Error| Error::io(diskferry_sync_engine::Place::State, "binding", &path, e);
+    let l = std::os::unix::net::UnixListener::bind(&path).map_err(io)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    l.set_nonblocking(true).map_err(io)?;
+    Ok(l)
+}
+
+/// Serves the endpoint on TCP (`status_listen`) until `stop` turns true.
+pub async fn serve(listener: std::net::TcpListener, status: Arc<Status>, stop: watch::Receiver<bool>) {
+    match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => serve_on(l, router(status), stop).await,
+        Err(e) => tracing::error!("status endpoint: {e}"),
+    }
+}
+
+/// Serves the endpoint on the agent's unix socket until `stop` turns true.
+pub async fn serve_unix(listener: std::os::unix::net::UnixListener, status: Arc<Status>, stop: watch::Receiver<bool>) {
+    let unix = Arc::new(Status {
+        jobs: status.jobs.clone(),
+        protect: status.protect.clone(),
+        targets: status.targets.clone(),
+        state_root: status.state_root.clone(),
+        token: None,
+    });
+    match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => serve_on(l, router(unix), stop).await,
+        Err(e) => tracing::error!("agent socket: {e}"),
+    }
+}
+
+async fn serve_on<L>(listener: L, app: Router, mut stop: watch::Receiver<bool>)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let mut stopping = stop.clone();
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;

@@ -1,0 +1,134 @@
+//! `diskferry status`: what the local agent (`serve`) is doing, asked over
+//! its unix socket in the state directory — protected disks with their
+//! RPO, running and recent jobs, and the served targets.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use anyhow::Result;
+use diskferry_protocol::ErrorCode;
+use diskferry_sync_engine::Error;
+use serde_json::{json, Value};
+
+use crate::cli::StatusArgs;
+use crate::output::print_json;
+use crate::units::{format_time, human_bytes};
+
+/// Recent finished jobs shown without `--json`.
+const RECENT: usize = 10;
+
+pub fn run(a: StatusArgs) -> Result<()> {
+    let root = super::target_arg::state_root(a.config.as_deref(), a.common.state_dir.clone())?;
+    let socket = crate::status::socket_path(&root);
+    let get = |path: &str| ask(&socket, path);
+    let (protect, jobs, targets) = (get("/api/protect")?, get("/api/jobs")?, get("/api/targets")?);
+    if a.common.json {
+        print_json(&json!({ "state_dir": root, "protect": protect, "jobs": jobs, "targets": targets }));
+        return Ok(());
+    }
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    println!("agent at {}", root.display());
+    if !list(&protect).is_empty() {
+        println!(
+            "\nPROTECTED DISK                           PEER                  TARGET        RPO            LAST POINT"
+        );
+        for p in list(&protect) {
+            let rpo = format!(
+                "{:.0}/{:.0} s{}",
+                p["rpo_seconds"].as_f64().unwrap_or(0.0),
+                p["rpo_target_seconds"].as_f64().unwrap_or(0.0),
+                if p["over_rpo"] == true { " OVER" } else { "" }
+            );
+            println!(
+                "{:<40} {:<21} {:<13} {:<14} {}",
+                s(&p["disk"]),
+                s(&p["peer"]),
+                s(&p["target"]),
+                rpo,
+                s(&p["last_point"])
+            );
+            if let Some(e) = p["last_error"].as_str() {
+                println!("  last error: {e}");
+            }
+        }
+    }
+    if !list(&targets).is_empty() {
+        println!("\nTARGET           ROLE      POINTS  NEWEST");
+        for t in list(&targets) {
+            println!(
+                "{:<16} {:<9} {:>6}  {} {}",
+                s(&t["name"]),
+                s(&t["role"]),
+                t["points"],
+                s(&t["generation"]),
+                s(&t["consistency"])
+            );
+        }
+    }
+    let all = list(&jobs);
+    let (running, done): (Vec<&Value>, Vec<&Value>) = all.iter().partition(|j| j["result"].is_null());
+    println!("\nJOB    KIND     TARGET        PHASE        BYTES         STARTED                  RESULT");
+    for j in running.iter().chain(done.iter().take(RECENT)) {
+        let result = match &j["result"] {
+            Value::Null => "running".to_string(),
+            r if r["ok"] == true => format!("ok {}", s(&r["generation"])),
+            r => format!("error[{}]: {}", s(&r["code"]), s(&r["message"])),
+        };
+        println!(
+            "{:<6} {:<8} {:<13} {:<12} {:<13} {:<24} {result}",
+            j["id"],
+            s(&j["kind"]),
+            s(&j["target"]),
+            s(&j["phase"]),
+            human_bytes(j["bytes_done"].as_u64().unwrap_or(0)),
+            j["started_unix_ns"].as_i64().map(format_time).unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
+/// `GET path` over the agent's socket: the JSON answer.
+fn ask(socket: &std::path::Path, path: &str) -> Result<Value, Error> {
+    let mut s = UnixStream::connect(socket).map_err(|e| {
+        Error::new(ErrorCode::NotFound, format!("no agent answers at {} ({e})", socket.display()))
+            .hint("start `diskferry serve` with this state directory (or give --config / --state-dir)")
+    })?;
+    let io = |e: std::io::Error| Error::new(ErrorCode::Connection, format!("the agent's socket: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").map_err(io)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(io)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = match head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        true => dechunk(body),
+        false => body.to_string(),
+    };
+    serde_json::from_str(&body)
+        .map_err(|e| Error::new(ErrorCode::Protocol, format!("the agent's answer to {path} is not JSON: {e}")))
+}
+
+/// The body of a chunked HTTP/1.1 answer.
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dechunks() {
+        assert_eq!(super::dechunk("4\r\nWiki\r\n5\r\npedia\r\n0\r\n\r\n"), "Wikipedia");
+        assert_eq!(super::dechunk("zz\r\n"), "");
+    }
+}
