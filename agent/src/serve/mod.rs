@@ -8,6 +8,7 @@ mod group;
 mod job;
 mod session;
 pub mod targets;
+mod view;
 mod worker;
 mod writer;
 

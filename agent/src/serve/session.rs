@@ -8,7 +8,6 @@ use diskferry_protocol::session::{ReceiverEvent, ReceiverSession, RegionView};
 use diskferry_protocol::{DecodeError, ErrorCode, Geometry};
 use diskferry_sync_engine::apply::{DirectSink, OldContent};
 use diskferry_sync_engine::remote::{verify_frame, FrameRejection};
-use diskferry_sync_engine::view::ViewProducer;
 use diskferry_sync_engine::Error;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
@@ -395,7 +394,12 @@ impl Session {
             "session accepted"
         );
         if let (Some(view), Some(tx)) = (opened.view, view_tx.take()) {
-            spawn_view_thread(view, opened.geometry, tx, self.notes_tx.clone());
+            let notes = self.notes_tx.clone();
+            super::view::spawn(view, opened.geometry, tx, move |e| {
+                if let Some(n) = notes {
+                    let _ = n.send(Note::Reply(Reply::Failed(e)));
+                }
+            });
         }
         let sink = match opened.sink {
             Some(sink) => {
@@ -458,35 +462,6 @@ fn with_hint(e: &Error) -> String {
     match &e.hint {
         Some(h) => format!("{} — {h}", e.message),
         None => e.message.clone(),
-    }
-}
-
-fn spawn_view_thread(
-    mut view: ViewProducer,
-    g: Geometry,
-    tx: mpsc::Sender<(u64, RegionView)>,
-    notes: Option<mpsc::UnboundedSender<Note>>,
-) {
-    let spawned = std::thread::Builder::new().name("df-view".into()).spawn(move || {
-        for _ in 0..g.region_count() {
-            match view.next_region() {
-                Ok((r, v)) => {
-                    let rv = RegionView { blocks: v.blocks, chunks: v.chunks, hash: v.hash };
-                    if tx.blocking_send((r, rv)).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    if let Some(n) = &notes {
-                        let _ = n.send(Note::Reply(Reply::Failed(e)));
-                    }
-                    return;
-                }
-            }
-        }
-    });
-    if let Err(e) = spawned {
-        tracing::error!("starting the view thread: {e}");
     }
 }
 
