@@ -1,6 +1,7 @@
 //! Block devices (loop devices) as sources and targets.
 
 use std::fs;
+use std::path::{Path, PathBuf};
 
 use rand::RngCore;
 
@@ -134,8 +135,13 @@ fn interrupted_full_copy_to_a_device_is_incomplete() {
     assert!(v["message"].as_str().is_some_and(|m| m.contains("1 recovery point")), "{v}");
     df!("verify", dev.dev, "--state-dir", state).ok();
 
+    // The kill is timed from the moment the copy marks the device INCOMPLETE
+    // (its catalog is replaced, so the inode changes), not from a measured
+    // run: under load the start-up and the source pass vary too much.
+    let catalog = find_catalog(&state);
     let mut incomplete = None;
     for attempt in 0..20 {
+        let before = inode(&catalog);
         let mut child = spawn(&[
             "sync".as_ref(),
             src.as_ref(),
@@ -146,8 +152,15 @@ fn interrupted_full_copy_to_a_device_is_incomplete() {
             "--state-dir".as_ref(),
             state.as_ref(),
         ]);
-        let delay = took * (0.2 + 0.5 * attempt as f64 / 20.0);
-        std::thread::sleep(std::time::Duration::from_secs_f64(delay.max(0.02)));
+        let began = std::time::Instant::now();
+        while inode(&catalog) == before && began.elapsed() < std::time::Duration::from_secs(60) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let delay = took * (0.05 + 0.4 * attempt as f64 / 20.0);
+        std::thread::sleep(std::time::Duration::from_secs_f64(delay));
         child.kill().unwrap();
         let status = child.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;
@@ -175,4 +188,27 @@ fn interrupted_full_copy_to_a_device_is_incomplete() {
     compare_prefix(&dev.dev, &src, size).unwrap();
     let v = df!("verify", dev.dev, "--state-dir", state, "--json").ok_json();
     assert_eq!(string(&v, "generation"), string(&s, "generation"));
+}
+
+/// The one target catalog under a state dir.
+fn find_catalog(state: &Path) -> PathBuf {
+    fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, found);
+            } else if p.file_name().is_some_and(|n| n == "catalog") {
+                found.push(p);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(state, &mut found);
+    assert_eq!(found.len(), 1, "one catalog under {}: {found:?}", state.display());
+    found.remove(0)
+}
+
+fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
 }
