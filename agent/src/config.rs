@@ -13,7 +13,8 @@ use crate::identity::normalize_fingerprint;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    listen: String,
+    /// Where peers reach this agent; a host that only sends has none.
+    listen: Option<String>,
     state_dir: Option<PathBuf>,
     #[serde(default = "default_sessions")]
     max_sessions: u32,
@@ -100,7 +101,8 @@ pub struct TargetConfig {
 pub struct Config {
     /// The file it was read from (canonical when loaded from disk).
     pub file: PathBuf,
-    pub listen: SocketAddr,
+    /// `None`: the agent only sends (its `[[protect]]` entries).
+    pub listen: Option<SocketAddr>,
     pub state_dir: Option<PathBuf>,
     pub max_sessions: u32,
     pub max_mtu: Option<u16>,
@@ -159,10 +161,21 @@ impl Config {
             Error::new(ErrorCode::Config, format!("config {}: {msg}{at}", path.display()))
                 .hint("fix the config file and start again")
         })?;
-        let listen: SocketAddr = raw
-            .listen
-            .parse()
-            .map_err(|_| bad("listen", format!("{:?} is not an address like 127.0.0.1:7400", raw.listen)))?;
+        let listen = match &raw.listen {
+            Some(l) => Some(
+                l.parse::<SocketAddr>()
+                    .map_err(|_| bad("listen", format!("{l:?} is not an address like 127.0.0.1:7400")))?,
+            ),
+            None if raw.target.is_empty() && raw.peer.is_empty() && !raw.protect.is_empty() => None,
+            None => {
+                return Err(bad(
+                    "listen",
+                    "missing: an agent that receives (with [[target]] or [[peer]] entries, or no [[protect]] \
+                     entry) needs an address like 0.0.0.0:7400"
+                        .into(),
+                ))
+            }
+        };
         if !(1..=3600).contains(&raw.idle_timeout_secs) {
             return Err(bad("idle_timeout_secs", "must be from 1 to 3600".into()));
         }
@@ -272,6 +285,37 @@ impl Config {
     }
 }
 
+/// The config a running agent goes by: replaced whole by a reload
+/// (`SIGHUP`), read by each session at its start.
+#[derive(Debug)]
+pub struct LiveConfig {
+    current: std::sync::RwLock<std::sync::Arc<Config>>,
+    /// What the last reload did (or why it changed nothing).
+    last_reload: std::sync::Mutex<Option<serde_json::Value>>,
+}
+
+impl LiveConfig {
+    pub fn new(config: Config) -> LiveConfig {
+        LiveConfig { current: std::sync::RwLock::new(std::sync::Arc::new(config)), last_reload: Default::default() }
+    }
+
+    pub fn last_reload(&self) -> Option<serde_json::Value> {
+        self.last_reload.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_last_reload(&self, report: serde_json::Value) {
+        *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+    }
+
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, config: Config) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(config);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,5 +363,19 @@ retention = 3
         let e = parse("listen = \"127.0.0.1:1\"\nbogus = 1\n").unwrap_err();
         assert!(e.message.contains("bogus"), "{}", e.message);
         assert_eq!(e.code, ErrorCode::Config);
+    }
+
+    #[test]
+    fn a_host_that_only_sends_needs_no_listen() {
+        let fp = "ab".repeat(32);
+        let c = parse(&format!(
+            "[[protect]]\nsource = \"/d/a.img\"\npeer = \"10.0.0.2:7400\"\npeer_fingerprint = \"{fp}\"\ntarget = \"a\"\nevery = \"5m\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.listen, None);
+        assert_eq!(c.protect.len(), 1);
+        // Receiving needs an address.
+        let e = parse("[[target]]\nname=\"x\"\npath=\"/a\"\n").unwrap_err();
+        assert!(e.message.contains("listen") && e.message.contains("missing"), "{}", e.message);
     }
 }

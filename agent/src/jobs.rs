@@ -19,7 +19,8 @@ pub const KEEP: usize = 200;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Job {
     pub id: u64,
-    /// `push` (a protected disk's scheduled push) or `receive`.
+    /// `push` (scheduled or run by hand), `receive`, `push-group`,
+    /// `failover-sync`, `failover`, `commit`, `abort`, `sync`, `plan` ….
     pub kind: String,
     /// The disk: a push's source, a receive's target path.
     pub disk: String,
@@ -50,6 +51,40 @@ pub struct JobResult {
     pub code: Option<String>,
     pub message: Option<String>,
     pub hint: Option<String>,
+}
+
+impl JobResult {
+    /// A job that ended with `e`.
+    pub fn failed(e: &diskferry_sync_engine::Error) -> JobResult {
+        JobResult {
+            ok: false,
+            generation: None,
+            consistency: None,
+            payload_bytes: 0,
+            written_bytes: 0,
+            wire_bytes: 0,
+            unchanged: false,
+            code: Some(e.code.as_str().to_string()),
+            message: Some(e.message.clone()),
+            hint: e.hint.clone(),
+        }
+    }
+
+    /// A job that ended well, with the point it made (if any).
+    pub fn ok(generation: Option<String>, consistency: Option<String>) -> JobResult {
+        JobResult {
+            ok: true,
+            generation,
+            consistency,
+            payload_bytes: 0,
+            written_bytes: 0,
+            wire_bytes: 0,
+            unchanged: false,
+            code: None,
+            message: None,
+            hint: None,
+        }
+    }
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -228,6 +263,13 @@ impl Running {
     /// Names the phase, keeping the counts (a session's commit).
     pub fn set_phase(&self, name: &str) {
         self.job.lock().unwrap_or_else(|p| p.into_inner()).phase = name.into();
+    }
+
+    /// Progress as a local command reports it.
+    pub fn set_progress(&self, phase: &str, done: u64, total: u64) {
+        self.job.lock().unwrap_or_else(|p| p.into_inner()).phase = phase.into();
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(done, Ordering::Relaxed);
     }
 
     pub fn id(&self) -> u64 {

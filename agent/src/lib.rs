@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod identity;
 pub mod ids;
 pub mod jobs;
+pub mod local_agent;
 pub mod metrics;
 pub mod nbd;
 pub mod output;

@@ -54,6 +54,8 @@ pub struct Bar {
     json: Option<Arc<Mutex<JsonState>>>,
     /// Stops the thread that writes a JSON line every second.
     ticking: Arc<AtomicBool>,
+    /// The command's job on the local agent's page.
+    job: Option<Arc<crate::local_agent::AgentJob>>,
 }
 
 impl Bar {
@@ -76,7 +78,7 @@ impl Bar {
                     }
                 }
             });
-            return Bar { bar: None, json: Some(s), ticking };
+            return Bar { bar: None, json: Some(s), ticking, job: None };
         }
         let wanted = match m {
             ProgressMode::Bar => true,
@@ -84,7 +86,7 @@ impl Bar {
             _ => false,
         };
         if !wanted {
-            return Bar { bar: None, json: None, ticking: Arc::default() };
+            return Bar { bar: None, json: None, ticking: Arc::default(), job: None };
         }
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
         bar.set_style(
@@ -92,7 +94,13 @@ impl Bar {
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
-        Bar { bar: Some(bar), json: None, ticking: Arc::default() }
+        Bar { bar: Some(bar), json: None, ticking: Arc::default(), job: None }
+    }
+
+    /// Also reports the progress to the command's job on the local agent.
+    pub fn reporting(mut self, job: Arc<crate::local_agent::AgentJob>) -> Bar {
+        self.job = Some(job);
+        self
     }
 
     /// Clears the bar (a JSON line says the last phase is done).
@@ -140,6 +148,9 @@ fn emit(s: &JsonState, done: bool) {
 
 impl Progress for Bar {
     fn phase(&self, name: &'static str, total: u64) {
+        if let Some(j) = &self.job {
+            j.phase(name, total);
+        }
         if let Some(b) = &self.bar {
             b.set_message(name);
             b.set_length(total);
@@ -155,6 +166,9 @@ impl Progress for Bar {
     }
 
     fn advance(&self, bytes: u64) {
+        if let Some(j) = &self.job {
+            j.advance(bytes);
+        }
         if let Some(b) = &self.bar {
             b.inc(bytes);
         }

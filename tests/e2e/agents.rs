@@ -82,6 +82,28 @@ impl Agent {
         agent
     }
 
+    /// An agent with a config written by the caller (`config` without
+    /// `state_dir`: the identity's is added). `addr` is its `listen`
+    /// address, if it has one.
+    pub fn start_config(id: Identity, dir: &Path, addr: Option<SocketAddr>, config: &str) -> Agent {
+        let file = dir.join("serve.toml");
+        std::fs::write(&file, format!("state_dir = \"{}\"\n{config}\n", id.state.display())).unwrap();
+        let addr = addr.unwrap_or_else(|| "0.0.0.0:0".parse().unwrap());
+        let mut agent = Agent { child: None, addr, id, config: file, log: Arc::default() };
+        agent.spawn();
+        agent
+    }
+
+    /// Rewrites its config (`state_dir` added) and sends it SIGHUP.
+    pub fn reload(&self, config: &str) {
+        std::fs::write(&self.config, format!("state_dir = \"{}\"\n{config}\n", self.id.state.display())).unwrap();
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -HUP");
+    }
+
     /// (Re)starts the process and waits until it serves.
     pub fn spawn(&mut self) {
         let mut child =
@@ -91,7 +113,7 @@ impl Agent {
         let log = self.log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("serving on") {
+                if line.contains("serving on") || line.contains("running, sending only") {
                     let _ = tx.send(());
                 }
                 log.lock().unwrap().push_str(&(line + "\n"));

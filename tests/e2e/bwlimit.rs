@@ -69,7 +69,7 @@ fn two_pushes_share_a_daemons_limit_evenly() {
     let _a = Agent::start_as(id_a, &dir_a, &[], &[], &extra);
     let deadline = Instant::now() + Duration::from_secs(60);
     let done = loop {
-        let jobs = http_json(status, "/api/jobs");
+        let jobs = http_json(status, "/api/jobs", None);
         let finished: Vec<Value> =
             jobs.as_array().unwrap().iter().filter(|j| j["result"].is_object()).cloned().collect();
         if finished.len() >= 2 {
@@ -95,18 +95,4 @@ fn two_pushes_share_a_daemons_limit_evenly() {
     );
     assert!((x / y - 1.0).abs() <= 0.15, "shares {x:.0} and {y:.0} B/s");
     assert!(x + y <= 4.0 * MIB as f64 * 1.1, "together {:.0} B/s over the 4 MiB/s limit", x + y);
-}
-
-fn http_json(port: u16, path: &str) -> Value {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    let body = match out.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        true => body.split_once("\r\n").map(|(_, b)| b.rsplit_once("\r\n0\r\n").map_or(b, |x| x.0)).unwrap_or_default(),
-        false => body,
-    };
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {out}"))
 }

@@ -15,6 +15,7 @@ mod bwlimit;
 mod changes;
 mod cli;
 mod corrupt;
+mod daemon;
 mod diverge;
 mod failover;
 mod failover_kill;

@@ -6,7 +6,6 @@
 //! The endpoint refuses a non-loopback address without a token, and a
 //! request without the token gets 401 and no body.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -15,33 +14,6 @@ use serde_json::Value;
 use crate::agents::{free_udp_port, sum, Agent, Identity, TargetSpec};
 use crate::util::*;
 
-/// `GET path` over HTTP/1.1: status code and body.
-fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    // Chunked bodies: the JSON and text here come in one chunk.
-    let body = match out.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        true => body
-            .split_once("\r\n")
-            .map(|(_, b)| b.rsplit_once("\r\n0\r\n").map_or(b, |x| x.0).to_string())
-            .unwrap_or_default(),
-        false => body,
-    };
-    (code, body)
-}
-
-fn json(port: u16, path: &str, token: Option<&str>) -> Value {
-    let (code, body) = get(port, path, token);
-    assert_eq!(code, 200, "{path}: {body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
-}
-
 /// A metric's value (the first sample of that name and labels).
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
@@ -49,14 +21,6 @@ fn metric(text: &str, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -98,30 +62,30 @@ fn a_protected_disk_is_pushed_on_schedule_with_status_and_metrics() {
 
     // Pushed on schedule: the replica follows the disk, the RPO is met.
     wait_for("a first point", Duration::from_secs(30), || {
-        json(status_a, "/api/protect", None)[0]["last_point"].is_string()
+        http_json(status_a, "/api/protect", None)[0]["last_point"].is_string()
     });
     scatter_writes(&disk, 10, 64 * KIB, &mut rng);
     let changed = sum(&disk);
     wait_for("the change to reach the replica", Duration::from_secs(30), || {
         std::fs::metadata(&replica).is_ok() && sum(&replica) == changed
     });
-    let p = json(status_a, "/api/protect", None);
+    let p = http_json(status_a, "/api/protect", None);
     assert_eq!(p[0]["over_rpo"], false, "{p}");
     assert_eq!(p[0]["target"], "vm");
 
     // A's metrics equal the sums of its push jobs; B's of its received ones.
-    let jobs = json(status_a, "/api/jobs", None);
+    let jobs = http_json(status_a, "/api/jobs", None);
     let ok: Vec<&Value> = jobs.as_array().unwrap().iter().filter(|j| j["result"]["ok"] == true).collect();
     assert!(ok.len() >= 2, "{jobs}");
-    let one = json(status_a, &format!("/api/jobs/{}", ok[0]["id"]), None);
+    let one = http_json(status_a, &format!("/api/jobs/{}", ok[0]["id"]), None);
     assert_eq!(one["id"], ok[0]["id"]);
-    let (_, m) = get(status_a, "/metrics", None);
+    let (_, m) = http_get(status_a, "/metrics", None);
     let sent: u64 = jobs.as_array().unwrap().iter().filter_map(|j| j["result"]["payload_bytes"].as_u64()).sum();
     assert_eq!(metric(&m, "diskferry_sent_bytes_total") as u64, sent, "{m}");
     assert_eq!(metric(&m, "diskferry_jobs_total{kind=\"push\",result=\"ok\"}") as usize, ok.len(), "{m}");
     assert!(m.contains("diskferry_rpo_seconds{disk="), "{m}");
-    let (_, mb) = get(status_b, "/metrics", Some(&token));
-    let recv = json(status_b, "/api/jobs", Some(&token));
+    let (_, mb) = http_get(status_b, "/metrics", Some(&token));
+    let recv = http_json(status_b, "/api/jobs", Some(&token));
     let recv_ok = recv.as_array().unwrap().iter().filter(|j| j["kind"] == "receive" && j["result"]["ok"] == true);
     let (mut payload, mut written, mut n) = (0, 0, 0);
     for j in recv_ok {
@@ -144,10 +108,10 @@ fn a_protected_disk_is_pushed_on_schedule_with_status_and_metrics() {
         }
     }
     assert!(matched >= 2, "{jobs} vs {recv}");
-    let t = json(status_b, "/api/targets", Some(&token));
+    let t = http_json(status_b, "/api/targets", Some(&token));
     assert_eq!(t[0]["name"], "vm", "{t}");
     // The page renders the jobs, with no external assets.
-    let (code, page) = get(status_a, "/", None);
+    let (code, page) = http_get(status_a, "/", None);
     assert_eq!(code, 200);
     assert!(page.contains(&disk.display().to_string()), "{page}");
     assert!(page.contains("<span class=ok>ok</span>"), "a finished push's row: {page}");
@@ -162,41 +126,41 @@ fn a_protected_disk_is_pushed_on_schedule_with_status_and_metrics() {
     df!("status", "--state-dir", tmp.path().join("nobody")).expect_error("E_NOT_FOUND", 3);
 
     // Without the token: 401 and nothing else.
-    let (code, body) = get(status_b, "/api/jobs", None);
+    let (code, body) = http_get(status_b, "/api/jobs", None);
     assert_eq!((code, body.trim()), (401, ""), "learns nothing");
-    assert_eq!(get(status_b, "/metrics", Some("wrong-token-wrong-token")).0, 401);
+    assert_eq!(http_get(status_b, "/metrics", Some("wrong-token-wrong-token")).0, 401);
 
     // The peer goes down: over the RPO, retries back off, little CPU.
     b.kill9();
     wait_for("the RPO to go over", Duration::from_secs(30), || {
-        json(status_a, "/api/protect", None)[0]["over_rpo"] == true
+        http_json(status_a, "/api/protect", None)[0]["over_rpo"] == true
     });
     let t0 = cpu_ticks(a.pid());
     std::thread::sleep(Duration::from_secs(10));
     let used = cpu_ticks(a.pid()) - t0;
     assert!(used <= 10, "{used} ticks of CPU in 10 s while the peer was down (1 % is 10)");
-    let p = json(status_a, "/api/protect", None);
+    let p = http_json(status_a, "/api/protect", None);
     assert!(p[0]["failures_in_a_row"].as_u64().unwrap() >= 1 || p[0]["running"] == true, "{p}");
     // Back: it catches up.
     b.spawn();
     scatter_writes(&disk, 5, 64 * KIB, &mut rng);
     let changed = sum(&disk);
     wait_for("the catch-up", Duration::from_secs(90), || {
-        json(status_a, "/api/protect", None)[0]["over_rpo"] == false && sum(&replica) == changed
+        http_json(status_a, "/api/protect", None)[0]["over_rpo"] == false && sum(&replica) == changed
     });
     // A restart keeps the jobs (no id handed out twice) and the last point.
-    let before = json(status_a, "/api/jobs", None);
+    let before = http_json(status_a, "/api/jobs", None);
     let max_id = before.as_array().unwrap().iter().filter_map(|j| j["id"].as_u64()).max().unwrap();
     let t0 = Instant::now();
     a.terminate();
     assert!(t0.elapsed() < Duration::from_secs(15), "the agent took {:?} to stop", t0.elapsed());
     a.spawn();
-    let p = json(status_a, "/api/protect", None);
+    let p = http_json(status_a, "/api/protect", None);
     assert!(p[0]["last_point"].is_string(), "{p}");
     wait_for("a push after the restart", Duration::from_secs(30), || {
-        json(status_a, "/api/jobs", None).as_array().unwrap().iter().any(|j| j["id"].as_u64() > Some(max_id))
+        http_json(status_a, "/api/jobs", None).as_array().unwrap().iter().any(|j| j["id"].as_u64() > Some(max_id))
     });
-    let after = json(status_a, "/api/jobs", None);
+    let after = http_json(status_a, "/api/jobs", None);
     let ids: Vec<u64> = after.as_array().unwrap().iter().filter_map(|j| j["id"].as_u64()).collect();
     let mut unique = ids.clone();
     unique.sort();

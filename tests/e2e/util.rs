@@ -560,3 +560,27 @@ impl Drop for Mount {
         drop(self.dev.take());
     }
 }
+
+/// `GET path` on a status endpoint at `127.0.0.1:port`: the HTTP status and body.
+pub fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    use diskferry_agent::status::client::{request, Addr};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let a = request(Addr::Tcp(addr), "GET", path, token, None, std::time::Duration::from_secs(10)).unwrap();
+    (a.status, a.body)
+}
+
+/// `GET path` as JSON, requiring 200.
+pub fn http_json(port: u16, path: &str, token: Option<&str>) -> Value {
+    let (code, body) = http_get(port, path, token);
+    assert_eq!(code, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+}
+
+/// Waits for `f` to hold, polling every 200 ms.
+pub fn wait_for(what: &str, timeout: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

@@ -6,21 +6,24 @@ use anyhow::Result;
 use diskferry_sync_engine::apply::{Recovery, Trust};
 use serde_json::json;
 
-use super::target_arg::{open_waiting, resolve_arg};
+use super::target_arg::{open_for_move, resolve_arg};
 use crate::cli::AbortArgs;
+use crate::jobs::JobResult;
 use crate::output::print_json;
 use crate::units::human_bytes;
 
 pub fn run(a: AbortArgs) -> Result<()> {
     let r = resolve_arg(&a.target, a.common.state_dir.clone())?;
     let path = r.path.clone();
-    let mut target = open_waiting(&r, std::time::Duration::from_secs(a.target.wait))?;
+    let (mut target, mv) = open_for_move(&r, "abort", std::time::Duration::from_secs(a.target.wait))?;
     let finished = match target.recovery() {
         Recovery::Finished(g) => Some(*g),
         _ => None,
     };
     let incomplete = matches!(target.trust()?, Trust::Incomplete);
-    let aborted = target.abort_staged()?;
+    let aborted = target.abort_staged();
+    mv.job.finish_with(&aborted, |_| JobResult::ok(None, None));
+    let aborted = aborted?;
     if a.common.json {
         print_json(&json!({
             "target": path,

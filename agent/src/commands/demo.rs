@@ -67,7 +67,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let rt = runtime()?;
     let (full, delta) = rt.block_on(async {
         let server = Server::bind(config, target_state.clone(), &target_id)?;
-        let addr = server.local_addr()?;
+        let addr =
+            server.local_addr()?.ok_or_else(|| Error::new(ErrorCode::Internal, "the demo agent does not listen"))?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(server.run(async {
             let _ = stop_rx.await;

@@ -8,22 +8,24 @@ use diskferry_sync_engine::error::{IoContext, Place};
 use diskferry_sync_engine::thread_pool;
 use serde_json::json;
 
-use super::target_arg::{open_waiting, resolve_arg, Resolved};
+use super::target_arg::{open_for_move, resolve_arg, Move, Resolved};
 use crate::cli::{FailoverArgs, MoveArgs};
 use crate::ids::{new_generation, now_unix_ns};
+use crate::jobs::JobResult;
 use crate::output::print_json;
 use crate::progress::Bar;
 use crate::units::{human_bytes, round_secs};
 
-/// Opens the target, saying what its recovery had to finish.
-fn open(r: &Resolved, wait: u64) -> Result<Target> {
-    let target = open_waiting(r, Duration::from_secs(wait))?;
+/// Opens the target for the move `kind` (the local agent releases it
+/// first), saying what its recovery had to finish.
+fn open(r: &Resolved, wait: u64, kind: &str) -> Result<(Target, Move)> {
+    let (target, mv) = open_for_move(r, kind, Duration::from_secs(wait))?;
     match target.recovery() {
         Recovery::Finished(g) => eprintln!("recovered: finished the interrupted commit or move to {g}"),
         Recovery::Discarded => eprintln!("recovered: discarded an interrupted, uncommitted apply or move"),
         _ => {}
     }
-    Ok(target)
+    Ok((target, mv))
 }
 
 pub fn failover(a: FailoverArgs) -> Result<()> {
@@ -31,11 +33,14 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
         return super::group_moves::failover(g, a.point, &a.target, a.common.state_dir.clone(), a.common.json);
     }
     let r = resolve_arg(&a.target, a.common.state_dir.clone())?;
-    let mut target = open(&r, a.target.wait)?;
+    let (mut target, mv) = open(&r, a.target.wait, "failover")?;
     let start = Instant::now();
     // A replica whose stamp cannot tell is hashed first: on all cores.
-    let pool = thread_pool(None).ctx(Place::Target, "starting threads for", &r.path)?;
-    let m = pool.install(|| target.failover(a.point))?;
+    let m = thread_pool(None)
+        .ctx(Place::Target, "starting threads for", &r.path)
+        .and_then(|pool| pool.install(|| target.failover(a.point)));
+    mv.job.finish_with(&m, |m| JobResult::ok(Some(m.to.to_hex()), None));
+    let m = m?;
     let secs = start.elapsed().as_secs_f64();
     if a.common.json {
         print_json(&json!({
@@ -71,8 +76,10 @@ pub fn commit(a: MoveArgs) -> Result<()> {
         return super::group_moves::commit(g, &a.target, a.common.state_dir.clone(), a.common.json);
     }
     let r = resolve_arg(&a.target, a.common.state_dir.clone())?;
-    let mut target = open(&r, a.target.wait)?;
-    let c = target.commit_point()?;
+    let (mut target, mv) = open(&r, a.target.wait, "commit")?;
+    let c = target.commit_point();
+    mv.job.finish_with(&c, |c| JobResult::ok(Some(c.kept.to_hex()), None));
+    let c = c?;
     if a.common.json {
         print_json(&json!({
             "target": r.path,
@@ -98,11 +105,12 @@ pub fn commit(a: MoveArgs) -> Result<()> {
 
 pub fn demote(a: MoveArgs) -> Result<()> {
     let r = resolve_arg(&a.target, a.common.state_dir.clone())?;
-    let mut target = open(&r, a.target.wait)?;
+    let (mut target, mv) = open(&r, a.target.wait, "demote")?;
     let pool = thread_pool(None).ctx(Place::Target, "starting threads for", &r.path)?;
     let bar = Bar::new();
     let d = pool.install(|| target.demote(new_generation(), now_unix_ns(), &bar));
     bar.finish();
+    mv.job.finish_with(&d, |d| JobResult::ok(Some(d.generation.to_hex()), None));
     let d = d?;
     if a.common.json {
         print_json(&json!({

@@ -100,17 +100,42 @@ fn disks(a: &FailoverSyncArgs, rt: &tokio::runtime::Runtime) -> Result<Disks> {
 
 pub fn run(a: FailoverSyncArgs) -> Result<()> {
     let (id, rt) = setup(&a.opts)?;
-    let id = Arc::new(id);
     let d = disks(&a, &rt)?;
+    let job = Arc::new(match d.members.first() {
+        Some(o) if d.group.is_none() => super::net::job_of_push("failover-sync", o, &a.opts.peer),
+        _ => match d.members.first().and_then(|o| o.state_root.as_ref()) {
+            Some(root) => crate::local_agent::AgentJob::start(
+                root,
+                "failover-sync",
+                &d.what(),
+                &a.opts.peer,
+                d.group.as_ref().map_or("", |g| g.as_str()),
+            ),
+            None => crate::local_agent::AgentJob::none(),
+        },
+    });
+    let r = run_disks(&a, Arc::new(id), &rt, &d, &job);
+    job.finish_anyhow(&r, |(g, c)| crate::jobs::JobResult::ok(Some(g.clone()), Some(c.clone())));
+    r.map(|_| ())
+}
+
+/// The passes, the quiesce and the last delta; the last point's generation and consistency.
+fn run_disks(
+    a: &FailoverSyncArgs,
+    id: Arc<crate::identity::Identity>,
+    rt: &tokio::runtime::Runtime,
+    d: &Disks,
+    job: &Arc<crate::local_agent::AgentJob>,
+) -> Result<(String, String)> {
     let json = a.opts.common.json;
     let push_all = |fuzzy: bool, promote: bool, requested: &mut bool| -> Result<Pushed, Error> {
         let start = Instant::now();
         let members: Vec<PushOptions> = d.members.iter().map(|o| PushOptions { fuzzy, promote, ..o.clone() }).collect();
         let reports = match (&d.group, members.first()) {
-            (Some(g), _) => push::group::push_members(&rt, &id, g, &members, requested)?,
+            (Some(g), _) => push::group::push_members(rt, &id, g, &members, requested)?,
             (None, Some(o)) => {
                 let o = o.clone();
-                let bar = Arc::new(Bar::new());
+                let bar = Arc::new(Bar::new().reporting(job.clone()));
                 let r = rt.block_on(push::push_tracked(&id, o, bar.clone(), requested));
                 bar.finish();
                 vec![r?]
@@ -124,6 +149,7 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
     let mut passes: Vec<Pass> = Vec::new();
     let mut not_shrinking = 0;
     for n in 1..=a.max_passes {
+        job.set_phase("pass while running");
         let r = push_all(true, false, &mut false)?;
         let (changed, seconds) = (r.changed(), r.seconds);
         if let Some(prev) = passes.last() {
@@ -149,10 +175,12 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
     let sources = d.sources();
     let env = [("DISKFERRY_SOURCE", sources.as_os_str())];
     // The downtime starts when the quiesce command exits.
+    job.set_phase("quiesce");
     let (_, down) = hooks::run_timed("quiesce", &a.quiesce_cmd, &[], &env, timeout)
-        .map_err(|e| unquiesce(&a, &d, e, "the quiesce command failed; the VM may be partly quiesced"))?;
+        .map_err(|e| unquiesce(a, d, e, "the quiesce command failed; the VM may be partly quiesced"))?;
     let quiesce_seconds = (down - q0).as_secs_f64();
     let mut commit_requested = false;
+    job.set_phase("last delta");
     let r = match push_all(false, a.promote, &mut commit_requested) {
         Ok(x) => x,
         // The commit may have landed, and gone live: restarting the VM here
@@ -180,8 +208,8 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
         }
         Err(e) => {
             return Err(unquiesce(
-                &a,
-                &d,
+                a,
+                d,
                 e,
                 "the VM is quiesced and the last delta is not committed; run failover-sync again to resume it",
             )
@@ -195,7 +223,7 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
             format!("{} was still written after the quiesce command: the last point is fuzzy", d.what()),
         )
         .hint("make the quiesce command wait until the VM is down (or frozen), then run failover-sync again");
-        return Err(unquiesce(&a, &d, e, "").into());
+        return Err(unquiesce(a, d, e, "").into());
     }
     if a.promote && !r.promoted() {
         let fix = match &d.group {
@@ -285,7 +313,7 @@ pub fn run(a: FailoverSyncArgs) -> Result<()> {
             println!("  demoted     {} is a replica at {g}", p.display());
         }
     }
-    Ok(())
+    Ok((r.generation(), r.consistency().as_str().to_string()))
 }
 
 /// Runs `--unquiesce-cmd` after a failure past the quiesce, and says so.

@@ -20,9 +20,10 @@ use diskferry_sync_engine::points::{self, PointInfo};
 use diskferry_sync_engine::Error;
 use serde_json::json;
 
-use super::target_arg::{open_waiting, state_root, Resolved};
+use super::target_arg::{open_for_move, open_waiting, state_root, Move, Resolved};
 use crate::cli::TargetArg;
 use crate::groups;
+use crate::jobs::JobResult;
 use crate::output::print_json;
 use crate::units::format_time;
 
@@ -43,6 +44,22 @@ fn open_members(
     state_dir: Option<PathBuf>,
     wait: u64,
 ) -> Result<(Vec<Resolved>, Vec<Target>), Error> {
+    let (resolved, targets, _) = open_members_for(group, config, state_dir, wait, None)?;
+    Ok((resolved, targets))
+}
+
+/// The members, opened, and their moves (none without a kind).
+type OpenedMembers = (Vec<Resolved>, Vec<Target>, Vec<Move>);
+
+/// [`open_members`] for the move `kind` (a local agent releases each
+/// member first, and shows a job per member).
+fn open_members_for(
+    group: &str,
+    config: Option<&Path>,
+    state_dir: Option<PathBuf>,
+    wait: u64,
+    kind: Option<&str>,
+) -> Result<OpenedMembers, Error> {
     let root = state_root(config, state_dir)?;
     let m = groups::load(&root, group)?.ok_or_else(|| {
         Error::new(ErrorCode::NotFound, format!("this agent knows no group {group:?} (in {})", root.display()))
@@ -53,8 +70,21 @@ fn open_members(
         .into_iter()
         .map(|(name, path)| Resolved { path, state_root: root.clone(), name: Some(name) })
         .collect();
-    let targets = resolved.iter().map(|r| open_waiting(r, Duration::from_secs(wait))).collect::<Result<Vec<_>, _>>()?;
-    Ok((resolved, targets))
+    let wait = Duration::from_secs(wait);
+    let Some(kind) = kind else {
+        let targets = resolved.iter().map(|r| open_waiting(r, wait)).collect::<Result<Vec<_>, _>>()?;
+        return Ok((resolved, targets, Vec::new()));
+    };
+    let (targets, moves) =
+        resolved.iter().map(|r| open_for_move(r, kind, wait)).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
+    Ok((resolved, targets, moves))
+}
+
+/// Ends each member's job with the group move's result.
+fn finish_moves<T>(moves: &[Move], r: &Result<T>, generation: Option<String>) {
+    for m in moves {
+        m.job.finish_anyhow(r, |_| JobResult::ok(generation.clone(), None));
+    }
 }
 
 fn group_points(targets: &[Target]) -> Vec<GroupPoint> {
@@ -119,8 +149,21 @@ pub fn failover(
     state_dir: Option<PathBuf>,
     json: bool,
 ) -> Result<()> {
-    let (resolved, mut targets) = open_members(group, a.config.as_deref(), state_dir, a.wait)?;
-    let list = group_points(&targets);
+    let (resolved, mut targets, moves) =
+        open_members_for(group, a.config.as_deref(), state_dir, a.wait, Some("failover"))?;
+    let r = failover_members(group, point, &resolved, &mut targets, json);
+    finish_moves(&moves, &r, r.as_ref().ok().map(|g| g.to_hex()));
+    r.map(|_| ())
+}
+
+fn failover_members(
+    group: &str,
+    point: Option<Generation>,
+    resolved: &[Resolved],
+    targets: &mut [Target],
+    json: bool,
+) -> Result<Generation> {
+    let list = group_points(targets);
     let chosen = match point {
         Some(g) => list.iter().find(|p| p.generation == g).ok_or_else(|| {
             Error::new(ErrorCode::NoSuchPoint, format!("{g} is not a point of every member of group {group:?}"))
@@ -153,14 +196,21 @@ pub fn failover(
     } else {
         println!("group {group} is live at {g} ({}) on {} members", consistency.as_str(), moved.len());
     }
-    Ok(())
+    Ok(g)
 }
 
 pub fn commit(group: &str, a: &TargetArg, state_dir: Option<PathBuf>, json: bool) -> Result<()> {
-    let (resolved, mut targets) = open_members(group, a.config.as_deref(), state_dir, a.wait)?;
+    let (resolved, mut targets, moves) =
+        open_members_for(group, a.config.as_deref(), state_dir, a.wait, Some("commit"))?;
+    let r = commit_members(group, &resolved, &mut targets, json);
+    finish_moves(&moves, &r, None);
+    r
+}
+
+fn commit_members(group: &str, resolved: &[Resolved], targets: &mut [Target], json: bool) -> Result<()> {
     // Only a group point is kept on every member: members at different
     // points would keep no point in common.
-    if !group_points(&targets).iter().any(|p| p.current) {
+    if !group_points(targets).iter().any(|p| p.current) {
         return Err(Error::new(
             ErrorCode::NoSuchPoint,
             format!("the members of group {group:?} are not at one group point"),

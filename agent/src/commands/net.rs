@@ -53,8 +53,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
         let server = Server::bind(config, state_root, &id)?;
-        let addr = server.local_addr()?;
-        eprintln!("diskferry serving on {addr} (fingerprint {})", id.fingerprint());
+        match server.local_addr()? {
+            Some(addr) => eprintln!("diskferry serving on {addr} (fingerprint {})", id.fingerprint()),
+            None => eprintln!(
+                "diskferry running, sending only (no listen; fingerprint {}, {} protected disks)",
+                id.fingerprint(),
+                server.protected_disks()
+            ),
+        }
         server.run(shutdown_signal()).await;
         eprintln!("diskferry: stopped");
         Ok(())
@@ -151,10 +157,12 @@ pub fn push_options(
 
 pub fn push(a: PushArgs) -> Result<()> {
     let (opts, id, rt) = push_setup(&a)?;
-    let bar = Arc::new(Bar::new());
+    let job = Arc::new(job_of_push("push", &opts, &a.opts.peer));
+    let bar = Arc::new(Bar::new().reporting(job.clone()));
     let start = Instant::now();
     let report = rt.block_on(push::push(&id, opts, bar.clone()));
     bar.finish();
+    job.finish_with(&report, PushReport::job_result);
     let report = report?;
     let secs = start.elapsed().as_secs_f64();
     if a.opts.common.json {
@@ -198,6 +206,20 @@ pub fn push(a: PushArgs) -> Result<()> {
         println!("  time        {secs:.3} s ({:.0} MB/s)", mb_per_s(report.disk_bytes, secs));
     }
     Ok(())
+}
+
+/// The push's job on the page of the agent sharing its state directory.
+pub fn job_of_push(kind: &str, opts: &PushOptions, peer: &str) -> crate::local_agent::AgentJob {
+    match &opts.state_root {
+        Some(root) => crate::local_agent::AgentJob::start(
+            root,
+            kind,
+            &opts.source.display().to_string(),
+            peer,
+            opts.target.as_str(),
+        ),
+        None => crate::local_agent::AgentJob::none(),
+    }
 }
 
 pub fn push_json(r: &PushReport, secs: f64, cpu: f64) -> serde_json::Value {

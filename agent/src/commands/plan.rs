@@ -33,7 +33,28 @@ pub fn run(c: PlanCommand) -> Result<()> {
             }
             let mut o = options(mode, a.point, &a.site, a.common.state_dir.clone(), a.common.progress.into());
             o.restart = a.restart;
+            // The plan is a job on this host's agent; its steps are jobs of their own.
+            let job = match crate::plan::this_state_root(&o) {
+                Ok(root) => crate::local_agent::AgentJob::start(
+                    &root,
+                    "plan",
+                    &a.plan.display().to_string(),
+                    "",
+                    &format!("{} ({})", p.name, mode.as_str()),
+                ),
+                Err(_) => crate::local_agent::AgentJob::none(),
+            };
             let out = plan::run(&p, &o);
+            job.finish(match out.errors.first() {
+                None => crate::jobs::JobResult::ok(None, None),
+                Some((at, e)) => crate::jobs::JobResult {
+                    ok: false,
+                    code: Some(e.code.clone()),
+                    message: Some(format!("{at}: {}", e.message)),
+                    hint: Some(e.hint.clone()),
+                    ..crate::jobs::JobResult::ok(None, None)
+                },
+            });
             finish(&p, mode, out, a.common.json)
         }
         PlanCommand::Cleanup(a) => {

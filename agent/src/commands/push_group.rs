@@ -23,8 +23,21 @@ pub fn run(a: PushGroupArgs) -> Result<()> {
     let (id, rt) = setup(&a.opts)?;
     let all =
         a.disks.iter().map(|(src, target)| push_options(src, target, &a.opts, &rt)).collect::<Result<Vec<_>>>()?;
+    // A job per member, as the agent's own group pushes show.
+    let jobs: Vec<_> = all.iter().map(|o| super::net::job_of_push("push", o, &a.opts.peer)).collect();
     let start = Instant::now();
-    let reports = push::group::push_members(&rt, &Arc::new(id), &name, &all, &mut false)?;
+    let reports = push::group::push_members(&rt, &Arc::new(id), &name, &all, &mut false);
+    for (i, job) in jobs.iter().enumerate() {
+        match &reports {
+            Ok(r) => job.finish(r.get(i).map_or_else(
+                || crate::jobs::JobResult::ok(None, None),
+                // The members share one connection: its bytes once.
+                |r| crate::jobs::JobResult { wire_bytes: if i == 0 { r.wire_bytes } else { 0 }, ..r.job_result() },
+            )),
+            Err(e) => job.finish(crate::jobs::JobResult::failed(e)),
+        }
+    }
+    let reports = reports?;
     let secs = start.elapsed().as_secs_f64();
     let generation = reports.first().map(|r| r.committed.generation.to_hex()).unwrap_or_default();
     if a.opts.common.json {

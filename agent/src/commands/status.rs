@@ -2,13 +2,7 @@
 //! its unix socket in the state directory — protected disks with their
 //! RPO, running and recent jobs, and the served targets.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::time::Duration;
-
 use anyhow::Result;
-use diskferry_protocol::ErrorCode;
-use diskferry_sync_engine::Error;
 use serde_json::{json, Value};
 
 use crate::cli::StatusArgs;
@@ -21,7 +15,7 @@ const RECENT: usize = 10;
 pub fn run(a: StatusArgs) -> Result<()> {
     let root = super::target_arg::state_root(a.config.as_deref(), a.common.state_dir.clone())?;
     let socket = crate::status::socket_path(&root);
-    let get = |path: &str| ask(&socket, path);
+    let get = |path: &str| crate::status::client::get_json(crate::status::client::Addr::Unix(&socket), path, None);
     let (protect, jobs, targets) = (get("/api/protect")?, get("/api/jobs")?, get("/api/targets")?);
     if a.common.json {
         print_json(&json!({ "state_dir": root, "protect": protect, "jobs": jobs, "targets": targets }));
@@ -87,48 +81,4 @@ pub fn run(a: StatusArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// `GET path` over the agent's socket: the JSON answer.
-fn ask(socket: &std::path::Path, path: &str) -> Result<Value, Error> {
-    let mut s = UnixStream::connect(socket).map_err(|e| {
-        Error::new(ErrorCode::NotFound, format!("no agent answers at {} ({e})", socket.display()))
-            .hint("start `diskferry serve` with this state directory (or give --config / --state-dir)")
-    })?;
-    let io = |e: std::io::Error| Error::new(ErrorCode::Connection, format!("the agent's socket: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").map_err(io)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(io)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = match head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        true => dechunk(body),
-        false => body.to_string(),
-    };
-    serde_json::from_str(&body)
-        .map_err(|e| Error::new(ErrorCode::Protocol, format!("the agent's answer to {path} is not JSON: {e}")))
-}
-
-/// The body of a chunked HTTP/1.1 answer.
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn dechunks() {
-        assert_eq!(super::dechunk("4\r\nWiki\r\n5\r\npedia\r\n0\r\n\r\n"), "Wikipedia");
-        assert_eq!(super::dechunk("zz\r\n"), "");
-    }
 }

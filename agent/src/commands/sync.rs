@@ -30,6 +30,13 @@ pub fn run(a: SyncArgs) -> Result<()> {
     let src = std::fs::canonicalize(&a.src).unwrap_or_else(|_| a.src.clone());
     // Kept until the sync ends: it may own the qemu-nbd it reads through.
     let reader = crate::nbd::open_source(&src, a.format, None)?;
+    let shown = std::sync::Arc::new(crate::local_agent::AgentJob::start(
+        &state_root,
+        "sync",
+        &src.display().to_string(),
+        "",
+        &target.display().to_string(),
+    ));
     let job = SyncJob {
         vfs: reader.vfs.clone(),
         state_root,
@@ -40,10 +47,14 @@ pub fn run(a: SyncArgs) -> Result<()> {
         now_unix_ns: now_unix_ns(),
     };
     let pool = thread_pool(a.threads).ctx(Place::Source, "starting threads for", &a.src)?;
-    let bar = Bar::new();
+    let bar = Bar::new().reporting(shown.clone());
     let start = Instant::now();
     let report = pool.install(|| local::sync(&job, &opts, &bar));
     bar.finish();
+    shown.finish_with(&report, |r| crate::jobs::JobResult {
+        written_bytes: r.bytes_written,
+        ..crate::jobs::JobResult::ok(Some(r.generation.to_hex()), Some(r.consistency.as_str().to_string()))
+    });
     let report = report?;
     let secs = start.elapsed().as_secs_f64();
     if a.common.json {

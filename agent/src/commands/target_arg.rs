@@ -90,3 +90,39 @@ pub fn open_waiting(r: &Resolved, wait: Duration) -> Result<Target, Error> {
         }
     }
 }
+
+/// A move on a target run beside a local agent: its job on the agent's
+/// page, and the agent's hold on the target (released when dropped).
+pub struct Move {
+    pub job: crate::local_agent::AgentJob,
+    _released: Option<crate::local_agent::Released>,
+}
+
+/// Opens the target for a move (`kind`: `failover`, `commit`, `abort` …):
+/// the local agent, if one serves it, cancels its session at a safe point
+/// and refuses new ones until the move is done; the move shows as a job.
+pub fn open_for_move(r: &Resolved, kind: &str, wait: Duration) -> Result<(Target, Move), Error> {
+    use crate::jobs::JobResult;
+    let job = crate::local_agent::AgentJob::start(
+        &r.state_root,
+        kind,
+        &r.path.display().to_string(),
+        "",
+        r.name.as_deref().unwrap_or_default(),
+    );
+    let hold = wait + crate::serve::registry::MAX_HOLD;
+    let released = match crate::local_agent::release(&r.state_root, &r.path, kind, hold) {
+        Ok(x) => x,
+        Err(e) => {
+            job.finish(JobResult::failed(&e));
+            return Err(e);
+        }
+    };
+    match open_waiting(r, wait) {
+        Ok(t) => Ok((t, Move { job, _released: released })),
+        Err(e) => {
+            job.finish(JobResult::failed(&e));
+            Err(e)
+        }
+    }
+}

@@ -18,7 +18,7 @@ use diskferry_protocol::{ErrorCode, TargetName};
 use diskferry_sync_engine::Error;
 use serde::Deserialize;
 
-pub use ctx::{Mode, PointChoice, RunOptions};
+pub use ctx::{this_state_root, Mode, PointChoice, RunOptions};
 pub use run::{cleanup, run, Outcome};
 pub use step::ProgressFormat;
 

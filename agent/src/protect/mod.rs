@@ -13,7 +13,7 @@ use diskferry_protocol::{ErrorCode, TargetName};
 use diskferry_sync_engine::Error;
 use serde::Deserialize;
 
-pub use schedule::{spawn_all, ProtectStatus, Protected};
+pub use schedule::{Changed, ProtectStatus, Protected, Protector};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

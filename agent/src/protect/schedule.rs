@@ -77,71 +77,215 @@ impl ProtectStatus {
     }
 }
 
-/// Starts a task per protected disk (per group of entries) on the current
-/// runtime; they stop at a safe point when `stop` turns true.
-pub fn spawn_all(
-    entries: &[Protect],
+/// The running `[[protect]]` entries: one task per disk (per group of
+/// entries), started, replaced and stopped as the config changes.
+pub struct Protector {
+    status: Arc<ProtectStatus>,
+    units: BTreeMap<String, UnitTask>,
+    /// The daemon-wide limit and the one pacer every push shares.
+    daemon_limit: Option<u64>,
+    daemon_pace: Option<Arc<crate::pace::Pacer>>,
     id: Arc<Identity>,
     state_root: PathBuf,
     jobs: Arc<Jobs>,
-    daemon_limit: Option<u64>,
+    last_points: Arc<LastPoints>,
+    /// The agent's shutdown.
     stop: watch::Receiver<bool>,
-) -> (Arc<ProtectStatus>, tokio::task::JoinSet<()>) {
-    // One limit every push of the daemon shares, first come, first served.
-    let daemon_pace = daemon_limit.map(|r| Arc::new(crate::pace::Pacer::new(r)));
-    let started = crate::ids::now_unix_ns();
-    let mut disks = BTreeMap::new();
-    let last_points = Arc::new(LastPoints { file: state_root.join("protect.json"), write: Mutex::new(()) });
-    let kept = last_points.load();
+    tasks: tokio::task::JoinSet<()>,
+}
+
+/// A unit's task: what it runs, how to stop it, and how to know it stopped.
+struct UnitTask {
+    entries: Vec<Protect>,
+    daemon_limit: Option<u64>,
+    stop: watch::Sender<bool>,
+    /// Its sender is dropped when the task ends.
+    done: watch::Receiver<()>,
+}
+
+/// What a reload changed, for the log.
+#[derive(Debug, Default, PartialEq)]
+pub struct Changed {
+    pub started: Vec<String>,
+    pub stopped: Vec<String>,
+    pub replaced: Vec<String>,
+    pub kept: usize,
+}
+
+/// Entries of one group go together (keyed by the group); the others alone (by disk).
+fn units_of(entries: &[Protect]) -> BTreeMap<String, Vec<Protect>> {
+    let mut units: BTreeMap<String, Vec<Protect>> = BTreeMap::new();
     for e in entries {
-        // The last consistent point survives a restart.
-        let last = kept.get(&e.disk());
-        disks.insert(
-            e.disk(),
-            Protected {
-                disk: e.disk(),
-                peer: e.peer.clone(),
-                target: e.target.to_string(),
-                group: e.group.as_ref().map(|g| g.to_string()),
-                every_seconds: e.every.as_secs_f64(),
-                rpo_target_seconds: e.rpo.as_secs_f64(),
-                last_point: last.map(|l| l.generation.clone()),
-                last_point_unix_ns: last.map(|l| l.unix_ns),
-                last_consistency: last.map(|l| l.consistency.clone()),
-                last_error: None,
-                failures_in_a_row: 0,
-                next_unix_ns: None,
-                running: false,
-            },
-        );
+        let key = match &e.group {
+            Some(g) => format!("group {g}"),
+            None => format!("disk {}", e.disk()),
+        };
+        units.entry(key).or_default().push(e.clone());
     }
-    let status = Arc::new(ProtectStatus { started_unix_ns: started, disks: Mutex::new(disks) });
-    // Entries of one group go together; the others alone.
-    let mut units: Vec<Vec<Protect>> = Vec::new();
-    for e in entries {
-        match units.iter_mut().find(|u| e.group.is_some() && u[0].group == e.group) {
-            Some(u) => u.push(e.clone()),
-            None => units.push(vec![e.clone()]),
+    units
+}
+
+impl Protector {
+    /// Starts a task per protected disk (per group of entries) on the
+    /// current runtime; they stop at a safe point when `stop` turns true.
+    pub fn start(
+        entries: &[Protect],
+        id: Arc<Identity>,
+        state_root: PathBuf,
+        jobs: Arc<Jobs>,
+        daemon_limit: Option<u64>,
+        stop: watch::Receiver<bool>,
+    ) -> Protector {
+        let status =
+            Arc::new(ProtectStatus { started_unix_ns: crate::ids::now_unix_ns(), disks: Mutex::new(BTreeMap::new()) });
+        let last_points = Arc::new(LastPoints { file: state_root.join("protect.json"), write: Mutex::new(()) });
+        let mut p = Protector {
+            status,
+            units: BTreeMap::new(),
+            daemon_limit: None,
+            daemon_pace: None,
+            id,
+            state_root,
+            jobs,
+            last_points,
+            stop,
+            tasks: tokio::task::JoinSet::new(),
+        };
+        p.apply(entries, daemon_limit);
+        p
+    }
+
+    pub fn status(&self) -> Arc<ProtectStatus> {
+        self.status.clone()
+    }
+
+    /// Runs `entries` from now on: new units start, removed ones stop at
+    /// a safe point (after the push they are in, if any), changed ones are
+    /// replaced once the old task stopped (never two pushes of one disk at
+    /// once), and unchanged ones run on untouched.
+    pub fn apply(&mut self, entries: &[Protect], daemon_limit: Option<u64>) -> Changed {
+        if daemon_limit != self.daemon_limit || (self.daemon_pace.is_none() && daemon_limit.is_some()) {
+            // One limit every push of the daemon shares, first come, first served.
+            self.daemon_pace = daemon_limit.map(|r| Arc::new(crate::pace::Pacer::new(r)));
+            self.daemon_limit = daemon_limit;
+        }
+        let wanted = units_of(entries);
+        let mut changed = Changed::default();
+        let gone: Vec<String> = self.units.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        for key in gone {
+            if let Some(old) = self.units.remove(&key) {
+                let _ = old.stop.send(true);
+                self.forget(&old.entries, &[]);
+                changed.stopped.push(key);
+            }
+        }
+        for (key, unit) in wanted {
+            let previous = match self.units.get(&key) {
+                Some(old) if old.entries == unit && old.daemon_limit == daemon_limit => {
+                    changed.kept += 1;
+                    continue;
+                }
+                Some(_) => {
+                    let old = self.units.remove(&key).expect("present");
+                    let _ = old.stop.send(true);
+                    self.forget(&old.entries, &unit);
+                    changed.replaced.push(key.clone());
+                    Some(old.done)
+                }
+                None => {
+                    changed.started.push(key.clone());
+                    None
+                }
+            };
+            let task = self.spawn_unit(unit, previous);
+            self.units.insert(key, task);
+        }
+        changed
+    }
+
+    /// Drops the status rows of `old` entries that `new` does not keep.
+    fn forget(&self, old: &[Protect], new: &[Protect]) {
+        let mut disks = self.status.disks.lock().unwrap_or_else(|p| p.into_inner());
+        for e in old {
+            if !new.iter().any(|n| n.disk() == e.disk()) {
+                disks.remove(&e.disk());
+            }
         }
     }
-    let mut tasks = tokio::task::JoinSet::new();
-    for unit in units {
-        let pace = unit
+
+    fn spawn_unit(&mut self, entries: Vec<Protect>, previous: Option<watch::Receiver<()>>) -> UnitTask {
+        // The last consistent point survives a restart (and a reload).
+        let kept = self.last_points.load();
+        {
+            let mut disks = self.status.disks.lock().unwrap_or_else(|p| p.into_inner());
+            for e in &entries {
+                let last = kept.get(&e.disk());
+                let row = disks.entry(e.disk()).or_insert_with(|| Protected {
+                    disk: e.disk(),
+                    peer: e.peer.clone(),
+                    target: e.target.to_string(),
+                    group: None,
+                    every_seconds: 0.0,
+                    rpo_target_seconds: 0.0,
+                    last_point: last.map(|l| l.generation.clone()),
+                    last_point_unix_ns: last.map(|l| l.unix_ns),
+                    last_consistency: last.map(|l| l.consistency.clone()),
+                    last_error: None,
+                    failures_in_a_row: 0,
+                    next_unix_ns: None,
+                    running: false,
+                });
+                row.peer = e.peer.clone();
+                row.target = e.target.to_string();
+                row.group = e.group.as_ref().map(|g| g.to_string());
+                row.every_seconds = e.every.as_secs_f64();
+                row.rpo_target_seconds = e.rpo.as_secs_f64();
+            }
+        }
+        let pace = entries
             .iter()
             .map(|e| e.bandwidth_limit.map(|r| Arc::new(crate::pace::Pacer::new(r))))
-            .map(|own| own.into_iter().chain(daemon_pace.clone()).collect())
+            .map(|own| own.into_iter().chain(self.daemon_pace.clone()).collect())
             .collect();
-        let ctx = Unit {
-            entries: unit,
-            id: id.clone(),
-            state_root: state_root.clone(),
-            jobs: jobs.clone(),
+        let unit = Unit {
+            entries: entries.clone(),
+            id: self.id.clone(),
+            state_root: self.state_root.clone(),
+            jobs: self.jobs.clone(),
             pace,
-            last_points: Some(last_points.clone()),
+            last_points: Some(self.last_points.clone()),
         };
-        tasks.spawn(run_unit(ctx, status.clone(), stop.clone()));
+        let (stop_tx, own_stop) = watch::channel(false);
+        let (done_tx, done) = watch::channel(());
+        let agent_stop = self.stop.clone();
+        let status = self.status.clone();
+        self.tasks.spawn(async move {
+            let _done = done_tx;
+            if let Some(mut previous) = previous {
+                // The replaced task ends its push first.
+                while previous.changed().await.is_ok() {}
+            }
+            run_unit(unit, status, agent_stop, own_stop).await;
+        });
+        UnitTask { entries, daemon_limit: self.daemon_limit, stop: stop_tx, done }
     }
-    (status, tasks)
+
+    /// At the agent's shutdown (once `stop` turned true): waits a moment
+    /// for pushes in flight, then cuts them — their targets keep what
+    /// they staged, and the next start resumes them.
+    pub async fn drain(mut self) {
+        let drained =
+            tokio::time::timeout(Duration::from_secs(5), async { while self.tasks.join_next().await.is_some() {} });
+        if drained.await.is_err() {
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+        }
+    }
+
+    /// Reaps the tasks that ended (stopped units).
+    pub fn reap(&mut self) {
+        while self.tasks.try_join_next().is_some() {}
+    }
 }
 
 struct Unit {
@@ -155,7 +299,12 @@ struct Unit {
     last_points: Option<Arc<LastPoints>>,
 }
 
-async fn run_unit(u: Unit, status: Arc<ProtectStatus>, mut stop: watch::Receiver<bool>) {
+async fn run_unit(
+    u: Unit,
+    status: Arc<ProtectStatus>,
+    mut agent_stop: watch::Receiver<bool>,
+    mut own_stop: watch::Receiver<bool>,
+) {
     let every = u.entries[0].every;
     let mut failures: u32 = 0;
     let mut next = tokio::time::Instant::now();
@@ -167,7 +316,8 @@ async fn run_unit(u: Unit, status: Arc<ProtectStatus>, mut stop: watch::Receiver
         }
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = agent_stop.wait_for(|s| *s) => return,
+            _ = own_stop.wait_for(|s| *s) => return,
         }
         let began = tokio::time::Instant::now();
         let began_ns = crate::ids::now_unix_ns();
@@ -314,21 +464,10 @@ async fn push_unit(u: &Unit, after_failure: bool) -> Vec<Result<PushReport, Erro
         match res {
             Ok(rep) => u.jobs.finish(
                 r,
-                JobResult {
-                    ok: true,
-                    generation: Some(rep.committed.generation.to_hex()),
-                    consistency: Some(rep.consistency.as_str().to_string()),
-                    payload_bytes: rep.bytes_sent,
-                    written_bytes: 0,
-                    // A group's members share one connection: its bytes once.
-                    wire_bytes: if i == 0 { rep.wire_bytes } else { 0 },
-                    unchanged: rep.committed.unchanged,
-                    code: None,
-                    message: None,
-                    hint: None,
-                },
+                // A group's members share one connection: its bytes once.
+                JobResult { wire_bytes: if i == 0 { rep.wire_bytes } else { 0 }, ..rep.job_result() },
             ),
-            Err(e) => u.jobs.finish(r, failed(e)),
+            Err(e) => u.jobs.finish(r, JobResult::failed(e)),
         }
     }
     results
@@ -350,7 +489,7 @@ impl Unfinished<'_> {
     fn fail_all(mut self, err: &Error, n: usize) -> Vec<Result<PushReport, Error>> {
         self.armed = false;
         for r in self.running {
-            self.jobs.finish(r, failed(err));
+            self.jobs.finish(r, JobResult::failed(err));
         }
         (0..n).map(|_| Err(copy(err))).collect()
     }
@@ -362,7 +501,7 @@ impl Drop for Unfinished<'_> {
             let e =
                 Error::new(ErrorCode::Cancelled, "the agent stopped during the push").hint("the next start resumes it");
             for r in self.running {
-                self.jobs.finish(r, failed(&e));
+                self.jobs.finish(r, JobResult::failed(&e));
             }
         }
     }
@@ -371,21 +510,6 @@ impl Drop for Unfinished<'_> {
 /// The same error again, for each disk of a group (the I/O source stays with the first).
 fn copy(e: &Error) -> Error {
     Error { code: e.code, message: e.message.clone(), hint: e.hint.clone(), source: None }
-}
-
-fn failed(e: &Error) -> JobResult {
-    JobResult {
-        ok: false,
-        generation: None,
-        consistency: None,
-        payload_bytes: 0,
-        written_bytes: 0,
-        wire_bytes: 0,
-        unchanged: false,
-        code: Some(e.code.as_str().to_string()),
-        message: Some(e.message.clone()),
-        hint: e.hint.clone(),
-    }
 }
 
 /// The push options of an entry (the peer resolved now: it may move).

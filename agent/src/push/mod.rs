@@ -103,6 +103,19 @@ pub struct PushReport {
 }
 
 impl PushReport {
+    /// How the push ends as a job.
+    pub fn job_result(&self) -> crate::jobs::JobResult {
+        crate::jobs::JobResult {
+            payload_bytes: self.bytes_sent,
+            wire_bytes: self.wire_bytes,
+            unchanged: self.committed.unchanged,
+            ..crate::jobs::JobResult::ok(
+                Some(self.committed.generation.to_hex()),
+                Some(self.consistency.as_str().to_string()),
+            )
+        }
+    }
+
     /// `delta` or `full`, as the target decided.
     pub fn mode(&self) -> &'static str {
         match self.plan {

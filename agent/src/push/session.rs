@@ -87,6 +87,7 @@ pub(super) async fn run(
     let mut control_sent = 0u64;
     let region_bytes = g.region_blocks() * g.block_size.bytes();
     progress.phase("pushing", g.disk_bytes);
+    let sent = Arc::new(SentProgress { progress: progress.clone(), geometry: g, by_region: Default::default() });
     loop {
         // Send the control frames, then act on the session's events.
         while let Some(m) = session.poll_transmit() {
@@ -111,24 +112,24 @@ pub(super) async fn run(
                     for _ in 0..a.window {
                         let _ = tokens_tx.send(());
                     }
-                    spawn_hasher(&source, a.plan == Plan::Full, opts.threads, &tokens_rx, &data_tx, &notes_tx)?;
+                    spawn_hasher(&source, a.plan == Plan::Full, opts.threads, &tokens_rx, &data_tx, &notes_tx, &sent)?;
                 }
                 SenderEvent::SendBlocks { region, blocks } => {
                     let expected = announced(&session, g, region, &blocks);
-                    spawn_sender(&source, blocks, expected, &data_tx, &notes_tx);
+                    spawn_sender(&source, blocks, expected, &data_tx, &notes_tx, &sent);
                 }
                 SenderEvent::Resend { index } => {
                     // A full copy's block whose bytes changed after hashing
                     // fails verification: the resend then carries other bytes.
                     let w = vec![WantBlock { index, page_hashes: Vec::new() }];
                     let expected = announced(&session, g, g.region_of(index), &w);
-                    spawn_sender(&source, w, expected, &data_tx, &notes_tx);
+                    spawn_sender(&source, w, expected, &data_tx, &notes_tx, &sent);
                 }
                 SenderEvent::RegionDone { region, .. } => {
                     tracing::debug!(region, "region done");
                     let _ = tokens_tx.send(());
                     let start = g.block_offset(g.region_range(region).start);
-                    progress.advance(region_bytes.min(g.disk_bytes - start));
+                    sent.region_done(region, region_bytes.min(g.disk_bytes - start));
                 }
                 SenderEvent::Committed(c) => {
                     tracing::debug!(generation = %c.generation, "committed");
@@ -237,9 +238,11 @@ fn spawn_hasher(
     tokens: &crossbeam_channel::Receiver<()>,
     data: &[mpsc::Sender<WireFrame>],
     notes: &mpsc::UnboundedSender<Note>,
+    progress: &Arc<SentProgress>,
 ) -> Result<(), Error> {
     let pool = thread_pool(threads).map_err(|e| Error::new(ErrorCode::Internal, format!("thread pool: {e}")))?;
-    let (source, tokens, data, notes) = (source.clone(), tokens.clone(), data.to_vec(), notes.clone());
+    let (source, tokens, data, notes, progress) =
+        (source.clone(), tokens.clone(), data.to_vec(), notes.clone(), progress.clone());
     std::thread::Builder::new()
         .name("df-hash".into())
         .spawn(move || {
@@ -249,7 +252,11 @@ fn spawn_hasher(
                     Item::Block(b) => (b.index() as usize) % data.len(),
                     Item::Zero { .. } => 0,
                 };
-                data[stream].blocking_send(source.encode(&item)).map_err(|_| std::io::Error::other("session ended"))
+                data[stream].blocking_send(source.encode(&item)).map_err(|_| std::io::Error::other("session ended"))?;
+                if let Item::Block(b) = &item {
+                    progress.block_sent(b.index());
+                }
+                Ok(())
             };
             for region in 0..g.region_count() {
                 // One token per region in flight: the target's window.
@@ -274,6 +281,36 @@ fn spawn_hasher(
         .map_err(|e| Error::new(ErrorCode::Internal, format!("starting the hashing thread: {e}")))
 }
 
+/// Progress within a region as its blocks are sent (a region can be the
+/// whole disk: a full copy would otherwise show nothing until its end),
+/// the rest of the region when it is done; never more than the region.
+struct SentProgress {
+    progress: Arc<dyn Progress + Send + Sync>,
+    geometry: Geometry,
+    by_region: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+}
+
+impl SentProgress {
+    fn block_sent(&self, index: u64) {
+        let g = &self.geometry;
+        let region = g.region_of(index);
+        let range = g.region_range(region);
+        let region_bytes = g.block_offset(range.end).min(g.disk_bytes) - g.block_offset(range.start);
+        let bytes = g.block_size.bytes().min(g.disk_bytes.saturating_sub(g.block_offset(index)));
+        let mut by_region = self.by_region.lock().unwrap_or_else(|p| p.into_inner());
+        let done = by_region.entry(region).or_default();
+        let add = bytes.min(region_bytes.saturating_sub(*done));
+        *done += add;
+        drop(by_region);
+        self.progress.advance(add);
+    }
+
+    fn region_done(&self, region: u64, region_bytes: u64) {
+        let sent = self.by_region.lock().unwrap_or_else(|p| p.into_inner()).remove(&region).unwrap_or(0);
+        self.progress.advance(region_bytes.saturating_sub(sent));
+    }
+}
+
 /// Reads wanted blocks and queues their frames.
 fn spawn_sender(
     source: &Arc<SourceSession>,
@@ -281,11 +318,16 @@ fn spawn_sender(
     expected: Vec<Option<BlockHash>>,
     data: &[mpsc::Sender<WireFrame>],
     notes: &mpsc::UnboundedSender<Note>,
+    progress: &Arc<SentProgress>,
 ) {
-    let (source, data, notes) = (source.clone(), data.to_vec(), notes.clone());
+    let (source, data, notes, progress) = (source.clone(), data.to_vec(), notes.clone(), progress.clone());
     tokio::task::spawn_blocking(move || {
         let sent = source.frames(&blocks, &expected, &mut |index, frame| {
-            data[(index as usize) % data.len()].blocking_send(frame).is_ok()
+            let ok = data[(index as usize) % data.len()].blocking_send(frame).is_ok();
+            if ok {
+                progress.block_sent(index);
+            }
+            ok
         });
         if let Err(e) = sent {
             let _ = notes.send(Note::Failed(e));

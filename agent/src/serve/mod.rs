@@ -6,13 +6,14 @@ pub mod budget;
 mod connection;
 mod group;
 mod job;
+pub mod registry;
+pub mod reload;
 mod session;
 pub mod targets;
 mod view;
 mod worker;
 mod writer;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,15 +22,17 @@ use std::time::Duration;
 use diskferry_protocol::ErrorCode;
 use diskferry_sync_engine::store::{RealFs, Vfs};
 use diskferry_sync_engine::Error;
-use tokio::sync::{watch, Mutex, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
-use crate::config::Config;
+use crate::config::{Config, LiveConfig};
 use crate::identity::Identity;
 use crate::{transport, trust};
+pub use registry::{Registration, Registry};
 
 /// Shared by every session of one agent.
 pub struct ServerCtx {
-    pub config: Config,
+    /// Replaced whole by a reload; read with [`ServerCtx::config`].
+    pub config: Arc<LiveConfig>,
     pub state_root: PathBuf,
     pub vfs: Arc<dyn Vfs>,
     pub registry: Registry,
@@ -45,97 +48,17 @@ pub struct ServerCtx {
     pub jobs: Arc<crate::jobs::Jobs>,
 }
 
-/// Which session holds which target, so a new push from the same peer can
-/// take over a stale one at once.
-#[derive(Default)]
-pub struct Registry {
-    active: Mutex<HashMap<String, Active>>,
-    next_id: std::sync::atomic::AtomicU64,
-}
-
-struct Active {
-    id: u64,
-    ticket: u64,
-    peer: String,
-    cancel: watch::Sender<bool>,
-    done: watch::Receiver<bool>,
-}
-
-/// A session's hold on a target.
-pub struct Registration {
-    id: u64,
-    pub cancel: watch::Receiver<bool>,
-    done: watch::Sender<bool>,
-}
-
-impl Registry {
-    /// A ticket for a session about to register: later sessions get larger
-    /// ones, so a stale session can never take over a newer one.
-    pub fn ticket(&self) -> u64 {
-        self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Claims `target` for `peer`, cancelling that peer's older session on it.
-    pub async fn register(&self, target: &str, peer: &str, ticket: u64) -> Result<Registration, Error> {
-        for _ in 0..8 {
-            let waiting = {
-                let mut active = self.active.lock().await;
-                match active.get(target) {
-                    Some(a) if a.peer != peer => {
-                        return Err(Error::new(
-                            ErrorCode::PeerBusy,
-                            format!("target {target:?} is being written by another peer ({})", a.peer),
-                        ))
-                    }
-                    Some(a) if a.ticket > ticket => {
-                        return Err(Error::new(
-                            ErrorCode::Cancelled,
-                            format!("a newer push from the same peer took over target {target:?}"),
-                        ))
-                    }
-                    Some(a) => {
-                        let _ = a.cancel.send(true);
-                        Some(a.done.clone())
-                    }
-                    None => {
-                        let id = ticket;
-                        let (cancel_tx, cancel_rx) = watch::channel(false);
-                        let (done_tx, done_rx) = watch::channel(false);
-                        active.insert(
-                            target.to_string(),
-                            Active { id, ticket, peer: peer.to_string(), cancel: cancel_tx, done: done_rx },
-                        );
-                        return Ok(Registration { id, cancel: cancel_rx, done: done_tx });
-                    }
-                }
-            };
-            if let Some(mut done) = waiting {
-                tracing::info!(target = %target, peer = %peer, "taking over the peer's previous session");
-                let waited = tokio::time::timeout(Duration::from_secs(60), done.wait_for(|d| *d)).await;
-                if waited.is_err() {
-                    return Err(Error::new(
-                        ErrorCode::Busy,
-                        format!("the previous session on {target:?} did not stop"),
-                    ));
-                }
-            }
-        }
-        Err(Error::new(ErrorCode::Busy, format!("target {target:?} is busy")))
-    }
-
-    /// Releases a target once its session stopped.
-    pub async fn release(&self, target: &str, r: Registration) {
-        let mut active = self.active.lock().await;
-        if active.get(target).is_some_and(|a| a.id == r.id) {
-            active.remove(target);
-        }
-        let _ = r.done.send(true);
+impl ServerCtx {
+    /// The config in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.get()
     }
 }
 
 /// A running target agent.
 pub struct Server {
-    pub endpoint: quinn::Endpoint,
+    /// `None`: the agent only sends (no `listen`).
+    pub endpoint: Option<quinn::Endpoint>,
     ctx: Arc<ServerCtx>,
     shutdown_tx: watch::Sender<bool>,
     /// This agent's identity, for the pushes of its protected disks.
@@ -153,24 +76,29 @@ impl Server {
         let pins = Arc::new(targets::check(&config, &state_root)?);
         let vfs: Arc<dyn Vfs> = Arc::new(RealFs);
         targets::recover_all(&config, &state_root, &vfs, &pins);
-        let tls = trust::server_config(identity, config.peers.clone())?;
-        let qc = transport::server_config(
-            tls,
-            &config.listen,
-            config.max_mtu,
-            config.idle_timeout,
-            budget::PRE_ADMISSION_WINDOW,
-        )?;
-        let endpoint = transport::server_endpoint(config.listen, qc).map_err(|e| {
-            Error::new(ErrorCode::InvalidInput, format!("cannot listen on {}: {e}", config.listen))
-                .hint("is another agent using that address?")
-        })?;
+        let endpoint = match config.listen {
+            Some(listen) => {
+                let tls = trust::server_config(identity, config.peers.clone())?;
+                let qc = transport::server_config(
+                    tls,
+                    &listen,
+                    config.max_mtu,
+                    config.idle_timeout,
+                    budget::PRE_ADMISSION_WINDOW,
+                )?;
+                Some(transport::server_endpoint(listen, qc).map_err(|e| {
+                    Error::new(ErrorCode::InvalidInput, format!("cannot listen on {listen}: {e}"))
+                        .hint("is another agent using that address?")
+                })?)
+            }
+            None => None,
+        };
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let jobs = Arc::new(crate::jobs::Jobs::load(Some(&state_root)));
         let ctx = Arc::new(ServerCtx {
             budget: budget::Budget::new(config.memory_budget),
             sessions: Arc::new(Semaphore::new(config.max_sessions as usize)),
-            config,
+            config: Arc::new(LiveConfig::new(config)),
             state_root,
             vfs,
             registry: Registry::default(),
@@ -180,9 +108,10 @@ impl Server {
             jobs,
         });
         let identity = Arc::new(Identity { cert: identity.cert.clone(), key: identity.key.clone_key() });
-        let status = match ctx.config.status_listen {
+        let config = ctx.config();
+        let status = match config.status_listen {
             Some(addr) => {
-                let token = match &ctx.config.status_token_file {
+                let token = match &config.status_token_file {
                     Some(f) => Some(crate::status::read_token(f)?),
                     None => None,
                 };
@@ -202,44 +131,65 @@ impl Server {
         Ok(Server { endpoint, ctx, shutdown_tx, identity, status, unix })
     }
 
-    /// The bound address.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+    /// How many `[[protect]]` entries it runs.
+    pub fn protected_disks(&self) -> usize {
+        self.ctx.config().protect.len()
+    }
+
+    /// The bound address (`None`: the agent only sends).
+    pub fn local_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.endpoint.as_ref().map(|e| e.local_addr()).transpose()
     }
 
     /// Serves until `stop` resolves, then lets sessions reach a safe point.
+    /// `SIGHUP` reloads the config ([`reload`]).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         let mut tasks = tokio::task::JoinSet::new();
-        let (protected, mut protecting) = crate::protect::spawn_all(
-            &self.ctx.config.protect,
-            self.identity.clone(),
-            self.ctx.state_root.clone(),
-            self.ctx.jobs.clone(),
-            self.ctx.config.bandwidth_limit,
-            self.ctx.shutdown.clone(),
-        );
         let c = &self.ctx;
-        let targets: Vec<_> = c.config.targets.iter().map(|(n, t)| (n.clone(), t.path.clone())).collect();
+        let config = c.config();
+        let mut protector = crate::protect::Protector::start(
+            &config.protect,
+            self.identity.clone(),
+            c.state_root.clone(),
+            c.jobs.clone(),
+            config.bandwidth_limit,
+            c.shutdown.clone(),
+        );
         let (token, tcp) = match self.status {
             Some((listener, token)) => (token, Some(listener)),
             None => (None, None),
         };
-        let st = Arc::new(crate::status::Status::new(c.jobs.clone(), protected, targets, c.state_root.clone(), token));
+        let (control_tx, mut control) = crate::status::remote::control_channel();
+        let st = Arc::new(crate::status::Status::new(
+            c.jobs.clone(),
+            protector.status(),
+            c.config.clone(),
+            c.state_root.clone(),
+            token,
+        ));
         if let Some(listener) = tcp {
             tasks.spawn(crate::status::serve(listener, st.clone(), c.shutdown.clone()));
         }
         if let Some(unix) = self.unix {
-            tasks.spawn(crate::status::serve_unix(unix, st, c.shutdown.clone()));
+            tasks.spawn(crate::status::serve_unix(unix, st, Some(control_tx), c.shutdown.clone()));
         }
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         tokio::pin!(stop);
         loop {
             tokio::select! {
-                incoming = self.endpoint.accept() => {
+                incoming = accept(self.endpoint.as_ref()) => {
                     let Some(incoming) = incoming else { break };
                     let ctx = self.ctx.clone();
                     tasks.spawn(handle_connection(incoming, ctx));
                 }
                 _ = &mut stop => break,
+                Some(()) = async { hangup.as_mut()?.recv().await } => {
+                    reload::reload(&self.ctx, self.endpoint.as_ref(), &self.identity, &mut protector);
+                    protector.reap();
+                }
+                Some(request) = control.recv() => {
+                    tasks.spawn(handle_control(self.ctx.clone(), request));
+                }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
@@ -248,14 +198,40 @@ impl Server {
         while tasks.join_next().await.is_some() {}
         // A scheduled push in flight is cut after a moment: its target keeps
         // what it staged, and the next start resumes it.
-        let drained =
-            tokio::time::timeout(Duration::from_secs(5), async { while protecting.join_next().await.is_some() {} });
-        if drained.await.is_err() {
-            protecting.abort_all();
-            while protecting.join_next().await.is_some() {}
+        protector.drain().await;
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.close(0u32.into(), b"shutdown");
+            let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
         }
-        self.endpoint.close(0u32.into(), b"shutdown");
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Answers a local command's request (over the agent's socket).
+pub async fn handle_control(ctx: Arc<ServerCtx>, request: crate::status::remote::Control) {
+    use crate::status::remote::Control;
+    let name_of =
+        |path: &std::path::Path| ctx.config().targets.iter().find(|(_, t)| t.path == path).map(|(n, _)| n.clone());
+    match request {
+        Control::Release { path, by, hold, reply } => {
+            let answer = match name_of(&path) {
+                Some(name) => ctx.registry.release_for_command(&name, &by, hold).await.map(|c| Some((name, c))),
+                None => Ok(None),
+            };
+            let _ = reply.send(answer);
+        }
+        Control::EndHold { path } => {
+            if let Some(name) = name_of(&path) {
+                ctx.registry.unhold(&name).await;
+            }
+        }
+    }
+}
+
+/// The next connection (never, for an agent that only sends).
+async fn accept(endpoint: Option<&quinn::Endpoint>) -> Option<quinn::Incoming> {
+    match endpoint {
+        Some(e) => e.accept().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -272,7 +248,7 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ServerCtx>) {
         conn.close(1u32.into(), b"no certificate");
         return;
     };
-    let Some(peer) = ctx.config.peers.get(&fp).cloned() else {
+    let Some(peer) = ctx.config().peers.get(&fp).cloned() else {
         tracing::warn!(%remote, fingerprint = %fp, "refused: unknown peer");
         conn.close(1u32.into(), b"unknown peer");
         return;

@@ -72,7 +72,7 @@ pub async fn run(
     let data = tokio::spawn(accept_data_streams(data, s.staging_tx.subscribe(), notes_tx.clone(), ctx.clone()));
     // Control frames are small; a larger one is refused before it is buffered.
     let mut reader = FrameReader::with_limit(ctl_rx, MAX_CONTROL_FRAME);
-    let mut cancel: Option<watch::Receiver<bool>> = None;
+    let mut cancel: Option<watch::Receiver<Option<String>>> = None;
     // A cancel stays set: once handled it is not polled again (a session
     // in its commit would otherwise spin on it).
     let mut cancel_handled = false;
@@ -98,15 +98,15 @@ pub async fn run(
                 }
                 s.fail_group("the target agent is shutting down");
             }
-            _ = wait_cancel(&mut cancel_rx), if !cancel_handled => {
+            why = wait_cancel(&mut cancel_rx), if !cancel_handled => {
                 cancel_handled = true;
                 if !s.rs.is_committing() {
-                    s.rs.abort(ErrorCode::Cancelled, "a newer push from the same peer took over this target");
+                    s.rs.abort(ErrorCode::Cancelled, why.clone());
                 }
                 // A group member waiting for the others in its commit: the
                 // push it belongs to is over (after the group record, this
                 // changes nothing).
-                s.fail_group("a newer push from the same peer took over a member");
+                s.fail_group(&format!("a member's session was cancelled: {why}"));
             }
         }
         if let Err(e) = s.pump(&mut view_tx).await {
@@ -125,15 +125,17 @@ pub async fn run(
     s.finish().await;
 }
 
-async fn wait_cancel(rx: &mut Option<watch::Receiver<bool>>) {
+/// Why the session is cancelled, once it is.
+async fn wait_cancel(rx: &mut Option<watch::Receiver<Option<String>>>) -> String {
     match rx {
-        Some(rx) => {
-            while !*rx.borrow() {
-                if rx.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
+        Some(rx) => loop {
+            if let Some(why) = rx.borrow().clone() {
+                return why;
             }
-        }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        },
         None => std::future::pending().await,
     }
 }
@@ -239,7 +241,7 @@ impl Session {
     async fn open(&mut self, o: Open, view_tx: &mut Option<mpsc::Sender<(u64, RegionView)>>) {
         let name = o.target.as_str().to_string();
         self.target = name.clone();
-        let Some(tc) = self.ctx.config.targets.get(&name).cloned() else {
+        let Some(tc) = self.ctx.config().targets.get(&name).cloned() else {
             tracing::warn!(peer = %self.peer, target = %name, "refused: unknown target");
             return self.rs.reject(
                 ErrorCode::UnknownTarget,
@@ -260,7 +262,7 @@ impl Session {
         let registration = match self.ctx.registry.register(&name, &self.peer, ticket).await {
             Ok(r) => r,
             Err(e) if e.code == ErrorCode::PeerBusy => {
-                let idle = self.ctx.config.idle_timeout.as_secs();
+                let idle = self.ctx.config().idle_timeout.as_secs();
                 return self.rs.reject(
                     e.code,
                     format!(
@@ -352,9 +354,10 @@ impl Session {
         });
         // A group member keeps the group's points whole, pushed alone too.
         let in_group = o.group.is_some();
+        let config = self.ctx.config();
         let (retention, mut keep_points) =
             crate::groups::retention(&self.ctx.state_root, &name, tc.retention, in_group, |n| {
-                self.ctx.config.targets.get(n).map(|t| t.retention)
+                config.targets.get(n).map(|t| t.retention)
             });
         keep_points.extend(super::targets::young_points(&self.ctx.state_root, &tc.path, tc.max_age));
         let req = OpenRequest {

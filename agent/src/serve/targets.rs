@@ -157,6 +157,20 @@ impl Pins {
         }
     }
 
+    /// After a reload: the pins of `fresh` (checked against the new
+    /// config), except that targets whose path did not change keep theirs
+    /// (a file swapped in since is still refused).
+    pub fn adopt(&self, fresh: Pins, unchanged: &std::collections::BTreeSet<String>) {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = fresh.pins.into_inner().unwrap_or_else(|p| p.into_inner());
+        for name in unchanged {
+            if let Some(pin) = pins.get(name) {
+                next.insert(name.clone(), *pin);
+            }
+        }
+        *pins = next;
+    }
+
     /// Records what the path names after diskferry itself wrote it.
     pub fn update(&self, name: &str, id: Option<FileId>) {
         if id.is_some() {
@@ -192,7 +206,12 @@ pub fn young_points(
 /// aside) and is logged. A target that cannot be recovered is logged and
 /// refuses sessions until fixed; the other targets are served.
 pub fn recover_all(config: &Config, state_root: &Path, vfs: &Arc<dyn Vfs>, pins: &Pins) {
-    for (name, t) in &config.targets {
+    recover_some(config, state_root, vfs, pins, |_| true)
+}
+
+/// [`recover_all`] for the targets `which` names (those a reload added).
+pub fn recover_some(config: &Config, state_root: &Path, vfs: &Arc<dyn Vfs>, pins: &Pins, which: impl Fn(&str) -> bool) {
+    for (name, t) in config.targets.iter().filter(|(n, _)| which(n)) {
         let dir = Target::state_dir(state_root, &t.path);
         if !dir.is_dir() {
             continue;

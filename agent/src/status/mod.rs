@@ -6,7 +6,9 @@
 //! body. Any address other than loopback requires the token (the config
 //! refuses it otherwise).
 
+pub mod client;
 mod page;
+pub mod remote;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,8 +34,8 @@ use crate::protect::ProtectStatus;
 pub struct Status {
     pub jobs: Arc<Jobs>,
     pub protect: Arc<ProtectStatus>,
-    /// The served targets: name and path.
-    pub targets: Vec<(String, PathBuf)>,
+    /// The config in force (its targets are the served ones).
+    pub config: Arc<crate::config::LiveConfig>,
     pub state_root: PathBuf,
     token: Option<String>,
 }
@@ -59,11 +61,25 @@ impl Status {
     pub fn new(
         jobs: Arc<Jobs>,
         protect: Arc<ProtectStatus>,
-        targets: Vec<(String, PathBuf)>,
+        config: Arc<crate::config::LiveConfig>,
         state_root: PathBuf,
         token: Option<String>,
     ) -> Status {
-        Status { jobs, protect, targets, state_root, token }
+        Status { jobs, protect, config, state_root, token }
+    }
+
+    /// The agent itself: its config file, addresses, and the last reload.
+    fn agent_json(&self) -> Value {
+        let c = self.config.get();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "config_file": c.file,
+            "state_dir": self.state_root,
+            "listen": c.listen.map(|a| a.to_string()),
+            "started_unix_ns": self.protect.started_unix_ns,
+            "last_reload": self.config.last_reload(),
+        })
     }
 
     fn protect_json(&self) -> Vec<Value> {
@@ -83,9 +99,12 @@ impl Status {
     }
 
     fn targets_json(&self) -> Vec<Value> {
-        self.targets
+        let config = self.config.get();
+        config
+            .targets
             .iter()
-            .map(|(name, path)| {
+            .map(|(name, t)| {
+                let path = &t.path;
                 // Read without the target's lock: the catalog is replaced whole.
                 let c = read_catalog(&diskferry_sync_engine::store::RealFs, &Target::state_dir(&self.state_root, path))
                     .ok()
@@ -128,6 +147,7 @@ fn router(status: Arc<Status>) -> Router {
         .route("/", get(page_handler))
         .route("/api/jobs", get(|State(s): State<Arc<Status>>| async move { Json(s.jobs.list()) }))
         .route("/api/jobs/{id}", get(job_handler))
+        .route("/api/agent", get(|State(s): State<Arc<Status>>| async move { Json(s.agent_json()) }))
         .route("/api/targets", get(|State(s): State<Arc<Status>>| async move { Json(s.targets_json()) }))
         .route("/api/protect", get(|State(s): State<Arc<Status>>| async move { Json(s.protect_json()) }))
         .route("/metrics", get(metrics_handler))
@@ -175,18 +195,28 @@ pub async fn serve(listener: std::net::TcpListener, status: Arc<Status>, stop: w
 }
 
 /// Serves the endpoint on the agent's unix socket until `stop` turns true.
-pub async fn serve_unix(listener: std::os::unix::net::UnixListener, status: Arc<Status>, stop: watch::Receiver<bool>) {
+/// Besides the status API, it takes the reports and requests of local
+/// commands ([`remote`]); `control` reaches the server loop.
+pub async fn serve_unix(
+    listener: std::os::unix::net::UnixListener,
+    status: Arc<Status>,
+    control: Option<tokio::sync::mpsc::Sender<remote::Control>>,
+    stop: watch::Receiver<bool>,
+) {
     let unix = Arc::new(Status {
         jobs: status.jobs.clone(),
         protect: status.protect.clone(),
-        targets: status.targets.clone(),
+        config: status.config.clone(),
         state_root: status.state_root.clone(),
         token: None,
     });
+    let commands = remote::Remote::new(status.jobs.clone(), control);
+    let reaper = tokio::spawn(remote::reap(commands.clone(), stop.clone()));
     match tokio::net::UnixListener::from_std(listener) {
-        Ok(l) => serve_on(l, router(unix), stop).await,
+        Ok(l) => serve_on(l, remote::router(commands).merge(router(unix)), stop).await,
         Err(e) => tracing::error!("agent socket: {e}"),
     }
+    reaper.abort();
 }
 
 async fn serve_on<L>(listener: L, app: Router, mut stop: watch::Receiver<bool>)
@@ -241,5 +271,5 @@ async fn metrics_handler(State(s): State<Arc<Status>>) -> Response {
 }
 
 async fn page_handler(State(s): State<Arc<Status>>) -> Html<String> {
-    Html(page::render(&s.jobs.list(), &s.protect_json()))
+    Html(page::render(&s.jobs.list(), &s.protect_json(), s.config.last_reload().as_ref()))
 }

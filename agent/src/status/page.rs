@@ -77,7 +77,7 @@ fn protect_row(p: &Value) -> String {
     )
 }
 
-pub fn render(jobs: &[Job], protected: &[Value]) -> String {
+pub fn render(jobs: &[Job], protected: &[Value], last_reload: Option<&Value>) -> String {
     let mut html = String::from(
         "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2>\
          <title>diskferry jobs</title><style>\
@@ -86,6 +86,12 @@ pub fn render(jobs: &[Job], protected: &[Value]) -> String {
          .ok{color:#080}.err{color:#b00;font-weight:bold}.run{color:#06c}.hint{color:#555;font-size:12px}\
          progress{width:8em}</style></head><body><h1>diskferry</h1>",
     );
+    if let Some(r) = last_reload.filter(|r| r["ok"] == false) {
+        html.push_str(&format!(
+            "<p class=err id=reload>The last config reload was refused; the old config keeps running: {}</p>\n",
+            esc(r["error"].as_str().unwrap_or("-"))
+        ));
+    }
     html.push_str("<h2>Protected disks</h2><table><tr><th>disk</th><th>peer</th><th>target</th><th>last point</th><th>taken</th><th>consistency</th><th>RPO</th><th>last error</th></tr>\n");
     for p in protected {
         html.push_str(&protect_row(p));
