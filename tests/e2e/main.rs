@@ -24,6 +24,7 @@ mod full_download;
 mod full_fs;
 mod group;
 mod guard;
+mod jobs_page;
 mod keep_points;
 mod kill;
 mod leftovers;

@@ -42,7 +42,8 @@ fn job_row(j: &Job) -> String {
         ),
     };
     format!(
-        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{bar} {}</td><td>{}/s</td><td>{eta}</td><td>{}</td><td>{}</td><td>{result}</td></tr>\n",
+        "<tr id=\"job-{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{bar} {}</td><td>{}/s</td><td>{eta}</td><td>{}</td><td>{}</td><td>{result}</td></tr>\n",
+        j.id,
         j.id,
         esc(&j.kind),
         esc(&j.disk),
