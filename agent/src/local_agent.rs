@@ -20,7 +20,7 @@ use crate::jobs::JobResult;
 use crate::status::client::{request, Addr};
 
 /// How long a command waits for the agent's answer to a report.
-const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often progress (and the command's being alive) is reported.
 const EVERY: Duration = Duration::from_secs(1);
 
@@ -40,9 +40,15 @@ struct Link {
 }
 
 impl Link {
+    /// Whether the agent still knows the job (a slow or failed answer is
+    /// not taken for "no": the next report tries again).
     fn post(&self, path: &str, body: serde_json::Value) -> bool {
         let a = request(Addr::Unix(&self.socket), "POST", path, None, Some(&body), REPORT_TIMEOUT);
-        a.is_ok_and(|a| a.status < 300)
+        match a {
+            Ok(a) => a.status != 404,
+            // The agent is gone (its socket refuses): nobody to report to.
+            Err(e) => e.code != diskferry_protocol::ErrorCode::NotFound,
+        }
     }
 
     fn report_progress(&self) -> bool {
@@ -99,7 +105,7 @@ impl AgentJob {
         let _ = std::thread::Builder::new().name("df-report".into()).spawn(move || {
             while !l.ended.load(Ordering::SeqCst) {
                 std::thread::sleep(EVERY);
-                // An agent that went away is not asked again.
+                // An agent that went away (or forgot the job) is not asked again.
                 if !l.ended.load(Ordering::SeqCst) && !l.report_progress() {
                     break;
                 }
@@ -206,7 +212,12 @@ pub fn release(state_root: &Path, path: &Path, by: &str, hold: Duration) -> Resu
         Ok(a) => a,
         // A socket file left by a killed agent.
         Err(e) if e.code == diskferry_protocol::ErrorCode::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+        // A hung agent: the target's own lock still keeps the move safe;
+        // the move waits for it as it would alone.
+        Err(e) => {
+            tracing::warn!("the agent did not answer the release of {}: {}", path.display(), e.message);
+            return Ok(None);
+        }
     };
     match answer.status {
         200 => {

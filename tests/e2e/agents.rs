@@ -113,10 +113,11 @@ impl Agent {
         let log = self.log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("serving on") || line.contains("running, sending only") {
+                let ready = line.contains("serving on") || line.contains("running, sending only");
+                log.lock().unwrap().push_str(&(line + "\n"));
+                if ready {
                     let _ = tx.send(());
                 }
-                log.lock().unwrap().push_str(&(line + "\n"));
             }
         });
         if rx.recv_timeout(Duration::from_secs(20)).is_err() {

@@ -246,3 +246,50 @@ fn a_command_run_beside_the_agent_is_its_job_and_a_killed_one_ends_failed() {
     assert_eq!(j["result"]["ok"], false, "{j}");
     assert_eq!(j["result"]["code"], "E_CANCELLED", "{j}");
 }
+
+#[test]
+fn a_disk_regrouped_by_a_reload_is_never_pushed_twice_at_once() {
+    let mut rng = rng("regroup");
+    let tmp = tempdir("regroup");
+    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let (disk1, disk2) = (dir_a.join("vm1.img"), dir_a.join("vm2.img"));
+    make_disk(&disk1, 8 * MIB, 1.0, &mut rng);
+    make_disk(&disk2, 2 * MIB, 1.0, &mut rng);
+    let (rep1, rep2) = (dir_b.join("vm1.replica"), dir_b.join("vm2.replica"));
+    let id_a = Identity::init(&dir_a, "state");
+    let id_b = Identity::init(&dir_b, "state");
+    let (port_b, status_a, status_b) = (free_udp_port(), free_udp_port(), free_udp_port());
+    let targets = [("vm1", rep1.as_path()), ("vm2", rep2.as_path())];
+    let addr_b = format!("127.0.0.1:{port_b}").parse().unwrap();
+    let b =
+        Agent::start_config(id_b, &dir_b, Some(addr_b), &target_config(port_b, status_b, &id_a.fingerprint, &targets));
+    let a = Agent::start_config(
+        id_a,
+        &dir_a,
+        None,
+        &protect_config(status_a, &b, &[(&disk1, "vm1", "bandwidth_limit = \"1M\"")], ""),
+    );
+    wait_for("vm1's first push to send", Duration::from_secs(30), || {
+        jobs(status_a).iter().any(|j| j["result"].is_null() && j["bytes_done"].as_u64() > Some(0))
+    });
+    // vm1 moves into a group (another unit) while its push runs.
+    let grouped = "group = \"g\"";
+    a.reload(&protect_config(status_a, &b, &[(&disk1, "vm1", grouped), (&disk2, "vm2", grouped)], ""));
+    wait_for("a group push to end well", Duration::from_secs(60), || {
+        jobs(status_a).iter().any(|j| j["target"] == "vm2" && j["result"]["ok"] == true)
+    });
+    let vm1: Vec<(i64, i64)> = jobs(status_a)
+        .iter()
+        .filter(|j| j["target"] == "vm1")
+        .map(|j| (j["started_unix_ns"].as_i64().unwrap(), j["ended_unix_ns"].as_i64().unwrap_or(i64::MAX)))
+        .collect();
+    assert!(vm1.len() >= 2, "{vm1:?}");
+    for (i, x) in vm1.iter().enumerate() {
+        for y in &vm1[i + 1..] {
+            assert!(x.1 <= y.0 || y.1 <= x.0, "two pushes of vm1 at once: {x:?} and {y:?}");
+        }
+    }
+    assert_eq!(sum(&rep1), sum(&disk1));
+}

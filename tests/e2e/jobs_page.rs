@@ -67,7 +67,7 @@ fn the_jobs_page_in_a_headless_browser_shows_progress_and_errors() {
     let dir = tmp.path();
     let profile = dir.join("chromium-profile");
     let disk = dir.join("vm.img");
-    make_disk(&disk, 24 * MIB, 1.0, &mut rng);
+    make_disk(&disk, 32 * MIB, 1.0, &mut rng);
     let source = Identity::init(dir, "source-state");
     let status = free_udp_port();
     let spec = [TargetSpec { name: "vm", path: dir.join("vm.replica"), allowed: &["src"] }];
@@ -75,7 +75,7 @@ fn the_jobs_page_in_a_headless_browser_shows_progress_and_errors() {
         Agent::start(dir, &[("src", &source.fingerprint)], &spec, &format!("status_listen = \"127.0.0.1:{status}\""));
     let url = format!("http://127.0.0.1:{status}/");
 
-    // A push paced to 1 MiB/s: about 24 s to watch.
+    // A push paced to 1 MiB/s: about 30 s to watch.
     let mut push = KillOnDrop(spawn_push(&disk, &source, &b, "vm", &["--bwlimit", "1M"]));
     let mut id = 0;
     wait_for("the receive job to show progress", Duration::from_secs(30), || {

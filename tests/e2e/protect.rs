@@ -129,6 +129,19 @@ fn a_protected_disk_is_pushed_on_schedule_with_status_and_metrics() {
     let (code, body) = http_get(status_b, "/api/jobs", None);
     assert_eq!((code, body.trim()), (401, ""), "learns nothing");
     assert_eq!(http_get(status_b, "/metrics", Some("wrong-token-wrong-token")).0, 401);
+    // A browser sends the token as a Basic password (it prompts, told by the 401).
+    let basic = |password: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", status_b)).unwrap();
+        let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("ops:{password}"));
+        write!(s, "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(basic(&token).starts_with("HTTP/1.1 200") && basic(&token).contains("<h1>diskferry</h1>"));
+    let refused = basic("not-the-token-at-all");
+    assert!(refused.starts_with("HTTP/1.1 401") && refused.contains("Basic realm"), "{refused}");
 
     // The peer goes down: over the RPO, retries back off, little CPU.
     b.kill9();

@@ -52,6 +52,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let id = identity::load(&state_root)?;
     let rt = runtime()?;
     rt.block_on(async move {
+        // From the start: a reload asked while targets are recovered must
+        // not kill the agent (SIGHUP's default); the loop reads it later.
+        let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let server = Server::bind(config, state_root, &id)?;
         match server.local_addr()? {
             Some(addr) => eprintln!("diskferry serving on {addr} (fingerprint {})", id.fingerprint()),

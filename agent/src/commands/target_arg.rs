@@ -110,7 +110,7 @@ pub fn open_for_move(r: &Resolved, kind: &str, wait: Duration) -> Result<(Target
         "",
         r.name.as_deref().unwrap_or_default(),
     );
-    let hold = wait + crate::serve::registry::MAX_HOLD;
+    let hold = wait + crate::serve::registry::HOLD_MARGIN;
     let released = match crate::local_agent::release(&r.state_root, &r.path, kind, hold) {
         Ok(x) => x,
         Err(e) => {

@@ -82,6 +82,8 @@ impl ProtectStatus {
 pub struct Protector {
     status: Arc<ProtectStatus>,
     units: BTreeMap<String, UnitTask>,
+    /// Tasks told to stop, by the disks they push, until they ended.
+    stopping: BTreeMap<String, Vec<watch::Receiver<()>>>,
     /// The daemon-wide limit and the one pacer every push shares.
     daemon_limit: Option<u64>,
     daemon_pace: Option<Arc<crate::pace::Pacer>>,
@@ -142,6 +144,7 @@ impl Protector {
         let mut p = Protector {
             status,
             units: BTreeMap::new(),
+            stopping: BTreeMap::new(),
             daemon_limit: None,
             daemon_pace: None,
             id,
@@ -171,49 +174,56 @@ impl Protector {
         }
         let wanted = units_of(entries);
         let mut changed = Changed::default();
+        let stop = |old: UnitTask, stopping: &mut BTreeMap<String, Vec<watch::Receiver<()>>>| {
+            let _ = old.stop.send(true);
+            // Whatever unit pushes these disks next waits for this one.
+            for e in &old.entries {
+                stopping.entry(e.disk()).or_default().push(old.done.clone());
+            }
+        };
         let gone: Vec<String> = self.units.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
         for key in gone {
             if let Some(old) = self.units.remove(&key) {
-                let _ = old.stop.send(true);
-                self.forget(&old.entries, &[]);
+                stop(old, &mut self.stopping);
                 changed.stopped.push(key);
             }
         }
+        let mut start = Vec::new();
         for (key, unit) in wanted {
-            let previous = match self.units.get(&key) {
+            match self.units.remove(&key) {
                 Some(old) if old.entries == unit && old.daemon_limit == daemon_limit => {
+                    self.units.insert(key, old);
                     changed.kept += 1;
-                    continue;
                 }
-                Some(_) => {
-                    let old = self.units.remove(&key).expect("present");
-                    let _ = old.stop.send(true);
-                    self.forget(&old.entries, &unit);
+                Some(old) => {
+                    stop(old, &mut self.stopping);
                     changed.replaced.push(key.clone());
-                    Some(old.done)
+                    start.push((key, unit));
                 }
                 None => {
                     changed.started.push(key.clone());
-                    None
+                    start.push((key, unit));
                 }
-            };
+            }
+        }
+        // Rows of disks no entry names any more go; the others stay.
+        self.status
+            .disks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|d, _| entries.iter().any(|e| &e.disk() == d));
+        for (key, unit) in start {
+            // Never two pushes of one disk: wait for every stopping task that
+            // pushed one of its disks, whatever unit it was in.
+            let previous: Vec<watch::Receiver<()>> =
+                unit.iter().filter_map(|e| self.stopping.get(&e.disk())).flatten().cloned().collect();
             let task = self.spawn_unit(unit, previous);
             self.units.insert(key, task);
         }
         changed
     }
 
-    /// Drops the status rows of `old` entries that `new` does not keep.
-    fn forget(&self, old: &[Protect], new: &[Protect]) {
-        let mut disks = self.status.disks.lock().unwrap_or_else(|p| p.into_inner());
-        for e in old {
-            if !new.iter().any(|n| n.disk() == e.disk()) {
-                disks.remove(&e.disk());
-            }
-        }
-    }
-
-    fn spawn_unit(&mut self, entries: Vec<Protect>, previous: Option<watch::Receiver<()>>) -> UnitTask {
+    fn spawn_unit(&mut self, entries: Vec<Protect>, previous: Vec<watch::Receiver<()>>) -> UnitTask {
         // The last consistent point survives a restart (and a reload).
         let kept = self.last_points.load();
         {
@@ -261,8 +271,8 @@ impl Protector {
         let status = self.status.clone();
         self.tasks.spawn(async move {
             let _done = done_tx;
-            if let Some(mut previous) = previous {
-                // The replaced task ends its push first.
+            for mut previous in previous {
+                // A stopping task ends its push first.
                 while previous.changed().await.is_ok() {}
             }
             run_unit(unit, status, agent_stop, own_stop).await;
@@ -282,9 +292,13 @@ impl Protector {
         }
     }
 
-    /// Reaps the tasks that ended (stopped units).
+    /// Reaps the tasks that ended (stopped units), and forgets them.
     pub fn reap(&mut self) {
         while self.tasks.try_join_next().is_some() {}
+        for waits in self.stopping.values_mut() {
+            waits.retain(|done| done.has_changed().is_ok());
+        }
+        self.stopping.retain(|_, waits| !waits.is_empty());
     }
 }
 
@@ -314,10 +328,15 @@ async fn run_unit(
         for e in &u.entries {
             status.update(&e.disk(), |p| p.next_unix_ns = Some(wall_next));
         }
+        // A stop wins over a due push (both are ready after a long push).
         tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
+            biased;
             _ = agent_stop.wait_for(|s| *s) => return,
             _ = own_stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        if *agent_stop.borrow() || *own_stop.borrow() {
+            return;
         }
         let began = tokio::time::Instant::now();
         let began_ns = crate::ids::now_unix_ns();

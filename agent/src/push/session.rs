@@ -287,7 +287,9 @@ fn spawn_hasher(
 struct SentProgress {
     progress: Arc<dyn Progress + Send + Sync>,
     geometry: Geometry,
-    by_region: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    /// Bytes counted per region in progress, and the regions done (a
+    /// block counted late, after its region's end, is not counted again).
+    by_region: std::sync::Mutex<(std::collections::HashMap<u64, u64>, std::collections::HashSet<u64>)>,
 }
 
 impl SentProgress {
@@ -297,16 +299,24 @@ impl SentProgress {
         let range = g.region_range(region);
         let region_bytes = g.block_offset(range.end).min(g.disk_bytes) - g.block_offset(range.start);
         let bytes = g.block_size.bytes().min(g.disk_bytes.saturating_sub(g.block_offset(index)));
-        let mut by_region = self.by_region.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.by_region.lock().unwrap_or_else(|p| p.into_inner());
+        let (by_region, finished) = &mut *guard;
+        if finished.contains(&region) {
+            return;
+        }
         let done = by_region.entry(region).or_default();
         let add = bytes.min(region_bytes.saturating_sub(*done));
         *done += add;
-        drop(by_region);
+        drop(guard);
         self.progress.advance(add);
     }
 
     fn region_done(&self, region: u64, region_bytes: u64) {
-        let sent = self.by_region.lock().unwrap_or_else(|p| p.into_inner()).remove(&region).unwrap_or(0);
+        let sent = {
+            let mut guard = self.by_region.lock().unwrap_or_else(|p| p.into_inner());
+            guard.1.insert(region);
+            guard.0.remove(&region).unwrap_or(0)
+        };
         self.progress.advance(region_bytes.saturating_sub(sent));
     }
 }

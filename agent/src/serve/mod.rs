@@ -173,6 +173,16 @@ impl Server {
         if let Some(unix) = self.unix {
             tasks.spawn(crate::status::serve_unix(unix, st, Some(control_tx), c.shutdown.clone()));
         }
+        // Requests of local commands are answered beside this loop: a
+        // reload in progress does not hold a failover's release up.
+        let ctx = self.ctx.clone();
+        tasks.spawn(async move {
+            let mut answering = tokio::task::JoinSet::new();
+            while let Some(request) = control.recv().await {
+                answering.spawn(handle_control(ctx.clone(), request));
+                while answering.try_join_next().is_some() {}
+            }
+        });
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         tokio::pin!(stop);
         loop {
@@ -184,11 +194,12 @@ impl Server {
                 }
                 _ = &mut stop => break,
                 Some(()) = async { hangup.as_mut()?.recv().await } => {
-                    reload::reload(&self.ctx, self.endpoint.as_ref(), &self.identity, &mut protector);
+                    // Reading the file, checking and recovering new targets
+                    // block: off the runtime's other tasks.
+                    tokio::task::block_in_place(|| {
+                        reload::reload(&self.ctx, self.endpoint.as_ref(), &self.identity, &mut protector)
+                    });
                     protector.reap();
-                }
-                Some(request) = control.recv() => {
-                    tasks.spawn(handle_control(self.ctx.clone(), request));
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
@@ -219,10 +230,11 @@ pub async fn handle_control(ctx: Arc<ServerCtx>, request: crate::status::remote:
             };
             let _ = reply.send(answer);
         }
-        Control::EndHold { path } => {
+        Control::EndHold { path, reply } => {
             if let Some(name) = name_of(&path) {
                 ctx.registry.unhold(&name).await;
             }
+            let _ = reply.send(());
         }
     }
 }

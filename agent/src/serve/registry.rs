@@ -11,8 +11,12 @@ use diskferry_protocol::ErrorCode;
 use diskferry_sync_engine::Error;
 use tokio::sync::{watch, Mutex};
 
-/// The longest a local command holds a target without ending its hold.
-pub const MAX_HOLD: Duration = Duration::from_secs(120);
+/// The longest a local command may hold a target without ending its hold
+/// (a command killed before it ended it).
+pub const MAX_HOLD: Duration = Duration::from_secs(600);
+
+/// What a command asks for beyond its `--wait`.
+pub const HOLD_MARGIN: Duration = Duration::from_secs(120);
 
 /// Which session holds which target, so a new push from the same peer can
 /// take over a stale one at once.
@@ -49,13 +53,18 @@ impl Registry {
 
     /// Claims `target` for `peer`, cancelling that peer's older session on it.
     pub async fn register(&self, target: &str, peer: &str, ticket: u64) -> Result<Registration, Error> {
-        if let Some(by) = self.held_by(target).await {
-            return Err(Error::new(ErrorCode::Busy, format!("target {target:?} is held by a local command ({by})"))
-                .hint("push again once that command is done"));
-        }
         for _ in 0..8 {
             let waiting = {
+                // `active` first, then `holds` (as a release takes them): a
+                // hold set before this registers is always seen.
                 let mut active = self.active.lock().await;
+                if let Some(by) = self.held_by(target).await {
+                    return Err(Error::new(
+                        ErrorCode::Busy,
+                        format!("target {target:?} is held by a local command ({by})"),
+                    )
+                    .hint("push again once that command is done"));
+                }
                 match active.get(target) {
                     Some(a) if a.peer != peer => {
                         return Err(Error::new(
@@ -129,9 +138,9 @@ impl Registry {
     /// stopped. Whether a session was cancelled.
     pub async fn release_for_command(&self, target: &str, by: &str, hold: Duration) -> Result<bool, Error> {
         let until = Instant::now() + hold.min(MAX_HOLD);
-        self.holds.lock().await.insert(target.to_string(), (by.to_string(), until));
         let waiting = {
             let active = self.active.lock().await;
+            self.holds.lock().await.insert(target.to_string(), (by.to_string(), until));
             active.get(target).map(|a| {
                 let _ =
                     a.cancel.send(Some(format!("the target agent released this target for a local command ({by})")));

@@ -32,6 +32,9 @@ use crate::config::{Config, TargetConfig};
 #[derive(Debug, Default)]
 pub struct Pins {
     pins: Mutex<HashMap<String, Option<FileId>>>,
+    /// Each target's path when pinned: a session that outlived a reload
+    /// moving its target does not overwrite the new path's pin.
+    paths: Mutex<HashMap<String, PathBuf>>,
     /// The agent's key, certificate and config file.
     protected: Vec<(FileId, PathBuf)>,
 }
@@ -117,7 +120,8 @@ pub fn check(config: &Config, state_root: &Path) -> Result<Pins, Error> {
         }
         pins.insert(name.clone(), Some(id));
     }
-    Ok(Pins { pins: Mutex::new(pins), protected })
+    let paths = config.targets.iter().map(|(n, t)| (n.clone(), t.path.clone())).collect();
+    Ok(Pins { pins: Mutex::new(pins), paths: Mutex::new(paths), protected })
 }
 
 impl Pins {
@@ -169,11 +173,18 @@ impl Pins {
             }
         }
         *pins = next;
+        *self.paths.lock().unwrap_or_else(|p| p.into_inner()) =
+            fresh.paths.into_inner().unwrap_or_else(|p| p.into_inner());
     }
 
-    /// Records what the path names after diskferry itself wrote it.
-    pub fn update(&self, name: &str, id: Option<FileId>) {
-        if id.is_some() {
+    /// Records what `path` names after diskferry itself wrote it, if
+    /// `name` still has that path (a reload may have moved it since).
+    pub fn update(&self, name: &str, path: &Path, id: Option<FileId>) {
+        if id.is_none() {
+            return;
+        }
+        let paths = self.paths.lock().unwrap_or_else(|p| p.into_inner());
+        if paths.get(name).is_some_and(|p| p == path) {
             self.pins.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), id);
         }
     }
@@ -236,7 +247,7 @@ pub fn recover_some(config: &Config, state_root: &Path, vfs: &Arc<dyn Vfs>, pins
                         tracing::info!(target = %name, entries, "recovered: kept the staged blocks of an interrupted push for its resume")
                     }
                 }
-                pins.update(name, target.expected_identity());
+                pins.update(name, &t.path, target.expected_identity());
             }
             Err(e) if e.code == ErrorCode::Busy => {
                 tracing::warn!(target = %name, "not recovered now: another diskferry process holds it (it recovers it)")

@@ -136,7 +136,7 @@ fn run(
     }
     let result = result.map(|_| ());
     // What the path names after this session wrote it (a full copy renames a new file into place).
-    req.pins.update(&req.name, target.expected_identity());
+    req.pins.update(&req.name, &req.path, target.expected_identity());
     result
 }
 

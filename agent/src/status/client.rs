@@ -63,28 +63,30 @@ pub fn request(
                 Error::new(ErrorCode::NotFound, format!("no agent answers at {} ({e})", socket.display()))
                     .hint("start `diskferry serve` with this state directory (or give --config / --state-dir)")
             })?;
-            s.set_read_timeout(Some(timeout)).map_err(io)?;
             s.set_write_timeout(Some(timeout)).map_err(io)?;
-            exchange(s, &head, &body).map_err(io)?
+            exchange(s, &head, &body, timeout, |s, t| s.set_read_timeout(t)).map_err(io)?
         }
         Addr::Tcp(a) => {
             let s = std::net::TcpStream::connect_timeout(&a, timeout).map_err(io)?;
-            s.set_read_timeout(Some(timeout)).map_err(io)?;
             s.set_write_timeout(Some(timeout)).map_err(io)?;
-            exchange(s, &head, &body).map_err(io)?
+            exchange(s, &head, &body, timeout, |s, t| s.set_read_timeout(t)).map_err(io)?
         }
     };
-    let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n");
+    let (head, rest) = match split {
+        Some(at) => (&raw[..at], &raw[at + 4..]),
+        None => (&raw[..], &[][..]),
+    };
+    let head = String::from_utf8_lossy(head);
     let status =
         head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| {
             Error::new(ErrorCode::Protocol, format!("the agent's answer to {method} {path} is not HTTP"))
         })?;
     let body = match head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         true => dechunk(rest),
-        false => rest.to_string(),
+        false => rest.to_vec(),
     };
-    Ok(Answer { status, body })
+    Ok(Answer { status, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
 /// `GET path`, requiring 200 and JSON.
@@ -96,24 +98,51 @@ pub fn get_json(addr: Addr<'_>, path: &str, token: Option<&str>) -> Result<Value
     a.json()
 }
 
-fn exchange<S: Read + Write>(mut s: S, head: &str, body: &str) -> std::io::Result<Vec<u8>> {
+/// The largest answer read (the job list of 200 jobs is about 100 KiB).
+const MAX_ANSWER: usize = 16 << 20;
+
+/// Sends the request and reads the answer until the server closes, within
+/// `timeout` in all (a server trickling bytes does not hold the caller).
+fn exchange<S: Read + Write>(
+    mut s: S,
+    head: &str,
+    body: &str,
+    timeout: Duration,
+    set_read_timeout: impl Fn(&S, Option<Duration>) -> std::io::Result<()>,
+) -> std::io::Result<Vec<u8>> {
+    let deadline = std::time::Instant::now() + timeout;
     s.write_all(head.as_bytes())?;
     s.write_all(body.as_bytes())?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    Ok(raw)
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the answer took too long"));
+        }
+        set_read_timeout(&s, Some(left))?;
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(raw),
+            Ok(n) if raw.len() + n > MAX_ANSWER => {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the answer is too large"))
+            }
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
-/// The body of a chunked HTTP/1.1 answer.
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
+/// The body of a chunked HTTP/1.1 answer (what parses of it).
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&rest[..eol]).ok();
+        let Some(n) = size.and_then(|s| usize::from_str_radix(s.trim(), 16).ok()) else { break };
+        let after = &rest[eol + 2..];
+        let Some(chunk) = after.get(..n).filter(|_| n > 0) else { break };
+        out.extend_from_slice(chunk);
+        rest = after[n..].strip_prefix(b"\r\n").unwrap_or(&after[n..]);
     }
     out
 }
@@ -122,7 +151,11 @@ fn dechunk(mut rest: &str) -> String {
 mod tests {
     #[test]
     fn dechunks() {
-        assert_eq!(super::dechunk("4\r\nWiki\r\n5\r\npedia\r\n0\r\n\r\n"), "Wikipedia");
-        assert_eq!(super::dechunk("zz\r\n"), "");
+        assert_eq!(super::dechunk(b"4\r\nWiki\r\n5\r\npedia\r\n0\r\n\r\n"), b"Wikipedia");
+        assert_eq!(super::dechunk(b"zz\r\n"), b"");
+        // A hostile size: inside a character, past the end, absurd.
+        assert_eq!(super::dechunk("1\r\n\u{e9}\r\n".as_bytes()), vec![0xc3]);
+        assert_eq!(super::dechunk(b"ff\r\nshort"), b"");
+        assert_eq!(super::dechunk(b"ffffffffffffffffffff\r\nx"), b"");
     }
 }

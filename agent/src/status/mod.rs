@@ -244,12 +244,29 @@ where
 async fn require_token(State(s): State<Arc<Status>>, req: Request, next: Next) -> Response {
     if let Some(token) = &s.token {
         let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let ok = given.and_then(|g| g.strip_prefix("Bearer ")).is_some_and(|g| constant_time_eq(g, token));
-        if !ok {
-            return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")]).into_response();
+        if !given.is_some_and(|g| carries_token(g, token)) {
+            // Basic too: a browser asks for it (any user name, the token as
+            // the password), where it cannot send a bearer token.
+            let mut r = StatusCode::UNAUTHORIZED.into_response();
+            r.headers_mut().append(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            r.headers_mut()
+                .append(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"status\""));
+            return r;
         }
     }
     next.run(req).await
+}
+
+/// `Bearer TOKEN`, or `Basic` with the token as the password.
+fn carries_token(authorization: &str, token: &str) -> bool {
+    use base64::Engine;
+    if let Some(t) = authorization.strip_prefix("Bearer ") {
+        return constant_time_eq(t.trim(), token);
+    }
+    let Some(b) = authorization.strip_prefix("Basic ") else { return false };
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b.trim()) else { return false };
+    let Ok(text) = String::from_utf8(raw) else { return false };
+    text.split_once(':').is_some_and(|(_, password)| constant_time_eq(password, token))
 }
 
 /// Compares digests (blake3's equality is constant-time): no timing
@@ -272,4 +289,19 @@ async fn metrics_handler(State(s): State<Arc<Status>>) -> Response {
 
 async fn page_handler(State(s): State<Arc<Status>>) -> Html<String> {
     Html(page::render(&s.jobs.list(), &s.protect_json(), s.config.last_reload().as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bearer_or_basic_with_the_token_as_password() {
+        let t = "0123456789abcdef";
+        assert!(super::carries_token("Bearer 0123456789abcdef", t));
+        // "anyone:0123456789abcdef"
+        assert!(super::carries_token("Basic YW55b25lOjAxMjM0NTY3ODlhYmNkZWY=", t));
+        assert!(!super::carries_token("Basic YW55b25lOndyb25n", t));
+        assert!(!super::carries_token("Basic !!!", t));
+        assert!(!super::carries_token("Bearer wrong", t));
+        assert!(!super::carries_token("Digest x", t));
+    }
 }

@@ -50,8 +50,8 @@ pub enum Control {
     /// the answer: the target's name and whether a session was cancelled
     /// (`None`: no served target has that path).
     Release { path: PathBuf, by: String, hold: Duration, reply: oneshot::Sender<Result<Option<(String, bool)>, Error>> },
-    /// The command is done with the target at `path`.
-    EndHold { path: PathBuf },
+    /// The command is done with the target at `path`; answered once the hold is gone.
+    EndHold { path: PathBuf, reply: oneshot::Sender<()> },
 }
 
 #[derive(Deserialize)]
@@ -100,9 +100,14 @@ fn error(status: StatusCode, code: &str, message: String) -> Response {
 }
 
 async fn start_job(State(s): State<Arc<Remote>>, Json(j): Json<StartJob>) -> Response {
-    let r = s.jobs.start(&j.kind, &j.disk, &j.peer, &j.target);
+    // The job list is synced to disk: off the runtime's threads.
+    let (jobs, pid) = (s.jobs.clone(), j.pid);
+    let started = tokio::task::spawn_blocking(move || jobs.start(&j.kind, &j.disk, &j.peer, &j.target)).await;
+    let Ok(r) = started else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "E_INTERNAL", "the job was not recorded".into());
+    };
     let id = r.id();
-    s.running.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (r, j.pid, Instant::now()));
+    s.running.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (r, pid, Instant::now()));
     Json(json!({ "id": id })).into_response()
 }
 
@@ -127,7 +132,8 @@ async fn finish(State(s): State<Arc<Remote>>, Path(id): Path<u64>, Json(result):
     let taken = s.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     match taken {
         Some((r, _, _)) => {
-            s.jobs.finish(&r, result);
+            let jobs = s.jobs.clone();
+            let _ = tokio::task::spawn_blocking(move || jobs.finish(&r, result)).await;
             StatusCode::NO_CONTENT.into_response()
         }
         None => error(StatusCode::NOT_FOUND, "E_NOT_FOUND", format!("no running job {id} of a local command")),
@@ -153,7 +159,10 @@ async fn release(State(s): State<Arc<Remote>>, Json(r): Json<ReleaseReq>) -> Res
 
 async fn end_hold(State(s): State<Arc<Remote>>, Json(r): Json<EndHoldReq>) -> Response {
     if let Some(control) = &s.control {
-        let _ = control.send(Control::EndHold { path: r.path }).await;
+        let (reply, done) = oneshot::channel();
+        if control.send(Control::EndHold { path: r.path, reply }).await.is_ok() {
+            let _ = done.await;
+        }
     }
     StatusCode::NO_CONTENT.into_response()
 }
@@ -181,7 +190,8 @@ pub async fn reap(s: Arc<Remote>, mut stop: tokio::sync::watch::Receiver<bool>) 
                 format!("the command (pid {pid}) ended or stopped reporting before it finished"),
             )
             .hint("see that command's own output; run it again to finish the move");
-            s.jobs.finish(&r, JobResult::failed(&e));
+            let jobs = s.jobs.clone();
+            let _ = tokio::task::spawn_blocking(move || jobs.finish(&r, JobResult::failed(&e))).await;
         }
     }
 }
