@@ -292,4 +292,7 @@ fn a_disk_regrouped_by_a_reload_is_never_pushed_twice_at_once() {
         }
     }
     assert_eq!(sum(&rep1), sum(&disk1));
+    // A group's members show their progress too.
+    let member = jobs(status_a).into_iter().find(|j| j["target"] == "vm2" && j["result"]["ok"] == true).unwrap();
+    assert_eq!(member["bytes_total"].as_u64(), Some(2 * MIB), "{member}");
 }

@@ -132,7 +132,7 @@ fn run_disks(
         let start = Instant::now();
         let members: Vec<PushOptions> = d.members.iter().map(|o| PushOptions { fuzzy, promote, ..o.clone() }).collect();
         let reports = match (&d.group, members.first()) {
-            (Some(g), _) => push::group::push_members(rt, &id, g, &members, requested)?,
+            (Some(g), _) => push::group::push_members(rt, &id, g, &members, Vec::new(), requested)?,
             (None, Some(o)) => {
                 let o = o.clone();
                 let bar = Arc::new(Bar::new().reporting(job.clone()));

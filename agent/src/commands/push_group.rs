@@ -24,9 +24,10 @@ pub fn run(a: PushGroupArgs) -> Result<()> {
     let all =
         a.disks.iter().map(|(src, target)| push_options(src, target, &a.opts, &rt)).collect::<Result<Vec<_>>>()?;
     // A job per member, as the agent's own group pushes show.
-    let jobs: Vec<_> = all.iter().map(|o| super::net::job_of_push("push", o, &a.opts.peer)).collect();
+    let jobs: Vec<_> = all.iter().map(|o| Arc::new(super::net::job_of_push("push", o, &a.opts.peer))).collect();
+    let progress = jobs.iter().map(|j| j.clone() as Arc<dyn diskferry_sync_engine::Progress + Send + Sync>).collect();
     let start = Instant::now();
-    let reports = push::group::push_members(&rt, &Arc::new(id), &name, &all, &mut false);
+    let reports = push::group::push_members(&rt, &Arc::new(id), &name, &all, progress, &mut false);
     for (i, job) in jobs.iter().enumerate() {
         match &reports {
             Ok(r) => job.finish(r.get(i).map_or_else(

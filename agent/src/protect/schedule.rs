@@ -472,10 +472,14 @@ async fn push_unit(u: &Unit, after_failure: bool) -> Vec<Result<PushReport, Erro
             let progress: Arc<dyn diskferry_sync_engine::Progress + Send + Sync> = running[0].clone();
             vec![push::push(&u.id, one.clone(), progress).await]
         }
-        (Some(g), all) => match push::group::push_members_async(&u.id, g, all, &mut false).await {
-            Ok(reports) => reports.into_iter().map(Ok).collect(),
-            Err(e) => all.iter().map(|_| Err(copy(&e))).collect(),
-        },
+        (Some(g), all) => {
+            let progress =
+                running.iter().map(|r| r.clone() as Arc<dyn diskferry_sync_engine::Progress + Send + Sync>).collect();
+            match push::group::push_members_async(&u.id, g, all, progress, &mut false).await {
+                Ok(reports) => reports.into_iter().map(Ok).collect(),
+                Err(e) => all.iter().map(|_| Err(copy(&e))).collect(),
+            }
+        }
         (None, _) => Vec::new(),
     };
     guard.disarm();

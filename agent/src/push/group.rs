@@ -36,17 +36,22 @@ pub fn check_members(members: &[PushOptions]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Each member's progress (none: nobody watches).
+pub type MemberProgress = Vec<Arc<dyn diskferry_sync_engine::local::Progress + Send + Sync>>;
+
 /// Pushes `members` as one group point of group `name`, in the members'
-/// order. `commit_requested` tells whether any member asked its target to
+/// order, reporting member `i`'s progress to `progress[i]` if given.
+/// `commit_requested` tells whether any member asked its target to
 /// commit: a failure after that may have landed (and been promoted).
 pub fn push_members(
     rt: &tokio::runtime::Runtime,
     id: &Arc<Identity>,
     name: &TargetName,
     members: &[PushOptions],
+    progress: MemberProgress,
     commit_requested: &mut bool,
 ) -> Result<Vec<PushReport>, Error> {
-    rt.block_on(push_members_async(id, name, members, commit_requested))
+    rt.block_on(push_members_async(id, name, members, progress, commit_requested))
 }
 
 /// [`push_members`] on the caller's runtime (the agent's scheduler).
@@ -54,6 +59,7 @@ pub async fn push_members_async(
     id: &Arc<Identity>,
     name: &TargetName,
     members: &[PushOptions],
+    progress: MemberProgress,
     commit_requested: &mut bool,
 ) -> Result<Vec<PushReport>, Error> {
     check_members(members)?;
@@ -87,9 +93,10 @@ pub async fn push_members_async(
                 pace: first.pace.clone(),
                 ..o
             };
+            let watched = progress.get(i).cloned().unwrap_or_else(|| Arc::new(NoProgress));
             set.spawn(async move {
                 let mut requested = false;
-                let r = push_with(&id, o, Some(snap), Arc::new(NoProgress), &mut requested).await;
+                let r = push_with(&id, o, Some(snap), watched, &mut requested).await;
                 (i, r, requested)
             });
         }
