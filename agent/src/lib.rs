@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod local_agent;
 pub mod metrics;
 pub mod nbd;
+pub mod notify;
 pub mod output;
 pub mod pace;
 pub mod plan;
@@ -30,14 +31,18 @@ pub mod transport;
 pub mod trust;
 pub mod units;
 
-use clap::Parser;
 use diskferry_protocol::ErrorCode;
 
 use output::Failure;
 
 /// Parses the command line, runs the command and returns the exit code.
 pub fn run() -> i32 {
-    let cli = match cli::Cli::try_parse() {
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = cli::Cli::command()
+        .long_version(commands::long_version())
+        .try_get_matches()
+        .and_then(|m| cli::Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -64,8 +69,13 @@ pub fn run() -> i32 {
     let default = if matches!(cli.command, cli::Command::Serve(_)) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal: journald and files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.command.common().log_format {
+        cli::LogFormat::Text => logs.with_ansi(ansi).init(),
+        cli::LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
+    }
     let json = cli.command.json();
     progress::set_mode(cli.command.common().progress);
     match commands::run(cli.command) {

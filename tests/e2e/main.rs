@@ -32,6 +32,7 @@ mod lost_ack;
 mod memory;
 mod nbd;
 mod net;
+mod packaging;
 mod plan;
 mod points;
 mod protect;

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use diskferry_protocol::{BlockSize, Generation};
 
+mod ops;
 mod plan;
+pub use ops::{CompletionsArgs, ManArgs};
 pub use plan::{PlanCleanupArgs, PlanCommand, PlanRunArgs, PlanSiteArgs};
 
 /// diskferry replicates virtual disks: it hashes blocks in parallel, ships only
@@ -61,6 +63,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Push a generated sample disk to an in-process target agent (full, then delta) and print a table.
     Demo(DemoArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(CompletionsArgs),
+    /// Write the man pages: diskferry(1) and one per command.
+    Man(ManArgs),
 }
 
 #[derive(Args, Debug)]
@@ -267,6 +273,16 @@ pub struct Common {
     /// object per phase change and about once a second), none.
     #[arg(long, value_enum, global = true, default_value = "auto")]
     pub progress: crate::progress::ProgressMode,
+    /// Log lines on stderr: text (colours only on a terminal), or json (one object per line,
+    /// for journald and log shippers).
+    #[arg(long, value_enum, global = true, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args, Debug)]
@@ -537,6 +553,8 @@ impl Command {
             Command::Plan(PlanCommand::Run(a)) => &a.common,
             Command::Plan(PlanCommand::Cleanup(a)) => &a.common,
             Command::Status(a) => &a.common,
+            Command::Completions(a) => &a.common,
+            Command::Man(a) => &a.common,
         }
     }
 }

@@ -8,6 +8,8 @@ mod failover_sync;
 mod group_moves;
 mod hash;
 mod net;
+mod ops;
+pub use ops::long_version;
 mod plan;
 mod points;
 mod push_group;
@@ -41,5 +43,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::PushGroup(a) => push_group::run(a),
         Command::Plan(c) => plan::run(c),
         Command::Status(a) => status::run(a),
+        Command::Completions(a) => ops::completions(a),
+        Command::Man(a) => ops::man(a),
     }
 }

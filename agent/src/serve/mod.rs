@@ -184,6 +184,13 @@ impl Server {
             }
         });
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        // Targets were recovered in `bind`, the endpoint listens: ready.
+        let serving = match self.endpoint.as_ref().and_then(|e| e.local_addr().ok()) {
+            Some(addr) => format!("serving on {addr}; {} protected disk(s)", config.protect.len()),
+            None => format!("sending only; {} protected disk(s)", config.protect.len()),
+        };
+        crate::notify::ready(&serving);
+        let mut watchdog = crate::notify::watchdog_every().map(tokio::time::interval);
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -194,17 +201,24 @@ impl Server {
                 }
                 _ = &mut stop => break,
                 Some(()) = async { hangup.as_mut()?.recv().await } => {
+                    crate::notify::reloading();
                     // Reading the file, checking and recovering new targets
                     // block: off the runtime's other tasks.
-                    tokio::task::block_in_place(|| {
+                    let report = tokio::task::block_in_place(|| {
                         reload::reload(&self.ctx, self.endpoint.as_ref(), &self.identity, &mut protector)
                     });
                     protector.reap();
+                    match &report.error {
+                        None => crate::notify::ready(&serving),
+                        Some(e) => crate::notify::ready(&format!("{serving}; the last reload was refused: {e}")),
+                    }
                 }
+                Some(_) = async { Some(watchdog.as_mut()?.tick().await) } => crate::notify::watchdog(),
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
         tracing::info!("shutting down: stopping sessions at a safe point");
+        crate::notify::stopping();
         let _ = self.shutdown_tx.send(true);
         while tasks.join_next().await.is_some() {}
         // A scheduled push in flight is cut after a moment: its target keeps
