@@ -181,7 +181,7 @@ fn serve_tells_systemd_when_it_is_ready_reloading_and_stopping() {
             .spawn()
             .unwrap(),
     );
-    let mut recv = || {
+    let recv = || {
         let mut buf = [0u8; 4096];
         let n = socket.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).into_owned()
