@@ -221,3 +221,68 @@ fn serve_tells_systemd_when_it_is_ready_reloading_and_stopping() {
     assert!(stopping);
     assert!(child.0.wait().unwrap().success());
 }
+
+#[test]
+fn the_deb_installs_into_a_fresh_root() {
+    let dir = tempdir("deb");
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // The binary the tests run, packaged as it is (no second build).
+    let built = Command::new("bash")
+        .arg(repo().join("packaging/build-deb.sh"))
+        .env("PROFILE", "dev")
+        .env("NO_BUILD", "1")
+        .env("DEB_OUT", &out)
+        .env("CARGO_TARGET_DIR", bin().parent().unwrap().parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "build-deb.sh: {}", String::from_utf8_lossy(&built.stderr));
+    let deb = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"));
+    let deb = deb.unwrap_or_else(|| panic!("no .deb in {}", out.display()));
+
+    // A fresh root with an empty dpkg database; libc is the host's.
+    let root = dir.path().join("root");
+    for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
+    std::fs::write(root.join("var/lib/dpkg/available"), "").unwrap();
+    let installed = Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .args(["--force-depends", "--force-script-chrootless", "--log=/dev/null", "-i"])
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(installed.status.success(), "dpkg -i: {}", String::from_utf8_lossy(&installed.stderr));
+
+    let v = Command::new(root.join("usr/bin/diskferry")).arg("--version").output().unwrap();
+    let v = String::from_utf8_lossy(&v.stdout);
+    assert!(v.starts_with("diskferry ") && v.contains("protocol "), "{v}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| std::fs::metadata(root.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("var/lib/diskferry"), 0o700, "the state directory holds the private key");
+    assert_eq!(mode("etc/diskferry/diskferry.toml"), 0o600);
+    let conffiles = std::fs::read_to_string(root.join("var/lib/dpkg/info/diskferry.conffiles")).unwrap();
+    assert!(conffiles.contains("/etc/diskferry/diskferry.toml"), "{conffiles}");
+    let pages = std::fs::read_dir(root.join("usr/share/man/man1")).unwrap().count();
+    assert!(pages >= 20, "{pages} man pages");
+    for f in [
+        "usr/share/bash-completion/completions/diskferry",
+        "usr/share/zsh/vendor-completions/_diskferry",
+        "usr/share/fish/vendor_completions.d/diskferry.fish",
+        "usr/share/doc/diskferry/status.md",
+    ] {
+        assert!(root.join(f).is_file(), "{f} is installed");
+    }
+    // The installed unit verifies clean, run against the installed binary.
+    let unit = std::fs::read_to_string(root.join("lib/systemd/system/diskferry.service")).unwrap();
+    let here = dir.path().join("diskferry.service");
+    std::fs::write(&here, unit.replace("/usr/bin/diskferry", &root.join("usr/bin/diskferry").display().to_string()))
+        .unwrap();
+    let (ok, text) = verify(&here);
+    assert!(ok && text.is_empty(), "systemd-analyze verify: {text}");
+}
