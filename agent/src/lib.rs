@@ -3,6 +3,7 @@
 //! ([`serve`]) and the source agent ([`push`]). `main.rs` only calls [`run`].
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod changes;
 pub mod cli;
 pub mod commands;

@@ -253,6 +253,11 @@ pub async fn write_frame(stream: &mut quinn::SendStream, m: &Message) -> Result<
 /// belongs to the connection's only session.
 pub const DATA_STREAM_MAGIC: [u8; 4] = *b"DFDS";
 
+/// First bytes of a bench stream (`diskferry bench`): the agent reads and
+/// drops what follows, touching no target, then answers on a stream of
+/// its own with what it measured (JSON).
+pub const BENCH_STREAM_MAGIC: [u8; 4] = *b"DFBN";
+
 /// The preamble of a data stream of the session on control stream `ctl`.
 pub fn data_stream_preamble(ctl: quinn::StreamId) -> bytes::Bytes {
     let mut b = Vec::with_capacity(12);

@@ -10,6 +10,7 @@
 mod util;
 
 mod agents;
+mod bench;
 mod blockdev;
 mod bwlimit;
 mod changes;

@@ -7,7 +7,7 @@ use diskferry_protocol::{BlockSize, Generation};
 
 mod ops;
 mod plan;
-pub use ops::{CompletionsArgs, ManArgs};
+pub use ops::{BenchArgs, CompletionsArgs, ManArgs};
 pub use plan::{PlanCleanupArgs, PlanCommand, PlanRunArgs, PlanSiteArgs};
 
 /// diskferry replicates virtual disks: it hashes blocks in parallel, ships only
@@ -63,6 +63,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Push a generated sample disk to an in-process target agent (full, then delta) and print a table.
     Demo(DemoArgs),
+    /// Measure this host's read, hash and write, and QUIC to a peer; name what limits a full
+    /// download and a delta between them, with an estimate for a disk size.
+    Bench(BenchArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell) on stdout.
     Completions(CompletionsArgs),
     /// Write the man pages: diskferry(1) and one per command.
@@ -553,6 +556,7 @@ impl Command {
             Command::Plan(PlanCommand::Run(a)) => &a.common,
             Command::Plan(PlanCommand::Cleanup(a)) => &a.common,
             Command::Status(a) => &a.common,
+            Command::Bench(a) => &a.common,
             Command::Completions(a) => &a.common,
             Command::Man(a) => &a.common,
         }

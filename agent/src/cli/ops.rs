@@ -24,3 +24,32 @@ pub struct ManArgs {
     #[command(flatten)]
     pub common: Common,
 }
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// The peer agent to measure QUIC throughput and its write to (HOST:PORT).
+    #[arg(long, value_name = "HOST:PORT", requires = "peer_fingerprint")]
+    pub peer: Option<String>,
+    /// Hex SHA-256 of the peer agent's certificate (`diskferry id` there).
+    #[arg(long, value_name = "HEX")]
+    pub peer_fingerprint: Option<String>,
+    /// A disk (file or block device) to measure reads on; its first GiB is read (default: a
+    /// 256 MiB sample written in the state directory).
+    #[arg(long, value_name = "PATH")]
+    pub disk: Option<PathBuf>,
+    /// The disk size to estimate a full download and a delta for, like 2T or 500G (default: the
+    /// --disk's size, else 1T).
+    #[arg(long)]
+    pub size: Option<String>,
+    /// Hashing threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Upper bound for MTU discovery (default: 65000 on loopback, 1452 elsewhere).
+    #[arg(long)]
+    pub max_mtu: Option<u16>,
+    /// The agent's config (its state_dir holds this agent's identity).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
+}

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 mod abort;
+mod bench;
 mod demo;
 mod export;
 mod failover;
@@ -43,6 +44,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::PushGroup(a) => push_group::run(a),
         Command::Plan(c) => plan::run(c),
         Command::Status(a) => status::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Completions(a) => ops::completions(a),
         Command::Man(a) => ops::man(a),
     }

@@ -260,7 +260,7 @@ pub fn push_json(r: &PushReport, secs: f64, cpu: f64) -> serde_json::Value {
     })
 }
 
-async fn resolve(peer: &str) -> Result<SocketAddr> {
+pub async fn resolve(peer: &str) -> Result<SocketAddr> {
     let mut addrs = tokio::net::lookup_host(peer)
         .await
         .map_err(|e| Error::new(ErrorCode::Usage, format!("--peer {peer:?} is not HOST:PORT that resolves: {e}")))?;

@@ -308,7 +308,7 @@ pub async fn push_with(
         .hint("push again: if the commit landed, the rerun says the target already holds this data; if not, it resumes")),
         // With TLS 1.3 the target judges our certificate after we think the
         // handshake is done: a refusal then shows as a lost stream.
-        (Err(e), Some(reason)) if e.code == ErrorCode::Connection => Err(connection_error(reason, true, &opts, id)),
+        (Err(e), Some(reason)) if e.code == ErrorCode::Connection => Err(connection_error(reason, true, opts.peer, id)),
         (r, _) => r,
     };
     let stats = conn.stats();
@@ -360,17 +360,29 @@ pub async fn push_with(
 /// Connects to `opts.peer`, checking its certificate against the
 /// fingerprint (and it ours).
 pub async fn connect(id: &Identity, opts: &PushOptions) -> Result<(quinn::Endpoint, quinn::Connection), Error> {
+    connect_peer(id, opts.peer, &opts.peer_fingerprint, opts.max_mtu, opts.idle_timeout).await
+}
+
+/// An authenticated connection to the agent at `peer` whose certificate
+/// has `fingerprint` (a push's, or a bench session's).
+pub async fn connect_peer(
+    id: &Identity,
+    peer: SocketAddr,
+    fingerprint: &str,
+    max_mtu: Option<u16>,
+    idle_timeout: Duration,
+) -> Result<(quinn::Endpoint, quinn::Connection), Error> {
     let endpoint =
-        transport::client_endpoint(&opts.peer).ctx(Place::Source, "opening a UDP socket for", Path::new("push"))?;
-    let tls = trust::client_config(id, &opts.peer_fingerprint)
+        transport::client_endpoint(&peer).ctx(Place::Source, "opening a UDP socket for", Path::new("push"))?;
+    let tls = trust::client_config(id, fingerprint)
         .map_err(|e| Error::new(ErrorCode::Identity, format!("TLS setup: {e}")))?;
-    let qc = transport::client_config(tls, &opts.peer, opts.max_mtu, opts.idle_timeout)
+    let qc = transport::client_config(tls, &peer, max_mtu, idle_timeout)
         .map_err(|e| Error::new(ErrorCode::Internal, format!("QUIC setup: {e}")))?;
     let connecting = endpoint
-        .connect_with(qc, opts.peer, "diskferry")
-        .map_err(|e| Error::new(ErrorCode::Connection, format!("cannot connect to {}: {e}", opts.peer)))?;
+        .connect_with(qc, peer, "diskferry")
+        .map_err(|e| Error::new(ErrorCode::Connection, format!("cannot connect to {peer}: {e}")))?;
     tracing::debug!("connecting");
-    let conn = connecting.await.map_err(|e| connection_error(e, false, opts, id))?;
+    let conn = connecting.await.map_err(|e| connection_error(e, false, peer, id))?;
     tracing::debug!("connected");
     Ok((endpoint, conn))
 }
@@ -448,30 +460,25 @@ fn peer_failure(code: ErrorCode, message: &str) -> Error {
     Error::new(code, format!("target: {what}")).hint(hint)
 }
 
-fn connection_error(e: quinn::ConnectionError, established: bool, opts: &PushOptions, id: &Identity) -> Error {
+pub(crate) fn connection_error(e: quinn::ConnectionError, established: bool, peer: SocketAddr, id: &Identity) -> Error {
     use quinn::ConnectionError as C;
     let crypto = |code: u64| (0x100..0x200).contains(&code);
     match &e {
         C::TransportError(t) if crypto(u64::from(t.code)) => Error::new(
             ErrorCode::PeerFingerprint,
-            format!(
-                "the agent at {} is not the one expected: its certificate does not match --peer-fingerprint",
-                opts.peer
-            ),
+            format!("the agent at {} is not the one expected: its certificate does not match --peer-fingerprint", peer),
         )
         .hint("check the fingerprint with `diskferry id` on the target host"),
         C::ConnectionClosed(c) if crypto(u64::from(c.error_code)) => {
-            Error::new(ErrorCode::UnknownPeer, format!("the agent at {} refused this agent's certificate", opts.peer))
-                .hint(format!(
-                    "add this agent as a [[peer]] in the target's config: fingerprint = \"{}\"",
-                    id.fingerprint()
-                ))
+            Error::new(ErrorCode::UnknownPeer, format!("the agent at {} refused this agent's certificate", peer)).hint(
+                format!("add this agent as a [[peer]] in the target's config: fingerprint = \"{}\"", id.fingerprint()),
+            )
         }
-        C::TimedOut if !established => Error::new(ErrorCode::Connection, format!("no answer from {}", opts.peer))
+        C::TimedOut if !established => Error::new(ErrorCode::Connection, format!("no answer from {}", peer))
             .hint("check the address, that `diskferry serve` runs there, and the firewall (UDP)"),
-        C::TimedOut => Error::new(ErrorCode::Connection, format!("the target at {} stopped answering", opts.peer))
+        C::TimedOut => Error::new(ErrorCode::Connection, format!("the target at {} stopped answering", peer))
             .hint("push again: it resumes where it stopped"),
-        _ => Error::new(ErrorCode::Connection, format!("connection to {} lost: {e}", opts.peer))
+        _ => Error::new(ErrorCode::Connection, format!("connection to {} lost: {e}", peer))
             .hint("push again: it resumes where it stopped"),
     }
 }

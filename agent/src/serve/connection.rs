@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use super::{session, ServerCtx};
-use crate::transport::DATA_STREAM_MAGIC;
+use crate::transport::{BENCH_STREAM_MAGIC, DATA_STREAM_MAGIC};
 
 /// A data stream and the bytes read off it to route it.
 pub type DataStream = (quinn::RecvStream, Bytes);
@@ -94,7 +94,7 @@ pub async fn serve(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
                 }
             },
             uni = conn.accept_uni() => match uni {
-                Ok(stream) => { routing.spawn(route(stream, router.clone())); }
+                Ok(stream) => { routing.spawn(route(stream, router.clone(), conn.clone(), ctx.state_root.clone())); }
                 Err(_) => break,
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {
@@ -117,7 +117,12 @@ pub async fn serve(conn: quinn::Connection, peer: String, ctx: Arc<ServerCtx>) {
 }
 
 /// Reads a data stream's preamble and hands the stream to its session.
-async fn route(mut stream: quinn::RecvStream, router: Arc<Mutex<Router>>) {
+async fn route(
+    mut stream: quinn::RecvStream,
+    router: Arc<Mutex<Router>>,
+    conn: quinn::Connection,
+    state_root: std::path::PathBuf,
+) {
     let mut head = BytesMut::new();
     let read = tokio::time::timeout(PREAMBLE_WITHIN, async {
         while head.len() < 12 {
@@ -133,6 +138,9 @@ async fn route(mut stream: quinn::RecvStream, router: Arc<Mutex<Router>>) {
     .await;
     if read.is_err() {
         return;
+    }
+    if head.len() >= 4 && head[..4] == BENCH_STREAM_MAGIC {
+        return super::bench::sink(stream, head.len() as u64 - 4, conn, state_root).await;
     }
     let (key, rest) = match head.len() >= 12 && head[..4] == DATA_STREAM_MAGIC {
         true => {

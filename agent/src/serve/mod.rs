@@ -2,6 +2,7 @@
 //! runs one session per connection, at most one session per target, and
 //! shuts down at safe points.
 
+mod bench;
 pub mod budget;
 mod connection;
 mod group;
