@@ -302,18 +302,7 @@ mod tests {
             r.phase("pushing", 100);
             r.advance(40);
             assert_eq!(jobs.get(r.id()).unwrap().bytes_done, 40);
-            let ok = JobResult {
-                ok: n % 2 == 0,
-                generation: None,
-                consistency: None,
-                payload_bytes: n as u64,
-                written_bytes: 0,
-                wire_bytes: 0,
-                unchanged: false,
-                code: None,
-                message: None,
-                hint: None,
-            };
+            let ok = JobResult { ok: n % 2 == 0, payload_bytes: n as u64, ..JobResult::ok(None, None) };
             jobs.finish(&r, ok);
         }
         let again = Jobs::load(Some(dir.path()));
