@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile="${PROFILE:-release}"
-command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --quiet
+command -v cargo-deb >/dev/null || cargo install cargo-deb --version 3.8.0 --locked --quiet
 if [ -z "${NO_BUILD:-}" ]; then
   cargo build --locked --profile "$profile" -p diskferry-agent
 fi

@@ -64,8 +64,9 @@ const COMMIT_FSYNCS: f64 = 6.0;
 
 /// A full download: read (cold: a disk not read lately), hash, network,
 /// peer write, streamed, so at the slowest; plus the handshake and the
-/// commit's fsyncs. On one host both agents share the cores: the source's
-/// hashing, the target's verifying and QUIC both ways are one CPU stage.
+/// commit's fsyncs. On one host both agents share its cores, and the
+/// stages' times per byte add up instead (reading, hashing on both sides,
+/// QUIC both ways, writing).
 pub fn full_download(r: &Rates, size: u64) -> Estimate {
     let mut stages = vec![("read", r.read_cold), ("hash", r.hash)];
     match (r.quic, r.peer_write_fsync) {
@@ -75,7 +76,10 @@ pub fn full_download(r: &Rates, size: u64) -> Estimate {
         (None, _) => stages.push(("write", r.write_fsync)),
     }
     if let (true, Some(net)) = (r.same_host, r.quic) {
-        stages.push(("CPU shared by both agents", 1.0 / (2.0 / r.hash + 1.0 / net)));
+        // Both agents on one host's cores: the stages do not overlap as on
+        // two hosts; their times per byte add up (the target hashes too).
+        let write = r.peer_write_fsync.unwrap_or(r.write_fsync);
+        stages.push(("one host's cores, shared", 1.0 / (1.0 / r.read_cold + 2.0 / r.hash + 1.0 / net + 1.0 / write)));
     }
     let fixed = r.handshake.unwrap_or(0.0) + COMMIT_FSYNCS * r.fsync_latency;
     slowest(&stages, size, fixed)
@@ -97,19 +101,43 @@ fn slowest(stages: &[(&'static str, f64)], size: u64, fixed_seconds: f64) -> Est
     Estimate { seconds: size as f64 / rate + fixed_seconds, bottleneck: name, bytes_per_s: rate }
 }
 
+/// A scratch file's name in `dir`: `bench-PID-RANDOM.tmp` (this process's,
+/// so [`sweep`] knows a dead one's).
+pub fn scratch_path(dir: &Path) -> std::path::PathBuf {
+    dir.join(format!("bench-{}-{:016x}.tmp", std::process::id(), rand::random::<u64>()))
+}
+
+/// Removes the scratch files of bench runs whose process is gone (killed
+/// before it removed them).
+pub fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix("bench-").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid.filter(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            tracing::info!(pid, "removing a killed bench's scratch file {name}");
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// A 4 KiB write and fsync in `dir`, three times: the median, seconds.
 pub fn fsync_latency(dir: &Path) -> Result<f64, Error> {
-    let path = dir.join(format!("bench-fsync-{}.tmp", std::process::id()));
+    let path = scratch_path(dir);
     let io = |e| Error::io(Place::State, "writing", &path, e);
     let mut times = Vec::new();
-    for _ in 0..3 {
-        let start = Instant::now();
-        let mut f = std::fs::File::create(&path).map_err(io)?;
-        std::io::Write::write_all(&mut f, &[7u8; 4096]).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        times.push(start.elapsed().as_secs_f64());
-    }
+    let measured = (|| {
+        for _ in 0..3 {
+            let start = Instant::now();
+            let mut f = std::fs::File::create(&path)?;
+            std::io::Write::write_all(&mut f, &[7u8; 4096])?;
+            f.sync_all()?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })();
     let _ = std::fs::remove_file(&path);
+    measured.map_err(io)?;
     times.sort_by(f64::total_cmp);
     Ok(times[1])
 }
@@ -205,8 +233,9 @@ fn write_sample(path: &Path, len: u64) -> Result<(), Error> {
 /// This host's figures: on `disk` if given (its first GiB), else on a
 /// sample written in `scratch` (and removed).
 pub fn local(disk: Option<&Path>, scratch: &Path, threads: Option<usize>) -> Result<Rates, Error> {
-    let sample = scratch.join(format!("bench-sample-{}.tmp", std::process::id()));
-    let write_fsync = write_rate(&sample, SAMPLE);
+    sweep(scratch);
+    let sample = scratch_path(scratch);
+    let write_fsync = write_rate(&scratch_path(scratch), SAMPLE);
     let measured = (|| {
         let write_fsync = write_fsync?;
         // The sample is read back below: written again, since measuring removed it.
@@ -259,8 +288,15 @@ pub async fn network(
     let start = Instant::now();
     let mut sent = 0u64;
     while start.elapsed() < NET_FOR {
-        s.write_chunk(block.clone()).await.map_err(|e| lost(&e))?;
-        sent += block.len() as u64;
+        match s.write_chunk(block.clone()).await {
+            Ok(()) => sent += block.len() as u64,
+            // The agent takes one bench at a time.
+            Err(quinn::WriteError::Stopped(code)) if code == quinn::VarInt::from_u32(1) => {
+                return Err(Error::new(ErrorCode::Busy, format!("the agent at {peer} is running another bench"))
+                    .hint("run it again in a minute"))
+            }
+            Err(e) => return Err(lost(&e)),
+        }
     }
     s.finish().map_err(|e| lost(&e))?;
     // Resolves once the peer read it all.
@@ -316,6 +352,6 @@ mod tests {
         assert_eq!(full_download(&alone, 1).bottleneck, "write");
         // One host: hashing twice and QUIC both ways share its cores.
         let one = Rates { same_host: true, quic: Some(1e9), hash: 2e9, ..r };
-        assert_eq!(full_download(&one, 1).bottleneck, "CPU shared by both agents");
+        assert_eq!(full_download(&one, 1).bottleneck, "one host's cores, shared");
     }
 }

@@ -1,7 +1,8 @@
 //! systemd's service notifications (`Type=notify`): ready once the agent
 //! listens and every target is recovered, reloading around a `SIGHUP`,
-//! stopping at shutdown, and watchdog pings from the server loop itself
-//! (a stuck loop stops pinging, and systemd restarts the agent). Without
+//! stopping at shutdown, and watchdog pings from a task of the server's
+//! runtime (a stuck runtime stops pinging, and systemd restarts the
+//! agent; a long reload does not). Without
 //! `NOTIFY_SOCKET` (not under systemd) every call does nothing.
 
 use std::time::Duration;

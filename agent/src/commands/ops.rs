@@ -43,7 +43,7 @@ pub fn man(a: ManArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).ctx(Place::Target, "creating", &a.out)?;
     let cmd = Cli::command().long_version(long_version());
     let mut written = Vec::new();
-    write_pages(&cmd, "diskferry", &a.out, &mut written)?;
+    write_pages(&cmd, "diskferry", "diskferry", &a.out, &mut written)?;
     if a.common.json {
         crate::output::print_json(&serde_json::json!({ "pages": written }));
     } else {
@@ -54,20 +54,29 @@ pub fn man(a: ManArgs) -> Result<()> {
     Ok(())
 }
 
+/// `name` is the page's (`diskferry-push-group`), `invoked` how it is run
+/// (`diskferry push-group`).
 fn write_pages(
     cmd: &clap::Command,
     name: &str,
+    invoked: &str,
     dir: &std::path::Path,
     written: &mut Vec<std::path::PathBuf>,
 ) -> Result<()> {
-    let page = cmd.clone().name(name.to_string()).bin_name(name.replace('-', " "));
+    let page = cmd.clone().name(name.to_string()).bin_name(invoked.to_string());
     let mut bytes = Vec::new();
     clap_mangen::Man::new(page).render(&mut bytes)?;
     let path = dir.join(format!("{name}.1"));
     std::fs::write(&path, bytes).ctx(Place::Target, "writing", &path)?;
     written.push(path);
     for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
-        write_pages(sub, &format!("{name}-{}", sub.get_name()), dir, written)?;
+        write_pages(
+            sub,
+            &format!("{name}-{}", sub.get_name()),
+            &format!("{invoked} {}", sub.get_name()),
+            dir,
+            written,
+        )?;
     }
     Ok(())
 }

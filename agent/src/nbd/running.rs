@@ -144,9 +144,12 @@ impl Export {
     /// Exports the node as `disk`, with `bitmap` (a bitmap that does not
     /// record: QEMU refuses a recording one on a read-only export).
     pub fn start(node: &Node, bitmap: Option<&str>) -> Result<(Export, NbdUrl), Error> {
+        // Under systemd, /tmp is the unit's own (PrivateTmp): QEMU, outside
+        // it, must find the socket in the runtime directory.
+        let parent = std::env::var_os("RUNTIME_DIRECTORY").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
         let dir = tempfile::Builder::new()
             .prefix("diskferry-qmp-")
-            .tempdir_in("/tmp")
+            .tempdir_in(parent)
             .map_err(|e| Error::new(ErrorCode::Io, format!("a directory for QEMU's NBD socket: {e}")))?;
         let socket: PathBuf = dir.path().join("s");
         node.clear_leftovers()?;

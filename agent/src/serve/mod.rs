@@ -94,6 +94,8 @@ impl Server {
             }
             None => None,
         };
+        // Scratch files of a bench cut by a kill.
+        crate::bench::sweep(&state_root);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let jobs = Arc::new(crate::jobs::Jobs::load(Some(&state_root)));
         let ctx = Arc::new(ServerCtx {
@@ -191,7 +193,20 @@ impl Server {
             None => format!("sending only; {} protected disk(s)", config.protect.len()),
         };
         crate::notify::ready(&serving);
-        let mut watchdog = crate::notify::watchdog_every().map(tokio::time::interval);
+        // Pinged from a task of its own: a reload that recovers a large
+        // target (blocking this loop) is not taken for a hung agent.
+        if let Some(every) = crate::notify::watchdog_every() {
+            let mut stop = c.shutdown.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => crate::notify::watchdog(),
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+            });
+        }
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -214,7 +229,6 @@ impl Server {
                         Some(e) => crate::notify::ready(&format!("{serving}; the last reload was refused: {e}")),
                     }
                 }
-                Some(_) = async { Some(watchdog.as_mut()?.tick().await) } => crate::notify::watchdog(),
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
