@@ -296,3 +296,28 @@ fn a_disk_regrouped_by_a_reload_is_never_pushed_twice_at_once() {
     let member = jobs(status_a).into_iter().find(|j| j["target"] == "vm2" && j["result"]["ok"] == true).unwrap();
     assert_eq!(member["bytes_total"].as_u64(), Some(2 * MIB), "{member}");
 }
+
+#[test]
+fn diskferry_reload_waits_for_the_reload_and_fails_when_it_is_refused() {
+    let tmp = tempdir("reload-cmd");
+    let dir = tmp.path();
+    let source = Identity::init(dir, "source-state");
+    let spec = [TargetSpec { name: "vm", path: dir.join("vm.replica"), allowed: &["src"] }];
+    let b = Agent::start(dir, &[("src", &source.fingerprint)], &spec, "");
+    let good = std::fs::read_to_string(&b.config).unwrap();
+    // A new target, named in the report once the reload is done.
+    let more = format!(
+        "{good}[[target]]\nname = \"vm2\"\npath = \"{}\"\nallowed_peers = [\"src\"]\n",
+        dir.join("vm2.replica").display()
+    );
+    std::fs::write(&b.config, &more).unwrap();
+    let out = df!("reload", "--config", b.config).ok();
+    assert!(out.stdout.contains("targets added    vm2"), "{out}");
+    // A broken file: refused, said, and the agent runs on.
+    std::fs::write(&b.config, format!("{more}\nlisten = 7")).unwrap();
+    let v = df!("reload", "--state-dir", b.id.state, "--json").expect_json_error("E_CONFIG", 3);
+    assert!(v["message"].as_str().is_some_and(|m| m.contains("old config keeps running")), "{v}");
+    df!("status", "--state-dir", b.id.state).ok();
+    // No agent: said so.
+    df!("reload", "--state-dir", dir.join("nobody")).expect_error("E_NOT_FOUND", 3);
+}

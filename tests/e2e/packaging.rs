@@ -31,7 +31,7 @@ fn the_systemd_unit_verifies_clean() {
     for key in [
         "Type=notify",
         "WatchdogSec=",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/usr/bin/diskferry reload",
         "ProtectSystem=strict",
         "PrivateTmp=yes",
         "NoNewPrivileges=yes",

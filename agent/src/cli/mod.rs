@@ -61,6 +61,9 @@ pub enum Command {
     Plan(PlanCommand),
     /// What the local agent (`serve`) is doing: protected disks and their RPO, jobs, targets.
     Status(StatusArgs),
+    /// Have the local agent reload its config (SIGHUP) and wait for the result: non-zero when
+    /// it was refused (the old config keeps running).
+    Reload(StatusArgs),
     /// Push a generated sample disk to an in-process target agent (full, then delta) and print a table.
     Demo(DemoArgs),
     /// Measure this host's read, hash and write, and QUIC to a peer; name what limits a full
@@ -555,7 +558,7 @@ impl Command {
             Command::PushGroup(a) => &a.opts.common,
             Command::Plan(PlanCommand::Run(a)) => &a.common,
             Command::Plan(PlanCommand::Cleanup(a)) => &a.common,
-            Command::Status(a) => &a.common,
+            Command::Status(a) | Command::Reload(a) => &a.common,
             Command::Bench(a) => &a.common,
             Command::Completions(a) => &a.common,
             Command::Man(a) => &a.common,

@@ -14,6 +14,7 @@ pub use ops::long_version;
 mod plan;
 mod points;
 mod push_group;
+mod reload;
 mod status;
 mod sync;
 mod target_arg;
@@ -44,6 +45,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::PushGroup(a) => push_group::run(a),
         Command::Plan(c) => plan::run(c),
         Command::Status(a) => status::run(a),
+        Command::Reload(a) => reload::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Completions(a) => ops::completions(a),
         Command::Man(a) => ops::man(a),
