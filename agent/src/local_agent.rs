@@ -114,11 +114,6 @@ impl AgentJob {
         AgentJob { link: Some(link) }
     }
 
-    /// The agent's id of this job (`None`: no agent took it).
-    pub fn id(&self) -> Option<u64> {
-        self.link.as_ref().map(|l| l.id)
-    }
-
     /// Ends the job with `result`.
     pub fn finish(&self, result: JobResult) {
         if let Some(l) = &self.link {
