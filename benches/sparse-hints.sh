@@ -38,6 +38,14 @@ with open(big,'r+b') as fb, open(small,'r+b') as fs:
 json.dump({"since":gb,"ranges":offs_big},open(w+"/big.json","w")); json.dump({"since":gs,"ranges":offs_small},open(w+"/small.json","w"))
 P
 for rep in 1 2 3; do
+  # Fresh bytes in the same 160 pieces every round: each push carries 10 MiB.
+  [ $rep = 1 ] || python3 - $W <<'P'
+import os,sys,json
+w=sys.argv[1]
+for name,img in (("big","vm.img"),("small","small.img")):
+    with open(f"{w}/a/{img}",'r+b') as f:
+        for o,n in json.load(open(f"{w}/{name}.json"))["ranges"]: f.seek(o); f.write(os.urandom(n))
+P
   push $BIG vm --changes ranges:$W/big.json > $W/big.$rep.json
   push $SMALL small --changes ranges:$W/small.json > $W/small.$rep.json
   python3 - $W/big.$rep.json $W/small.$rep.json <<'P'

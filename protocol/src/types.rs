@@ -25,6 +25,14 @@ impl BlockHash {
         *self == Self::ZERO
     }
 
+    /// Whether every hash of `hashes` is the zero sentinel. A region is
+    /// 1024 hashes and a large sparse disk has thousands of empty regions
+    /// per session: this checks 32 hashes at a time with a branch-free fold
+    /// the compiler vectorizes, where `iter().all(is_zero)` branches per hash.
+    pub fn all_zero(hashes: &[BlockHash]) -> bool {
+        hashes.chunks(32).all(|group| group.iter().flat_map(|h| h.0).fold(0u8, |acc, b| acc | b) == 0)
+    }
+
     /// The raw 32 bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
@@ -347,6 +355,24 @@ pub struct InvalidTargetName(pub String);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_zero_sees_any_set_byte() {
+        for len in [0usize, 1, 31, 32, 33, 1024, 1025] {
+            let mut hashes = vec![BlockHash::ZERO; len];
+            assert!(BlockHash::all_zero(&hashes));
+            for at in [0, len / 2, len.saturating_sub(1)] {
+                for byte in [0, 17, 31] {
+                    if len == 0 {
+                        continue;
+                    }
+                    hashes[at].0[byte] = 0x80;
+                    assert!(!BlockHash::all_zero(&hashes), "len {len} hash {at} byte {byte}");
+                    hashes[at] = BlockHash::ZERO;
+                }
+            }
+        }
+    }
 
     #[test]
     fn block_size_bounds() {

@@ -149,6 +149,12 @@ impl DirtyBlocks {
         self.runs.iter().map(|r| r.end - r.start).sum()
     }
 
+    /// Whether any block of `blocks` is dirty.
+    pub fn touches(&self, blocks: Range<u64>) -> bool {
+        let i = self.runs.partition_point(|r| r.end <= blocks.start);
+        self.runs.get(i).is_some_and(|r| r.start < blocks.end)
+    }
+
     /// Whether block `b` is dirty.
     pub fn contains(&self, b: u64) -> bool {
         let i = self.runs.partition_point(|r| r.end <= b);

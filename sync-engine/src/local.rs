@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 
 pub use diskferry_protocol::message::SyncMode;
 use diskferry_protocol::message::{Open, Plan, WantBlock};
-use diskferry_protocol::session::{exchange, ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession};
+use diskferry_protocol::session::{exchange, ReceiverEvent, ReceiverSession, SenderEvent, SenderSession, ViewBlocks};
 use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, SessionId, TargetName};
 use rayon::prelude::*;
 
@@ -454,7 +454,7 @@ impl<'a> Join<'a> {
                 self.source.check_size()?;
                 let (hashes, tgt): (Vec<BlockHash>, Vec<Option<BlockHash>>) =
                     pairs.into_iter().map(|(h, equal)| (h, equal.then_some(h))).unzip();
-                let v = view_of(tgt);
+                let v = view_of(ViewBlocks::Partial(tgt));
                 (self.source.region_of(region, hashes)?, v)
             }
             None => {
@@ -463,7 +463,7 @@ impl<'a> Join<'a> {
                 (self.source.hash_region(region, None)?, v)
             }
         };
-        self.receiver.handle_view(region, RegionView { blocks: rv.blocks, chunks: rv.chunks, hash: rv.hash });
+        self.receiver.handle_view(region, rv);
         self.sender.handle_region(sr);
         Ok(())
     }

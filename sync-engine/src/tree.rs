@@ -11,7 +11,7 @@ const TAG_CHUNK: u8 = 1;
 const TAG_REGION: u8 = 2;
 
 fn node_hash(tag: u8, children: &[BlockHash]) -> BlockHash {
-    if children.iter().all(BlockHash::is_zero) {
+    if BlockHash::all_zero(children) {
         return BlockHash::ZERO;
     }
     let mut h = blake3::Hasher::new();

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use diskferry_protocol::session::{RegionView, ViewBlocks};
 use diskferry_protocol::{BlockHash, Geometry};
 
 use crate::disk::Disk;
@@ -38,15 +39,7 @@ pub struct ViewProducer {
 }
 
 /// One region's view with its tree nodes (`None` when a block is unknown).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct View {
-    /// Block hashes.
-    pub blocks: Vec<Option<BlockHash>>,
-    /// Chunk hashes.
-    pub chunks: Vec<Option<BlockHash>>,
-    /// Region hash.
-    pub hash: Option<BlockHash>,
-}
+pub type View = RegionView;
 
 impl ViewProducer {
     /// A producer over `source` for a session of `geometry`, with `overlay`
@@ -81,43 +74,46 @@ impl ViewProducer {
             ViewSource::Manifest { manifest, cursor, device } => {
                 manifest_view(cursor, &manifest.geometry(), &g, range.clone(), *device)?
             }
-            ViewSource::Disk(disk) => hash_blocks(disk, &g, range.clone())
-                .ctx(Place::Target, "reading", std::path::Path::new("target"))?
-                .into_iter()
-                .map(Some)
-                .collect(),
+            ViewSource::Disk(disk) => ViewBlocks::Known(hash_blocks(disk, &g, range.clone()).ctx(
+                Place::Target,
+                "reading",
+                std::path::Path::new("target"),
+            )?),
         };
-        if !self.overlay.is_empty() {
+        if !self.overlay.is_empty() && range.clone().any(|b| self.overlay.contains_key(&b)) {
+            let mut with = blocks.to_options();
             for (i, b) in range.clone().enumerate() {
                 if let Some(h) = self.overlay.get(&b) {
-                    blocks[i] = Some(*h);
+                    with[i] = Some(*h);
                 }
             }
+            blocks = ViewBlocks::Partial(with);
         }
         Ok((region, view_of(blocks)))
     }
 }
 
 /// Tree nodes over possibly-unknown blocks.
-pub fn view_of(blocks: Vec<Option<BlockHash>>) -> View {
-    let known: Option<Vec<BlockHash>> = blocks.iter().copied().collect();
-    match known {
-        Some(all) => {
-            let chunks = chunk_hashes(&all);
-            let hash = region_hash_from_chunks(&chunks);
-            View { blocks, chunks: chunks.into_iter().map(Some).collect(), hash: Some(hash) }
-        }
-        None => {
-            let chunks = blocks
-                .chunks(diskferry_protocol::CHUNK_BLOCKS as usize)
-                .map(|c| {
-                    let all: Option<Vec<BlockHash>> = c.iter().copied().collect();
-                    all.map(|a| chunk_hashes(&a)[0])
-                })
-                .collect();
-            View { blocks, chunks, hash: None }
-        }
-    }
+pub fn view_of(blocks: ViewBlocks) -> View {
+    let known = match blocks {
+        ViewBlocks::Known(all) => all,
+        ViewBlocks::Partial(b) => match b.iter().copied().collect::<Option<Vec<BlockHash>>>() {
+            Some(all) => all,
+            None => {
+                let chunks = b
+                    .chunks(diskferry_protocol::CHUNK_BLOCKS as usize)
+                    .map(|c| {
+                        let all: Option<Vec<BlockHash>> = c.iter().copied().collect();
+                        all.map(|a| chunk_hashes(&a)[0])
+                    })
+                    .collect();
+                return View { blocks: ViewBlocks::Partial(b), chunks, hash: None };
+            }
+        },
+    };
+    let chunks = chunk_hashes(&known);
+    let hash = region_hash_from_chunks(&chunks);
+    View { blocks: ViewBlocks::Known(known), chunks: chunks.into_iter().map(Some).collect(), hash: Some(hash) }
 }
 
 /// The committed hashes of `range` in the new geometry `g`: blocks whose
@@ -129,24 +125,26 @@ pub fn manifest_view(
     g: &Geometry,
     range: std::ops::Range<u64>,
     device: bool,
-) -> Result<Vec<Option<BlockHash>>> {
+) -> Result<ViewBlocks> {
     let old_count = old.block_count();
     let base = range.start;
     let have = range.end.min(old_count).saturating_sub(base);
     let hashes = cursor.next_blocks(have)?;
     // The same geometry (the common case): every block is as recorded.
     if old == g && range.end <= old_count {
-        return Ok(hashes.into_iter().map(Some).collect());
+        return Ok(ViewBlocks::Known(hashes));
     }
-    Ok(range
-        .map(|b| {
-            if b < old_count {
-                (old.block_len(b) == g.block_len(b)).then(|| hashes[(b - base) as usize])
-            } else if device {
-                None
-            } else {
-                Some(BlockHash::ZERO)
-            }
-        })
-        .collect())
+    Ok(ViewBlocks::Partial(
+        range
+            .map(|b| {
+                if b < old_count {
+                    (old.block_len(b) == g.block_len(b)).then(|| hashes[(b - base) as usize])
+                } else if device {
+                    None
+                } else {
+                    Some(BlockHash::ZERO)
+                }
+            })
+            .collect(),
+    ))
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use diskferry_protocol::message::{Committed, Message, Open, Plan, SyncMode, WantBlock};
-use diskferry_protocol::session::{exchange, ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession};
+use diskferry_protocol::session::{exchange, ReceiverEvent, ReceiverSession, SenderEvent, SenderSession};
 use diskferry_protocol::{BlockSize, ErrorCode, FrameSplitter, Generation, SessionId, TargetName, MAX_FRAME};
 use diskferry_sync_engine::apply::{DirectSink, OldContent, Target, TargetOptions};
 use diskferry_sync_engine::block::VerifiedBlock;
@@ -248,7 +248,7 @@ impl Pair<'_> {
         if at != region {
             return Err(internal("views out of order"));
         }
-        self.receiver.handle_view(region, RegionView { blocks: v.blocks, chunks: v.chunks, hash: v.hash });
+        self.receiver.handle_view(region, v);
         self.sender.handle_region(self.source.hash_region(region, None)?);
         Ok(Step::Go)
     }

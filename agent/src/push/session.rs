@@ -263,7 +263,11 @@ fn spawn_hasher(
                 if tokens.recv().is_err() {
                     return;
                 }
-                let hashed = pool.install(|| source.hash_region(region, full.then_some(&out)));
+                let hashed = if source.reads_nothing(region, full) {
+                    source.hash_region(region, None)
+                } else {
+                    pool.install(|| source.hash_region(region, full.then_some(&out)))
+                };
                 let note = match hashed {
                     Ok(r) => Note::Region(r),
                     // The session ended while a full copy queued frames.

@@ -19,7 +19,7 @@ pub fn spawn(
         for _ in 0..g.region_count() {
             match view.next_region() {
                 Ok((r, v)) => {
-                    let rv = RegionView { blocks: v.blocks, chunks: v.chunks, hash: v.hash };
+                    let rv = v;
                     if tx.blocking_send((r, rv)).is_err() {
                         return;
                     }

@@ -22,7 +22,7 @@
 pub mod receiver;
 pub mod sender;
 
-pub use receiver::{Differing, ReceiverEvent, ReceiverSession, RegionView};
+pub use receiver::{Differing, ReceiverEvent, ReceiverSession, RegionView, ViewBlocks};
 pub use sender::{SenderEvent, SenderSession, SourceRegion};
 
 /// Moves control frames between two state machines joined in memory (a

@@ -14,11 +14,53 @@ use crate::error::ErrorCode;
 use crate::message::{Accept, Committed, Message, Open, Plan, WantBlock, CAP_PAGES, CAP_ZSTD, MAX_FRAME, VERSION};
 use crate::types::{BlockHash, Consistency, Geometry, CHUNK_BLOCKS};
 
+/// A region's block hashes as the target holds them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ViewBlocks {
+    /// Every block's hash is known (a manifest of the same geometry: the
+    /// common case, kept without a per-block `Option` because a large
+    /// disk has millions of such blocks per session).
+    Known(Vec<BlockHash>),
+    /// Some blocks are unknown (`None`: never equal).
+    Partial(Vec<Option<BlockHash>>),
+}
+
+impl ViewBlocks {
+    /// Number of blocks.
+    pub fn len(&self) -> usize {
+        match self {
+            ViewBlocks::Known(b) => b.len(),
+            ViewBlocks::Partial(b) => b.len(),
+        }
+    }
+
+    /// Whether the region has no blocks.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Block `i`'s hash, if known.
+    pub fn get(&self, i: usize) -> Option<BlockHash> {
+        match self {
+            ViewBlocks::Known(b) => b.get(i).copied(),
+            ViewBlocks::Partial(b) => b.get(i).copied().flatten(),
+        }
+    }
+
+    /// Every block's hash, `None` where unknown.
+    pub fn to_options(&self) -> Vec<Option<BlockHash>> {
+        match self {
+            ViewBlocks::Known(b) => b.iter().copied().map(Some).collect(),
+            ViewBlocks::Partial(b) => b.clone(),
+        }
+    }
+}
+
 /// What the target holds in one region, in the source's geometry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegionView {
-    /// Block hashes (`None`: unknown, never equal).
-    pub blocks: Vec<Option<BlockHash>>,
+    /// Block hashes.
+    pub blocks: ViewBlocks,
     /// Chunk hashes (`None` when a block is unknown).
     pub chunks: Vec<Option<BlockHash>>,
     /// Region hash (`None` when a block is unknown).
@@ -338,10 +380,18 @@ impl ReceiverSession {
         p.viewed = true;
         if view.hash.is_some() && view.hash == p.source_hash {
             // Equal: the view is not looked at again.
-            p.hashes = std::mem::take(&mut view.blocks);
-            return self.complete_region(region);
+            return match std::mem::replace(&mut view.blocks, ViewBlocks::Known(Vec::new())) {
+                ViewBlocks::Known(hashes) => {
+                    self.pending.remove(&region);
+                    self.region_completed(region, hashes, None)
+                }
+                ViewBlocks::Partial(hashes) => {
+                    p.hashes = hashes;
+                    self.complete_region(region)
+                }
+            };
         }
-        p.hashes = view.blocks.clone();
+        p.hashes = view.blocks.to_options();
         self.transmit.push_back(Message::NeedChunks { region });
     }
 
@@ -522,7 +572,14 @@ impl ReceiverSession {
         }
         // An amended region's hashes are those of the blocks verified and
         // staged, which is what the manifest must say.
-        self.complete.insert(region, (hashes, if full && !p.amended { p.source_hash } else { None }));
+        self.region_completed(region, hashes, if full && !p.amended { p.source_hash } else { None })
+    }
+
+    /// Region `region` is complete with `hashes` (`expected`: the region
+    /// hash a full copy's source announced, to check).
+    fn region_completed(&mut self, region: u64, hashes: Vec<BlockHash>, expected: Option<BlockHash>) {
+        self.views.remove(&region);
+        self.complete.insert(region, (hashes, expected));
         self.regions_done += 1;
         self.transmit.push_back(Message::RegionDone { region, bytes_staged: self.bytes_staged });
         while let Some((hashes, expected)) = self.complete.remove(&self.next_to_emit) {

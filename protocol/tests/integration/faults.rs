@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 
 use diskferry_protocol::message::{Accept, BlockFrame, Codec, Committed, Open, Plan, SyncMode, WantBlock};
 use diskferry_protocol::session::{
-    ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession, SourceRegion,
+    ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession, SourceRegion, ViewBlocks,
 };
 use diskferry_protocol::{
     BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry, Message, SessionId, TargetName,
@@ -180,7 +180,11 @@ fn run(source: &[BlockHash], target: &mut Vec<BlockHash>, plan: Plan, f: &Faults
                 let (chunks, hash) = tree(&known);
                 c.r.handle_view(
                     c.next_view,
-                    RegionView { blocks, chunks: chunks.into_iter().map(Some).collect(), hash: Some(hash) },
+                    RegionView {
+                        blocks: ViewBlocks::Known(known),
+                        chunks: chunks.into_iter().map(Some).collect(),
+                        hash: Some(hash),
+                    },
                 );
                 c.next_view += 1;
             }

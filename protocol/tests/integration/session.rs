@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use diskferry_protocol::message::{Accept, BlockFrame, Codec, Committed, Open, Plan, SyncMode, WantBlock};
 use diskferry_protocol::session::{
-    ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession, SourceRegion,
+    ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession, SourceRegion, ViewBlocks,
 };
 use diskferry_protocol::{
     BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry, Message, SessionId, TargetName,
@@ -123,6 +123,9 @@ fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) 
                     range.clone().map(|b| target.get(b as usize).copied().or(Some(BlockHash::ZERO))).collect();
                 let known: Vec<BlockHash> = blocks.iter().map(|b| b.unwrap()).collect();
                 let (chunks, hash) = tree(&known);
+                // Both forms of a fully known view: the agent sends Known,
+                // a resumed session's overlay makes it Partial.
+                let blocks = if next_view % 2 == 0 { ViewBlocks::Known(known) } else { ViewBlocks::Partial(blocks) };
                 r.handle_view(
                     next_view,
                     RegionView { blocks, chunks: chunks.into_iter().map(Some).collect(), hash: Some(hash) },
@@ -345,6 +348,7 @@ fn unrequested_blocks_are_refused() {
     // A region the target is comparing, with one block wanted.
     let blocks: Vec<Option<BlockHash>> = (0..64).map(|i| Some(h(i + 1))).collect();
     let (chunks, hash) = tree(&blocks.iter().map(|b| b.unwrap()).collect::<Vec<_>>());
+    let blocks = ViewBlocks::Partial(blocks);
     r.handle_view(0, RegionView { blocks, chunks: chunks.into_iter().map(Some).collect(), hash: Some(hash) });
     let mut source: Vec<BlockHash> = (0..64).map(|i| h(i + 1)).collect();
     source[3] = h(999);

@@ -80,7 +80,7 @@ impl ManifestWriter {
         }
         self.next_block = range.end;
         // A region in a hole (most of a large sparse disk) is one count.
-        if hashes.iter().all(BlockHash::is_zero) {
+        if BlockHash::all_zero(hashes) {
             self.flush_data()?;
             self.pending_zero += hashes.len() as u64;
             self.zero_blocks += hashes.len() as u64;

@@ -125,6 +125,7 @@ fn spot_check(
     let mut at = 0u64;
     let mut buf = Vec::new();
     let mut live: Option<Vec<(u64, u64)>> = None;
+    let mut data = DataWindow::default();
     for &b in sample {
         // Skip to block b in the record (a sorted sample: one pass), a
         // bounded batch at a time.
@@ -138,7 +139,7 @@ fn spot_check(
         let (off, len) = (g.block_offset(b), u64::from(g.block_len(b)));
         // A sampled block in a hole is known without a read: on a large
         // sparse disk most of the sample lands there.
-        let holes = o.disk.data_ranges(off, len).ctx(Place::Source, "reading", o.path)?.is_empty();
+        let holes = data.holes(o.disk, off, len).ctx(Place::Source, "reading", o.path)?;
         let now = if holes {
             BlockHash::ZERO
         } else {
@@ -164,7 +165,38 @@ fn spot_check(
     Ok(None)
 }
 
+/// Where the source holds data, asked a window at a time: a spot check's
+/// sorted sample of a 1 TiB disk is about 16 K blocks, and one `SEEK_DATA`
+/// walk per 1 GiB costs far fewer calls than one per block.
+#[derive(Default)]
+struct DataWindow {
+    start: u64,
+    end: u64,
+    ranges: Vec<(u64, u64)>,
+}
+
+/// The window asked at a time.
+const DATA_WINDOW: u64 = 1 << 30;
+
+impl DataWindow {
+    /// Whether `[off, off+len)` lies wholly in holes.
+    fn holes(&mut self, disk: &Disk, off: u64, len: u64) -> std::io::Result<bool> {
+        if off < self.start || off + len > self.end {
+            let window = DATA_WINDOW.max(len).min(disk.len().saturating_sub(off)).max(len);
+            self.ranges = disk.data_ranges(off, window)?;
+            (self.start, self.end) = (off, off + window);
+        }
+        Ok(!self.ranges.iter().any(|&(o, l)| o < off + len && off < o + l))
+    }
+}
+
 impl Hinted {
+    /// Whether region `region` is taken from the record alone (no dirty
+    /// block): such a region needs no read and no hashing thread.
+    pub(super) fn clean(&self, g: &Geometry, region: u64) -> bool {
+        !self.dirty.touches(g.region_range(region))
+    }
+
     /// Region `region`'s block hashes: the dirty runs read and hashed, the
     /// rest as recorded. `None` when regions are asked out of order (the
     /// record is read forward only): the caller then reads the region.
@@ -191,5 +223,37 @@ impl Hinted {
             hashes[at..at + fresh.len()].copy_from_slice(&fresh);
         }
         Ok(Some(hashes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RealFs;
+    use std::io::{Seek, SeekFrom, Write};
+
+    #[test]
+    fn the_data_window_moves_with_the_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.img");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.set_len(5 * DATA_WINDOW).unwrap();
+        // Data in the first window, and past the second one.
+        for at in [4096u64, 2 * DATA_WINDOW + (3 << 20), 5 * DATA_WINDOW - 65536] {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(&[7u8; 65536]).unwrap();
+        }
+        drop(f);
+        let disk = Disk::open_on(&RealFs, &path).unwrap();
+        let mut w = DataWindow::default();
+        let b = 65536;
+        assert!(!w.holes(&disk, 0, b).unwrap());
+        assert!(w.holes(&disk, 1 << 20, b).unwrap());
+        assert!(w.holes(&disk, DATA_WINDOW + b, b).unwrap());
+        assert!(!w.holes(&disk, 2 * DATA_WINDOW + (3 << 20), b).unwrap());
+        assert!(w.holes(&disk, 2 * DATA_WINDOW + (8 << 20), b).unwrap());
+        assert!(!w.holes(&disk, 5 * DATA_WINDOW - b, b).unwrap());
+        // Asked out of order (not how the sample comes, but still right).
+        assert!(!w.holes(&disk, 0, b).unwrap());
     }
 }

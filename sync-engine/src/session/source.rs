@@ -223,6 +223,14 @@ impl SourceSession {
         self.changed_while_read.store(true, Ordering::Relaxed);
     }
 
+    /// Whether [`SourceSession::hash_region`] of `region` reads nothing (a
+    /// hint calls the whole region clean): on a large sparse disk nearly
+    /// every region is such, and handing each to a thread pool would cost
+    /// more than taking its hashes from the record.
+    pub fn reads_nothing(&self, region: u64, full: bool) -> bool {
+        !full && self.hinted.get().is_some_and(|h| h.clean(&self.geometry, region))
+    }
+
     /// Hashes region `region` on the current rayon pool. A full copy hands
     /// every non-zero block to `out` as it is hashed, then the region's zero
     /// runs; the region's `items` counts them. An error from `out` stops
