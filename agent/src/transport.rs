@@ -246,6 +246,28 @@ pub async fn write_frame(stream: &mut quinn::SendStream, m: &Message) -> Result<
     stream.write_chunk(m.to_bytes()).await
 }
 
+/// Writes `frames` as one chunk: a session answers thousands of regions of
+/// a large disk with small frames, and one write per frame wakes the
+/// connection for each. Returns the bytes written.
+pub async fn write_frames(stream: &mut quinn::SendStream, frames: &[Message]) -> Result<u64, quinn::WriteError> {
+    match frames {
+        [] => Ok(0),
+        [one] => {
+            let bytes = one.to_bytes();
+            let n = bytes.len() as u64;
+            stream.write_chunk(bytes).await.map(|()| n)
+        }
+        many => {
+            let mut buf = bytes::BytesMut::new();
+            for m in many {
+                buf.extend_from_slice(&m.to_bytes());
+            }
+            let n = buf.len() as u64;
+            stream.write_chunk(buf.freeze()).await.map(|()| n)
+        }
+    }
+}
+
 /// First bytes of a data stream that belongs to one session of several on
 /// a connection (a group push): this magic, then the session's control
 /// stream id (u64, big-endian). A stream without it starts with a frame

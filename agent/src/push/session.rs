@@ -15,7 +15,7 @@ use diskferry_sync_engine::{thread_pool, Error};
 use tokio::sync::mpsc;
 
 use super::{peer_failure, PushOptions, PushReport};
-use crate::transport::{write_frame, FrameReader, ReadError};
+use crate::transport::{write_frame, write_frames, FrameReader, ReadError};
 
 /// Data streams of a session on a connection of its own (more do not add throughput).
 const DATA_STREAMS: usize = 2;
@@ -90,12 +90,10 @@ pub(super) async fn run(
     let sent = Arc::new(SentProgress { progress: progress.clone(), geometry: g, by_region: Default::default() });
     loop {
         // Send the control frames, then act on the session's events.
-        while let Some(m) = session.poll_transmit() {
-            control_sent += m.to_bytes().len() as u64;
-            write_frame(&mut ctl_tx, &m).await.map_err(|e| lost(&e))?;
-            if let Message::Finish { consistency } = m {
-                tracing::debug!(consistency = consistency.as_str(), "finish sent: the target commits now");
-            }
+        let frames: Vec<Message> = std::iter::from_fn(|| session.poll_transmit()).collect();
+        control_sent += write_frames(&mut ctl_tx, &frames).await.map_err(|e| lost(&e))?;
+        if let Some(Message::Finish { consistency }) = frames.iter().find(|m| matches!(m, Message::Finish { .. })) {
+            tracing::debug!(consistency = consistency.as_str(), "finish sent: the target commits now");
         }
         let mut committed: Option<Committed> = None;
         while let Some(ev) = session.poll_event() {
@@ -199,26 +197,43 @@ pub(super) async fn run(
                 Err(ReadError::Decode(e)) => session.abort(ErrorCode::Protocol, format!("bad frame from the target: {e}")),
                 Err(ReadError::Stream(e)) => return Err(lost(&e)),
             },
-            Some(note) = notes_rx.recv() => match note {
-                Note::Region(r) => {
-                    tracing::debug!(region = r.region, "region hashed");
-                    session.handle_region(r)
-                }
-                Note::Hashed => {
-                    tracing::debug!("source hashed");
-                    hashed = true
-                }
-                Note::Failed(e) => {
-                    session.abort(e.code, e.message.clone());
-                    while let Some(m) = session.poll_transmit() {
-                        let _ = write_frame(&mut ctl_tx, &m).await;
+            Some(note) = notes_rx.recv() => {
+                // The notes queued meanwhile too (a clean region of a large
+                // sparse disk is hashed in microseconds): their frames then
+                // leave in one write.
+                let mut next = Some(note);
+                let mut taken = 0;
+                while let Some(note) = next.take() {
+                    match note {
+                        Note::Region(r) => {
+                            tracing::debug!(region = r.region, "region hashed");
+                            session.handle_region(r)
+                        }
+                        Note::Hashed => {
+                            tracing::debug!("source hashed");
+                            hashed = true
+                        }
+                        Note::Failed(e) => {
+                            session.abort(e.code, e.message.clone());
+                            while let Some(m) = session.poll_transmit() {
+                                let _ = write_frame(&mut ctl_tx, &m).await;
+                            }
+                            return Err(e);
+                        }
                     }
-                    return Err(e);
+                    taken += 1;
+                    if taken < NOTES_PER_TURN {
+                        next = notes_rx.try_recv().ok();
+                    }
                 }
-            },
+            }
         }
     }
 }
+
+/// Notes handled before the session's frames are written and its events
+/// acted on.
+const NOTES_PER_TURN: usize = 64;
 
 /// The hashes announced for `blocks` of `region` (still outstanding).
 fn announced(session: &SenderSession, g: Geometry, region: u64, blocks: &[WantBlock]) -> Vec<Option<BlockHash>> {

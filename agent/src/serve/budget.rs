@@ -30,6 +30,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 const UNIT: u64 = 4096;
 /// The smallest budget that runs a session with the largest blocks.
 pub const MIN_BUDGET: u64 = 16 << 20;
+/// Region views the view thread may have made ahead of the session (a
+/// deeper queue lets it run on while the session answers the source: on
+/// a large sparse disk, a handoff per region dominated).
+pub const VIEWS_QUEUED: usize = 8;
 /// The receive window of a connection not yet admitted: room for control frames only.
 pub const PRE_ADMISSION_WINDOW: u64 = 256 << 10;
 /// Largest control frame a source may send (a region's chunk hashes are 16 KiB).
@@ -102,6 +106,7 @@ impl Budget {
         let blocks = g.block_count().max(1);
         let index_entries = ((blocks * 4096) as f64).sqrt().clamp(16384.0, (1 << 20) as f64) as usize;
         let state = per_region * regions_in_flight as u64
+            + g.region_blocks() * 34 * VIEWS_QUEUED as u64
             + index_entries.min(blocks as usize) as u64 * 16
             + blocks.div_ceil(index_entries as u64) * (64 << 10)
             + (3 << 20); // redo log, manifest and view I/O buffers

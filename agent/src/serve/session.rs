@@ -15,7 +15,7 @@ use super::budget::{frame_bytes, BLOCK_HEAD, MAX_CONTROL_FRAME};
 use super::worker::{self, Cmd, OpenRequest, Reply};
 use super::writer::{Queued, Writer};
 use super::{Registration, ServerCtx};
-use crate::transport::{write_frame, FrameReader, ReadError};
+use crate::transport::{write_frames, FrameReader, ReadError};
 
 /// What the data streams need once the session is open.
 #[derive(Clone)]
@@ -66,7 +66,7 @@ pub async fn run(
     };
     let (notes_tx, mut notes_rx) = mpsc::unbounded_channel::<Note>();
     s.notes_tx = Some(notes_tx.clone());
-    let (view_tx, mut view_rx) = mpsc::channel::<(u64, RegionView)>(2);
+    let (view_tx, mut view_rx) = mpsc::channel::<(u64, RegionView)>(super::budget::VIEWS_QUEUED);
     let mut view_tx = Some(view_tx);
     let mut next_view = 0u64;
     let data = tokio::spawn(accept_data_streams(data, s.staging_tx.subscribe(), notes_tx.clone(), ctx.clone()));
@@ -186,10 +186,8 @@ impl Session {
     }
 
     async fn flush(&mut self) -> Result<(), quinn::WriteError> {
-        while let Some(m) = self.rs.poll_transmit() {
-            write_frame(&mut self.ctl_tx, &m).await?;
-        }
-        Ok(())
+        let frames: Vec<Message> = std::iter::from_fn(|| self.rs.poll_transmit()).collect();
+        write_frames(&mut self.ctl_tx, &frames).await.map(|_| ())
     }
 
     async fn pump(&mut self, view_tx: &mut Option<mpsc::Sender<(u64, RegionView)>>) -> Result<(), quinn::WriteError> {

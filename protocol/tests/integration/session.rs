@@ -125,7 +125,8 @@ fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) 
                 let (chunks, hash) = tree(&known);
                 // Both forms of a fully known view: the agent sends Known,
                 // a resumed session's overlay makes it Partial.
-                let blocks = if next_view % 2 == 0 { ViewBlocks::Known(known) } else { ViewBlocks::Partial(blocks) };
+                let blocks =
+                    if next_view.is_multiple_of(2) { ViewBlocks::Known(known) } else { ViewBlocks::Partial(blocks) };
                 r.handle_view(
                     next_view,
                     RegionView { blocks, chunks: chunks.into_iter().map(Some).collect(), hash: Some(hash) },
