@@ -72,9 +72,19 @@ pub fn all(state_root: &Path) -> Result<Vec<Membership>, Error> {
 
 fn refuse(what: String) -> Error {
     Error::new(ErrorCode::GroupMembers, what).hint(
-        "push the group with the disks it was first pushed with; to regroup, remove the group's file in the target \
-         agent's state directory (groups/NAME.members)",
+        "push the group with the disks it was first pushed with; to regroup, forget the group on the target agent \
+         first: `diskferry ungroup --group NAME --config FILE`",
     )
+}
+
+/// Forgets the group `name` (its members file goes, durably): its members
+/// may then be pushed alone or in another group. The caller has recovered
+/// and locked every member, so no group commit of it is in progress.
+pub fn forget(state_root: &Path, name: &str) -> Result<(), Error> {
+    let p = file(state_root, name);
+    std::fs::remove_file(&p).map_err(|e| io("removing", &p, e))?;
+    let d = dir(state_root);
+    std::fs::File::open(&d).and_then(|f| f.sync_all()).map_err(|e| io("syncing", &d, e))
 }
 
 /// Whether `target` may be pushed as a member of `group` in a push of

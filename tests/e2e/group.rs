@@ -323,21 +323,68 @@ fn group_points_failover_and_commit() {
 
     // Membership: a member of "app" cannot join another group, and "app"
     // cannot change its members.
-    let other = run(&[
-        OsStr::new("push-group"),
+    let push_other = || {
+        run(&[
+            OsStr::new("push-group"),
+            OsStr::new("--group"),
+            OsStr::new("other"),
+            OsStr::new("--peer"),
+            OsStr::new(&g.agent.addr.to_string()),
+            OsStr::new("--peer-fingerprint"),
+            OsStr::new(&g.agent.id.fingerprint),
+            OsStr::new("--state-dir"),
+            g.source.state.as_os_str(),
+            OsStr::new("--json"),
+            OsStr::new("--disk"),
+            OsStr::new(&format!("{}=t0", g.members[0].0.display())),
+        ])
+    };
+    let refused = push_other().expect_json_error("E_GROUP_MEMBERS", 3);
+    assert!(refused["hint"].as_str().is_some_and(|h| h.contains("diskferry ungroup")), "{refused}");
+
+    // Regrouping: `ungroup` forgets "app" (its members keep their points),
+    // then t0 may join "other".
+    let ungroup = |name: &str| {
+        run_settled(&[
+            OsStr::new("ungroup"),
+            OsStr::new("--group"),
+            OsStr::new(name),
+            OsStr::new("--state-dir"),
+            OsStr::new(s),
+            OsStr::new("--json"),
+        ])
+    };
+    ungroup("nope").expect_json_error("E_NOT_FOUND", 3);
+    let u = ungroup("app").ok_json();
+    assert_eq!(u["members"].as_array().unwrap().len(), 3, "{u}");
+    mv(&["points"]).expect_json_error("E_NOT_FOUND", 3);
+    let t0_points = g.agent.points(&g.members[0].1).ok_json();
+    assert!(
+        t0_points["points"].as_array().unwrap().iter().any(|p| p["generation"] == p1.as_str()),
+        "ungroup dropped a member's point: {t0_points}"
+    );
+    // t0 is live since the failover: a replica again before it is pushed.
+    run_settled(&[
+        OsStr::new("demote"),
+        g.members[0].1.as_os_str(),
+        OsStr::new("--state-dir"),
+        OsStr::new(s),
+        OsStr::new("--json"),
+    ])
+    .ok_json();
+    let joined = push_other().ok_json();
+    let p3 = joined["generation"].as_str().unwrap().to_string();
+    let other = run_settled(&[
+        OsStr::new("points"),
         OsStr::new("--group"),
         OsStr::new("other"),
-        OsStr::new("--peer"),
-        OsStr::new(&g.agent.addr.to_string()),
-        OsStr::new("--peer-fingerprint"),
-        OsStr::new(&g.agent.id.fingerprint),
         OsStr::new("--state-dir"),
-        g.source.state.as_os_str(),
+        OsStr::new(s),
         OsStr::new("--json"),
-        OsStr::new("--disk"),
-        OsStr::new(&format!("{}=t0", g.members[0].0.display())),
-    ]);
-    other.expect_json_error("E_GROUP_MEMBERS", 3);
+    ])
+    .ok_json();
+    assert_eq!(other["members"].as_array().unwrap().len(), 1, "{other}");
+    assert!(other["points"].as_array().unwrap().iter().any(|p| p["generation"] == p3.as_str()), "{other}");
 }
 
 /// A group push cut by a SIGKILL of the source resumes every member where

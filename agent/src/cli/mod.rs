@@ -7,7 +7,7 @@ use diskferry_protocol::{BlockSize, Generation};
 
 mod ops;
 mod plan;
-pub use ops::{BenchArgs, CompletionsArgs, ManArgs};
+pub use ops::{BenchArgs, CompletionsArgs, ManArgs, UngroupArgs};
 pub use plan::{PlanCleanupArgs, PlanCommand, PlanRunArgs, PlanSiteArgs};
 
 /// diskferry replicates virtual disks: it hashes blocks in parallel, ships only
@@ -56,6 +56,9 @@ pub enum Command {
     /// Push several disks as one replication group: one snapshot moment (the pre hook, every
     /// snapshot, the post hook), and the target commits them as one group point, or none.
     PushGroup(PushGroupArgs),
+    /// Forget a replication group on its target agent, so its disks can be pushed alone or
+    /// regrouped (their points stay).
+    Ungroup(UngroupArgs),
     /// Recovery plans: ordered groups of VMs failed over group after group (docs/plans.md).
     #[command(subcommand)]
     Plan(PlanCommand),
@@ -562,6 +565,7 @@ impl Command {
             Command::Bench(a) => &a.common,
             Command::Completions(a) => &a.common,
             Command::Man(a) => &a.common,
+            Command::Ungroup(a) => &a.common,
         }
     }
 }

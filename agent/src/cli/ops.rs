@@ -1,5 +1,6 @@
 //! Arguments of the commands that serve the operator's tooling: shell
-//! completions and man pages (for packages).
+//! completions and man pages (for packages), the host bench, and
+//! `ungroup`.
 
 use std::path::PathBuf;
 
@@ -50,6 +51,21 @@ pub struct BenchArgs {
     /// The agent's config (its state_dir holds this agent's identity).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct UngroupArgs {
+    /// The replication group to forget (see `diskferry points --group`).
+    #[arg(long, value_name = "NAME")]
+    pub group: String,
+    /// The target agent's config (its state_dir is used).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Seconds to wait while a session holds a member before failing with E_BUSY.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub wait: u64,
     #[command(flatten)]
     pub common: Common,
 }

@@ -1,5 +1,5 @@
 //! The moves of a replication group on the recovery site: `points
-//! --group`, `failover --group`, `commit --group`. Every member is opened
+//! --group`, `failover --group`, `commit --group`, `ungroup`. Every member is opened
 //! first (its recovery reads the group record, and its lock is held for the
 //! whole move), then the move is made on each.
 //!
@@ -230,6 +230,31 @@ fn commit_members(group: &str, resolved: &[Resolved], targets: &mut [Target], js
         print_json(&json!({ "group": group, "members": out }));
     } else {
         println!("group {group}: every member keeps its current point; older ones dropped");
+    }
+    Ok(())
+}
+
+/// `ungroup --group NAME`: every member recovered (an interrupted group
+/// commit ends all old or all new first) and held, then the group's
+/// membership goes. Each member keeps its points; they are no longer
+/// listed or pruned as one.
+pub fn ungroup(a: crate::cli::UngroupArgs) -> Result<()> {
+    let (group, json) = (a.group.as_str(), a.common.json);
+    let (resolved, _targets, moves) =
+        open_members_for(group, a.config.as_deref(), a.common.state_dir.clone(), a.wait, Some("ungroup"))?;
+    let r = state_root(a.config.as_deref(), a.common.state_dir.clone()).and_then(|root| groups::forget(&root, group));
+    let r = r.map_err(anyhow::Error::from);
+    finish_moves(&moves, &r, None);
+    r?;
+    let names: Vec<&str> = resolved.iter().filter_map(|r| r.name.as_deref()).collect();
+    if json {
+        let members: Vec<_> = resolved.iter().map(|r| json!({ "name": r.name, "target": r.path })).collect();
+        print_json(&json!({ "group": group, "members": members, "forgotten": true }));
+    } else {
+        println!(
+            "group {group} forgotten: {} may be pushed alone or in another group; their points stay",
+            names.join(", ")
+        );
     }
     Ok(())
 }

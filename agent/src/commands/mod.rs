@@ -49,5 +49,6 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Completions(a) => ops::completions(a),
         Command::Man(a) => ops::man(a),
+        Command::Ungroup(a) => group_moves::ungroup(a),
     }
 }
