@@ -21,9 +21,11 @@
 
 pub mod receiver;
 pub mod sender;
+pub mod view;
 
-pub use receiver::{Differing, ReceiverEvent, ReceiverSession, RegionView, ViewBlocks};
+pub use receiver::{Differing, ReceiverEvent, ReceiverSession};
 pub use sender::{SenderEvent, SenderSession, SourceRegion};
+pub use view::{RegionView, ViewBlocks};
 
 /// Moves control frames between two state machines joined in memory (a
 /// local sync, a test) until neither has any to send; whether any moved.
