@@ -73,7 +73,8 @@ pub fn all(state_root: &Path) -> Result<Vec<Membership>, Error> {
 fn refuse(what: String) -> Error {
     Error::new(ErrorCode::GroupMembers, what).hint(
         "push the group with the disks it was first pushed with; to regroup, forget the group on the target agent \
-         first: `diskferry ungroup --group NAME --config FILE`",
+         first: `diskferry ungroup --group NAME --config FILE` (or, when a member cannot be opened any more, remove \
+         groups/NAME.members in its state directory)",
     )
 }
 
@@ -82,7 +83,13 @@ fn refuse(what: String) -> Error {
 /// and locked every member, so no group commit of it is in progress.
 pub fn forget(state_root: &Path, name: &str) -> Result<(), Error> {
     let p = file(state_root, name);
-    std::fs::remove_file(&p).map_err(|e| io("removing", &p, e))?;
+    std::fs::remove_file(&p).map_err(|e| match e.kind() {
+        // Another `ungroup` of it finished meanwhile.
+        std::io::ErrorKind::NotFound => {
+            Error::new(ErrorCode::NotFound, format!("group {name:?} was forgotten meanwhile ({})", p.display()))
+        }
+        _ => io("removing", &p, e),
+    })?;
     let d = dir(state_root);
     std::fs::File::open(&d).and_then(|f| f.sync_all()).map_err(|e| io("syncing", &d, e))
 }

@@ -308,10 +308,37 @@ fn group_points_failover_and_commit() {
     }
     mv(&["test-failover", "--cleanup", im]).ok_json();
     assert_eq!(std::fs::read_dir(&images).unwrap().count(), 0, "test images left after cleanup");
+    let ungroup = |name: &str| {
+        run_settled(&[
+            OsStr::new("ungroup"),
+            OsStr::new("--group"),
+            OsStr::new(name),
+            OsStr::new("--state-dir"),
+            OsStr::new(s),
+            OsStr::new("--json"),
+        ])
+    };
+    // A group failover cut after its first member: t0 live at P1, the
+    // others replicas. Forgetting the group now would strand them apart.
+    run_settled(&[
+        OsStr::new("failover"),
+        g.members[0].1.as_os_str(),
+        OsStr::new("--point"),
+        OsStr::new(&p1),
+        OsStr::new("--state-dir"),
+        OsStr::new(s),
+        OsStr::new("--json"),
+    ])
+    .ok_json();
+    let apart = ungroup("app").expect_json_error("E_GROUP_MEMBERS", 3);
+    assert!(apart["hint"].as_str().is_some_and(|h| h.contains("failover --group")), "{apart}");
+    // The same group failover finishes the others.
     let f = mv(&["failover", "--point", &p1]).ok_json();
     assert_eq!(f["generation"], p1.as_str(), "{f}");
-    for ((src_bytes, (_, target, _)), m) in bytes_at_p1.iter().zip(&g.members).zip(f["members"].as_array().unwrap()) {
-        assert_eq!(m["moved"], true, "{f}");
+    for (i, ((src_bytes, (_, target, _)), m)) in
+        bytes_at_p1.iter().zip(&g.members).zip(f["members"].as_array().unwrap()).enumerate()
+    {
+        assert_eq!(m["moved"], i > 0, "{f}");
         let now = std::fs::read(target).unwrap();
         assert_eq!(&now[..src_bytes.len()], &src_bytes[..], "{} is not at the group point", target.display());
         assert_eq!(g.agent.points(target).ok_json()["role"], "live");
@@ -344,16 +371,6 @@ fn group_points_failover_and_commit() {
 
     // Regrouping: `ungroup` forgets "app" (its members keep their points),
     // then t0 may join "other".
-    let ungroup = |name: &str| {
-        run_settled(&[
-            OsStr::new("ungroup"),
-            OsStr::new("--group"),
-            OsStr::new(name),
-            OsStr::new("--state-dir"),
-            OsStr::new(s),
-            OsStr::new("--json"),
-        ])
-    };
     ungroup("nope").expect_json_error("E_NOT_FOUND", 3);
     let u = ungroup("app").ok_json();
     assert_eq!(u["members"].as_array().unwrap().len(), 3, "{u}");

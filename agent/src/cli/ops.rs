@@ -66,6 +66,10 @@ pub struct UngroupArgs {
     /// Seconds to wait while a session holds a member before failing with E_BUSY.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
     pub wait: u64,
+    /// Forget it even when some members are live and the members are not at one group point (a
+    /// group failover cut part way, which `failover --group` could still finish).
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub common: Common,
 }

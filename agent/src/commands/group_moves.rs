@@ -240,9 +240,11 @@ fn commit_members(group: &str, resolved: &[Resolved], targets: &mut [Target], js
 /// listed or pruned as one.
 pub fn ungroup(a: crate::cli::UngroupArgs) -> Result<()> {
     let (group, json) = (a.group.as_str(), a.common.json);
-    let (resolved, _targets, moves) =
+    let (resolved, targets, moves) =
         open_members_for(group, a.config.as_deref(), a.common.state_dir.clone(), a.wait, Some("ungroup"))?;
-    let r = state_root(a.config.as_deref(), a.common.state_dir.clone()).and_then(|root| groups::forget(&root, group));
+    let r = members_apart(group, &resolved, &targets, a.force)
+        .and_then(|()| state_root(a.config.as_deref(), a.common.state_dir.clone()))
+        .and_then(|root| groups::forget(&root, group));
     let r = r.map_err(anyhow::Error::from);
     finish_moves(&moves, &r, None);
     r?;
@@ -257,6 +259,26 @@ pub fn ungroup(a: crate::cli::UngroupArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Refuses to forget a group some of whose members are live while they
+/// are not all at one group point (a group failover cut part way): only
+/// `failover --group` brings them together again, and it needs the group.
+fn members_apart(group: &str, resolved: &[Resolved], targets: &[Target], force: bool) -> Result<(), Error> {
+    let live = |t: &Target| t.role() == Some(diskferry_sync_engine::apply::Role::Live);
+    if force || !targets.iter().any(live) || group_points(targets).iter().any(|p| p.current) {
+        return Ok(());
+    }
+    let roles: Vec<String> = resolved
+        .iter()
+        .zip(targets)
+        .map(|(r, t)| format!("{} {}", r.name.as_deref().unwrap_or("?"), if live(t) { "live" } else { "replica" }))
+        .collect();
+    Err(Error::new(
+        ErrorCode::GroupMembers,
+        format!("the members of group {group:?} are not at one group point and some are live ({})", roles.join(", ")),
+    )
+    .hint("finish the group's failover first (run `diskferry failover --group NAME` again), or pass --force to forget it anyway"))
 }
 
 /// Each member's image of a test failover: `DIR/MEMBER.img`.
