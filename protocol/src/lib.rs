@@ -21,6 +21,7 @@ pub mod frame;
 pub mod message;
 pub mod nbd;
 pub mod payload;
+pub mod region_hashes;
 pub mod session;
 pub mod types;
 
@@ -29,6 +30,7 @@ pub use error::{ErrorClass, ErrorCode};
 pub use frame::FrameSplitter;
 pub use message::{Message, ALPN, MAX_FRAME, VERSION};
 pub use payload::Payload;
+pub use region_hashes::RegionHashes;
 pub use types::{
     from_hex, parse_size, to_hex, BlockHash, BlockIndex, BlockSize, Consistency, Generation, Geometry,
     InvalidBlockSize, InvalidGeneration, InvalidTargetName, SessionId, TargetName, CHUNK_BLOCKS, PAGE_SIZE,

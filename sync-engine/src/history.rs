@@ -23,7 +23,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use diskferry_protocol::{BlockHash, Generation, Geometry};
+use diskferry_protocol::{BlockHash, Generation, Geometry, RegionHashes};
 
 use crate::error::{Error, IoContext, Place, Result};
 use crate::manifest::{Manifest, ManifestMeta, ManifestWriter};
@@ -131,9 +131,9 @@ impl HistoryWriter {
     }
 
     /// Records a region's block hashes (in region order).
-    pub fn push_region(&mut self, region: u64, hashes: &[BlockHash]) -> Result<()> {
+    pub fn push_region(&mut self, region: u64, hashes: &RegionHashes) -> Result<()> {
         match &mut self.manifest {
-            Some(m) => m.push_region(region, hashes),
+            Some(m) => m.push_hashes(region, hashes),
             None => Err(Error::new(diskferry_protocol::ErrorCode::Internal, "history already committed")),
         }
     }

@@ -5,7 +5,7 @@
 //! A node whose children are all [`BlockHash::ZERO`] is itself `ZERO`, so an
 //! empty region costs nothing to hash or to compare.
 
-use diskferry_protocol::{BlockHash, Geometry, CHUNK_BLOCKS};
+use diskferry_protocol::{BlockHash, Geometry, RegionHashes, CHUNK_BLOCKS};
 
 const TAG_CHUNK: u8 = 1;
 const TAG_REGION: u8 = 2;
@@ -25,6 +25,19 @@ fn node_hash(tag: u8, children: &[BlockHash]) -> BlockHash {
 /// Chunk hashes of a region's block hashes (the region starts on a chunk boundary).
 pub fn chunk_hashes(blocks: &[BlockHash]) -> Vec<BlockHash> {
     blocks.chunks(CHUNK_BLOCKS as usize).map(|c| node_hash(TAG_CHUNK, c)).collect()
+}
+
+/// A region's chunk hashes and hash; an empty region's are zero without
+/// looking at a block.
+pub fn region_nodes(blocks: &RegionHashes) -> (Vec<BlockHash>, BlockHash) {
+    match blocks {
+        RegionHashes::Zero(n) => (vec![BlockHash::ZERO; n.div_ceil(CHUNK_BLOCKS as usize)], BlockHash::ZERO),
+        RegionHashes::Listed(v) => {
+            let chunks = chunk_hashes(v);
+            let hash = region_hash_from_chunks(&chunks);
+            (chunks, hash)
+        }
+    }
 }
 
 /// A region's hash from its chunk hashes.

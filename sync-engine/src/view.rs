@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 
 use diskferry_protocol::session::{RegionView, ViewBlocks};
-use diskferry_protocol::{BlockHash, Geometry};
+use diskferry_protocol::{BlockHash, Geometry, RegionHashes};
 
 use crate::disk::Disk;
 use crate::error::{IoContext, Place, Result};
 use crate::hash::hash_blocks;
 use crate::manifest::{BlockCursor, Manifest};
-use crate::tree::{chunk_hashes, region_hash_from_chunks};
+use crate::tree::{chunk_hashes, region_nodes};
 
 /// Where the target's hashes come from.
 #[derive(Debug)]
@@ -74,11 +74,11 @@ impl ViewProducer {
             ViewSource::Manifest { manifest, cursor, device } => {
                 manifest_view(cursor, &manifest.geometry(), &g, range.clone(), *device)?
             }
-            ViewSource::Disk(disk) => ViewBlocks::Known(hash_blocks(disk, &g, range.clone()).ctx(
-                Place::Target,
-                "reading",
-                std::path::Path::new("target"),
-            )?),
+            ViewSource::Disk(disk) => ViewBlocks::Known(
+                hash_blocks(disk, &g, range.clone())
+                    .ctx(Place::Target, "reading", std::path::Path::new("target"))?
+                    .into(),
+            ),
         };
         if !self.overlay.is_empty() && range.clone().any(|b| self.overlay.contains_key(&b)) {
             let mut with = blocks.to_options();
@@ -98,7 +98,7 @@ pub fn view_of(blocks: ViewBlocks) -> View {
     let known = match blocks {
         ViewBlocks::Known(all) => all,
         ViewBlocks::Partial(b) => match b.iter().copied().collect::<Option<Vec<BlockHash>>>() {
-            Some(all) => all,
+            Some(all) => RegionHashes::Listed(all),
             None => {
                 let chunks = b
                     .chunks(diskferry_protocol::CHUNK_BLOCKS as usize)
@@ -111,8 +111,7 @@ pub fn view_of(blocks: ViewBlocks) -> View {
             }
         },
     };
-    let chunks = chunk_hashes(&known);
-    let hash = region_hash_from_chunks(&chunks);
+    let (chunks, hash) = region_nodes(&known);
     View { blocks: ViewBlocks::Known(known), chunks: chunks.into_iter().map(Some).collect(), hash: Some(hash) }
 }
 
@@ -129,11 +128,11 @@ pub fn manifest_view(
     let old_count = old.block_count();
     let base = range.start;
     let have = range.end.min(old_count).saturating_sub(base);
-    let hashes = cursor.next_blocks(have)?;
     // The same geometry (the common case): every block is as recorded.
     if old == g && range.end <= old_count {
-        return Ok(ViewBlocks::Known(hashes));
+        return Ok(ViewBlocks::Known(cursor.next_hashes(have)?));
     }
+    let hashes = cursor.next_blocks(have)?;
     Ok(ViewBlocks::Partial(
         range
             .map(|b| {

@@ -16,8 +16,9 @@ fn a_push_takes_its_payload_over_the_limit() {
     let mut rng = rng("bwlimit-push");
     let p = pair("bwlimit-push", 1, "");
     let src = p.dir.join("src.img");
-    // Random data: nothing compresses, the payload is the disk.
-    make_disk(&src, 20 * MIB, 1.0, &mut rng);
+    // Random data: nothing compresses, the payload is the disk (CI once
+    // drew a make_disk with 4 MiB of zeros, under the 8 s this needs).
+    random_disk(&src, 20 * MIB, &mut rng);
     let out = push_to(&src, &p.source, &p.agent, "t0", &["--bwlimit", "2M", "--progress", "json"]);
     // `--progress json`: one object per phase change and about once a second.
     let lines: Vec<Value> = out

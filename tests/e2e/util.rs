@@ -256,6 +256,14 @@ pub fn make_disk(path: &Path, size: u64, data: f64, rng: &mut SmallRng) {
     f.sync_all().unwrap();
 }
 
+/// A disk of `size` random bytes: no holes, no zeros, nothing compresses
+/// ([`make_disk`] leaves some, so its payload varies from run to run).
+pub fn random_disk(path: &Path, size: u64, rng: &mut SmallRng) {
+    let mut bytes = vec![0u8; size as usize];
+    rng.fill_bytes(&mut bytes);
+    fs::write(path, bytes).expect("writing disk");
+}
+
 /// Random writes of random sizes (1 byte to `max_len`) at random unaligned
 /// offsets, about `count` of them. Returns the number of bytes written.
 /// The first write is at least 64 random bytes, so the file does change:

@@ -238,10 +238,7 @@ const NOTES_PER_TURN: usize = 64;
 /// The hashes announced for `blocks` of `region` (still outstanding).
 fn announced(session: &SenderSession, g: Geometry, region: u64, blocks: &[WantBlock]) -> Vec<Option<BlockHash>> {
     let first = g.region_range(region).start;
-    blocks
-        .iter()
-        .map(|w| session.region_blocks(region).and_then(|b| b.get((w.index - first) as usize).copied()))
-        .collect()
+    blocks.iter().map(|w| session.region_blocks(region).and_then(|b| b.get((w.index - first) as usize))).collect()
 }
 
 /// Hashes the source region by region, one window token each; a full copy

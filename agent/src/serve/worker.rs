@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use diskferry_protocol::message::{Committed, Open, WantBlock};
 use diskferry_protocol::session::Differing;
-use diskferry_protocol::{BlockHash, Consistency, Geometry};
+use diskferry_protocol::{BlockHash, Consistency, Geometry, RegionHashes};
 use diskferry_sync_engine::apply::{Target, TargetOptions};
 use diskferry_sync_engine::block::VerifiedBlock;
 use diskferry_sync_engine::session::{Accepted, Request, TargetRequest, TargetSession};
@@ -56,7 +56,7 @@ pub enum Cmd {
     },
     Region {
         region: u64,
-        hashes: Vec<BlockHash>,
+        hashes: RegionHashes,
         expected: Option<BlockHash>,
     },
     Commit {

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use super::view::{RegionView, ViewBlocks};
 use crate::error::ErrorCode;
 use crate::message::{Accept, Committed, Message, Open, Plan, WantBlock, CAP_PAGES, CAP_ZSTD, MAX_FRAME, VERSION};
+use crate::region_hashes::RegionHashes;
 use crate::types::{BlockHash, Consistency, Geometry, CHUNK_BLOCKS};
 
 /// A block whose source hash differs from what the target holds.
@@ -46,7 +47,7 @@ pub enum ReceiverEvent {
         /// Region index.
         region: u64,
         /// Hashes of every block of the region as staged.
-        hashes: Vec<BlockHash>,
+        hashes: RegionHashes,
         /// Full copy: the region hash the source announced, to check.
         expected: Option<BlockHash>,
     },
@@ -122,7 +123,7 @@ pub struct ReceiverSession {
     window: u32,
     views: BTreeMap<u64, RegionView>,
     pending: BTreeMap<u64, Pending>,
-    complete: BTreeMap<u64, (Vec<BlockHash>, Option<BlockHash>)>,
+    complete: BTreeMap<u64, (RegionHashes, Option<BlockHash>)>,
     next_to_emit: u64,
     regions_done: u64,
     bytes_staged: u64,
@@ -328,7 +329,7 @@ impl ReceiverSession {
         p.viewed = true;
         if view.hash.is_some() && view.hash == p.source_hash {
             // Equal: the view is not looked at again.
-            return match std::mem::replace(&mut view.blocks, ViewBlocks::Known(Vec::new())) {
+            return match std::mem::replace(&mut view.blocks, ViewBlocks::Known(RegionHashes::Zero(0))) {
                 ViewBlocks::Known(hashes) => {
                     self.pending.remove(&region);
                     self.region_completed(region, hashes, None)
@@ -520,12 +521,12 @@ impl ReceiverSession {
         }
         // An amended region's hashes are those of the blocks verified and
         // staged, which is what the manifest must say.
-        self.region_completed(region, hashes, if full && !p.amended { p.source_hash } else { None })
+        self.region_completed(region, hashes.into(), if full && !p.amended { p.source_hash } else { None })
     }
 
     /// Region `region` is complete with `hashes` (`expected`: the region
     /// hash a full copy's source announced, to check).
-    fn region_completed(&mut self, region: u64, hashes: Vec<BlockHash>, expected: Option<BlockHash>) {
+    fn region_completed(&mut self, region: u64, hashes: RegionHashes, expected: Option<BlockHash>) {
         self.views.remove(&region);
         self.complete.insert(region, (hashes, expected));
         self.regions_done += 1;

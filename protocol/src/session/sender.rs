@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::error::ErrorCode;
 use crate::message::{Accept, Committed, Message, Open, Plan, WantBlock, CAP_PAGES, CAP_ZSTD, MAX_FRAME, VERSION};
+use crate::region_hashes::RegionHashes;
 use crate::types::{BlockHash, Consistency, CHUNK_BLOCKS};
 
 /// A hashed source region, as the engine produced it.
@@ -17,7 +18,7 @@ pub struct SourceRegion {
     /// Region index.
     pub region: u64,
     /// Block hashes.
-    pub blocks: Vec<BlockHash>,
+    pub blocks: RegionHashes,
     /// Chunk hashes.
     pub chunks: Vec<BlockHash>,
     /// Region hash.
@@ -222,7 +223,7 @@ impl SenderSession {
                     out.push(Message::BlockHashes {
                         region,
                         chunk: c,
-                        hashes: r.blocks[start as usize..end as usize].to_vec(),
+                        hashes: r.blocks.slice(start as usize..end as usize),
                     });
                 }
                 self.transmit.extend(out);
@@ -295,7 +296,7 @@ impl SenderSession {
     }
 
     /// The source's block hashes of an in-flight region.
-    pub fn region_blocks(&self, region: u64) -> Option<&[BlockHash]> {
-        self.outstanding.get(&region).map(|r| r.blocks.as_slice())
+    pub fn region_blocks(&self, region: u64) -> Option<&RegionHashes> {
+        self.outstanding.get(&region).map(|r| &r.blocks)
     }
 }

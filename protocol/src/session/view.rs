@@ -1,6 +1,7 @@
 //! What the target holds in a region, as the receiver compares it with
 //! what the source announces.
 
+use crate::region_hashes::RegionHashes;
 use crate::types::BlockHash;
 
 /// A region's block hashes as the target holds them.
@@ -8,8 +9,9 @@ use crate::types::BlockHash;
 pub enum ViewBlocks {
     /// Every block's hash is known (a manifest of the same geometry: the
     /// common case, kept without a per-block `Option` because a large
-    /// disk has millions of such blocks per session).
-    Known(Vec<BlockHash>),
+    /// disk has millions of such blocks per session; an empty region is
+    /// only its count).
+    Known(RegionHashes),
     /// Some blocks are unknown (`None`: never equal).
     Partial(Vec<Option<BlockHash>>),
 }
@@ -31,7 +33,7 @@ impl ViewBlocks {
     /// Block `i`'s hash, if known.
     pub fn get(&self, i: usize) -> Option<BlockHash> {
         match self {
-            ViewBlocks::Known(b) => b.get(i).copied(),
+            ViewBlocks::Known(b) => b.get(i),
             ViewBlocks::Partial(b) => b.get(i).copied().flatten(),
         }
     }
@@ -39,7 +41,7 @@ impl ViewBlocks {
     /// Every block's hash, `None` where unknown.
     pub fn to_options(&self) -> Vec<Option<BlockHash>> {
         match self {
-            ViewBlocks::Known(b) => b.iter().copied().map(Some).collect(),
+            ViewBlocks::Known(b) => b.iter().map(Some).collect(),
             ViewBlocks::Partial(b) => b.clone(),
         }
     }

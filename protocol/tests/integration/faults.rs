@@ -146,7 +146,7 @@ fn run(source: &[BlockHash], target: &mut Vec<BlockHash>, plan: Plan, f: &Faults
                     }
                     c.r.handle_resolved(region, wants);
                 }
-                ReceiverEvent::RegionComplete { hashes, .. } => c.regions.push(hashes),
+                ReceiverEvent::RegionComplete { hashes, .. } => c.regions.push(hashes.into_vec()),
                 ReceiverEvent::Commit { .. } => {
                     let committed: Vec<BlockHash> = c.regions.concat();
                     c.r.handle_committed(Committed {
@@ -181,7 +181,7 @@ fn run(source: &[BlockHash], target: &mut Vec<BlockHash>, plan: Plan, f: &Faults
                 c.r.handle_view(
                     c.next_view,
                     RegionView {
-                        blocks: ViewBlocks::Known(known),
+                        blocks: ViewBlocks::Known(compact(known)),
                         chunks: chunks.into_iter().map(Some).collect(),
                         hash: Some(hash),
                     },
@@ -205,7 +205,7 @@ fn run(source: &[BlockHash], target: &mut Vec<BlockHash>, plan: Plan, f: &Faults
                 }
             }
             let (chunks, hash) = tree(&blocks);
-            c.s.handle_region(SourceRegion { region: c.next_region, blocks, chunks, hash, items });
+            c.s.handle_region(SourceRegion { region: c.next_region, blocks: compact(blocks), chunks, hash, items });
             c.next_region += 1;
         }
         if c.accepted && c.next_region == g.region_count() && !c.done_sent && c.s.outstanding() == 0 {
@@ -282,5 +282,15 @@ proptest! {
                 prop_assert!(f.duplicate > 0, "failed ({a}, {b}) without duplicated frames");
             }
         }
+    }
+}
+
+/// A region's hashes as the engine hands them over: an empty region as a
+/// count, as a sparse disk's record gives it.
+fn compact(blocks: Vec<BlockHash>) -> diskferry_protocol::RegionHashes {
+    if blocks.iter().all(BlockHash::is_zero) {
+        diskferry_protocol::RegionHashes::Zero(blocks.len())
+    } else {
+        diskferry_protocol::RegionHashes::Listed(blocks)
     }
 }

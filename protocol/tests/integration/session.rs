@@ -96,7 +96,7 @@ fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) 
                     }
                     r.handle_resolved(region, wants);
                 }
-                ReceiverEvent::RegionComplete { hashes, .. } => out.regions.push(hashes),
+                ReceiverEvent::RegionComplete { hashes, .. } => out.regions.push(hashes.into_vec()),
                 ReceiverEvent::Commit { .. } => r.handle_committed(Committed {
                     generation: Generation(9),
                     root: BlockHash::ZERO,
@@ -125,8 +125,11 @@ fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) 
                 let (chunks, hash) = tree(&known);
                 // Both forms of a fully known view: the agent sends Known,
                 // a resumed session's overlay makes it Partial.
-                let blocks =
-                    if next_view.is_multiple_of(2) { ViewBlocks::Known(known) } else { ViewBlocks::Partial(blocks) };
+                let blocks = if next_view.is_multiple_of(2) {
+                    ViewBlocks::Known(compact(known))
+                } else {
+                    ViewBlocks::Partial(blocks)
+                };
                 r.handle_view(
                     next_view,
                     RegionView { blocks, chunks: chunks.into_iter().map(Some).collect(), hash: Some(hash) },
@@ -149,7 +152,7 @@ fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) 
                 }
             }
             let (chunks, hash) = tree(&blocks);
-            s.handle_region(SourceRegion { region: next_region, blocks, chunks, hash, items });
+            s.handle_region(SourceRegion { region: next_region, blocks: compact(blocks), chunks, hash, items });
             next_region += 1;
         }
         if accepted && next_region == g.region_count() && !source_done && s.outstanding() == 0 {
@@ -218,6 +221,36 @@ fn unchanged_disk_costs_one_frame_per_region() {
     assert!(run.wanted.is_empty());
     // Hello, Welcome, Open, Accept, 3 × (Region, RegionDone), Finish, Committed.
     assert_eq!(run.control_frames, 4 + 3 * 2 + 2);
+}
+
+#[test]
+fn empty_regions_travel_as_counts_and_compare_with_listed_ones() {
+    // 4K blocks: 16384 per region; 5 regions. Region 1 is empty on both
+    // sides, region 2 only on the source, region 3 only on the target:
+    // a count of zeros must compare equal to, and unequal with, a list.
+    let per = 16384usize;
+    let mut source = disk(5 * per as u64);
+    let mut target = source.clone();
+    for b in per..3 * per {
+        source[b] = BlockHash::ZERO;
+    }
+    for b in per..2 * per {
+        target[b] = BlockHash::ZERO;
+    }
+    for b in 3 * per..4 * per {
+        target[b] = BlockHash::ZERO;
+    }
+    target[4 * per + 9] = h(999_999);
+    let run = run(&source, &target, 4096, Plan::CompareManifest);
+    assert!(run.committed.is_some(), "sender {:?} receiver {:?}", run.sender_failed, run.receiver_failed);
+    let mut wanted = run.wanted.clone();
+    wanted.sort();
+    let mut expect: Vec<u64> = (3 * per as u64..4 * per as u64).filter(|b| !source[*b as usize].is_zero()).collect();
+    expect.push(4 * per as u64 + 9);
+    assert_eq!(wanted, expect);
+    // Region 2's data blocks become zeros on the target without a transfer.
+    assert_eq!(run.resolved_locally.len(), (2 * per..3 * per).filter(|b| !target[*b].is_zero()).count());
+    assert_eq!(run.regions.concat(), source);
 }
 
 #[test]
@@ -411,7 +444,7 @@ fn a_full_copy_block_resent_with_new_bytes_amends_its_region() {
         panic!("the region completes")
     };
     assert_eq!(expected, None, "the announced region hash is stale: not checked");
-    assert_eq!(hashes[3], h(999), "the manifest records the bytes staged");
+    assert_eq!(hashes.get(3).unwrap(), h(999), "the manifest records the bytes staged");
 }
 
 #[test]
@@ -435,4 +468,14 @@ fn a_full_copy_refuses_a_block_twice_or_zeros_over_a_block() {
     r.handle_message(Message::RegionEnd { region: 0, hash: tree(&hashes).1, items: 64 });
     let Some(ReceiverEvent::RegionComplete { expected, .. }) = r.poll_event() else { panic!("completes") };
     assert_eq!(expected, Some(tree(&hashes).1));
+}
+
+/// A region's hashes as the engine hands them over: an empty region as a
+/// count, as a sparse disk's record gives it.
+fn compact(blocks: Vec<BlockHash>) -> diskferry_protocol::RegionHashes {
+    if blocks.iter().all(BlockHash::is_zero) {
+        diskferry_protocol::RegionHashes::Zero(blocks.len())
+    } else {
+        diskferry_protocol::RegionHashes::Listed(blocks)
+    }
 }

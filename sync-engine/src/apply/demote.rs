@@ -78,7 +78,7 @@ impl Target {
             if same {
                 same = cursor.next_blocks(range.end - range.start)? == hashes;
             }
-            w.push_region(region, &hashes)?;
+            w.push_region(region, &hashes.into())?;
             progress.advance(g.block_offset(range.end).min(g.disk_bytes) - g.block_offset(range.start));
         }
         let after = vfs.metadata(&self.path).ctx(Place::Target, "reading", &self.path)?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Generation, Geometry, SessionId};
+use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Generation, Geometry, RegionHashes, SessionId};
 
 use super::catalog::{write_catalog, Catalog, PointRecord, Role, Status};
 use super::journal::{JournalHeader, JournalKind, JournalWriter};
@@ -359,9 +359,9 @@ impl Apply<'_> {
     }
 
     /// Records the new generation's hashes for the next region (in order).
-    pub fn push_region(&mut self, region: u64, hashes: &[BlockHash]) -> Result<()> {
+    pub fn push_region(&mut self, region: u64, hashes: &RegionHashes) -> Result<()> {
         match &mut self.manifest {
-            Some(m) => m.push_region(region, hashes),
+            Some(m) => m.push_hashes(region, hashes),
             None => Err(Error::new(ErrorCode::Internal, "apply already committed")),
         }
     }

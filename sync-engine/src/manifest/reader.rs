@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use diskferry_protocol::{BlockHash, BlockSize, Consistency, Generation, Geometry};
+use diskferry_protocol::{BlockHash, BlockSize, Consistency, Generation, Geometry, RegionHashes};
 
 use super::{ManifestHeader, FOOTER_LEN, INDEX_ENTRY, MAGIC, RUN_DATA, RUN_ZERO, VERSION};
 use crate::error::{Error, IoContext, Place, Result};
@@ -182,21 +182,41 @@ impl BlockCursor {
         }
     }
 
+    /// The next `n` block hashes (fewer at the end of the disk), as a count
+    /// when they lie in one zero run (an empty region of a sparse disk).
+    pub fn next_hashes(&mut self, n: u64) -> Result<RegionHashes> {
+        let n = n.min(self.blocks_left);
+        if self.run_left == 0 && n > 0 {
+            self.next_run()?;
+        }
+        if !self.run_is_data && self.run_left >= n {
+            self.run_left -= n;
+            self.blocks_left -= n;
+            return Ok(RegionHashes::Zero(n as usize));
+        }
+        self.next_blocks(n).map(RegionHashes::Listed)
+    }
+
+    fn next_run(&mut self) -> Result<()> {
+        let mut h = [0u8; 8];
+        self.reader.read_exact(&mut h).map_err(|e| self.read_error(e, "runs end early"))?;
+        let count = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as u64;
+        self.run_is_data = match h[0] {
+            RUN_DATA => true,
+            RUN_ZERO => false,
+            _ => return Err(Error::corrupt(&self.path, "unknown run kind")),
+        };
+        self.run_left = count;
+        Ok(())
+    }
+
     /// The next `n` block hashes (fewer at the end of the disk).
     pub fn next_blocks(&mut self, n: u64) -> Result<Vec<BlockHash>> {
         let n = n.min(self.blocks_left);
         let mut out = Vec::with_capacity(n as usize);
         while (out.len() as u64) < n {
             if self.run_left == 0 {
-                let mut h = [0u8; 8];
-                self.reader.read_exact(&mut h).map_err(|e| self.read_error(e, "runs end early"))?;
-                let count = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as u64;
-                self.run_is_data = match h[0] {
-                    RUN_DATA => true,
-                    RUN_ZERO => false,
-                    _ => return Err(Error::corrupt(&self.path, "unknown run kind")),
-                };
-                self.run_left = count;
+                self.next_run()?;
                 continue;
             }
             let take = self.run_left.min(n - out.len() as u64);

@@ -5,7 +5,7 @@ use std::collections::BinaryHeap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use diskferry_protocol::{BlockHash, Geometry};
+use diskferry_protocol::{BlockHash, Geometry, RegionHashes};
 
 use super::{ManifestHeader, ManifestMeta, FOOTER_LEN, INDEX_ENTRY, MAGIC, RUN_DATA, RUN_ZERO, VERSION};
 use crate::error::{Error, IoContext, Place, Result};
@@ -69,6 +69,34 @@ impl ManifestWriter {
         &self.geometry
     }
 
+    /// [`ManifestWriter::push_region`] for hashes that may be a count of
+    /// zeros, which costs one count, not a scan of listed zeros.
+    pub fn push_hashes(&mut self, region: u64, hashes: &RegionHashes) -> Result<()> {
+        match hashes {
+            RegionHashes::Listed(v) => self.push_region(region, v),
+            RegionHashes::Zero(n) => {
+                let range = self.geometry.region_range(region);
+                if range.start != self.next_block || (range.end - range.start) as usize != *n {
+                    return Err(Error::new(
+                        diskferry_protocol::ErrorCode::Internal,
+                        format!("manifest region {region} out of order or of the wrong length"),
+                    ));
+                }
+                self.next_block = range.end;
+                self.push_zero_region(*n as u64)
+            }
+        }
+    }
+
+    fn push_zero_region(&mut self, blocks: u64) -> Result<()> {
+        self.flush_data()?;
+        self.pending_zero += blocks;
+        self.zero_blocks += blocks;
+        self.root.update(&BlockHash::ZERO);
+        self.regions.push(BlockHash::ZERO);
+        Ok(())
+    }
+
     /// Appends the hashes of the next region; regions must come in order and whole.
     pub fn push_region(&mut self, region: u64, hashes: &[BlockHash]) -> Result<()> {
         let range = self.geometry.region_range(region);
@@ -81,12 +109,7 @@ impl ManifestWriter {
         self.next_block = range.end;
         // A region in a hole (most of a large sparse disk) is one count.
         if BlockHash::all_zero(hashes) {
-            self.flush_data()?;
-            self.pending_zero += hashes.len() as u64;
-            self.zero_blocks += hashes.len() as u64;
-            self.root.update(&BlockHash::ZERO);
-            self.regions.push(BlockHash::ZERO);
-            return Ok(());
+            return self.push_zero_region(hashes.len() as u64);
         }
         for (i, h) in hashes.iter().enumerate() {
             self.push_block(range.start + i as u64, *h)?;

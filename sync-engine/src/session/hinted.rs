@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use diskferry_protocol::{BlockHash, Generation, Geometry};
+use diskferry_protocol::{BlockHash, Generation, Geometry, RegionHashes};
 
 use crate::changes::{ChangeHint, DirtyBlocks, HintOutcome, SpotCheck};
 use crate::disk::Disk;
@@ -207,22 +207,27 @@ impl Hinted {
         region: u64,
         path: &Path,
         read: &AtomicU64,
-    ) -> Result<Option<Vec<BlockHash>>> {
+    ) -> Result<Option<RegionHashes>> {
         let range = g.region_range(region);
-        let mut hashes = {
+        let recorded = {
             let mut rec = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
             if rec.0 != region {
                 return Ok(None);
             }
             rec.0 += 1;
-            rec.1.next_blocks(range.end - range.start)?
+            rec.1.next_hashes(range.end - range.start)?
         };
-        for run in self.dirty.within(range.clone(), JOIN_GAP_BLOCKS) {
+        let dirty = self.dirty.within(range.clone(), JOIN_GAP_BLOCKS);
+        if dirty.is_empty() {
+            return Ok(Some(recorded));
+        }
+        let mut hashes = recorded.into_vec();
+        for run in dirty {
             let fresh = hash_blocks_counted(disk, g, run.clone(), None, read).ctx(Place::Source, "reading", path)?;
             let at = (run.start - range.start) as usize;
             hashes[at..at + fresh.len()].copy_from_slice(&fresh);
         }
-        Ok(Some(hashes))
+        Ok(Some(RegionHashes::Listed(hashes)))
     }
 }
 

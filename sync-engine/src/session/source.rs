@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use diskferry_protocol::message::{Message, WantBlock};
 use diskferry_protocol::session::SourceRegion;
-use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry};
+use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, Geometry, RegionHashes};
 
 use super::hinted::{self, Hinted, Offer};
 use super::lineage::lineage_of;
@@ -32,7 +32,7 @@ use crate::history::HistoryWriter;
 use crate::manifest::ManifestMeta;
 use crate::remote::{block_frame, whole_block_frame, WireFrame};
 use crate::store::{Meta, Vfs};
-use crate::tree::{chunk_hashes, region_hash_from_chunks};
+use crate::tree::region_nodes;
 
 /// The consumer of a full copy's items stopped (the session ended, or the
 /// local target failed: its driver keeps that error).
@@ -299,12 +299,12 @@ impl SourceSession {
 
     /// A region hashed elsewhere (a local sync hashes while it compares):
     /// its tree nodes, and its place in the record.
-    pub fn region_of(&self, region: u64, hashes: Vec<BlockHash>) -> Result<SourceRegion> {
+    pub fn region_of(&self, region: u64, hashes: impl Into<RegionHashes>) -> Result<SourceRegion> {
+        let hashes = hashes.into();
         if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             w.push_region(region, &hashes)?;
         }
-        let chunks = chunk_hashes(&hashes);
-        let hash = region_hash_from_chunks(&chunks);
+        let (chunks, hash) = region_nodes(&hashes);
         Ok(SourceRegion { region, blocks: hashes, chunks, hash, items: 0 })
     }
 

@@ -12,7 +12,7 @@
 
 use diskferry_protocol::message::{Accept, Committed, Plan, WantBlock};
 use diskferry_protocol::session::Differing;
-use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Generation, Geometry, SessionId};
+use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Generation, Geometry, RegionHashes, SessionId};
 
 use super::decide::{decide, Request};
 use crate::apply::{Apply, ApplyMode, BeginSpec, CommitMeta, CommitReport, DirectSink, OldContent, Target};
@@ -22,7 +22,7 @@ use crate::hash::hash_block;
 use crate::manifest::Manifest;
 use crate::plan::{plan_differing, Op};
 use crate::remote::page_hashes;
-use crate::tree::region_hash;
+use crate::tree::region_nodes;
 use crate::view::ViewProducer;
 
 /// What a target is asked to do, beyond the comparison itself.
@@ -228,8 +228,8 @@ impl<'t> TargetSession<'t> {
 
     /// Records a completed region's hashes (in region order). A full copy's
     /// region must hash to what the source announced (`expected`).
-    pub fn region(&mut self, region: u64, hashes: &[BlockHash], expected: Option<BlockHash>) -> Result<()> {
-        if expected.is_some_and(|e| region_hash(hashes) != e) {
+    pub fn region(&mut self, region: u64, hashes: &RegionHashes, expected: Option<BlockHash>) -> Result<()> {
+        if expected.is_some_and(|e| region_nodes(hashes).1 != e) {
             return Err(Error::new(
                 ErrorCode::Protocol,
                 format!("region {region} does not hash to what the source announced"),

@@ -30,7 +30,7 @@ fn record_history(fs: &MemFs, chain: &[u128]) {
     let lineage: Vec<Generation> = chain[1..].iter().map(|&x| Generation(x)).collect();
     let mut w = HistoryWriter::create(vfs.clone(), p(STATE), p(DST), g, lineage).unwrap();
     for region in 0..g.region_count() {
-        w.push_region(region, &hash_blocks(&disk, &g, g.region_range(region)).unwrap()).unwrap();
+        w.push_region(region, &hash_blocks(&disk, &g, g.region_range(region)).unwrap().into()).unwrap();
     }
     let stamp = vfs.metadata(p(DST)).unwrap().unwrap().stamp;
     let meta = ManifestMeta {

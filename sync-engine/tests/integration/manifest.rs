@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Generation, Geometry};
+use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Generation, Geometry, RegionHashes};
 use diskferry_sync_engine::manifest::{Manifest, ManifestHeader, ManifestMeta, ManifestWriter};
 use diskferry_sync_engine::store::{OpenHow, Vfs};
 use diskferry_sync_engine::tree::{region_hash, RootHasher};
@@ -77,6 +77,25 @@ fn check_contents(m: &Manifest, g: &Geometry, hashes: &[BlockHash]) {
     }
     assert_eq!(got.len(), hashes.len());
     assert!(got == hashes, "cursor hashes differ");
+    // Read as region hashes, mixing both reads: zero runs come as counts
+    // where one run covers the step, and every hash is as written.
+    let mut c = m.cursor();
+    let mut got = Vec::new();
+    let mut counted = 0;
+    for (i, step) in [1u64, 7, 1000, 4095, 300, 64].iter().cycle().enumerate() {
+        let part = if i % 3 == 2 { c.next_blocks(*step).unwrap().into() } else { c.next_hashes(*step).unwrap() };
+        if part.is_empty() {
+            break;
+        }
+        if matches!(part, RegionHashes::Zero(_)) {
+            counted += 1;
+        }
+        got.extend(part.into_vec());
+    }
+    assert!(got == hashes, "region hashes differ");
+    if hashes.windows(1000).any(|w| w.iter().all(BlockHash::is_zero)) {
+        assert!(counted > 0, "a long zero run never came as a count");
+    }
     // Region hashes and root follow the tree.
     let mut root = RootHasher::new(g);
     for r in 0..g.region_count() {
