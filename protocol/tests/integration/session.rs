@@ -231,15 +231,9 @@ fn empty_regions_travel_as_counts_and_compare_with_listed_ones() {
     let per = 16384usize;
     let mut source = disk(5 * per as u64);
     let mut target = source.clone();
-    for b in per..3 * per {
-        source[b] = BlockHash::ZERO;
-    }
-    for b in per..2 * per {
-        target[b] = BlockHash::ZERO;
-    }
-    for b in 3 * per..4 * per {
-        target[b] = BlockHash::ZERO;
-    }
+    source[per..3 * per].fill(BlockHash::ZERO);
+    target[per..2 * per].fill(BlockHash::ZERO);
+    target[3 * per..4 * per].fill(BlockHash::ZERO);
     target[4 * per + 9] = h(999_999);
     let run = run(&source, &target, 4096, Plan::CompareManifest);
     assert!(run.committed.is_some(), "sender {:?} receiver {:?}", run.sender_failed, run.receiver_failed);
