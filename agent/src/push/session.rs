@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use diskferry_protocol::message::{Committed, Message, Open, Plan, WantBlock, CAP_PAGES, CAP_ZSTD};
-use diskferry_protocol::session::{SenderEvent, SenderSession, SourceRegion};
+use diskferry_protocol::session::{window_units, SenderEvent, SenderSession, SourceRegion, WINDOW_UNITS};
 use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Geometry};
 use diskferry_sync_engine::local::Progress;
 use diskferry_sync_engine::remote::WireFrame;
@@ -80,7 +80,7 @@ pub(super) async fn run(
     let mut session = SenderSession::new(open);
     let mut reader = FrameReader::new(ctl_rx);
     let (notes_tx, mut notes_rx) = mpsc::unbounded_channel::<Note>();
-    let (tokens_tx, tokens_rx) = crossbeam_channel::unbounded::<()>();
+    let (tokens_tx, tokens_rx) = crossbeam_channel::unbounded::<u32>();
     let mut hashed = false;
     let mut staged_before = 0;
     let mut consistency_sent: Option<Consistency> = None;
@@ -107,10 +107,8 @@ pub(super) async fn run(
                     // Before any region is hashed: the spot check may turn
                     // the hint down, and then every region is read.
                     source.start_hint(a.target_generation, a.plan == Plan::Full)?;
-                    for _ in 0..a.window {
-                        let _ = tokens_tx.send(());
-                    }
-                    spawn_hasher(&source, a.plan == Plan::Full, opts.threads, &tokens_rx, &data_tx, &notes_tx, &sent)?;
+                    let _ = tokens_tx.send(a.window.saturating_mul(WINDOW_UNITS));
+                    spawn_hasher(&source, a.plan, opts.threads, &tokens_rx, &data_tx, &notes_tx, &sent)?;
                 }
                 SenderEvent::SendBlocks { region, blocks } => {
                     let expected = announced(&session, g, region, &blocks);
@@ -123,9 +121,9 @@ pub(super) async fn run(
                     let expected = announced(&session, g, g.region_of(index), &w);
                     spawn_sender(&source, w, expected, &data_tx, &notes_tx, &sent);
                 }
-                SenderEvent::RegionDone { region, .. } => {
+                SenderEvent::RegionDone { region, units, .. } => {
                     tracing::debug!(region, "region done");
-                    let _ = tokens_tx.send(());
+                    let _ = tokens_tx.send(units);
                     let start = g.block_offset(g.region_range(region).start);
                     sent.region_done(region, region_bytes.min(g.disk_bytes - start));
                 }
@@ -241,13 +239,14 @@ fn announced(session: &SenderSession, g: Geometry, region: u64, blocks: &[WantBl
     blocks.iter().map(|w| session.region_blocks(region).and_then(|b| b.get((w.index - first) as usize))).collect()
 }
 
-/// Hashes the source region by region, one window token each; a full copy
-/// queues every block's frame as it is hashed.
+/// Hashes the source region by region, each taking its window units
+/// ([`window_units`]: a slot, given back but one unit when the region came
+/// out empty); a full copy queues every block's frame as it is hashed.
 fn spawn_hasher(
     source: &Arc<SourceSession>,
-    full: bool,
+    plan: Plan,
     threads: Option<usize>,
-    tokens: &crossbeam_channel::Receiver<()>,
+    tokens: &crossbeam_channel::Receiver<u32>,
     data: &[mpsc::Sender<WireFrame>],
     notes: &mpsc::UnboundedSender<Note>,
     progress: &Arc<SentProgress>,
@@ -270,18 +269,27 @@ fn spawn_hasher(
                 }
                 Ok(())
             };
+            let full = plan == Plan::Full;
+            let mut units = 0u32;
             for region in 0..g.region_count() {
-                // One token per region in flight: the target's window.
-                if tokens.recv().is_err() {
-                    return;
+                // A slot of the target's window per region in flight.
+                while units < WINDOW_UNITS {
+                    match tokens.recv() {
+                        Ok(n) => units += n,
+                        Err(_) => return,
+                    }
                 }
+                units -= WINDOW_UNITS;
                 let hashed = if source.reads_nothing(region, full) {
                     source.hash_region(region, None)
                 } else {
                     pool.install(|| source.hash_region(region, full.then_some(&out)))
                 };
                 let note = match hashed {
-                    Ok(r) => Note::Region(r),
+                    Ok(r) => {
+                        units += WINDOW_UNITS - window_units(Some(plan), &r.hash);
+                        Note::Region(r)
+                    }
                     // The session ended while a full copy queued frames.
                     Err(e) if e.code == ErrorCode::Cancelled => return,
                     Err(e) => Note::Failed(e),

@@ -12,6 +12,24 @@ use crate::message::{Accept, Committed, Message, Open, Plan, WantBlock, CAP_PAGE
 use crate::region_hashes::RegionHashes;
 use crate::types::{BlockHash, Consistency, CHUNK_BLOCKS};
 
+/// Window units a region in flight takes (`Accept.window` is in regions,
+/// each [`WINDOW_UNITS`] units).
+pub const WINDOW_UNITS: u32 = 16;
+
+/// The units a region of hash `hash` takes in the window: an empty region
+/// (hash ZERO: every block zero) being compared takes one, since neither
+/// side lists its hashes. A 1 TiB sparse disk is 16,384 regions, nearly
+/// all empty; with a slot each, every 16 of them waited a round trip.
+/// A full copy's region holds its blocks' state on the target, empty or
+/// not, so it takes a whole slot.
+pub fn window_units(plan: Option<Plan>, hash: &BlockHash) -> u32 {
+    if hash.is_zero() && plan != Some(Plan::Full) {
+        1
+    } else {
+        WINDOW_UNITS
+    }
+}
+
 /// A hashed source region, as the engine produced it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceRegion {
@@ -49,6 +67,8 @@ pub enum SenderEvent {
     RegionDone {
         /// Region index.
         region: u64,
+        /// Window units it gives back ([`window_units`]).
+        units: u32,
         /// Bytes the target has staged so far.
         bytes_staged: u64,
     },
@@ -82,6 +102,7 @@ pub struct SenderSession {
     window: u32,
     capabilities: u32,
     outstanding: BTreeMap<u64, SourceRegion>,
+    units_out: u64,
     regions_handed: u64,
     region_count: u64,
     finished: Option<Consistency>,
@@ -100,6 +121,7 @@ impl SenderSession {
             window: 1,
             capabilities: 0,
             outstanding: BTreeMap::new(),
+            units_out: 0,
             regions_handed: 0,
             region_count: g.region_count(),
             finished: None,
@@ -124,9 +146,11 @@ impl SenderSession {
         self.capabilities
     }
 
-    /// Whether another region may be handed in now.
+    /// Whether another region may be handed in now: room for a region
+    /// that is not empty ([`window_units`]).
     pub fn window_open(&self) -> bool {
-        self.state == State::Running && (self.outstanding.len() as u64) < self.window as u64
+        self.state == State::Running
+            && self.units_out + u64::from(WINDOW_UNITS) <= u64::from(self.window) * u64::from(WINDOW_UNITS)
     }
 
     /// Whether the session ended (committed or failed).
@@ -240,10 +264,12 @@ impl SenderSession {
             }
             Message::Nack { index } => self.events.push_back(SenderEvent::Resend { index }),
             Message::RegionDone { region, bytes_staged } => {
-                if self.outstanding.remove(&region).is_none() {
+                let Some(r) = self.outstanding.remove(&region) else {
                     return self.fail(ErrorCode::Protocol, format!("region {region} done twice or never sent"), true);
-                }
-                self.events.push_back(SenderEvent::RegionDone { region, bytes_staged });
+                };
+                let units = window_units(self.plan, &r.hash);
+                self.units_out = self.units_out.saturating_sub(u64::from(units));
+                self.events.push_back(SenderEvent::RegionDone { region, units, bytes_staged });
                 self.maybe_finish();
             }
             Message::Committed(c) if self.state == State::AwaitCommitted => {
@@ -271,6 +297,7 @@ impl SenderSession {
             _ => Message::Region { region: r.region, hash: r.hash },
         };
         self.transmit.push_back(msg);
+        self.units_out += u64::from(window_units(self.plan, &r.hash));
         self.outstanding.insert(r.region, r);
     }
 

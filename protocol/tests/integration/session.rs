@@ -313,6 +313,72 @@ fn unexpected_messages_fail_with_codes() {
     assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed { code: ErrorCode::Diverged, .. })));
 }
 
+/// A sender accepted with `plan` and a window of 2 regions, on a disk of
+/// 40 regions of 64 KiB blocks.
+fn accepted_sender(plan: Plan) -> SenderSession {
+    let open = Open {
+        session: SessionId(1),
+        target: TargetName::new("t").unwrap(),
+        disk_bytes: 40 * diskferry_protocol::REGION_BYTES,
+        block_size: BlockSize::DEFAULT,
+        mode: SyncMode::Auto,
+        force: false,
+        discard_target_changes: false,
+        lineage: Vec::new(),
+        promote: false,
+        group: None,
+    };
+    let mut s = SenderSession::new(open);
+    s.handle_message(Message::Welcome {
+        version: diskferry_protocol::VERSION,
+        capabilities: 3,
+        max_frame: diskferry_protocol::MAX_FRAME,
+    });
+    s.handle_message(Message::Accept(Accept { plan, target_generation: None, staged_blocks: 0, window: 2 }));
+    while s.poll_transmit().is_some() {}
+    while s.poll_event().is_some() {}
+    s
+}
+
+#[test]
+fn empty_regions_take_a_unit_of_the_window_when_compared() {
+    let per = (diskferry_protocol::REGION_BYTES / BlockSize::DEFAULT.bytes()) as usize;
+    let empty = |region| SourceRegion {
+        region,
+        blocks: diskferry_protocol::RegionHashes::Zero(per),
+        chunks: vec![BlockHash::ZERO; per / 32],
+        hash: BlockHash::ZERO,
+        items: 0,
+    };
+    let data =
+        |region| SourceRegion { hash: h(region + 1), blocks: compact(vec![h(region + 1); per]), ..empty(region) };
+    // Compared: a window of 2 slots holds 16 empty regions and a slot to spare.
+    let mut s = accepted_sender(Plan::CompareManifest);
+    for r in 0..16 {
+        assert!(s.window_open(), "empty region {r}");
+        s.handle_region(empty(r));
+    }
+    assert!(s.window_open(), "a slot for a region with data");
+    s.handle_region(empty(16));
+    assert!(!s.window_open(), "no whole slot left");
+    s.handle_message(Message::RegionDone { region: 3, bytes_staged: 0 });
+    assert!(matches!(s.poll_event(), Some(SenderEvent::RegionDone { region: 3, units: 1, .. })));
+    assert!(s.window_open());
+    s.handle_region(data(17));
+    assert!(!s.window_open());
+    s.handle_message(Message::RegionDone { region: 17, bytes_staged: 0 });
+    assert!(matches!(s.poll_event(), Some(SenderEvent::RegionDone { region: 17, units: 16, .. })));
+    assert!(s.window_open());
+    // A full copy's region takes a slot, empty or not.
+    let mut s = accepted_sender(Plan::Full);
+    s.handle_region(empty(0));
+    assert!(s.window_open());
+    s.handle_region(empty(1));
+    assert!(!s.window_open());
+    s.handle_message(Message::RegionDone { region: 0, bytes_staged: 0 });
+    assert!(matches!(s.poll_event(), Some(SenderEvent::RegionDone { region: 0, units: 16, .. })));
+}
+
 #[test]
 fn verify_failures_are_retried_then_fatal() {
     let mut r = ReceiverSession::new();
