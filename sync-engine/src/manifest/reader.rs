@@ -210,6 +210,30 @@ impl BlockCursor {
         Ok(())
     }
 
+    /// Moves past the next `n` block hashes (fewer at the end of the disk)
+    /// without listing them: zero runs cost nothing, however long.
+    pub fn skip(&mut self, n: u64) -> Result<()> {
+        let n = n.min(self.blocks_left);
+        let mut left = n;
+        let mut sink = [0u8; 32];
+        while left > 0 {
+            if self.run_left == 0 {
+                self.next_run()?;
+                continue;
+            }
+            let take = self.run_left.min(left);
+            if self.run_is_data {
+                for _ in 0..take {
+                    self.reader.read_exact(&mut sink).map_err(|e| self.read_error(e, "data run ends early"))?;
+                }
+            }
+            self.run_left -= take;
+            left -= take;
+        }
+        self.blocks_left -= n;
+        Ok(())
+    }
+
     /// The next `n` block hashes (fewer at the end of the disk).
     pub fn next_blocks(&mut self, n: u64) -> Result<Vec<BlockHash>> {
         let n = n.min(self.blocks_left);

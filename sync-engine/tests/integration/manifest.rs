@@ -93,6 +93,20 @@ fn check_contents(m: &Manifest, g: &Geometry, hashes: &[BlockHash]) {
         got.extend(part.into_vec());
     }
     assert!(got == hashes, "region hashes differ");
+    // Skipping lands where reading would have.
+    let mut c = m.cursor();
+    let mut at = 0usize;
+    for step in [0u64, 1, 7, 1000, 4095, 300, 64].iter().cycle() {
+        c.skip(*step).unwrap();
+        at += *step as usize;
+        let next = c.next_blocks(1).unwrap();
+        if at >= hashes.len() {
+            assert!(next.is_empty());
+            break;
+        }
+        assert_eq!(next, vec![hashes[at]], "block {at} after a skip");
+        at += 1;
+    }
     if hashes.windows(1000).any(|w| w.iter().all(BlockHash::is_zero)) {
         assert!(counted > 0, "a long zero run never came as a count");
     }
