@@ -155,6 +155,9 @@ pub struct FrameReader {
     stream: quinn::RecvStream,
     splitter: FrameSplitter,
     bytes_read: u64,
+    /// Bytes a read may take beyond the frame it completes (control
+    /// streams); 0 on data streams, whose frames are paid for one at a time.
+    read_ahead: usize,
 }
 
 /// Why a frame could not be read.
@@ -167,6 +170,13 @@ pub enum ReadError {
     #[error("bad frame: {0}")]
     Decode(DecodeError),
 }
+
+/// Bytes a control stream's read may take at once ([`FrameReader::control`]).
+pub const CONTROL_READ_AHEAD: usize = 64 << 10;
+
+/// Frames a session handles before it writes its answers and acts on its
+/// events ([`FrameReader::take_buffered`]).
+pub const FRAMES_PER_TURN: usize = 64;
 
 impl FrameReader {
     /// A reader of frames up to [`MAX_FRAME`].
@@ -186,7 +196,28 @@ impl FrameReader {
 
     /// A reader that refuses frames longer than `max_frame`.
     pub fn with_limit(stream: quinn::RecvStream, max_frame: u32) -> Self {
-        FrameReader { stream, splitter: FrameSplitter::new(max_frame.min(MAX_FRAME)), bytes_read: 0 }
+        FrameReader { stream, splitter: FrameSplitter::new(max_frame.min(MAX_FRAME)), bytes_read: 0, read_ahead: 0 }
+    }
+
+    /// A control stream's reader: each read takes what has arrived, up to
+    /// [`CONTROL_READ_AHEAD`] bytes, and [`FrameReader::take_buffered`]
+    /// hands out the frames it holds. A large sparse disk is thousands of small
+    /// region frames; one read and one wakeup each was much of a push.
+    pub fn control(stream: quinn::RecvStream, max_frame: u32) -> Self {
+        FrameReader { read_ahead: CONTROL_READ_AHEAD, ..Self::with_limit(stream, max_frame) }
+    }
+
+    /// Hands `handle` the whole frames already received, without waiting
+    /// for more, up to [`FRAMES_PER_TURN`] − 1 and while it returns
+    /// `true`; a frame that does not decode is the error.
+    pub fn take_buffered(&mut self, mut handle: impl FnMut(Message) -> bool) -> Result<(), DecodeError> {
+        for _ in 1..FRAMES_PER_TURN {
+            let Some(m) = self.splitter.next_frame()? else { break };
+            if !handle(m) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Bytes received so far.
@@ -234,7 +265,7 @@ impl FrameReader {
                 return Ok(Some(m));
             }
             let want = self.splitter.wanted().map_err(ReadError::Decode)?;
-            if !self.read(want.max(1)).await? {
+            if !self.read(want.max(1).max(self.read_ahead)).await? {
                 return Ok(None);
             }
         }

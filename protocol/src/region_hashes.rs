@@ -57,6 +57,16 @@ impl RegionHashes {
         }
     }
 
+    /// The same hashes, as a count when every block is zero: what a region
+    /// in flight holds (the window charges an empty region a unit, so it
+    /// must not keep a list).
+    pub fn compact(self) -> Self {
+        match self {
+            RegionHashes::Listed(v) if BlockHash::all_zero(&v) => RegionHashes::Zero(v.len()),
+            other => other,
+        }
+    }
+
     /// Every hash, listed.
     pub fn into_vec(self) -> Vec<BlockHash> {
         match self {
@@ -113,10 +123,12 @@ mod tests {
         assert_eq!(zero.slice(3..9), vec![BlockHash::ZERO; 2]);
         assert_eq!(zero.to_vec(), listed.to_vec());
         assert!(zero.all_zero() && listed.all_zero());
+        assert!(matches!(listed.clone().compact(), RegionHashes::Zero(5)));
         let mut one = vec![BlockHash::ZERO; 5];
         one[2] = BlockHash([1; 32]);
         let one = RegionHashes::Listed(one);
         assert_ne!(zero, one);
+        assert!(matches!(one.clone().compact(), RegionHashes::Listed(_)));
         assert!(!one.all_zero());
         assert_eq!(one.slice(2..3), vec![BlockHash([1; 32])]);
         assert_eq!(one.iter().filter(|h| !h.is_zero()).count(), 1);

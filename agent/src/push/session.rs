@@ -78,7 +78,7 @@ pub(super) async fn run(
         }));
     }
     let mut session = SenderSession::new(open);
-    let mut reader = FrameReader::new(ctl_rx);
+    let mut reader = FrameReader::control(ctl_rx, diskferry_protocol::MAX_FRAME);
     let (notes_tx, mut notes_rx) = mpsc::unbounded_channel::<Note>();
     let (tokens_tx, tokens_rx) = crossbeam_channel::unbounded::<u32>();
     let mut hashed = false;
@@ -190,7 +190,18 @@ pub(super) async fn run(
         }
         tokio::select! {
             frame = reader.next() => match frame {
-                Ok(Some(m)) => session.handle_message(m),
+                Ok(Some(m)) => {
+                    session.handle_message(m);
+                    // The frames that came with it too (a sparse disk's
+                    // regions are confirmed by the thousand).
+                    let more = reader.take_buffered(|m| {
+                        session.handle_message(m);
+                        !session.is_finished()
+                    });
+                    if let Err(e) = more {
+                        session.abort(ErrorCode::Protocol, format!("bad frame from the target: {e}"));
+                    }
+                }
                 Ok(None) => return Err(lost(&"the target closed the session")),
                 Err(ReadError::Decode(e)) => session.abort(ErrorCode::Protocol, format!("bad frame from the target: {e}")),
                 Err(ReadError::Stream(e)) => return Err(lost(&e)),

@@ -71,7 +71,7 @@ pub async fn run(
     let mut next_view = 0u64;
     let data = tokio::spawn(accept_data_streams(data, s.staging_tx.subscribe(), notes_tx.clone(), ctx.clone()));
     // Control frames are small; a larger one is refused before it is buffered.
-    let mut reader = FrameReader::with_limit(ctl_rx, MAX_CONTROL_FRAME);
+    let mut reader = FrameReader::control(ctl_rx, MAX_CONTROL_FRAME);
     let mut cancel: Option<watch::Receiver<Option<String>>> = None;
     // A cancel stays set: once handled it is not polled again (a session
     // in its commit would otherwise spin on it).
@@ -80,7 +80,20 @@ pub async fn run(
         let mut cancel_rx = cancel.clone();
         tokio::select! {
             frame = reader.next() => match frame {
-                Ok(Some(m)) => s.rs.handle_message(m),
+                Ok(Some(m)) => {
+                    s.rs.handle_message(m);
+                    // The frames that came with it too: their answers then
+                    // leave in one write.
+                    let more = reader.take_buffered(|m| {
+                        s.rs.handle_message(m);
+                        !s.rs.is_finished()
+                    });
+                    match more {
+                        Err(e @ DecodeError::TooLarge(_)) => s.rs.abort(ErrorCode::FrameTooLarge, format!("control frame refused: {e}")),
+                        Err(e) => s.rs.abort(ErrorCode::Protocol, format!("bad control frame: {e}")),
+                        Ok(()) => {}
+                    }
+                }
                 Ok(None) => s.rs.abort(ErrorCode::Connection, "the source closed the session"),
                 Err(ReadError::Decode(e @ DecodeError::TooLarge(_))) => s.rs.abort(ErrorCode::FrameTooLarge, format!("control frame refused: {e}")),
                 Err(ReadError::Decode(e)) => s.rs.abort(ErrorCode::Protocol, format!("bad control frame: {e}")),
@@ -91,6 +104,13 @@ pub async fn run(
                 tracing::debug!(region, "view ready");
                 next_view = region + 1;
                 s.rs.handle_view(region, view);
+                // The views queued meanwhile too (an empty region's is
+                // ready in microseconds).
+                while s.rs.wants_view(next_view) {
+                    let Ok((region, view)) = view_rx.try_recv() else { break };
+                    next_view = region + 1;
+                    s.rs.handle_view(region, view);
+                }
             }
             _ = shutdown.changed() => {
                 if !s.rs.is_committing() {

@@ -300,7 +300,7 @@ impl SourceSession {
     /// A region hashed elsewhere (a local sync hashes while it compares):
     /// its tree nodes, and its place in the record.
     pub fn region_of(&self, region: u64, hashes: impl Into<RegionHashes>) -> Result<SourceRegion> {
-        let hashes = hashes.into();
+        let hashes = hashes.into().compact();
         if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             w.push_region(region, &hashes)?;
         }
