@@ -278,31 +278,7 @@ fn unexpected_messages_fail_with_codes() {
     r.handle_message(Message::Hello { min_version: 7, max_version: 9, capabilities: 0 });
     assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed { code: ErrorCode::Version, .. })));
 
-    let open = Open {
-        session: SessionId(1),
-        target: TargetName::new("t").unwrap(),
-        disk_bytes: 1 << 20,
-        block_size: BlockSize::DEFAULT,
-        mode: SyncMode::Auto,
-        force: false,
-        discard_target_changes: false,
-        lineage: Vec::new(),
-        promote: false,
-        group: None,
-    };
-    let mut s = SenderSession::new(open);
-    let _ = s.poll_transmit();
-    s.handle_message(Message::Welcome {
-        version: diskferry_protocol::VERSION,
-        capabilities: 3,
-        max_frame: diskferry_protocol::MAX_FRAME,
-    });
-    s.handle_message(Message::Accept(Accept {
-        plan: Plan::CompareHash,
-        target_generation: None,
-        staged_blocks: 0,
-        window: 2,
-    }));
+    let mut s = accepted_sender(Plan::CompareHash, 1 << 20);
     // Asking for a region that was never sent is a protocol error, not a panic.
     s.handle_message(Message::NeedChunks { region: 99 });
     let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
@@ -314,12 +290,12 @@ fn unexpected_messages_fail_with_codes() {
 }
 
 /// A sender accepted with `plan` and a window of 2 regions, on a disk of
-/// 40 regions of 64 KiB blocks.
-fn accepted_sender(plan: Plan) -> SenderSession {
+/// `disk_bytes` at 64 KiB blocks.
+fn accepted_sender(plan: Plan, disk_bytes: u64) -> SenderSession {
     let open = Open {
         session: SessionId(1),
         target: TargetName::new("t").unwrap(),
-        disk_bytes: 40 * diskferry_protocol::REGION_BYTES,
+        disk_bytes,
         block_size: BlockSize::DEFAULT,
         mode: SyncMode::Auto,
         force: false,
@@ -353,7 +329,7 @@ fn empty_regions_take_a_unit_of_the_window_when_compared() {
     let data =
         |region| SourceRegion { hash: h(region + 1), blocks: compact(vec![h(region + 1); per]), ..empty(region) };
     // Compared: a window of 2 slots holds 16 empty regions and a slot to spare.
-    let mut s = accepted_sender(Plan::CompareManifest);
+    let mut s = accepted_sender(Plan::CompareManifest, 40 * diskferry_protocol::REGION_BYTES);
     for r in 0..16 {
         assert!(s.window_open(), "empty region {r}");
         s.handle_region(empty(r));
@@ -370,7 +346,7 @@ fn empty_regions_take_a_unit_of_the_window_when_compared() {
     assert!(matches!(s.poll_event(), Some(SenderEvent::RegionDone { region: 17, units: 16, .. })));
     assert!(s.window_open());
     // A full copy's region takes a slot, empty or not.
-    let mut s = accepted_sender(Plan::Full);
+    let mut s = accepted_sender(Plan::Full, 40 * diskferry_protocol::REGION_BYTES);
     s.handle_region(empty(0));
     assert!(s.window_open());
     s.handle_region(empty(1));
