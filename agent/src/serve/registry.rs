@@ -164,3 +164,18 @@ impl Registry {
         self.holds.lock().await.remove(target);
     }
 }
+
+/// Why the session is cancelled, once it is.
+pub async fn wait_cancel(rx: &mut Option<watch::Receiver<Option<String>>>) -> String {
+    match rx {
+        Some(rx) => loop {
+            if let Some(why) = rx.borrow().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        },
+        None => std::future::pending().await,
+    }
+}

@@ -118,7 +118,7 @@ pub async fn run(
                 }
                 s.fail_group("the target agent is shutting down");
             }
-            why = wait_cancel(&mut cancel_rx), if !cancel_handled => {
+            why = super::registry::wait_cancel(&mut cancel_rx), if !cancel_handled => {
                 cancel_handled = true;
                 if !s.rs.is_committing() {
                     s.rs.abort(ErrorCode::Cancelled, why.clone());
@@ -143,21 +143,6 @@ pub async fn run(
     }
     data.abort();
     s.finish().await;
-}
-
-/// Why the session is cancelled, once it is.
-async fn wait_cancel(rx: &mut Option<watch::Receiver<Option<String>>>) -> String {
-    match rx {
-        Some(rx) => loop {
-            if let Some(why) = rx.borrow().clone() {
-                return why;
-            }
-            if rx.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-        },
-        None => std::future::pending().await,
-    }
 }
 
 struct Session {
