@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use super::sender::{window_units, WINDOW_UNITS};
 use super::view::{RegionView, ViewBlocks};
 use crate::error::ErrorCode;
 use crate::message::{Accept, Committed, Message, Open, Plan, WantBlock, CAP_PAGES, CAP_ZSTD, MAX_FRAME, VERSION};
@@ -121,6 +122,9 @@ pub struct ReceiverSession {
     geometry: Option<Geometry>,
     plan: Option<Plan>,
     window: u32,
+    /// Window units of the regions announced and not done ([`window_units`]).
+    in_flight: BTreeMap<u64, u32>,
+    units_in_flight: u64,
     views: BTreeMap<u64, RegionView>,
     pending: BTreeMap<u64, Pending>,
     complete: BTreeMap<u64, (RegionHashes, Option<BlockHash>)>,
@@ -146,6 +150,8 @@ impl ReceiverSession {
             geometry: None,
             plan: None,
             window: 0,
+            in_flight: BTreeMap::new(),
+            units_in_flight: 0,
             views: BTreeMap::new(),
             pending: BTreeMap::new(),
             complete: BTreeMap::new(),
@@ -271,6 +277,9 @@ impl ReceiverSession {
                 {
                     return self.fail(ErrorCode::Protocol, format!("region {region} unexpected"), true);
                 }
+                if !self.announce(region, &hash) {
+                    return;
+                }
                 self.pending.entry(region).or_default().source_hash = Some(hash);
                 if self.views.contains_key(&region) {
                     self.compare_region(region);
@@ -290,6 +299,9 @@ impl ReceiverSession {
                 }
                 p.items_expected = Some(items);
                 p.source_hash = Some(hash);
+                if !self.announce(region, &hash) {
+                    return;
+                }
                 self.check_full_region(region);
             }
             Message::Finish { consistency } => {
@@ -301,6 +313,20 @@ impl ReceiverSession {
                 self.fail(ErrorCode::Protocol, format!("unexpected message type {ty:#04x}"), true)
             }
         }
+    }
+
+    /// Counts an announced region against the window; a source with more
+    /// in flight than it was given fails the session (its regions would
+    /// otherwise hold the target's memory without bound).
+    fn announce(&mut self, region: u64, hash: &BlockHash) -> bool {
+        let units = window_units(self.plan, hash);
+        self.in_flight.insert(region, units);
+        self.units_in_flight += u64::from(units);
+        if self.units_in_flight > u64::from(self.window) * u64::from(WINDOW_UNITS) {
+            self.fail(ErrorCode::Protocol, format!("region {region} is past the window of {}", self.window), true);
+            return false;
+        }
+        true
     }
 
     /// The target's view of the next region (in region order).
@@ -528,6 +554,8 @@ impl ReceiverSession {
     /// hash a full copy's source announced, to check).
     fn region_completed(&mut self, region: u64, hashes: RegionHashes, expected: Option<BlockHash>) {
         self.views.remove(&region);
+        let units = self.in_flight.remove(&region).unwrap_or(0);
+        self.units_in_flight = self.units_in_flight.saturating_sub(u64::from(units));
         self.complete.insert(region, (hashes, expected));
         self.regions_done += 1;
         self.transmit.push_back(Message::RegionDone { region, bytes_staged: self.bytes_staged });

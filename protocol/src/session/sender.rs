@@ -237,6 +237,11 @@ impl SenderSession {
                         true,
                     );
                 };
+                let asked = chunks.len();
+                let chunks: std::collections::BTreeSet<u32> = chunks.into_iter().collect();
+                if chunks.len() != asked {
+                    return self.fail(ErrorCode::Protocol, format!("a chunk of region {region} asked twice"), true);
+                }
                 let mut out = Vec::with_capacity(chunks.len());
                 for c in chunks {
                     let start = c as u64 * CHUNK_BLOCKS;

@@ -437,6 +437,12 @@ fn unrequested_blocks_are_refused() {
 
 /// A receiver running a full copy of `blocks` 64 KiB blocks (one region).
 fn full_receiver(blocks: u64) -> ReceiverSession {
+    receiver(blocks, Plan::Full)
+}
+
+/// A receiver that accepted `plan` with a window of 2 regions, on a disk of
+/// `blocks` 64 KiB blocks.
+fn receiver(blocks: u64, plan: Plan) -> ReceiverSession {
     let mut r = ReceiverSession::new();
     r.handle_message(Message::Hello {
         min_version: diskferry_protocol::VERSION,
@@ -458,9 +464,48 @@ fn full_receiver(blocks: u64) -> ReceiverSession {
     };
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();
-    r.accept(Accept { plan: Plan::Full, target_generation: None, staged_blocks: 0, window: 2 }, g);
+    r.accept(Accept { plan, target_generation: None, staged_blocks: 0, window: 2 }, g);
     while r.poll_transmit().is_some() {}
     r
+}
+
+#[test]
+fn a_source_past_its_window_is_refused() {
+    // Compared: 2 slots hold 32 empty regions, or 2 with data.
+    let per = diskferry_protocol::REGION_BYTES / 65536;
+    let mut r = receiver(40 * per, Plan::CompareManifest);
+    for region in 0..32 {
+        r.handle_message(Message::Region { region, hash: BlockHash::ZERO });
+    }
+    assert!(r.poll_event().is_none(), "32 empty regions fit");
+    r.handle_message(Message::Region { region: 32, hash: h(1) });
+    assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed { code: ErrorCode::Protocol, .. })));
+    let mut r = receiver(40 * per, Plan::CompareManifest);
+    r.handle_message(Message::Region { region: 0, hash: h(1) });
+    r.handle_message(Message::Region { region: 1, hash: h(2) });
+    assert!(r.poll_event().is_none(), "2 regions with data fit");
+    r.handle_message(Message::Region { region: 2, hash: BlockHash::ZERO });
+    assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed { code: ErrorCode::Protocol, .. })));
+    // A full copy's empty region takes a slot.
+    let mut r = receiver(40 * per, Plan::Full);
+    for region in 0..2 {
+        r.handle_message(Message::RegionEnd { region, hash: BlockHash::ZERO, items: 1 });
+    }
+    assert!(r.poll_event().is_none());
+    r.handle_message(Message::RegionEnd { region: 2, hash: BlockHash::ZERO, items: 1 });
+    assert!(matches!(r.poll_event(), Some(ReceiverEvent::Failed { code: ErrorCode::Protocol, .. })));
+}
+
+#[test]
+fn a_chunk_asked_twice_is_refused() {
+    let per = (diskferry_protocol::REGION_BYTES / BlockSize::DEFAULT.bytes()) as usize;
+    let mut s = accepted_sender(Plan::CompareManifest, 40 * diskferry_protocol::REGION_BYTES);
+    let blocks: Vec<BlockHash> = (0..per as u64).map(|i| h(i + 1)).collect();
+    let (chunks, hash) = tree(&blocks);
+    s.handle_region(SourceRegion { region: 0, blocks: compact(blocks), chunks, hash, items: 0 });
+    while s.poll_transmit().is_some() {}
+    s.handle_message(Message::NeedBlocks { region: 0, chunks: vec![3, 5, 3] });
+    assert!(matches!(s.poll_event(), Some(SenderEvent::Failed { code: ErrorCode::Protocol, .. })));
 }
 
 #[test]
