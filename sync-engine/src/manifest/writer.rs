@@ -75,17 +75,24 @@ impl ManifestWriter {
         match hashes {
             RegionHashes::Listed(v) => self.push_region(region, v),
             RegionHashes::Zero(n) => {
-                let range = self.geometry.region_range(region);
-                if range.start != self.next_block || (range.end - range.start) as usize != *n {
-                    return Err(Error::new(
-                        diskferry_protocol::ErrorCode::Internal,
-                        format!("manifest region {region} out of order or of the wrong length"),
-                    ));
-                }
-                self.next_block = range.end;
+                self.take_region(region, *n)?;
                 self.push_zero_region(*n as u64)
             }
         }
+    }
+
+    /// Moves past region `region` of `len` blocks, which must be the next
+    /// one and whole; its block range.
+    fn take_region(&mut self, region: u64, len: usize) -> Result<std::ops::Range<u64>> {
+        let range = self.geometry.region_range(region);
+        if range.start != self.next_block || (range.end - range.start) as usize != len {
+            return Err(Error::new(
+                diskferry_protocol::ErrorCode::Internal,
+                format!("manifest region {region} out of order or of the wrong length"),
+            ));
+        }
+        self.next_block = range.end;
+        Ok(range)
     }
 
     fn push_zero_region(&mut self, blocks: u64) -> Result<()> {
@@ -99,14 +106,7 @@ impl ManifestWriter {
 
     /// Appends the hashes of the next region; regions must come in order and whole.
     pub fn push_region(&mut self, region: u64, hashes: &[BlockHash]) -> Result<()> {
-        let range = self.geometry.region_range(region);
-        if range.start != self.next_block || (range.end - range.start) as usize != hashes.len() {
-            return Err(Error::new(
-                diskferry_protocol::ErrorCode::Internal,
-                format!("manifest region {region} out of order or of the wrong length"),
-            ));
-        }
-        self.next_block = range.end;
+        let range = self.take_region(region, hashes.len())?;
         // A region in a hole (most of a large sparse disk) is one count.
         if BlockHash::all_zero(hashes) {
             return self.push_zero_region(hashes.len() as u64);
