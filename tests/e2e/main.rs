@@ -32,6 +32,7 @@ mod leftovers;
 mod lost_ack;
 mod memory;
 mod nbd;
+mod nbd_direct;
 mod net;
 mod packaging;
 mod plan;

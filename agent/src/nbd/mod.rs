@@ -7,6 +7,7 @@
 pub mod bitmap;
 pub mod client;
 mod connect;
+mod direct;
 mod error;
 mod qemu_nbd;
 pub mod qmp;
@@ -35,6 +36,9 @@ use url::NbdUrl;
 pub struct NbdStorage {
     client: Arc<NbdClient>,
     allocation: Option<u32>,
+    /// For an image at rest behind diskferry's own `qemu-nbd`: its plain
+    /// data, read from its files without NBD's copies.
+    direct: Option<direct::DirectMap>,
 }
 
 fn read_only() -> io::Error {
@@ -47,7 +51,10 @@ impl Storage for NbdStorage {
     }
 
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        Ok(self.client.read_at(off, buf)?)
+        match &self.direct {
+            Some(map) => map.read_at(off, buf, |at, part| Ok(self.client.read_at(at, part)?)),
+            None => Ok(self.client.read_at(off, buf)?),
+        }
     }
 
     fn write_at(&self, _: u64, _: &[u8]) -> io::Result<()> {
@@ -233,7 +240,17 @@ pub fn open_source(src: &Path, format: Format, bitmap: Option<&str>) -> Result<S
     let mut server = server;
     let client = connect(&url, bitmap, server.as_mut())?;
     let read_path = image.clone().unwrap_or_else(|| PathBuf::from(url.to_string()));
-    let vfs = nbd_vfs(&client, read_path.clone(), image, None);
+    let direct = image.as_deref().and_then(|image| match direct::DirectMap::load(image, format, &client) {
+        Ok(map) => {
+            tracing::debug!(image = %image.display(), mapped_bytes = map.mapped_bytes(), "reading plain data from the image's files");
+            Some(map)
+        }
+        Err(why) => {
+            tracing::info!(image = %image.display(), %why, "reading the whole image through qemu-nbd");
+            None
+        }
+    });
+    let vfs = nbd_vfs(&client, read_path.clone(), image, None, direct);
     Ok(Source { vfs: Arc::new(vfs), read_path, client: Some(client), server, export: None })
 }
 
@@ -246,7 +263,7 @@ pub fn open_running(node: &running::Node, bitmap: Option<&str>, pending: &str) -
     // Not the image's path: a read of a running disk is never the image at
     // rest, and its history gets no at-rest stamp.
     let read_path = PathBuf::from(format!("qmp:{}#{}", node.qmp_socket().display(), node.name));
-    let vfs = nbd_vfs(&client, read_path.clone(), None, Some((node.clone(), pending.to_string())));
+    let vfs = nbd_vfs(&client, read_path.clone(), None, Some((node.clone(), pending.to_string())), None);
     Ok(Source { vfs: Arc::new(vfs), read_path, client: Some(client), server: None, export: Some(export) })
 }
 
@@ -255,8 +272,9 @@ fn nbd_vfs(
     path: PathBuf,
     image: Option<PathBuf>,
     witness: Option<(running::Node, String)>,
+    direct: Option<direct::DirectMap>,
 ) -> NbdVfs {
     let allocation = client.export().context(BASE_ALLOCATION);
-    let storage = Arc::new(NbdStorage { client: client.clone(), allocation });
+    let storage = Arc::new(NbdStorage { client: client.clone(), allocation, direct });
     NbdVfs { path, storage, image, witness, looks: AtomicI64::new(0) }
 }

@@ -28,7 +28,7 @@ pub enum Format {
 }
 
 impl Format {
-    fn qemu_name(self) -> &'static str {
+    pub(super) fn qemu_name(self) -> &'static str {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
