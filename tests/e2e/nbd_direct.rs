@@ -26,8 +26,10 @@ fn plain_data_is_read_from_the_files_qemu_maps_it_to() {
     need_qemu();
     let dir = tempdir("nbd-direct");
     let size = 48 * MIB;
-    // A raw backing file under a qcow2 holding its own clusters (some
-    // written compressed), and a qcow2 keeping its data in an external file.
+    // A raw backing file under qcow2s holding its own clusters (some
+    // written compressed: `qemu-img map` then names no files, and only the
+    // image's own plain clusters are read directly), and a qcow2 keeping
+    // its data in an external file.
     let base = dir.path().join("base.img");
     sh("qemu-img", &["create", "-q", "-f", "raw", base.to_str().unwrap(), &size.to_string()]);
     sh(
@@ -38,6 +40,9 @@ fn plain_data_is_read_from_the_files_qemu_maps_it_to() {
     let backing = format!("backing_file={},backing_fmt=raw", base.display());
     sh("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &backing, top.to_str().unwrap(), &size.to_string()]);
     qemu_io(&top, &[(12345, 70_000, 0xa1), (5 * MIB + 1, MIB, 0x5c), (47 * MIB, 77, 0x01)]);
+    let over = dir.path().join("over.qcow2");
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &backing, over.to_str().unwrap(), &size.to_string()]);
+    qemu_io(&over, &[(4 * MIB + 17, 2 * MIB, 0x5d)]);
     sh("qemu-io", &["-f", "qcow2", "-c", "write -c -P 0x33 20M 128k", top.to_str().unwrap()]);
     let external = dir.path().join("ext.qcow2");
     let data_file = format!("data_file={}", dir.path().join("ext-data.bin").display());
@@ -52,9 +57,10 @@ fn plain_data_is_read_from_the_files_qemu_maps_it_to() {
     let write = format!("write -s {} 20M 3M", noise.display());
     sh("qemu-io", &["-f", "qcow2", "-c", &write, plain.to_str().unwrap()]);
 
-    for image in [&top, &external, &plain] {
+    for image in [&top, &over, &external, &plain] {
         let want = root(&raw_of(image), &[]).0;
-        let (direct, _) = root(image, &[]);
+        let (direct, log) = root(image, &[("RUST_LOG", "diskferry_agent::nbd=debug".as_ref())]);
+        assert!(log.contains("reading plain data from the image's files"), "{}: {log}", image.display());
         let (through_nbd, _) = root(image, &[("DISKFERRY_NBD_DIRECT", "0".as_ref())]);
         assert_eq!(direct, want, "{}: read from its files", image.display());
         assert_eq!(through_nbd, want, "{}: read through NBD", image.display());

@@ -64,16 +64,14 @@ impl DirectMap {
         if disabled() {
             return Err("DISKFERRY_NBD_DIRECT=0".into());
         }
-        let out = Command::new("qemu-img")
-            .arg("map")
-            .arg(format!("--format={}", format.qemu_name()))
-            .arg(image)
-            .output()
-            .map_err(|e| format!("qemu-img map: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("qemu-img map: {}", String::from_utf8_lossy(&out.stderr).trim()));
-        }
-        let (extents, names) = parse(&String::from_utf8_lossy(&out.stdout), client.export().size)?;
+        let size = client.export().size;
+        let (extents, names) = match qemu_img(&["map"], image, format) {
+            Ok(text) => parse(&text, size)?,
+            // The human form gives up on an image with any compressed
+            // cluster; the JSON form lists the image's own plain ones too.
+            Err(why) if format == Format::Qcow2 => parse_own_json(image, size).map_err(|e| format!("{why}; {e}"))?,
+            Err(why) => return Err(why),
+        };
         let files =
             names.iter().map(|n| File::open(n).map_err(|e| format!("{n}: {e}"))).collect::<Result<Vec<_>, _>>()?;
         let map = DirectMap { extents, files };
@@ -154,6 +152,44 @@ impl DirectMap {
         }
         Ok(())
     }
+}
+
+/// What `qemu-img ARGS --format=F IMAGE` prints, or why it failed.
+fn qemu_img(args: &[&str], image: &Path, format: Format) -> Result<String, String> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .arg(format!("--format={}", format.qemu_name()))
+        .arg(image)
+        .output()
+        .map_err(|e| format!("qemu-img {}: {e}", args[0]))?;
+    if !out.status.success() {
+        return Err(format!("qemu-img {}: {}", args[0], String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The plain clusters a qcow2 holds in its own file (depth 0), from
+/// `qemu-img map --output=json`, which does not name files: only when the
+/// image keeps no data in an external data file.
+fn parse_own_json(image: &Path, size: u64) -> Result<(Vec<Extent>, Vec<String>), String> {
+    let info = qemu_img(&["info", "--output=json"], image, Format::Qcow2)?;
+    let info: serde_json::Value = serde_json::from_str(&info).map_err(|e| format!("qemu-img info: {e}"))?;
+    if !info["format-specific"]["data"]["data-file"].is_null() {
+        return Err("its data lies in an external data file".into());
+    }
+    let map = qemu_img(&["map", "--output=json"], image, Format::Qcow2)?;
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&map).map_err(|e| format!("qemu-img map: {e}"))?;
+    let mut text = String::from("Offset Length Mapped-to File\n");
+    let name = image.to_str().ok_or("the image's path is not UTF-8")?;
+    for e in &entries {
+        let own = e["depth"].as_u64() == Some(0) && e["data"] == true && e["zero"] == false;
+        if let (true, Some(start), Some(len), Some(host)) =
+            (own, e["start"].as_u64(), e["length"].as_u64(), e["offset"].as_u64())
+        {
+            text.push_str(&format!("{start:#x} {len:#x} {host:#x} {name}\n"));
+        }
+    }
+    parse(&text, size)
 }
 
 /// `n` random ranges of up to [`SAMPLE_BYTES`] in `extents`, weighted by length.
