@@ -209,24 +209,39 @@ impl<'t> Apply<'t> {
         let mut undo = None;
         match self.spec.mode {
             ApplyMode::Journal => {
-                journal.sync_entries()?;
-                // Reserving touches the target's times, not its bytes: after
-                // a failure from here on, the next open proves the bytes
-                // unchanged by hashing (`settle_trust`).
-                let mut reserved = Reserved::default();
-                let r = self.reserve(&journal, &mut reserved);
-                self.reserved = Some(reserved);
-                if let Err(e) = r {
+                if let Err(e) = journal.flush_entries() {
                     self.journal = Some(journal);
                     return Err(e);
                 }
-                if let Some(base) = self.spec.base {
-                    match self.save_undo(base, meta.generation) {
-                        Ok(u) => undo = Some(u),
-                        Err(e) => {
-                            self.journal = Some(journal);
-                            return Err(e);
-                        }
+                // F2 runs beside the reservation and the undo segment (F3),
+                // which only read the flushed log: both must be durable
+                // before F4, in either order, and neither counts until the
+                // commit record names them. The log's sync then costs no
+                // time of its own (a hinted delta's commit is on the
+                // downtime path of a failover).
+                let log = journal.storage();
+                let (synced, reserved, saved) = std::thread::scope(|s| {
+                    let syncing = s.spawn(|| log.sync());
+                    // Reserving touches the target's times, not its bytes:
+                    // after a failure from here on, the next open proves the
+                    // bytes unchanged by hashing (`settle_trust`).
+                    let mut reserved = Reserved::default();
+                    let saved = self.reserve(&journal, &mut reserved).and_then(|()| match self.spec.base {
+                        Some(base) => self.save_undo(base, meta.generation).map(Some),
+                        None => Ok(None),
+                    });
+                    (syncing.join(), reserved, saved)
+                });
+                self.reserved = Some(reserved);
+                let synced = match synced {
+                    Ok(r) => r.ctx(Place::State, "syncing redo log", &self.target.journal_path()),
+                    Err(_) => Err(Error::new(ErrorCode::Internal, "the redo log's sync panicked")),
+                };
+                match synced.and(saved) {
+                    Ok(u) => undo = u,
+                    Err(e) => {
+                        self.journal = Some(journal);
+                        return Err(e);
                     }
                 }
             }

@@ -343,6 +343,11 @@ impl JournalWriter {
         *self.digest.finalize().as_bytes()
     }
 
+    /// Writes buffered entries to the log (not a sync).
+    pub fn flush_entries(&mut self) -> Result<()> {
+        self.w.flush().ctx(Place::State, "writing redo log", &self.path)
+    }
+
     /// Flushes and syncs the entries (first half of sealing).
     pub fn sync_entries(&mut self) -> Result<()> {
         self.w.flush().ctx(Place::State, "writing redo log", &self.path)?;
