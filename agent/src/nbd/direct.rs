@@ -16,9 +16,10 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use rand::Rng;
 
@@ -34,6 +35,12 @@ const MAX_FILES: usize = 16;
 /// file, and both ends of half as many mapped ranges).
 const SAMPLES: usize = 16;
 const SAMPLE_BYTES: u64 = 4096;
+/// Beyond this much output from `qemu-img map`, the map is not used (its
+/// lines would cost more memory than the ranges are worth).
+const MAX_MAP_OUTPUT: u64 = 64 << 20;
+/// A read whose range crosses more unmapped gaps than this goes through NBD
+/// whole: each gap would be a round trip of its own.
+const MAX_GAPS: usize = 4;
 
 /// A guest range stored as is at `host` in file `file`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,8 +79,17 @@ impl DirectMap {
             Err(why) if format == Format::Qcow2 => parse_own_json(image, size).map_err(|e| format!("{why}; {e}"))?,
             Err(why) => return Err(why),
         };
-        let files =
-            names.iter().map(|n| File::open(n).map_err(|e| format!("{n}: {e}"))).collect::<Result<Vec<_>, _>>()?;
+        let mut files = Vec::new();
+        let mut lens = Vec::new();
+        for name in &names {
+            let mut f = File::open(name).map_err(|e| format!("{}: {e}", name.display()))?;
+            // A file's end, block devices included: QEMU reads past it as
+            // zeros, a pread would fail; such a range is left to NBD.
+            lens.push(f.seek(SeekFrom::End(0)).map_err(|e| format!("{}: {e}", name.display()))?);
+            files.push(f);
+        }
+        let extents =
+            extents.into_iter().filter(|e| e.host.checked_add(e.len).is_some_and(|end| end <= lens[e.file])).collect();
         let map = DirectMap { extents, files };
         map.confirm(client)?;
         Ok(map)
@@ -95,6 +111,9 @@ impl DirectMap {
         let end = off + buf.len() as u64;
         let mut pos = off;
         let mut i = self.extents.partition_point(|e| e.start + e.len <= pos);
+        if self.gaps(i, off, end) > MAX_GAPS {
+            return nbd(off, buf);
+        }
         while pos < end {
             let at = (pos - off) as usize;
             match self.extents.get(i) {
@@ -115,6 +134,23 @@ impl DirectMap {
             }
         }
         Ok(())
+    }
+
+    /// Unmapped stretches of `[off, end)`, whose first overlapping extent
+    /// is at index `i` (counted up to one past [`MAX_GAPS`]).
+    fn gaps(&self, i: usize, off: u64, end: u64) -> usize {
+        let mut gaps = 0;
+        let mut pos = off;
+        for e in self.extents[i..].iter().take_while(|e| e.start < end) {
+            if e.start > pos {
+                gaps += 1;
+                if gaps > MAX_GAPS {
+                    break;
+                }
+            }
+            pos = e.start + e.len;
+        }
+        gaps + usize::from(pos < end)
     }
 
     /// Compares random samples of the map (and at least one per file) with
@@ -154,42 +190,64 @@ impl DirectMap {
     }
 }
 
-/// What `qemu-img ARGS --format=F IMAGE` prints, or why it failed.
+/// What `qemu-img ARGS --format=F IMAGE` prints (at most
+/// [`MAX_MAP_OUTPUT`] bytes), or why it failed.
 fn qemu_img(args: &[&str], image: &Path, format: Format) -> Result<String, String> {
-    let out = Command::new("qemu-img")
+    let what = format!("qemu-img {}", args[0]);
+    let mut child = Command::new("qemu-img")
         .args(args)
         .arg(format!("--format={}", format.qemu_name()))
         .arg(image)
-        .output()
-        .map_err(|e| format!("qemu-img {}: {e}", args[0]))?;
-    if !out.status.success() {
-        return Err(format!("qemu-img {}: {}", args[0], String::from_utf8_lossy(&out.stderr).trim()));
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{what}: {e}"))?;
+    let mut out = Vec::new();
+    let read = child.stdout.take().map(|o| o.take(MAX_MAP_OUTPUT + 1).read_to_end(&mut out));
+    if out.len() as u64 > MAX_MAP_OUTPUT {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("{what}: more than {} MiB of output", MAX_MAP_OUTPUT >> 20));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let status = child.wait().map_err(|e| format!("{what}: {e}"))?;
+    match read {
+        Some(Err(e)) => Err(format!("{what}: {e}")),
+        _ if !status.success() => Err(format!("{what}: {}", err.trim())),
+        _ => Ok(String::from_utf8_lossy(&out).into_owned()),
+    }
 }
 
 /// The plain clusters a qcow2 holds in its own file (depth 0), from
 /// `qemu-img map --output=json`, which does not name files: only when the
 /// image keeps no data in an external data file.
-fn parse_own_json(image: &Path, size: u64) -> Result<(Vec<Extent>, Vec<String>), String> {
+fn parse_own_json(image: &Path, size: u64) -> Result<(Vec<Extent>, Vec<PathBuf>), String> {
     let info = qemu_img(&["info", "--output=json"], image, Format::Qcow2)?;
     let info: serde_json::Value = serde_json::from_str(&info).map_err(|e| format!("qemu-img info: {e}"))?;
     if !info["format-specific"]["data"]["data-file"].is_null() {
         return Err("its data lies in an external data file".into());
     }
     let map = qemu_img(&["map", "--output=json"], image, Format::Qcow2)?;
-    let entries: Vec<serde_json::Value> = serde_json::from_str(&map).map_err(|e| format!("qemu-img map: {e}"))?;
-    let mut text = String::from("Offset Length Mapped-to File\n");
-    let name = image.to_str().ok_or("the image's path is not UTF-8")?;
-    for e in &entries {
+    let mut extents = Vec::new();
+    // One entry per line (`[{…},` … `{…}]`): parsed one at a time.
+    for line in map.lines() {
+        let entry = line.trim().trim_start_matches('[').trim_end_matches(',').trim_end_matches(']');
+        if entry.is_empty() {
+            continue;
+        }
+        let e: serde_json::Value = serde_json::from_str(entry).map_err(|e| format!("qemu-img map: {e}"))?;
         let own = e["depth"].as_u64() == Some(0) && e["data"] == true && e["zero"] == false;
         if let (true, Some(start), Some(len), Some(host)) =
             (own, e["start"].as_u64(), e["length"].as_u64(), e["offset"].as_u64())
         {
-            text.push_str(&format!("{start:#x} {len:#x} {host:#x} {name}\n"));
+            extents.push(Extent { start, len, file: 0, host });
         }
     }
-    parse(&text, size)
+    Ok((checked(extents, size)?, vec![image.to_path_buf()]))
 }
 
 /// `n` random ranges of up to [`SAMPLE_BYTES`] in `extents`, weighted by length.
@@ -237,7 +295,7 @@ fn word(s: &str) -> Option<(&str, &str)> {
 /// an external data file makes essential): the extents, sorted and checked
 /// to lie inside a disk of `size` bytes without overlapping, and the files
 /// they name.
-fn parse(text: &str, size: u64) -> Result<(Vec<Extent>, Vec<String>), String> {
+fn parse(text: &str, size: u64) -> Result<(Vec<Extent>, Vec<PathBuf>), String> {
     let mut lines = text.lines();
     match lines.next() {
         Some(h) if h.starts_with("Offset") => {}
@@ -255,11 +313,8 @@ fn parse(text: &str, size: u64) -> Result<(Vec<Extent>, Vec<String>), String> {
         let (Some(start), Some(len), Some(host)) = (number(start), number(len), number(host)) else {
             return Err(bad());
         };
-        if name.is_empty() || start.checked_add(len).is_none_or(|e| e > size) || host.checked_add(len).is_none() {
+        if name.is_empty() {
             return Err(bad());
-        }
-        if extents.len() == MAX_EXTENTS {
-            return Err(format!("more than {MAX_EXTENTS} mapped ranges"));
         }
         let next = names.len();
         let file = *names.entry(name.to_string()).or_insert(next);
@@ -267,17 +322,31 @@ fn parse(text: &str, size: u64) -> Result<(Vec<Extent>, Vec<String>), String> {
             if next == MAX_FILES {
                 return Err(format!("data in more than {MAX_FILES} files"));
             }
-            order.push(name.to_string());
+            order.push(PathBuf::from(name));
         }
-        if len > 0 {
-            extents.push(Extent { start, len, file, host });
-        }
+        extents.push(Extent { start, len, file, host });
+    }
+    Ok((checked(extents, size)?, order))
+}
+
+/// `extents` sorted, checked to lie inside a disk of `size` bytes and in
+/// their files' address space without overlapping, empty ones left out.
+fn checked(mut extents: Vec<Extent>, size: u64) -> Result<Vec<Extent>, String> {
+    extents.retain(|e| e.len > 0);
+    if extents.len() > MAX_EXTENTS {
+        return Err(format!("more than {MAX_EXTENTS} mapped ranges"));
+    }
+    if let Some(e) = extents
+        .iter()
+        .find(|e| e.start.checked_add(e.len).is_none_or(|end| end > size) || e.host.checked_add(e.len).is_none())
+    {
+        return Err(format!("qemu-img map: {} bytes at {} do not fit the disk", e.len, e.start));
     }
     extents.sort_by_key(|e| e.start);
     if extents.windows(2).any(|w| w[0].start + w[0].len > w[1].start) {
         return Err("qemu-img map printed overlapping ranges".into());
     }
-    Ok((extents, order))
+    Ok(extents)
 }
 
 #[cfg(test)]
@@ -293,7 +362,7 @@ mod tests {
     #[test]
     fn the_human_map_is_read_with_its_files() {
         let (extents, files) = parse(MAP, 16 << 20).unwrap();
-        assert_eq!(files, ["top.qcow2", "base image.raw"]);
+        assert_eq!(files, [PathBuf::from("top.qcow2"), PathBuf::from("base image.raw")]);
         assert_eq!(
             extents,
             [
@@ -351,6 +420,26 @@ mod tests {
         .unwrap();
         assert_eq!(&part[..10], &content[1040..1050]);
         assert_eq!(&part[160..], &content[4000..4010]);
+        // A range broken by more gaps than MAX_GAPS goes through NBD whole.
+        let comb = DirectMap {
+            extents: (0..6).map(|k| Extent { start: k * 20, len: 10, file: 0, host: k * 10 }).collect(),
+            files: vec![File::open(&path).unwrap()],
+        };
+        let mut served = Vec::new();
+        comb.read_at(0, &mut [0u8; 120], |at, b| {
+            served.push((at, b.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(served, [(0, 120)]);
+        let mut few = vec![0u8; 40];
+        comb.read_at(0, &mut few, |_, b| {
+            b.fill(0xee);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(&few[..10], &content[..10]);
+        assert_eq!(&few[20..30], &content[10..20]);
         // A file shorter than its map: an error, never short data.
         let short = DirectMap { extents: vec![Extent { start: 0, len: 100, file: 0, host: 8150 }], ..map };
         assert!(short.read_at(0, &mut [0u8; 100], |_, _| Ok(())).is_err());

@@ -160,10 +160,10 @@ impl<'t> Apply<'t> {
     /// bytes are untouched. Steps (fsyncs numbered as in `docs/design.md` §4):
     ///
     /// 1. finish the new manifest, sync it and rename it into place (F1);
-    /// 2. journal: sync the staged entries (F2); reserve every range the
-    ///    replay will write (fallocate), so a full filesystem fails here;
-    ///    save the old content of those ranges to an undo segment and sync
-    ///    it (F3). Partial: size and sync the `.partial`, sync its
+    /// 2. journal: sync the staged entries (F2, on its own thread) while
+    ///    every range the replay will write is reserved (fallocate), so a
+    ///    full filesystem fails here, and the old content of those ranges
+    ///    is saved to an undo segment and synced (F3). Partial: size and sync the `.partial`, sync its
     ///    directory, sync the journal's header. Direct: sync the device;
     /// 3. sync the state directory, making the names durable (F4).
     ///
@@ -221,7 +221,11 @@ impl<'t> Apply<'t> {
                 // downtime path of a failover).
                 let log = journal.storage();
                 let (synced, reserved, saved) = std::thread::scope(|s| {
-                    let syncing = s.spawn(|| log.sync());
+                    // Without a thread to spare, the sync runs first, inline.
+                    let syncing = std::thread::Builder::new()
+                        .name("df-log-sync".into())
+                        .spawn_scoped(s, || log.sync())
+                        .map_err(|_| log.sync());
                     // Reserving touches the target's times, not its bytes:
                     // after a failure from here on, the next open proves the
                     // bytes unchanged by hashing (`settle_trust`).
@@ -230,14 +234,17 @@ impl<'t> Apply<'t> {
                         Some(base) => self.save_undo(base, meta.generation).map(Some),
                         None => Ok(None),
                     });
-                    (syncing.join(), reserved, saved)
+                    let synced = match syncing {
+                        Ok(thread) => thread.join().unwrap_or_else(|_| Err(std::io::Error::other("the sync panicked"))),
+                        Err(inline) => inline,
+                    };
+                    (synced, reserved, saved)
                 });
                 self.reserved = Some(reserved);
-                let synced = match synced {
-                    Ok(r) => r.ctx(Place::State, "syncing redo log", &self.target.journal_path()),
-                    Err(_) => Err(Error::new(ErrorCode::Internal, "the redo log's sync panicked")),
-                };
-                match synced.and(saved) {
+                let synced = synced.ctx(Place::State, "syncing redo log", &self.target.journal_path());
+                // When both fail, the undo segment's error says more (a full
+                // state filesystem is released with a hint: `state_full`).
+                match saved.and_then(|u| synced.map(|()| u)) {
                     Ok(u) => undo = u,
                     Err(e) => {
                         self.journal = Some(journal);
