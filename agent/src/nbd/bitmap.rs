@@ -13,10 +13,11 @@
 
 use std::ffi::OsStr;
 use std::path::PathBuf;
-use std::process::Command;
 
 use diskferry_protocol::{ErrorCode, Generation};
 use diskferry_sync_engine::Error;
+
+use super::qemu_img::QemuImgError;
 
 const PREFIX: &str = "diskferry-";
 const PENDING: &str = "diskferry-pending-";
@@ -184,20 +185,13 @@ pub struct AtRest {
     pub image: PathBuf,
 }
 
+/// What `qemu-img ARGS` prints (info and bitmap commands print little).
 fn qemu_img(args: &[&OsStr]) -> Result<String, Error> {
-    let o = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .map_err(|e| Error::new(ErrorCode::NotFound, format!("cannot run qemu-img: {e}")).hint("install qemu-utils"))?;
-    if !o.status.success() {
-        let shown: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-        return Err(Error::new(
-            ErrorCode::InvalidInput,
-            format!("qemu-img {}: {}", shown.join(" "), String::from_utf8_lossy(&o.stderr).trim()),
-        )
-        .hint("a VM running on the image holds it: give its QMP socket (--qmp SOCKET --node NAME)"));
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    super::qemu_img::run(args, 16 << 20).map_err(|e| match e {
+        QemuImgError::Spawn(_) => Error::new(ErrorCode::NotFound, e.to_string()).hint("install qemu-utils"),
+        QemuImgError::Failed(_) => Error::new(ErrorCode::InvalidInput, e.to_string())
+            .hint("a VM running on the image holds it: give its QMP socket (--qmp SOCKET --node NAME)"),
+    })
 }
 
 impl AtRest {

@@ -14,12 +14,12 @@
 //! is used; one difference and the whole image is read through NBD.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use rand::Rng;
 
@@ -193,33 +193,10 @@ impl DirectMap {
 /// What `qemu-img ARGS --format=F IMAGE` prints (at most
 /// [`MAX_MAP_OUTPUT`] bytes), or why it failed.
 fn qemu_img(args: &[&str], image: &Path, format: Format) -> Result<String, String> {
-    let what = format!("qemu-img {}", args[0]);
-    let mut child = Command::new("qemu-img")
-        .args(args)
-        .arg(format!("--format={}", format.qemu_name()))
-        .arg(image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{what}: {e}"))?;
-    let mut out = Vec::new();
-    let read = child.stdout.take().map(|o| o.take(MAX_MAP_OUTPUT + 1).read_to_end(&mut out));
-    if out.len() as u64 > MAX_MAP_OUTPUT {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(format!("{what}: more than {} MiB of output", MAX_MAP_OUTPUT >> 20));
-    }
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    let status = child.wait().map_err(|e| format!("{what}: {e}"))?;
-    match read {
-        Some(Err(e)) => Err(format!("{what}: {e}")),
-        _ if !status.success() => Err(format!("{what}: {}", err.trim())),
-        _ => Ok(String::from_utf8_lossy(&out).into_owned()),
-    }
+    let format = format!("--format={}", format.qemu_name());
+    let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    all.extend([OsStr::new(&format), image.as_os_str()]);
+    super::qemu_img::run(&all, MAX_MAP_OUTPUT).map_err(|e| e.to_string())
 }
 
 /// The plain clusters a qcow2 holds in its own file (depth 0), from
