@@ -22,7 +22,8 @@ const DATA_STREAMS: usize = 2;
 
 /// Notes from the helper threads to the session loop.
 enum Note {
-    Region(SourceRegion),
+    /// Regions hashed, in order (a sparse disk's clean regions come by the dozen).
+    Regions(Vec<SourceRegion>),
     Hashed,
     Failed(Error),
 }
@@ -96,6 +97,9 @@ pub(super) async fn run(
             tracing::debug!(consistency = consistency.as_str(), "finish sent: the target commits now");
         }
         let mut committed: Option<Committed> = None;
+        // Window units given back in this turn go to the hashing thread at
+        // once: one wake-up, not one per region of a sparse disk.
+        let mut units_back = 0u32;
         while let Some(ev) = session.poll_event() {
             match ev {
                 SenderEvent::Accepted(a) => {
@@ -122,8 +126,8 @@ pub(super) async fn run(
                     spawn_sender(&source, w, expected, &data_tx, &notes_tx, &sent);
                 }
                 SenderEvent::RegionDone { region, units, .. } => {
-                    tracing::debug!(region, "region done");
-                    let _ = tokens_tx.send(units);
+                    tracing::trace!(region, "region done");
+                    units_back = units_back.saturating_add(units);
                     let start = g.block_offset(g.region_range(region).start);
                     sent.region_done(region, region_bytes.min(g.disk_bytes - start));
                 }
@@ -133,6 +137,9 @@ pub(super) async fn run(
                 }
                 SenderEvent::Failed { code, message } => return Err(peer_failure(code, &message)),
             }
+        }
+        if units_back > 0 {
+            let _ = tokens_tx.send(units_back);
         }
         if let Some(c) = committed {
             let consistency = consistency_sent.unwrap_or(Consistency::Fuzzy);
@@ -214,9 +221,11 @@ pub(super) async fn run(
                 let mut taken = 0;
                 while let Some(note) = next.take() {
                     match note {
-                        Note::Region(r) => {
-                            tracing::debug!(region = r.region, "region hashed");
-                            session.handle_region(r)
+                        Note::Regions(regions) => {
+                            for r in regions {
+                                tracing::trace!(region = r.region, "region hashed");
+                                session.handle_region(r)
+                            }
                         }
                         Note::Hashed => {
                             tracing::debug!("source hashed");
@@ -243,6 +252,9 @@ pub(super) async fn run(
 /// Notes handled before the session's frames are written and its events
 /// acted on.
 const NOTES_PER_TURN: usize = 64;
+
+/// Regions hashed without reading sent to the session in one note at most.
+const REGIONS_PER_NOTE: usize = 64;
 
 /// The hashes announced for `blocks` of `region` (still outstanding).
 fn announced(session: &SenderSession, g: Geometry, region: u64, blocks: &[WantBlock]) -> Vec<Option<BlockHash>> {
@@ -282,35 +294,54 @@ fn spawn_hasher(
             };
             let full = plan == Plan::Full;
             let mut units = 0u32;
+            // Regions hashed without reading go to the session together,
+            // until the window runs dry or a region had to be read.
+            let mut batch = Vec::new();
+            let send = |batch: &mut Vec<SourceRegion>| {
+                batch.is_empty() || notes.send(Note::Regions(std::mem::take(batch))).is_ok()
+            };
             for region in 0..g.region_count() {
                 // A slot of the target's window per region in flight.
                 while units < WINDOW_UNITS {
+                    if let Ok(n) = tokens.try_recv() {
+                        units += n;
+                        continue;
+                    }
+                    if !send(&mut batch) {
+                        return;
+                    }
                     match tokens.recv() {
                         Ok(n) => units += n,
                         Err(_) => return,
                     }
                 }
                 units -= WINDOW_UNITS;
-                let hashed = if source.reads_nothing(region, full) {
+                let read_nothing = source.reads_nothing(region, full);
+                let hashed = if read_nothing {
                     source.hash_region(region, None)
                 } else {
                     pool.install(|| source.hash_region(region, full.then_some(&out)))
                 };
-                let note = match hashed {
+                match hashed {
                     Ok(r) => {
                         units += WINDOW_UNITS - window_units(Some(plan), &r.hash);
-                        Note::Region(r)
+                        batch.push(r);
                     }
                     // The session ended while a full copy queued frames.
                     Err(e) if e.code == ErrorCode::Cancelled => return,
-                    Err(e) => Note::Failed(e),
-                };
-                let failed = matches!(note, Note::Failed(_));
-                if notes.send(note).is_err() || failed {
+                    Err(e) => {
+                        send(&mut batch);
+                        let _ = notes.send(Note::Failed(e));
+                        return;
+                    }
+                }
+                if (!read_nothing || batch.len() >= REGIONS_PER_NOTE) && !send(&mut batch) {
                     return;
                 }
             }
-            let _ = notes.send(Note::Hashed);
+            if send(&mut batch) {
+                let _ = notes.send(Note::Hashed);
+            }
         })
         .map(|_| ())
         .map_err(|e| Error::new(ErrorCode::Internal, format!("starting the hashing thread: {e}")))

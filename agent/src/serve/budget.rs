@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use diskferry_protocol::coding::{BufExt, DecodeResult};
 use diskferry_protocol::message::MAX_FRAME;
+use diskferry_protocol::session::WINDOW_UNITS;
 use diskferry_protocol::Geometry;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -107,6 +108,11 @@ impl Budget {
         let index_entries = ((blocks * 4096) as f64).sqrt().clamp(16384.0, (1 << 20) as f64) as usize;
         let state = per_region * regions_in_flight as u64
             + g.region_blocks() * 34 * VIEWS_QUEUED as u64
+            // empty regions' views (a chunk list, ~1 KiB): looked ahead as
+            // far as the window's units reach, and batched in the queue
+            + (2 * regions_in_flight as u64 * u64::from(WINDOW_UNITS)
+                + (VIEWS_QUEUED * super::view::EMPTY_VIEWS_PER_BATCH) as u64)
+                * 2048
             + index_entries.min(blocks as usize) as u64 * 16
             + blocks.div_ceil(index_entries as u64) * (64 << 10)
             + (3 << 20); // redo log, manifest and view I/O buffers

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use diskferry_protocol::message::{BlockFrame, Message, Open};
-use diskferry_protocol::session::{ReceiverEvent, ReceiverSession, RegionView};
+use diskferry_protocol::session::{ReceiverEvent, ReceiverSession};
 use diskferry_protocol::{DecodeError, ErrorCode, Geometry};
 use diskferry_sync_engine::apply::{DirectSink, OldContent};
 use diskferry_sync_engine::remote::{verify_frame, FrameRejection};
@@ -12,7 +12,7 @@ use diskferry_sync_engine::Error;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 use super::budget::{frame_bytes, BLOCK_HEAD, MAX_CONTROL_FRAME};
-use super::worker::{self, Cmd, OpenRequest, Reply};
+use super::worker::{self, Cmd, CompletedRegion, OpenRequest, Reply};
 use super::writer::{Queued, Writer};
 use super::{Registration, ServerCtx};
 use crate::transport::{write_frames, FrameReader, ReadError};
@@ -66,7 +66,7 @@ pub async fn run(
     };
     let (notes_tx, mut notes_rx) = mpsc::unbounded_channel::<Note>();
     s.notes_tx = Some(notes_tx.clone());
-    let (view_tx, mut view_rx) = mpsc::channel::<(u64, RegionView)>(super::budget::VIEWS_QUEUED);
+    let (view_tx, mut view_rx) = mpsc::channel::<super::view::ViewBatch>(super::budget::VIEWS_QUEUED);
     let mut view_tx = Some(view_tx);
     let mut next_view = 0u64;
     let data = tokio::spawn(accept_data_streams(data, s.staging_tx.subscribe(), notes_tx.clone(), ctx.clone()));
@@ -100,16 +100,21 @@ pub async fn run(
                 Err(ReadError::Stream(e)) => s.rs.abort(ErrorCode::Connection, format!("connection lost: {e}")),
             },
             Some(note) = notes_rx.recv() => s.handle_note(note),
-            Some((region, view)) = view_rx.recv(), if s.rs.wants_view(next_view) => {
-                tracing::debug!(region, "view ready");
-                next_view = region + 1;
-                s.rs.handle_view(region, view);
-                // The views queued meanwhile too (an empty region's is
-                // ready in microseconds).
-                while s.rs.wants_view(next_view) {
-                    let Ok((region, view)) = view_rx.try_recv() else { break };
-                    next_view = region + 1;
-                    s.rs.handle_view(region, view);
+            Some(batch) = view_rx.recv(), if s.rs.wants_view(next_view) => {
+                // A batch is wanted whole once its first view is: the
+                // rest are empty regions' (a few hundred bytes each) and
+                // at most one that lists its blocks.
+                let mut batch = Some(batch);
+                while let Some(views) = batch.take() {
+                    for (region, view) in views {
+                        tracing::trace!(region, "view ready");
+                        next_view = region + 1;
+                        s.rs.handle_view(region, view);
+                    }
+                    // The batches queued meanwhile too.
+                    if s.rs.wants_view(next_view) {
+                        batch = view_rx.try_recv().ok();
+                    }
                 }
             }
             _ = shutdown.changed() => {
@@ -195,17 +200,32 @@ impl Session {
         write_frames(&mut self.ctl_tx, &frames).await.map(|_| ())
     }
 
-    async fn pump(&mut self, view_tx: &mut Option<mpsc::Sender<(u64, RegionView)>>) -> Result<(), quinn::WriteError> {
+    async fn pump(
+        &mut self,
+        view_tx: &mut Option<mpsc::Sender<super::view::ViewBatch>>,
+    ) -> Result<(), quinn::WriteError> {
+        // Regions completed in a row go to the worker as one command: one
+        // wake-up of its thread, not one per region of a sparse disk.
+        let mut completed = Vec::new();
         loop {
-            self.flush().await?;
-            let Some(ev) = self.rs.poll_event() else { return Ok(()) };
+            if let Err(e) = self.flush().await {
+                self.send_completed(&mut completed);
+                return Err(e);
+            }
+            let Some(ev) = self.rs.poll_event() else {
+                self.send_completed(&mut completed);
+                return Ok(());
+            };
+            if let ReceiverEvent::RegionComplete { region, hashes, expected } = ev {
+                tracing::trace!(region, "region complete");
+                completed.push(CompletedRegion { region, hashes, expected });
+                continue;
+            }
+            self.send_completed(&mut completed);
             match ev {
                 ReceiverEvent::Open(o) => self.open(o, view_tx).await,
                 ReceiverEvent::Resolve { region, blocks } => self.cmd(Cmd::Resolve { region, blocks }),
-                ReceiverEvent::RegionComplete { region, hashes, expected } => {
-                    tracing::debug!(region, "region complete");
-                    self.cmd(Cmd::Region { region, hashes, expected })
-                }
+                ReceiverEvent::RegionComplete { .. } => {}
                 ReceiverEvent::Commit { consistency } => {
                     tracing::debug!("commit starts");
                     if let Some(j) = &mut self.job {
@@ -230,6 +250,12 @@ impl Session {
         }
     }
 
+    fn send_completed(&mut self, completed: &mut Vec<CompletedRegion>) {
+        if !completed.is_empty() {
+            self.cmd(Cmd::Regions(std::mem::take(completed)));
+        }
+    }
+
     fn cmd(&mut self, c: Cmd) {
         match &self.worker {
             Some((tx, _)) => {
@@ -241,7 +267,7 @@ impl Session {
         }
     }
 
-    async fn open(&mut self, o: Open, view_tx: &mut Option<mpsc::Sender<(u64, RegionView)>>) {
+    async fn open(&mut self, o: Open, view_tx: &mut Option<mpsc::Sender<super::view::ViewBatch>>) {
         let name = o.target.as_str().to_string();
         self.target = name.clone();
         let Some(tc) = self.ctx.config().targets.get(&name).cloned() else {

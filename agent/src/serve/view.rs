@@ -2,33 +2,57 @@
 //! "view": what the target holds, for the source to compare against),
 //! ahead of the session loop.
 
-use diskferry_protocol::session::RegionView;
+use diskferry_protocol::region_hashes::RegionHashes;
+use diskferry_protocol::session::{RegionView, ViewBlocks};
 use diskferry_protocol::Geometry;
 use diskferry_sync_engine::view::ViewProducer;
 use diskferry_sync_engine::Error;
 use tokio::sync::mpsc;
 
+/// Views handed over together: a run of empty regions followed by at most
+/// one region that holds data.
+pub type ViewBatch = Vec<(u64, RegionView)>;
+
+/// Empty regions' views per batch at most. An empty region's view is
+/// produced in microseconds: one at a time, a 1 TiB sparse disk (16,384
+/// regions) cost a wake-up of this thread and of the session per region.
+/// Batches are few kilobytes; the channel's bound still holds at most
+/// `VIEWS_QUEUED` views that list their blocks.
+pub const EMPTY_VIEWS_PER_BATCH: usize = 64;
+
 /// Starts the view thread; a read that fails goes to `failed`.
 pub fn spawn(
     mut view: ViewProducer,
     g: Geometry,
-    tx: mpsc::Sender<(u64, RegionView)>,
+    tx: mpsc::Sender<ViewBatch>,
     failed: impl FnOnce(Error) + Send + 'static,
 ) {
     let spawned = std::thread::Builder::new().name("df-view".into()).spawn(move || {
+        let mut batch = ViewBatch::new();
         for _ in 0..g.region_count() {
             match view.next_region() {
                 Ok((r, v)) => {
-                    let rv = v;
-                    if tx.blocking_send((r, rv)).is_err() {
+                    let empty = is_empty(&v);
+                    batch.push((r, v));
+                    if (!empty || batch.len() >= EMPTY_VIEWS_PER_BATCH)
+                        && tx.blocking_send(std::mem::take(&mut batch)).is_err()
+                    {
                         return;
                     }
                 }
                 Err(e) => return failed(e),
             }
         }
+        if !batch.is_empty() {
+            let _ = tx.blocking_send(batch);
+        }
     });
     if let Err(e) = spawned {
         tracing::error!("starting the view thread: {e}");
     }
+}
+
+/// Whether a view holds no block list (an empty region of a manifest).
+fn is_empty(v: &RegionView) -> bool {
+    matches!(&v.blocks, ViewBlocks::Known(RegionHashes::Zero(_)))
 }

@@ -54,16 +54,21 @@ pub enum Cmd {
         bytes: u64,
         end: u64,
     },
-    Region {
-        region: u64,
-        hashes: RegionHashes,
-        expected: Option<BlockHash>,
-    },
+    /// Regions completed, in region order.
+    Regions(Vec<CompletedRegion>),
     Commit {
         consistency: Consistency,
     },
     /// The session ended without a commit: stop, keeping staged blocks.
     Stop,
+}
+
+/// A region the receiver completed: its hashes go into the manifest.
+pub struct CompletedRegion {
+    pub region: u64,
+    pub hashes: RegionHashes,
+    /// The region hash the source announced (a full copy's check).
+    pub expected: Option<BlockHash>,
 }
 
 /// What the worker reports to the session.
@@ -180,7 +185,11 @@ fn serve_session(
                 let _ = replies.send(Reply::Resolved { region, wants });
             }
             Cmd::Account { blocks, bytes, end } => session.account_direct(blocks, bytes, end),
-            Cmd::Region { region, hashes, expected } => session.region(region, &hashes, expected)?,
+            Cmd::Regions(done) => {
+                for c in done {
+                    session.region(c.region, &c.hashes, c.expected)?
+                }
+            }
             Cmd::Commit { consistency } => {
                 let outcome = match &req.group {
                     Some((run, groups)) => commit_member(session, consistency, req, run, groups)?,

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::sender::{window_units, WINDOW_UNITS};
-use super::view::{RegionView, ViewBlocks};
+use super::view::{HeldViews, RegionView, ViewBlocks};
 use crate::error::ErrorCode;
 use crate::message::{Accept, Committed, Message, Open, Plan, WantBlock, CAP_PAGES, CAP_ZSTD, MAX_FRAME, VERSION};
 use crate::region_hashes::RegionHashes;
@@ -125,7 +125,7 @@ pub struct ReceiverSession {
     /// Window units of the regions announced and not done ([`window_units`]).
     in_flight: BTreeMap<u64, u32>,
     units_in_flight: u64,
-    views: BTreeMap<u64, RegionView>,
+    views: HeldViews,
     pending: BTreeMap<u64, Pending>,
     complete: BTreeMap<u64, (RegionHashes, Option<BlockHash>)>,
     next_to_emit: u64,
@@ -152,7 +152,7 @@ impl ReceiverSession {
             window: 0,
             in_flight: BTreeMap::new(),
             units_in_flight: 0,
-            views: BTreeMap::new(),
+            views: HeldViews::default(),
             pending: BTreeMap::new(),
             complete: BTreeMap::new(),
             next_to_emit: 0,
@@ -281,7 +281,7 @@ impl ReceiverSession {
                     return;
                 }
                 self.pending.entry(region).or_default().source_hash = Some(hash);
-                if self.views.contains_key(&region) {
+                if self.views.contains(region) {
                     self.compare_region(region);
                 } else if let Some(p) = self.pending.get_mut(&region) {
                     p.parked = true;
@@ -341,15 +341,21 @@ impl ReceiverSession {
         }
     }
 
-    /// Whether the driver should produce the view of `region` now (bounded lookahead).
+    /// Whether the driver should produce the view of `region` now (bounded
+    /// lookahead: views that list their blocks for 2 × window regions, as
+    /// the memory budget counts them; empty regions' views, which are
+    /// small, as far ahead as the window's units reach, since that many
+    /// empty regions may be in flight).
     pub fn wants_view(&self, region: u64) -> bool {
+        let window = u64::from(self.window.max(1));
         self.state == State::Running
             && self.plan != Some(Plan::Full)
-            && region < self.next_to_emit + 2 * self.window.max(1) as u64
+            && (self.views.listed() as u64) < 2 * window
+            && region < self.next_to_emit + 2 * window * u64::from(WINDOW_UNITS)
     }
 
     fn compare_region(&mut self, region: u64) {
-        let Some(view) = self.views.get_mut(&region) else { return };
+        let Some(view) = self.views.get_mut(region) else { return };
         let Some(p) = self.pending.get_mut(&region) else { return };
         p.parked = false;
         p.viewed = true;
@@ -371,7 +377,7 @@ impl ReceiverSession {
     }
 
     fn handle_chunks(&mut self, region: u64, hashes: Vec<BlockHash>) {
-        let Some(view) = self.views.get(&region) else {
+        let Some(view) = self.views.get(region) else {
             return self.fail(ErrorCode::Protocol, format!("chunks for region {region} not asked for"), true);
         };
         let expected_chunks = view.blocks.len().div_ceil(CHUNK_BLOCKS as usize);
@@ -530,7 +536,7 @@ impl ReceiverSession {
 
     fn complete_region(&mut self, region: u64) {
         let Some(p) = self.pending.remove(&region) else { return };
-        self.views.remove(&region);
+        self.views.remove(region);
         let full = self.plan == Some(Plan::Full);
         let mut hashes = Vec::with_capacity(p.hashes.len());
         for h in p.hashes {
@@ -553,7 +559,7 @@ impl ReceiverSession {
     /// Region `region` is complete with `hashes` (`expected`: the region
     /// hash a full copy's source announced, to check).
     fn region_completed(&mut self, region: u64, hashes: RegionHashes, expected: Option<BlockHash>) {
-        self.views.remove(&region);
+        self.views.remove(region);
         let units = self.in_flight.remove(&region).unwrap_or(0);
         self.units_in_flight = self.units_in_flight.saturating_sub(u64::from(units));
         self.complete.insert(region, (hashes, expected));

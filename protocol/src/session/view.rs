@@ -1,6 +1,8 @@
 //! What the target holds in a region, as the receiver compares it with
 //! what the source announces.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use crate::region_hashes::RegionHashes;
 use crate::types::BlockHash;
 
@@ -56,4 +58,44 @@ pub struct RegionView {
     pub chunks: Vec<Option<BlockHash>>,
     /// Region hash (`None` when a block is unknown).
     pub hash: Option<BlockHash>,
+}
+
+/// The views a receiver holds, by region, counting those that list their
+/// blocks (the memory that matters: an empty region's view is its chunk
+/// list only).
+#[derive(Debug, Default)]
+pub(super) struct HeldViews {
+    views: BTreeMap<u64, RegionView>,
+    listed: BTreeSet<u64>,
+}
+
+impl HeldViews {
+    pub(super) fn insert(&mut self, region: u64, view: RegionView) {
+        if !matches!(view.blocks, ViewBlocks::Known(RegionHashes::Zero(_))) {
+            self.listed.insert(region);
+        }
+        self.views.insert(region, view);
+    }
+
+    pub(super) fn remove(&mut self, region: u64) {
+        self.views.remove(&region);
+        self.listed.remove(&region);
+    }
+
+    pub(super) fn contains(&self, region: u64) -> bool {
+        self.views.contains_key(&region)
+    }
+
+    pub(super) fn get(&self, region: u64) -> Option<&RegionView> {
+        self.views.get(&region)
+    }
+
+    pub(super) fn get_mut(&mut self, region: u64) -> Option<&mut RegionView> {
+        self.views.get_mut(&region)
+    }
+
+    /// Views held that list their blocks.
+    pub(super) fn listed(&self) -> usize {
+        self.listed.len()
+    }
 }
