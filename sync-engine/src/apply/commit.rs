@@ -5,11 +5,11 @@
 use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Generation};
 
 use super::catalog::PointRecord;
-use super::journal::{self, CommitRecord, Entry, JournalHeader, JournalWriter};
+use super::journal::{CommitRecord, JournalHeader, JournalWriter};
 use super::undo::{UndoHeader, UndoWriter};
 use crate::error::{Error, IoContext, Place, Result};
 use crate::manifest::{Manifest, ManifestMeta};
-use crate::store::{DiskKind, OpenHow, Storage};
+use crate::store::{DiskKind, Storage};
 
 use super::session::*;
 use super::target::*;
@@ -231,7 +231,7 @@ impl<'t> Apply<'t> {
                     // bytes unchanged by hashing (`settle_trust`).
                     let mut reserved = Reserved::default();
                     let saved = self.reserve(&journal, &mut reserved).and_then(|()| match self.spec.base {
-                        Some(base) => self.save_undo(base, meta.generation).map(Some),
+                        Some(base) => self.save_undo(&journal, base, meta.generation).map(Some),
                         None => Ok(None),
                     });
                     let synced = match syncing {
@@ -288,8 +288,6 @@ impl<'t> Apply<'t> {
     /// Allocates every range the replay will write, merging neighbours, and
     /// notes in `filled` what was not allocated before.
     fn reserve(&self, journal: &JournalWriter, filled: &mut Reserved) -> Result<()> {
-        let jpath = self.target.journal_path();
-        let bs = self.spec.geometry.block_size.bytes();
         let mut pending: Option<(u64, u64)> = None;
         let disk = self.disk.as_ref();
         let path = &self.disk_path;
@@ -311,19 +309,17 @@ impl<'t> Apply<'t> {
             filled.past_end |= r.1 > old_len;
             disk.reserve(r.0, r.1 - r.0).ctx(Place::Target, "reserving space in", path)
         };
-        journal::scan(&journal.storage(), &jpath, &mut |e| {
-            if let Entry::Patch { block, ranges, .. } = e {
-                for (off, len) in ranges {
-                    let (s, end) = (block * bs + off as u64, block * bs + off as u64 + len as u64);
-                    pending = match pending {
-                        Some((ps, pe)) if s <= pe => Some((ps, pe.max(end))),
-                        Some(r) => {
-                            flush(r)?;
-                            Some((s, end))
-                        }
-                        None => Some((s, end)),
-                    };
-                }
+        journal.visit_touched(&mut |t| {
+            if t.data {
+                let (s, end) = (t.offset, t.offset + t.len);
+                pending = match pending {
+                    Some((ps, pe)) if s <= pe => Some((ps, pe.max(end))),
+                    Some(r) => {
+                        flush(r)?;
+                        Some((s, end))
+                    }
+                    None => Some((s, end)),
+                };
             }
             Ok(())
         })?;
@@ -334,7 +330,7 @@ impl<'t> Apply<'t> {
     }
 
     /// Writes the undo segment restoring `base` from `newer` and syncs it.
-    fn save_undo(&self, base: Generation, newer: Generation) -> Result<([u8; 32], u64)> {
+    fn save_undo(&self, journal: &JournalWriter, base: Generation, newer: Generation) -> Result<([u8; 32], u64)> {
         let old_disk_bytes =
             self.target.catalog.as_ref().and_then(|c| c.current()).map_or(self.old_len, |p| p.geometry.disk_bytes);
         let header = UndoHeader {
@@ -344,7 +340,7 @@ impl<'t> Apply<'t> {
             old_disk_bytes,
             new_disk_bytes: self.spec.geometry.disk_bytes,
         };
-        save_log_undo(self.target, self.disk.as_ref(), &header)
+        save_log_undo(self.target, self.disk.as_ref(), journal, &header)
     }
 
     /// A state filesystem that ran out of space: the staged data cannot
@@ -416,22 +412,19 @@ impl Drop for Apply<'_> {
 /// Writes `<header.generation>.undo`: the target's current content of every
 /// range the staged redo log writes or zeroes (and of a tail a shrink
 /// cuts), then syncs it. Returns its checksum and data bytes.
-pub(super) fn save_log_undo(target: &Target, disk: &dyn Storage, header: &UndoHeader) -> Result<([u8; 32], u64)> {
+pub(super) fn save_log_undo(
+    target: &Target,
+    disk: &dyn Storage,
+    journal: &JournalWriter,
+    header: &UndoHeader,
+) -> Result<([u8; 32], u64)> {
     let vfs = target.vfs.clone();
     let upath = target.dir.join(undo_file(header.generation));
     let mut w = UndoWriter::create(vfs.as_ref(), &upath, disk, header)?;
-    let jpath = target.journal_path();
-    let storage = vfs.open(&jpath, OpenHow::Read).ctx(Place::State, "opening", &jpath)?;
-    // The log's blocks are of the new geometry, as is the segment's block size.
-    let bs = header.block_size.bytes();
-    journal::scan(&storage, &jpath, &mut |e| match e {
-        Entry::Patch { block, ranges, .. } => {
-            for (off, len) in ranges {
-                w.save_overwrite(block * bs + off as u64, len as u64)?;
-            }
-            Ok(())
-        }
-        Entry::Zero { offset, len } => w.save_zeroing(offset, len),
+    // The log's ranges are of the new geometry, as is the segment's block size.
+    journal.visit_touched(&mut |t| match t.data {
+        true => w.save_overwrite(t.offset, t.len),
+        false => w.save_zeroing(t.offset, t.len),
     })?;
     if header.new_disk_bytes < header.old_disk_bytes {
         w.save_zeroing(header.new_disk_bytes, header.old_disk_bytes - header.new_disk_bytes)?;

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use diskferry_protocol::{BlockHash, BlockSize, Generation, Geometry, SessionId};
 
+use super::touched::{Touched, TouchedList};
 use crate::block::VerifiedBlock;
 use crate::error::{Error, IoContext, Place, Result};
 use crate::seqio::{Fields, SeqReader, SeqWriter};
@@ -118,6 +119,8 @@ pub struct Scan {
     pub data_bytes: u64,
     /// The commit record, when the journal is committed.
     pub commit: Option<CommitRecord>,
+    /// The ranges the valid entries write, while few enough to keep.
+    pub touched: TouchedList,
 }
 
 /// Appends entries to a new or resumed journal.
@@ -129,6 +132,7 @@ pub struct JournalWriter {
     entries: u64,
     digest: blake3::Hasher,
     data_bytes: u64,
+    pub(super) touched: TouchedList,
 }
 
 fn encode_header(h: &JournalHeader) -> [u8; HEADER_LEN as usize] {
@@ -237,6 +241,7 @@ impl JournalWriter {
             entries: 0,
             digest: blake3::Hasher::new(),
             data_bytes: 0,
+            touched: TouchedList::default(),
         })
     }
 
@@ -251,6 +256,7 @@ impl JournalWriter {
             entries: scan.entries,
             digest: scan.digest.clone(),
             data_bytes: scan.data_bytes,
+            touched: scan.touched.clone(),
         })
     }
 
@@ -289,7 +295,13 @@ impl JournalWriter {
             e.extend_from_slice(&p.data);
         }
         self.data_bytes += block.payload_len();
-        self.finish_entry(&e)
+        self.finish_entry(&e)?;
+        let bs = self.header.geometry.block_size.bytes();
+        for p in patches {
+            let offset = block.index() * bs + u64::from(p.offset);
+            self.touched.push(Touched { offset, len: p.data.len() as u64, data: true });
+        }
+        Ok(())
     }
 
     /// Stages bytes for one range inside `block` (a move's restored
@@ -306,7 +318,10 @@ impl JournalWriter {
         e.extend_from_slice(&(data.len() as u32).to_le_bytes());
         e.extend_from_slice(data);
         self.data_bytes += data.len() as u64;
-        self.finish_entry(&e)
+        self.finish_entry(&e)?;
+        let offset = block * self.header.geometry.block_size.bytes() + u64::from(offset_in_block);
+        self.touched.push(Touched { offset, len: data.len() as u64, data: true });
+        Ok(())
     }
 
     /// Stages a zero range.
@@ -315,7 +330,9 @@ impl JournalWriter {
         e[0] = TAG_ZERO;
         e[8..16].copy_from_slice(&offset.to_le_bytes());
         e[16..24].copy_from_slice(&len.to_le_bytes());
-        self.finish_entry(&e)
+        self.finish_entry(&e)?;
+        self.touched.push(Touched { offset, len, data: false });
+        Ok(())
     }
 
     /// Entries so far.
@@ -365,6 +382,26 @@ impl JournalWriter {
     pub fn storage(&self) -> Arc<dyn Storage> {
         self.w.storage().clone()
     }
+
+    /// Calls `visit` for every range the log's entries write, in log order:
+    /// from the list kept while writing, or by scanning the flushed log
+    /// when it grew too long to keep.
+    pub fn visit_touched(&self, visit: &mut dyn FnMut(Touched) -> Result<()>) -> Result<()> {
+        if let Some(list) = self.touched.get() {
+            return list.iter().try_for_each(|t| visit(*t));
+        }
+        let bs = self.header.geometry.block_size.bytes();
+        scan(&self.storage(), &self.path, &mut |e| {
+            let mut failed = Ok(());
+            super::touched::each(&e, bs, &mut |t| {
+                if failed.is_ok() {
+                    failed = visit(t);
+                }
+            });
+            failed
+        })
+        .map(|_| ())
+    }
 }
 
 /// Reads a journal: header, entries (each handed to `visit`), commit record.
@@ -399,8 +436,15 @@ pub fn scan(
     };
     let entries_end = if commit.is_some() { len - COMMIT_LEN } else { len };
     let mut r = SeqReader::new(storage.clone(), HEADER_LEN, entries_end, 1 << 20);
-    let mut scan =
-        Scan { header, valid_len: HEADER_LEN, entries: 0, digest: blake3::Hasher::new(), data_bytes: 0, commit: None };
+    let mut scan = Scan {
+        header,
+        valid_len: HEADER_LEN,
+        entries: 0,
+        digest: blake3::Hasher::new(),
+        data_bytes: 0,
+        commit: None,
+        touched: TouchedList::default(),
+    };
     let g = header.geometry;
     let mut buf = Vec::new();
     loop {
@@ -411,7 +455,10 @@ pub fn scan(
             Some((sum, data_len)) => {
                 let entry = parse_entry(&buf, &g);
                 match entry {
-                    Some(e) => visit(e)?,
+                    Some(e) => {
+                        scan.touched.note(&e, g.block_size.bytes());
+                        visit(e)?
+                    }
                     None => break,
                 }
                 scan.digest.update(&sum);

@@ -23,6 +23,7 @@ mod recover;
 mod session;
 mod sink;
 mod target;
+mod touched;
 pub mod undo;
 
 pub use catalog::{Catalog, Pin, PointRecord, Role, Status, UndoRef};

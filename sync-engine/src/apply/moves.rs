@@ -12,10 +12,10 @@ use diskferry_protocol::{ErrorCode, Generation, SessionId};
 
 use super::catalog::{write_catalog, Catalog, Pin, PointRecord, Role, Status};
 use super::commit::save_log_undo;
-use super::journal::{CommitRecord, Entry, JournalHeader, JournalKind, JournalWriter};
+use super::journal::{CommitRecord, JournalHeader, JournalKind, JournalWriter};
 use super::undo::{read_undo_entries, UndoEntry, UndoHeader};
 use crate::error::{Error, IoContext, Place, Result};
-use crate::store::{OpenHow, Storage};
+use crate::store::Storage;
 
 use super::target::*;
 
@@ -220,10 +220,11 @@ impl Target {
             size = uh.old_disk_bytes;
         }
         j.sync_entries()?;
-        self.reserve_log(disk, bs)?;
+        self.reserve_log(disk, &j)?;
         let undo = save_log_undo(
             self,
             disk,
+            &j,
             &UndoHeader {
                 block_size: g.block_size,
                 generation: current.generation,
@@ -248,19 +249,12 @@ impl Target {
 
     /// Allocates every range the staged log writes, so a full filesystem
     /// fails the move before its commit point.
-    fn reserve_log(&self, disk: &dyn Storage, bs: u64) -> Result<()> {
-        let jpath = self.journal_path();
-        let storage = self.vfs.open(&jpath, OpenHow::Read).ctx(Place::State, "opening", &jpath)?;
+    fn reserve_log(&self, disk: &dyn Storage, journal: &JournalWriter) -> Result<()> {
         let path = &self.path;
-        super::journal::scan(&storage, &jpath, &mut |e| {
-            if let Entry::Patch { block, ranges, .. } = e {
-                for (off, len) in ranges {
-                    disk.reserve(block * bs + off as u64, len as u64).ctx(Place::Target, "reserving space in", path)?;
-                }
-            }
-            Ok(())
-        })?;
-        Ok(())
+        journal.visit_touched(&mut |t| match t.data {
+            true => disk.reserve(t.offset, t.len).ctx(Place::Target, "reserving space in", path),
+            false => Ok(()),
+        })
     }
 
     /// Rewrites the catalog with another role, stamped now (the bytes are
