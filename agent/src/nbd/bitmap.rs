@@ -138,8 +138,11 @@ impl BitmapPass {
             return self.store.collapse(&new, &rest);
         }
         self.store.rename(&self.pending, &new)?;
-        for b in self.store.list()? {
-            if b.name.starts_with(PREFIX) && b.name != new {
+        // The list taken above, less the pending bitmap the rename removed:
+        // listing again costs a `qemu-img` run, and only this pass changes
+        // diskferry's bitmaps of a disk at a time.
+        for b in have {
+            if b.name.starts_with(PREFIX) && b.name != new && b.name != self.pending {
                 self.store.remove(&b.name)?;
             }
         }
