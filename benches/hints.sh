@@ -1,6 +1,7 @@
 #!/bin/bash
 # Hinted deltas on the 4 GiB benchmark disk (compare.sh's workload) with 1 %
-# of its blocks rewritten: a change list (ranges) and a qcow2 dirty bitmap,
+# of its blocks rewritten: a change list (ranges), a qcow2 dirty bitmap and
+# the extent map of reflink snapshots (a raw image on a loop-mounted XFS),
 # each against a full-read delta of the same change to a second target and
 # one `b3sum --num-threads 2` pass over the raw image, same run, hot cache.
 # Goals (issue 11): source_bytes_read <= 2x the changed blocks + 1 % of the
@@ -69,4 +70,27 @@ sync; push $Q plain --format qcow2 > $W/bitmap-plain.json
 report dirty-bitmap $W/bitmap-hinted.json $W/bitmap-plain.json "$(b3)"
 qemu-img compare -q -f qcow2 -F raw $Q $W/b/vm.img && qemu-img compare -q -f qcow2 -F raw $Q $W/b/plain.img \
   && echo "dirty-bitmap: both replicas byte-exact"
+rm -f $Q $W/b/vm.img $W/b/plain.img
+
+# --- extent map: the raw workload on a loop-mounted XFS, reflink snapshots
+# (root and xfsprogs, as the tests need them)
+if [ "$(id -u)" != 0 ] || ! command -v mkfs.xfs > /dev/null; then
+  echo "extent-map: skipped (needs root and mkfs.xfs)"; rm -rf $W; exit 0
+fi
+X=$W/xfs; mkdir -p $X/mnt; truncate -s 12G $X/fs.img
+mkfs.xfs -q -f -m reflink=1 $X/fs.img
+LOOP=$(losetup -f --show $X/fs.img)
+trap "kill $PA $PB 2>/dev/null; umount $X/mnt 2>/dev/null; losetup -d $LOOP 2>/dev/null" EXIT
+mount $LOOP $X/mnt
+E=$X/mnt/vm.img
+cp --sparse=always "$SRC" $E
+push $E plain --force > /dev/null
+push $E vm --snapshot reflink --changes extent-map --force > /dev/null
+python3 -c "$rewrite_py" $E 3 > /dev/null
+cat $E > /dev/null; sync
+push $E vm --snapshot reflink --changes extent-map > $W/extent-hinted.json
+sync; push $E plain > $W/extent-plain.json
+report extent-map $W/extent-hinted.json $W/extent-plain.json "$(b3)"
+cmp $E $W/b/vm.img && cmp $E $W/b/plain.img && echo "extent-map: both replicas byte-exact"
+umount $X/mnt; losetup -d $LOOP
 rm -rf $W

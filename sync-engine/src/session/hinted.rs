@@ -219,8 +219,10 @@ impl Hinted {
             return Ok(Some(recorded));
         }
         let mut hashes = recorded.into_vec();
+        // Scattered runs: read what they ask, not the pages around them.
+        let disk = disk.unmapped();
         for run in dirty {
-            let fresh = hash_blocks_counted(disk, g, run.clone(), None, read).ctx(Place::Source, "reading", path)?;
+            let fresh = hash_blocks_counted(&disk, g, run.clone(), None, read).ctx(Place::Source, "reading", path)?;
             let at = (run.start - range.start) as usize;
             hashes[at..at + fresh.len()].copy_from_slice(&fresh);
         }
