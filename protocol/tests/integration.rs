@@ -6,4 +6,5 @@ mod integration {
     mod faults;
     mod session;
     mod toy;
+    mod views;
 }

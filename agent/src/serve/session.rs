@@ -101,21 +101,7 @@ pub async fn run(
             },
             Some(note) = notes_rx.recv() => s.handle_note(note),
             Some(batch) = view_rx.recv(), if s.rs.wants_view(next_view) => {
-                // A batch is wanted whole once its first view is: the
-                // rest are empty regions' (a few hundred bytes each) and
-                // at most one that lists its blocks.
-                let mut batch = Some(batch);
-                while let Some(views) = batch.take() {
-                    for (region, view) in views {
-                        tracing::trace!(region, "view ready");
-                        next_view = region + 1;
-                        s.rs.handle_view(region, view);
-                    }
-                    // The batches queued meanwhile too.
-                    if s.rs.wants_view(next_view) {
-                        batch = view_rx.try_recv().ok();
-                    }
-                }
+                super::view::hand_over(batch, &mut view_rx, &mut s.rs, &mut next_view)
             }
             _ = shutdown.changed() => {
                 if !s.rs.is_committing() {

@@ -3,7 +3,7 @@
 //! ahead of the session loop.
 
 use diskferry_protocol::region_hashes::RegionHashes;
-use diskferry_protocol::session::{RegionView, ViewBlocks};
+use diskferry_protocol::session::{ReceiverSession, RegionView, ViewBlocks};
 use diskferry_protocol::Geometry;
 use diskferry_sync_engine::view::ViewProducer;
 use diskferry_sync_engine::Error;
@@ -55,4 +55,27 @@ pub fn spawn(
 /// Whether a view holds no block list (an empty region of a manifest).
 fn is_empty(v: &RegionView) -> bool {
     matches!(&v.blocks, ViewBlocks::Known(RegionHashes::Zero(_)))
+}
+
+/// Hands `batch` to the receiver, and the batches queued behind it while
+/// it wants them. A batch is wanted whole once its first view is: the rest
+/// are empty regions' (about a kilobyte each) and at most one that lists
+/// its blocks.
+pub fn hand_over(
+    batch: ViewBatch,
+    queued: &mut mpsc::Receiver<ViewBatch>,
+    rs: &mut ReceiverSession,
+    next_view: &mut u64,
+) {
+    let mut batch = Some(batch);
+    while let Some(views) = batch.take() {
+        for (region, view) in views {
+            tracing::trace!(region, "view ready");
+            *next_view = region + 1;
+            rs.handle_view(region, view);
+        }
+        if rs.wants_view(*next_view) {
+            batch = queued.try_recv().ok();
+        }
+    }
 }
