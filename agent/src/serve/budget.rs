@@ -115,6 +115,7 @@ impl Budget {
                 * 2048
             + index_entries.min(blocks as usize) as u64 * 16
             + blocks.div_ceil(index_entries as u64) * (64 << 10)
+            + diskferry_sync_engine::apply::TOUCHED_LIST_BYTES // the redo log's ranges
             + (3 << 20); // redo log, manifest and view I/O buffers
         SessionCost {
             units: units((receive_window + state) * members, self.session_units),

@@ -211,7 +211,7 @@ impl Session {
             match ev {
                 ReceiverEvent::Open(o) => self.open(o, view_tx).await,
                 ReceiverEvent::Resolve { region, blocks } => self.cmd(Cmd::Resolve { region, blocks }),
-                ReceiverEvent::RegionComplete { .. } => {}
+                ReceiverEvent::RegionComplete { .. } => {} // batched above
                 ReceiverEvent::Commit { consistency } => {
                     tracing::debug!("commit starts");
                     if let Some(j) = &mut self.job {

@@ -2,8 +2,7 @@
 //! "view": what the target holds, for the source to compare against),
 //! ahead of the session loop.
 
-use diskferry_protocol::region_hashes::RegionHashes;
-use diskferry_protocol::session::{ReceiverSession, RegionView, ViewBlocks};
+use diskferry_protocol::session::{ReceiverSession, RegionView};
 use diskferry_protocol::Geometry;
 use diskferry_sync_engine::view::ViewProducer;
 use diskferry_sync_engine::Error;
@@ -32,7 +31,7 @@ pub fn spawn(
         for _ in 0..g.region_count() {
             match view.next_region() {
                 Ok((r, v)) => {
-                    let empty = is_empty(&v);
+                    let empty = !v.lists_blocks();
                     batch.push((r, v));
                     if (!empty || batch.len() >= EMPTY_VIEWS_PER_BATCH)
                         && tx.blocking_send(std::mem::take(&mut batch)).is_err()
@@ -50,11 +49,6 @@ pub fn spawn(
     if let Err(e) = spawned {
         tracing::error!("starting the view thread: {e}");
     }
-}
-
-/// Whether a view holds no block list (an empty region of a manifest).
-fn is_empty(v: &RegionView) -> bool {
-    matches!(&v.blocks, ViewBlocks::Known(RegionHashes::Zero(_)))
 }
 
 /// Hands `batch` to the receiver, and the batches queued behind it while

@@ -341,11 +341,9 @@ impl ReceiverSession {
         }
     }
 
-    /// Whether the driver should produce the view of `region` now (bounded
-    /// lookahead: views that list their blocks for 2 × window regions, as
-    /// the memory budget counts them; empty regions' views, which are
-    /// small, as far ahead as the window's units reach, since that many
-    /// empty regions may be in flight).
+    /// Whether the driver should produce the view of `region` now: at most
+    /// 2 × window views that list blocks (the memory budget's count), and
+    /// as far ahead as the window's units let empty regions be in flight.
     pub fn wants_view(&self, region: u64) -> bool {
         let window = u64::from(self.window.max(1));
         self.state == State::Running

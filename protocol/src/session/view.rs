@@ -60,6 +60,14 @@ pub struct RegionView {
     pub hash: Option<BlockHash>,
 }
 
+impl RegionView {
+    /// Whether it lists its blocks: all but an empty region's view (only
+    /// a count of zero blocks and its chunk list, about a kilobyte).
+    pub fn lists_blocks(&self) -> bool {
+        !matches!(self.blocks, ViewBlocks::Known(RegionHashes::Zero(_)))
+    }
+}
+
 /// The views a receiver holds, by region, counting those that list their
 /// blocks (the memory that matters: an empty region's view is its chunk
 /// list only).
@@ -71,7 +79,7 @@ pub(super) struct HeldViews {
 
 impl HeldViews {
     pub(super) fn insert(&mut self, region: u64, view: RegionView) {
-        if !matches!(view.blocks, ViewBlocks::Known(RegionHashes::Zero(_))) {
+        if view.lists_blocks() {
             self.listed.insert(region);
         }
         self.views.insert(region, view);

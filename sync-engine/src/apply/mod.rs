@@ -36,3 +36,4 @@ pub use sink::{DirectSink, OldContent};
 pub use target::{
     diverged_error, manifest_file, partial_path, target_key, Aborted, Recovery, Target, TargetOptions, Trust,
 };
+pub use touched::TOUCHED_LIST_BYTES;

@@ -19,10 +19,14 @@ pub struct Touched {
 
 /// Ranges kept per log at most (24 B each, 6 MiB); a larger log's are found
 /// by scanning it. Small in tests, so that both ways are exercised.
+const LIST_MAX: usize = 1 << 18;
 #[cfg(not(test))]
-const TOUCHED_MAX: usize = 1 << 18;
+const TOUCHED_MAX: usize = LIST_MAX;
 #[cfg(test)]
 const TOUCHED_MAX: usize = 64;
+
+/// The most memory a log's list holds (a session's memory budget counts it).
+pub const TOUCHED_LIST_BYTES: u64 = (LIST_MAX * std::mem::size_of::<Touched>()) as u64;
 
 /// The ranges a log's entries write, in log order, while they fit.
 #[derive(Clone, Debug)]
