@@ -423,3 +423,58 @@ fn dirty_bitmaps_of_a_qcow2_image() {
     // Dirty bitmaps need a qcow2 image.
     push_to(&raw_of(&img), &p.source, &p.agent, "t0", &["--changes", "dirty-bitmap"]).expect_json_error("E_USAGE", 2);
 }
+
+/// The pid of a `qemu-storage-daemon` serving `image`, if one runs.
+fn storage_daemon_of(image: &Path) -> Option<i32> {
+    let image = image.to_str().unwrap().as_bytes();
+    std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let zombie = stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'));
+        let daemon = cmdline.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(b"qemu-storage-daemon"));
+        (daemon && !zombie && cmdline.windows(image.len()).any(|w| w == image)).then_some(pid)
+    })
+}
+
+/// An image at rest is served by a storage daemon diskferry starts for
+/// the push: a second push of the image meanwhile is refused as busy, and
+/// a push killed with -9 leaves its daemon holding the image's lock, which
+/// the next push stops (its bitmaps stored) before going on.
+#[test]
+fn a_killed_pushs_storage_daemon_is_stopped_by_the_next_push() {
+    need_qemu();
+    let p = pair("nbd-qsd", 1, "");
+    let (img, raw, tgt) = (p.dir.join("vm.qcow2"), p.dir.join("random.raw"), p.dir.join("t0.img"));
+    util::random_disk(&raw, 32 * MIB, &mut util::rng("nbd-qsd"));
+    sh("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), img.to_str().unwrap()]);
+    let args = ["--format", "qcow2", "--changes", "dirty-bitmap"];
+    let mut slow =
+        crate::agents::spawn_push(&img, &p.source, &p.agent, "t0", &[&args[..], &["--bwlimit", "2M"]].concat());
+    let t = Instant::now();
+    let daemon = loop {
+        if let Some(pid) = storage_daemon_of(&img) {
+            break pid;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no storage daemon started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    push_to(&img, &p.source, &p.agent, "t0", &args).expect_json_error("E_BUSY", 3);
+    std::thread::sleep(Duration::from_millis(500));
+    slow.kill().unwrap();
+    slow.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(storage_daemon_of(&img), Some(daemon), "the daemon outlived its push");
+
+    let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
+    assert_eq!(storage_daemon_of(&img), None, "every daemon stopped: {r}");
+    assert_eq!(r["read_through"], "qemu-storage-daemon", "{r}");
+    compare(&raw_of(&img), &tgt).unwrap();
+    // The leftover's bitmap did not spoil the chain: the next push is hinted.
+    qemu_io(&img, &[(5 * MIB + 3, 10_000, 0x42)]);
+    let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
+    assert_eq!(r["change_source"], "dirty-bitmap", "{r}");
+    compare(&raw_of(&img), &tgt).unwrap();
+    let gen = r["generation"].as_str().unwrap().to_string();
+    assert_eq!(bitmaps(&img), vec![(format!("diskferry-{gen}"), false)]);
+}

@@ -104,7 +104,9 @@ fn a_protected_disk_is_pushed_on_schedule_with_status_and_metrics() {
         let g = &j["result"]["generation"];
         // A later push that found nothing new reports the same point, unchanged: pair like with like.
         let same_push = |r: &&Value| {
-            r["result"]["generation"] == *g && r["result"]["ok"] == true && r["result"]["unchanged"] == j["result"]["unchanged"]
+            r["result"]["generation"] == *g
+                && r["result"]["ok"] == true
+                && r["result"]["unchanged"] == j["result"]["unchanged"]
         };
         if let Some(r) = recv_all.iter().find(same_push) {
             assert_eq!(r["result"]["payload_bytes"], j["result"]["payload_bytes"], "{j} vs {r}");

@@ -221,7 +221,7 @@ fn a_running_vms_bitmaps_over_qmp_then_at_rest() {
     vm.quit();
     let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
     eprintln!("{r}");
-    assert_eq!(r["read_through"], "qemu-nbd", "{r}");
+    assert_eq!(r["read_through"], "qemu-storage-daemon", "{r}");
     assert_hinted(&r, 2, 6, size);
     assert_eq!(r["consistency"], "crash-consistent", "{r}");
     compare(&mirror, &tgt).unwrap();

@@ -62,7 +62,7 @@ fn a_running_vms_dirty_bitmap_over_qmp() {
     vm.wait_listed(n + 2, GUEST_WAIT);
     vm.powerdown(Duration::from_secs(120));
     let last = h.push(true, &args).ok_json();
-    assert_eq!(last["read_through"], "qemu-nbd", "at rest: {last}");
+    assert_eq!(last["read_through"], "qemu-storage-daemon", "at rest: {last}");
     assert_read_only_dirty(&last);
     assert_eq!(last["consistency"], "crash-consistent", "{last}");
     for r in hinted.iter().chain([&last]) {

@@ -1,23 +1,18 @@
-//! Dirty bitmaps diskferry owns (`--changes dirty-bitmap`), of a qcow2
-//! image at rest (through `qemu-img`) or of a running VM's block node
-//! (through QMP, `running.rs`).
+//! Dirty bitmaps diskferry owns (`--changes dirty-bitmap`), of a running
+//! VM's block node or of a qcow2 image at rest served by diskferry's own
+//! storage daemon; both through QMP (`running.rs`, `storage_daemon.rs`).
 //!
 //! A bitmap never misses a write because each pass starts its own before
-//! it reads: `diskferry-pending-<id>` (for a running VM in one QMP
-//! `transaction` that also stops the older ones recording). After the
+//! it reads: `diskferry-pending-<id>`, in one QMP `transaction` that also
+//! stops the older ones recording. After the
 //! commit of generation G' it becomes `diskferry-<G'>` (added, merged,
 //! removed in one step) and every older one goes. A pass that fails leaves
 //! its pending bitmap: the next pass reads the union of the chain — the
 //! bitmap of the target's generation G and every pending one since — which
 //! holds every write since G's read began.
 
-use std::ffi::OsStr;
-use std::path::PathBuf;
-
-use diskferry_protocol::{ErrorCode, Generation};
+use diskferry_protocol::Generation;
 use diskferry_sync_engine::Error;
-
-use super::qemu_img::QemuImgError;
 
 const PREFIX: &str = "diskferry-";
 const PENDING: &str = "diskferry-pending-";
@@ -33,10 +28,10 @@ pub fn name_for(generation: Generation) -> String {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bitmap {
     pub name: String,
-    /// `in-use` at rest (its writer died with the image open) or
-    /// `inconsistent` in QEMU: it may have missed writes.
+    /// `inconsistent` in QEMU (it was in use when its writer died): it may
+    /// have missed writes.
     pub inconsistent: bool,
-    /// It records writes now (`auto` at rest, `recording` in QEMU).
+    /// It records writes now (`recording` in QEMU).
     pub recording: bool,
 }
 
@@ -139,7 +134,7 @@ impl BitmapPass {
         }
         self.store.rename(&self.pending, &new)?;
         // The list taken above, less the pending bitmap the rename removed:
-        // listing again costs a `qemu-img` run, and only this pass changes
+        // listing again costs a QMP round trip, and only this pass changes
         // diskferry's bitmaps of a disk at a time.
         for b in have {
             if b.name.starts_with(PREFIX) && b.name != new && b.name != self.pending {
@@ -180,81 +175,6 @@ fn trust(chain: &[Bitmap], wanted: &str) -> Option<String> {
         return Some(format!("the bitmap {wanted} was disabled: it may have missed writes"));
     }
     None
-}
-
-/// The bitmaps of a qcow2 image nothing runs on, through `qemu-img`.
-#[derive(Debug)]
-pub struct AtRest {
-    pub image: PathBuf,
-}
-
-/// What `qemu-img ARGS` prints (info and bitmap commands print little).
-fn qemu_img(args: &[&OsStr]) -> Result<String, Error> {
-    super::qemu_img::run(args, 16 << 20).map_err(|e| match e {
-        QemuImgError::Spawn(_) => Error::new(ErrorCode::NotFound, e.to_string()).hint("install qemu-utils"),
-        QemuImgError::Failed(_) => Error::new(ErrorCode::InvalidInput, e.to_string())
-            .hint("a VM running on the image holds it: give its QMP socket (--qmp SOCKET --node NAME)"),
-    })
-}
-
-impl AtRest {
-    fn bitmap(&self, ops: &[&str], name: &str) -> Result<(), Error> {
-        let mut args: Vec<&OsStr> = vec![OsStr::new("bitmap")];
-        args.extend(ops.iter().map(OsStr::new));
-        args.extend([self.image.as_os_str(), OsStr::new(name)]);
-        qemu_img(&args).map(|_| ())
-    }
-}
-
-impl BitmapStore for AtRest {
-    fn list(&mut self) -> Result<Vec<Bitmap>, Error> {
-        let args =
-            [OsStr::new("info"), OsStr::new("--output=json"), OsStr::new("--force-share"), self.image.as_os_str()];
-        let text = qemu_img(&args)?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            Error::new(ErrorCode::InvalidInput, format!("qemu-img info of {}: {e}", self.image.display()))
-        })?;
-        let bitmaps = v["format-specific"]["data"]["bitmaps"].as_array().cloned().unwrap_or_default();
-        Ok(bitmaps
-            .iter()
-            .filter_map(|b| {
-                let flags = b["flags"].as_array().cloned().unwrap_or_default();
-                Some(Bitmap {
-                    name: b["name"].as_str()?.to_string(),
-                    inconsistent: flags.iter().any(|f| f == "in-use"),
-                    recording: flags.iter().any(|f| f == "auto"),
-                })
-            })
-            .collect())
-    }
-
-    /// Nothing writes an image at rest: the older bitmaps may go on recording.
-    fn start(&mut self, pending: &str, _stop: &[String]) -> Result<(), Error> {
-        self.bitmap(&["--add"], pending)
-    }
-
-    fn union(&mut self, into: &str, from: &[String]) -> Result<(), Error> {
-        self.bitmap(&["--add", "--disable"], into)?;
-        from.iter().try_for_each(|f| self.bitmap(&["--merge", f], into))
-    }
-
-    fn rename(&mut self, from: &str, to: &str) -> Result<(), Error> {
-        // Both record until `from` goes: a writer between the two steps is
-        // counted by `to` as well.
-        self.bitmap(&["--add", "--merge", from], to)?;
-        self.remove(from)
-    }
-
-    fn collapse(&mut self, into: &str, from: &[String]) -> Result<(), Error> {
-        // Recording before the others go: a writer in between is counted.
-        from.iter().try_for_each(|f| self.bitmap(&["--merge", f], into))?;
-        self.bitmap(&["--enable"], into)?;
-        from.iter().try_for_each(|f| self.remove(f))
-    }
-
-    fn remove(&mut self, name: &str) -> Result<(), Error> {
-        self.bitmap(&["--remove"], name)
-    }
 }
 
 #[cfg(test)]

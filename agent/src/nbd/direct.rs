@@ -9,9 +9,10 @@
 //! copy. `qemu-img map` says where, and only for such ranges.
 //!
 //! This holds only while nothing rewrites the image: the map is taken after
-//! diskferry's own read-only `qemu-nbd` has locked it (QEMU then refuses
-//! every writer), and a sample of it is compared with NBD reads before it
-//! is used; one difference and the whole image is read through NBD.
+//! diskferry's own `qemu-nbd` or `qemu-storage-daemon` has locked it (QEMU
+//! then refuses every writer), and a sample of it is compared with NBD
+//! reads before it is used; one difference and the whole image is read
+//! through NBD.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -65,7 +66,7 @@ fn disabled() -> bool {
 }
 
 impl DirectMap {
-    /// The map of `image`, served by diskferry's own `qemu-nbd` through
+    /// The map of `image`, served by diskferry's own QEMU through
     /// `client`, or why it is not used (NBD then reads everything).
     pub fn load(image: &Path, format: Format, client: &NbdClient) -> Result<DirectMap, String> {
         if disabled() {
@@ -181,8 +182,8 @@ impl DirectMap {
             if direct != served {
                 // Not a normal turn down (as a compressed image is): the
                 // map or the image is not what it seemed.
-                let why = format!("qemu-img map's bytes at {at} differ from what qemu-nbd serves");
-                tracing::warn!(%why, "reading the whole image through qemu-nbd");
+                let why = format!("qemu-img map's bytes at {at} differ from what NBD serves");
+                tracing::warn!(%why, "reading the whole image through NBD");
                 return Err(why);
             }
         }
@@ -195,7 +196,9 @@ impl DirectMap {
 fn qemu_img(args: &[&str], image: &Path, format: Format) -> Result<String, String> {
     let format = format!("--format={}", format.qemu_name());
     let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-    all.extend([OsStr::new(&format), image.as_os_str()]);
+    // Shared: the server diskferry runs holds the image's lock (the
+    // storage daemon a write lock, which keeps every other writer out).
+    all.extend([OsStr::new("--force-share"), OsStr::new(&format), image.as_os_str()]);
     super::qemu_img::run(&all, MAX_MAP_OUTPUT).map_err(|e| e.to_string())
 }
 

@@ -14,6 +14,7 @@ mod qemu_nbd;
 pub mod qmp;
 mod reader;
 pub mod running;
+pub mod storage_daemon;
 mod stream;
 pub mod url;
 
@@ -241,16 +242,7 @@ pub fn open_source(src: &Path, format: Format, bitmap: Option<&str>) -> Result<S
     let mut server = server;
     let client = connect(&url, bitmap, server.as_mut())?;
     let read_path = image.clone().unwrap_or_else(|| PathBuf::from(url.to_string()));
-    let direct = image.as_deref().and_then(|image| match direct::DirectMap::load(image, format, &client) {
-        Ok(map) => {
-            tracing::debug!(image = %image.display(), mapped_bytes = map.mapped_bytes(), "reading plain data from the image's files");
-            Some(map)
-        }
-        Err(why) => {
-            tracing::info!(image = %image.display(), %why, "reading the whole image through qemu-nbd");
-            None
-        }
-    });
+    let direct = image.as_deref().and_then(|image| direct_map(image, format, &client));
     let vfs = nbd_vfs(&client, read_path.clone(), image, None, direct);
     Ok(Source { vfs: Arc::new(vfs), read_path, client: Some(client), server, export: None })
 }
@@ -261,11 +253,35 @@ pub fn open_source(src: &Path, format: Format, bitmap: Option<&str>) -> Result<S
 pub fn open_running(node: &running::Node, bitmap: Option<&str>, pending: &str) -> Result<Source, Error> {
     let (export, url) = running::Export::start(node, bitmap)?;
     let client = connect(&url, bitmap, None)?;
-    // Not the image's path: a read of a running disk is never the image at
-    // rest, and its history gets no at-rest stamp.
-    let read_path = PathBuf::from(format!("qmp:{}#{}", node.qmp_socket().display(), node.name));
-    let vfs = nbd_vfs(&client, read_path.clone(), None, Some((node.clone(), pending.to_string())), None);
+    // Not the image's path: such a read's history gets no at-rest stamp
+    // (whether the disk stood still is the pending bitmap's to say).
+    let read_path = match node.image_at_rest() {
+        Some(image) => PathBuf::from(format!("qemu-storage-daemon:{}", image.display())),
+        None => PathBuf::from(format!("qmp:{}#{}", node.qmp_socket().display(), node.name)),
+    };
+    // An image at rest read in full is read from its files where it can be;
+    // a hinted read is too small to be worth the map.
+    let direct = match (node.image_at_rest(), bitmap) {
+        (Some(image), None) => direct_map(image, Format::Qcow2, &client),
+        _ => None,
+    };
+    let vfs = nbd_vfs(&client, read_path.clone(), None, Some((node.clone(), pending.to_string())), direct);
     Ok(Source { vfs: Arc::new(vfs), read_path, client: Some(client), server: None, export: Some(export) })
+}
+
+/// The map of the plain data of `image` (served through `client`), or
+/// `None` when NBD must read it all.
+fn direct_map(image: &Path, format: Format, client: &NbdClient) -> Option<direct::DirectMap> {
+    match direct::DirectMap::load(image, format, client) {
+        Ok(map) => {
+            tracing::debug!(image = %image.display(), mapped_bytes = map.mapped_bytes(), "reading plain data from the image's files");
+            Some(map)
+        }
+        Err(why) => {
+            tracing::info!(image = %image.display(), %why, "reading the whole image through NBD");
+            None
+        }
+    }
 }
 
 fn nbd_vfs(

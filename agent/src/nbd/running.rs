@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::bitmap::{Bitmap, BitmapStore};
 use super::qmp::Qmp;
+use super::storage_daemon::Daemon;
 use super::url::{NbdUrl, Transport};
 
 /// Exports diskferry made carry this id prefix; a killed agent's leftovers
@@ -23,12 +24,34 @@ pub struct Node {
     pub qmp: Arc<Mutex<Qmp>>,
     pub name: String,
     socket: PathBuf,
+    /// An image at rest served by diskferry's own daemon (quit when the
+    /// last clone of its node drops), rather than a VM's disk.
+    at_rest: Option<(PathBuf, Arc<Daemon>)>,
 }
 
 impl Node {
     /// Checks that `name` is a block node of the VM at `qmp`.
     pub fn open(qmp: Qmp, socket: &Path, name: &str) -> Result<Node, Error> {
-        let node = Node { qmp: Arc::new(Mutex::new(qmp)), name: name.to_string(), socket: socket.to_path_buf() };
+        let node = Node {
+            qmp: Arc::new(Mutex::new(qmp)),
+            name: name.to_string(),
+            socket: socket.to_path_buf(),
+            at_rest: None,
+        };
+        node.info()?;
+        Ok(node)
+    }
+
+    /// Node `name` of `image`, served by `daemon` (which this node keeps).
+    pub(super) fn open_served(
+        qmp: Arc<Mutex<Qmp>>,
+        socket: &Path,
+        name: &str,
+        image: &Path,
+        daemon: Daemon,
+    ) -> Result<Node, Error> {
+        let at_rest = Some((image.to_path_buf(), Arc::new(daemon)));
+        let node = Node { qmp, name: name.to_string(), socket: socket.to_path_buf(), at_rest };
         node.info()?;
         Ok(node)
     }
@@ -36,6 +59,11 @@ impl Node {
     /// The monitor's socket.
     pub fn qmp_socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The image, when it is at rest and served by diskferry's own daemon.
+    pub fn image_at_rest(&self) -> Option<&Path> {
+        self.at_rest.as_ref().map(|(image, _)| image.as_path())
     }
 
     fn run(&self, command: &str, arguments: Value) -> Result<Value, Error> {

@@ -181,7 +181,7 @@ pub async fn push_with(
                 .await
                 .map_err(|e| Error::new(ErrorCode::Internal, format!("bitmap task: {e}")))??;
             unoffered.clone_from(&pass.why_not);
-            (Some(pass), node)
+            (Some(pass), Some(node))
         }
         _ if opts.qmp.is_some() => {
             return Err(Error::new(ErrorCode::Usage, "--qmp reads a running VM's disk with --changes dirty-bitmap")
@@ -194,6 +194,7 @@ pub async fn push_with(
     let reading_pending = pending.clone();
     let (read, format, b) = (snap.read_path.clone(), opts.format, bitmap.as_ref().map(|b| b.1.clone()));
     let read_through = match (&node, format) {
+        (Some(n), _) if n.image_at_rest().is_some() => "qemu-storage-daemon",
         (Some(_), _) => "qmp",
         (None, crate::nbd::Format::Raw) if crate::nbd::url::is_nbd_url(&read.to_string_lossy()) => "nbd",
         (None, crate::nbd::Format::Raw) => "file",
@@ -401,11 +402,10 @@ fn live_writes(
 }
 
 /// Starts a `--changes dirty-bitmap` pass: over QMP when a VM runs at
-/// `--qmp`, else on the qcow2 image at rest; picks the bitmap to read for
+/// `--qmp`, else on the qcow2 image at rest (served by diskferry's own
+/// storage daemon, over QMP too); picks the bitmap to read for
 /// the generation the disk's history last recorded.
-fn begin_bitmaps(
-    opts: &PushOptions,
-) -> Result<(crate::nbd::bitmap::BitmapPass, Option<crate::nbd::running::Node>), Error> {
+fn begin_bitmaps(opts: &PushOptions) -> Result<(crate::nbd::bitmap::BitmapPass, crate::nbd::running::Node), Error> {
     if opts.format != crate::nbd::Format::Qcow2 {
         return Err(Error::new(
             ErrorCode::Usage,
@@ -431,11 +431,12 @@ fn begin_bitmaps(
         },
         None => None,
     };
-    let store: Box<dyn crate::nbd::bitmap::BitmapStore> = match &node {
-        Some(n) => Box::new(n.clone()),
-        None => Box::new(crate::nbd::bitmap::AtRest { image: opts.source.clone() }),
+    // At rest: diskferry's own storage daemon serves the image, through the same QMP steps.
+    let node = match node {
+        Some(n) => n,
+        None => crate::nbd::storage_daemon::serve(&opts.source)?,
     };
-    Ok((crate::nbd::bitmap::BitmapPass::begin(store, last)?, node))
+    Ok((crate::nbd::bitmap::BitmapPass::begin(Box::new(node.clone()), last)?, node))
 }
 
 /// A failure the session reported: the target's "what happened — what to

@@ -1,0 +1,229 @@
+//! A qcow2 image at rest for `--changes dirty-bitmap`: served for one push
+//! by a `qemu-storage-daemon` diskferry starts, so the image is read and its
+//! bitmaps kept through the same QMP commands as a running VM's disk
+//! (`running.rs`).
+//!
+//! One daemon with a QMP monitor answers each bitmap step in about a
+//! millisecond; the `qemu-img` runs it replaces (info, bitmap add, map,
+//! three bitmap steps after the commit, and `qemu-nbd`) took about 0.25 s
+//! of a 1 s hinted push. The daemon opens the image read-write (bitmaps
+//! are stored in it), which locks every other writer out while it runs,
+//! and stores its persistent bitmaps when told to `quit`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use diskferry_protocol::ErrorCode;
+use diskferry_sync_engine::Error;
+use rustix::process::Signal;
+use serde_json::json;
+
+use super::qmp::Qmp;
+use super::running::Node;
+
+/// The daemon's name for the image's qcow2 node.
+const NODE: &str = "disk";
+/// How long it may take to open the image and listen.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long it may take to store its bitmaps and exit once told to quit.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `qemu-storage-daemon`: told to quit (storing its bitmaps in
+/// the image) when the last [`Node`] that holds it drops.
+pub struct Daemon {
+    pid: i32,
+    qmp: Option<Arc<Mutex<Qmp>>>,
+    /// Waits for the daemon; what it said on stderr, and how it ended.
+    waiter: Option<JoinHandle<(String, std::io::Result<ExitStatus>)>>,
+    _dir: tempfile::TempDir,
+    claim: Claim,
+}
+
+/// One push at a time serves an image: a lock held for the daemon's life,
+/// and a file naming the daemon, so the next push stops one that a killed
+/// agent left behind (it would hold the image's lock for ever).
+struct Claim {
+    _lock: std::fs::File,
+    pid_file: PathBuf,
+}
+
+impl Claim {
+    fn take(dir: &Path, image: &Path, blockdev: &str) -> Result<Claim, Error> {
+        let canonical = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
+        let key = blake3::hash(canonical.as_os_str().as_encoded_bytes()).to_hex();
+        let name = format!("diskferry-qsd-{}", &key[..16]);
+        let lock_path = dir.join(format!("{name}.lock"));
+        let io = |e: std::io::Error| Error::new(ErrorCode::Io, format!("{}: {e}", lock_path.display()));
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io)?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(Error::new(ErrorCode::Busy, format!("another push reads {} now", image.display()))
+                    .hint("push again once it ended"))
+            }
+            Err(e) => return Err(io(e.into())),
+        }
+        let pid_file = dir.join(format!("{name}.pid"));
+        if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse::<i32>().ok()) {
+            stop_leftover(pid, blockdev);
+        }
+        Ok(Claim { _lock: lock, pid_file })
+    }
+}
+
+/// Stops process `pid` if it is a storage daemon serving `blockdev` (the
+/// lock says its push is gone), and waits until it is.
+fn stop_leftover(pid: i32, blockdev: &str) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let ours = args.first().is_some_and(|a| a.ends_with(b"qemu-storage-daemon")) && args.contains(&blockdev.as_bytes());
+    if !ours {
+        return;
+    }
+    tracing::warn!("stopping the qemu-storage-daemon (pid {pid}) a killed push left on {blockdev}");
+    let gone = || {
+        // A zombie is gone for this purpose: it holds no lock.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+    };
+    for (sig, wait) in [(Signal::TERM, QUIT_TIMEOUT), (Signal::KILL, Duration::from_secs(5))] {
+        signal(pid, sig);
+        let deadline = Instant::now() + wait;
+        while !gone() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if gone() {
+            return;
+        }
+    }
+}
+
+fn signal(pid: i32, sig: Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon").field("pid", &self.pid).finish()
+    }
+}
+
+/// Serves the qcow2 `image` (nothing may run on it) and returns its node.
+pub fn serve(image: &Path) -> Result<Node, Error> {
+    let filename = image.to_str().ok_or_else(|| {
+        Error::new(ErrorCode::Usage, format!("{}: qemu-storage-daemon takes UTF-8 paths", image.display()))
+    })?;
+    // Under systemd, /tmp is the unit's own (PrivateTmp), as for QEMU's NBD socket.
+    let parent = std::env::var_os("RUNTIME_DIRECTORY").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+    let dir = tempfile::Builder::new()
+        .prefix("diskferry-qsd-")
+        .tempdir_in(&parent)
+        .map_err(|e| Error::new(ErrorCode::Io, format!("a directory for qemu-storage-daemon's monitor: {e}")))?;
+    let socket = dir.path().join("qmp");
+    let blockdev =
+        json!({ "driver": "qcow2", "node-name": NODE, "file": { "driver": "file", "filename": filename } }).to_string();
+    let claim = Claim::take(&parent, image, &blockdev)?;
+    // QEMU's option syntax escapes a comma by doubling it.
+    let chardev = format!("socket,id=qmp,server=on,wait=off,path={}", socket.to_string_lossy().replace(',', ",,"));
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev").arg(&blockdev).arg("--chardev").arg(chardev).arg("--monitor").arg("chardev=qmp");
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let (tx, rx) = mpsc::channel();
+    let waiter = std::thread::Builder::new()
+        .name("qemu-storage-daemon".into())
+        .spawn(move || {
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return (String::new(), Ok(ExitStatus::default()));
+                }
+            };
+            let _ = tx.send(Ok(child.id() as i32));
+            let mut said = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut said);
+            }
+            (said, child.wait())
+        })
+        .map_err(|e| Error::new(ErrorCode::Internal, format!("a thread for qemu-storage-daemon: {e}")))?;
+    let pid = match rx.recv() {
+        Ok(Ok(pid)) => pid,
+        Ok(Err(e)) => {
+            return Err(Error::new(ErrorCode::NotFound, format!("cannot run qemu-storage-daemon: {e}"))
+                .hint("install qemu-utils (it holds qemu-storage-daemon)"))
+        }
+        Err(_) => return Err(Error::new(ErrorCode::Internal, "the qemu-storage-daemon thread ended")),
+    };
+    if let Err(e) = std::fs::write(&claim.pid_file, format!("{pid}\n")) {
+        tracing::warn!("{}: {e} (a killed push's daemon would stay until stopped by hand)", claim.pid_file.display());
+    }
+    let mut daemon = Daemon { pid, qmp: None, waiter: Some(waiter), _dir: dir, claim };
+    let deadline = Instant::now() + START_TIMEOUT;
+    while !socket.exists() {
+        if daemon.waiter.as_ref().is_some_and(|w| w.is_finished()) {
+            return Err(daemon.refusal(image));
+        }
+        if Instant::now() > deadline {
+            return Err(Error::new(ErrorCode::Connection, "qemu-storage-daemon did not listen within 20 s"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let qmp = match Qmp::connect(&socket)? {
+        Some(q) => Arc::new(Mutex::new(q)),
+        None => return Err(daemon.refusal(image)),
+    };
+    daemon.qmp = Some(qmp.clone());
+    Node::open_served(qmp, &socket, NODE, image, daemon)
+}
+
+impl Daemon {
+    /// Why the daemon stopped before it listened, in its own words.
+    fn refusal(&mut self, image: &Path) -> Error {
+        let said = match self.waiter.take().map(JoinHandle::join) {
+            Some(Ok((said, status))) => format!("{} ({status:?})", said.trim()),
+            _ => "it ended without a word".to_string(),
+        };
+        Error::new(
+            ErrorCode::InvalidInput,
+            format!("qemu-storage-daemon could not open {} as qcow2: {said}", image.display()),
+        )
+        .hint("a VM running on the image holds it: give its QMP socket (--qmp SOCKET --node NAME)")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let Some(waiter) = self.waiter.take() else {
+            let _ = std::fs::remove_file(&self.claim.pid_file);
+            return;
+        };
+        let quit = self.qmp.as_ref().map(|q| q.lock().unwrap_or_else(|p| p.into_inner()).execute("quit", json!({})));
+        if !matches!(quit, Some(Ok(Ok(_)))) {
+            tracing::warn!("qemu-storage-daemon did not take quit ({quit:?}): stopped with SIGTERM");
+            signal(self.pid, Signal::TERM);
+        }
+        let deadline = Instant::now() + QUIT_TIMEOUT;
+        while !waiter.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if !waiter.is_finished() {
+            // Killed, it leaves its bitmaps marked in use: the next push reads in full.
+            tracing::warn!("qemu-storage-daemon did not quit within {QUIT_TIMEOUT:?}: killed");
+            signal(self.pid, Signal::KILL);
+        }
+        let ended = waiter.join();
+        let _ = std::fs::remove_file(&self.claim.pid_file);
+        match ended {
+            Ok((_, Ok(status))) if status.success() => {}
+            Ok((said, status)) => tracing::warn!("qemu-storage-daemon ended with {status:?}: {}", said.trim()),
+            Err(_) => tracing::warn!("the qemu-storage-daemon thread panicked"),
+        }
+    }
+}
