@@ -9,7 +9,36 @@ use serde_json::{json, Value};
 
 /// Prints one compact JSON object as a line on stdout.
 pub fn print_json(v: &Value) {
-    println!("{v}");
+    crate::outln!("{v}");
+}
+
+/// `println!` for command output. A reader that stopped reading
+/// (`diskferry hash X | head -1`) ends the command quietly, with success, as
+/// the reader chose; `println!` would panic. SIGPIPE stays ignored (a
+/// closed unix socket must be an error, not the end of the agent).
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::output::write_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_line(format_args!($($arg)*))
+    };
+}
+
+/// Writes one line to stdout: see [`outln!`].
+pub fn write_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let written = writeln!(std::io::stdout().lock(), "{args}");
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            let code = ErrorCode::Io;
+            eprintln!("error[{}]: writing to stdout: {e} — check where the output goes (a full disk?)", code.as_str());
+            std::process::exit(code.class().exit_code());
+        }
+    }
 }
 
 /// A failure ready to report.

@@ -367,3 +367,33 @@ fn locked_target_is_busy_until_its_holder_dies() {
     }
     assert!(last.is_none(), "the lock stayed stuck after its holder died:\n{}", last.unwrap());
 }
+
+/// Output to a reader that stopped reading (`| head -1`) ends the command
+/// quietly with success; output that cannot be written (a full disk) is a
+/// coded error. Neither panics.
+#[test]
+fn closed_or_full_stdout_is_not_a_panic() {
+    let dir = tempdir("stdout");
+    let disk = dir.path().join("d.img");
+    fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
+    // The reader (`true`) is gone before diskferry writes its line.
+    let closed = Command::new("bash")
+        .arg("-c")
+        .arg(r#"(sleep 0.3; "$0" hash "$1"; echo "rc=$?" >&2) | true"#)
+        .arg(bin())
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&closed.stderr);
+    assert!(err.contains("rc=0") && !err.contains("panicked"), "{err}");
+    let full = Command::new(bin())
+        .arg("hash")
+        .arg(&disk)
+        .arg("--json")
+        .stdout(fs::OpenOptions::new().write(true).open("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&full.stderr);
+    assert_eq!(full.status.code(), Some(6), "{err}");
+    assert!(err.contains("error[E_IO]") && !err.contains("panicked"), "{err}");
+}

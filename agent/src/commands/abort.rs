@@ -37,20 +37,20 @@ pub fn run(a: AbortArgs) -> Result<()> {
         return Ok(());
     }
     if let Some(g) = finished {
-        println!("{}: the interrupted session had committed; it was finished (generation {g})", path.display());
+        crate::outln!("{}: the interrupted session had committed; it was finished (generation {g})", path.display());
     }
     match aborted {
-        Some(x) => println!(
+        Some(x) => crate::outln!(
             "{}: discarded the staged data of an interrupted {} ({} entries, {}); the target is at its last commit",
             path.display(),
             if x.full_copy { "full copy" } else { "push" },
             x.entries,
             human_bytes(x.bytes)
         ),
-        None => println!("{}: nothing staged", path.display()),
+        None => crate::outln!("{}: nothing staged", path.display()),
     }
     if incomplete {
-        println!(
+        crate::outln!(
             "{}: INCOMPLETE (a full copy into this device was interrupted): it holds no recovery point until a push finishes it",
             path.display()
         );

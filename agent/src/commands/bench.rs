@@ -72,19 +72,19 @@ fn rate(r: f64) -> String {
 }
 
 fn print_human(r: &Rates, size: u64, full: &Estimate, delta: &Estimate, peer: Option<&str>) {
-    println!("this host");
-    println!("  read, cold     {}", rate(r.read_cold));
-    println!("  read, hot      {}", rate(r.read_hot));
-    println!("  hash (blake3)  {}", rate(r.hash));
-    println!("  write + fsync  {}", rate(r.write_fsync));
+    crate::outln!("this host");
+    crate::outln!("  read, cold     {}", rate(r.read_cold));
+    crate::outln!("  read, hot      {}", rate(r.read_hot));
+    crate::outln!("  hash (blake3)  {}", rate(r.hash));
+    crate::outln!("  write + fsync  {}", rate(r.write_fsync));
     if let (Some(peer), Some(q)) = (peer, r.quic) {
-        println!("to {peer}");
-        println!("  QUIC           {}", rate(q));
+        crate::outln!("to {peer}");
+        crate::outln!("  QUIC           {}", rate(q));
         if let Some(w) = r.peer_write_fsync {
-            println!("  peer write     {}", rate(w));
+            crate::outln!("  peer write     {}", rate(w));
         }
         if r.same_host {
-            println!("  (the peer is this host: both agents share its cores)");
+            crate::outln!("  (the peer is this host: both agents share its cores)");
         }
     }
     let secs = |s: f64| match s {
@@ -92,9 +92,14 @@ fn print_human(r: &Rates, size: u64, full: &Estimate, delta: &Estimate, peer: Op
         s if s >= 60.0 => format!("{:.0} min", s / 60.0),
         s => format!("{s:.1} s"),
     };
-    println!("for a {} disk", human_bytes(size));
-    println!("  full download  {} (limited by {}, {})", secs(full.seconds), full.bottleneck, rate(full.bytes_per_s));
-    println!(
+    crate::outln!("for a {} disk", human_bytes(size));
+    crate::outln!(
+        "  full download  {} (limited by {}, {})",
+        secs(full.seconds),
+        full.bottleneck,
+        rate(full.bytes_per_s)
+    );
+    crate::outln!(
         "  delta          {} to read and hash it all (limited by {}, {}), plus the changed blocks",
         secs(delta.seconds),
         delta.bottleneck,

@@ -130,12 +130,18 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "verify": { "ok": check.ok, "generation": check.generation.to_hex(), "root": check.root.to_hex() },
         }));
     } else {
-        println!(
+        crate::outln!(
             "{:<7} {:<6} {:>15} {:>13} {:>13} {:>9} {:>9}",
-            "push", "mode", "blocks changed", "block data", "on the wire", "seconds", "MB/s"
+            "push",
+            "mode",
+            "blocks changed",
+            "block data",
+            "on the wire",
+            "seconds",
+            "MB/s"
         );
         for (step, (r, secs)) in [("first", &full), ("second", &delta)] {
-            println!(
+            crate::outln!(
                 "{:<7} {:<6} {:>15} {:>13} {:>13} {:>9.3} {:>9.0}",
                 step,
                 r.mode(),
@@ -146,7 +152,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
                 mb_per_s(r.disk_bytes, *secs)
             );
         }
-        println!(
+        crate::outln!(
             "verify  {}: the replica is at generation {} ({}, path MTU {})",
             if check.ok { "ok" } else { "FAILED" },
             check.generation,

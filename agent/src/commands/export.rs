@@ -32,7 +32,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
             "seconds": round_secs(secs),
         }));
     } else {
-        println!(
+        crate::outln!(
             "exported {} ({}) to {} ({}, {} undo segment(s) applied, verified) in {:.3} s",
             r.generation,
             human_bytes(r.disk_bytes),

@@ -56,7 +56,7 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
             "seconds": round_secs(secs),
         }));
     } else if m.moved {
-        println!(
+        crate::outln!(
             "{} is live at {} (moved from {}: {} restored through {} undo segment(s), {} saved to move back) in {secs:.3} s",
             r.path.display(),
             m.to,
@@ -66,7 +66,7 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
             human_bytes(m.undo_bytes)
         );
     } else {
-        println!("{} is live at {} (its current point; nothing written) in {secs:.3} s", r.path.display(), m.to);
+        crate::outln!("{} is live at {} (its current point; nothing written) in {secs:.3} s", r.path.display(), m.to);
     }
     Ok(())
 }
@@ -89,7 +89,7 @@ pub fn commit(a: MoveArgs) -> Result<()> {
             "pinned": c.pinned.iter().map(|g| g.to_hex()).collect::<Vec<_>>(),
         }));
     } else {
-        println!(
+        crate::outln!(
             "{} keeps {}; dropped {} other point(s) and {} of undo data",
             r.path.display(),
             c.kept,
@@ -97,7 +97,7 @@ pub fn commit(a: MoveArgs) -> Result<()> {
             human_bytes(c.undo_bytes_freed)
         );
         for g in &c.pinned {
-            println!("  kept {g}: a test-failover image pins it (`diskferry test-failover --cleanup`)");
+            crate::outln!("  kept {g}: a test-failover image pins it (`diskferry test-failover --cleanup`)");
         }
     }
     Ok(())
@@ -121,14 +121,14 @@ pub fn demote(a: MoveArgs) -> Result<()> {
             "points_dropped": d.points_dropped,
         }));
     } else if d.hashed {
-        println!(
+        crate::outln!(
             "{} is a replica again, at {} (hashed: it was written since its last push; {} older point(s) dropped)",
             r.path.display(),
             d.generation,
             d.points_dropped
         );
     } else {
-        println!("{} is a replica again, at {}", r.path.display(), d.generation);
+        crate::outln!("{} is a replica again, at {}", r.path.display(), d.generation);
     }
     Ok(())
 }

@@ -296,7 +296,7 @@ fn run_disks(
             Some(_) => a.opts.peer.clone(),
             None => d.members.iter().map(|o| o.target.to_string()).collect::<Vec<_>>().join(", "),
         };
-        println!(
+        crate::outln!(
             "failover-sync of {} to {to}: {} passes while running, then the last delta ({} changed) as {} point {}",
             d.what(),
             passes.len(),
@@ -304,13 +304,13 @@ fn run_disks(
             r.consistency().as_str(),
             r.generation()
         );
-        println!("  quiesce     {quiesce_seconds:.2} s (the quiesce command)");
-        println!("  downtime    {downtime:.2} s (from the quiesce command's exit to the commit)");
+        crate::outln!("  quiesce     {quiesce_seconds:.2} s (the quiesce command)");
+        crate::outln!("  downtime    {downtime:.2} s (from the quiesce command's exit to the commit)");
         if r.promoted() {
-            println!("  promoted    the target is live at {}", r.generation());
+            crate::outln!("  promoted    the target is live at {}", r.generation());
         }
         for (p, g) in &demoted {
-            println!("  demoted     {} is a replica at {g}", p.display());
+            crate::outln!("  demoted     {} is a replica at {g}", p.display());
         }
     }
     Ok((r.generation(), r.consistency().as_str().to_string()))

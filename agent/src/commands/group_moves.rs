@@ -126,13 +126,13 @@ pub fn points(group: &str, config: Option<&Path>, state_dir: Option<PathBuf>, js
         return Ok(());
     }
     let names: Vec<&str> = resolved.iter().filter_map(|r| r.name.as_deref()).collect();
-    println!("group {group}: {}", names.join(", "));
+    crate::outln!("group {group}: {}", names.join(", "));
     if list.is_empty() {
-        println!("no group points (no generation every member holds)");
+        crate::outln!("no group points (no generation every member holds)");
     }
     for p in &list {
         let mark = if p.current { "  (current)" } else { "" };
-        println!(
+        crate::outln!(
             "{:<32}  {:<23}  {}{mark}",
             p.generation.to_hex(),
             format_time(p.created_unix_ns),
@@ -194,7 +194,7 @@ fn failover_members(
             "group": group, "generation": g.to_hex(), "consistency": consistency.as_str(), "members": moved,
         }));
     } else {
-        println!("group {group} is live at {g} ({}) on {} members", consistency.as_str(), moved.len());
+        crate::outln!("group {group} is live at {g} ({}) on {} members", consistency.as_str(), moved.len());
     }
     Ok(g)
 }
@@ -229,7 +229,7 @@ fn commit_members(group: &str, resolved: &[Resolved], targets: &mut [Target], js
     if json {
         print_json(&json!({ "group": group, "members": out }));
     } else {
-        println!("group {group}: every member keeps its current point; older ones dropped");
+        crate::outln!("group {group}: every member keeps its current point; older ones dropped");
     }
     Ok(())
 }
@@ -253,7 +253,7 @@ pub fn ungroup(a: crate::cli::UngroupArgs) -> Result<()> {
         let members: Vec<_> = resolved.iter().map(|r| json!({ "name": r.name, "target": r.path })).collect();
         print_json(&json!({ "group": group, "members": members, "forgotten": true }));
     } else {
-        println!(
+        crate::outln!(
             "group {group} forgotten: {} may be pushed alone or in another group; their points stay",
             names.join(", ")
         );
@@ -337,7 +337,7 @@ pub fn test_failover(
     if json {
         print_json(&json!({ "group": group, "generation": point.to_hex(), "out": dir, "members": out }));
     } else {
-        println!(
+        crate::outln!(
             "test images of group {group} at {point} in {}; pinned until `diskferry test-failover --group {group} --cleanup {}`",
             dir.display(),
             dir.display()
@@ -381,7 +381,7 @@ pub fn test_cleanup(
     if json {
         print_json(&json!({ "group": group, "removed": removed }));
     } else {
-        println!("removed {} test image(s) of group {group}; their points are no longer pinned", removed.len());
+        crate::outln!("removed {} test image(s) of group {group}; their points are no longer pinned", removed.len());
     }
     Ok(())
 }

@@ -38,8 +38,8 @@ pub fn run(a: HashArgs) -> Result<()> {
             "seconds": round_secs(secs),
         }));
     } else {
-        println!("{}  {}", root, a.disk.display());
-        println!(
+        crate::outln!("{}  {}", root, a.disk.display());
+        crate::outln!(
             "{} in {} blocks of {} ({} zero), {:.3} s, {:.0} MB/s",
             human_bytes(g.disk_bytes),
             g.block_count(),

@@ -42,7 +42,7 @@ fn print_fingerprint(id: &identity::Identity, json: bool) {
     if json {
         print_json(&json!({ "fingerprint": id.fingerprint() }));
     } else {
-        println!("{}", id.fingerprint());
+        crate::outln!("{}", id.fingerprint());
     }
 }
 
@@ -171,9 +171,9 @@ pub fn push(a: PushArgs) -> Result<()> {
     if a.opts.common.json {
         print_json(&push_json(&report, secs, cpu_seconds()));
     } else {
-        println!("pushed {} to {} at {} ({})", a.src.display(), a.target, a.opts.peer, report.mode());
-        println!("  disk        {} in {} blocks", human_bytes(report.disk_bytes), report.blocks_total);
-        println!(
+        crate::outln!("pushed {} to {} at {} ({})", a.src.display(), a.target, a.opts.peer, report.mode());
+        crate::outln!("  disk        {} in {} blocks", human_bytes(report.disk_bytes), report.blocks_total);
+        crate::outln!(
             "  changed     {} blocks; sent {} of block data, {} on the wire (path MTU {})",
             report.committed.blocks_changed,
             human_bytes(report.bytes_sent),
@@ -181,32 +181,32 @@ pub fn push(a: PushArgs) -> Result<()> {
             report.path_mtu
         );
         if report.committed.unchanged {
-            println!(
+            crate::outln!(
                 "  generation  {} (the target already held this data: nothing changed since)",
                 report.committed.generation
             );
         } else {
-            println!("  generation  {} ({})", report.committed.generation, report.consistency.as_str());
+            crate::outln!("  generation  {} ({})", report.committed.generation, report.consistency.as_str());
         }
         if report.committed.points_dropped > 0 {
-            println!(
+            crate::outln!(
                 "  dropped     {} recovery points of the target's old chain (--force)",
                 report.committed.points_dropped
             );
         }
         if let Some(g) = report.committed.common_point {
-            println!(
+            crate::outln!(
                 "  common      {g} (the last point both sides held); the target read {} of its disk",
                 human_bytes(report.committed.target_bytes_read)
             );
         }
         if let Some(g) = report.committed.discarded_point {
-            println!(
+            crate::outln!(
                 "  discarded   {} blocks of the target's own changes, kept there as point {g} until `diskferry commit`",
                 report.committed.discarded_blocks
             );
         }
-        println!("  time        {secs:.3} s ({:.0} MB/s)", mb_per_s(report.disk_bytes, secs));
+        crate::outln!("  time        {secs:.3} s ({:.0} MB/s)", mb_per_s(report.disk_bytes, secs));
     }
     Ok(())
 }

@@ -48,7 +48,7 @@ pub fn man(a: ManArgs) -> Result<()> {
         crate::output::print_json(&serde_json::json!({ "pages": written }));
     } else {
         for p in &written {
-            println!("{}", p.display());
+            crate::outln!("{}", p.display());
         }
     }
     Ok(())

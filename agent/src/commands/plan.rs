@@ -64,7 +64,7 @@ pub fn run(c: PlanCommand) -> Result<()> {
             let out = plan::cleanup(&p, &o);
             if !a.common.json && out.errors.is_empty() {
                 let n = out.summary["removed"].as_array().map_or(0, Vec::len);
-                println!("plan {}: removed {n} test image(s); their points are no longer pinned", p.name);
+                crate::outln!("plan {}: removed {n} test image(s); their points are no longer pinned", p.name);
             }
             fail_with(&p, out, a.common.json, "cleanup")
         }
@@ -147,16 +147,21 @@ fn groups(summary: &Value) -> impl Iterator<Item = &Value> {
 /// The summary for people: one line per VM.
 fn print_table(summary: &Value, mode: Mode) {
     let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
-    println!(
+    crate::outln!(
         "plan {} ({}{}) in {} s",
         s(&summary["plan"]),
         mode.as_str(),
         summary["point"].as_str().map(|p| format!(", point {p}")).unwrap_or_default(),
         summary["seconds"]
     );
-    println!(
+    crate::outln!(
         "{:<14} {:<14} {:<12} {:<33} {:<17} {:>8}  ERROR",
-        "GROUP", "VM", "STATUS", "POINT", "CONSISTENCY", "SECONDS"
+        "GROUP",
+        "VM",
+        "STATUS",
+        "POINT",
+        "CONSISTENCY",
+        "SECONDS"
     );
     for g in groups(summary) {
         for v in g["vms"].as_array().into_iter().flatten() {
@@ -164,7 +169,7 @@ fn print_table(summary: &Value, mode: Mode) {
                 Some(c) => format!("{c}: {}", s(&v["message"])),
                 None => String::new(),
             };
-            println!(
+            crate::outln!(
                 "{:<14} {:<14} {:<12} {:<33} {:<17} {:>8}  {error}",
                 s(&g["name"]),
                 s(&v["name"]),
@@ -175,7 +180,7 @@ fn print_table(summary: &Value, mode: Mode) {
             );
         }
         for h in g["hooks"].as_array().into_iter().flatten().filter(|h| h["ok"] == false) {
-            println!(
+            crate::outln!(
                 "{:<14} {:<14} {:<12} error[{}]: {}",
                 s(&g["name"]),
                 format!("{} hook", s(&h["hook"])),
@@ -186,7 +191,7 @@ fn print_table(summary: &Value, mode: Mode) {
         }
     }
     for h in summary["hooks"].as_array().into_iter().flatten().filter(|h| h["ok"] == false) {
-        println!(
+        crate::outln!(
             "plan {} hook failed: error[{}]: {}",
             s(&h["hook"]),
             s(&h["error"]["code"]),

@@ -50,15 +50,15 @@ pub fn run(a: PointsArgs) -> Result<()> {
         return Ok(());
     }
     if let Some(role) = target.role() {
-        println!("{}: {}", dst.display(), role.as_str());
+        crate::outln!("{}: {}", dst.display(), role.as_str());
     }
     if list.is_empty() {
-        println!("{}: no recovery points", dst.display());
+        crate::outln!("{}: no recovery points", dst.display());
         return Ok(());
     }
-    println!("{:<32}  {:<23}  {:<16}  {:>12}  {:>12}", "GENERATION", "TIME", "CONSISTENCY", "SIZE", "UNDO");
+    crate::outln!("{:<32}  {:<23}  {:<16}  {:>12}  {:>12}", "GENERATION", "TIME", "CONSISTENCY", "SIZE", "UNDO");
     for p in &list {
-        println!(
+        crate::outln!(
             "{:<32}  {:<23}  {:<16}  {:>12}  {:>12}{}",
             p.generation.to_hex(),
             format_time(p.created_unix_ns),

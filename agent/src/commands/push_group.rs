@@ -62,9 +62,9 @@ pub fn run(a: PushGroupArgs) -> Result<()> {
             "cpu_seconds": round_secs(cpu_seconds()),
         }));
     } else {
-        println!("pushed group {} to {} as one point, generation {generation}", a.group, a.opts.peer);
+        crate::outln!("pushed group {} to {} as one point, generation {generation}", a.group, a.opts.peer);
         for (r, o) in reports.iter().zip(&all) {
-            println!(
+            crate::outln!(
                 "  {:<16} {} changed blocks, {} sent, {} ({})",
                 o.target.as_str(),
                 r.committed.blocks_changed,

@@ -61,10 +61,10 @@ pub fn run(a: StatusArgs) -> Result<()> {
                 v.join(", ")
             }
         };
-        println!("reloaded {}", before["config_file"].as_str().unwrap_or("the config"));
-        println!("  targets added    {}", list("targets_added"));
-        println!("  targets removed  {}", list("targets_removed"));
-        println!(
+        crate::outln!("reloaded {}", before["config_file"].as_str().unwrap_or("the config"));
+        crate::outln!("  targets added    {}", list("targets_added"));
+        crate::outln!("  targets removed  {}", list("targets_removed"));
+        crate::outln!(
             "  protected disks  started: {}; stopped: {}; replaced: {}; {} unchanged",
             list("protect_started"),
             list("protect_stopped"),
@@ -72,7 +72,7 @@ pub fn run(a: StatusArgs) -> Result<()> {
             report["protect_kept"]
         );
         if !list("restart_needed").eq("none") {
-            println!("  at the next start: {}", list("restart_needed"));
+            crate::outln!("  at the next start: {}", list("restart_needed"));
         }
     }
     Ok(())

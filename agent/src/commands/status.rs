@@ -23,9 +23,9 @@ pub fn run(a: StatusArgs) -> Result<()> {
     }
     let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
     let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
-    println!("agent at {}", root.display());
+    crate::outln!("agent at {}", root.display());
     if !list(&protect).is_empty() {
-        println!(
+        crate::outln!(
             "\nPROTECTED DISK                           PEER                  TARGET        RPO            LAST POINT"
         );
         for p in list(&protect) {
@@ -35,7 +35,7 @@ pub fn run(a: StatusArgs) -> Result<()> {
                 p["rpo_target_seconds"].as_f64().unwrap_or(0.0),
                 if p["over_rpo"] == true { " OVER" } else { "" }
             );
-            println!(
+            crate::outln!(
                 "{:<40} {:<21} {:<13} {:<14} {}",
                 s(&p["disk"]),
                 s(&p["peer"]),
@@ -44,14 +44,14 @@ pub fn run(a: StatusArgs) -> Result<()> {
                 s(&p["last_point"])
             );
             if let Some(e) = p["last_error"].as_str() {
-                println!("  last error: {e}");
+                crate::outln!("  last error: {e}");
             }
         }
     }
     if !list(&targets).is_empty() {
-        println!("\nTARGET           ROLE      POINTS  NEWEST");
+        crate::outln!("\nTARGET           ROLE      POINTS  NEWEST");
         for t in list(&targets) {
-            println!(
+            crate::outln!(
                 "{:<16} {:<9} {:>6}  {} {}",
                 s(&t["name"]),
                 s(&t["role"]),
@@ -63,14 +63,14 @@ pub fn run(a: StatusArgs) -> Result<()> {
     }
     let all = list(&jobs);
     let (running, done): (Vec<&Value>, Vec<&Value>) = all.iter().partition(|j| j["result"].is_null());
-    println!("\nJOB    KIND     TARGET        PHASE        BYTES         STARTED                  RESULT");
+    crate::outln!("\nJOB    KIND     TARGET        PHASE        BYTES         STARTED                  RESULT");
     for j in running.iter().chain(done.iter().take(RECENT)) {
         let result = match &j["result"] {
             Value::Null => "running".to_string(),
             r if r["ok"] == true => format!("ok {}", s(&r["generation"])),
             r => format!("error[{}]: {}", s(&r["code"]), s(&r["message"])),
         };
-        println!(
+        crate::outln!(
             "{:<6} {:<8} {:<13} {:<12} {:<13} {:<24} {result}",
             j["id"],
             s(&j["kind"]),

@@ -87,9 +87,9 @@ pub fn report_json(r: &SyncReport, secs: f64) -> Value {
 
 fn print_human(a: &SyncArgs, r: &SyncReport, secs: f64) {
     let how = if r.compare == "none" { r.mode.to_string() } else { format!("{}, {}", r.mode, r.compare) };
-    println!("synced {} -> {} ({how})", a.src.display(), a.dst.display());
-    println!("  disk        {} in {} blocks", human_bytes(r.disk_bytes), r.blocks_total);
-    println!(
+    crate::outln!("synced {} -> {} ({how})", a.src.display(), a.dst.display());
+    crate::outln!("  disk        {} in {} blocks", human_bytes(r.disk_bytes), r.blocks_total);
+    crate::outln!(
         "  changed     {} blocks, {} written (redo log {}, undo {})",
         r.blocks_changed,
         human_bytes(r.bytes_written),
@@ -97,12 +97,12 @@ fn print_human(a: &SyncArgs, r: &SyncReport, secs: f64) {
         human_bytes(r.undo_bytes)
     );
     if r.unchanged {
-        println!("  generation  {} (the target already held this data: nothing changed since)", r.generation);
+        crate::outln!("  generation  {} (the target already held this data: nothing changed since)", r.generation);
     } else {
-        println!("  generation  {} ({})", r.generation, r.consistency.as_str());
+        crate::outln!("  generation  {} ({})", r.generation, r.consistency.as_str());
     }
     if r.points_dropped > 0 {
-        println!("  dropped     {} recovery points of the target's old chain (--force)", r.points_dropped);
+        crate::outln!("  dropped     {} recovery points of the target's old chain (--force)", r.points_dropped);
     }
-    println!("  time        {secs:.3} s ({:.0} MB/s)", mb_per_s(r.disk_bytes, secs));
+    crate::outln!("  time        {secs:.3} s ({:.0} MB/s)", mb_per_s(r.disk_bytes, secs));
 }

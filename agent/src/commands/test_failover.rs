@@ -67,7 +67,7 @@ fn create(a: &TestFailoverArgs) -> Result<()> {
             "seconds": round_secs(secs),
         }));
     } else {
-        println!(
+        crate::outln!(
             "test image of {} ({}) at {} ({}); the point is pinned until `diskferry test-failover --cleanup {}`",
             report.generation,
             human_bytes(report.disk_bytes),
@@ -103,7 +103,11 @@ fn cleanup(a: &TestFailoverArgs, clone: &Path) -> Result<()> {
     if a.common.json {
         print_json(&json!({ "target": r.path, "removed": clone, "unpinned": g.map(|g| g.to_hex()) }));
     } else {
-        println!("removed {}; {} is no longer pinned", clone.display(), g.map(|g| g.to_string()).unwrap_or_default());
+        crate::outln!(
+            "removed {}; {} is no longer pinned",
+            clone.display(),
+            g.map(|g| g.to_string()).unwrap_or_default()
+        );
     }
     Ok(())
 }

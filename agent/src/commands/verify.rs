@@ -42,7 +42,7 @@ pub fn run(a: VerifyArgs) -> Result<()> {
                 "root": report.root.to_hex(),
             }));
         } else {
-            println!("ok: {} is at generation {} (root {})", a.dst.display(), report.generation, report.root);
+            crate::outln!("ok: {} is at generation {} (root {})", a.dst.display(), report.generation, report.root);
         }
         return Ok(());
     }
