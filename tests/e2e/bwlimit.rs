@@ -59,7 +59,9 @@ fn two_pushes_share_a_daemons_limit_evenly() {
     let mut extra = format!("status_listen = \"127.0.0.1:{status}\"\nbandwidth_limit = \"4M\"\n");
     for n in ["d1", "d2"] {
         let disk = dir_a.join(format!("{n}.img"));
-        make_disk(&disk, 17 * MIB, 1.0, &mut rng);
+        // Equal payloads (no zero blocks to skip): both run the whole time, so
+        // neither has the limit to itself after the other ended.
+        random_disk(&disk, 17 * MIB, &mut rng);
         extra += &format!(
             "[[protect]]\nsource = \"{}\"\npeer = \"{}\"\npeer_fingerprint = \"{}\"\ntarget = \"{n}\"\nevery = \"1h\"\n",
             disk.display(),
