@@ -1,5 +1,5 @@
-//! Running `qemu-img` for what it prints: the bitmaps of an image at rest,
-//! its map, its info.
+//! Running `qemu-img` for what it prints: the map and info of an image
+//! diskferry reads straight from its files (`direct.rs`).
 
 use std::ffi::OsStr;
 use std::io::Read;
