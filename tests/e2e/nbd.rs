@@ -420,6 +420,31 @@ fn dirty_bitmaps_of_a_qcow2_image() {
     assert_eq!(r["change_source"], "full-scan", "{r}");
     assert!(r["change_note"].as_str().is_some_and(|n| n.contains("disabled")), "{r}");
     compare(&raw_of(&img), &tgt).unwrap();
+    // Left in use by a reader killed with -9, nothing written since: a full
+    // read finds the target unchanged, and this push's bitmap takes the
+    // kept one's place (QEMU cannot merge into a bitmap in use).
+    let gen = r["generation"].as_str().unwrap().to_string();
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !bitmaps(&img).iter().any(|b| b.1) {
+        assert!(t.elapsed() < Duration::from_secs(20), "qemu-io never opened the image");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
+    assert_eq!((&r["change_source"], &r["generation"]), (&"full-scan".into(), &gen.clone().into()), "{r}");
+    assert_eq!(bitmaps(&img), vec![(format!("diskferry-{gen}"), false)], "one bitmap, not in use");
+    qemu_io(&img, &[(12 * MIB + 9, 777, 0x21)]);
+    let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
+    assert_eq!(r["change_source"], "dirty-bitmap", "{r}");
+    compare(&raw_of(&img), &tgt).unwrap();
     // Dirty bitmaps need a qcow2 image.
     push_to(&raw_of(&img), &p.source, &p.agent, "t0", &["--changes", "dirty-bitmap"]).expect_json_error("E_USAGE", 2);
 }
@@ -477,4 +502,17 @@ fn a_killed_pushs_storage_daemon_is_stopped_by_the_next_push() {
     compare(&raw_of(&img), &tgt).unwrap();
     let gen = r["generation"].as_str().unwrap().to_string();
     assert_eq!(bitmaps(&img), vec![(format!("diskferry-{gen}"), false)]);
+
+    // A qcow2 on a block device (an LV, here a loop device) is served too;
+    // the device has room for the clusters its bitmaps take.
+    let len = std::fs::metadata(&img).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len((len / MIB + 16) * MIB).unwrap();
+    let dev = util::Loop::attach(&img);
+    let on_dev = ["--format", "qcow2", "--changes", "dirty-bitmap", "--force"];
+    let r = push_to(&dev.dev, &p.source, &p.agent, "t0", &on_dev).ok_json();
+    assert_eq!(r["read_through"], "qemu-storage-daemon", "{r}");
+    qemu_io(&dev.dev, &[(9 * MIB + 1, 3000, 0x43)]);
+    let r = push_to(&dev.dev, &p.source, &p.agent, "t0", &args).ok_json();
+    assert_eq!(r["change_source"], "dirty-bitmap", "{r}");
+    compare(&raw_of(&img), &tgt).unwrap();
 }

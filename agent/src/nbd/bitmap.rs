@@ -124,7 +124,14 @@ impl BitmapPass {
     pub fn commit(mut self, generation: Generation) -> Result<(), Error> {
         self.drop_union();
         let new = name_for(generation);
-        let have = self.store.list()?;
+        let mut have = self.store.list()?;
+        if let Some(i) = have.iter().position(|b| b.name == new && b.inconsistent) {
+            // G's own bitmap may have missed writes (so this pass read in
+            // full): it cannot take the chain in, and QEMU refuses to merge
+            // it. This pass's bitmap, started before the read, takes its name.
+            self.store.remove(&new)?;
+            have.remove(i);
+        }
         if have.iter().any(|b| b.name == new) {
             // The target kept generation G (nothing changed): G's bitmap
             // takes in the whole chain since it and records again.
@@ -269,6 +276,20 @@ mod tests {
         // The listing is the stale one here (the pending bitmap is not in it).
         assert_eq!(ops.last().unwrap(), &format!("collapse 0 into {}", name_for(g)), "{ops:?}");
         assert!(!ops.iter().any(|o| o.starts_with("rename")), "{ops:?}");
+    }
+
+    #[test]
+    fn an_unchanged_commit_replaces_a_kept_bitmap_that_may_have_missed_writes() {
+        let g = Generation(0xaa);
+        let ops = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = Log { have: vec![b(&name_for(g), true, true)], ops: ops.clone() };
+        let pass = BitmapPass::begin(Box::new(store), Some(g)).unwrap();
+        assert!(pass.why_not.as_deref().is_some_and(|w| w.contains("in use")), "{:?}", pass.why_not);
+        pass.commit(g).unwrap();
+        let ops = ops.lock().unwrap().clone();
+        assert_eq!(ops[1], format!("remove {}", name_for(g)), "{ops:?}");
+        assert_eq!(ops[2], format!("rename {PENDING} to {}", name_for(g)), "{ops:?}");
+        assert!(!ops.iter().any(|o| o.starts_with("collapse")), "{ops:?}");
     }
 
     #[test]

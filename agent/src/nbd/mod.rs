@@ -38,7 +38,7 @@ use url::NbdUrl;
 pub struct NbdStorage {
     client: Arc<NbdClient>,
     allocation: Option<u32>,
-    /// For an image at rest behind diskferry's own `qemu-nbd`: its plain
+    /// For an image at rest behind diskferry's own QEMU: its plain
     /// data, read from its files without NBD's copies.
     direct: Option<direct::DirectMap>,
 }

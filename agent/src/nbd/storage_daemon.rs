@@ -126,8 +126,13 @@ pub fn serve(image: &Path) -> Result<Node, Error> {
         .tempdir_in(&parent)
         .map_err(|e| Error::new(ErrorCode::Io, format!("a directory for qemu-storage-daemon's monitor: {e}")))?;
     let socket = dir.path().join("qmp");
+    // QEMU's `file` driver refuses a block device (an image on an LV).
+    let is_device =
+        std::fs::metadata(image).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+    let protocol = if is_device { "host_device" } else { "file" };
     let blockdev =
-        json!({ "driver": "qcow2", "node-name": NODE, "file": { "driver": "file", "filename": filename } }).to_string();
+        json!({ "driver": "qcow2", "node-name": NODE, "file": { "driver": protocol, "filename": filename } })
+            .to_string();
     let claim = Claim::take(&parent, image, &blockdev)?;
     // QEMU's option syntax escapes a comma by doubling it.
     let chardev = format!("socket,id=qmp,server=on,wait=off,path={}", socket.to_string_lossy().replace(',', ",,"));
@@ -175,9 +180,16 @@ pub fn serve(image: &Path) -> Result<Node, Error> {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let qmp = match Qmp::connect(&socket)? {
-        Some(q) => Arc::new(Mutex::new(q)),
-        None => return Err(daemon.refusal(image)),
+    let qmp = match Qmp::connect(&socket) {
+        Ok(Some(q)) => Arc::new(Mutex::new(q)),
+        Ok(None) if daemon.waiter.as_ref().is_some_and(|w| w.is_finished()) => return Err(daemon.refusal(image)),
+        Ok(None) => {
+            return Err(Error::new(ErrorCode::Connection, "qemu-storage-daemon refused its monitor's connection"))
+        }
+        Err(e) => {
+            return Err(Error::new(e.code, format!("qemu-storage-daemon's monitor: {}", e.message))
+                .hint("see the agent's log; the next push starts a new daemon"))
+        }
     };
     daemon.qmp = Some(qmp.clone());
     Node::open_served(qmp, &socket, NODE, image, daemon)
@@ -190,11 +202,15 @@ impl Daemon {
             Some(Ok((said, status))) => format!("{} ({status:?})", said.trim()),
             _ => "it ended without a word".to_string(),
         };
-        Error::new(
-            ErrorCode::InvalidInput,
-            format!("qemu-storage-daemon could not open {} as qcow2: {said}", image.display()),
-        )
-        .hint("a VM running on the image holds it: give its QMP socket (--qmp SOCKET --node NAME)")
+        let what = format!("qemu-storage-daemon could not open {} as qcow2: {said}", image.display());
+        if said.contains("\"write\" lock") {
+            // Someone else has the image open: a running VM, or another push
+            // (one from outside this agent's runtime directory).
+            return Error::new(ErrorCode::Busy, what)
+                .hint("a VM running on the image holds it: give its QMP socket (--qmp SOCKET --node NAME)");
+        }
+        Error::new(ErrorCode::InvalidInput, what)
+            .hint("check that the image is a qcow2 that diskferry may write (its bitmaps are stored in it)")
     }
 }
 
@@ -205,7 +221,8 @@ impl Drop for Daemon {
             return;
         };
         let quit = self.qmp.as_ref().map(|q| q.lock().unwrap_or_else(|p| p.into_inner()).execute("quit", json!({})));
-        if !matches!(quit, Some(Ok(Ok(_)))) {
+        // Once the waiter reaped it, its pid may be another process's.
+        if !matches!(quit, Some(Ok(Ok(_)))) && !waiter.is_finished() {
             tracing::warn!("qemu-storage-daemon did not take quit ({quit:?}): stopped with SIGTERM");
             signal(self.pid, Signal::TERM);
         }
@@ -221,7 +238,8 @@ impl Drop for Daemon {
         let ended = waiter.join();
         let _ = std::fs::remove_file(&self.claim.pid_file);
         match ended {
-            Ok((_, Ok(status))) if status.success() => {}
+            // It says why a bitmap could not be stored ("Lost persistent bitmaps"), and exits 0.
+            Ok((said, Ok(status))) if status.success() && said.trim().is_empty() => {}
             Ok((said, status)) => tracing::warn!("qemu-storage-daemon ended with {status:?}: {}", said.trim()),
             Err(_) => tracing::warn!("the qemu-storage-daemon thread panicked"),
         }

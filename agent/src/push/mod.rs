@@ -97,7 +97,8 @@ pub struct PushReport {
     pub changes: HintOutcome,
     /// Source bytes read: hashing (holes are not read), spot check, sending.
     pub source_bytes_read: u64,
-    /// `file`, `qemu-nbd` (an image diskferry served), `nbd` (a URL), or
+    /// `file`, `qemu-nbd` (an image diskferry served), `qemu-storage-daemon`
+    /// (an image at rest with `--changes dirty-bitmap`), `nbd` (a URL), or
     /// `qmp` (a running VM's node through QEMU's NBD server).
     pub read_through: &'static str,
 }
@@ -174,23 +175,23 @@ pub async fn push_with(
     };
     // Why a requested hint could not even be offered (the report says so).
     let mut unoffered = None;
-    let (pass, node) = match opts.changes {
+    let (mut pass, node) = match opts.changes {
         Changes::DirtyBitmap => {
             let o = opts.clone();
             let (pass, node) = tokio::task::spawn_blocking(move || begin_bitmaps(&o))
                 .await
                 .map_err(|e| Error::new(ErrorCode::Internal, format!("bitmap task: {e}")))??;
             unoffered.clone_from(&pass.why_not);
-            (Some(pass), Some(node))
+            (PassGuard(Some(pass)), Some(node))
         }
         _ if opts.qmp.is_some() => {
             return Err(Error::new(ErrorCode::Usage, "--qmp reads a running VM's disk with --changes dirty-bitmap")
                 .hint("add --changes dirty-bitmap --format qcow2"))
         }
-        _ => (None, None),
+        _ => (PassGuard(None), None),
     };
-    let bitmap = pass.as_ref().and_then(|p| p.to_read().cloned());
-    let pending = pass.as_ref().map(|p| p.pending().to_string());
+    let bitmap = pass.0.as_ref().and_then(|p| p.to_read().cloned());
+    let pending = pass.0.as_ref().map(|p| p.pending().to_string());
     let reading_pending = pending.clone();
     let (read, format, b) = (snap.read_path.clone(), opts.format, bitmap.as_ref().map(|b| b.1.clone()));
     let read_through = match (&node, format) {
@@ -209,12 +210,8 @@ pub async fn push_with(
     .map_err(|e| Error::new(ErrorCode::Internal, format!("source task: {e}")))?;
     let reader = match opened {
         Ok(r) => r,
-        Err(e) => {
-            if let Some(p) = pass {
-                p.abandon();
-            }
-            return Err(e);
-        }
+        // The guard abandons the pass.
+        Err(e) => return Err(e),
     };
     let source = Arc::new(SourceSession::open_as(
         reader.vfs.clone(),
@@ -328,7 +325,7 @@ pub async fn push_with(
     }
     snap.finish();
     drop(reader);
-    if let Some(pass) = pass {
+    if let Some(pass) = pass.0.take() {
         // The pending bitmap becomes the new generation's; on a failure it
         // stays in the chain the next push reads. Not renamed, the next
         // push reads in full: never a missed write.
@@ -386,6 +383,23 @@ pub async fn connect_peer(
     let conn = connecting.await.map_err(|e| connection_error(e, false, peer, id))?;
     tracing::debug!("connected");
     Ok((endpoint, conn))
+}
+
+/// A bitmap pass that a push leaving early (an error, a cancel) abandons
+/// on a blocking thread: its QMP steps, and the stop of diskferry's own
+/// storage daemon, block.
+struct PassGuard(Option<crate::nbd::bitmap::BitmapPass>);
+
+impl Drop for PassGuard {
+    fn drop(&mut self) {
+        if let Some(pass) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                // A runtime waits for its blocking tasks as it shuts down.
+                Ok(rt) => drop(rt.spawn_blocking(move || pass.abandon())),
+                Err(_) => pass.abandon(),
+            }
+        }
+    }
 }
 
 /// For a running VM: what the guest wrote since this pass began (its
