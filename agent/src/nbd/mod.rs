@@ -259,12 +259,10 @@ pub fn open_running(node: &running::Node, bitmap: Option<&str>, pending: &str) -
         Some(image) => PathBuf::from(format!("qemu-storage-daemon:{}", image.display())),
         None => PathBuf::from(format!("qmp:{}#{}", node.qmp_socket().display(), node.name)),
     };
-    // An image at rest read in full is read from its files where it can be;
-    // a hinted read is too small to be worth the map.
-    let direct = match (node.image_at_rest(), bitmap) {
-        (Some(image), None) => direct_map(image, Format::Qcow2, &client),
-        _ => None,
-    };
+    // An image at rest is read from its files where it can be: a hinted
+    // read's hundreds of scattered ranges cost an NBD round trip each, and a
+    // hint the spot check turns down is read in full.
+    let direct = node.image_at_rest().and_then(|image| direct_map(image, Format::Qcow2, &client));
     let vfs = nbd_vfs(&client, read_path.clone(), None, Some((node.clone(), pending.to_string())), direct);
     Ok(Source { vfs: Arc::new(vfs), read_path, client: Some(client), server: None, export: Some(export) })
 }
