@@ -87,5 +87,5 @@ fn plain_data_is_read_from_the_files_qemu_maps_it_to() {
     let want = root(&raw_of(&plain), &[]).0;
     let (got, stderr) = root(&plain, &[("PATH", path.as_ref())]);
     assert_eq!(got, want, "a lying map must not be used");
-    assert!(stderr.contains("differ from what qemu-nbd serves"), "the turn-down is reported: {stderr}");
+    assert!(stderr.contains("differ from what NBD serves"), "the turn-down is reported: {stderr}");
 }
