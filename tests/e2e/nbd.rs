@@ -390,22 +390,7 @@ fn dirty_bitmaps_of_a_qcow2_image() {
     assert_eq!(bitmaps(&img), vec![(format!("diskferry-{gen}"), false)]);
 
     // A writer killed with -9 leaves the bitmap in use: not trusted.
-    let mut writer = Command::new("qemu-io")
-        .args(["-f", "qcow2"])
-        .arg(&img)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    writer.stdin.as_mut().unwrap().write_all(b"write -P 119 5000 300000\n").unwrap();
-    let t = Instant::now();
-    while !bitmaps(&img).iter().any(|b| b.1) {
-        assert!(t.elapsed() < Duration::from_secs(20), "the writer never opened the image");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    writer.kill().unwrap();
-    writer.wait().unwrap();
+    killed_with_the_image_open(&img, b"write -P 119 5000 300000\n", Duration::from_millis(300));
     assert!(bitmaps(&img).iter().any(|b| b.1), "left in use");
     let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
     assert_eq!(r["change_source"], "full-scan", "{r}");
@@ -424,20 +409,7 @@ fn dirty_bitmaps_of_a_qcow2_image() {
     // read finds the target unchanged, and this push's bitmap takes the
     // kept one's place (QEMU cannot merge into a bitmap in use).
     let gen = r["generation"].as_str().unwrap().to_string();
-    let mut holder = Command::new("qemu-io")
-        .args(["-f", "qcow2"])
-        .arg(&img)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !bitmaps(&img).iter().any(|b| b.1) {
-        assert!(t.elapsed() < Duration::from_secs(20), "qemu-io never opened the image");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    killed_with_the_image_open(&img, b"", Duration::ZERO);
     let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
     assert_eq!((&r["change_source"], &r["generation"]), (&"full-scan".into(), &gen.clone().into()), "{r}");
     assert_eq!(bitmaps(&img), vec![(format!("diskferry-{gen}"), false)], "one bitmap, not in use");
@@ -447,6 +419,27 @@ fn dirty_bitmaps_of_a_qcow2_image() {
     compare(&raw_of(&img), &tgt).unwrap();
     // Dirty bitmaps need a qcow2 image.
     push_to(&raw_of(&img), &p.source, &p.agent, "t0", &["--changes", "dirty-bitmap"]).expect_json_error("E_USAGE", 2);
+}
+
+/// A `qemu-io` on `image` given `commands`, SIGKILLed `settle` after it
+/// opened the image (its bitmaps marked in use).
+fn killed_with_the_image_open(image: &Path, commands: &[u8], settle: Duration) {
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(image)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    holder.stdin.as_mut().unwrap().write_all(commands).unwrap();
+    let t = Instant::now();
+    while !bitmaps(image).iter().any(|b| b.1) {
+        assert!(t.elapsed() < Duration::from_secs(20), "qemu-io never opened the image");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(settle);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
 }
 
 /// The pid of a `qemu-storage-daemon` serving `image`, if one runs.
