@@ -19,6 +19,12 @@ use crate::transport::{write_frame, write_frames, FrameReader, ReadError};
 
 /// Data streams of a session on a connection of its own (more do not add throughput).
 const DATA_STREAMS: usize = 2;
+/// Blocks go to the data streams in runs of this many bytes. The streams
+/// drift apart by megabytes on the way (each is read by its own task on the
+/// target), so blocks dealt out one by one reached the target's writer
+/// every other one, and a full download was written in 64 KiB pieces;
+/// runs arrive whole and merge into large writes.
+const STREAM_RUN_BYTES: u64 = 4 << 20;
 
 /// Notes from the helper threads to the session loop.
 enum Note {
@@ -283,7 +289,7 @@ fn spawn_hasher(
             let g = source.geometry();
             let out = |item: Item<'_>| -> std::io::Result<()> {
                 let stream = match &item {
-                    Item::Block(b) => (b.index() as usize) % data.len(),
+                    Item::Block(b) => stream_of(&g, b.index(), data.len()),
                     Item::Zero { .. } => 0,
                 };
                 data[stream].blocking_send(source.encode(&item)).map_err(|_| std::io::Error::other("session ended"))?;
@@ -387,6 +393,12 @@ impl SentProgress {
     }
 }
 
+/// The data stream (of `streams`) block `index` goes on.
+fn stream_of(g: &Geometry, index: u64, streams: usize) -> usize {
+    let run_blocks = (STREAM_RUN_BYTES / g.block_size.bytes()).max(1);
+    ((index / run_blocks) % streams as u64) as usize
+}
+
 /// Reads wanted blocks and queues their frames.
 fn spawn_sender(
     source: &Arc<SourceSession>,
@@ -398,8 +410,9 @@ fn spawn_sender(
 ) {
     let (source, data, notes, progress) = (source.clone(), data.to_vec(), notes.clone(), progress.clone());
     tokio::task::spawn_blocking(move || {
+        let g = source.geometry();
         let sent = source.frames(&blocks, &expected, &mut |index, frame| {
-            let ok = data[(index as usize) % data.len()].blocking_send(frame).is_ok();
+            let ok = data[stream_of(&g, index, data.len())].blocking_send(frame).is_ok();
             if ok {
                 progress.block_sent(index);
             }
@@ -409,4 +422,27 @@ fn spawn_sender(
             let _ = notes.send(Note::Failed(e));
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use diskferry_protocol::{BlockSize, Geometry};
+
+    use super::{stream_of, STREAM_RUN_BYTES};
+
+    #[test]
+    fn blocks_go_to_the_streams_in_runs_of_whole_megabytes() {
+        for block in [4096u32, 64 << 10, 1 << 20, 4 << 20] {
+            let g = Geometry::new(1 << 30, BlockSize::new(block).expect("a valid block size"));
+            let streams: Vec<usize> = (0..g.block_count()).map(|i| stream_of(&g, i, 2)).collect();
+            // Adjacent blocks stay on one stream for at least STREAM_RUN_BYTES
+            // (one block when blocks are larger), and both streams carry half.
+            let runs: Vec<usize> = streams.chunk_by(|a, b| a == b).map(<[usize]>::len).collect();
+            let least = (STREAM_RUN_BYTES / block as u64).max(1) as usize;
+            assert!(runs.iter().all(|r| *r == least), "{block}-byte blocks: runs {:?}", &runs[..4]);
+            assert_eq!(streams.iter().filter(|s| **s == 1).count() as u64, g.block_count() / 2);
+        }
+        let g = Geometry::new(1 << 30, BlockSize::new(64 << 10).expect("a valid block size"));
+        assert!((0..g.block_count()).all(|i| stream_of(&g, i, 1) == 0));
+    }
 }

@@ -3,7 +3,11 @@
 //! [`DirectSink::write_batch`]. Whatever queued while the last batch was
 //! being written goes out as the next batch, so a busy session gets large
 //! merged writes (which direct I/O needs: small ones each wait for the
-//! device) and a quiet one has nothing held back.
+//! device). A writer that keeps up would otherwise write each block as it
+//! comes (64 KiB, every other one: the data streams interleave), so it
+//! gathers for a few milliseconds first; a quiet session waits no longer.
+
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
 use diskferry_protocol::Geometry;
@@ -18,6 +22,12 @@ pub type Queued = (VerifiedBlock, OwnedSemaphorePermit);
 
 /// Blocks merged into one batch at most.
 const MAX_BATCH: usize = 512;
+/// A batch is written once it holds this many bytes…
+const GATHER_BYTES: u64 = 4 << 20;
+/// …or this long after its first block came. Measured on this project's
+/// virtio disk (strace of a 4 GiB full download): 64 KiB direct writes
+/// took 0.49 ms each (130 MB/s), 4–8 MiB ones reached 370–400 MB/s.
+const GATHER_WAIT: Duration = Duration::from_millis(8);
 
 /// The running writer.
 pub struct Writer {
@@ -84,12 +94,25 @@ fn run(
             // The sender is dropped to stop: this arm fires at once.
             recv(stop) -> _ => return,
         };
+        let mut bytes = first.0.payload_len();
         let mut batch = vec![first];
+        let deadline = Instant::now() + GATHER_WAIT;
         while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
+            let next = match rx.try_recv() {
+                Ok(m) => m,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) if bytes >= GATHER_BYTES => break,
+                Err(TryRecvError::Empty) => select! {
+                    recv(rx) -> m => match m {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    },
+                    recv(stop) -> _ => return,
+                    recv(crossbeam_channel::at(deadline)) -> _ => break,
+                },
+            };
+            bytes += next.0.payload_len();
+            batch.push(next);
         }
         if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
             return;
