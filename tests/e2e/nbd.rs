@@ -368,9 +368,15 @@ fn dirty_bitmaps_of_a_qcow2_image() {
 
     // Writes at unaligned offsets and sizes.
     qemu_io(&img, &[(3 * MIB + 5, 70_000, 0x33), (40 * MIB + 4095, 2, 0x44), (63 * MIB, 12_345, 0x55)]);
+    // The storage daemon opens the image read-write (for its bitmaps): the
+    // guest's bytes must come out of the push as they went in.
+    let before = p.dir.join("before.raw");
+    std::fs::rename(raw_of(&img), &before).unwrap();
     let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
     assert_eq!(r["change_source"], "dirty-bitmap", "{r}");
-    compare(&raw_of(&img), &tgt).unwrap();
+    assert_eq!(r["read_through"], "qemu-storage-daemon", "{r}");
+    compare(&raw_of(&img), &before).expect("the push changed the guest's bytes");
+    compare(&before, &tgt).unwrap();
     let hinted = uint(&r, "hinted_blocks");
     assert!((3..=8).contains(&hinted), "the bitmap names about the written blocks: {r}");
     let read = uint(&r, "source_bytes_read");
