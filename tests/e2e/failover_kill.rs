@@ -98,9 +98,14 @@ fn kill_failover(name: &str, trials: usize, restart_serve_every: usize) {
     s.restore();
     let t0 = Instant::now();
     run(&s.failover_args(&older[0])).ok();
-    let whole = t0.elapsed();
+    let mut whole = t0.elapsed();
     let (mut moved, mut old) = (0, 0);
-    for trial in 0..trials {
+    // Kills that all land on one side only mean the machine's load changed
+    // since `whole` was measured: a few more trials, with `whole` following
+    // the reruns, before the test calls that a failure.
+    let mut trial = 0;
+    while trial < trials || ((moved == 0 || old == 0) && trial < 3 * trials) {
+        trial += 1;
         s.restore();
         let point = older[rng.random_range(0..older.len())].clone();
         let ctx = format!("trial {trial}: failover to {point}");
@@ -126,11 +131,16 @@ fn kill_failover(name: &str, trials: usize, restart_serve_every: usize) {
         } else {
             old += 1;
         }
-        // The move runs again to its end.
+        // The move runs again to its end: a whole move when the kill left
+        // the old point, which keeps `whole` current.
+        let t0 = Instant::now();
         run(&s.failover_args(&point)).ok();
+        if at != point {
+            whole = (whole + t0.elapsed()) / 2;
+        }
         assert_eq!(sum(&s.dst), s.points[&point], "{ctx}: the rerun did not reach the point");
     }
-    eprintln!("{name}: {trials} kills over {whole:?}: {moved} at the chosen point, {old} at the old one");
+    eprintln!("{name}: {trial} kills over about {whole:?}: {moved} at the chosen point, {old} at the old one");
     // Kills spread over the whole move land on both sides of its commit point.
     assert!(moved > 0 && old > 0, "the kills all landed on one side: {moved} moved, {old} old");
 }
