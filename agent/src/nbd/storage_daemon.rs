@@ -59,20 +59,40 @@ impl Claim {
         let name = format!("diskferry-qsd-{}", &key[..16]);
         let lock_path = dir.join(format!("{name}.lock"));
         let io = |e: std::io::Error| Error::new(ErrorCode::Io, format!("{}: {e}", lock_path.display()));
-        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io)?;
-        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                return Err(Error::new(ErrorCode::Busy, format!("another push reads {} now", image.display()))
-                    .hint("push again once it ended"))
+        let lock = loop {
+            let lock =
+                std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io)?;
+            match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(Error::new(ErrorCode::Busy, format!("another push reads {} now", image.display()))
+                        .hint("push again once it ended"))
+                }
+                Err(e) => return Err(io(e.into())),
             }
-            Err(e) => return Err(io(e.into())),
-        }
+            // A lock on a file that a /tmp cleaner removed locks nobody
+            // else out (the next push opens a new file): take the one the
+            // path names, and mark it fresh, so an age-based cleaner (10
+            // days in systemd's tmpfiles) passes it by while this push runs.
+            if same_file(&lock, &lock_path) {
+                let _ = lock.set_modified(std::time::SystemTime::now());
+                break lock;
+            }
+        };
         let pid_file = dir.join(format!("{name}.pid"));
         if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse::<i32>().ok()) {
             stop_leftover(pid, blockdev);
         }
         Ok(Claim { _lock: lock, pid_file })
+    }
+}
+
+/// Whether `path` still names the open file `f`.
+fn same_file(f: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
@@ -244,5 +264,22 @@ impl Drop for Daemon {
             Ok((said, status)) => tracing::warn!("qemu-storage-daemon ended with {status:?}: {}", said.trim()),
             Err(_) => tracing::warn!("the qemu-storage-daemon thread panicked"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_file;
+
+    #[test]
+    fn a_lock_file_removed_under_its_holder_is_not_the_one_the_path_names() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("x.lock");
+        let held = std::fs::File::create(&path).expect("created");
+        assert!(same_file(&held, &path));
+        std::fs::remove_file(&path).expect("removed");
+        assert!(!same_file(&held, &path), "gone from the directory");
+        let _new = std::fs::File::create(&path).expect("created again");
+        assert!(!same_file(&held, &path), "another file under the same name");
     }
 }
