@@ -59,7 +59,9 @@ impl Claim {
         let name = format!("diskferry-qsd-{}", &key[..16]);
         let lock_path = dir.join(format!("{name}.lock"));
         let io = |e: std::io::Error| Error::new(ErrorCode::Io, format!("{}: {e}", lock_path.display()));
+        let mut tries = 0;
         let lock = loop {
+            tries += 1;
             let lock =
                 std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io)?;
             match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -77,6 +79,9 @@ impl Claim {
             if same_file(&lock, &lock_path) {
                 let _ = lock.set_modified(std::time::SystemTime::now());
                 break lock;
+            }
+            if tries == 3 {
+                return Err(io(std::io::Error::other("the lock file keeps changing under its lock")));
             }
         };
         let pid_file = dir.join(format!("{name}.pid"));
