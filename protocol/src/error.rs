@@ -168,6 +168,9 @@ error_codes! {
     HashMismatch = 49, "E_HASH_MISMATCH", Peer, true;
     /// The peer is at its session limit.
     PeerBusy = 50, "E_PEER_BUSY", Peer, true;
+    /// The target agent's memory budget cannot hold a session with blocks
+    /// this large (`memory_budget_mib`); the message names the budget needed.
+    MemoryBudget = 51, "E_MEMORY_BUDGET", Peer, false;
     /// The session was cancelled (signal, shutdown).
     Cancelled = 60, "E_CANCELLED", Internal, true;
     /// A bug.

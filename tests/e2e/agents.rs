@@ -232,6 +232,20 @@ pub fn push(src: &Path, source: &Identity, peer: &str, fingerprint: &str, target
     util::run(&refs)
 }
 
+/// A push to `agent` that must end within `limit`.
+pub fn push_within(
+    src: &Path,
+    source: &Identity,
+    agent: &Agent,
+    target: &str,
+    extra: &[&str],
+    limit: std::time::Duration,
+) -> util::Out {
+    let args = push_args(src, source, &agent.addr.to_string(), &agent.id.fingerprint, target, extra);
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    util::run_within(&refs, limit)
+}
+
 /// Starts a push to `agent` without waiting for it.
 pub fn spawn_push(src: &Path, source: &Identity, agent: &Agent, target: &str, extra: &[&str]) -> Child {
     let args = push_args(src, source, &agent.addr.to_string(), &agent.id.fingerprint, target, extra);

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::agents::{pair, push_to};
+use crate::agents::{pair, push_to, push_within};
 use crate::util::{self, compare, make_disk, MIB};
 
 /// Samples a process's anonymous resident memory until stopped; keeps the peak.
@@ -86,4 +86,63 @@ fn sixteen_full_pushes_stay_inside_a_64_mib_budget() {
 #[test]
 fn sixteen_full_pushes_stay_inside_a_16_mib_budget() {
     concurrent_full_pushes(16, 16, 48 * MIB);
+}
+
+/// A data stream that waits for memory holds its unread bytes in the
+/// connection's window, so another stream's frame can only finish if it
+/// never waits for that one: each stream has one frame's memory of its own.
+/// Blocks whose frames cannot all fit are refused, naming the budget that
+/// would hold them; at that budget they run. (2 and 4 MiB blocks at a
+/// 16 MiB budget used to stall for good after a few blocks.)
+#[test]
+fn large_blocks_run_at_the_budget_they_need_and_are_refused_below_it() {
+    let limit = Duration::from_secs(180);
+    let mut rng = util::rng("memory-large-blocks");
+    let small = pair("memory-large-16", 3, "memory_budget_mib = 16");
+    let src = small.dir.join("src.img");
+    make_disk(&src, 48 * MIB, 0.8, &mut rng);
+    // 1 MiB blocks fit the smallest budget, fully and as deltas.
+    for _ in 0..2 {
+        push_within(&src, &small.source, &small.agent, "t0", &["--block-size", "1M"], limit).ok();
+        compare(&src, &small.dir.join("t0.img")).unwrap();
+        util::change_data_pages(&src, 64, &mut rng);
+    }
+    let mut needed = Vec::new();
+    for (target, bs) in [("t1", "2M"), ("t2", "4M")] {
+        let out = push_within(&src, &small.source, &small.agent, target, &["--block-size", bs], limit);
+        out.expect_error("E_MEMORY_BUDGET", 4);
+        assert!(!small.dir.join(format!("{target}.img")).exists(), "a refused session touched its target");
+        let mib: u64 = out
+            .stderr
+            .split("memory_budget_mib = ")
+            .nth(1)
+            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("the refusal names no budget:\n{out}"));
+        eprintln!("{bs} blocks: {}", out.stderr.trim());
+        needed.push((bs, mib));
+    }
+    assert!(needed[0].1 > 16 && needed[1].1 > needed[0].1, "{needed:?}");
+    // At exactly the budget named, the session runs, full and delta, with
+    // half-compressible data so zstd frames (the dearest) come too.
+    for (bs, mib) in needed {
+        let p = pair(&format!("memory-large-{mib}"), 1, &format!("memory_budget_mib = {mib}"));
+        let src = p.dir.join("src.img");
+        make_disk(&src, 40 * MIB, 0.8, &mut rng);
+        let mut half = vec![0u8; 4 * MIB as usize];
+        for (i, b) in half.iter_mut().enumerate() {
+            *b = if i % 2 == 0 { (i / 4096) as u8 } else { 0x5a };
+        }
+        std::os::unix::fs::FileExt::write_all_at(
+            &std::fs::File::options().write(true).open(&src).unwrap(),
+            &half,
+            8 * MIB,
+        )
+        .unwrap();
+        for _ in 0..2 {
+            push_within(&src, &p.source, &p.agent, "t0", &["--block-size", bs], limit).ok();
+            compare(&src, &p.dir.join("t0.img")).unwrap();
+            util::change_data_pages(&src, 64, &mut rng);
+        }
+    }
 }

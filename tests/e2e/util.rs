@@ -72,6 +72,40 @@ pub fn run_env(args: &[&OsStr], env: &[(&str, &OsStr)]) -> Out {
     }
 }
 
+/// Runs `diskferry ARGS…` to completion, or kills it and fails the test
+/// after `limit`: for moves whose failure mode is a hang.
+#[track_caller]
+pub fn run_within(args: &[&OsStr], limit: Duration) -> Out {
+    let start = Instant::now();
+    let mut child = KillOnDrop(spawn(args));
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let stdout = drain(child.0.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let stderr = drain(child.0.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let args = args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("waiting for diskferry") {
+            break status;
+        }
+        assert!(start.elapsed() < limit, "`diskferry {args}` still ran after {limit:?}: it hangs");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Out {
+        args,
+        code: exit_code(status),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+        seconds: start.elapsed().as_secs_f64(),
+    }
+}
+
 /// Runs `diskferry ARGS…`, again while it fails with `E_BUSY` (for up to
 /// 10 s): a target agent releases a target a moment after a push returns.
 pub fn run_settled(args: &[&OsStr]) -> Out {

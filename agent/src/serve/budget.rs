@@ -13,6 +13,16 @@
 //!   or written. A frame waiting for units is not read, so QUIC flow control
 //!   stops the source.
 //!
+//! A data stream waiting for units keeps its unread bytes in the
+//! connection's receive window, which its other streams share: a frame
+//! that has its units but not all its bytes may then never get them. So
+//! each admitted data stream owns one dearest frame's units of the frames
+//! half ([`StreamFrames`]), taken with the session's admission: it uses the
+//! shared rest when there is room and else waits only for its own earlier
+//! frames to be written, never for the network. A session whose streams'
+//! own units exceed the frames half is refused (`E_MEMORY_BUDGET`), naming
+//! the budget that would run it.
+//!
 //! What stays outside: the binary itself, thread stacks and the runtime, a
 //! few small buffers per connection that waits for admission — a fixed
 //! amount that does not grow with the disk size — and, per full-copy
@@ -24,12 +34,13 @@ use std::sync::Arc;
 use diskferry_protocol::coding::{BufExt, DecodeResult};
 use diskferry_protocol::message::MAX_FRAME;
 use diskferry_protocol::session::WINDOW_UNITS;
-use diskferry_protocol::Geometry;
+use diskferry_protocol::{BlockSize, Geometry};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Accounting unit.
 const UNIT: u64 = 4096;
-/// The smallest budget that runs a session with the largest blocks.
+/// The smallest budget (it runs sessions with blocks up to 1 MiB; larger
+/// blocks need more, see [`SessionCost::budget_needed`]).
 pub const MIN_BUDGET: u64 = 16 << 20;
 /// Region views the view thread may have made ahead of the session (a
 /// deeper queue lets it run on while the session answers the source: on
@@ -43,6 +54,10 @@ pub const MAX_CONTROL_FRAME: u32 = 256 << 10;
 pub const BLOCK_HEAD: usize = 56;
 /// Regions a source may have in flight (fewer for small blocks, whose regions hold more blocks).
 const MAX_REGIONS_IN_FLIGHT: u32 = 16;
+/// Data streams of a session alone; a group member has one on the group's connection.
+const DATA_STREAMS: u64 = 2;
+/// What a block frame may carry beyond its payload (its head and patch list), as [`MAX_FRAME`] allows.
+const FRAME_SLACK: u64 = MAX_FRAME as u64 - BlockSize::MAX as u64;
 
 /// What one session may use, decided when it opens.
 #[derive(Clone, Copy, Debug)]
@@ -54,6 +69,12 @@ pub struct SessionCost {
     pub regions_in_flight: u32,
     /// Manifest index entries held in memory before a sorted run spills.
     pub index_entries: usize,
+    /// Units of the frames half each data stream owns: its dearest frame.
+    pub stream_units: u32,
+    /// Data streams each session opens.
+    pub data_streams: u32,
+    /// Units of the frames half all the streams own together.
+    frame_units: u64,
 }
 
 /// The two pools.
@@ -83,7 +104,7 @@ impl Budget {
 
     /// What a session of geometry `g` costs.
     pub fn session_cost(&self, g: &Geometry) -> SessionCost {
-        self.cost(g, 1)
+        self.cost(g, 1, DATA_STREAMS)
     }
 
     /// What each of the `members` sessions of a group push costs when they
@@ -92,10 +113,10 @@ impl Budget {
     /// of the regions in flight, its index, its I/O buffers), judged from
     /// `g` (the member that opens first).
     pub fn group_cost(&self, g: &Geometry, members: u16) -> SessionCost {
-        self.cost(g, u64::from(members.max(1)))
+        self.cost(g, u64::from(members.max(1)), 1)
     }
 
-    fn cost(&self, g: &Geometry, members: u64) -> SessionCost {
+    fn cost(&self, g: &Geometry, members: u64, streams_each: u64) -> SessionCost {
         let pool = self.session_units as u64 * UNIT;
         let receive_window = ((pool / 8).clamp(1 << 20, 16 << 20) / members).max(1 << 20);
         // Each region in flight: the source's hashes, the target's view of it
@@ -117,27 +138,96 @@ impl Budget {
             + blocks.div_ceil(index_entries as u64) * (64 << 10)
             + diskferry_sync_engine::apply::TOUCHED_LIST_BYTES // the redo log's ranges
             + (3 << 20); // redo log, manifest and view I/O buffers
+        let stream_units = dearest_frame(g).div_ceil(UNIT) as u32;
         SessionCost {
             units: units((receive_window + state) * members, self.session_units),
             receive_window,
             regions_in_flight,
             index_entries,
+            stream_units,
+            data_streams: streams_each as u32,
+            frame_units: u64::from(stream_units) * streams_each * members,
         }
     }
 
-    /// Waits until a session of `cost` fits.
-    pub async fn admit(&self, cost: &SessionCost) -> Option<OwnedSemaphorePermit> {
-        self.sessions.clone().acquire_many_owned(cost.units).await.ok()
+    /// Whether a session of `cost` can ever run here: its streams' own
+    /// frames fit in the frames half.
+    pub fn can_hold(&self, cost: &SessionCost) -> bool {
+        cost.frame_units <= u64::from(self.frame_units)
+    }
+
+    /// Waits until a session of `cost` fits (it must pass [`Budget::can_hold`]).
+    pub async fn admit(&self, cost: &SessionCost) -> Option<Admission> {
+        let sessions = self.sessions.clone().acquire_many_owned(cost.units).await.ok()?;
+        let own = u32::try_from(cost.frame_units).ok()?;
+        let frames = self.frames.clone().acquire_many_owned(own).await.ok()?;
+        Some(Admission { _sessions: sessions, _frames: frames })
     }
 
     /// Whether a session of `cost` can start now (for logging that it waits).
     pub fn fits_now(&self, cost: &SessionCost) -> bool {
         self.sessions.available_permits() >= cost.units as usize
+            && self.frames.available_permits() as u64 >= cost.frame_units
+    }
+}
+
+impl SessionCost {
+    /// The smallest `memory_budget_mib` whose frames half holds this
+    /// session's streams' own frames.
+    pub fn budget_needed_mib(&self) -> u64 {
+        (self.frame_units * UNIT * 2).div_ceil(1 << 20).max(MIN_BUDGET >> 20)
+    }
+}
+
+/// A session's share of both halves, held while it runs.
+#[derive(Debug)]
+pub struct Admission {
+    _sessions: OwnedSemaphorePermit,
+    _frames: OwnedSemaphorePermit,
+}
+
+/// The dearest frame a block of `g` can legitimately need: the longest
+/// frame the block allows (its payload, head and patch list) plus two
+/// blocks (a zstd patch's decompressed bytes and the current content it is
+/// verified over; see [`frame_bytes`]).
+pub fn dearest_frame(g: &Geometry) -> u64 {
+    longest_frame(g) + 2 * u64::from(g.block_size.get())
+}
+
+/// The longest frame a data stream of geometry `g` may carry.
+pub fn longest_frame(g: &Geometry) -> u64 {
+    u64::from(g.block_size.get()) + FRAME_SLACK
+}
+
+/// One data stream's frame memory: units of the agent's shared frames
+/// while they last, else of the stream's own reserve (one dearest frame),
+/// which only its own earlier frames hold and which comes back when they
+/// are written, whatever the network does.
+#[derive(Debug)]
+pub struct StreamFrames {
+    own: Arc<Semaphore>,
+    own_units: u32,
+}
+
+impl StreamFrames {
+    /// The frames of a stream that owns `units` (its session's [`SessionCost::stream_units`]).
+    pub fn new(units: u32) -> StreamFrames {
+        StreamFrames { own: Arc::new(Semaphore::new(units as usize)), own_units: units }
     }
 
-    /// Waits until a frame of `bytes` (see [`frame_bytes`]) fits.
-    pub async fn frame(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
-        self.frames.clone().acquire_many_owned(units(bytes, self.frame_units)).await.ok()
+    /// Waits until a frame of `bytes` (see [`frame_bytes`]) fits; `None`
+    /// when it could never fit the stream's own reserve (no legitimate
+    /// frame is that large).
+    pub async fn frame(&self, budget: &Budget, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let n = bytes.div_ceil(UNIT).max(1);
+        if n > u64::from(self.own_units) {
+            return None;
+        }
+        let n = n as u32;
+        if let Ok(p) = budget.frames.clone().try_acquire_many_owned(n) {
+            return Some(p);
+        }
+        self.own.clone().acquire_many_owned(n).await.ok()
     }
 }
 
@@ -200,6 +290,54 @@ mod tests {
         let len = patch.len() as u32 - 4;
         assert_eq!(frame_bytes(len, &patch[4..]), len as u64 + 65536);
         assert_eq!(frame_bytes(10, &[0x05; 10]), 10);
+    }
+
+    #[tokio::test]
+    async fn a_stream_takes_its_own_units_when_the_shared_ones_are_gone() {
+        let budget = Budget::new(MIN_BUDGET);
+        let g = Geometry::new(1 << 30, BlockSize::new(1 << 20).unwrap());
+        let cost = budget.session_cost(&g);
+        assert!(budget.can_hold(&cost));
+        let _admission = budget.admit(&cost).await.unwrap();
+        // Another session's frames take every shared unit left.
+        let _hog = budget.frames.clone().try_acquire_many_owned(budget.frames.available_permits() as u32).unwrap();
+        let frames = StreamFrames::new(cost.stream_units);
+        let whole = 2 * (1 << 20) + BLOCK_HEAD as u64;
+        let first = frames.frame(&budget, whole).await.expect("its own units");
+        // The second waits for the first to be written, not for anyone else.
+        let second = frames.frame(&budget, whole);
+        tokio::pin!(second);
+        assert!(futures_now(&mut second).is_none());
+        drop(first);
+        assert!(second.await.is_some());
+        // No legitimate frame is dearer than the stream's own units.
+        assert!(frames.frame(&budget, dearest_frame(&g) + UNIT).await.is_none());
+    }
+
+    fn futures_now<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        let waker = std::task::Waker::noop();
+        match std::pin::Pin::new(f).poll(&mut std::task::Context::from_waker(waker)) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    #[test]
+    fn large_blocks_name_the_budget_that_holds_their_streams() {
+        let small = Budget::new(MIN_BUDGET);
+        for (bs, fits) in [(65536u32, true), (1 << 20, true), (2 << 20, false), (4 << 20, false)] {
+            let g = Geometry::new(1 << 30, BlockSize::new(bs).unwrap());
+            let cost = small.session_cost(&g);
+            assert_eq!(small.can_hold(&cost), fits, "{bs}");
+            let needed = Budget::new(cost.budget_needed_mib() << 20);
+            assert!(needed.can_hold(&needed.session_cost(&g)), "{bs}");
+            assert!(!Budget::new((cost.budget_needed_mib() - 1) << 20).can_hold(&cost) || fits, "{bs}");
+        }
+        // A group's members own one stream each.
+        let g = Geometry::new(1 << 30, BlockSize::new(4 << 20).unwrap());
+        let b = Budget::new(128 << 20);
+        assert!(b.can_hold(&b.group_cost(&g, 4)));
+        assert!(!b.can_hold(&b.group_cost(&g, 8)));
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub struct Run {
     state: Mutex<State>,
     changed: Condvar,
     /// The one share of the memory budget the members use together.
-    pub admission: Arc<tokio::sync::Mutex<Option<Arc<tokio::sync::OwnedSemaphorePermit>>>>,
+    pub admission: Arc<tokio::sync::Mutex<Option<Arc<super::budget::Admission>>>>,
 }
 
 #[derive(Default)]

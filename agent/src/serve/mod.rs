@@ -5,6 +5,7 @@
 mod bench;
 pub mod budget;
 mod connection;
+mod data;
 mod group;
 mod job;
 pub mod registry;

@@ -3,38 +3,18 @@
 
 use std::sync::Arc;
 
-use diskferry_protocol::message::{BlockFrame, Message, Open};
+use diskferry_protocol::message::{Message, Open};
 use diskferry_protocol::session::{ReceiverEvent, ReceiverSession};
 use diskferry_protocol::{DecodeError, ErrorCode, Geometry};
-use diskferry_sync_engine::apply::{DirectSink, OldContent};
-use diskferry_sync_engine::remote::{verify_frame, FrameRejection};
 use diskferry_sync_engine::Error;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, watch};
 
-use super::budget::{frame_bytes, BLOCK_HEAD, MAX_CONTROL_FRAME};
+use super::budget::{Admission, MAX_CONTROL_FRAME};
+use super::data::{accept_data_streams, Note, Staging};
 use super::worker::{self, Cmd, CompletedRegion, OpenRequest, Reply};
-use super::writer::{Queued, Writer};
+use super::writer::Writer;
 use super::{Registration, ServerCtx};
 use crate::transport::{write_frames, FrameReader, ReadError};
-
-/// What the data streams need once the session is open.
-#[derive(Clone)]
-struct Staging {
-    geometry: Geometry,
-    old: OldContent,
-    /// A full copy's sink, and the queue of its writer thread.
-    sink: Option<(DirectSink, crossbeam_channel::Sender<Queued>)>,
-    cmds: crossbeam_channel::Sender<Cmd>,
-    /// The session's job: block payload is counted into it.
-    job: Option<Arc<crate::jobs::Running>>,
-}
-
-/// Messages to the session loop from its helpers.
-enum Note {
-    Reply(Reply),
-    VerifyFailed(u64),
-    Fail(ErrorCode, String),
-}
 
 /// Runs one session of `conn` from `peer`, on its control stream `ctl`;
 /// its data streams come through `data` (`connection.rs` routes them).
@@ -61,6 +41,7 @@ pub async fn run(
         registration: None,
         target: String::new(),
         admission: None,
+        stream_frames: (0, 0),
         group: None,
         job: None,
     };
@@ -151,7 +132,9 @@ struct Session {
     target: String,
     /// The session's share of the memory budget, held until it ends.
     /// Its share of the memory budget (a group push's members share one).
-    admission: Option<Arc<OwnedSemaphorePermit>>,
+    admission: Option<Arc<Admission>>,
+    /// Data streams the admission holds frame memory for, and the units each owns.
+    stream_frames: (u32, u32),
     /// The group push this session is a member of.
     group: Option<(Arc<super::group::Run>, Arc<super::group::Groups>)>,
     /// This session as one of the agent's jobs, once its target is granted.
@@ -317,6 +300,22 @@ impl Session {
             Some(tag) => self.ctx.budget.group_cost(&g, tag.members),
             None => self.ctx.budget.session_cost(&g),
         };
+        if !self.ctx.budget.can_hold(&cost) {
+            if let Some((run, groups)) = &group {
+                run.fail(groups, "the target agent's memory budget cannot hold the group's blocks");
+            }
+            let who = if o.group.is_some() { "this group's members" } else { "a session" };
+            return self.rs.reject(
+                ErrorCode::MemoryBudget,
+                format!(
+                    "{} KiB blocks need more frame memory for {who} than this agent's budget holds — set \
+                     memory_budget_mib = {} (or more) in the target agent's config, or push with smaller blocks",
+                    o.block_size.get() >> 10,
+                    cost.budget_needed_mib()
+                ),
+            );
+        }
+        self.stream_frames = (cost.data_streams, cost.stream_units);
         let shared = group.as_ref().map(|(run, _)| run.admission.clone());
         let mut slot = match &shared {
             Some(m) => Some(m.lock().await),
@@ -442,6 +441,8 @@ impl Session {
             sink,
             cmds: cmd_tx,
             job: self.job.as_ref().map(|j| j.progress()),
+            data_streams: self.stream_frames.0,
+            stream_units: self.stream_frames.1,
         }));
         self.rs.accept(opened.accept, opened.geometry);
     }
@@ -480,120 +481,5 @@ fn with_hint(e: &Error) -> String {
     match &e.hint {
         Some(h) => format!("{} — {h}", e.message),
         None => e.message.clone(),
-    }
-}
-
-async fn accept_data_streams(
-    mut data: mpsc::UnboundedReceiver<super::connection::DataStream>,
-    mut staging: watch::Receiver<Option<Staging>>,
-    notes: mpsc::UnboundedSender<Note>,
-    ctx: Arc<ServerCtx>,
-) {
-    // Dropping the set (when this task is aborted) stops every stream's task.
-    let mut streams = tokio::task::JoinSet::new();
-    while let Some(stream) = data.recv().await {
-        let st = loop {
-            if let Some(st) = staging.borrow().clone() {
-                break Some(st);
-            }
-            if staging.changed().await.is_err() {
-                break None;
-            }
-        };
-        let Some(st) = st else { return };
-        streams.spawn(data_stream(stream, st, notes.clone(), ctx.clone()));
-    }
-}
-
-async fn data_stream(
-    (stream, read): super::connection::DataStream,
-    st: Staging,
-    notes: mpsc::UnboundedSender<Note>,
-    ctx: Arc<ServerCtx>,
-) {
-    let mut reader = FrameReader::with_prefix(stream, read);
-    let fail = |e: DecodeError| {
-        let code = if matches!(e, DecodeError::TooLarge(_)) { ErrorCode::FrameTooLarge } else { ErrorCode::Protocol };
-        let _ = notes.send(Note::Fail(code, format!("bad data frame: {e}")));
-    };
-    loop {
-        // The frame's memory is reserved before its body is read: the one
-        // agent-wide budget bounds the blocks between network and disk,
-        // however many sessions run; unread bytes wait in QUIC's window.
-        let permit = match reader.peek(BLOCK_HEAD).await {
-            Ok(Some((len, head))) => match ctx.budget.frame(frame_bytes(len, &head)).await {
-                Some(p) => p,
-                None => return,
-            },
-            Ok(None) => return,
-            Err(ReadError::Decode(e)) => return fail(e),
-            Err(ReadError::Stream(_)) => return,
-        };
-        let m = match reader.next().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return,
-            Err(ReadError::Decode(e)) => return fail(e),
-            Err(ReadError::Stream(_)) => return,
-        };
-        if let (Message::Block(frame), Some(j)) = (&m, &st.job) {
-            diskferry_sync_engine::Progress::advance(j.as_ref(), frame.payload.len() as u64);
-        }
-        match m {
-            // A full copy's whole block needs no disk read to verify: done
-            // here (tens of microseconds), sparing a thread hop per block.
-            Message::Block(frame) if st.sink.is_some() && frame.patches == [(0, frame.block_len)] => {
-                verify_and_stage(frame, st.clone(), notes.clone(), permit)
-            }
-            Message::Block(frame) => {
-                let (st, notes) = (st.clone(), notes.clone());
-                rayon::spawn(move || verify_and_stage(frame, st, notes, permit));
-            }
-            Message::Zero { first, count } => {
-                if st.cmds.send(Cmd::Zero { first, count }).is_err() {
-                    return;
-                }
-            }
-            other => {
-                let _ = notes.send(Note::Fail(
-                    ErrorCode::Protocol,
-                    format!("message type {:#04x} on a data stream", other.type_byte()),
-                ));
-                return;
-            }
-        }
-    }
-}
-
-fn verify_and_stage(frame: BlockFrame, st: Staging, notes: mpsc::UnboundedSender<Note>, permit: OwnedSemaphorePermit) {
-    let index = frame.index;
-    match verify_frame(&frame, &st.old, &st.geometry, st.sink.as_ref().map(|(s, _)| s.buffers())) {
-        Ok(vb) => match &st.sink {
-            // Gathered into an aligned buffer by the verification above, on
-            // the thread that just read the bytes; the writer merges it with
-            // its neighbours.
-            Some((_, writer)) => {
-                if writer.send((vb, permit)).is_err() {
-                    let _ = notes.send(Note::Fail(ErrorCode::Internal, "the writer stopped".into()));
-                }
-            }
-            None => {
-                let _ = st.cmds.send(Cmd::Stage(vb, Some(permit)));
-            }
-        },
-        Err(FrameRejection::Mismatch) => {
-            let _ = notes.send(Note::VerifyFailed(index));
-        }
-        Err(FrameRejection::Invalid(msg)) => {
-            let _ = notes.send(Note::Fail(ErrorCode::Protocol, msg));
-        }
-        Err(FrameRejection::Storage(e)) => {
-            let _ = notes.send(Note::Reply(Reply::Failed(e)));
-        }
-    }
-}
-
-impl From<Error> for Note {
-    fn from(e: Error) -> Self {
-        Note::Reply(Reply::Failed(e))
     }
 }
