@@ -40,7 +40,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Accounting unit.
 const UNIT: u64 = 4096;
 /// The smallest budget (it runs sessions with blocks up to 1 MiB; larger
-/// blocks need more, see [`SessionCost::budget_needed`]).
+/// blocks need more, see [`SessionCost::budget_needed_mib`]).
 pub const MIN_BUDGET: u64 = 16 << 20;
 /// Region views the view thread may have made ahead of the session (a
 /// deeper queue lets it run on while the session answers the source: on
