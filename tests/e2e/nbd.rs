@@ -450,15 +450,29 @@ fn killed_with_the_image_open(image: &Path, commands: &[u8], settle: Duration) {
 
 /// The pid of a `qemu-storage-daemon` serving `image`, if one runs.
 fn storage_daemon_of(image: &Path) -> Option<i32> {
+    process_serving(b"qemu-storage-daemon", image)
+}
+
+/// The pid of a live `program` whose arguments name `image`, if one runs.
+fn process_serving(program: &[u8], image: &Path) -> Option<i32> {
     let image = image.to_str().unwrap().as_bytes();
     std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
         let pid: i32 = e.file_name().to_str()?.parse().ok()?;
         let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
         let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
         let zombie = stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'));
-        let daemon = cmdline.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(b"qemu-storage-daemon"));
-        (daemon && !zombie && cmdline.windows(image.len()).any(|w| w == image)).then_some(pid)
+        let ours = cmdline.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(program));
+        (ours && !zombie && cmdline.windows(image.len()).any(|w| w == image)).then_some(pid)
     })
+}
+
+/// The directory holding the monitor socket of storage daemon `pid`.
+fn monitor_dir_of(pid: i32) -> std::path::PathBuf {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let chardev = cmdline.split(|b| *b == 0).find(|a| a.starts_with(b"socket,")).expect("a monitor chardev");
+    let chardev = String::from_utf8_lossy(chardev);
+    let path = chardev.split(",path=").nth(1).expect("a socket path");
+    Path::new(path).parent().unwrap().to_path_buf()
 }
 
 /// An image at rest is served by a storage daemon diskferry starts for
@@ -489,9 +503,12 @@ fn a_killed_pushs_storage_daemon_is_stopped_by_the_next_push() {
     slow.wait().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(storage_daemon_of(&img), Some(daemon), "the daemon outlived its push");
+    let monitor = monitor_dir_of(daemon);
+    assert!(monitor.is_dir(), "{}", monitor.display());
 
     let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
     assert_eq!(storage_daemon_of(&img), None, "every daemon stopped: {r}");
+    assert!(!monitor.exists(), "the leftover's monitor directory {} stayed", monitor.display());
     assert_eq!(r["read_through"], "qemu-storage-daemon", "{r}");
     compare(&raw_of(&img), &tgt).unwrap();
     // The leftover's bitmap did not spoil the chain: the next push is hinted.
@@ -514,4 +531,46 @@ fn a_killed_pushs_storage_daemon_is_stopped_by_the_next_push() {
     let r = push_to(&dev.dev, &p.source, &p.agent, "t0", &args).ok_json();
     assert_eq!(r["change_source"], "dirty-bitmap", "{r}");
     compare(&raw_of(&img), &tgt).unwrap();
+}
+
+/// A push killed with -9 while it read an image through its own read-only
+/// `qemu-nbd` leaves that `qemu-nbd` running, holding the image's lock (a
+/// VM could not start on it); the next push stops it and removes its
+/// socket's directory.
+#[test]
+fn a_killed_pushs_qemu_nbd_is_stopped_by_the_next_push() {
+    need_qemu();
+    let p = pair("nbd-orphan", 1, "");
+    let (img, raw, tgt) = (p.dir.join("vm.qcow2"), p.dir.join("random.raw"), p.dir.join("t0.img"));
+    util::random_disk(&raw, 32 * MIB, &mut util::rng("nbd-orphan"));
+    sh("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), img.to_str().unwrap()]);
+    let mut slow =
+        crate::agents::spawn_push(&img, &p.source, &p.agent, "t0", &["--format", "qcow2", "--bwlimit", "2M"]);
+    let t = Instant::now();
+    let orphan = loop {
+        if let Some(pid) = process_serving(b"qemu-nbd", &img) {
+            break pid;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no qemu-nbd started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    slow.kill().unwrap();
+    slow.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(process_serving(b"qemu-nbd", &img), Some(orphan), "qemu-nbd ended with its push");
+    let socket_dir = {
+        let cmdline = std::fs::read(format!("/proc/{orphan}/cmdline")).unwrap();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let at = args.iter().position(|a| *a == b"--socket").expect("a --socket argument");
+        Path::new(&*String::from_utf8_lossy(args[at + 1])).parent().unwrap().to_path_buf()
+    };
+    assert!(socket_dir.is_dir());
+
+    push_to(&img, &p.source, &p.agent, "t0", &["--format", "qcow2"]).ok_json();
+    assert_eq!(process_serving(b"qemu-nbd", &img), None, "a qemu-nbd still serves the image");
+    assert!(!socket_dir.exists(), "the orphan's directory {} stayed", socket_dir.display());
+    compare(&raw, &tgt).unwrap();
+    // Nothing holds the image's lock any more.
+    qemu_io(&img, &[(0, 4096, 0x17)]);
 }

@@ -9,6 +9,7 @@ pub mod client;
 mod connect;
 mod direct;
 mod error;
+mod leftover;
 mod qemu_img;
 mod qemu_nbd;
 pub mod qmp;

@@ -52,8 +52,9 @@ pub struct QemuNbd {
 impl QemuNbd {
     /// Starts `qemu-nbd` for `image` in `format` and waits until it listens.
     pub fn start(image: &Path, format: Format, bitmap: Option<&str>) -> Result<(QemuNbd, NbdUrl), Error> {
+        super::leftover::stop_orphaned_nbd(Path::new("/tmp"));
         let dir = tempfile::Builder::new()
-            .prefix("diskferry-nbd-")
+            .prefix(&super::leftover::nbd_dir_prefix(std::process::id()))
             .tempdir_in("/tmp")
             .map_err(|e| Error::new(ErrorCode::Io, format!("a directory for qemu-nbd's socket: {e}")))?;
         let socket = dir.path().join("s");

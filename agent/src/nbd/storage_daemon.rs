@@ -23,6 +23,7 @@ use diskferry_sync_engine::Error;
 use rustix::process::Signal;
 use serde_json::json;
 
+use super::leftover;
 use super::qmp::Qmp;
 use super::running::Node;
 
@@ -32,6 +33,8 @@ const NODE: &str = "disk";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long it may take to store its bitmaps and exit once told to quit.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The name of every monitor directory (and lock file) begins so.
+const PREFIX: &str = "diskferry-qsd-";
 
 /// A running `qemu-storage-daemon`: told to quit (storing its bitmaps in
 /// the image) when the last [`Node`] that holds it drops.
@@ -45,8 +48,9 @@ pub struct Daemon {
 }
 
 /// One push at a time serves an image: a lock held for the daemon's life,
-/// and a file naming the daemon, so the next push stops one that a killed
-/// agent left behind (it would hold the image's lock for ever).
+/// and a file naming the daemon and its monitor's directory, so the next
+/// push stops one that a killed agent left behind (it would hold the
+/// image's lock for ever) and removes the directory.
 struct Claim {
     _lock: std::fs::File,
     pid_file: PathBuf,
@@ -56,7 +60,7 @@ impl Claim {
     fn take(dir: &Path, image: &Path, blockdev: &str) -> Result<Claim, Error> {
         let canonical = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
         let key = blake3::hash(canonical.as_os_str().as_encoded_bytes()).to_hex();
-        let name = format!("diskferry-qsd-{}", &key[..16]);
+        let name = format!("{PREFIX}{}", &key[..16]);
         let lock_path = dir.join(format!("{name}.lock"));
         let io = |e: std::io::Error| Error::new(ErrorCode::Io, format!("{}: {e}", lock_path.display()));
         let mut tries = 0;
@@ -85,8 +89,16 @@ impl Claim {
             }
         };
         let pid_file = dir.join(format!("{name}.pid"));
-        if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse::<i32>().ok()) {
+        let left = std::fs::read_to_string(&pid_file).unwrap_or_default();
+        let mut lines = left.lines();
+        if let Some(pid) = lines.next().and_then(|t| t.trim().parse::<i32>().ok()) {
             stop_leftover(pid, blockdev);
+        }
+        // Only a directory this agent makes, in the directory it makes them in.
+        if let Some(monitor) = lines.next().map(PathBuf::from).filter(|m| {
+            m.parent() == Some(dir) && m.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(PREFIX))
+        }) {
+            let _ = std::fs::remove_dir_all(monitor);
         }
         Ok(Claim { _lock: lock, pid_file })
     }
@@ -104,28 +116,12 @@ fn same_file(f: &std::fs::File, path: &Path) -> bool {
 /// Stops process `pid` if it is a storage daemon serving `blockdev` (the
 /// lock says its push is gone), and waits until it is.
 fn stop_leftover(pid: i32, blockdev: &str) {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let ours = args.first().is_some_and(|a| a.ends_with(b"qemu-storage-daemon")) && args.contains(&blockdev.as_bytes());
-    if !ours {
+    let args = leftover::args_of(pid);
+    if !leftover::runs(&args, "qemu-storage-daemon") || !args.iter().any(|a| a == blockdev.as_bytes()) {
         return;
     }
     tracing::warn!("stopping the qemu-storage-daemon (pid {pid}) a killed push left on {blockdev}");
-    let gone = || {
-        // A zombie is gone for this purpose: it holds no lock.
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map_or(true, |s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
-    };
-    for (sig, wait) in [(Signal::TERM, QUIT_TIMEOUT), (Signal::KILL, Duration::from_secs(5))] {
-        signal(pid, sig);
-        let deadline = Instant::now() + wait;
-        while !gone() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if gone() {
-            return;
-        }
-    }
+    leftover::stop(pid, QUIT_TIMEOUT);
 }
 
 fn signal(pid: i32, sig: Signal) {
@@ -148,7 +144,7 @@ pub fn serve(image: &Path) -> Result<Node, Error> {
     // Under systemd, /tmp is the unit's own (PrivateTmp), as for QEMU's NBD socket.
     let parent = std::env::var_os("RUNTIME_DIRECTORY").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
     let dir = tempfile::Builder::new()
-        .prefix("diskferry-qsd-")
+        .prefix(PREFIX)
         .tempdir_in(&parent)
         .map_err(|e| Error::new(ErrorCode::Io, format!("a directory for qemu-storage-daemon's monitor: {e}")))?;
     let socket = dir.path().join("qmp");
@@ -192,7 +188,7 @@ pub fn serve(image: &Path) -> Result<Node, Error> {
         }
         Err(_) => return Err(Error::new(ErrorCode::Internal, "the qemu-storage-daemon thread ended")),
     };
-    if let Err(e) = std::fs::write(&claim.pid_file, format!("{pid}\n")) {
+    if let Err(e) = std::fs::write(&claim.pid_file, format!("{pid}\n{}\n", dir.path().display())) {
         tracing::warn!("{}: {e} (a killed push's daemon would stay until stopped by hand)", claim.pid_file.display());
     }
     let mut daemon = Daemon { pid, qmp: None, waiter: Some(waiter), _dir: dir, claim };
