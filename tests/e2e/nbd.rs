@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -467,12 +467,37 @@ fn process_serving(program: &[u8], image: &Path) -> Option<i32> {
 }
 
 /// The directory holding the monitor socket of storage daemon `pid`.
-fn monitor_dir_of(pid: i32) -> std::path::PathBuf {
+fn monitor_dir_of(pid: i32) -> PathBuf {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let chardev = cmdline.split(|b| *b == 0).find(|a| a.starts_with(b"socket,")).expect("a monitor chardev");
     let chardev = String::from_utf8_lossy(chardev);
     let path = chardev.split(",path=").nth(1).expect("a socket path");
     Path::new(path).parent().unwrap().to_path_buf()
+}
+
+/// A 32 MiB qcow2 image pushed slowly (`--bwlimit 2M`) with `args`, once
+/// `program` serves it: the pair, the image, the target, the push and the
+/// server's pid.
+fn slow_push_served_by(
+    name: &str,
+    program: &[u8],
+    args: &[&str],
+) -> (crate::agents::Pair, PathBuf, PathBuf, std::process::Child, i32) {
+    need_qemu();
+    let p = pair(name, 1, "");
+    let (img, raw, tgt) = (p.dir.join("vm.qcow2"), p.dir.join("random.raw"), p.dir.join("t0.img"));
+    util::random_disk(&raw, 32 * MIB, &mut util::rng(name));
+    sh("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), img.to_str().unwrap()]);
+    let slow = crate::agents::spawn_push(&img, &p.source, &p.agent, "t0", &[args, &["--bwlimit", "2M"]].concat());
+    let t = Instant::now();
+    let pid = loop {
+        if let Some(pid) = process_serving(program, &img) {
+            break pid;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no {} started", String::from_utf8_lossy(program));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (p, img, tgt, slow, pid)
 }
 
 /// An image at rest is served by a storage daemon diskferry starts for
@@ -481,22 +506,8 @@ fn monitor_dir_of(pid: i32) -> std::path::PathBuf {
 /// the next push stops (its bitmaps stored) before going on.
 #[test]
 fn a_killed_pushs_storage_daemon_is_stopped_by_the_next_push() {
-    need_qemu();
-    let p = pair("nbd-qsd", 1, "");
-    let (img, raw, tgt) = (p.dir.join("vm.qcow2"), p.dir.join("random.raw"), p.dir.join("t0.img"));
-    util::random_disk(&raw, 32 * MIB, &mut util::rng("nbd-qsd"));
-    sh("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), img.to_str().unwrap()]);
     let args = ["--format", "qcow2", "--changes", "dirty-bitmap"];
-    let mut slow =
-        crate::agents::spawn_push(&img, &p.source, &p.agent, "t0", &[&args[..], &["--bwlimit", "2M"]].concat());
-    let t = Instant::now();
-    let daemon = loop {
-        if let Some(pid) = storage_daemon_of(&img) {
-            break pid;
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "no storage daemon started");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (p, img, tgt, mut slow, daemon) = slow_push_served_by("nbd-qsd", b"qemu-storage-daemon", &args);
     push_to(&img, &p.source, &p.agent, "t0", &args).expect_json_error("E_BUSY", 3);
     std::thread::sleep(Duration::from_millis(500));
     slow.kill().unwrap();
@@ -539,21 +550,7 @@ fn a_killed_pushs_storage_daemon_is_stopped_by_the_next_push() {
 /// socket's directory.
 #[test]
 fn a_killed_pushs_qemu_nbd_is_stopped_by_the_next_push() {
-    need_qemu();
-    let p = pair("nbd-orphan", 1, "");
-    let (img, raw, tgt) = (p.dir.join("vm.qcow2"), p.dir.join("random.raw"), p.dir.join("t0.img"));
-    util::random_disk(&raw, 32 * MIB, &mut util::rng("nbd-orphan"));
-    sh("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), img.to_str().unwrap()]);
-    let mut slow =
-        crate::agents::spawn_push(&img, &p.source, &p.agent, "t0", &["--format", "qcow2", "--bwlimit", "2M"]);
-    let t = Instant::now();
-    let orphan = loop {
-        if let Some(pid) = process_serving(b"qemu-nbd", &img) {
-            break pid;
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "no qemu-nbd started");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (p, img, tgt, mut slow, orphan) = slow_push_served_by("nbd-orphan", b"qemu-nbd", &["--format", "qcow2"]);
     std::thread::sleep(Duration::from_millis(500));
     slow.kill().unwrap();
     slow.wait().unwrap();
@@ -570,7 +567,7 @@ fn a_killed_pushs_qemu_nbd_is_stopped_by_the_next_push() {
     push_to(&img, &p.source, &p.agent, "t0", &["--format", "qcow2"]).ok_json();
     assert_eq!(process_serving(b"qemu-nbd", &img), None, "a qemu-nbd still serves the image");
     assert!(!socket_dir.exists(), "the orphan's directory {} stayed", socket_dir.display());
-    compare(&raw, &tgt).unwrap();
+    compare(&p.dir.join("random.raw"), &tgt).unwrap();
     // Nothing holds the image's lock any more.
     qemu_io(&img, &[(0, 4096, 0x17)]);
 }
