@@ -107,11 +107,24 @@ fn large_blocks_run_at_the_budget_they_need_and_are_refused_below_it() {
         compare(&src, &small.dir.join("t0.img")).unwrap();
         util::change_data_pages(&src, 64, &mut rng);
     }
+    // Refused while a push of the same target runs, which goes on (a
+    // refusal takes no target from anyone), and for a new target, which is
+    // not created.
+    let running = crate::agents::spawn_push(
+        &src,
+        &small.source,
+        &small.agent,
+        "t0",
+        &["--block-size", "1M", "--mode", "full", "--force", "--bwlimit", "16M"],
+    );
+    std::thread::sleep(Duration::from_millis(700));
     let mut needed = Vec::new();
-    for (target, bs) in [("t1", "2M"), ("t2", "4M")] {
+    for (target, bs) in [("t0", "2M"), ("t1", "4M")] {
         let out = push_within(&src, &small.source, &small.agent, target, &["--block-size", bs], limit);
         out.expect_error("E_MEMORY_BUDGET", 4);
-        assert!(!small.dir.join(format!("{target}.img")).exists(), "a refused session touched its target");
+        if target != "t0" {
+            assert!(!small.dir.join(format!("{target}.img")).exists(), "a refused session touched its target");
+        }
         let mib: u64 = out
             .stderr
             .split("memory_budget_mib = ")
@@ -123,6 +136,9 @@ fn large_blocks_run_at_the_budget_they_need_and_are_refused_below_it() {
         needed.push((bs, mib));
     }
     assert!(needed[0].1 > 16 && needed[1].1 > needed[0].1, "{needed:?}");
+    let running = running.wait_with_output().unwrap();
+    assert!(running.status.success(), "the running push failed: {}", String::from_utf8_lossy(&running.stderr));
+    compare(&src, &small.dir.join("t0.img")).unwrap();
     // At exactly the budget named, the session runs, full and delta, with
     // half-compressible data so zstd frames (the dearest) come too.
     for (bs, mib) in needed {

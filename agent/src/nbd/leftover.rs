@@ -1,16 +1,86 @@
-//! Processes a killed push left behind: the `qemu-nbd` and
+//! What a killed push leaves behind: the `qemu-nbd` and
 //! `qemu-storage-daemon` diskferry starts outlive a `kill -9` of their push
-//! (they are not its threads), and each holds its image's lock, so a VM
-//! could not start on the image. The next push that serves an image stops
-//! them.
+//! (they are not its threads), each holding its image's lock so that a VM
+//! could not start on the image, and the private directories of their
+//! sockets stay in `/tmp`. The next push that needs one stops them.
 //!
-//! Written by hand over `/proc`: what is needed is a process's arguments
-//! and parent, which no maintained crate gives more simply.
+//! A directory's creator holds a lock on a file in it for as long as it
+//! lives ([`OwnedDir`]): a free lock is a dead owner, whatever the pids say
+//! (they can be reused, or seen from another pid namespace). Processes are
+//! found by their arguments in `/proc` and signalled through a pidfd, so a
+//! pid reused meanwhile is never signalled — written by hand: no
+//! maintained crate gives a process's arguments and a pidfd more simply.
 
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::io;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rustix::process::Signal;
+use rustix::fs::FlockOperation;
+use rustix::process::{PidfdFlags, Signal};
+
+/// The lock file in an [`OwnedDir`]: it appears only once locked.
+const OWNER: &str = "owner.lock";
+
+/// A private directory in `parent` whose creator is known to live by the
+/// lock it holds; removed when dropped.
+#[derive(Debug)]
+pub struct OwnedDir {
+    dir: tempfile::TempDir,
+    _owner: File,
+}
+
+impl OwnedDir {
+    /// Makes a directory named `prefix…` in `parent`, locked as this process's.
+    pub fn new(parent: &Path, prefix: &str) -> io::Result<OwnedDir> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir_in(parent)?;
+        // Locked under another name first, so that no cleaner ever finds
+        // the lock file free while its owner lives. Opened close-on-exec:
+        // a child must not keep the lock after its parent died.
+        let staging = dir.path().join(".owner");
+        let owner = File::create(&staging)?;
+        rustix::fs::flock(&owner, FlockOperation::NonBlockingLockExclusive)?;
+        std::fs::rename(&staging, dir.path().join(OWNER))?;
+        Ok(OwnedDir { dir, _owner: owner })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Removes the directories `prefix…` in `parent` whose owner is gone,
+/// first stopping any `program` whose arguments name a path in one.
+pub fn remove_orphans(parent: &Path, prefix: &str, program: Option<&str>) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        if !e.file_name().to_str().is_some_and(|n| n.starts_with(prefix)) {
+            continue;
+        }
+        let dir = e.path();
+        // No lock file: not made by an OwnedDir, or not yet locked.
+        let Ok(lock) = File::open(dir.join(OWNER)) else { continue };
+        if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue;
+        }
+        if let Some(program) = program {
+            let mut inside = dir.as_os_str().as_encoded_bytes().to_vec();
+            inside.push(b'/');
+            for pid in pids() {
+                stop_if(pid, Duration::from_secs(5), |args| {
+                    runs(args, program) && args.iter().any(|a| a.starts_with(&inside))
+                });
+            }
+        }
+        tracing::info!("removing {}, left by a killed push", dir.display());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+fn pids() -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
+}
 
 /// The arguments of process `pid` (empty if it is gone).
 pub fn args_of(pid: i32) -> Vec<Vec<u8>> {
@@ -27,26 +97,25 @@ pub fn runs(args: &[Vec<u8>], program: &str) -> bool {
     args.first().is_some_and(|a| a.rsplit(|b| *b == b'/').next() == Some(program.as_bytes()))
 }
 
-/// Process `pid`'s state letter and parent, from `/proc/PID/stat`.
-fn state_of(pid: i32) -> Option<(char, i32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(") ")?;
-    let mut fields = rest.split(' ');
-    let state = fields.next()?.chars().next()?;
-    let parent = fields.next()?.parse().ok()?;
-    Some((state, parent))
-}
-
 /// Whether `pid` is gone (a zombie holds no lock: gone for this purpose).
-pub fn gone(pid: i32) -> bool {
-    state_of(pid).is_none_or(|(state, _)| state == 'Z')
+fn gone(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_or(true, |s| s.rsplit_once(") ").is_none_or(|(_, rest)| rest.starts_with('Z')))
 }
 
-/// Stops `pid` (SIGTERM, then SIGKILL after `term_wait`) and waits until it is gone.
-pub fn stop(pid: i32, term_wait: Duration) {
+/// Stops process `pid` if its arguments pass `matches` (SIGTERM, then
+/// SIGKILL after `term_wait`), and waits until it is gone.
+pub fn stop_if(pid: i32, term_wait: Duration, matches: impl Fn(&[Vec<u8>]) -> bool) {
+    let Some(p) = rustix::process::Pid::from_raw(pid) else { return };
+    // The pidfd names this process even if the pid is reused later: the
+    // arguments are checked after it is open.
+    let Ok(fd) = rustix::process::pidfd_open(p, PidfdFlags::empty()) else { return };
+    if !matches(&args_of(pid)) {
+        return;
+    }
     for (sig, wait) in [(Signal::TERM, term_wait), (Signal::KILL, Duration::from_secs(5))] {
-        if let Some(p) = rustix::process::Pid::from_raw(pid) {
-            let _ = rustix::process::kill_process(p, sig);
+        if rustix::process::pidfd_send_signal(&fd, sig).is_err() {
+            return;
         }
         let deadline = Instant::now() + wait;
         while !gone(pid) && Instant::now() < deadline {
@@ -58,73 +127,53 @@ pub fn stop(pid: i32, term_wait: Duration) {
     }
 }
 
-/// The prefix of the socket directory of a `qemu-nbd` started by agent
-/// process `owner`: the name says whose it is, so an orphan is known by
-/// a parent that is not its owner any more.
-pub fn nbd_dir_prefix(owner: u32) -> String {
-    format!("diskferry-nbd-{owner}-")
-}
-
-/// Stops every `qemu-nbd` whose socket directory in `parent` names an
-/// owner that is not its parent (the owner was killed), and removes the
-/// directory.
-pub fn stop_orphaned_nbd(parent: &Path) {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return };
-    // Pids name owners only within one pid namespace (an agent in a
-    // container sharing this /tmp would look orphaned from outside it).
-    let ours = std::fs::read_link("/proc/self/ns/pid").ok();
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        let args = args_of(pid);
-        if !runs(&args, "qemu-nbd") {
-            continue;
-        }
-        let Some(dir) = socket_dir(&args).filter(|d| d.parent() == Some(parent)) else { continue };
-        if ours.is_none() || std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok() != ours {
-            continue;
-        }
-        let Some(owner) = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("diskferry-nbd-"))
-            .and_then(|n| n.split('-').next())
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        match state_of(pid) {
-            Some((state, parent)) if state != 'Z' && parent != owner => {
-                tracing::warn!("stopping the qemu-nbd (pid {pid}) a killed push left on {}", dir.display());
-                stop(pid, Duration::from_secs(5));
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-            _ => {}
-        }
-    }
-}
-
-/// The directory of the socket a `qemu-nbd` listens on.
-fn socket_dir(args: &[Vec<u8>]) -> Option<PathBuf> {
-    let at = args.iter().position(|a| a == b"--socket")?;
-    let socket = PathBuf::from(String::from_utf8(args.get(at + 1)?.clone()).ok()?);
-    socket.parent().map(Path::to_path_buf)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::ExitStatusExt;
 
     #[test]
-    fn a_process_is_known_by_its_arguments_and_state() {
+    fn a_directory_is_an_orphan_once_its_owner_lets_go() {
+        let parent = tempfile::tempdir().unwrap();
+        let live = OwnedDir::new(parent.path(), "x-").unwrap();
+        let dead = OwnedDir::new(parent.path(), "x-").unwrap();
+        let dead_path = dead.path().to_path_buf();
+        // A dead owner's lock is free, its directory still there.
+        std::mem::forget(dead.dir);
+        drop(dead._owner);
+        let lockless = parent.path().join("x-lockless");
+        std::fs::create_dir(&lockless).unwrap();
+        // Again while a child forked by another test still shares the
+        // closed lock's file (until its exec closes it).
+        for _ in 0..200 {
+            remove_orphans(parent.path(), "x-", Some("no-such-program"));
+            if !dead_path.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(live.path().is_dir());
+        assert!(!dead_path.exists());
+        assert!(lockless.is_dir());
+    }
+
+    #[test]
+    fn a_process_is_known_by_its_arguments() {
         let me = std::process::id() as i32;
         assert!(!gone(me));
-        let args = args_of(me);
-        assert!(!args.is_empty());
-        assert!(!runs(&args, "qemu-nbd"));
+        assert!(!args_of(me).is_empty());
         assert!(runs(&[b"/usr/bin/qemu-nbd".to_vec()], "qemu-nbd"));
         assert!(!runs(&[b"/usr/bin/qemu-nbd2".to_vec()], "qemu-nbd"));
-        let nbd = [b"qemu-nbd".to_vec(), b"--socket".to_vec(), b"/tmp/diskferry-nbd-1-x/s".to_vec()];
-        assert_eq!(socket_dir(&nbd), Some(PathBuf::from("/tmp/diskferry-nbd-1-x")));
         assert!(gone(i32::MAX));
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        // A process in the middle of its exec shows no arguments yet.
+        while !runs(&args_of(pid), "sleep") {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        stop_if(pid, Duration::from_secs(5), |args| runs(args, "true"));
+        assert!(child.try_wait().unwrap().is_none(), "stopped a process that did not match");
+        stop_if(pid, Duration::from_secs(5), |args| runs(args, "sleep"));
+        assert!(child.wait().unwrap().signal().is_some());
     }
 }

@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 use diskferry_protocol::ErrorCode;
 use diskferry_sync_engine::Error;
 
+use super::leftover::{self, OwnedDir};
 use super::url::{self, NbdUrl};
+
+/// The name of every socket directory begins so.
+const PREFIX: &str = "diskferry-nbd-";
 
 /// `--format`: how the source's bytes are read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -44,7 +48,7 @@ impl Format {
 #[derive(Debug)]
 pub struct QemuNbd {
     child: Child,
-    dir: tempfile::TempDir,
+    dir: OwnedDir,
     image: PathBuf,
     format: Format,
 }
@@ -52,10 +56,9 @@ pub struct QemuNbd {
 impl QemuNbd {
     /// Starts `qemu-nbd` for `image` in `format` and waits until it listens.
     pub fn start(image: &Path, format: Format, bitmap: Option<&str>) -> Result<(QemuNbd, NbdUrl), Error> {
-        super::leftover::stop_orphaned_nbd(Path::new("/tmp"));
-        let dir = tempfile::Builder::new()
-            .prefix(&super::leftover::nbd_dir_prefix(std::process::id()))
-            .tempdir_in("/tmp")
+        let tmp = Path::new("/tmp");
+        leftover::remove_orphans(tmp, PREFIX, Some("qemu-nbd"));
+        let dir = OwnedDir::new(tmp, PREFIX)
             .map_err(|e| Error::new(ErrorCode::Io, format!("a directory for qemu-nbd's socket: {e}")))?;
         let socket = dir.path().join("s");
         let mut cmd = Command::new("qemu-nbd");

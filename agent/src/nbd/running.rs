@@ -10,6 +10,7 @@ use diskferry_sync_engine::Error;
 use serde_json::{json, Value};
 
 use super::bitmap::{Bitmap, BitmapStore};
+use super::leftover::{self, OwnedDir};
 use super::qmp::Qmp;
 use super::storage_daemon::Daemon;
 use super::url::{NbdUrl, Transport};
@@ -17,6 +18,8 @@ use super::url::{NbdUrl, Transport};
 /// Exports diskferry made carry this id prefix; a killed agent's leftovers
 /// are removed by the next pass.
 const EXPORT_PREFIX: &str = "diskferry-";
+/// The name of every socket directory begins so.
+const PREFIX: &str = "diskferry-qmp-";
 
 /// A running VM's block node, over one shared QMP connection.
 #[derive(Clone, Debug)]
@@ -165,7 +168,7 @@ impl BitmapStore for Node {
 pub struct Export {
     node: Node,
     id: String,
-    dir: tempfile::TempDir,
+    dir: OwnedDir,
 }
 
 impl Export {
@@ -175,9 +178,10 @@ impl Export {
         // Under systemd, /tmp is the unit's own (PrivateTmp): QEMU, outside
         // it, must find the socket in the runtime directory.
         let parent = std::env::var_os("RUNTIME_DIRECTORY").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
-        let dir = tempfile::Builder::new()
-            .prefix("diskferry-qmp-")
-            .tempdir_in(parent)
+        // A killed push's directory is left, its socket stale (the next
+        // push restarts the server on its own).
+        leftover::remove_orphans(&parent, PREFIX, None);
+        let dir = OwnedDir::new(&parent, PREFIX)
             .map_err(|e| Error::new(ErrorCode::Io, format!("a directory for QEMU's NBD socket: {e}")))?;
         let socket: PathBuf = dir.path().join("s");
         node.clear_leftovers()?;

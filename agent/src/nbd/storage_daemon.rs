@@ -116,12 +116,13 @@ fn same_file(f: &std::fs::File, path: &Path) -> bool {
 /// Stops process `pid` if it is a storage daemon serving `blockdev` (the
 /// lock says its push is gone), and waits until it is.
 fn stop_leftover(pid: i32, blockdev: &str) {
-    let args = leftover::args_of(pid);
-    if !leftover::runs(&args, "qemu-storage-daemon") || !args.iter().any(|a| a == blockdev.as_bytes()) {
-        return;
-    }
-    tracing::warn!("stopping the qemu-storage-daemon (pid {pid}) a killed push left on {blockdev}");
-    leftover::stop(pid, QUIT_TIMEOUT);
+    leftover::stop_if(pid, QUIT_TIMEOUT, |args| {
+        let ours = leftover::runs(args, "qemu-storage-daemon") && args.iter().any(|a| a == blockdev.as_bytes());
+        if ours {
+            tracing::warn!("stopping the qemu-storage-daemon (pid {pid}) a killed push left on {blockdev}");
+        }
+        ours
+    });
 }
 
 fn signal(pid: i32, sig: Signal) {

@@ -161,7 +161,7 @@ impl Budget {
         let sessions = self.sessions.clone().acquire_many_owned(cost.units).await.ok()?;
         let own = u32::try_from(cost.frame_units).ok()?;
         let frames = self.frames.clone().acquire_many_owned(own).await.ok()?;
-        Some(Admission { _sessions: sessions, _frames: frames })
+        Some(Admission { _sessions: sessions, _frames: frames, stream_units: cost.stream_units })
     }
 
     /// Whether a session of `cost` can start now (for logging that it waits).
@@ -184,6 +184,8 @@ impl SessionCost {
 pub struct Admission {
     _sessions: OwnedSemaphorePermit,
     _frames: OwnedSemaphorePermit,
+    /// The units each data stream owns ([`SessionCost::stream_units`]).
+    pub stream_units: u32,
 }
 
 /// The dearest frame a block of `g` can legitimately need: the longest

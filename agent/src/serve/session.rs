@@ -256,6 +256,25 @@ impl Session {
                 ),
             );
         }
+        // Refused before the target is registered: a refusal must not take
+        // the target from a push that runs.
+        let g = Geometry::new(o.disk_bytes, o.block_size);
+        let cost = match &o.group {
+            Some(tag) => self.ctx.budget.group_cost(&g, tag.members),
+            None => self.ctx.budget.session_cost(&g),
+        };
+        if !self.ctx.budget.can_hold(&cost) {
+            let who = if o.group.is_some() { "this group's members" } else { "a session" };
+            return self.rs.reject(
+                ErrorCode::MemoryBudget,
+                format!(
+                    "{} KiB blocks need more frame memory for {who} than this agent's budget holds — set \
+                     memory_budget_mib = {} (or more) in the target agent's config, or push with smaller blocks",
+                    o.block_size.get() >> 10,
+                    cost.budget_needed_mib()
+                ),
+            );
+        }
         let ticket = self.ctx.registry.ticket();
         let registration = match self.ctx.registry.register(&name, &self.peer, ticket).await {
             Ok(r) => r,
@@ -295,26 +314,6 @@ impl Session {
         // member waits for it), each with a slice of its window: members
         // waiting for each other in their commits never starve one still
         // waiting for memory.
-        let g = Geometry::new(o.disk_bytes, o.block_size);
-        let cost = match &o.group {
-            Some(tag) => self.ctx.budget.group_cost(&g, tag.members),
-            None => self.ctx.budget.session_cost(&g),
-        };
-        if !self.ctx.budget.can_hold(&cost) {
-            if let Some((run, groups)) = &group {
-                run.fail(groups, "the target agent's memory budget cannot hold the group's blocks");
-            }
-            let who = if o.group.is_some() { "this group's members" } else { "a session" };
-            return self.rs.reject(
-                ErrorCode::MemoryBudget,
-                format!(
-                    "{} KiB blocks need more frame memory for {who} than this agent's budget holds — set \
-                     memory_budget_mib = {} (or more) in the target agent's config, or push with smaller blocks",
-                    o.block_size.get() >> 10,
-                    cost.budget_needed_mib()
-                ),
-            );
-        }
         self.stream_frames = (cost.data_streams, cost.stream_units);
         let shared = group.as_ref().map(|(run, _)| run.admission.clone());
         let mut slot = match &shared {
@@ -322,6 +321,17 @@ impl Session {
             None => None,
         };
         let admission = match slot.as_deref() {
+            // The group's share holds frames for its first member's blocks.
+            Some(Some(permit)) if permit.stream_units < cost.stream_units => {
+                drop(slot);
+                if let Some((run, groups)) = &group {
+                    run.fail(groups, "the members' block sizes differ");
+                }
+                return self.rs.reject(
+                    ErrorCode::GroupMembers,
+                    "the members of a group push differ in block size — push them with one --block-size",
+                );
+            }
             Some(Some(permit)) => Some(permit.clone()),
             _ => {
                 if !self.ctx.budget.fits_now(&cost) {
