@@ -105,13 +105,15 @@ impl ReceivedBlock {
 
     /// Checks that the patches applied over `old` (the block's current bytes,
     /// zero-filled to `len`; ignored for a whole block) give the expected hash.
-    pub fn verify(self, old: &[u8]) -> Result<VerifiedBlock, HashMismatch> {
+    /// `old` is patched in place: a copy of it would be one more block per
+    /// frame outside the target's memory budget.
+    pub fn verify(self, old: Vec<u8>) -> Result<VerifiedBlock, HashMismatch> {
         let mismatch = HashMismatch { index: self.index };
         let hash = if self.is_whole() {
             // The common case hashes the received bytes where they lie.
             hash_block(&self.patches[0].data)
         } else {
-            let mut new = old.to_vec();
+            let mut new = old;
             new.resize(self.len as usize, 0);
             for p in &self.patches {
                 let start = p.offset as usize;
@@ -227,16 +229,16 @@ mod tests {
             expected: hash_block(&new),
             patches: vec![Patch { offset: 0, data: Bytes::copy_from_slice(&new[..4096]) }],
         };
-        let vb = good.clone().verify(&old).unwrap();
+        let vb = good.clone().verify(old.clone()).unwrap();
         assert_eq!(vb.hash(), hash_block(&new));
         let mut bad = good.clone();
         let mut flipped = bad.patches[0].data.to_vec();
         flipped[0] ^= 1;
         bad.patches[0].data = flipped.into();
-        assert_eq!(bad.verify(&old).unwrap_err(), HashMismatch { index: 7 });
+        assert_eq!(bad.verify(old.clone()).unwrap_err(), HashMismatch { index: 7 });
         let mut out_of_range = good;
         out_of_range.patches[0].offset = 8000;
-        assert!(out_of_range.verify(&old).is_err());
+        assert!(out_of_range.verify(old.clone()).is_err());
     }
 
     #[test]

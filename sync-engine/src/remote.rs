@@ -163,7 +163,7 @@ pub fn verify_frame(
     } else {
         old.read(frame.index).map_err(FrameRejection::Storage)?
     };
-    received.verify(&base).map_err(|_| FrameRejection::Mismatch)
+    received.verify(base).map_err(|_| FrameRejection::Mismatch)
 }
 
 #[cfg(test)]
