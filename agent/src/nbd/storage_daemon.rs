@@ -23,7 +23,7 @@ use diskferry_sync_engine::Error;
 use rustix::process::Signal;
 use serde_json::json;
 
-use super::leftover;
+use super::leftover::{self, OwnedDir};
 use super::qmp::Qmp;
 use super::running::Node;
 
@@ -43,14 +43,14 @@ pub struct Daemon {
     qmp: Option<Arc<Mutex<Qmp>>>,
     /// Waits for the daemon; what it said on stderr, and how it ended.
     waiter: Option<JoinHandle<(String, std::io::Result<ExitStatus>)>>,
-    _dir: tempfile::TempDir,
+    _dir: OwnedDir,
     claim: Claim,
 }
 
 /// One push at a time serves an image: a lock held for the daemon's life,
-/// and a file naming the daemon and its monitor's directory, so the next
-/// push stops one that a killed agent left behind (it would hold the
-/// image's lock for ever) and removes the directory.
+/// and a file naming the daemon, so the next push stops one that a killed
+/// agent left behind (it would hold the image's lock for ever); its
+/// monitor's directory is an [`OwnedDir`], removed as any orphan.
 struct Claim {
     _lock: std::fs::File,
     pid_file: PathBuf,
@@ -89,16 +89,8 @@ impl Claim {
             }
         };
         let pid_file = dir.join(format!("{name}.pid"));
-        let left = std::fs::read_to_string(&pid_file).unwrap_or_default();
-        let mut lines = left.lines();
-        if let Some(pid) = lines.next().and_then(|t| t.trim().parse::<i32>().ok()) {
+        if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse::<i32>().ok()) {
             stop_leftover(pid, blockdev);
-        }
-        // Only a directory this agent makes, in the directory it makes them in.
-        if let Some(monitor) = lines.next().map(PathBuf::from).filter(|m| {
-            m.parent() == Some(dir) && m.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(PREFIX))
-        }) {
-            let _ = std::fs::remove_dir_all(monitor);
         }
         Ok(Claim { _lock: lock, pid_file })
     }
@@ -144,11 +136,6 @@ pub fn serve(image: &Path) -> Result<Node, Error> {
     })?;
     // Under systemd, /tmp is the unit's own (PrivateTmp), as for QEMU's NBD socket.
     let parent = std::env::var_os("RUNTIME_DIRECTORY").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
-    let dir = tempfile::Builder::new()
-        .prefix(PREFIX)
-        .tempdir_in(&parent)
-        .map_err(|e| Error::new(ErrorCode::Io, format!("a directory for qemu-storage-daemon's monitor: {e}")))?;
-    let socket = dir.path().join("qmp");
     // QEMU's `file` driver refuses a block device (an image on an LV).
     let is_device =
         std::fs::metadata(image).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
@@ -157,6 +144,12 @@ pub fn serve(image: &Path) -> Result<Node, Error> {
         json!({ "driver": "qcow2", "node-name": NODE, "file": { "driver": protocol, "filename": filename } })
             .to_string();
     let claim = Claim::take(&parent, image, &blockdev)?;
+    // After the claim stopped this image's leftover daemon: other images'
+    // leftovers are stopped by their own next push, through their pid files.
+    leftover::remove_orphans(&parent, PREFIX, None);
+    let dir = OwnedDir::new(&parent, PREFIX)
+        .map_err(|e| Error::new(ErrorCode::Io, format!("a directory for qemu-storage-daemon's monitor: {e}")))?;
+    let socket = dir.path().join("qmp");
     // QEMU's option syntax escapes a comma by doubling it.
     let chardev = format!("socket,id=qmp,server=on,wait=off,path={}", socket.to_string_lossy().replace(',', ",,"));
     let mut cmd = Command::new("qemu-storage-daemon");
@@ -189,7 +182,7 @@ pub fn serve(image: &Path) -> Result<Node, Error> {
         }
         Err(_) => return Err(Error::new(ErrorCode::Internal, "the qemu-storage-daemon thread ended")),
     };
-    if let Err(e) = std::fs::write(&claim.pid_file, format!("{pid}\n{}\n", dir.path().display())) {
+    if let Err(e) = std::fs::write(&claim.pid_file, format!("{pid}\n")) {
         tracing::warn!("{}: {e} (a killed push's daemon would stay until stopped by hand)", claim.pid_file.display());
     }
     let mut daemon = Daemon { pid, qmp: None, waiter: Some(waiter), _dir: dir, claim };

@@ -197,7 +197,7 @@ pub fn dearest_frame(g: &Geometry) -> u64 {
 }
 
 /// The longest frame a data stream of geometry `g` may carry.
-pub fn longest_frame(g: &Geometry) -> u64 {
+fn longest_frame(g: &Geometry) -> u64 {
     u64::from(g.block_size.get()) + FRAME_SLACK
 }
 
