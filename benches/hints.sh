@@ -80,7 +80,7 @@ fi
 X=$W/xfs; mkdir -p $X/mnt; truncate -s 12G $X/fs.img
 mkfs.xfs -q -f -m reflink=1 $X/fs.img
 LOOP=$(losetup -f --show $X/fs.img)
-trap "kill $PA $PB 2>/dev/null; umount $X/mnt 2>/dev/null; losetup -d $LOOP 2>/dev/null" EXIT
+trap "kill $PA $PB 2>/dev/null; umount $X/mnt 2>/dev/null; losetup -d $LOOP 2>/dev/null; true" EXIT
 mount $LOOP $X/mnt
 E=$X/mnt/vm.img
 cp --sparse=always "$SRC" $E

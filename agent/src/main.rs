@@ -3,7 +3,10 @@
 
 fn main() {
     keep_freed_memory();
-    std::process::exit(diskferry_agent::run());
+    let code = diskferry_agent::run();
+    // A large file a commit dropped may still be being freed.
+    diskferry_sync_engine::store::wait_for_removals();
+    std::process::exit(code);
 }
 
 /// glibc hands freed memory back to the kernel as soon as a heap's top

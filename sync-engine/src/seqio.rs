@@ -17,12 +17,39 @@ pub struct SeqWriter {
     pos: u64,
     buf: Vec<u8>,
     hasher: blake3::Hasher,
+    /// Start writeback after this many bytes written (0: never).
+    flush_every: u64,
+    /// Where the last writeback hint ended.
+    flushed_to: u64,
 }
 
 impl SeqWriter {
     /// Writes from `pos` onwards.
     pub fn new(storage: Arc<dyn Storage>, pos: u64) -> Self {
-        SeqWriter { storage, pos, buf: Vec::with_capacity(BUF), hasher: blake3::Hasher::new() }
+        SeqWriter {
+            storage,
+            pos,
+            buf: Vec::with_capacity(BUF),
+            hasher: blake3::Hasher::new(),
+            flush_every: 0,
+            flushed_to: pos,
+        }
+    }
+
+    /// Starts the device writing every `bytes` written
+    /// ([`Storage::start_flush`]): a file that is synced at the end (a log
+    /// synced at a commit) then finds most of it written already, and the
+    /// device works while the writer still gathers the rest.
+    pub fn flush_every(mut self, bytes: u64) -> Self {
+        self.flush_every = bytes;
+        self
+    }
+
+    fn hint_flush(&mut self) {
+        if self.flush_every > 0 && self.pos - self.flushed_to >= self.flush_every {
+            self.storage.start_flush(self.flushed_to, self.pos - self.flushed_to);
+            self.flushed_to = self.pos;
+        }
     }
 
     /// Appends bytes.
@@ -34,6 +61,7 @@ impl SeqWriter {
         if bytes.len() >= BUF {
             self.storage.write_at(self.pos, bytes)?;
             self.pos += bytes.len() as u64;
+            self.hint_flush();
         } else {
             self.buf.extend_from_slice(bytes);
         }
@@ -46,6 +74,7 @@ impl SeqWriter {
             self.storage.write_at(self.pos, &self.buf)?;
             self.pos += self.buf.len() as u64;
             self.buf.clear();
+            self.hint_flush();
         }
         Ok(())
     }
@@ -209,5 +238,90 @@ impl<'a> Fields<'a> {
     /// Bytes consumed so far.
     pub fn position(&self) -> usize {
         self.pos
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A storage that keeps its bytes and the writeback hints it was given.
+    #[derive(Debug, Default)]
+    struct Recording {
+        bytes: Mutex<Vec<u8>>,
+        flushes: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl Storage for Recording {
+        fn len(&self) -> io::Result<u64> {
+            Ok(self.bytes.lock().unwrap().len() as u64)
+        }
+        fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+            let b = self.bytes.lock().unwrap();
+            buf.copy_from_slice(&b[off as usize..off as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+            let mut b = self.bytes.lock().unwrap();
+            let end = off as usize + buf.len();
+            if b.len() < end {
+                b.resize(end, 0);
+            }
+            b[off as usize..end].copy_from_slice(buf);
+            Ok(())
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.bytes.lock().unwrap().resize(len as usize, 0);
+            Ok(())
+        }
+        fn zero_range(&self, _off: u64, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn reserve(&self, _off: u64, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn sync(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn start_flush(&self, off: u64, len: u64) {
+            self.flushes.lock().unwrap().push((off, len));
+        }
+    }
+
+    #[test]
+    fn writeback_hints_cover_what_was_written_in_order_and_change_no_byte() {
+        let storage = Arc::new(Recording::default());
+        let start = 100;
+        let mut w = SeqWriter::new(storage.clone(), start).flush_every(2 << 20);
+        let mut want = Vec::new();
+        // Small appends through the buffer, and one larger than it.
+        for i in 0..5000u32 {
+            let piece = vec![(i % 251) as u8; 1000 + (i % 7) as usize];
+            w.write(&piece).unwrap();
+            want.extend_from_slice(&piece);
+        }
+        let big = vec![9u8; BUF + 17];
+        w.write(&big).unwrap();
+        want.extend_from_slice(&big);
+        w.flush().unwrap();
+        let flushes = storage.flushes.lock().unwrap().clone();
+        assert!(flushes.len() >= 2, "{flushes:?}");
+        // Contiguous from where writing began, each at least the interval,
+        // never past what reached the storage.
+        let mut at = start;
+        for &(off, len) in &flushes {
+            assert_eq!(off, at);
+            assert!(len >= 2 << 20);
+            at += len;
+        }
+        assert!(at <= w.position());
+        assert_eq!(&storage.bytes.lock().unwrap()[start as usize..], &want[..]);
+        // Without an interval, no hint.
+        let quiet = Arc::new(Recording::default());
+        let mut w = SeqWriter::new(quiet.clone(), 0);
+        w.write(&big).unwrap();
+        w.flush().unwrap();
+        assert!(quiet.flushes.lock().unwrap().is_empty());
     }
 }

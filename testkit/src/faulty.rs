@@ -177,6 +177,10 @@ impl Storage for FaultyStorage {
     fn start_writeback(&self, off: u64, len: u64) {
         self.inner.start_writeback(off, len)
     }
+
+    fn start_flush(&self, off: u64, len: u64) {
+        self.inner.start_flush(off, len)
+    }
 }
 
 impl Vfs for FaultyFs {

@@ -168,6 +168,10 @@ impl Vfs for NbdVfs {
         RealFs.remove_file(path)
     }
 
+    fn remove_later(&self, path: &Path) -> io::Result<()> {
+        RealFs.remove_later(path)
+    }
+
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         RealFs.create_dir_all(path)
     }

@@ -187,89 +187,58 @@ impl<'t> Apply<'t> {
         let Some(writer) = self.manifest.take() else {
             return Err(Error::new(ErrorCode::Internal, "apply already committed"));
         };
-        let header = writer.finish(ManifestMeta {
+        let manifest_meta = ManifestMeta {
             generation: meta.generation,
             parent: self.spec.base,
             consistency: meta.consistency,
             created_unix_ns: meta.created_unix_ns,
-        })?;
+        };
         let mpath = dir.join(manifest_file(meta.generation));
-        vfs.rename(&self.manifest_path, &mpath).ctx(Place::State, "renaming", &mpath)?;
-        let manifest_checksum = Manifest::open(vfs.as_ref(), &mpath)?.checksum();
+        let tmp = self.manifest_path.clone();
+        let finish_manifest = || -> Result<(BlockHash, [u8; 32])> {
+            let header = writer.finish(manifest_meta)?;
+            vfs.rename(&tmp, &mpath).ctx(Place::State, "renaming", &mpath)?;
+            Ok((header.root, Manifest::open(vfs.as_ref(), &mpath)?.checksum()))
+        };
 
         if self.spec.mode == ApplyMode::Direct {
+            let (root, manifest_checksum) = finish_manifest()?;
             vfs.sync_dir(&dir).ctx(Place::State, "syncing", &dir)?;
             self.disk.sync().ctx(Place::Target, "syncing", &self.disk_path)?;
-            return Ok(PreparedStep { root: header.root, manifest_checksum, journal: None });
+            return Ok(PreparedStep { root, manifest_checksum, journal: None });
         }
 
         let Some(mut journal) = self.journal.take() else {
             return Err(Error::new(ErrorCode::Internal, "apply without a journal"));
         };
-        let mut undo = None;
-        match self.spec.mode {
-            ApplyMode::Journal => {
-                if let Err(e) = journal.flush_entries() {
-                    self.journal = Some(journal);
-                    return Err(e);
-                }
-                // F2 runs beside the reservation and the undo segment (F3),
-                // which only read the flushed log: both must be durable
-                // before F4, in either order, and neither counts until the
-                // commit record names them. The log's sync then costs no
-                // time of its own (a hinted delta's commit is on the
-                // downtime path of a failover).
-                let log = journal.storage();
-                let (synced, reserved, saved) = std::thread::scope(|s| {
-                    // Without a thread to spare, the sync runs first, inline.
-                    let syncing = std::thread::Builder::new()
-                        .name("df-log-sync".into())
-                        .spawn_scoped(s, || log.sync())
-                        .map_err(|_| log.sync());
-                    // Reserving touches the target's times, not its bytes:
-                    // after a failure from here on, the next open proves the
-                    // bytes unchanged by hashing (`settle_trust`).
-                    let mut reserved = Reserved::default();
-                    let saved = self.reserve(&journal, &mut reserved).and_then(|()| match self.spec.base {
-                        Some(base) => self.save_undo(&journal, base, meta.generation).map(Some),
-                        None => Ok(None),
-                    });
-                    let synced = match syncing {
-                        Ok(thread) => thread.join().unwrap_or_else(|_| Err(std::io::Error::other("the sync panicked"))),
-                        Err(inline) => inline,
-                    };
-                    (synced, reserved, saved)
-                });
-                self.reserved = Some(reserved);
-                let synced = synced.ctx(Place::State, "syncing redo log", &self.target.journal_path());
-                // When both fail, the undo segment's error says more (a full
-                // state filesystem is released with a hint: `state_full`).
-                match saved.and_then(|u| synced.map(|()| u)) {
-                    Ok(u) => undo = u,
-                    Err(e) => {
-                        self.journal = Some(journal);
-                        return Err(e);
-                    }
-                }
+        // F1 (the manifest's sync) runs beside the log's steps: each must be
+        // durable before F4, in any order, and none counts before the commit
+        // record names it.
+        // Taken by the thread, or here when no thread could be started.
+        let job = std::sync::Mutex::new(Some(finish_manifest));
+        let run = || match job.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(finish) => finish(),
+            None => Err(Error::new(ErrorCode::Internal, "the manifest was finished twice")),
+        };
+        let (manifest, logged) = std::thread::scope(|s| {
+            let finishing = std::thread::Builder::new().name("df-manifest".into()).spawn_scoped(s, run);
+            let logged = self.prepare_log(meta, &mut journal);
+            let manifest = match finishing {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "finishing the manifest panicked"))),
+                // Without a thread to spare, it runs here, after the log's steps.
+                Err(_) => run(),
+            };
+            (manifest, logged)
+        });
+        let ((root, manifest_checksum), undo) = match manifest.and_then(|m| logged.map(|u| (m, u))) {
+            Ok(done) => done,
+            Err(e) => {
+                self.journal = Some(journal);
+                return Err(e);
             }
-            _ => {
-                let synced = self
-                    .disk
-                    .set_len(self.spec.geometry.disk_bytes)
-                    .and_then(|_| self.disk.sync())
-                    .ctx(Place::Target, "syncing", &self.disk_path)
-                    // The `.partial` name must be durable before a commit record names it.
-                    .and_then(|_| {
-                        let parent = parent_dir(&self.disk_path);
-                        vfs.sync_dir(&parent).ctx(Place::Target, "syncing", &parent)
-                    })
-                    .and_then(|_| journal.sync_entries());
-                if let Err(e) = synced {
-                    self.journal = Some(journal);
-                    return Err(e);
-                }
-            }
-        }
+        };
         if let Err(e) = vfs.sync_dir(&dir).ctx(Place::State, "syncing", &dir) {
             self.journal = Some(journal);
             return Err(e);
@@ -282,7 +251,61 @@ impl<'t> Apply<'t> {
             undo,
             grouped: meta.grouped,
         };
-        Ok(PreparedStep { root: header.root, manifest_checksum, journal: Some((journal, record)) })
+        Ok(PreparedStep { root, manifest_checksum, journal: Some((journal, record)) })
+    }
+
+    /// The log's steps before the commit point (F2, F3 and the
+    /// reservation for a delta; the `.partial`'s size and syncs for a full
+    /// copy). Returns the undo segment's checksum and data bytes, if one
+    /// was written.
+    fn prepare_log(&mut self, meta: CommitMeta, journal: &mut JournalWriter) -> Result<Option<([u8; 32], u64)>> {
+        if self.spec.mode != ApplyMode::Journal {
+            let vfs = self.target.vfs.clone();
+            self.disk.set_len(self.spec.geometry.disk_bytes).and_then(|_| self.disk.sync()).ctx(
+                Place::Target,
+                "syncing",
+                &self.disk_path,
+            )?;
+            // The `.partial` name must be durable before a commit record names it.
+            let parent = parent_dir(&self.disk_path);
+            vfs.sync_dir(&parent).ctx(Place::Target, "syncing", &parent)?;
+            journal.sync_entries()?;
+            return Ok(None);
+        }
+        journal.flush_entries()?;
+        // F2 runs beside the reservation and the undo segment (F3),
+        // which only read the flushed log: both must be durable
+        // before F4, in either order, and neither counts until the
+        // commit record names them. The log's sync then costs no
+        // time of its own (a hinted delta's commit is on the
+        // downtime path of a failover).
+        let log = journal.storage();
+        let journal = &*journal;
+        let (synced, reserved, saved) = std::thread::scope(|s| {
+            // Without a thread to spare, the sync runs first, inline.
+            let syncing = std::thread::Builder::new()
+                .name("df-log-sync".into())
+                .spawn_scoped(s, || log.sync())
+                .map_err(|_| log.sync());
+            // Reserving touches the target's times, not its bytes:
+            // after a failure from here on, the next open proves the
+            // bytes unchanged by hashing (`settle_trust`).
+            let mut reserved = Reserved::default();
+            let saved = self.reserve(journal, &mut reserved).and_then(|()| match self.spec.base {
+                Some(base) => self.save_undo(journal, base, meta.generation).map(Some),
+                None => Ok(None),
+            });
+            let synced = match syncing {
+                Ok(thread) => thread.join().unwrap_or_else(|_| Err(std::io::Error::other("the sync panicked"))),
+                Err(inline) => inline,
+            };
+            (synced, reserved, saved)
+        });
+        self.reserved = Some(reserved);
+        let synced = synced.ctx(Place::State, "syncing redo log", &self.target.journal_path());
+        // When both fail, the undo segment's error says more (a full
+        // state filesystem is released with a hint: `state_full`).
+        saved.and_then(|u| synced.map(|()| u))
     }
 
     /// Allocates every range the replay will write, merging neighbours, and

@@ -230,7 +230,7 @@ impl JournalWriter {
     /// Creates a journal (replacing any file at `path`) and writes its header.
     pub fn create(vfs: &dyn Vfs, path: &Path, header: JournalHeader) -> Result<Self> {
         let storage = vfs.open(path, OpenHow::Truncate).ctx(Place::State, "creating redo log", path)?;
-        let mut w = SeqWriter::new(storage, 0);
+        let mut w = SeqWriter::new(storage, 0).flush_every(super::target::LOG_FLUSH_EVERY);
         w.write(&encode_header(&header)).ctx(Place::State, "writing redo log", path)?;
         // On disk at once, so an interrupted session is known for what it was.
         w.flush().ctx(Place::State, "writing redo log", path)?;
@@ -250,7 +250,7 @@ impl JournalWriter {
         let storage = vfs.open(path, OpenHow::ReadWrite).ctx(Place::State, "opening redo log", path)?;
         storage.set_len(scan.valid_len).ctx(Place::State, "truncating redo log", path)?;
         Ok(JournalWriter {
-            w: SeqWriter::new(storage, scan.valid_len),
+            w: SeqWriter::new(storage, scan.valid_len).flush_every(super::target::LOG_FLUSH_EVERY),
             path: path.to_path_buf(),
             header: scan.header,
             entries: scan.entries,

@@ -187,7 +187,9 @@ impl Target {
         for name in self.vfs.list_dir(&self.dir).ctx(Place::State, "listing", &self.dir)? {
             if !keep.contains(&name) {
                 let p = self.dir.join(&name);
-                self.vfs.remove_file(&p).ctx(Place::State, "removing", &p)?;
+                // Freeing a delta's log or a pruned undo segment is not
+                // waited for: it is on the commit's path.
+                self.vfs.remove_later(&p).ctx(Place::State, "removing", &p)?;
             }
         }
         Ok(())
@@ -364,13 +366,28 @@ impl Target {
         let storage = self.vfs.open(&jpath, OpenHow::Read).ctx(Place::State, "opening", &jpath)?;
         let bs = header.geometry.block_size.bytes();
         let path = &self.path;
+        // The device writes while the rest is replayed, so the sync below
+        // finds little left (the span between kicks may hold other dirty
+        // pages of the image: they are due anyway).
+        let mut unflushed: Option<(u64, u64)> = None;
+        let mut since_kick = 0u64;
         journal::scan(&storage, &jpath, &mut |e| match e {
             Entry::Patch { block, ranges, data, .. } => {
                 let mut at = 0usize;
                 for (off, len) in ranges {
                     let bytes = &data[at..at + len as usize];
-                    disk.write_at(block * bs + off as u64, bytes).ctx(Place::Target, "writing", path)?;
+                    let start = block * bs + off as u64;
+                    disk.write_at(start, bytes).ctx(Place::Target, "writing", path)?;
                     at += len as usize;
+                    let end = start + u64::from(len);
+                    let (lo, hi) = unflushed.map_or((start, end), |(lo, hi)| (lo.min(start), hi.max(end)));
+                    since_kick += u64::from(len);
+                    if since_kick >= LOG_FLUSH_EVERY {
+                        disk.start_flush(lo, hi - lo);
+                        (unflushed, since_kick) = (None, 0);
+                    } else {
+                        unflushed = Some((lo, hi));
+                    }
                 }
                 Ok(())
             }

@@ -59,7 +59,7 @@ impl<'a> UndoWriter<'a> {
     /// Creates the segment at `path` for `target`, whose current size is `header.old_disk_bytes`.
     pub fn create(vfs: &dyn Vfs, path: &'a Path, target: &'a dyn Storage, header: &UndoHeader) -> Result<Self> {
         let storage = vfs.open(path, OpenHow::Truncate).ctx(Place::State, "creating undo segment", path)?;
-        let mut w = SeqWriter::new(storage, 0);
+        let mut w = SeqWriter::new(storage, 0).flush_every(super::target::LOG_FLUSH_EVERY);
         let mut h = [0u8; HEADER_LEN as usize];
         h[0..8].copy_from_slice(MAGIC);
         h[8..12].copy_from_slice(&VERSION.to_le_bytes());

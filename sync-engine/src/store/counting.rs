@@ -53,6 +53,9 @@ impl Storage for CountingStorage {
     fn start_writeback(&self, off: u64, len: u64) {
         self.inner.start_writeback(off, len)
     }
+    fn start_flush(&self, off: u64, len: u64) {
+        self.inner.start_flush(off, len)
+    }
     fn identity(&self) -> io::Result<Option<FileId>> {
         self.inner.identity()
     }

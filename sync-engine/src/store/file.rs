@@ -6,7 +6,7 @@ use std::num::NonZeroU64;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use rustix::fs::{FallocateFlags, FlockOperation};
@@ -252,6 +252,33 @@ impl Storage for FileStorage {
             let _ = rustix::fs::fadvise(&self.file, off, Some(len), rustix::fs::Advice::DontNeed);
         }
     }
+
+    // The crate's one libc call outside `mmap.rs`: rustix has no
+    // sync_file_range, and nix (which has) is not worth a dependency for it.
+    #[allow(unsafe_code)]
+    fn start_flush(&self, off: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else { return };
+        // WRITE starts writeback of the range's dirty pages without waiting
+        // for it or dropping them; a hint, so a failure changes nothing.
+        // SAFETY: plain integers and an fd this storage owns; no memory is passed.
+        unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), off, len, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+}
+
+/// Unlinks [`Vfs::remove_later`] left to threads, until they end.
+static PENDING_REMOVALS: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> = std::sync::Mutex::new(Vec::new());
+
+/// Waits for the files [`Vfs::remove_later`] left to background threads to
+/// be freed: a command calls it before it exits, so it leaves no trash
+/// behind (a daemon's threads finish on their own).
+pub fn wait_for_removals() {
+    let pending = std::mem::take(&mut *PENDING_REMOVALS.lock().unwrap_or_else(|p| p.into_inner()));
+    for t in pending {
+        let _ = t.join();
+    }
 }
 
 /// This boot's id; block-device write counters restart at each boot.
@@ -357,6 +384,39 @@ impl Vfs for RealFs {
         match fs::remove_file(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r,
+        }
+    }
+
+    fn remove_later(&self, path: &Path) -> io::Result<()> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let is_trash = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(super::TRASH_PREFIX));
+        let trash = if is_trash {
+            path.to_path_buf()
+        } else {
+            // A name no other file takes: renaming over a file would free
+            // that file's blocks right here.
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let t = path.with_file_name(format!("{}{}-{n}", super::TRASH_PREFIX, std::process::id()));
+            match fs::rename(path, &t) {
+                Ok(()) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        };
+        let unlink = {
+            let trash = trash.clone();
+            move || {
+                let _ = fs::remove_file(&trash);
+            }
+        };
+        match std::thread::Builder::new().name("df-unlink".into()).spawn(unlink) {
+            Ok(thread) => {
+                let mut pending = PENDING_REMOVALS.lock().unwrap_or_else(|p| p.into_inner());
+                pending.retain(|t| !t.is_finished());
+                pending.push(thread);
+                Ok(())
+            }
+            Err(_) => self.remove_file(&trash),
         }
     }
 
@@ -490,5 +550,29 @@ mod tests {
         let mut back = vec![0u8; 4096];
         disk.read_at(12288, &mut back).unwrap();
         assert!(back.iter().all(|&x| x == 2), "buffered reads see direct writes");
+    }
+
+    #[test]
+    fn a_file_removed_later_loses_its_name_at_once_and_leaves_no_trash() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("redo.log");
+        std::fs::write(&big, vec![7u8; 4 << 20]).unwrap();
+        let fs = RealFs;
+        fs.remove_later(&big).unwrap();
+        // The name is free for the next file at once.
+        assert!(!big.exists());
+        std::fs::write(&big, b"next").unwrap();
+        // A leftover of an earlier process goes when it is passed again.
+        let leftover = dir.path().join(format!("{}1-0", super::super::TRASH_PREFIX));
+        std::fs::write(&leftover, b"old").unwrap();
+        fs.remove_later(&leftover).unwrap();
+        // Removing what is not there is no error, as for remove_file.
+        fs.remove_later(&dir.path().join("gone")).unwrap();
+        wait_for_removals();
+        let mut left: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["redo.log"]);
+        assert_eq!(std::fs::read(&big).unwrap(), b"next");
     }
 }

@@ -10,7 +10,7 @@ pub mod counting;
 pub mod file;
 
 pub use counting::CountingStorage;
-pub use file::{boot_id, FileStorage, RealFs};
+pub use file::{boot_id, wait_for_removals, FileStorage, RealFs};
 
 use std::fmt;
 use std::io;
@@ -159,8 +159,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn data_ranges(&self, off: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
         Ok(if len == 0 { Vec::new() } else { vec![(off, len)] })
     }
-    /// Hint: start writing back `[off, off+len)` now, so the final sync is short.
+    /// Hint: start writing back `[off, off+len)` now, so the final sync is
+    /// short, and drop it from the cache once clean (an image's bulk copy).
     fn start_writeback(&self, _off: u64, _len: u64) {}
+    /// Hint: start writing `[off, off+len)` to the device now and keep it
+    /// cached (a log read back at the commit, a range written in place).
+    fn start_flush(&self, _off: u64, _len: u64) {}
     /// What is open, as [`Meta::identity`] names it (`None`: this storage cannot tell).
     fn identity(&self) -> io::Result<Option<FileId>> {
         Ok(None)
@@ -170,6 +174,9 @@ pub trait Storage: Send + Sync + fmt::Debug {
 /// Which file or device a name refers to: `(st_dev, st_ino)` for a file,
 /// `(st_rdev, u64::MAX)` for a block device.
 pub type FileId = (u64, u64);
+
+/// The name a file takes while [`Vfs::remove_later`] frees it.
+pub const TRASH_PREFIX: &str = ".trash-";
 
 /// A filesystem namespace: opening, renaming, removing and syncing directories.
 ///
@@ -189,6 +196,15 @@ pub trait Vfs: Send + Sync + fmt::Debug {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Removes a file; succeeds if it does not exist.
     fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Removes a file that nothing needs any more, like
+    /// [`Vfs::remove_file`]: its name is gone on return (durable after
+    /// [`Vfs::sync_dir`]), but freeing its blocks (tens of milliseconds for
+    /// a large log on ext4) may be left to a background thread, under a
+    /// name that starts with [`TRASH_PREFIX`]. A leftover of that name (the
+    /// process exited first) is removed by passing it here again.
+    fn remove_later(&self, path: &Path) -> io::Result<()> {
+        self.remove_file(path)
+    }
     /// Creates a directory and its parents (mode 0700).
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
     /// Makes the names in `dir` durable.
