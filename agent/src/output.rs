@@ -32,10 +32,14 @@ pub fn write_line(args: std::fmt::Arguments<'_>) {
     let written = writeln!(std::io::stdout().lock(), "{args}");
     match written {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            diskferry_sync_engine::store::wait_for_removals();
+            std::process::exit(0)
+        }
         Err(e) => {
             let code = ErrorCode::Io;
             eprintln!("error[{}]: writing to stdout: {e} — check where the output goes (a full disk?)", code.as_str());
+            diskferry_sync_engine::store::wait_for_removals();
             std::process::exit(code.class().exit_code());
         }
     }

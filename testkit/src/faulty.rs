@@ -35,6 +35,9 @@ struct Counter {
     fault: Fault,
     /// Fail only operation `fail_after` (a transient error), not all later ones.
     once: bool,
+    /// Bytes named by writeback hints (`start_flush`, not operations), by
+    /// the path the file was opened as.
+    flush_hinted: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, u64>>,
 }
 
 impl Counter {
@@ -89,19 +92,37 @@ impl fmt::Debug for FaultyFs {
 impl FaultyFs {
     /// Wraps `inner`; operations after the first `fail_after` fail with `fault`.
     pub fn new(inner: Arc<dyn Vfs>, fail_after: u64, fault: Fault) -> FaultyFs {
-        let counter = Counter { ops: AtomicU64::new(0), fail_after: AtomicU64::new(fail_after), fault, once: false };
+        let counter = Counter {
+            ops: AtomicU64::new(0),
+            fail_after: AtomicU64::new(fail_after),
+            fault,
+            once: false,
+            flush_hinted: Default::default(),
+        };
         FaultyFs { inner, counter: Arc::new(counter) }
     }
 
     /// Wraps `inner`; only operation number `n` (0-based) fails, with `fault`.
     pub fn fail_once(inner: Arc<dyn Vfs>, n: u64, fault: Fault) -> FaultyFs {
-        let counter = Counter { ops: AtomicU64::new(0), fail_after: AtomicU64::new(n), fault, once: true };
+        let counter = Counter {
+            ops: AtomicU64::new(0),
+            fail_after: AtomicU64::new(n),
+            fault,
+            once: true,
+            flush_hinted: Default::default(),
+        };
         FaultyFs { inner, counter: Arc::new(counter) }
     }
 
     /// Wraps `inner` without failing anything (to count operations).
     pub fn unlimited(inner: Arc<dyn Vfs>) -> FaultyFs {
         FaultyFs::new(inner, u64::MAX, Fault::Eio)
+    }
+
+    /// Bytes that writeback hints ([`Storage::start_flush`]) named so far
+    /// in the file opened as `path`.
+    pub fn flush_hinted(&self, path: &Path) -> u64 {
+        self.counter.flush_hinted.lock().unwrap_or_else(|p| p.into_inner()).get(path).copied().unwrap_or(0)
     }
 
     /// Operations attempted so far (failed ones included).
@@ -126,6 +147,7 @@ impl FaultyFs {
 struct FaultyStorage {
     inner: Arc<dyn Storage>,
     counter: Arc<Counter>,
+    path: std::path::PathBuf,
 }
 
 impl Storage for FaultyStorage {
@@ -179,6 +201,8 @@ impl Storage for FaultyStorage {
     }
 
     fn start_flush(&self, off: u64, len: u64) {
+        *self.counter.flush_hinted.lock().unwrap_or_else(|p| p.into_inner()).entry(self.path.clone()).or_default() +=
+            len;
         self.inner.start_flush(off, len)
     }
 }
@@ -187,7 +211,7 @@ impl Vfs for FaultyFs {
     fn open(&self, path: &Path, how: OpenHow) -> io::Result<Arc<dyn Storage>> {
         self.counter.tick()?;
         let inner = self.inner.open(path, how)?;
-        Ok(Arc::new(FaultyStorage { inner, counter: self.counter.clone() }))
+        Ok(Arc::new(FaultyStorage { inner, counter: self.counter.clone(), path: path.to_path_buf() }))
     }
 
     fn metadata(&self, path: &Path) -> io::Result<Option<Meta>> {

@@ -232,11 +232,17 @@ impl<'t> Apply<'t> {
             };
             (manifest, logged)
         });
-        let ((root, manifest_checksum), undo) = match manifest.and_then(|m| logged.map(|u| (m, u))) {
-            Ok(done) => done,
-            Err(e) => {
+        let ((root, manifest_checksum), undo) = match (manifest, logged) {
+            (Ok(m), Ok(u)) => (m, u),
+            // A full state filesystem wins over another failure: `prepare`
+            // releases the staged data with a hint (`state_full`) only then.
+            (Err(e), Ok(_)) | (Ok(_), Err(e)) => {
                 self.journal = Some(journal);
                 return Err(e);
+            }
+            (Err(m), Err(l)) => {
+                self.journal = Some(journal);
+                return Err(if m.code == ErrorCode::StateFull { m } else { l });
             }
         };
         if let Err(e) = vfs.sync_dir(&dir).ctx(Place::State, "syncing", &dir) {

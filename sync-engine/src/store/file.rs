@@ -275,9 +275,15 @@ static PENDING_REMOVALS: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> = st
 /// be freed: a command calls it before it exits, so it leaves no trash
 /// behind (a daemon's threads finish on their own).
 pub fn wait_for_removals() {
-    let pending = std::mem::take(&mut *PENDING_REMOVALS.lock().unwrap_or_else(|p| p.into_inner()));
-    for t in pending {
-        let _ = t.join();
+    // Until none is left: another thread may add one meanwhile.
+    loop {
+        let pending = std::mem::take(&mut *PENDING_REMOVALS.lock().unwrap_or_else(|p| p.into_inner()));
+        if pending.is_empty() {
+            return;
+        }
+        for t in pending {
+            let _ = t.join();
+        }
     }
 }
 
@@ -389,6 +395,12 @@ impl Vfs for RealFs {
 
     fn remove_later(&self, path: &Path) -> io::Result<()> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
+        match fs::symlink_metadata(path) {
+            // Only a regular file's freeing waits on a thread: anything else
+            // fails (or goes) here as `remove_file` has it.
+            Ok(md) if md.is_file() => {}
+            _ => return self.remove_file(path),
+        }
         let is_trash = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(super::TRASH_PREFIX));
         let trash = if is_trash {
             path.to_path_buf()
@@ -406,6 +418,8 @@ impl Vfs for RealFs {
         let unlink = {
             let trash = trash.clone();
             move || {
+                #[cfg(test)]
+                let _gate = tests::UNLINK_GATE.read().unwrap_or_else(|p| p.into_inner());
                 let _ = fs::remove_file(&trash);
             }
         };
@@ -552,27 +566,48 @@ mod tests {
         assert!(back.iter().all(|&x| x == 2), "buffered reads see direct writes");
     }
 
+    /// Held for writing, it keeps [`RealFs::remove_later`]'s threads from unlinking.
+    pub(super) static UNLINK_GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
     #[test]
-    fn a_file_removed_later_loses_its_name_at_once_and_leaves_no_trash() {
+    fn a_file_removed_later_loses_its_name_at_once_and_its_blocks_in_the_background() {
+        use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let big = dir.path().join("redo.log");
         std::fs::write(&big, vec![7u8; 4 << 20]).unwrap();
+        let held = File::open(&big).unwrap();
         let fs = RealFs;
-        fs.remove_later(&big).unwrap();
-        // The name is free for the next file at once.
-        assert!(!big.exists());
-        std::fs::write(&big, b"next").unwrap();
+        let names = || -> Vec<String> {
+            let mut v: Vec<String> =
+                std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            v.sort();
+            v
+        };
+        {
+            let _stop = UNLINK_GATE.write().unwrap();
+            fs.remove_later(&big).unwrap();
+            // The name is free at once; the file lives on under a trash
+            // name beside it until the thread unlinks it.
+            assert!(!big.exists());
+            assert_eq!(held.metadata().unwrap().nlink(), 1);
+            let left = names();
+            assert_eq!(left.len(), 1, "{left:?}");
+            assert!(left[0].starts_with(&format!("{}{}-", super::super::TRASH_PREFIX, std::process::id())), "{left:?}");
+            std::fs::write(&big, b"next").unwrap();
+        }
         // A leftover of an earlier process goes when it is passed again.
         let leftover = dir.path().join(format!("{}1-0", super::super::TRASH_PREFIX));
         std::fs::write(&leftover, b"old").unwrap();
         fs.remove_later(&leftover).unwrap();
-        // Removing what is not there is no error, as for remove_file.
+        // Removing what is not there is no error, as for remove_file; a
+        // directory is refused as remove_file refuses it.
         fs.remove_later(&dir.path().join("gone")).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        assert!(fs.remove_later(&dir.path().join("sub")).is_err());
+        std::fs::remove_dir(dir.path().join("sub")).unwrap();
         wait_for_removals();
-        let mut left: Vec<String> =
-            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-        left.sort();
-        assert_eq!(left, ["redo.log"]);
+        assert_eq!(held.metadata().unwrap().nlink(), 0);
+        assert_eq!(names(), ["redo.log"]);
         assert_eq!(std::fs::read(&big).unwrap(), b"next");
     }
 }
