@@ -6,7 +6,7 @@ use std::num::NonZeroU64;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use rustix::fs::{FallocateFlags, FlockOperation};
@@ -268,25 +268,6 @@ impl Storage for FileStorage {
     }
 }
 
-/// Unlinks [`Vfs::remove_later`] left to threads, until they end.
-static PENDING_REMOVALS: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> = std::sync::Mutex::new(Vec::new());
-
-/// Waits for the files [`Vfs::remove_later`] left to background threads to
-/// be freed: a command calls it before it exits, so it leaves no trash
-/// behind (a daemon's threads finish on their own).
-pub fn wait_for_removals() {
-    // Until none is left: another thread may add one meanwhile.
-    loop {
-        let pending = std::mem::take(&mut *PENDING_REMOVALS.lock().unwrap_or_else(|p| p.into_inner()));
-        if pending.is_empty() {
-            return;
-        }
-        for t in pending {
-            let _ = t.join();
-        }
-    }
-}
-
 /// This boot's id; block-device write counters restart at each boot.
 pub fn boot_id() -> io::Result<[u8; 16]> {
     let s = fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
@@ -394,44 +375,7 @@ impl Vfs for RealFs {
     }
 
     fn remove_later(&self, path: &Path) -> io::Result<()> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        match fs::symlink_metadata(path) {
-            // Only a regular file's freeing waits on a thread: anything else
-            // fails (or goes) here as `remove_file` has it.
-            Ok(md) if md.is_file() => {}
-            _ => return self.remove_file(path),
-        }
-        let is_trash = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(super::TRASH_PREFIX));
-        let trash = if is_trash {
-            path.to_path_buf()
-        } else {
-            // A name no other file takes: renaming over a file would free
-            // that file's blocks right here.
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let t = path.with_file_name(format!("{}{}-{n}", super::TRASH_PREFIX, std::process::id()));
-            match fs::rename(path, &t) {
-                Ok(()) => t,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        };
-        let unlink = {
-            let trash = trash.clone();
-            move || {
-                #[cfg(test)]
-                let _gate = tests::UNLINK_GATE.read().unwrap_or_else(|p| p.into_inner());
-                let _ = fs::remove_file(&trash);
-            }
-        };
-        match std::thread::Builder::new().name("df-unlink".into()).spawn(unlink) {
-            Ok(thread) => {
-                let mut pending = PENDING_REMOVALS.lock().unwrap_or_else(|p| p.into_inner());
-                pending.retain(|t| !t.is_finished());
-                pending.push(thread);
-                Ok(())
-            }
-            Err(_) => self.remove_file(&trash),
-        }
+        super::trash::remove_later(path)
     }
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
@@ -564,50 +508,5 @@ mod tests {
         let mut back = vec![0u8; 4096];
         disk.read_at(12288, &mut back).unwrap();
         assert!(back.iter().all(|&x| x == 2), "buffered reads see direct writes");
-    }
-
-    /// Held for writing, it keeps [`RealFs::remove_later`]'s threads from unlinking.
-    pub(super) static UNLINK_GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-    #[test]
-    fn a_file_removed_later_loses_its_name_at_once_and_its_blocks_in_the_background() {
-        use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        let big = dir.path().join("redo.log");
-        std::fs::write(&big, vec![7u8; 4 << 20]).unwrap();
-        let held = File::open(&big).unwrap();
-        let fs = RealFs;
-        let names = || -> Vec<String> {
-            let mut v: Vec<String> =
-                std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-            v.sort();
-            v
-        };
-        {
-            let _stop = UNLINK_GATE.write().unwrap();
-            fs.remove_later(&big).unwrap();
-            // The name is free at once; the file lives on under a trash
-            // name beside it until the thread unlinks it.
-            assert!(!big.exists());
-            assert_eq!(held.metadata().unwrap().nlink(), 1);
-            let left = names();
-            assert_eq!(left.len(), 1, "{left:?}");
-            assert!(left[0].starts_with(&format!("{}{}-", super::super::TRASH_PREFIX, std::process::id())), "{left:?}");
-            std::fs::write(&big, b"next").unwrap();
-        }
-        // A leftover of an earlier process goes when it is passed again.
-        let leftover = dir.path().join(format!("{}1-0", super::super::TRASH_PREFIX));
-        std::fs::write(&leftover, b"old").unwrap();
-        fs.remove_later(&leftover).unwrap();
-        // Removing what is not there is no error, as for remove_file; a
-        // directory is refused as remove_file refuses it.
-        fs.remove_later(&dir.path().join("gone")).unwrap();
-        std::fs::create_dir(dir.path().join("sub")).unwrap();
-        assert!(fs.remove_later(&dir.path().join("sub")).is_err());
-        std::fs::remove_dir(dir.path().join("sub")).unwrap();
-        wait_for_removals();
-        assert_eq!(held.metadata().unwrap().nlink(), 0);
-        assert_eq!(names(), ["redo.log"]);
-        assert_eq!(std::fs::read(&big).unwrap(), b"next");
     }
 }

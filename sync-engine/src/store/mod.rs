@@ -8,9 +8,11 @@
 
 pub mod counting;
 pub mod file;
+mod trash;
 
 pub use counting::CountingStorage;
-pub use file::{boot_id, wait_for_removals, FileStorage, RealFs};
+pub use file::{boot_id, FileStorage, RealFs};
+pub use trash::wait_for_removals;
 
 use std::fmt;
 use std::io;
