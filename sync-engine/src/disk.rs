@@ -98,6 +98,11 @@ impl Disk {
         self.storage().data_ranges(off, len)
     }
 
+    /// Hint: `[off, off+len)` will be read soon (see [`Storage::will_need`]).
+    pub fn will_need(&self, off: u64, len: u64) {
+        self.storage().will_need(off, len);
+    }
+
     /// Reads `buf.len()` bytes at `off` with a copy.
     pub fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         self.storage().read_at(off, buf)

@@ -38,6 +38,18 @@ struct Counter {
     /// Bytes named by writeback hints (`start_flush`, not operations), by
     /// the path the file was opened as.
     flush_hinted: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, u64>>,
+    /// Read-ahead hints (`will_need`) and the reads they did not cover, by path.
+    read_ahead: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, ReadAhead>>,
+}
+
+/// What a file opened through a [`FaultyFs`] was told it would be read,
+/// and how much was read without such a hint first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadAhead {
+    /// `(offset, length)` of each [`Storage::will_need`], in order.
+    pub advised: Vec<(u64, u64)>,
+    /// Bytes read outside every range advised before the read.
+    pub unadvised_bytes: u64,
 }
 
 impl Counter {
@@ -98,6 +110,7 @@ impl FaultyFs {
             fault,
             once: false,
             flush_hinted: Default::default(),
+            read_ahead: Default::default(),
         };
         FaultyFs { inner, counter: Arc::new(counter) }
     }
@@ -110,6 +123,7 @@ impl FaultyFs {
             fault,
             once: true,
             flush_hinted: Default::default(),
+            read_ahead: Default::default(),
         };
         FaultyFs { inner, counter: Arc::new(counter) }
     }
@@ -123,6 +137,12 @@ impl FaultyFs {
     /// in the file opened as `path`.
     pub fn flush_hinted(&self, path: &Path) -> u64 {
         self.counter.flush_hinted.lock().unwrap_or_else(|p| p.into_inner()).get(path).copied().unwrap_or(0)
+    }
+
+    /// The read-ahead hints given to the file opened as `path`, and the
+    /// bytes read from it outside them.
+    pub fn read_ahead(&self, path: &Path) -> ReadAhead {
+        self.counter.read_ahead.lock().unwrap_or_else(|p| p.into_inner()).get(path).cloned().unwrap_or_default()
     }
 
     /// Operations attempted so far (failed ones included).
@@ -158,6 +178,13 @@ impl Storage for FaultyStorage {
 
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         self.counter.tick()?;
+        let end = off + buf.len() as u64;
+        let mut hints = self.counter.read_ahead.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = hints.entry(self.path.clone()).or_default();
+        if !seen.advised.iter().any(|&(o, l)| o <= off && end <= o + l) {
+            seen.unadvised_bytes += buf.len() as u64;
+        }
+        drop(hints);
         self.inner.read_at(off, buf)
     }
 
@@ -204,6 +231,13 @@ impl Storage for FaultyStorage {
         *self.counter.flush_hinted.lock().unwrap_or_else(|p| p.into_inner()).entry(self.path.clone()).or_default() +=
             len;
         self.inner.start_flush(off, len)
+    }
+
+    fn will_need(&self, off: u64, len: u64) {
+        let mut hints = self.counter.read_ahead.lock().unwrap_or_else(|p| p.into_inner());
+        hints.entry(self.path.clone()).or_default().advised.push((off, len));
+        drop(hints);
+        self.inner.will_need(off, len)
     }
 }
 

@@ -170,6 +170,10 @@ fn extent_maps_read_only_the_extents_that_changed() {
         let bound = 2 * hinted * 65536 + uint(&r, "spot_checked_blocks") * 65536 + size / 100;
         assert!(read <= bound, "round {round}: read {read} > {bound}: {r}");
         assert!(kept.exists() && !xfs.dir.join(".vm.img.diskferry-snap.next").exists());
+        assert!(
+            !xfs.dir.join(".vm.img.diskferry-snap.old").exists(),
+            "the replaced clone is freed before the push exits"
+        );
     }
 
     // Identical bytes written again: new extents, the same hashes.

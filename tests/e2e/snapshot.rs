@@ -80,6 +80,8 @@ fn reflink_snapshot_of_a_disk_being_written_is_app_consistent() {
     make_disk(&src, 48 * MIB, 0.8, &mut rng);
     // A clone left by a killed run goes first.
     std::fs::write(xfs.dir.join(".vm.img.diskferry-snap"), b"stale").unwrap();
+    // And one a killed run was freeing in the background.
+    std::fs::write(xfs.dir.join(".vm.img.diskferry-snap.old"), b"stale").unwrap();
     let frozen = p.dir.join("frozen.img");
     let (pre, post) = freeze_hooks(&p.dir, &src, &frozen);
     let writer = Writer::start(&src, &p.dir, 1);
@@ -91,6 +93,7 @@ fn reflink_snapshot_of_a_disk_being_written_is_app_consistent() {
     assert_eq!(r["snapshot"], "reflink", "{r}");
     compare(&frozen, &p.dir.join("t0.img")).expect("the target holds the snapshot's bytes");
     assert!(!xfs.dir.join(".vm.img.diskferry-snap").exists(), "the clone is removed");
+    assert!(!xfs.dir.join(".vm.img.diskferry-snap.old").exists(), "the clone is freed before the push exits");
     let names = history_names(&p);
     assert!(names.len() == 1 && names[0].starts_with("vm.img-"), "history keyed by the origin disk: {names:?}");
     // Without hooks the snapshot alone makes it crash-consistent.

@@ -137,6 +137,24 @@ impl DirectMap {
         Ok(())
     }
 
+    /// Asks the files to read the mapped parts of `[off, off+len)` ahead
+    /// (a hint's scattered dirty runs on a cold image).
+    pub fn will_need(&self, off: u64, len: u64) {
+        let end = off.saturating_add(len);
+        let i = self.extents.partition_point(|e| e.start + e.len <= off);
+        for e in self.extents[i..].iter().take_while(|e| e.start < end) {
+            let (from, to) = (off.max(e.start), end.min(e.start + e.len));
+            if let Some(n) = std::num::NonZeroU64::new(to - from) {
+                let _ = rustix::fs::fadvise(
+                    &self.files[e.file],
+                    e.host + (from - e.start),
+                    Some(n),
+                    rustix::fs::Advice::WillNeed,
+                );
+            }
+        }
+    }
+
     /// Unmapped stretches of `[off, end)`, whose first overlapping extent
     /// is at index `i` (counted up to one past [`MAX_GAPS`]).
     fn gaps(&self, i: usize, off: u64, end: u64) -> usize {

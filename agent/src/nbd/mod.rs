@@ -60,6 +60,12 @@ impl Storage for NbdStorage {
         }
     }
 
+    fn will_need(&self, off: u64, len: u64) {
+        if let Some(map) = &self.direct {
+            map.will_need(off, len);
+        }
+    }
+
     fn write_at(&self, _: u64, _: &[u8]) -> io::Result<()> {
         Err(read_only())
     }

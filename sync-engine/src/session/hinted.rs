@@ -127,6 +127,9 @@ fn spot_check(
     let mut live: Option<Vec<(u64, u64)>> = None;
     let mut data = DataWindow::default();
     for &b in sample {
+        o.disk.will_need(g.block_offset(b), u64::from(g.block_len(b)));
+    }
+    for &b in sample {
         // Skip to block b in the record (a sorted sample: one pass).
         if b > at {
             cursor.skip(b - at)?;
@@ -221,6 +224,11 @@ impl Hinted {
         let mut hashes = recorded.into_vec();
         // Scattered runs: read what they ask, not the pages around them.
         let disk = disk.unmapped();
+        // All asked of the device at once: in a fresh reflink snapshot
+        // (nothing cached) or on a cold disk, one wait instead of one per run.
+        for run in &dirty {
+            disk.will_need(g.block_offset(run.start), g.block_offset(run.end) - g.block_offset(run.start));
+        }
         for run in dirty {
             let fresh = hash_blocks_counted(&disk, g, run.clone(), None, read).ctx(Place::Source, "reading", path)?;
             let at = (run.start - range.start) as usize;

@@ -56,6 +56,9 @@ impl Storage for CountingStorage {
     fn start_flush(&self, off: u64, len: u64) {
         self.inner.start_flush(off, len)
     }
+    fn will_need(&self, off: u64, len: u64) {
+        self.inner.will_need(off, len)
+    }
     fn identity(&self) -> io::Result<Option<FileId>> {
         self.inner.identity()
     }

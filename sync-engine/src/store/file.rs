@@ -253,6 +253,12 @@ impl Storage for FileStorage {
         }
     }
 
+    fn will_need(&self, off: u64, len: u64) {
+        if let Some(len) = NonZeroU64::new(len) {
+            let _ = rustix::fs::fadvise(&self.file, off, Some(len), rustix::fs::Advice::WillNeed);
+        }
+    }
+
     // The crate's one libc call outside `mmap.rs`: rustix has no
     // sync_file_range, and nix (which has) is not worth a dependency for it.
     #[allow(unsafe_code)]

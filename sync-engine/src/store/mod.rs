@@ -12,7 +12,7 @@ mod trash;
 
 pub use counting::CountingStorage;
 pub use file::{boot_id, FileStorage, RealFs};
-pub use trash::wait_for_removals;
+pub use trash::{unlink_in_background, wait_for_removals};
 
 use std::fmt;
 use std::io;
@@ -167,6 +167,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Hint: start writing `[off, off+len)` to the device now and keep it
     /// cached (a log read back at the commit, a range written in place).
     fn start_flush(&self, _off: u64, _len: u64) {}
+    /// Hint: `[off, off+len)` will be read soon; start reading it now
+    /// (scattered runs of an uncached file then wait on the device together,
+    /// not one after the other).
+    fn will_need(&self, _off: u64, _len: u64) {}
     /// What is open, as [`Meta::identity`] names it (`None`: this storage cannot tell).
     fn identity(&self) -> io::Result<Option<FileId>> {
         Ok(None)

@@ -43,12 +43,19 @@ pub(super) fn remove_later(path: &Path) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     };
+    unlink_in_background(&trash)
+}
+
+/// Unlinks `path` on a thread that [`wait_for_removals`] waits for. The
+/// caller has given the file a name nothing else will take while it waits
+/// (else the thread may remove whatever has the name by then).
+pub fn unlink_in_background(path: &Path) -> io::Result<()> {
     let unlink = {
-        let trash = trash.clone();
+        let path = path.to_path_buf();
         move || {
             #[cfg(test)]
             let _gate = tests::UNLINK_GATE.read().unwrap_or_else(|p| p.into_inner());
-            let _ = fs::remove_file(&trash);
+            let _ = fs::remove_file(&path);
         }
     };
     match std::thread::Builder::new().name("df-unlink".into()).spawn(unlink) {
@@ -58,7 +65,10 @@ pub(super) fn remove_later(path: &Path) -> io::Result<()> {
             pending.push(thread);
             Ok(())
         }
-        Err(_) => remove_now(&trash),
+        Err(_) => match fs::remove_file(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        },
     }
 }
 

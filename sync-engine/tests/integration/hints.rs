@@ -84,3 +84,46 @@ fn writes_during_the_pass_are_read_and_lies_are_caught() {
     assert_eq!(hashes.get(40).unwrap(), hash_block(&vec![0xb4; BLOCK as usize]));
     assert_eq!(live.bytes_read() - before_hashing, 2 * BLOCK, "only the two dirty blocks were read");
 }
+
+/// A hinted read asks the disk for its scattered blocks before it reads
+/// them, the spot check's sample and each region's dirty runs alike: in a
+/// fresh reflink snapshot or on a cold disk they then wait on the device
+/// together, not one after the other.
+#[test]
+fn a_hinted_read_asks_for_its_blocks_ahead() {
+    use diskferry_testkit::FaultyFs;
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, root) = (dir.path().join("disk.img"), dir.path().join("state"));
+    let bytes: Vec<u8> = (0..BLOCKS * BLOCK).map(|i| (i * 13 % 251) as u8).collect();
+    std::fs::write(&disk, &bytes).unwrap();
+    let fs = FaultyFs::unlimited(Arc::new(RealFs));
+    let vfs: Arc<dyn Vfs> = Arc::new(fs.clone());
+    let open = || SourceSession::open(vfs.clone(), &disk, BlockSize::new(BLOCK as u32).unwrap(), Some(&root)).unwrap();
+    let first = open();
+    first.set_link(Link { level: None, pages: false }).unwrap();
+    for r in 0..first.geometry().region_count() {
+        first.hash_region(r, None).unwrap();
+    }
+    let g1 = Generation(0x21);
+    first.commit_history(g1, first.consistency(false).unwrap(), 1).unwrap();
+    for b in [5, 6, 50] {
+        write_block(&disk, b, 0xc0 + b as u8);
+    }
+    let dirty = vec![(5 * BLOCK + 7, 2 * BLOCK - 9), (50 * BLOCK, BLOCK)];
+    let hinted = open();
+    let hint = ChangeHint { since: g1, source: ChangeSource::Ranges, ranges: dirty.clone(), live: None };
+    hinted.offer_hint(hint, SpotCheck { fraction: 0.1, min_blocks: 4, ..SpotCheck::with_seed(3) });
+    let before = fs.read_ahead(&disk);
+    hinted.start_hint(Some(g1), false).unwrap();
+    let spot = fs.read_ahead(&disk);
+    assert_eq!(hinted.hint_outcome().source, ChangeSource::Ranges, "{:?}", hinted.hint_outcome());
+    assert!(spot.advised.len() > before.advised.len(), "the sample was not asked for ahead: {spot:?}");
+    assert_eq!(spot.unadvised_bytes, before.unadvised_bytes, "the spot check read blocks it did not ask for ahead");
+    let hashes = hinted.hash_region(0, None).unwrap().blocks;
+    let after = fs.read_ahead(&disk);
+    for (at, len) in [(5 * BLOCK, 2 * BLOCK), (50 * BLOCK, BLOCK)] {
+        assert!(after.advised.contains(&(at, len)), "the dirty run at {at} was not asked for ahead: {after:?}");
+    }
+    assert_eq!(after.unadvised_bytes, before.unadvised_bytes, "the dirty runs were read without asking ahead");
+    assert_eq!(hashes.get(50).unwrap(), hash_block(&vec![0xc0 + 50; BLOCK as usize]));
+}
