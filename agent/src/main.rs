@@ -3,10 +3,7 @@
 
 fn main() {
     keep_freed_memory();
-    let code = diskferry_agent::run();
-    // A large file a commit dropped may still be being freed.
-    diskferry_sync_engine::store::wait_for_removals();
-    std::process::exit(code);
+    diskferry_agent::output::exit(diskferry_agent::run());
 }
 
 /// glibc hands freed memory back to the kernel as soon as a heap's top

@@ -26,21 +26,25 @@ macro_rules! outln {
     };
 }
 
+/// Ends the process with `code`, once the files left to background
+/// threads are freed (a commit's garbage, a discarded snapshot clone): the
+/// one way the binary exits.
+pub fn exit(code: i32) -> ! {
+    diskferry_sync_engine::store::wait_for_removals();
+    std::process::exit(code)
+}
+
 /// Writes one line to stdout: see [`outln!`].
 pub fn write_line(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let written = writeln!(std::io::stdout().lock(), "{args}");
     match written {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            diskferry_sync_engine::store::wait_for_removals();
-            std::process::exit(0)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => exit(0),
         Err(e) => {
             let code = ErrorCode::Io;
             eprintln!("error[{}]: writing to stdout: {e} — check where the output goes (a full disk?)", code.as_str());
-            diskferry_sync_engine::store::wait_for_removals();
-            std::process::exit(code.class().exit_code());
+            exit(code.class().exit_code());
         }
     }
 }

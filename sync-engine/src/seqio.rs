@@ -17,23 +17,42 @@ pub struct SeqWriter {
     pos: u64,
     buf: Vec<u8>,
     hasher: blake3::Hasher,
-    /// Start writeback after this many bytes written (0: never).
-    flush_every: u64,
-    /// Where the last writeback hint ended.
-    flushed_to: u64,
+    /// Writeback hints every so many bytes (none by default).
+    pacer: Option<FlushPacer>,
+}
+
+/// When to hint [`Storage::start_flush`] for writes that are synced at the
+/// end: every `every` bytes written, over the span they covered since the
+/// last hint (a log's appends, a replay's scattered writes).
+#[derive(Debug)]
+pub(crate) struct FlushPacer {
+    every: u64,
+    written: u64,
+    span: Option<(u64, u64)>,
+}
+
+impl FlushPacer {
+    pub(crate) fn new(every: u64) -> Self {
+        FlushPacer { every, written: 0, span: None }
+    }
+
+    /// Notes `[start, end)` written; hints `storage` once enough was.
+    pub(crate) fn wrote(&mut self, storage: &dyn Storage, start: u64, end: u64) {
+        let (lo, hi) = self.span.map_or((start, end), |(lo, hi)| (lo.min(start), hi.max(end)));
+        self.written += end - start;
+        if self.written >= self.every {
+            storage.start_flush(lo, hi - lo);
+            (self.span, self.written) = (None, 0);
+        } else {
+            self.span = Some((lo, hi));
+        }
+    }
 }
 
 impl SeqWriter {
     /// Writes from `pos` onwards.
     pub fn new(storage: Arc<dyn Storage>, pos: u64) -> Self {
-        SeqWriter {
-            storage,
-            pos,
-            buf: Vec::with_capacity(BUF),
-            hasher: blake3::Hasher::new(),
-            flush_every: 0,
-            flushed_to: pos,
-        }
+        SeqWriter { storage, pos, buf: Vec::with_capacity(BUF), hasher: blake3::Hasher::new(), pacer: None }
     }
 
     /// Starts the device writing every `bytes` written
@@ -41,15 +60,15 @@ impl SeqWriter {
     /// synced at a commit) then finds most of it written already, and the
     /// device works while the writer still gathers the rest.
     pub fn flush_every(mut self, bytes: u64) -> Self {
-        self.flush_every = bytes;
+        self.pacer = Some(FlushPacer::new(bytes));
         self
     }
 
-    fn hint_flush(&mut self) {
-        if self.flush_every > 0 && self.pos - self.flushed_to >= self.flush_every {
-            self.storage.start_flush(self.flushed_to, self.pos - self.flushed_to);
-            self.flushed_to = self.pos;
+    fn wrote(&mut self, len: u64) {
+        if let Some(p) = &mut self.pacer {
+            p.wrote(self.storage.as_ref(), self.pos, self.pos + len);
         }
+        self.pos += len;
     }
 
     /// Appends bytes.
@@ -60,8 +79,7 @@ impl SeqWriter {
         }
         if bytes.len() >= BUF {
             self.storage.write_at(self.pos, bytes)?;
-            self.pos += bytes.len() as u64;
-            self.hint_flush();
+            self.wrote(bytes.len() as u64);
         } else {
             self.buf.extend_from_slice(bytes);
         }
@@ -72,9 +90,8 @@ impl SeqWriter {
     pub fn flush(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
             self.storage.write_at(self.pos, &self.buf)?;
-            self.pos += self.buf.len() as u64;
+            self.wrote(self.buf.len() as u64);
             self.buf.clear();
-            self.hint_flush();
         }
         Ok(())
     }

@@ -369,8 +369,7 @@ impl Target {
         // The device writes while the rest is replayed, so the sync below
         // finds little left (the span between kicks may hold other dirty
         // pages of the image: they are due anyway).
-        let mut unflushed: Option<(u64, u64)> = None;
-        let mut since_kick = 0u64;
+        let mut pacer = crate::seqio::FlushPacer::new(LOG_FLUSH_EVERY);
         journal::scan(&storage, &jpath, &mut |e| match e {
             Entry::Patch { block, ranges, data, .. } => {
                 let mut at = 0usize;
@@ -379,15 +378,7 @@ impl Target {
                     let start = block * bs + off as u64;
                     disk.write_at(start, bytes).ctx(Place::Target, "writing", path)?;
                     at += len as usize;
-                    let end = start + u64::from(len);
-                    let (lo, hi) = unflushed.map_or((start, end), |(lo, hi)| (lo.min(start), hi.max(end)));
-                    since_kick += u64::from(len);
-                    if since_kick >= LOG_FLUSH_EVERY {
-                        disk.start_flush(lo, hi - lo);
-                        (unflushed, since_kick) = (None, 0);
-                    } else {
-                        unflushed = Some((lo, hi));
-                    }
+                    pacer.wrote(disk, start, start + u64::from(len));
                 }
                 Ok(())
             }
