@@ -44,7 +44,7 @@ impl ManifestWriter {
         Ok(ManifestWriter {
             vfs,
             path: path.to_path_buf(),
-            out: SeqWriter::new(storage, 0),
+            out: SeqWriter::hashed(storage, 0),
             geometry,
             next_block: 0,
             pending_data: Vec::with_capacity(RUN_FLUSH),
@@ -205,7 +205,10 @@ impl ManifestWriter {
         let mut footer = encode_footer(&header, self.run_count, region_offset, index_offset, footer_offset);
         self.write(&footer[..160])?;
         // The checksum covers everything before it.
-        let checksum = self.out.digest();
+        let checksum = self
+            .out
+            .digest()
+            .ok_or_else(|| Error::new(diskferry_protocol::ErrorCode::Internal, "manifest written unhashed"))?;
         footer[160..192].copy_from_slice(&checksum);
         self.write(&checksum)?;
         self.out.flush().ctx(Place::State, "writing manifest", &self.path)?;
