@@ -1,5 +1,6 @@
-//! Buffered sequential writing and reading over a [`Storage`], with an
-//! optional running blake3 of the bytes (for checksummed state files).
+//! Buffered sequential writing and reading over a [`Storage`], and a
+//! writer that also keeps a running blake3 of the bytes (for checksummed
+//! state files).
 
 use std::io;
 
@@ -10,16 +11,12 @@ use crate::store::Storage;
 
 const BUF: usize = 1 << 20;
 
-/// Appends to a storage through a buffer, hashing what it writes if asked.
+/// Appends to a storage through a buffer.
 #[derive(Debug)]
 pub struct SeqWriter {
     storage: Arc<dyn Storage>,
     pos: u64,
     buf: Vec<u8>,
-    /// Only for files whose checksum covers all their bytes (a manifest, an
-    /// undo segment): the redo log sums each entry, and a second pass over
-    /// a delta's bytes cost its single apply thread ~25 ms per 41 MiB.
-    hasher: Option<blake3::Hasher>,
     /// Writeback hints every so many bytes (none by default).
     pacer: Option<FlushPacer>,
 }
@@ -55,12 +52,7 @@ impl FlushPacer {
 impl SeqWriter {
     /// Writes from `pos` onwards.
     pub fn new(storage: Arc<dyn Storage>, pos: u64) -> Self {
-        SeqWriter { storage, pos, buf: Vec::with_capacity(BUF), hasher: None, pacer: None }
-    }
-
-    /// [`SeqWriter::new`], hashing every byte written ([`SeqWriter::digest`]).
-    pub fn hashed(storage: Arc<dyn Storage>, pos: u64) -> Self {
-        SeqWriter { hasher: Some(blake3::Hasher::new()), ..SeqWriter::new(storage, pos) }
+        SeqWriter { storage, pos, buf: Vec::with_capacity(BUF), pacer: None }
     }
 
     /// Starts the device writing every `bytes` written
@@ -81,9 +73,6 @@ impl SeqWriter {
 
     /// Appends bytes.
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if let Some(h) = &mut self.hasher {
-            h.update(bytes);
-        }
         if self.buf.len() + bytes.len() > BUF {
             self.flush()?;
         }
@@ -111,15 +100,57 @@ impl SeqWriter {
         self.pos + self.buf.len() as u64
     }
 
-    /// blake3 of every byte written since creation (`None` unless
-    /// created [`SeqWriter::hashed`]).
-    pub fn digest(&self) -> Option<[u8; 32]> {
-        self.hasher.as_ref().map(|h| *h.finalize().as_bytes())
+    /// The storage written to.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+}
+
+/// A [`SeqWriter`] that hashes every byte it writes, for files whose
+/// checksum covers all their bytes (a manifest, an undo segment). The redo
+/// log sums each entry instead: a second pass over a delta's bytes cost its
+/// single apply thread ~25 ms per 41 MiB.
+#[derive(Debug)]
+pub struct HashedWriter {
+    out: SeqWriter,
+    hasher: blake3::Hasher,
+}
+
+impl HashedWriter {
+    /// Writes from `pos` onwards; the digest covers what this writer writes.
+    pub fn new(storage: Arc<dyn Storage>, pos: u64) -> Self {
+        HashedWriter { out: SeqWriter::new(storage, pos), hasher: blake3::Hasher::new() }
+    }
+
+    /// See [`SeqWriter::flush_every`].
+    pub fn flush_every(self, bytes: u64) -> Self {
+        HashedWriter { out: self.out.flush_every(bytes), ..self }
+    }
+
+    /// Appends bytes.
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.hasher.update(bytes);
+        self.out.write(bytes)
+    }
+
+    /// See [`SeqWriter::flush`].
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
+    /// Position after everything written so far.
+    pub fn position(&self) -> u64 {
+        self.out.position()
+    }
+
+    /// blake3 of every byte written since creation.
+    pub fn digest(&self) -> [u8; 32] {
+        *self.hasher.finalize().as_bytes()
     }
 
     /// The storage written to.
     pub fn storage(&self) -> &Arc<dyn Storage> {
-        &self.storage
+        self.out.storage()
     }
 }
 
@@ -351,9 +382,14 @@ mod tests {
         w.write(&big).unwrap();
         w.flush().unwrap();
         assert!(quiet.flushes.lock().unwrap().is_empty());
-        assert_eq!(w.digest(), None, "not asked to hash");
-        let mut w = SeqWriter::hashed(Arc::new(Recording::default()), 0);
+        // The hashed writer sums what it writes, from any start, and
+        // writes the same bytes.
+        let hashed = Arc::new(Recording::default());
+        let mut w = HashedWriter::new(hashed.clone(), 4096);
         w.write(&want).unwrap();
-        assert_eq!(w.digest(), Some(*blake3::hash(&want).as_bytes()));
+        w.flush().unwrap();
+        assert_eq!(w.digest(), *blake3::hash(&want).as_bytes());
+        assert_eq!(w.position(), 4096 + want.len() as u64);
+        assert_eq!(&hashed.bytes.lock().unwrap()[4096..], &want[..]);
     }
 }

@@ -16,7 +16,7 @@ use diskferry_protocol::{BlockSize, Generation};
 
 use crate::error::{Error, IoContext, Place, Result};
 use crate::hash::is_zero;
-use crate::seqio::{digest_range, Fields, SeqReader, SeqWriter};
+use crate::seqio::{digest_range, Fields, HashedWriter, SeqReader};
 use crate::store::{OpenHow, Storage, Vfs};
 
 const MAGIC: &[u8; 8] = b"DFUNDO01";
@@ -46,7 +46,7 @@ pub struct UndoHeader {
 /// be overwritten.
 #[derive(Debug)]
 pub struct UndoWriter<'a> {
-    w: SeqWriter,
+    w: HashedWriter,
     path: &'a Path,
     target: &'a dyn Storage,
     old_len: u64,
@@ -59,7 +59,7 @@ impl<'a> UndoWriter<'a> {
     /// Creates the segment at `path` for `target`, whose current size is `header.old_disk_bytes`.
     pub fn create(vfs: &dyn Vfs, path: &'a Path, target: &'a dyn Storage, header: &UndoHeader) -> Result<Self> {
         let storage = vfs.open(path, OpenHow::Truncate).ctx(Place::State, "creating undo segment", path)?;
-        let mut w = SeqWriter::hashed(storage, 0).flush_every(super::target::LOG_FLUSH_EVERY);
+        let mut w = HashedWriter::new(storage, 0).flush_every(super::target::LOG_FLUSH_EVERY);
         let mut h = [0u8; HEADER_LEN as usize];
         h[0..8].copy_from_slice(MAGIC);
         h[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -135,9 +135,7 @@ impl<'a> UndoWriter<'a> {
         f[8..16].copy_from_slice(&self.entries.to_le_bytes());
         f[16..24].copy_from_slice(&self.data_bytes.to_le_bytes());
         self.w.write(&f).ctx(Place::State, "writing undo segment", self.path)?;
-        let sum = self.w.digest().ok_or_else(|| {
-            crate::error::Error::new(diskferry_protocol::ErrorCode::Internal, "undo segment written unhashed")
-        })?;
+        let sum = self.w.digest();
         self.w.write(&sum).ctx(Place::State, "writing undo segment", self.path)?;
         self.w.flush().ctx(Place::State, "writing undo segment", self.path)?;
         self.w.storage().sync().ctx(Place::State, "syncing undo segment", self.path)?;

@@ -9,7 +9,7 @@ use diskferry_protocol::{BlockHash, Geometry, RegionHashes};
 
 use super::{ManifestHeader, ManifestMeta, FOOTER_LEN, INDEX_ENTRY, MAGIC, RUN_DATA, RUN_ZERO, VERSION};
 use crate::error::{Error, IoContext, Place, Result};
-use crate::seqio::{SeqReader, SeqWriter};
+use crate::seqio::{HashedWriter, SeqReader, SeqWriter};
 use crate::store::{OpenHow, Storage, Vfs};
 use crate::tree::{region_hash, RootHasher};
 
@@ -24,7 +24,7 @@ const INDEX_SPILL_DEFAULT: usize = 1 << 20;
 pub struct ManifestWriter {
     vfs: Arc<dyn Vfs>,
     path: PathBuf,
-    out: SeqWriter,
+    out: HashedWriter,
     geometry: Geometry,
     next_block: u64,
     pending_data: Vec<BlockHash>,
@@ -44,7 +44,7 @@ impl ManifestWriter {
         Ok(ManifestWriter {
             vfs,
             path: path.to_path_buf(),
-            out: SeqWriter::hashed(storage, 0),
+            out: HashedWriter::new(storage, 0),
             geometry,
             next_block: 0,
             pending_data: Vec::with_capacity(RUN_FLUSH),
@@ -205,10 +205,7 @@ impl ManifestWriter {
         let mut footer = encode_footer(&header, self.run_count, region_offset, index_offset, footer_offset);
         self.write(&footer[..160])?;
         // The checksum covers everything before it.
-        let checksum = self
-            .out
-            .digest()
-            .ok_or_else(|| Error::new(diskferry_protocol::ErrorCode::Internal, "manifest written unhashed"))?;
+        let checksum = self.out.digest();
         footer[160..192].copy_from_slice(&checksum);
         self.write(&checksum)?;
         self.out.flush().ctx(Place::State, "writing manifest", &self.path)?;
@@ -296,8 +293,8 @@ impl IndexBuilder {
         Ok(())
     }
 
-    fn finish(mut self, vfs: &dyn Vfs, out: &mut SeqWriter, manifest: &Path) -> Result<()> {
-        let write = |out: &mut SeqWriter, p: u64, b: u64| -> Result<()> {
+    fn finish(mut self, vfs: &dyn Vfs, out: &mut HashedWriter, manifest: &Path) -> Result<()> {
+        let write = |out: &mut HashedWriter, p: u64, b: u64| -> Result<()> {
             out.write(&p.to_le_bytes()).ctx(Place::State, "writing manifest", manifest)?;
             out.write(&b.to_le_bytes()).ctx(Place::State, "writing manifest", manifest)
         };

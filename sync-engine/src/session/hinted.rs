@@ -121,14 +121,14 @@ fn spot_check(
     read: &AtomicU64,
 ) -> Result<Option<u64>> {
     let g = o.geometry;
+    // First what each sampled block should hold and whether it lies in a
+    // hole (known without a read: on a large sparse disk most of the
+    // sample lands there), so that only the blocks to read are asked of
+    // the device ahead, at once.
     let mut cursor = manifest.cursor();
     let mut at = 0u64;
-    let mut buf = Vec::new();
-    let mut live: Option<Vec<(u64, u64)>> = None;
     let mut data = DataWindow::default();
-    for &b in sample {
-        o.disk.will_need(g.block_offset(b), u64::from(g.block_len(b)));
-    }
+    let mut checks = Vec::with_capacity(sample.len());
     for &b in sample {
         // Skip to block b in the record (a sorted sample: one pass).
         if b > at {
@@ -137,9 +137,16 @@ fn spot_check(
         let recorded = cursor.next_blocks(1)?.first().copied().unwrap_or(BlockHash::ZERO);
         at = b + 1;
         let (off, len) = (g.block_offset(b), u64::from(g.block_len(b)));
-        // A sampled block in a hole is known without a read: on a large
-        // sparse disk most of the sample lands there.
         let holes = data.holes(o.disk, off, len).ctx(Place::Source, "reading", o.path)?;
+        if !holes {
+            o.disk.will_need(off, len);
+        }
+        checks.push((b, recorded, holes));
+    }
+    let mut buf = Vec::new();
+    let mut live: Option<Vec<(u64, u64)>> = None;
+    for (b, recorded, holes) in checks {
+        let (off, len) = (g.block_offset(b), u64::from(g.block_len(b)));
         let now = if holes {
             BlockHash::ZERO
         } else {

@@ -127,3 +127,39 @@ fn a_hinted_read_asks_for_its_blocks_ahead() {
     assert_eq!(after.unadvised_bytes, before.unadvised_bytes, "the dirty runs were read without asking ahead");
     assert_eq!(hashes.get(50).unwrap(), hash_block(&vec![0xc0 + 50; BLOCK as usize]));
 }
+
+/// The spot check reads a sampled block in a hole as zeros without asking
+/// the device for it: on a large sparse disk most of the sample lands in
+/// holes, and advising each would be thousands of calls for nothing.
+#[test]
+fn the_spot_check_asks_ahead_only_for_blocks_with_data() {
+    use diskferry_testkit::FaultyFs;
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, root) = (dir.path().join("disk.img"), dir.path().join("state"));
+    // Data in blocks 0..4 and 40..44, holes everywhere else.
+    std::fs::File::create(&disk).unwrap().set_len(BLOCKS * BLOCK).unwrap();
+    let data: Vec<u64> = (0..4).chain(40..44).collect();
+    for &b in &data {
+        write_block(&disk, b, 0x30 + b as u8);
+    }
+    let fs = FaultyFs::unlimited(Arc::new(RealFs));
+    let vfs: Arc<dyn Vfs> = Arc::new(fs.clone());
+    let open = || SourceSession::open(vfs.clone(), &disk, BlockSize::new(BLOCK as u32).unwrap(), Some(&root)).unwrap();
+    let first = open();
+    first.set_link(Link { level: None, pages: false }).unwrap();
+    for r in 0..first.geometry().region_count() {
+        first.hash_region(r, None).unwrap();
+    }
+    let g1 = Generation(0x22);
+    first.commit_history(g1, first.consistency(false).unwrap(), 1).unwrap();
+    let hinted = open();
+    let hint = ChangeHint { since: g1, source: ChangeSource::Ranges, ranges: vec![(BLOCK, 10)], live: None };
+    hinted.offer_hint(hint, everything());
+    let before = fs.read_ahead(&disk).advised.len();
+    hinted.start_hint(Some(g1), false).unwrap();
+    assert_eq!(hinted.hint_outcome().source, ChangeSource::Ranges, "{:?}", hinted.hint_outcome());
+    let advised = fs.read_ahead(&disk).advised.split_off(before);
+    // Every clean block with data was sampled and asked for; nothing in a hole.
+    let expected: Vec<(u64, u64)> = data.iter().filter(|&&b| b != 1).map(|&b| (b * BLOCK, BLOCK)).collect();
+    assert_eq!(advised, expected);
+}
