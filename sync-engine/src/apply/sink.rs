@@ -206,6 +206,33 @@ impl OldContent {
         Ok(buf)
     }
 
+    /// Asks the disk ahead for `blocks` (ascending), adjacent ones as one
+    /// range: on a cold target (a full download writes past the cache) the
+    /// reads of a region's changed blocks then wait on the device together.
+    pub fn will_need(&self, blocks: impl IntoIterator<Item = u64>) {
+        let g = &self.geometry;
+        let mut run: Option<(u64, u64)> = None;
+        let advise = |(first, end): (u64, u64)| {
+            let (off, end) = (g.block_offset(first), g.block_offset(end).min(self.old_len));
+            if off < end {
+                self.disk.will_need(off, end - off);
+            }
+        };
+        for b in blocks {
+            run = match run {
+                Some((first, end)) if end == b => Some((first, b + 1)),
+                Some(r) => {
+                    advise(r);
+                    Some((b, b + 1))
+                }
+                None => Some((b, b + 1)),
+            };
+        }
+        if let Some(r) = run {
+            advise(r);
+        }
+    }
+
     /// Whether `block` was staged by an interrupted session: its content is
     /// then not what [`OldContent::read`] returns, so it must travel whole.
     pub fn is_staged(&self, block: u64) -> bool {

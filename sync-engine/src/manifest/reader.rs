@@ -1,7 +1,8 @@
 //! Opening, verifying and reading a manifest.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use diskferry_protocol::{BlockHash, BlockSize, Consistency, Generation, Geometry, RegionHashes};
 
@@ -20,7 +21,18 @@ pub struct Manifest {
     index_offset: u64,
     footer_offset: u64,
     checksum: [u8; 32],
+    index_pages: Arc<IndexPages>,
 }
+
+/// Pages of the index that lookups read, kept: every lookup's binary
+/// search starts at the same entries, and each entry was a read of its own
+/// (about 16 per changed block of a 4 GiB disk, 10,000 syscalls for a 1 %
+/// delta). At most [`INDEX_PAGES_KEPT`] pages, then it starts over.
+#[derive(Debug, Default)]
+struct IndexPages(Mutex<HashMap<u64, Arc<[u8]>>>);
+
+const INDEX_PAGE: u64 = 4096;
+const INDEX_PAGES_KEPT: usize = 256;
 
 impl Manifest {
     /// Opens `path` and verifies its checksum and structure; damage is `E_STATE_CORRUPT`.
@@ -51,7 +63,16 @@ impl Manifest {
         }
         let mut checksum = [0u8; 32];
         checksum.copy_from_slice(&footer[160..192]);
-        Ok(Manifest { storage, path: path.to_path_buf(), header, region_offset, index_offset, footer_offset, checksum })
+        Ok(Manifest {
+            storage,
+            path: path.to_path_buf(),
+            header,
+            region_offset,
+            index_offset,
+            footer_offset,
+            checksum,
+            index_pages: Arc::default(),
+        })
     }
 
     /// The header.
@@ -115,14 +136,29 @@ impl Manifest {
     }
 
     fn index_entry(&self, i: u64) -> Result<(u64, u64)> {
-        let mut e = [0u8; 16];
-        self.storage.read_at(self.index_offset + i * INDEX_ENTRY, &mut e).ctx(
-            Place::State,
-            "reading manifest",
-            &self.path,
-        )?;
-        let mut f = Fields::new(&e);
+        let at = i * INDEX_ENTRY;
+        let page = self.index_page(at / INDEX_PAGE)?;
+        let within = (at % INDEX_PAGE) as usize;
+        let mut f = Fields::new(page.get(within..).unwrap_or_default());
         Ok((f.u64().unwrap_or(0), f.u64().unwrap_or(0)))
+    }
+
+    /// Page `n` of the index (the last one shorter), kept for the next lookups.
+    fn index_page(&self, n: u64) -> Result<Arc<[u8]>> {
+        let mut kept = self.index_pages.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(page) = kept.get(&n) {
+            return Ok(page.clone());
+        }
+        let start = n * INDEX_PAGE;
+        let len = INDEX_PAGE.min((self.footer_offset - self.index_offset).saturating_sub(start));
+        let mut page = vec![0u8; len as usize];
+        self.storage.read_at(self.index_offset + start, &mut page).ctx(Place::State, "reading manifest", &self.path)?;
+        if kept.len() >= INDEX_PAGES_KEPT {
+            kept.clear();
+        }
+        let page: Arc<[u8]> = page.into();
+        kept.insert(n, page.clone());
+        Ok(page)
     }
 
     /// Size of the file in bytes.

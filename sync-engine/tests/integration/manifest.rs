@@ -216,3 +216,27 @@ fn damaged_manifests_are_refused() {
     put(&good);
     assert_eq!(open_code(vfs.as_ref(), p("/bad.dfm")), None);
 }
+
+/// Lookups keep the pages of the index they read: a block looked up no
+/// longer costs a read per step of its binary search (about 18 on this
+/// disk), and past the pages kept every block is still found.
+#[test]
+fn lookups_read_the_index_by_the_page() {
+    let g = Geometry::new(1 << 30, bs(4096));
+    let fs = diskferry_testkit::FaultyFs::unlimited(Arc::new(MemFs::new()));
+    let vfs: Arc<dyn Vfs> = Arc::new(fs.clone());
+    let hashes = synthetic(g.block_count(), 3);
+    write(&vfs, p("/m.dfm"), &g, &hashes, None);
+    let m = Manifest::open(vfs.as_ref(), p("/m.dfm")).unwrap();
+    let data: Vec<usize> = (0..hashes.len()).filter(|&i| !hashes[i].is_zero()).collect();
+    assert!(data.len() * 16 > 600 * 4096, "the index must outgrow the pages kept: {} entries", data.len());
+    let sample: Vec<usize> = data.iter().copied().step_by(data.len() / 1000).collect();
+    let before = fs.ops();
+    for &i in &sample {
+        let found = m.lookup(&hashes[i]).unwrap().unwrap_or_else(|| panic!("block {i} not in the index"));
+        assert_eq!(hashes[found as usize], hashes[i]);
+    }
+    let reads = fs.ops() - before;
+    assert!(reads < 4 * sample.len() as u64, "{reads} reads for {} lookups", sample.len());
+    check_contents(&m, &g, &hashes);
+}

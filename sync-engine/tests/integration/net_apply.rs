@@ -211,3 +211,29 @@ fn net_faults_partial_and_direct() {
     fail_from_every_op(partial(Some(5)));
     fail_from_every_op(direct());
 }
+
+/// The target asks its disk ahead for the current bytes of a region's
+/// changed blocks (adjacent ones as one range) before it reads them for
+/// their page hashes: on a cold target they then wait on the device
+/// together, not one after the other.
+#[test]
+fn the_target_asks_ahead_for_the_blocks_it_reads() {
+    let block = 4096usize;
+    let v1: Vec<u8> = (0..64 * block).map(|i| (i * 7 % 251) as u8).collect();
+    let mut v2 = v1.clone();
+    for b in [3, 4, 10] {
+        v2[b * block..(b + 1) * block].fill(0xa0 + b as u8);
+    }
+    let fs = fresh_fs();
+    write_image(&fs, p(SRC), &v1).unwrap();
+    sync(Arc::new(fs.clone()), OLD, &opts(4096, 3)).expect("first sync");
+    write_image(&fs, p(SRC), &v2).unwrap();
+    let faulty = FaultyFs::unlimited(Arc::new(fs.clone()));
+    let end = one_thread(|| push(Arc::new(faulty.clone()), &push_spec(NEW, 4096))).expect("the push");
+    assert!(matches!(end, PushEnd::Committed(_)), "{end:?}");
+    assert_eq!(read(&fs, DST).unwrap(), v2);
+    let advised = faulty.read_ahead(p(DST)).advised;
+    for range in [(3 * 4096, 2 * 4096), (10 * 4096, 4096)] {
+        assert!(advised.contains(&range), "{range:?} was not asked for ahead: {advised:?}");
+    }
+}
