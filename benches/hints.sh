@@ -6,10 +6,15 @@
 # one `b3sum --num-threads 2` pass over the raw image, same run, hot cache.
 # Goals (issue 11): source_bytes_read <= 2x the changed blocks + 1 % of the
 # disk, and the hinted push <= 0.6x the b3sum pass.
+# ROUNDS=3 (default): each source is timed that many times in a row (a new
+# 1 % rewrite each round, each hinted push counting from the one before),
+# every round beside its own full-read delta and b3sum pass; a last line per
+# source gives the medians (this machine varies up to 2x between minutes).
 set -euo pipefail
 DF=${DF:-$(cd "$(dirname "$0")/.." && pwd)/target/release/diskferry}
 SRC=${WORKLOAD:-/tmp/ancbench/src.img}
 [ -f "$SRC" ] || { echo "no workload at $SRC: run benches/compare.sh once (it makes it), or set WORKLOAD" >&2; exit 2; }
+ROUNDS=${ROUNDS:-3}
 W=${WORK:-/tmp/diskferry-hints}; rm -rf $W; mkdir -p $W/a $W/b
 PORT_A=47431; PORT_B=47432; EXTRA_TARGET=plain; . "$(dirname "$0")/two-agents.sh"
 push() { $DF push "$1" --peer 127.0.0.1:$PORT_B --peer-fingerprint $FB --target $2 --config $W/a/serve.toml --json "${@:3}" | tail -1; }
@@ -37,18 +42,41 @@ print(f"{name}: change_source {h['change_source']}, read {h['source_bytes_read']
       f"{h['seconds']/b:.2f}x b3sum (goal <= 0.6x: {'met' if h['seconds']<=0.6*b else 'MISSED'})")
 P
 }
+ROUND_FILE=$W/rounds
+round_done() { # name hinted.json plain.json b3sum-seconds: reports one round and keeps it for the medians
+  report "$@"
+  echo "$1 $2 $3 $4" >> $ROUND_FILE
+  cp "$2" "$2.$(wc -l < $ROUND_FILE)"; cp "$3" "$3.$(wc -l < $ROUND_FILE)"
+}
+medians() { # name: the median of each figure over the source's rounds
+  python3 - "$1" $ROUND_FILE <<'P'
+import json,statistics,sys
+name=sys.argv[1]; rows=[l.split() for l in open(sys.argv[2])]
+rows=[(json.load(open(f"{h}.{i+1}")),json.load(open(f"{p}.{i+1}")),float(b)) for i,(n,h,p,b) in enumerate(rows) if n==name]
+med=lambda xs: statistics.median(xs)
+h=med([r[0]['seconds'] for r in rows]); p=med([r[1]['seconds'] for r in rows]); b=med([r[2] for r in rows])
+ratios=[r[0]['seconds']/r[2] for r in rows]; ratio=med(ratios); read=med([r[0]['source_bytes_read'] for r in rows])
+print(f"{name}: medians of {len(rows)} rounds: hinted push {h:.2f} s ({read/2**20:.1f} MiB read), full-read delta {p:.2f} s, b3sum -t2 {b:.2f} s; "
+      f"ratio per round {', '.join(f'{x:.2f}' for x in ratios)}: median {ratio:.2f}x b3sum "
+      f"(goal <= 0.6x: {'met' if ratio<=0.6 else 'MISSED'})")
+P
+}
 
 # --- ranges: a change list from the writer itself
 A=$W/a/vm.img
 cp --sparse=always "$SRC" $A
 push $A plain > /dev/null
 gen=$(push $A vm | python3 -c 'import json,sys;print(json.load(sys.stdin)["generation"])')
-python3 -c "$rewrite_py" $A 1 > $W/ranges
-python3 -c "import json;print(json.dumps({'since':'$gen','ranges':json.load(open('$W/ranges'))}))" > $W/changes.json
-cat $A > /dev/null; sync
-push $A vm --changes ranges:$W/changes.json > $W/ranges-hinted.json
-sync; push $A plain > $W/ranges-plain.json
-report ranges $W/ranges-hinted.json $W/ranges-plain.json "$(b3)"
+for r in $(seq $ROUNDS); do
+  python3 -c "$rewrite_py" $A $r > $W/ranges
+  python3 -c "import json;print(json.dumps({'since':'$gen','ranges':json.load(open('$W/ranges'))}))" > $W/changes.json
+  cat $A > /dev/null; sync
+  push $A vm --changes ranges:$W/changes.json > $W/ranges-hinted.json
+  gen=$(field $W/ranges-hinted.json generation)
+  sync; push $A plain > $W/ranges-plain.json
+  round_done ranges $W/ranges-hinted.json $W/ranges-plain.json "$(b3)"
+done
+medians ranges
 cmp $A $W/b/vm.img && cmp $A $W/b/plain.img && echo "ranges: both replicas byte-exact"
 rm -f $A $W/b/vm.img $W/b/plain.img   # room for the qcow2 round (its first pushes are --force)
 
@@ -57,17 +85,20 @@ Q=$W/a/vm.qcow2
 qemu-img convert -O qcow2 "$SRC" $Q
 push $Q plain --format qcow2 --changes dirty-bitmap --force > /dev/null
 push $Q vm --format qcow2 --changes dirty-bitmap --force > /dev/null
-python3 - $Q <<'P' > $W/qemu-io.cmds
+for r in $(seq $ROUNDS); do
+  python3 - $Q $r <<'P' > $W/qemu-io.cmds
 import random,subprocess,sys
-r=random.Random(2); size=4<<30; blocks=size//65536
+r=random.Random(1 + int(sys.argv[2])); size=4<<30; blocks=size//65536
 for b in sorted(r.sample(range(blocks), blocks//100)):
     print(f"write -P {r.randrange(1,255)} {b*65536} 65536")
 P
-qemu-io -f qcow2 $Q < $W/qemu-io.cmds > /dev/null
-cat $Q > /dev/null; sync
-push $Q vm --format qcow2 --changes dirty-bitmap > $W/bitmap-hinted.json
-sync; push $Q plain --format qcow2 > $W/bitmap-plain.json
-report dirty-bitmap $W/bitmap-hinted.json $W/bitmap-plain.json "$(b3)"
+  qemu-io -f qcow2 $Q < $W/qemu-io.cmds > /dev/null
+  cat $Q > /dev/null; sync
+  push $Q vm --format qcow2 --changes dirty-bitmap > $W/bitmap-hinted.json
+  sync; push $Q plain --format qcow2 > $W/bitmap-plain.json
+  round_done dirty-bitmap $W/bitmap-hinted.json $W/bitmap-plain.json "$(b3)"
+done
+medians dirty-bitmap
 qemu-img compare -q -f qcow2 -F raw $Q $W/b/vm.img && qemu-img compare -q -f qcow2 -F raw $Q $W/b/plain.img \
   && echo "dirty-bitmap: both replicas byte-exact"
 rm -f $Q $W/b/vm.img $W/b/plain.img
@@ -86,11 +117,14 @@ E=$X/mnt/vm.img
 cp --sparse=always "$SRC" $E
 push $E plain --force > /dev/null
 push $E vm --snapshot reflink --changes extent-map --force > /dev/null
-python3 -c "$rewrite_py" $E 3 > /dev/null
-cat $E > /dev/null; sync
-push $E vm --snapshot reflink --changes extent-map > $W/extent-hinted.json
-sync; push $E plain > $W/extent-plain.json
-report extent-map $W/extent-hinted.json $W/extent-plain.json "$(b3)"
+for r in $(seq $ROUNDS); do
+  python3 -c "$rewrite_py" $E $((2 + r)) > /dev/null
+  cat $E > /dev/null; sync
+  push $E vm --snapshot reflink --changes extent-map > $W/extent-hinted.json
+  sync; push $E plain > $W/extent-plain.json
+  round_done extent-map $W/extent-hinted.json $W/extent-plain.json "$(b3)"
+done
+medians extent-map
 cmp $E $W/b/vm.img && cmp $E $W/b/plain.img && echo "extent-map: both replicas byte-exact"
 umount $X/mnt; losetup -d $LOOP
 rm -rf $W

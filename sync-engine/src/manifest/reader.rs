@@ -27,12 +27,20 @@ pub struct Manifest {
 /// Pages of the index that lookups read, kept: every lookup's binary
 /// search starts at the same entries, and each entry was a read of its own
 /// (about 16 per changed block of a 4 GiB disk, 10,000 syscalls for a 1 %
-/// delta). At most [`INDEX_PAGES_KEPT`] pages, then it starts over.
-#[derive(Debug, Default)]
+/// delta). The first [`INDEX_PAGES_KEPT`] pages read are kept (512 KiB
+/// per open manifest at most), the rest read when needed.
+#[derive(Default)]
 struct IndexPages(Mutex<HashMap<u64, Arc<[u8]>>>);
 
+impl std::fmt::Debug for IndexPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kept = self.0.lock().map_or(0, |k| k.len());
+        write!(f, "IndexPages({kept} kept)")
+    }
+}
+
 const INDEX_PAGE: u64 = 4096;
-const INDEX_PAGES_KEPT: usize = 256;
+const INDEX_PAGES_KEPT: usize = 128;
 
 impl Manifest {
     /// Opens `path` and verifies its checksum and structure; damage is `E_STATE_CORRUPT`.
@@ -116,10 +124,27 @@ impl Manifest {
     /// Some block whose hash starts like `h` (the caller verifies the bytes).
     pub fn lookup(&self, h: &BlockHash) -> Result<Option<u64>> {
         let want = h.prefix64();
+        // The last page read: the search's last steps (256 entries to a
+        // page) stay within it.
+        let mut last: Option<(u64, Arc<[u8]>)> = None;
+        let mut entry = |i: u64| -> Result<(u64, u64)> {
+            let at = i * INDEX_ENTRY;
+            let n = at / INDEX_PAGE;
+            let page = match &last {
+                Some((m, page)) if *m == n => page.clone(),
+                _ => {
+                    let page = self.index_page(n)?;
+                    last = Some((n, page.clone()));
+                    page
+                }
+            };
+            let mut f = Fields::new(page.get((at % INDEX_PAGE) as usize..).unwrap_or_default());
+            Ok((f.u64().unwrap_or(0), f.u64().unwrap_or(0)))
+        };
         let (mut lo, mut hi) = (0u64, self.header.data_blocks);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let (p, _) = self.index_entry(mid)?;
+            let (p, _) = entry(mid)?;
             if p < want {
                 lo = mid + 1;
             } else {
@@ -127,20 +152,12 @@ impl Manifest {
             }
         }
         if lo < self.header.data_blocks {
-            let (p, b) = self.index_entry(lo)?;
+            let (p, b) = entry(lo)?;
             if p == want {
                 return Ok(Some(b));
             }
         }
         Ok(None)
-    }
-
-    fn index_entry(&self, i: u64) -> Result<(u64, u64)> {
-        let at = i * INDEX_ENTRY;
-        let page = self.index_page(at / INDEX_PAGE)?;
-        let within = (at % INDEX_PAGE) as usize;
-        let mut f = Fields::new(page.get(within..).unwrap_or_default());
-        Ok((f.u64().unwrap_or(0), f.u64().unwrap_or(0)))
     }
 
     /// Page `n` of the index (the last one shorter), kept for the next lookups.
@@ -153,11 +170,12 @@ impl Manifest {
         let len = INDEX_PAGE.min((self.footer_offset - self.index_offset).saturating_sub(start));
         let mut page = vec![0u8; len as usize];
         self.storage.read_at(self.index_offset + start, &mut page).ctx(Place::State, "reading manifest", &self.path)?;
-        if kept.len() >= INDEX_PAGES_KEPT {
-            kept.clear();
-        }
         let page: Arc<[u8]> = page.into();
-        kept.insert(n, page.clone());
+        // The first pages read stay: they hold the entries every search
+        // starts with.
+        if kept.len() < INDEX_PAGES_KEPT {
+            kept.insert(n, page.clone());
+        }
         Ok(page)
     }
 

@@ -217,9 +217,10 @@ fn damaged_manifests_are_refused() {
     assert_eq!(open_code(vfs.as_ref(), p("/bad.dfm")), None);
 }
 
-/// Lookups keep the pages of the index they read: a block looked up no
-/// longer costs a read per step of its binary search (about 18 on this
-/// disk), and past the pages kept every block is still found.
+/// Lookups read the index by the page and keep the first pages they read:
+/// a block looked up no longer costs a read per step of its binary search
+/// (about 18 on this disk), and past the pages kept every block is still
+/// found.
 #[test]
 fn lookups_read_the_index_by_the_page() {
     let g = Geometry::new(1 << 30, bs(4096));
@@ -237,6 +238,8 @@ fn lookups_read_the_index_by_the_page() {
         assert_eq!(hashes[found as usize], hashes[i]);
     }
     let reads = fs.ops() - before;
-    assert!(reads < 4 * sample.len() as u64, "{reads} reads for {} lookups", sample.len());
+    // A read per step was ~18 per lookup; the kept pages and the last
+    // page read leave about 4 on this index of ~680 pages.
+    assert!(reads < 5 * sample.len() as u64, "{reads} reads for {} lookups", sample.len());
     check_contents(&m, &g, &hashes);
 }
