@@ -18,6 +18,12 @@ ROUNDS=${ROUNDS:-3}
 W=${WORK:-/tmp/diskferry-hints}; rm -rf $W; mkdir -p $W/a $W/b
 PORT_A=47431; PORT_B=47432; EXTRA_TARGET=plain; . "$(dirname "$0")/two-agents.sh"
 push() { $DF push "$1" --peer 127.0.0.1:$PORT_B --peer-fingerprint $FB --target $2 --config $W/a/serve.toml --json "${@:3}" | tail -1; }
+# The full-read deltas to target "plain" come from a state directory of
+# their own (the same identity): a source keeps one history per disk, and a
+# push of it to another target replaces the record a hint counts from (the
+# hint is then refused, as it must be).
+mkdir -p $W/a2/state && cp -a $W/a/state/identity $W/a2/state/
+plain() { $DF push "$1" --peer 127.0.0.1:$PORT_B --peer-fingerprint $FB --target plain --state-dir $W/a2/state --json "${@:2}" | tail -1; }
 field() { python3 -c "import json,sys;print(json.load(open('$1'))['$2'])"; }
 # Hot cache for b3sum too: the pushes' images and targets push SRC out.
 # Every timed run starts with no dirty pages: the setup writes about 8 GiB
@@ -65,7 +71,7 @@ P
 # --- ranges: a change list from the writer itself
 A=$W/a/vm.img
 cp --sparse=always "$SRC" $A
-push $A plain > /dev/null
+plain $A > /dev/null
 gen=$(push $A vm | python3 -c 'import json,sys;print(json.load(sys.stdin)["generation"])')
 for r in $(seq $ROUNDS); do
   python3 -c "$rewrite_py" $A $r > $W/ranges
@@ -73,7 +79,7 @@ for r in $(seq $ROUNDS); do
   cat $A > /dev/null; sync
   push $A vm --changes ranges:$W/changes.json > $W/ranges-hinted.json
   gen=$(field $W/ranges-hinted.json generation)
-  sync; push $A plain > $W/ranges-plain.json
+  sync; plain $A > $W/ranges-plain.json
   round_done ranges $W/ranges-hinted.json $W/ranges-plain.json "$(b3)"
 done
 medians ranges
@@ -83,7 +89,7 @@ rm -f $A $W/b/vm.img $W/b/plain.img   # room for the qcow2 round (its first push
 # --- dirty bitmap: the same workload as a qcow2 image
 Q=$W/a/vm.qcow2
 qemu-img convert -O qcow2 "$SRC" $Q
-push $Q plain --format qcow2 --changes dirty-bitmap --force > /dev/null
+plain $Q --format qcow2 --force > /dev/null
 push $Q vm --format qcow2 --changes dirty-bitmap --force > /dev/null
 for r in $(seq $ROUNDS); do
   python3 - $Q $r <<'P' > $W/qemu-io.cmds
@@ -95,7 +101,7 @@ P
   qemu-io -f qcow2 $Q < $W/qemu-io.cmds > /dev/null
   cat $Q > /dev/null; sync
   push $Q vm --format qcow2 --changes dirty-bitmap > $W/bitmap-hinted.json
-  sync; push $Q plain --format qcow2 > $W/bitmap-plain.json
+  sync; plain $Q --format qcow2 > $W/bitmap-plain.json
   round_done dirty-bitmap $W/bitmap-hinted.json $W/bitmap-plain.json "$(b3)"
 done
 medians dirty-bitmap
@@ -115,13 +121,13 @@ trap "kill $PA $PB 2>/dev/null; umount $X/mnt 2>/dev/null; losetup -d $LOOP 2>/d
 mount $LOOP $X/mnt
 E=$X/mnt/vm.img
 cp --sparse=always "$SRC" $E
-push $E plain --force > /dev/null
+plain $E --force > /dev/null
 push $E vm --snapshot reflink --changes extent-map --force > /dev/null
 for r in $(seq $ROUNDS); do
   python3 -c "$rewrite_py" $E $((2 + r)) > /dev/null
   cat $E > /dev/null; sync
   push $E vm --snapshot reflink --changes extent-map > $W/extent-hinted.json
-  sync; push $E plain > $W/extent-plain.json
+  sync; plain $E > $W/extent-plain.json
   round_done extent-map $W/extent-hinted.json $W/extent-plain.json "$(b3)"
 done
 medians extent-map

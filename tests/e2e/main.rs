@@ -8,6 +8,7 @@
 
 #[macro_use]
 mod util;
+mod system;
 
 mod agents;
 mod bench;

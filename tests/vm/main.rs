@@ -13,6 +13,8 @@
 #[macro_use]
 #[path = "../e2e/util.rs"]
 mod util;
+#[path = "../e2e/system.rs"]
+mod system;
 
 #[path = "../e2e/agents.rs"]
 mod agents;
