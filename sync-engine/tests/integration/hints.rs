@@ -85,27 +85,40 @@ fn writes_during_the_pass_are_read_and_lies_are_caught() {
     assert_eq!(live.bytes_read() - before_hashing, 2 * BLOCK, "only the two dirty blocks were read");
 }
 
+/// `disk` read whole and recorded as `generation` through a [`FaultyFs`]
+/// (it notes the read-ahead asked of each file); the filesystem, and how
+/// to open the next session of the disk through it.
+fn recorded_through_faulty_fs(
+    disk: &Path,
+    root: &Path,
+    generation: Generation,
+) -> (diskferry_testkit::FaultyFs, impl Fn() -> SourceSession) {
+    let fs = diskferry_testkit::FaultyFs::unlimited(Arc::new(RealFs));
+    let vfs: Arc<dyn Vfs> = Arc::new(fs.clone());
+    let (disk, root) = (disk.to_path_buf(), root.to_path_buf());
+    let open =
+        move || SourceSession::open(vfs.clone(), &disk, BlockSize::new(BLOCK as u32).unwrap(), Some(&root)).unwrap();
+    let first = open();
+    first.set_link(Link { level: None, pages: false }).unwrap();
+    for r in 0..first.geometry().region_count() {
+        first.hash_region(r, None).unwrap();
+    }
+    first.commit_history(generation, first.consistency(false).unwrap(), 1).unwrap();
+    (fs, open)
+}
+
 /// A hinted read asks the disk for its scattered blocks before it reads
 /// them, the spot check's sample and each region's dirty runs alike: in a
 /// fresh reflink snapshot or on a cold disk they then wait on the device
 /// together, not one after the other.
 #[test]
 fn a_hinted_read_asks_for_its_blocks_ahead() {
-    use diskferry_testkit::FaultyFs;
     let dir = tempfile::tempdir().unwrap();
     let (disk, root) = (dir.path().join("disk.img"), dir.path().join("state"));
     let bytes: Vec<u8> = (0..BLOCKS * BLOCK).map(|i| (i * 13 % 251) as u8).collect();
     std::fs::write(&disk, &bytes).unwrap();
-    let fs = FaultyFs::unlimited(Arc::new(RealFs));
-    let vfs: Arc<dyn Vfs> = Arc::new(fs.clone());
-    let open = || SourceSession::open(vfs.clone(), &disk, BlockSize::new(BLOCK as u32).unwrap(), Some(&root)).unwrap();
-    let first = open();
-    first.set_link(Link { level: None, pages: false }).unwrap();
-    for r in 0..first.geometry().region_count() {
-        first.hash_region(r, None).unwrap();
-    }
     let g1 = Generation(0x21);
-    first.commit_history(g1, first.consistency(false).unwrap(), 1).unwrap();
+    let (fs, open) = recorded_through_faulty_fs(&disk, &root, g1);
     for b in [5, 6, 50] {
         write_block(&disk, b, 0xc0 + b as u8);
     }
@@ -133,7 +146,6 @@ fn a_hinted_read_asks_for_its_blocks_ahead() {
 /// holes, and advising each would be thousands of calls for nothing.
 #[test]
 fn the_spot_check_asks_ahead_only_for_blocks_with_data() {
-    use diskferry_testkit::FaultyFs;
     let dir = tempfile::tempdir().unwrap();
     let (disk, root) = (dir.path().join("disk.img"), dir.path().join("state"));
     // Data in blocks 0..4 and 40..44, holes everywhere else.
@@ -142,16 +154,8 @@ fn the_spot_check_asks_ahead_only_for_blocks_with_data() {
     for &b in &data {
         write_block(&disk, b, 0x30 + b as u8);
     }
-    let fs = FaultyFs::unlimited(Arc::new(RealFs));
-    let vfs: Arc<dyn Vfs> = Arc::new(fs.clone());
-    let open = || SourceSession::open(vfs.clone(), &disk, BlockSize::new(BLOCK as u32).unwrap(), Some(&root)).unwrap();
-    let first = open();
-    first.set_link(Link { level: None, pages: false }).unwrap();
-    for r in 0..first.geometry().region_count() {
-        first.hash_region(r, None).unwrap();
-    }
     let g1 = Generation(0x22);
-    first.commit_history(g1, first.consistency(false).unwrap(), 1).unwrap();
+    let (fs, open) = recorded_through_faulty_fs(&disk, &root, g1);
     let hinted = open();
     let hint = ChangeHint { since: g1, source: ChangeSource::Ranges, ranges: vec![(BLOCK, 10)], live: None };
     hinted.offer_hint(hint, everything());
