@@ -296,6 +296,7 @@ impl<'a> Join<'a> {
                             resumable: false,
                             window: WINDOW,
                             index_entries: None,
+                            kept_bytes: None,
                         };
                         let (session, a) = TargetSession::open(t, &req)?;
                         self.receiver.accept(a.accept, a.geometry);

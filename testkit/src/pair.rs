@@ -146,6 +146,7 @@ impl Pair<'_> {
                             resumable: true,
                             window: 4,
                             index_entries: Some(1024),
+                            kept_bytes: None,
                         };
                         let (session, a) = TargetSession::open(t, &req)?;
                         self.receiver.accept(a.accept, a.geometry);

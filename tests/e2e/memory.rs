@@ -162,3 +162,51 @@ fn large_blocks_run_at_the_budget_they_need_and_are_refused_below_it() {
         }
     }
 }
+
+/// Deltas are bounded by the budget too: a target keeps the current bytes
+/// of each block it asked for (the patch frame applies over them) and reads
+/// them again for its undo segment, so many sessions whose every block
+/// changed by one page must still fit the budget.
+#[test]
+fn eight_deltas_of_every_block_stay_inside_a_16_mib_budget() {
+    use rand::RngCore;
+    use std::os::unix::fs::FileExt;
+    let (budget_mib, sessions, size) = (16u64, 8usize, 48 * MIB);
+    let mut rng = util::rng("memory-deltas");
+    let p = pair("memory-deltas", sessions, &format!("memory_budget_mib = {budget_mib}\nmax_sessions = {sessions}"));
+    let src = p.dir.join("src.img");
+    make_disk(&src, size, 1.0, &mut rng);
+    for i in 0..sessions {
+        push_to(&src, &p.source, &p.agent, &format!("t{i}"), &["--compress", "off"]).ok();
+    }
+    // One 4 KiB page of every 64 KiB block rewritten.
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    let mut page = vec![0u8; 4096];
+    for block in 0..size / (64 * 1024) {
+        rng.fill_bytes(&mut page);
+        f.write_all_at(&page, block * 64 * 1024 + (block % 16) * 4096).unwrap();
+    }
+    drop(f);
+    let watch = RssAnon::watch(p.agent.pid());
+    let results: Vec<util::Out> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..sessions)
+            .map(|i| {
+                let (src, source, agent) = (&src, &p.source, &p.agent);
+                s.spawn(move || push_to(src, source, agent, &format!("t{i}"), &["--compress", "off"]))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let peak = watch.peak();
+    for (i, out) in results.into_iter().enumerate() {
+        let report = out.ok_json();
+        assert_eq!(util::string(&report, "plan"), "CompareManifest", "t{i}: {report}");
+        compare(&src, &p.dir.join(format!("t{i}.img"))).unwrap();
+    }
+    eprintln!("budget {budget_mib} MiB, {sessions} delta sessions: peak RssAnon {} MiB", peak / MIB);
+    assert!(
+        peak <= (budget_mib + 64) * MIB,
+        "peak anonymous memory {} MiB over the {budget_mib} MiB budget plus 64 MiB",
+        peak / MIB
+    );
+}

@@ -4,7 +4,9 @@
 //! - **sessions** (half): an admitted session holds its QUIC receive window
 //!   (what the source may send ahead of what the agent has read) and an
 //!   estimate of its working state (region views and hashes in flight, the
-//!   manifest index held in memory, I/O buffers) for as long as it runs.
+//!   manifest index held in memory, the pages of the trusted manifest's
+//!   index its lookups keep, the current content of blocks a delta asked
+//!   for, I/O buffers) for as long as it runs.
 //!   Sessions beyond what the pool holds wait before their target is opened;
 //!   they never fail for memory. Their connection keeps a small window
 //!   meanwhile, and the source waits for the Accept.
@@ -35,6 +37,7 @@ use diskferry_protocol::coding::{BufExt, DecodeResult};
 use diskferry_protocol::message::MAX_FRAME;
 use diskferry_protocol::session::WINDOW_UNITS;
 use diskferry_protocol::{BlockSize, Geometry};
+use diskferry_sync_engine::apply::KeptBlocks;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Accounting unit.
@@ -69,6 +72,9 @@ pub struct SessionCost {
     pub regions_in_flight: u32,
     /// Manifest index entries held in memory before a sorted run spills.
     pub index_entries: usize,
+    /// Bytes of a delta's current block content kept for the frames that
+    /// patch them (past it a block is read again).
+    pub kept_bytes: u64,
     /// Units of the frames half each data stream owns: its dearest frame.
     pub stream_units: u32,
     /// Data streams each session opens.
@@ -127,6 +133,9 @@ impl Budget {
         // A sorted run of about the size its merge reads back (64 KiB per run).
         let blocks = g.block_count().max(1);
         let index_entries = ((blocks * 4096) as f64).sqrt().clamp(16384.0, (1 << 20) as f64) as usize;
+        // A sixteenth of the pool: eight deltas whose every block changed
+        // kept 12 MiB each, 115 MiB at a 16 MiB budget (tests/e2e/memory.rs).
+        let kept_bytes = ((pool / 16).clamp(256 << 10, KeptBlocks::MAX_BYTES) / members).max(64 << 10);
         let state = per_region * regions_in_flight as u64
             + g.region_blocks() * 34 * VIEWS_QUEUED as u64
             // empty regions' views (a chunk list, ~1 KiB): looked ahead as
@@ -134,6 +143,8 @@ impl Budget {
             + (2 * regions_in_flight as u64 * u64::from(WINDOW_UNITS)
                 + (VIEWS_QUEUED * super::view::EMPTY_VIEWS_PER_BATCH) as u64)
                 * 2048
+            + kept_bytes
+            + diskferry_sync_engine::manifest::INDEX_PAGES_BYTES // the trusted manifest's lookups
             + index_entries.min(blocks as usize) as u64 * 16
             + blocks.div_ceil(index_entries as u64) * (64 << 10)
             + diskferry_sync_engine::apply::TOUCHED_LIST_BYTES // the redo log's ranges
@@ -144,6 +155,7 @@ impl Budget {
             receive_window,
             regions_in_flight,
             index_entries,
+            kept_bytes,
             stream_units,
             data_streams: streams_each as u32,
             frame_units: u64::from(stream_units) * streams_each * members,

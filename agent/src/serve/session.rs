@@ -395,6 +395,7 @@ impl Session {
             pins: self.ctx.pins.clone(),
             regions_in_flight: cost.regions_in_flight,
             index_entries: cost.index_entries,
+            kept_bytes: cost.kept_bytes,
             group,
         };
         let handle = match worker::spawn(req, cmd_rx, reply_tx, opened_tx) {

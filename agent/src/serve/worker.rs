@@ -30,6 +30,8 @@ pub struct OpenRequest {
     pub regions_in_flight: u32,
     /// Manifest index entries held in memory before spilling.
     pub index_entries: usize,
+    /// Bytes of current block content kept for their patches.
+    pub kept_bytes: u64,
     /// The group push this session is a member of.
     pub group: Option<(Arc<super::group::Run>, Arc<super::group::Groups>)>,
 }
@@ -159,6 +161,7 @@ fn serve_session(
         resumable: true,
         window: req.regions_in_flight,
         index_entries: Some(req.index_entries),
+        kept_bytes: Some(req.kept_bytes),
     };
     let (mut session, accepted) = match TargetSession::open(target, &treq) {
         Ok(x) => x,

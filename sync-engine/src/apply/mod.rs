@@ -32,7 +32,7 @@ pub use commit::{CommitMeta, CommitReport, Prepared, Sealed};
 pub use demote::DemoteReport;
 pub use moves::{CommitPointsReport, MoveReport};
 pub use session::{Apply, ApplyMode, ApplyStats, BeginSpec};
-pub use sink::{DirectSink, OldContent};
+pub use sink::{DirectSink, KeptBlocks, OldContent};
 pub use target::{
     diverged_error, manifest_file, partial_path, target_key, Aborted, Recovery, Target, TargetOptions, Trust,
 };

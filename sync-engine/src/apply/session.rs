@@ -54,6 +54,9 @@ pub struct BeginSpec {
     /// Manifest index entries held in memory before a sorted run spills
     /// (`None`: the default, 16 MiB worth).
     pub index_entries: Option<usize>,
+    /// Bytes of current block content kept for the frames that patch them
+    /// (`None`: [`super::sink::KeptBlocks::MAX_BYTES`]).
+    pub kept_bytes: Option<u64>,
 }
 
 /// Counts of an apply.
@@ -205,7 +208,7 @@ impl Target {
             overlay: Arc::new(overlay),
             sink,
             disk_read,
-            kept: Arc::default(),
+            kept: Arc::new(KeptBlocks::new(spec.kept_bytes.unwrap_or(KeptBlocks::MAX_BYTES))),
             reserved: None,
         })
     }

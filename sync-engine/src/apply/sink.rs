@@ -141,17 +141,24 @@ pub struct OldContent {
 
 /// Current bytes of wanted blocks, read once when the target asked for
 /// their changed pages and kept for the frame that patches them, so a
-/// delta reads each block it rewrites once, not twice. Bounded: past
-/// [`KeptBlocks::MAX_BYTES`] a block is simply read again.
-#[derive(Debug, Default)]
+/// delta reads each block it rewrites once, not twice. Bounded: past its
+/// limit (a target agent's share of its memory budget per session, at
+/// most [`KeptBlocks::MAX_BYTES`]) a block is simply read again.
+#[derive(Debug)]
 pub struct KeptBlocks {
     blocks: std::sync::Mutex<HashMap<u64, Vec<u8>>>,
     bytes: std::sync::atomic::AtomicU64,
+    limit: u64,
 }
 
 impl KeptBlocks {
-    /// Bytes kept at most per session.
+    /// Bytes kept at most per session, and the limit when none is given.
     pub const MAX_BYTES: u64 = 32 << 20;
+
+    /// Keeps at most `limit` bytes (and never more than [`KeptBlocks::MAX_BYTES`]).
+    pub fn new(limit: u64) -> KeptBlocks {
+        KeptBlocks { blocks: Default::default(), bytes: Default::default(), limit: limit.min(Self::MAX_BYTES) }
+    }
 }
 
 impl OldContent {
@@ -160,7 +167,7 @@ impl OldContent {
     pub fn keep(&self, block: u64, bytes: Vec<u8>) {
         use std::sync::atomic::Ordering::Relaxed;
         let k = &self.kept;
-        if k.bytes.load(Relaxed) + bytes.len() as u64 > KeptBlocks::MAX_BYTES {
+        if k.bytes.load(Relaxed) + bytes.len() as u64 > k.limit {
             return;
         }
         k.bytes.fetch_add(bytes.len() as u64, Relaxed);

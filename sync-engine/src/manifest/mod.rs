@@ -18,7 +18,7 @@ pub mod compare;
 mod reader;
 mod writer;
 
-pub use reader::{BlockCursor, Manifest};
+pub use reader::{BlockCursor, Manifest, INDEX_PAGES_BYTES};
 pub use writer::ManifestWriter;
 
 use diskferry_protocol::{BlockHash, Consistency, Generation, Geometry};

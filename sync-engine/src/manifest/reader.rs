@@ -41,6 +41,8 @@ impl std::fmt::Debug for IndexPages {
 
 const INDEX_PAGE: u64 = 4096;
 const INDEX_PAGES_KEPT: usize = 128;
+/// Memory an open manifest's kept index pages take at most.
+pub const INDEX_PAGES_BYTES: u64 = INDEX_PAGE * INDEX_PAGES_KEPT as u64;
 
 impl Manifest {
     /// Opens `path` and verifies its checksum and structure; damage is `E_STATE_CORRUPT`.

@@ -39,6 +39,8 @@ pub struct TargetRequest {
     pub window: u32,
     /// Manifest index entries held in memory before spilling (`None`: default).
     pub index_entries: Option<usize>,
+    /// Bytes of current block content kept for their patches (`None`: default).
+    pub kept_bytes: Option<u64>,
 }
 
 /// What the driver needs once the session is accepted.
@@ -92,6 +94,7 @@ impl<'t> TargetSession<'t> {
             base: decision.base,
             resumable: req.resumable,
             index_entries: req.index_entries,
+            kept_bytes: req.kept_bytes,
         })?;
         let overlay = (**apply.overlay()).clone();
         let view = decision.view.map(|v| ViewProducer::new(v, g, overlay));

@@ -84,6 +84,7 @@ fn receive(block_size: u32, disk_len: usize, seed: u64) {
         resumable: true,
         window: 4,
         index_entries: None,
+        kept_bytes: None,
     };
     let (session, accepted) = TargetSession::open(&mut target, &req).unwrap();
     assert_eq!(session.plan(), Plan::Full);
