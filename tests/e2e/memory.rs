@@ -1,11 +1,12 @@
 //! The target agent's memory budget bounds its memory however many sessions
 //! run: sessions beyond it wait for memory, they never fail for it.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::agents::{pair, push_to, push_within};
+use crate::agents::{pair, push_to, push_within, Pair};
 use crate::util::{self, compare, make_disk, MIB};
 
 /// Samples a process's anonymous resident memory until stopped; keeps the peak.
@@ -46,6 +47,33 @@ impl RssAnon {
     }
 }
 
+/// `src` pushed to targets `t0..t{sessions}` at once; what each push
+/// printed, and the target agent's peak anonymous memory meanwhile.
+fn push_all_at_once(p: &Pair, src: &Path, sessions: usize) -> (Vec<util::Out>, u64) {
+    let watch = RssAnon::watch(p.agent.pid());
+    let results: Vec<util::Out> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..sessions)
+            .map(|i| {
+                let (source, agent) = (&p.source, &p.agent);
+                s.spawn(move || push_to(src, source, agent, &format!("t{i}"), &["--compress", "off"]))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    (results, watch.peak())
+}
+
+/// The peak stays within the budget plus 64 MiB (the binary, the runtime,
+/// thread stacks: what the budget does not count).
+fn assert_within_budget(peak: u64, budget_mib: u64, what: &str) {
+    eprintln!("budget {budget_mib} MiB, {what}: peak RssAnon {} MiB", peak / MIB);
+    assert!(
+        peak <= (budget_mib + 64) * MIB,
+        "{what}: peak anonymous memory {} MiB over the {budget_mib} MiB budget plus 64 MiB",
+        peak / MIB
+    );
+}
+
 fn concurrent_full_pushes(budget_mib: u64, sessions: usize, size: u64) {
     let mut rng = util::rng("memory-budget");
     let p = pair(
@@ -55,27 +83,12 @@ fn concurrent_full_pushes(budget_mib: u64, sessions: usize, size: u64) {
     );
     let src = p.dir.join("src.img");
     make_disk(&src, size, 1.0, &mut rng);
-    let watch = RssAnon::watch(p.agent.pid());
-    let results: Vec<util::Out> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..sessions)
-            .map(|i| {
-                let (src, source, agent) = (&src, &p.source, &p.agent);
-                s.spawn(move || push_to(src, source, agent, &format!("t{i}"), &["--compress", "off"]))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let peak = watch.peak();
+    let (results, peak) = push_all_at_once(&p, &src, sessions);
     for (i, out) in results.into_iter().enumerate() {
         out.ok();
         compare(&src, &p.dir.join(format!("t{i}.img"))).unwrap();
     }
-    eprintln!("budget {budget_mib} MiB, {sessions} sessions: peak RssAnon {} MiB", peak / MIB);
-    assert!(
-        peak <= (budget_mib + 64) * MIB,
-        "peak anonymous memory {} MiB over the {budget_mib} MiB budget plus 64 MiB",
-        peak / MIB
-    );
+    assert_within_budget(peak, budget_mib, &format!("{sessions} sessions"));
 }
 
 #[test]
@@ -187,26 +200,11 @@ fn eight_deltas_of_every_block_stay_inside_a_16_mib_budget() {
         f.write_all_at(&page, block * 64 * 1024 + (block % 16) * 4096).unwrap();
     }
     drop(f);
-    let watch = RssAnon::watch(p.agent.pid());
-    let results: Vec<util::Out> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..sessions)
-            .map(|i| {
-                let (src, source, agent) = (&src, &p.source, &p.agent);
-                s.spawn(move || push_to(src, source, agent, &format!("t{i}"), &["--compress", "off"]))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let peak = watch.peak();
+    let (results, peak) = push_all_at_once(&p, &src, sessions);
     for (i, out) in results.into_iter().enumerate() {
         let report = out.ok_json();
         assert_eq!(util::string(&report, "plan"), "CompareManifest", "t{i}: {report}");
         compare(&src, &p.dir.join(format!("t{i}.img"))).unwrap();
     }
-    eprintln!("budget {budget_mib} MiB, {sessions} delta sessions: peak RssAnon {} MiB", peak / MIB);
-    assert!(
-        peak <= (budget_mib + 64) * MIB,
-        "peak anonymous memory {} MiB over the {budget_mib} MiB budget plus 64 MiB",
-        peak / MIB
-    );
+    assert_within_budget(peak, budget_mib, &format!("{sessions} delta sessions"));
 }
