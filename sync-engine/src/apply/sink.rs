@@ -216,27 +216,15 @@ impl OldContent {
     /// Asks the disk ahead for `blocks` (ascending), adjacent ones as one
     /// range: on a cold target (a full download writes past the cache) the
     /// reads of a region's changed blocks then wait on the device together.
-    pub fn will_need(&self, blocks: impl IntoIterator<Item = u64>) {
+    pub fn will_need(&self, blocks: &[u64]) {
         let g = &self.geometry;
-        let mut run: Option<(u64, u64)> = None;
-        let advise = |(first, end): (u64, u64)| {
-            let (off, end) = (g.block_offset(first), g.block_offset(end).min(self.old_len));
-            if off < end {
-                self.disk.will_need(off, end - off);
-            }
-        };
-        for b in blocks {
-            run = match run {
-                Some((first, end)) if end == b => Some((first, b + 1)),
-                Some(r) => {
-                    advise(r);
-                    Some((b, b + 1))
+        for run in blocks.chunk_by(|a, b| *b == a + 1) {
+            if let (Some(&first), Some(&last)) = (run.first(), run.last()) {
+                let (off, end) = (g.block_offset(first), g.block_offset(last + 1).min(self.old_len));
+                if off < end {
+                    self.disk.will_need(off, end - off);
                 }
-                None => Some((b, b + 1)),
-            };
-        }
-        if let Some(r) = run {
-            advise(r);
+            }
         }
     }
 

@@ -152,10 +152,15 @@ impl<'t> TargetSession<'t> {
         if let Some(e) = lookup_error {
             return Err(e);
         }
-        self.old.will_need(plan.ops.iter().filter_map(|op| match op {
-            Op::Copy { block, .. } | Op::Send { block } => Some(*block),
-            Op::Zero { .. } => None,
-        }));
+        let reads: Vec<u64> = plan
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Copy { block, .. } | Op::Send { block } => Some(*block),
+                Op::Zero { .. } => None,
+            })
+            .collect();
+        self.old.will_need(&reads);
         let mut wants = Vec::new();
         for op in plan.ops {
             match op {
