@@ -7,4 +7,5 @@ mod integration {
     mod session;
     mod toy;
     mod views;
+    mod window;
 }

@@ -111,7 +111,11 @@ pub fn view_of(blocks: ViewBlocks) -> View {
             }
         },
     };
-    let (chunks, hash) = region_nodes(&known);
+    // An empty region's chunks are all ZERO and not kept (RegionView::chunk).
+    let (chunks, hash) = match known {
+        RegionHashes::Zero(_) => (Vec::new(), BlockHash::ZERO),
+        _ => region_nodes(&known),
+    };
     View { blocks: ViewBlocks::Known(known), chunks: chunks.into_iter().map(Some).collect(), hash: Some(hash) }
 }
 

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use diskferry_protocol::message::{Committed, Message, Open, Plan, WantBlock, CAP_PAGES, CAP_ZSTD};
-use diskferry_protocol::session::{window_units, SenderEvent, SenderSession, SourceRegion, WINDOW_UNITS};
+use diskferry_protocol::session::{window_units, SenderEvent, SenderSession, SourceRegion};
 use diskferry_protocol::{BlockHash, Consistency, ErrorCode, Geometry};
 use diskferry_sync_engine::local::Progress;
 use diskferry_sync_engine::remote::WireFrame;
@@ -117,8 +117,10 @@ pub(super) async fn run(
                     // Before any region is hashed: the spot check may turn
                     // the hint down, and then every region is read.
                     source.start_hint(a.target_generation, a.plan == Plan::Full)?;
-                    let _ = tokens_tx.send(a.window.saturating_mul(WINDOW_UNITS));
-                    spawn_hasher(&source, a.plan, opts.threads, &tokens_rx, &data_tx, &notes_tx, &sent)?;
+                    let slot = session.slot_units();
+                    let _ = tokens_tx.send(a.window.saturating_mul(slot));
+                    let window = Window { tokens: tokens_rx.clone(), slot };
+                    spawn_hasher(&source, a.plan, opts.threads, window, &data_tx, &notes_tx, &sent)?;
                 }
                 SenderEvent::SendBlocks { region, blocks } => {
                     let expected = announced(&session, g, region, &blocks);
@@ -268,6 +270,13 @@ fn announced(session: &SenderSession, g: Geometry, region: u64, blocks: &[WantBl
     blocks.iter().map(|w| session.region_blocks(region).and_then(|b| b.get((w.index - first) as usize))).collect()
 }
 
+/// The target's window as the hashing thread draws on it: units given
+/// back arrive on `tokens`; a region takes a slot of `slot` units.
+struct Window {
+    tokens: crossbeam_channel::Receiver<u32>,
+    slot: u32,
+}
+
 /// Hashes the source region by region, each taking its window units
 /// ([`window_units`]: a slot, given back but one unit when the region came
 /// out empty); a full copy queues every block's frame as it is hashed.
@@ -275,14 +284,14 @@ fn spawn_hasher(
     source: &Arc<SourceSession>,
     plan: Plan,
     threads: Option<usize>,
-    tokens: &crossbeam_channel::Receiver<u32>,
+    window: Window,
     data: &[mpsc::Sender<WireFrame>],
     notes: &mpsc::UnboundedSender<Note>,
     progress: &Arc<SentProgress>,
 ) -> Result<(), Error> {
     let pool = thread_pool(threads).map_err(|e| Error::new(ErrorCode::Internal, format!("thread pool: {e}")))?;
-    let (source, tokens, data, notes, progress) =
-        (source.clone(), tokens.clone(), data.to_vec(), notes.clone(), progress.clone());
+    let (source, data, notes, progress) = (source.clone(), data.to_vec(), notes.clone(), progress.clone());
+    let Window { tokens, slot } = window;
     std::thread::Builder::new()
         .name("df-hash".into())
         .spawn(move || {
@@ -308,7 +317,7 @@ fn spawn_hasher(
             };
             for region in 0..g.region_count() {
                 // A slot of the target's window per region in flight.
-                while units < WINDOW_UNITS {
+                while units < slot {
                     if let Ok(n) = tokens.try_recv() {
                         units += n;
                         continue;
@@ -321,7 +330,7 @@ fn spawn_hasher(
                         Err(_) => return,
                     }
                 }
-                units -= WINDOW_UNITS;
+                units -= slot;
                 let read_nothing = source.reads_nothing(region, full);
                 let hashed = if read_nothing {
                     source.hash_region(region, None)
@@ -330,7 +339,7 @@ fn spawn_hasher(
                 };
                 match hashed {
                     Ok(r) => {
-                        units += WINDOW_UNITS - window_units(Some(plan), &r.hash);
+                        units += slot - window_units(Some(plan), &r.hash, slot);
                         batch.push(r);
                     }
                     // The session ended while a full copy queued frames.

@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use diskferry_protocol::coding::{BufExt, DecodeResult};
 use diskferry_protocol::message::MAX_FRAME;
-use diskferry_protocol::session::WINDOW_UNITS;
+use diskferry_protocol::session::FINE_WINDOW_UNITS;
 use diskferry_protocol::{BlockSize, Geometry};
 use diskferry_sync_engine::apply::KeptBlocks;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -138,11 +138,13 @@ impl Budget {
         let kept_bytes = ((pool / 16).clamp(256 << 10, KeptBlocks::MAX_BYTES) / members).max(64 << 10);
         let state = per_region * regions_in_flight as u64
             + g.region_blocks() * 34 * VIEWS_QUEUED as u64
-            // empty regions' views (a chunk list, ~1 KiB): looked ahead as
-            // far as the window's units reach, and batched in the queue
-            + (2 * regions_in_flight as u64 * u64::from(WINDOW_UNITS)
+            // empty regions: their views (no chunk list: ~100 bytes, in a
+            // map) looked ahead as far as the window's units reach, and
+            // batched in the queue; one in flight before its view came is
+            // also a pending entry (~200 bytes)
+            + (2 * regions_in_flight as u64 * u64::from(FINE_WINDOW_UNITS)
                 + (VIEWS_QUEUED * super::view::EMPTY_VIEWS_PER_BATCH) as u64)
-                * 2048
+                * 512
             + kept_bytes
             + diskferry_sync_engine::manifest::INDEX_PAGES_BYTES // the trusted manifest's lookups
             + index_entries.min(blocks as usize) as u64 * 16

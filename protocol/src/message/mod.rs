@@ -55,6 +55,11 @@ pub const MAX_FRAME: u32 = BlockSize::MAX + (64 << 10);
 pub const CAP_ZSTD: u32 = 1;
 /// Capability: sub-block (page) patches.
 pub const CAP_PAGES: u32 = 2;
+/// Capability: window slots of [`crate::session::FINE_WINDOW_UNITS`]
+/// units, so that many more empty regions are in flight per slot.
+pub const CAP_FINE_WINDOW: u32 = 4;
+/// Every capability this version speaks.
+pub const CAPABILITIES: u32 = CAP_ZSTD | CAP_PAGES | CAP_FINE_WINDOW;
 
 /// Any protocol message.
 #[derive(Clone, Debug, PartialEq, Eq)]

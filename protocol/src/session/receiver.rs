@@ -10,10 +10,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use super::sender::{window_units, WINDOW_UNITS};
+use super::sender::{slot_units, window_units};
 use super::view::{HeldViews, RegionView, ViewBlocks};
 use crate::error::ErrorCode;
-use crate::message::{Accept, Committed, Message, Open, Plan, WantBlock, CAP_PAGES, CAP_ZSTD, MAX_FRAME, VERSION};
+use crate::message::{Accept, Committed, Message, Open, Plan, WantBlock, CAPABILITIES, MAX_FRAME, VERSION};
 use crate::region_hashes::RegionHashes;
 use crate::types::{BlockHash, Consistency, Geometry, CHUNK_BLOCKS};
 
@@ -122,6 +122,8 @@ pub struct ReceiverSession {
     geometry: Option<Geometry>,
     plan: Option<Plan>,
     window: u32,
+    /// Units of a window slot, once capabilities are agreed ([`slot_units`]).
+    slot: u32,
     /// Window units of the regions announced and not done ([`window_units`]).
     in_flight: BTreeMap<u64, u32>,
     units_in_flight: u64,
@@ -150,6 +152,7 @@ impl ReceiverSession {
             geometry: None,
             plan: None,
             window: 0,
+            slot: slot_units(0),
             in_flight: BTreeMap::new(),
             units_in_flight: 0,
             views: HeldViews::default(),
@@ -242,11 +245,9 @@ impl ReceiverSession {
                     );
                 }
                 self.state = State::AwaitOpen;
-                self.transmit.push_back(Message::Welcome {
-                    version: VERSION,
-                    capabilities: capabilities & (CAP_ZSTD | CAP_PAGES),
-                    max_frame: MAX_FRAME,
-                });
+                let capabilities = capabilities & CAPABILITIES;
+                self.slot = slot_units(capabilities);
+                self.transmit.push_back(Message::Welcome { version: VERSION, capabilities, max_frame: MAX_FRAME });
             }
             (State::AwaitOpen, Message::Open(o)) => {
                 self.state = State::Opening;
@@ -319,10 +320,10 @@ impl ReceiverSession {
     /// in flight than it was given fails the session (its regions would
     /// otherwise hold the target's memory without bound).
     fn announce(&mut self, region: u64, hash: &BlockHash) -> bool {
-        let units = window_units(self.plan, hash);
+        let units = window_units(self.plan, hash, self.slot);
         self.in_flight.insert(region, units);
         self.units_in_flight += u64::from(units);
-        if self.units_in_flight > u64::from(self.window) * u64::from(WINDOW_UNITS) {
+        if self.units_in_flight > u64::from(self.window) * u64::from(self.slot) {
             self.fail(ErrorCode::Protocol, format!("region {region} is past the window of {}", self.window), true);
             return false;
         }
@@ -349,7 +350,7 @@ impl ReceiverSession {
         self.state == State::Running
             && self.plan != Some(Plan::Full)
             && (self.views.listed() as u64) < 2 * window
-            && region < self.next_to_emit + 2 * window * u64::from(WINDOW_UNITS)
+            && region < self.next_to_emit + 2 * window * u64::from(self.slot)
     }
 
     fn compare_region(&mut self, region: u64) {
@@ -382,12 +383,8 @@ impl ReceiverSession {
         if hashes.len() != expected_chunks {
             return self.fail(ErrorCode::Protocol, format!("region {region}: {} chunk hashes", hashes.len()), true);
         }
-        let differing: Vec<u32> = hashes
-            .iter()
-            .enumerate()
-            .filter(|(i, h)| view.chunks.get(*i).copied().flatten() != Some(**h))
-            .map(|(i, _)| i as u32)
-            .collect();
+        let differing: Vec<u32> =
+            hashes.iter().enumerate().filter(|(i, h)| view.chunk(*i) != Some(**h)).map(|(i, _)| i as u32).collect();
         let Some(p) = self.pending.get_mut(&region) else { return };
         if differing.is_empty() {
             return self.complete_region(region);

@@ -54,15 +54,27 @@ impl ViewBlocks {
 pub struct RegionView {
     /// Block hashes.
     pub blocks: ViewBlocks,
-    /// Chunk hashes (`None` when a block is unknown).
+    /// Chunk hashes (`None` when a block is unknown); an empty region's
+    /// (all ZERO) may be left out, see [`RegionView::chunk`].
     pub chunks: Vec<Option<BlockHash>>,
     /// Region hash (`None` when a block is unknown).
     pub hash: Option<BlockHash>,
 }
 
 impl RegionView {
+    /// Chunk `i`'s hash, if known: ZERO throughout an empty region, whose
+    /// chunk list need not be kept (thousands of them are looked ahead).
+    pub fn chunk(&self, i: usize) -> Option<BlockHash> {
+        match &self.blocks {
+            ViewBlocks::Known(RegionHashes::Zero(n)) if self.chunks.is_empty() => {
+                (i < n.div_ceil(crate::types::CHUNK_BLOCKS as usize)).then_some(BlockHash::ZERO)
+            }
+            _ => self.chunks.get(i).copied().flatten(),
+        }
+    }
+
     /// Whether it lists its blocks: all but an empty region's view (only
-    /// a count of zero blocks and its chunk list, about a kilobyte).
+    /// a count of zero blocks, and at most its chunk list).
     pub fn lists_blocks(&self) -> bool {
         !matches!(self.blocks, ViewBlocks::Known(RegionHashes::Zero(_)))
     }

@@ -4,7 +4,9 @@
 
 use std::collections::VecDeque;
 
-use diskferry_protocol::message::{Accept, BlockFrame, Codec, Committed, Open, Plan, SyncMode, WantBlock};
+use diskferry_protocol::message::{
+    Accept, BlockFrame, Codec, Committed, Open, Plan, SyncMode, WantBlock, CAP_PAGES, CAP_ZSTD,
+};
 use diskferry_protocol::session::{
     ReceiverEvent, ReceiverSession, RegionView, SenderEvent, SenderSession, SourceRegion, ViewBlocks,
 };
@@ -290,8 +292,14 @@ fn unexpected_messages_fail_with_codes() {
 }
 
 /// A sender accepted with `plan` and a window of 2 regions, on a disk of
-/// `disk_bytes` at 64 KiB blocks.
+/// `disk_bytes` at 64 KiB blocks, by a target that speaks zstd and pages
+/// only (slots of 16 units).
 fn accepted_sender(plan: Plan, disk_bytes: u64) -> SenderSession {
+    accepted_sender_with(plan, disk_bytes, CAP_ZSTD | CAP_PAGES)
+}
+
+/// [`accepted_sender`] by a target that speaks `capabilities`.
+pub(super) fn accepted_sender_with(plan: Plan, disk_bytes: u64, capabilities: u32) -> SenderSession {
     let open = Open {
         session: SessionId(1),
         target: TargetName::new("t").unwrap(),
@@ -307,7 +315,7 @@ fn accepted_sender(plan: Plan, disk_bytes: u64) -> SenderSession {
     let mut s = SenderSession::new(open);
     s.handle_message(Message::Welcome {
         version: diskferry_protocol::VERSION,
-        capabilities: 3,
+        capabilities,
         max_frame: diskferry_protocol::MAX_FRAME,
     });
     s.handle_message(Message::Accept(Accept { plan, target_generation: None, staged_blocks: 0, window: 2 }));
@@ -443,11 +451,16 @@ fn full_receiver(blocks: u64) -> ReceiverSession {
 /// A receiver that accepted `plan` with a window of 2 regions, on a disk of
 /// `blocks` 64 KiB blocks.
 pub(super) fn receiver(blocks: u64, plan: Plan) -> ReceiverSession {
+    receiver_with(blocks, plan, CAP_ZSTD | CAP_PAGES)
+}
+
+/// [`receiver`] for a source that speaks `capabilities`.
+pub(super) fn receiver_with(blocks: u64, plan: Plan, capabilities: u32) -> ReceiverSession {
     let mut r = ReceiverSession::new();
     r.handle_message(Message::Hello {
         min_version: diskferry_protocol::VERSION,
         max_version: diskferry_protocol::VERSION,
-        capabilities: 3,
+        capabilities,
     });
     let g = Geometry::new(blocks * 65536, BlockSize::DEFAULT);
     let open = Open {

@@ -304,7 +304,12 @@ impl SourceSession {
         if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             w.push_region(region, &hashes)?;
         }
-        let (chunks, hash) = region_nodes(&hashes);
+        // An empty region's chunks are all ZERO and not kept
+        // (SourceRegion::chunk_hashes): thousands may be in flight.
+        let (chunks, hash) = match hashes {
+            RegionHashes::Zero(_) => (Vec::new(), BlockHash::ZERO),
+            _ => region_nodes(&hashes),
+        };
         Ok(SourceRegion { region, blocks: hashes, chunks, hash, items: 0 })
     }
 
