@@ -36,7 +36,7 @@ use diskferry_protocol::session::{exchange, ReceiverEvent, ReceiverSession, Send
 use diskferry_protocol::{BlockHash, BlockSize, Consistency, ErrorCode, Generation, SessionId, TargetName};
 use rayon::prelude::*;
 
-use crate::apply::{DirectSink, OldContent, Recovery, Target, TargetOptions};
+use crate::apply::{DirectSink, OldContent, Recovery, RunWriter, Target, TargetOptions};
 use crate::block::VerifiedBlock;
 use crate::error::{Error, IoContext, Place, Result};
 use crate::hash::hash_and_compare;
@@ -405,10 +405,11 @@ impl<'a> Join<'a> {
                 let zeros = Mutex::new(Vec::new());
                 let failed = Mutex::new(None);
                 let bytes = AtomicU64::new(0);
+                let runs = RunWriter::new(sink);
                 let out = |item: Item<'_>| -> std::io::Result<()> {
                     match item {
                         Item::Block(b) => {
-                            if let Err(e) = sink.write(&b) {
+                            if let Err(e) = runs.add(&b) {
                                 let msg = e.to_string();
                                 failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                                 return Err(std::io::Error::other(msg));
@@ -431,6 +432,8 @@ impl<'a> Join<'a> {
                     return Err(e);
                 }
                 let sr = hashed?;
+                // Staged means written: the runs still gathered go first.
+                runs.finish()?;
                 let written = written.into_inner().unwrap_or_else(|p| p.into_inner());
                 let end = g.block_offset(range.end).min(g.disk_bytes);
                 t.session.account_direct(written.len() as u64, bytes.load(Ordering::Relaxed), end);

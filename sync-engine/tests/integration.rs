@@ -11,6 +11,7 @@ mod integration {
 
     mod corrupt;
     mod crash;
+    mod direct;
     mod faults;
     mod group;
     mod hash_paths;

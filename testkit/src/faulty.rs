@@ -40,6 +40,22 @@ struct Counter {
     flush_hinted: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, u64>>,
     /// Read-ahead hints (`will_need`) and the reads they did not cover, by path.
     read_ahead: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, ReadAhead>>,
+    /// Writes, by path.
+    writes: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, Writes>>,
+    /// Whether sources may be memory-mapped ([`FaultyFs::mapping_sources`]).
+    map_sources: std::sync::atomic::AtomicBool,
+}
+
+/// The writes into a file opened through a [`FaultyFs`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Writes {
+    /// Write calls.
+    pub calls: u64,
+    /// Bytes written asking to bypass the page cache (the inner storage
+    /// decides whether it can).
+    pub bypass_bytes: u64,
+    /// Bytes written through the page cache.
+    pub cached_bytes: u64,
 }
 
 /// What a file opened through a [`FaultyFs`] was told it would be read,
@@ -111,6 +127,8 @@ impl FaultyFs {
             once: false,
             flush_hinted: Default::default(),
             read_ahead: Default::default(),
+            writes: Default::default(),
+            map_sources: Default::default(),
         };
         FaultyFs { inner, counter: Arc::new(counter) }
     }
@@ -124,6 +142,8 @@ impl FaultyFs {
             once: true,
             flush_hinted: Default::default(),
             read_ahead: Default::default(),
+            writes: Default::default(),
+            map_sources: Default::default(),
         };
         FaultyFs { inner, counter: Arc::new(counter) }
     }
@@ -143,6 +163,19 @@ impl FaultyFs {
     /// bytes read from it outside them.
     pub fn read_ahead(&self, path: &Path) -> ReadAhead {
         self.counter.read_ahead.lock().unwrap_or_else(|p| p.into_inner()).get(path).cloned().unwrap_or_default()
+    }
+
+    /// The writes into the file opened as `path` so far.
+    pub fn writes(&self, path: &Path) -> Writes {
+        self.counter.writes.lock().unwrap_or_else(|p| p.into_inner()).get(path).copied().unwrap_or_default()
+    }
+
+    /// Lets sources be memory-mapped from the inner filesystem, as the
+    /// real one allows (each map counts as an operation); by default they
+    /// are read through [`Storage::read_at`], where reads are noted.
+    pub fn mapping_sources(self) -> FaultyFs {
+        self.counter.map_sources.store(true, Ordering::SeqCst);
+        self
     }
 
     /// Operations attempted so far (failed ones included).
@@ -170,6 +203,19 @@ struct FaultyStorage {
     path: std::path::PathBuf,
 }
 
+impl FaultyStorage {
+    fn note_write(&self, bytes: usize, bypass_cache: bool) {
+        let mut writes = self.counter.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let w = writes.entry(self.path.clone()).or_default();
+        w.calls += 1;
+        if bypass_cache {
+            w.bypass_bytes += bytes as u64;
+        } else {
+            w.cached_bytes += bytes as u64;
+        }
+    }
+}
+
 impl Storage for FaultyStorage {
     fn len(&self) -> io::Result<u64> {
         self.counter.tick()?;
@@ -190,11 +236,13 @@ impl Storage for FaultyStorage {
 
     fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
         self.counter.tick()?;
+        self.note_write(buf.len(), false);
         self.inner.write_at(off, buf)
     }
 
     fn write_vectored_at(&self, off: u64, bufs: &[&[u8]], bypass_cache: bool) -> io::Result<()> {
         self.counter.tick()?;
+        self.note_write(bufs.iter().map(|b| b.len()).sum(), bypass_cache);
         self.inner.write_vectored_at(off, bufs, bypass_cache)
     }
 
@@ -246,6 +294,14 @@ impl Vfs for FaultyFs {
         self.counter.tick()?;
         let inner = self.inner.open(path, how)?;
         Ok(Arc::new(FaultyStorage { inner, counter: self.counter.clone(), path: path.to_path_buf() }))
+    }
+
+    fn mappable(&self, path: &Path) -> io::Result<Option<std::fs::File>> {
+        if !self.counter.map_sources.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        self.counter.tick()?;
+        self.inner.mappable(path)
     }
 
     fn metadata(&self, path: &Path) -> io::Result<Option<Meta>> {

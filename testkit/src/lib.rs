@@ -36,6 +36,6 @@ mod model;
 pub mod pair;
 
 pub use crashfs::CrashFs;
-pub use faulty::{Fault, FaultyFs};
+pub use faulty::{Fault, FaultyFs, ReadAhead, Writes};
 pub use gen::{read_image, write_image, write_sparse_file, DiskGen};
 pub use memfs::MemFs;

@@ -20,6 +20,7 @@ pub mod group;
 pub mod journal;
 mod moves;
 mod recover;
+mod runs;
 mod session;
 mod sink;
 mod target;
@@ -31,6 +32,7 @@ pub use check::VerifyReport;
 pub use commit::{CommitMeta, CommitReport, Prepared, Sealed};
 pub use demote::DemoteReport;
 pub use moves::{CommitPointsReport, MoveReport};
+pub use runs::RunWriter;
 pub use session::{Apply, ApplyMode, ApplyStats, BeginSpec};
 pub use sink::{DirectSink, KeptBlocks, OldContent};
 pub use target::{

@@ -31,9 +31,9 @@ pub struct DirectSink {
 const MAX_WRITE: usize = 8 << 20;
 
 impl DirectSink {
-    /// Writes one block (through the page cache: a local copy writes from
-    /// the thread that hashed it, one block at a time, and small direct
-    /// writes would wait on the device one by one).
+    /// Writes one block through the page cache (small direct writes would
+    /// wait on the device one by one; a local copy gathers its blocks with
+    /// [`super::RunWriter`] when it can).
     pub fn write(&self, block: &VerifiedSlice<'_>) -> Result<()> {
         let segments = self.segments(self.geometry.block_offset(block.index()), block.bytes());
         self.write_segments(segments, false)
@@ -70,7 +70,7 @@ impl DirectSink {
     /// all of them, or into a new sparse file only the runs of non-zero
     /// 4 KiB pages (a new file reads zeros elsewhere, and unwritten pages
     /// cost no space).
-    fn segments<'a>(&self, off: u64, bytes: &'a [u8]) -> Vec<(u64, &'a [u8])> {
+    pub(super) fn segments<'a>(&self, off: u64, bytes: &'a [u8]) -> Vec<(u64, &'a [u8])> {
         if !self.sparse {
             return vec![(off, bytes)];
         }
@@ -103,7 +103,7 @@ impl DirectSink {
         out
     }
 
-    fn write_segments(&self, mut segments: Vec<(u64, &[u8])>, bypass_cache: bool) -> Result<()> {
+    pub(super) fn write_segments(&self, mut segments: Vec<(u64, &[u8])>, bypass_cache: bool) -> Result<()> {
         segments.sort_unstable_by_key(|s| s.0);
         let _one_writer = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let mut i = 0;
