@@ -10,7 +10,8 @@ use diskferry_sync_engine::apply::partial_path;
 use diskferry_sync_engine::local::{self, NoProgress, SyncJob, SyncOptions, SyncReport};
 use diskferry_sync_engine::store::{RealFs, Vfs};
 use diskferry_sync_engine::Result;
-use diskferry_testkit::{Fault, FaultyFs};
+use diskferry_testkit::{DiskGen, Fault, FaultyFs};
+use rand::Rng;
 
 use super::util::{bs, four_threads};
 
@@ -19,15 +20,8 @@ const MIB: usize = 1 << 20;
 /// `mib` MiB (at least 16) and a short last block: data, a zero block, a
 /// zero page inside a block, and an 8 MiB hole from 8 MiB on.
 fn source_bytes(mib: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_u64;
-    let mut bytes: Vec<u8> = (0..mib * MIB + 5000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let mut bytes = vec![0u8; mib * MIB + 5000];
+    DiskGen::new(mib as u64).rng().fill(&mut bytes[..]);
     bytes[3 * 65536..4 * 65536].fill(0);
     bytes[9 * 65536 + 4096..9 * 65536 + 8192].fill(0);
     bytes[8 * MIB..16 * MIB].fill(0);
