@@ -20,6 +20,36 @@ pub fn is_direct_aligned(off: u64, bufs: &[&[u8]]) -> bool {
         && bufs.iter().all(|b| (b.as_ptr() as usize).is_multiple_of(a) && b.len().is_multiple_of(a))
 }
 
+/// A buffer of fixed size whose bytes start at an aligned address, for
+/// sequential files written or read past the page cache
+/// (`crate::seqio`). Safe code: over-allocate and start at the first
+/// aligned byte (a Vec's heap buffer does not move while it is not resized).
+#[derive(Debug)]
+pub struct AlignedVec {
+    vec: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedVec {
+    /// `len` zero bytes at an aligned address.
+    pub fn new(len: usize) -> AlignedVec {
+        let vec = vec![0u8; len + DIRECT_ALIGN];
+        let start = vec.as_ptr().align_offset(DIRECT_ALIGN);
+        AlignedVec { vec, start, len }
+    }
+
+    /// The buffer's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.vec[self.start..self.start + self.len]
+    }
+
+    /// The buffer's bytes, to fill.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.vec[self.start..self.start + self.len]
+    }
+}
+
 /// A pool of aligned buffers, shared by the threads that fill them.
 #[derive(Debug, Clone)]
 pub struct BufferPool {

@@ -66,6 +66,9 @@ pub struct ReadAhead {
     pub advised: Vec<(u64, u64)>,
     /// Bytes read outside every range advised before the read.
     pub unadvised_bytes: u64,
+    /// Bytes read asking to bypass the page cache
+    /// ([`Storage::read_direct_at`]; not counted above).
+    pub bypass_bytes: u64,
 }
 
 impl Counter {
@@ -232,6 +235,14 @@ impl Storage for FaultyStorage {
         }
         drop(hints);
         self.inner.read_at(off, buf)
+    }
+
+    fn read_direct_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.counter.tick()?;
+        let mut hints = self.counter.read_ahead.lock().unwrap_or_else(|p| p.into_inner());
+        hints.entry(self.path.clone()).or_default().bypass_bytes += buf.len() as u64;
+        drop(hints);
+        self.inner.read_direct_at(off, buf)
     }
 
     fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {

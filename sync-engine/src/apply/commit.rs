@@ -220,8 +220,13 @@ impl<'t> Apply<'t> {
             Some(finish) => finish(),
             None => Err(Error::new(ErrorCode::Internal, "the manifest was finished twice")),
         };
+        let started = std::time::Instant::now();
         let (manifest, logged) = std::thread::scope(|s| {
-            let finishing = std::thread::Builder::new().name("df-manifest".into()).spawn_scoped(s, run);
+            let finishing = std::thread::Builder::new().name("df-manifest".into()).spawn_scoped(s, || {
+                let finished = run();
+                tracing::debug!(in_ = ?started.elapsed(), "commit: manifest finished");
+                finished
+            });
             let logged = self.prepare_log(meta, &mut journal);
             let manifest = match finishing {
                 Ok(thread) => thread
@@ -249,6 +254,7 @@ impl<'t> Apply<'t> {
             self.journal = Some(journal);
             return Err(e);
         }
+        tracing::debug!(in_ = ?started.elapsed(), "commit: prepared");
         let record = CommitRecord {
             generation: meta.generation,
             entries: journal.entries(),
@@ -297,9 +303,15 @@ impl<'t> Apply<'t> {
             // after a failure from here on, the next open proves the
             // bytes unchanged by hashing (`settle_trust`).
             let mut reserved = Reserved::default();
-            let saved = self.reserve(journal, &mut reserved).and_then(|()| match self.spec.base {
-                Some(base) => self.save_undo(journal, base, meta.generation).map(Some),
-                None => Ok(None),
+            let started = std::time::Instant::now();
+            let saved = self.reserve(journal, &mut reserved).and_then(|()| {
+                let reserved_in = started.elapsed();
+                let saved = match self.spec.base {
+                    Some(base) => self.save_undo(journal, base, meta.generation).map(Some),
+                    None => Ok(None),
+                };
+                tracing::debug!(?reserved_in, undo_saved_in = ?started.elapsed() - reserved_in, "commit: space reserved, undo saved");
+                saved
             });
             let synced = match syncing {
                 Ok(thread) => thread.join().unwrap_or_else(|_| Err(std::io::Error::other("the sync panicked"))),

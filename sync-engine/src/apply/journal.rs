@@ -230,7 +230,11 @@ impl JournalWriter {
     /// Creates a journal (replacing any file at `path`) and writes its header.
     pub fn create(vfs: &dyn Vfs, path: &Path, header: JournalHeader) -> Result<Self> {
         let storage = vfs.open(path, OpenHow::Truncate).ctx(Place::State, "creating redo log", path)?;
-        let mut w = SeqWriter::new(storage, 0).flush_every(super::target::LOG_FLUSH_EVERY);
+        let mut w = SeqWriter::new(storage, 0).flush_every(super::target::LOG_FLUSH_EVERY).bypass_cache().ctx(
+            Place::State,
+            "writing redo log",
+            path,
+        )?;
         w.write(&encode_header(&header)).ctx(Place::State, "writing redo log", path)?;
         // On disk at once, so an interrupted session is known for what it was.
         w.flush().ctx(Place::State, "writing redo log", path)?;
@@ -249,8 +253,12 @@ impl JournalWriter {
     pub fn resume(vfs: &dyn Vfs, path: &Path, scan: &Scan) -> Result<Self> {
         let storage = vfs.open(path, OpenHow::ReadWrite).ctx(Place::State, "opening redo log", path)?;
         storage.set_len(scan.valid_len).ctx(Place::State, "truncating redo log", path)?;
+        let w = SeqWriter::new(storage, scan.valid_len)
+            .flush_every(super::target::LOG_FLUSH_EVERY)
+            .bypass_cache()
+            .ctx(Place::State, "reading redo log", path)?;
         Ok(JournalWriter {
-            w: SeqWriter::new(storage, scan.valid_len).flush_every(super::target::LOG_FLUSH_EVERY),
+            w,
             path: path.to_path_buf(),
             header: scan.header,
             entries: scan.entries,
@@ -435,7 +443,7 @@ pub fn scan(
         };
     };
     let entries_end = if commit.is_some() { len - COMMIT_LEN } else { len };
-    let mut r = SeqReader::new(storage.clone(), HEADER_LEN, entries_end, 1 << 20);
+    let mut r = SeqReader::new(storage.clone(), HEADER_LEN, entries_end, 1 << 20).bypass_cache();
     let mut scan = Scan {
         header,
         valid_len: HEADER_LEN,

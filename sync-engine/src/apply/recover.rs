@@ -370,6 +370,7 @@ impl Target {
         // finds little left (the span between kicks may hold other dirty
         // pages of the image: they are due anyway).
         let mut pacer = crate::seqio::FlushPacer::new(LOG_FLUSH_EVERY);
+        let started = std::time::Instant::now();
         journal::scan(&storage, &jpath, &mut |e| match e {
             Entry::Patch { block, ranges, data, .. } => {
                 let mut at = 0usize;
@@ -387,6 +388,9 @@ impl Target {
         if self.kind_of_target()? == DiskKind::File {
             disk.set_len(header.geometry.disk_bytes).ctx(Place::Target, "resizing", path)?;
         }
-        disk.sync().ctx(Place::Target, "syncing", path)
+        let written_in = started.elapsed();
+        disk.sync().ctx(Place::Target, "syncing", path)?;
+        tracing::debug!(?written_in, synced_in = ?started.elapsed() - written_in, "commit: log replayed");
+        Ok(())
     }
 }

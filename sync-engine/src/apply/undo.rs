@@ -59,7 +59,11 @@ impl<'a> UndoWriter<'a> {
     /// Creates the segment at `path` for `target`, whose current size is `header.old_disk_bytes`.
     pub fn create(vfs: &dyn Vfs, path: &'a Path, target: &'a dyn Storage, header: &UndoHeader) -> Result<Self> {
         let storage = vfs.open(path, OpenHow::Truncate).ctx(Place::State, "creating undo segment", path)?;
-        let mut w = HashedWriter::new(storage, 0).flush_every(super::target::LOG_FLUSH_EVERY);
+        let mut w = HashedWriter::new(storage, 0).flush_every(super::target::LOG_FLUSH_EVERY).bypass_cache().ctx(
+            Place::State,
+            "writing undo segment",
+            path,
+        )?;
         let mut h = [0u8; HEADER_LEN as usize];
         h[0..8].copy_from_slice(MAGIC);
         h[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -205,7 +209,7 @@ pub fn read_undo_entries(vfs: &dyn Vfs, path: &Path, visit: &mut dyn FnMut(UndoE
     if len < HEADER_LEN + FOOTER_LEN {
         return Err(Error::corrupt(path, "too short"));
     }
-    let mut r = SeqReader::new(storage, HEADER_LEN, len - FOOTER_LEN, 1 << 20);
+    let mut r = SeqReader::new(storage, HEADER_LEN, len - FOOTER_LEN, 1 << 20).bypass_cache();
     let mut buf = Vec::new();
     while r.remaining() > 0 {
         let mut e = [0u8; 24];

@@ -147,6 +147,14 @@ pub trait Storage: Send + Sync + fmt::Debug {
         }
         Ok(())
     }
+    /// Reads up to `buf.len()` bytes from `off` and returns how many (fewer
+    /// only at the end), past the page cache where the storage has direct
+    /// I/O and `off` and `buf` suit it: a log read back once at a commit
+    /// would only fill the cache with fresh pages, which can cost more CPU
+    /// than the read itself.
+    fn read_direct_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        read_up_to(self, off, buf)
+    }
     /// Sets a file's size (zeros when growing). Block devices: `Unsupported`.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes `[off, off+len)` read as zeros: punches a hole in a file,
@@ -183,6 +191,13 @@ pub type FileId = (u64, u64);
 
 /// The name a file takes while [`Vfs::remove_later`] frees it.
 pub const TRASH_PREFIX: &str = ".trash-";
+
+/// [`Storage::read_direct_at`] through the cache: what lies before the end.
+pub(crate) fn read_up_to(storage: &(impl Storage + ?Sized), off: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let n = storage.len()?.saturating_sub(off).min(buf.len() as u64) as usize;
+    storage.read_at(off, &mut buf[..n])?;
+    Ok(n)
+}
 
 /// A filesystem namespace: opening, renaming, removing and syncing directories.
 ///

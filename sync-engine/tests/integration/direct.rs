@@ -35,12 +35,17 @@ fn full_copy(fs: &FaultyFs, dir: &Path) -> Result<SyncReport> {
 
 /// A sync of `src` to `dst` in `dir` through `fs` in `mode`.
 fn copy(fs: &FaultyFs, dir: &Path, mode: SyncMode) -> Result<SyncReport> {
+    copy_as(fs, dir, mode, Generation(7))
+}
+
+/// [`copy`] committing `generation`.
+fn copy_as(fs: &FaultyFs, dir: &Path, mode: SyncMode, generation: Generation) -> Result<SyncReport> {
     let job = SyncJob {
         vfs: Arc::new(fs.clone()) as Arc<dyn Vfs>,
         state_root: dir.join("state"),
         source: dir.join("src.img"),
         target: dir.join("dst.img"),
-        generation: Generation(7),
+        generation,
         session: SessionId(8),
         now_unix_ns: 1,
     };
@@ -90,4 +95,45 @@ fn a_full_disk_under_the_direct_writes_fails_cleanly() {
             .unwrap_or_else(|e| panic!("op {n} of {total}: the next sync: {e}"));
         assert_eq!(std::fs::read(dir.path().join("dst.img")).unwrap(), bytes, "op {n} of {total}");
     }
+}
+
+/// A delta's redo log (written once, read back once at its commit) and the
+/// undo segment that keeps the point before it (read only by a failover)
+/// go past the page cache, whole pages at a time; the commit is
+/// byte-exact and the old point still restorable from the segment.
+#[test]
+fn a_deltas_redo_log_and_undo_segment_bypass_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    let old = source_bytes(24);
+    std::fs::write(&src, &old).unwrap();
+    copy_as(&FaultyFs::unlimited(Arc::new(RealFs)), dir.path(), SyncMode::Full, Generation(7)).unwrap();
+    // Rewrite 5 MiB in scattered blocks, some over the hole, and the short last block.
+    let mut new = old.clone();
+    let mut gen = DiskGen::new(99);
+    let rng = gen.rng();
+    for b in [1usize, 2, 17, 30, 31, 60, 100, 130, 131, 132, 200, 250, 300, 330, 360] {
+        rng.fill(&mut new[b * 65536..(b + 1) * 65536]);
+    }
+    new[24 * MIB + 100] ^= 1;
+    std::fs::write(&src, &new).unwrap();
+    let fs = FaultyFs::unlimited(Arc::new(RealFs));
+    copy_as(&fs, dir.path(), SyncMode::Delta, Generation(9)).unwrap();
+    assert_eq!(std::fs::read(&dst).unwrap(), new, "the delta is byte-exact");
+
+    let tdir = dir.path().join("state/targets").join(diskferry_sync_engine::store::state_key(&dst));
+    let undo = std::fs::read_dir(&tdir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "undo"))
+        .expect("an undo segment keeps generation 7");
+    for (what, path, at_least) in [("redo log", tdir.join("redo.log"), 15 << 16), ("undo segment", undo, 10 << 16)] {
+        let w = fs.writes(&path);
+        assert!(w.bypass_bytes >= at_least, "{what}: {w:?}");
+        // Only part pages (the header's, the last one) through the cache.
+        assert!(w.cached_bytes <= 3 * 4096, "{what}: {w:?}");
+    }
+    let read_back = fs.read_ahead(&tdir.join("redo.log"));
+    assert!(read_back.bypass_bytes >= 15 << 16, "the replay reads the log past the cache: {read_back:?}");
+    assert!(read_back.unadvised_bytes < 4096, "through it only the header and the commit record: {read_back:?}");
 }
