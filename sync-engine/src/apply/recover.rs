@@ -371,13 +371,16 @@ impl Target {
         // pages of the image: they are due anyway).
         let mut pacer = crate::seqio::FlushPacer::new(LOG_FLUSH_EVERY);
         let started = std::time::Instant::now();
+        let mut into_holes = HoleWriter::default();
         journal::scan(&storage, &jpath, &mut |e| match e {
             Entry::Patch { block, ranges, data, .. } => {
                 let mut at = 0usize;
                 for (off, len) in ranges {
                     let bytes = &data[at..at + len as usize];
                     let start = block * bs + off as u64;
-                    disk.write_at(start, bytes).ctx(Place::Target, "writing", path)?;
+                    if !into_holes.write(disk, start, bytes).ctx(Place::Target, "writing", path)? {
+                        disk.write_at(start, bytes).ctx(Place::Target, "writing", path)?;
+                    }
                     at += len as usize;
                     pacer.wrote(disk, start, start + u64::from(len));
                 }
@@ -392,5 +395,40 @@ impl Target {
         disk.sync().ctx(Place::Target, "syncing", path)?;
         tracing::debug!(?written_in, synced_in = ?started.elapsed() - written_in, "commit: log replayed");
         Ok(())
+    }
+}
+
+/// Writes a replay's patches that land in holes past the page cache.
+/// Overwriting cached pages costs a copy (~70 µs per 64 KiB here), but a
+/// hole has no pages: each would be a fresh one, ~650 µs per 64 KiB on a
+/// VM that returns freed memory to its host, against ~200 µs for one
+/// direct write. A range the reservation allocated but nothing wrote
+/// reads as a hole too (an unwritten extent).
+#[derive(Default)]
+struct HoleWriter {
+    buf: Option<crate::aligned::AlignedVec>,
+}
+
+impl HoleWriter {
+    /// Writes `bytes` at `start` directly if they fill whole pages of a
+    /// hole; `false`: not written (not a hole, or off the page grid).
+    fn write(&mut self, disk: &dyn Storage, start: u64, bytes: &[u8]) -> std::io::Result<bool> {
+        let page = crate::aligned::DIRECT_ALIGN;
+        let len = bytes.len();
+        if len == 0 || !start.is_multiple_of(page as u64) || !len.is_multiple_of(page) {
+            return Ok(false);
+        }
+        if !disk.data_ranges(start, len as u64)?.is_empty() {
+            return Ok(false);
+        }
+        // The log's bytes lie wherever its read buffer put them: gathered
+        // into an aligned buffer, as direct I/O wants.
+        let buf = match &mut self.buf {
+            Some(b) if b.as_slice().len() >= len => b,
+            slot => slot.insert(crate::aligned::AlignedVec::new(len)),
+        };
+        buf.as_mut_slice()[..len].copy_from_slice(bytes);
+        disk.write_vectored_at(start, &[&buf.as_slice()[..len]], true)?;
+        Ok(true)
     }
 }

@@ -97,10 +97,10 @@ fn a_full_disk_under_the_direct_writes_fails_cleanly() {
     }
 }
 
-/// A delta's redo log (written once, read back once at its commit) and the
+/// A delta's redo log (written once, read back once at its commit), the
 /// undo segment that keeps the point before it (read only by a failover)
-/// go past the page cache, whole pages at a time; the commit is
-/// byte-exact and the old point still restorable from the segment.
+/// and the replay's writes into holes go past the page cache, whole pages
+/// at a time; the commit is byte-exact.
 #[test]
 fn a_deltas_redo_log_and_undo_segment_bypass_the_page_cache() {
     let dir = tempfile::tempdir().unwrap();
@@ -133,6 +133,12 @@ fn a_deltas_redo_log_and_undo_segment_bypass_the_page_cache() {
         // Only part pages (the header's, the last one) through the cache.
         assert!(w.cached_bytes <= 3 * 4096, "{what}: {w:?}");
     }
+    // The replay: the five blocks that land in the hole past the cache
+    // (fresh pages would cost more than the write), the rest over the
+    // cached old content.
+    let replayed = fs.writes(&dst);
+    assert_eq!(replayed.bypass_bytes, 5 * 65536, "{replayed:?}");
+    assert_eq!(replayed.cached_bytes, 10 * 65536 + 4096, "{replayed:?}");
     let read_back = fs.read_ahead(&tdir.join("redo.log"));
     assert!(read_back.bypass_bytes >= 15 << 16, "the replay reads the log past the cache: {read_back:?}");
     assert!(read_back.unadvised_bytes < 4096, "through it only the header and the commit record: {read_back:?}");
