@@ -213,13 +213,17 @@ pub async fn push_with(
         // The guard abandons the pass.
         Err(e) => return Err(e),
     };
-    let source = Arc::new(SourceSession::open_as(
+    let source = SourceSession::open_as(
         reader.vfs.clone(),
         &reader.read_path,
         &opts.source,
         opts.block_size,
         opts.state_root.as_deref(),
-    )?);
+    )?;
+    // A snapshot is read for this push alone: what is copied out of it need
+    // not stay in the page cache.
+    let source =
+        Arc::new(if snap.kind != SnapshotKind::None && read_through == "file" { source.read_once() } else { source });
     match &opts.changes {
         Changes::FullScan => {}
         Changes::DirtyBitmap => {

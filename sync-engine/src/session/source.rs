@@ -140,6 +140,17 @@ impl SourceSession {
         })
     }
 
+    /// The source is a snapshot taken for this push alone: its blocks read
+    /// into a buffer go past the page cache ([`Disk::read_once`]).
+    pub fn read_once(mut self) -> Self {
+        self.disk = match Arc::try_unwrap(self.disk) {
+            Ok(disk) => Arc::new(disk.read_once()),
+            // Shared already (not after open): left as it is, only slower.
+            Err(shared) => shared,
+        };
+        self
+    }
+
     /// Offers a change hint: the session reads only what it names, once
     /// [`SourceSession::start_hint`] found it tied to the target's
     /// generation and the spot check found it honest.
