@@ -1,5 +1,6 @@
 //! Reading a disk for hashing: memory-mapped, with a `pread` fallback.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::path::Path;
@@ -126,39 +127,32 @@ impl Disk {
 
     /// Reads `buf.len()` bytes at `off` with a copy.
     pub fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        if self.read_once {
-            return self.read_direct(off, buf.len(), |bytes| buf.copy_from_slice(bytes));
+        if !self.read_once {
+            return self.storage().read_at(off, buf);
         }
-        self.storage().read_at(off, buf)
+        if crate::aligned::is_direct_aligned(off, &[&*buf]) {
+            let got = self.storage().read_direct_at(off, buf)?;
+            return if got < buf.len() { Err(ends_before(off, buf.len())) } else { Ok(()) };
+        }
+        self.read_direct(off, buf.len(), |bytes| buf.copy_from_slice(bytes))
     }
 
     /// Calls `f` with `[off, off+len)` read past the page cache (where the
     /// storage can) into this thread's aligned buffer.
     fn read_direct<R>(&self, off: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> io::Result<R> {
         thread_local! {
-            static ALIGNED: std::cell::RefCell<AlignedVec> = std::cell::RefCell::new(AlignedVec::new(0));
+            static ALIGNED: Cell<Option<AlignedVec>> = const { Cell::new(None) };
         }
         let whole = len.next_multiple_of(DIRECT_ALIGN);
-        ALIGNED.with(|cell| {
-            // A nested read on this thread (none today) gets a buffer of its own.
-            let mut own;
-            let mut borrowed = cell.try_borrow_mut();
-            let buf = match borrowed.as_deref_mut() {
-                Ok(b) => b,
-                Err(_) => {
-                    own = AlignedVec::new(whole);
-                    &mut own
-                }
-            };
-            if buf.as_slice().len() < whole {
-                *buf = AlignedVec::new(whole);
-            }
-            let got = self.storage().read_direct_at(off, &mut buf.as_mut_slice()[..whole])?;
-            if got < len {
-                return Err(source_changed(&format!("it ends before byte {} (read at {off})", off + len as u64)));
-            }
-            Ok(f(&buf.as_slice()[..len]))
-        })
+        // Taken out while in use: a read nested in `f` gets a buffer of its own.
+        let mut buf = ALIGNED.take().filter(|b| b.as_slice().len() >= whole).unwrap_or_else(|| AlignedVec::new(whole));
+        let got = self.storage().read_direct_at(off, &mut buf.as_mut_slice()[..whole])?;
+        if got < len {
+            return Err(ends_before(off, len));
+        }
+        let r = f(&buf.as_slice()[..len]);
+        ALIGNED.set(Some(buf));
+        Ok(r)
     }
 
     /// Calls `f` with the bytes `[off, off+len)`: borrowed from a map when the
@@ -236,6 +230,11 @@ pub fn source_changed(why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, SourceChanged(why.to_string()))
 }
 
+/// A direct read came back short: the disk ends before what was asked.
+fn ends_before(off: u64, len: usize) -> io::Error {
+    source_changed(&format!("it ends before byte {} (read at {off})", off + len as u64))
+}
+
 fn describe(mut file: File) -> io::Result<(File, DiskKind, u64)> {
     let md = file.metadata()?;
     let kind = if md.is_file() {
@@ -267,12 +266,18 @@ mod tests {
         let mut buf = vec![0u8; 65536];
         disk.read_at(65536, &mut buf).unwrap();
         assert_eq!(buf, bytes[65536..2 * 65536]);
+        // An aligned buffer is read into as it is.
+        let mut aligned = AlignedVec::new(65536);
+        disk.read_at(2 * 65536, aligned.as_mut_slice()).unwrap();
+        assert_eq!(aligned.as_slice(), &bytes[2 * 65536..3 * 65536]);
         let unmapped = disk.unmapped();
         let tail =
             unmapped.with_bytes(3 * 65536, 1000, &mut Vec::new(), |b, shared| (b.to_vec(), shared.is_some())).unwrap();
         assert_eq!(tail, (bytes[3 * 65536..].to_vec(), false));
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(65536).unwrap();
         let err = unmapped.with_bytes(2 * 65536, 65536, &mut Vec::new(), |_, _| ()).unwrap_err();
+        assert!(err.get_ref().is_some_and(|e| e.is::<SourceChanged>()), "{err}");
+        let err = disk.read_at(65536, aligned.as_mut_slice()).unwrap_err();
         assert!(err.get_ref().is_some_and(|e| e.is::<SourceChanged>()), "{err}");
     }
 }

@@ -169,6 +169,10 @@ fn extent_maps_read_only_the_extents_that_changed() {
         let read = uint(&r, "source_bytes_read");
         let bound = 2 * hinted * 65536 + uint(&r, "spot_checked_blocks") * 65536 + size / 100;
         assert!(read <= bound, "round {round}: read {read} > {bound}: {r}");
+        // The snapshot read for this push alone (now the kept clone) was read
+        // past the page cache: caching it would only evict pages others use.
+        let cached = util::cached_bytes(&kept);
+        assert!(cached <= read / 4, "round {round}: {cached} bytes of the snapshot cached, {read} read");
         assert!(kept.exists() && !xfs.dir.join(".vm.img.diskferry-snap.next").exists());
         assert!(
             !xfs.dir.join(".vm.img.diskferry-snap.old").exists(),

@@ -399,6 +399,18 @@ pub fn allocated(path: &Path) -> u64 {
     fs::metadata(path).unwrap().blocks() * 512
 }
 
+/// Bytes of a file in the page cache (util-linux `fincore`: `mincore` of a
+/// map, which itself reads nothing).
+pub fn cached_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--raw", "-o", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux) runs");
+    assert!(out.status.success(), "fincore {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("fincore prints a byte count")
+}
+
 /// Whether the first `len` bytes of `a` and `b` are equal; `Err` names the
 /// first differing offset.
 pub fn compare_prefix(a: &Path, b: &Path, len: u64) -> Result<(), String> {
