@@ -75,6 +75,11 @@ impl FileStorage {
             return None;
         }
         slot.get_or_init(|| {
+            // A twin opened by path could write a file opened read-only.
+            let mode = rustix::fs::fcntl_getfl(&self.file).ok()?;
+            if write && mode.intersection(rustix::fs::OFlags::ACCMODE) == rustix::fs::OFlags::RDONLY {
+                return None;
+            }
             let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
             let twin = OpenOptions::new()
                 .read(!write)
@@ -581,5 +586,10 @@ mod tests {
         // Off the page grid: through the cache, same answer.
         assert_eq!(disk.read_direct_at(5, &mut buf.as_mut_slice()[..100]).unwrap(), 100);
         assert_eq!(&buf.as_slice()[..100], &want[5..105]);
+        // A file opened read-only stays read-only past the cache too (its
+        // direct twin is opened by path, which would allow a write).
+        let page = crate::aligned::AlignedVec::new(4096);
+        assert!(disk.write_vectored_at(0, &[page.as_slice()], true).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), want);
     }
 }
