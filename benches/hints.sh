@@ -132,5 +132,7 @@ for r in $(seq $ROUNDS); do
 done
 medians extent-map
 cmp $E $W/b/vm.img && cmp $E $W/b/plain.img && echo "extent-map: both replicas byte-exact"
+# The agents first: the mount is busy while they run.
+kill $PA $PB 2>/dev/null; wait $PA $PB 2>/dev/null || true
 umount $X/mnt; losetup -d $LOOP
 rm -rf $W

@@ -17,6 +17,7 @@ mod check;
 mod commit;
 mod demote;
 pub mod group;
+mod inflight;
 pub mod journal;
 mod moves;
 mod recover;

@@ -366,28 +366,42 @@ impl Target {
         let storage = self.vfs.open(&jpath, OpenHow::Read).ctx(Place::State, "opening", &jpath)?;
         let bs = header.geometry.block_size.bytes();
         let path = &self.path;
-        // The device writes while the rest is replayed, so the sync below
-        // finds little left (the span between kicks may hold other dirty
-        // pages of the image: they are due anyway).
+        // Patches on the page grid go past the cache, several at a time
+        // (`inflight.rs`); the rest is written through it, and the device
+        // writes those while the replay goes on, so the sync below finds
+        // little left (the span between kicks may hold other dirty pages of
+        // the image: they are due anyway).
         let mut pacer = crate::seqio::FlushPacer::new(LOG_FLUSH_EVERY);
         let started = std::time::Instant::now();
-        let mut into_holes = HoleWriter::default();
-        journal::scan(&storage, &jpath, &mut |e| match e {
-            Entry::Patch { block, ranges, data, .. } => {
-                let mut at = 0usize;
-                for (off, len) in ranges {
-                    let bytes = &data[at..at + len as usize];
-                    let start = block * bs + off as u64;
-                    if !into_holes.write(disk, start, bytes).ctx(Place::Target, "writing", path)? {
-                        disk.write_at(start, bytes).ctx(Place::Target, "writing", path)?;
+        super::inflight::with_writers(
+            disk,
+            |direct| {
+                journal::scan(&storage, &jpath, &mut |e| match e {
+                    Entry::Patch { block, ranges, data, .. } => {
+                        let mut at = 0usize;
+                        for (off, len) in ranges {
+                            let bytes = &data[at..at + len as usize];
+                            let start = block * bs + off as u64;
+                            if super::inflight::InFlight::fits(start, bytes) {
+                                direct.write(start, bytes).ctx(Place::Target, "writing", path)?;
+                            } else {
+                                direct.drain().ctx(Place::Target, "writing", path)?;
+                                disk.write_at(start, bytes).ctx(Place::Target, "writing", path)?;
+                                pacer.wrote(disk, start, start + u64::from(len));
+                            }
+                            at += len as usize;
+                        }
+                        Ok(())
                     }
-                    at += len as usize;
-                    pacer.wrote(disk, start, start + u64::from(len));
-                }
-                Ok(())
-            }
-            Entry::Zero { offset, len } => disk.zero_range(offset, len).ctx(Place::Target, "zeroing", path),
-        })?;
+                    Entry::Zero { offset, len } => {
+                        direct.drain().ctx(Place::Target, "writing", path)?;
+                        disk.zero_range(offset, len).ctx(Place::Target, "zeroing", path)
+                    }
+                })
+                .map(|_| ())
+            },
+            |e| Error::io(Place::Target, "writing", path, e),
+        )?;
         if self.kind_of_target()? == DiskKind::File {
             disk.set_len(header.geometry.disk_bytes).ctx(Place::Target, "resizing", path)?;
         }
@@ -395,40 +409,5 @@ impl Target {
         disk.sync().ctx(Place::Target, "syncing", path)?;
         tracing::debug!(?written_in, synced_in = ?started.elapsed() - written_in, "commit: log replayed");
         Ok(())
-    }
-}
-
-/// Writes a replay's patches that land in holes past the page cache.
-/// Overwriting cached pages costs a copy (~70 µs per 64 KiB here), but a
-/// hole has no pages: each would be a fresh one, ~650 µs per 64 KiB on a
-/// VM that returns freed memory to its host, against ~200 µs for one
-/// direct write. A range the reservation allocated but nothing wrote
-/// reads as a hole too (an unwritten extent).
-#[derive(Default)]
-struct HoleWriter {
-    buf: Option<crate::aligned::AlignedVec>,
-}
-
-impl HoleWriter {
-    /// Writes `bytes` at `start` directly if they fill whole pages of a
-    /// hole; `false`: not written (not a hole, or off the page grid).
-    fn write(&mut self, disk: &dyn Storage, start: u64, bytes: &[u8]) -> std::io::Result<bool> {
-        let page = crate::aligned::DIRECT_ALIGN;
-        let len = bytes.len();
-        if len == 0 || !start.is_multiple_of(page as u64) || !len.is_multiple_of(page) {
-            return Ok(false);
-        }
-        if !disk.data_ranges(start, len as u64)?.is_empty() {
-            return Ok(false);
-        }
-        // The log's bytes lie wherever its read buffer put them: gathered
-        // into an aligned buffer, as direct I/O wants.
-        let buf = match &mut self.buf {
-            Some(b) if b.as_slice().len() >= len => b,
-            slot => slot.insert(crate::aligned::AlignedVec::new(len)),
-        };
-        buf.as_mut_slice()[..len].copy_from_slice(bytes);
-        disk.write_vectored_at(start, &[&buf.as_slice()[..len]], true)?;
-        Ok(true)
     }
 }

@@ -177,9 +177,9 @@ fn transient_faults_block_device() {
     transient_fault_then_power_cut(scenarios::device_delta(), Fault::Eio);
 }
 
-/// A delta's redo log, undo segment and replay each start their writeback
-/// as they are written (the commit's syncs then find them written), and
-/// the hints change no byte of the outcome.
+/// A delta's redo log and undo segment start their writeback as they are
+/// written (the commit's syncs then find them written), the replay writes
+/// past the cache, and the hints change no byte of the outcome.
 #[test]
 fn a_deltas_log_undo_and_replay_start_their_writeback() {
     use diskferry_sync_engine::apply::Target;
@@ -201,10 +201,11 @@ fn a_deltas_log_undo_and_replay_start_their_writeback() {
     assert_eq!(read(&mem, DST).as_deref(), Some(&bytes[..]));
     let dir = Target::state_dir(p(STATE), p(DST));
     let undo = mem.list_dir(&dir).unwrap().into_iter().find(|n| n.ends_with(".undo")).expect("an undo segment");
-    for (what, path) in
-        [("redo log", dir.join("redo.log")), ("undo segment", dir.join(undo)), ("replay", p(DST).into())]
-    {
+    for (what, path) in [("redo log", dir.join("redo.log")), ("undo segment", dir.join(undo))] {
         let hinted = f.flush_hinted(&path);
         assert!(hinted >= 8 * MIB as u64, "{what}: {hinted} bytes hinted for 12 MiB written");
     }
+    // The replay's writes go past the cache: nothing to start.
+    let replayed = f.writes(p(DST));
+    assert_eq!(replayed.bypass_bytes, 12 * MIB as u64, "{replayed:?}");
 }

@@ -1,0 +1,216 @@
+//! A replay's patches written past the page cache, several at a time.
+//!
+//! The replay scans the redo log in order and writes each patch in place.
+//! Written one at a time, a delta's scattered patches wait on the device
+//! one after the other: random 64 KiB writes on this project's VM ran at
+//! 440 MB/s with one in flight, 1.2 GB/s with 4 and 2.2 GB/s with 16
+//! (`fio`); written through the cache, each patch takes a fresh cache page
+//! the replay never reads again, and the writeback still has to happen
+//! before the commit's sync. So page-aligned patches are copied into
+//! aligned buffers and handed to a few writer threads.
+//!
+//! Order: a later patch must win over an earlier one of the same bytes, so a
+//! write that overlaps one still in flight waits for it, and anything not
+//! written here (a zeroed range, a patch off the page grid) waits for every
+//! write in flight ([`InFlight::drain`]). No crate does this: the writes are
+//! plain `pwritev` on a storage the engine abstracts, and the ordering rule
+//! is the journal's.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Condvar, Mutex};
+use std::thread::Scope;
+
+use crate::aligned::{AlignedVec, DIRECT_ALIGN};
+use crate::store::Storage;
+
+/// Writer threads, and so writes in flight at most.
+const WRITERS: usize = 8;
+
+struct Shared {
+    state: Mutex<State>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// Ranges being written: start → end. Disjoint: an overlapping write
+    /// waits before it is added.
+    busy: BTreeMap<u64, u64>,
+    /// Buffers back from the writers, for the next patches.
+    spare: Vec<AlignedVec>,
+    /// The first write that failed.
+    failed: Option<std::io::Error>,
+}
+
+impl State {
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.busy.range(..end).next_back().is_some_and(|(_, &e)| e > start)
+    }
+}
+
+struct Job {
+    start: u64,
+    len: usize,
+    buf: AlignedVec,
+}
+
+/// Page-aligned writes to one storage, up to [`WRITERS`] in flight.
+pub(super) struct InFlight<'a> {
+    shared: &'a Shared,
+    jobs: Option<SyncSender<Job>>,
+}
+
+/// Runs `body` with an [`InFlight`] writing to `disk`; every write has
+/// completed when this returns. The body's error comes first, then the
+/// first failed write's, as `failed` makes it.
+pub(super) fn with_writers<T, E>(
+    disk: &dyn Storage,
+    body: impl FnOnce(&mut InFlight<'_>) -> Result<T, E>,
+    failed: impl FnOnce(std::io::Error) -> E,
+) -> Result<T, E> {
+    let shared = Shared { state: Mutex::new(State::default()), done: Condvar::new() };
+    let (tx, rx) = sync_channel::<Job>(WRITERS);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|scope| {
+        spawn_writers(scope, disk, &shared, &rx);
+        let mut writes = InFlight { shared: &shared, jobs: Some(tx) };
+        let r = body(&mut writes);
+        // Closing the channel ends the writers once it is empty.
+        writes.jobs = None;
+        let drained = writes.drain();
+        let r = r?;
+        drained.map_err(failed)?;
+        Ok(r)
+    })
+}
+
+fn spawn_writers<'scope>(
+    scope: &'scope Scope<'scope, '_>,
+    disk: &'scope dyn Storage,
+    shared: &'scope Shared,
+    rx: &'scope Mutex<Receiver<Job>>,
+) {
+    for _ in 0..WRITERS {
+        scope.spawn(move || loop {
+            let job = match rx.lock() {
+                Ok(rx) => rx.recv(),
+                Err(_) => return,
+            };
+            let Ok(job) = job else { return };
+            let r = disk.write_vectored_at(job.start, &[&job.buf.as_slice()[..job.len]], true);
+            let mut st = lock(shared);
+            st.busy.remove(&job.start);
+            if let Err(e) = r {
+                st.failed.get_or_insert(e);
+            }
+            st.spare.push(job.buf);
+            drop(st);
+            shared.done.notify_all();
+        });
+    }
+}
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
+    // A writer that panicked holding the lock left only bookkeeping behind;
+    // its write is then missing, which `failed` cannot say, so the scope's
+    // join re-raises the panic anyway.
+    shared.state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl InFlight<'_> {
+    /// Whether `bytes` at `start` can be written here (whole pages).
+    pub(super) fn fits(start: u64, bytes: &[u8]) -> bool {
+        !bytes.is_empty() && start.is_multiple_of(DIRECT_ALIGN as u64) && bytes.len().is_multiple_of(DIRECT_ALIGN)
+    }
+
+    /// Starts writing `bytes` at `start` (see [`InFlight::fits`]), after any
+    /// write in flight that overlaps it. Fails with an earlier write's error.
+    pub(super) fn write(&mut self, start: u64, bytes: &[u8]) -> std::io::Result<()> {
+        debug_assert!(Self::fits(start, bytes));
+        let end = start + bytes.len() as u64;
+        let mut st = lock(self.shared);
+        while st.failed.is_none() && st.overlaps(start, end) {
+            st = self.shared.done.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(e) = st.failed.take() {
+            return Err(e);
+        }
+        let buf = match st.spare.iter().position(|b| b.as_slice().len() >= bytes.len()) {
+            Some(i) => st.spare.swap_remove(i),
+            None => AlignedVec::new(bytes.len()),
+        };
+        st.busy.insert(start, end);
+        drop(st);
+        let mut job = Job { start, len: bytes.len(), buf };
+        job.buf.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        let Some(jobs) = &self.jobs else { return Err(std::io::Error::other("the writers have stopped")) };
+        jobs.send(job).map_err(|_| std::io::Error::other("the writers have stopped"))
+    }
+
+    /// Waits until no write is in flight. Fails with the first write's error.
+    pub(super) fn drain(&mut self) -> std::io::Result<()> {
+        let mut st = lock(self.shared);
+        while !st.busy.is_empty() {
+            st = self.shared.done.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.failed.take().map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::file::FileStorage;
+
+    #[test]
+    fn later_writes_of_the_same_pages_win_and_every_write_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        file.set_len(64 * 4096).unwrap();
+        let disk = FileStorage::new(file).unwrap();
+        let mut expected = vec![0u8; 64 * 4096];
+        with_writers(
+            &disk,
+            |w| {
+                // Many rounds over the same few pages, in sizes that overlap.
+                for round in 0..200u32 {
+                    let page = (round * 7 % 60) as usize;
+                    let pages = 1 + (round % 4) as usize;
+                    let bytes = vec![(round % 251) as u8 + 1; pages * 4096];
+                    w.write((page * 4096) as u64, &bytes)?;
+                    expected[page * 4096..(page + pages) * 4096].copy_from_slice(&bytes);
+                    if round % 50 == 49 {
+                        w.drain()?;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            },
+            |e| e,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_failed_write_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        // Read-only: every write fails.
+        let disk = FileStorage::new(std::fs::File::open(&path).unwrap()).unwrap();
+        let r = with_writers(
+            &disk,
+            |w| {
+                for i in 0..4 {
+                    w.write(i * 4096, &[1u8; 4096])?;
+                }
+                Ok::<_, std::io::Error>(())
+            },
+            |e| e,
+        );
+        assert!(r.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), vec![0u8; 4096]);
+    }
+}
