@@ -134,5 +134,7 @@ medians extent-map
 cmp $E $W/b/vm.img && cmp $E $W/b/plain.img && echo "extent-map: both replicas byte-exact"
 # The agents first: the mount is busy while they run.
 kill $PA $PB 2>/dev/null; wait $PA $PB 2>/dev/null || true
-umount $X/mnt; losetup -d $LOOP
+umount $X/mnt
+# udev may still be probing the device just unmounted: one retry.
+losetup -d $LOOP 2>/dev/null || { sleep 1; losetup -d $LOOP; }
 rm -rf $W
