@@ -117,7 +117,8 @@ fi
 X=$W/xfs; mkdir -p $X/mnt; truncate -s 12G $X/fs.img
 mkfs.xfs -q -f -m reflink=1 $X/fs.img
 LOOP=$(losetup -f --show $X/fs.img)
-trap "kill $PA $PB 2>/dev/null; umount $X/mnt 2>/dev/null; losetup -d $LOOP 2>/dev/null; true" EXIT
+# (set -e holds in the trap too: each step may find its work done already)
+trap "kill $PA $PB 2>/dev/null || true; umount $X/mnt 2>/dev/null || true; losetup -d $LOOP 2>/dev/null || true" EXIT
 mount $LOOP $X/mnt
 E=$X/mnt/vm.img
 cp --sparse=always "$SRC" $E
