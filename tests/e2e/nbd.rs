@@ -514,8 +514,10 @@ fn a_killed_pushs_storage_daemon_is_stopped_by_the_next_push() {
     slow.wait().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(storage_daemon_of(&img), Some(daemon), "the daemon outlived its push");
+    // Its monitor's directory is an orphan now: any push on this host that
+    // starts a storage daemon removes it (in the whole suite, another
+    // test's may come first), and the next push of this image must.
     let monitor = monitor_dir_of(daemon);
-    assert!(monitor.is_dir(), "{}", monitor.display());
 
     let r = push_to(&img, &p.source, &p.agent, "t0", &args).ok_json();
     assert_eq!(storage_daemon_of(&img), None, "every daemon stopped: {r}");
