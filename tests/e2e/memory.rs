@@ -208,3 +208,25 @@ fn eight_deltas_of_every_block_stay_inside_a_16_mib_budget() {
     }
     assert_within_budget(peak, budget_mib, &format!("{sessions} delta sessions"));
 }
+
+/// The source side of a full download: frames read from an image (no map
+/// to share: each frame owns its bytes) wait for a slow network in a queue
+/// bounded in bytes, not in frames. With 4 MiB blocks it held 64 frames a
+/// data stream, half a GiB, before.
+#[test]
+fn a_slow_full_push_of_large_blocks_queues_megabytes_on_the_source() {
+    crate::nbd::need_qemu();
+    let p = pair("memory-source-queue", 1, "");
+    let (raw, img) = (p.dir.join("random.raw"), p.dir.join("vm.qcow2"));
+    util::random_disk(&raw, 160 * MIB, &mut util::rng("memory-source-queue"));
+    crate::nbd::sh("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), img.to_str().unwrap()]);
+    let args = ["--format", "qcow2", "--block-size", "4M", "--mode", "full", "--compress", "off", "--bwlimit", "32M"];
+    let push = crate::agents::spawn_push(&img, &p.source, &p.agent, "t0", &args);
+    let watch = RssAnon::watch(push.id());
+    let out = push.wait_with_output().unwrap();
+    let peak = watch.peak();
+    assert!(out.status.success(), "the push failed: {}", String::from_utf8_lossy(&out.stderr));
+    compare(&raw, &p.dir.join("t0.img")).unwrap();
+    eprintln!("source peak RssAnon {} MiB", peak / MIB);
+    assert!(peak <= 128 * MIB, "the source held {} MiB of anonymous memory", peak / MIB);
+}

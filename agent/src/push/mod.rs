@@ -356,6 +356,16 @@ pub async fn push_with(
     report.read_through = read_through;
     report.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
     report.path_mtu = stats.path.current_mtu;
+    tracing::debug!(
+        tx_datagrams = stats.udp_tx.datagrams,
+        tx_ios = stats.udp_tx.ios,
+        rx_datagrams = stats.udp_rx.datagrams,
+        rx_ios = stats.udp_rx.ios,
+        acks_received = stats.frame_rx.acks,
+        lost_packets = stats.path.lost_packets,
+        congestion_events = stats.path.congestion_events,
+        "connection statistics"
+    );
     Ok(report)
 }
 

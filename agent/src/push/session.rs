@@ -25,6 +25,11 @@ const DATA_STREAMS: usize = 2;
 /// every other one, and a full download was written in 64 KiB pieces;
 /// runs arrive whole and merge into large writes.
 const STREAM_RUN_BYTES: u64 = 4 << 20;
+/// A full copy's frames go to a data stream's writer in batches of about
+/// this many bytes.
+const BATCH_BYTES: usize = 1 << 20;
+/// Batches queued per data stream (a full-size batch at a time is being written).
+const QUEUED_BATCHES: usize = 4;
 
 /// Notes from the helper threads to the session loop.
 enum Note {
@@ -62,7 +67,7 @@ pub(super) async fn run(
     let streams = if opts.shared.is_some() { 1 } else { DATA_STREAMS };
     for _ in 0..streams {
         let mut stream = conn.open_uni().await.map_err(|e| lost(&e))?;
-        let (tx, mut rx) = mpsc::channel::<WireFrame>(64);
+        let (tx, mut rx) = mpsc::channel::<Vec<WireFrame>>(QUEUED_BATCHES);
         data_tx.push(tx);
         let preamble = preamble.clone();
         let pace = opts.pace.clone();
@@ -70,15 +75,17 @@ pub(super) async fn run(
             if let Some(p) = preamble {
                 stream.write_chunk(p).await?;
             }
-            while let Some(f) = rx.recv().await {
-                let len = f.head.len() + f.tail.as_ref().map_or(0, |t| t.len());
+            while let Some(batch) = rx.recv().await {
+                let mut chunks: Vec<bytes::Bytes> = Vec::with_capacity(2 * batch.len());
+                for f in batch {
+                    chunks.push(f.head);
+                    chunks.extend(f.tail);
+                }
+                let len = chunks.iter().map(bytes::Bytes::len).sum();
                 for p in &pace {
                     p.take(len).await;
                 }
-                stream.write_chunk(f.head).await?;
-                if let Some(tail) = f.tail {
-                    stream.write_chunk(tail).await?;
-                }
+                stream.write_all_chunks(&mut chunks).await?;
             }
             stream.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
             Ok::<(), quinn::WriteError>(())
@@ -285,7 +292,7 @@ fn spawn_hasher(
     plan: Plan,
     threads: Option<usize>,
     window: Window,
-    data: &[mpsc::Sender<WireFrame>],
+    data: &[mpsc::Sender<Vec<WireFrame>>],
     notes: &mpsc::UnboundedSender<Note>,
     progress: &Arc<SentProgress>,
 ) -> Result<(), Error> {
@@ -296,12 +303,13 @@ fn spawn_hasher(
         .name("df-hash".into())
         .spawn(move || {
             let g = source.geometry();
+            let batches = FrameBatches::new(pool.current_num_threads(), data.len());
             let out = |item: Item<'_>| -> std::io::Result<()> {
                 let stream = match &item {
                     Item::Block(b) => stream_of(&g, b.index(), data.len()),
                     Item::Zero { .. } => 0,
                 };
-                data[stream].blocking_send(source.encode(&item)).map_err(|_| std::io::Error::other("session ended"))?;
+                batches.push(&data, stream, source.encode(&item))?;
                 if let Item::Block(b) = &item {
                     progress.block_sent(b.index());
                 }
@@ -335,7 +343,12 @@ fn spawn_hasher(
                 let hashed = if read_nothing {
                     source.hash_region(region, None)
                 } else {
-                    pool.install(|| source.hash_region(region, full.then_some(&out)))
+                    pool.install(|| source.hash_region(region, full.then_some(&out))).and_then(|r| {
+                        batches
+                            .flush(&data)
+                            .map(|()| r)
+                            .map_err(|()| Error::new(ErrorCode::Cancelled, "the session ended"))
+                    })
                 };
                 match hashed {
                     Ok(r) => {
@@ -360,6 +373,62 @@ fn spawn_hasher(
         })
         .map(|_| ())
         .map_err(|e| Error::new(ErrorCode::Internal, format!("starting the hashing thread: {e}")))
+}
+
+/// A full copy's frames gathered per hashing thread and data stream, and
+/// queued for the stream by the megabyte: one hand-off (and at most one
+/// wake-up of the network thread) per batch, not per block.
+struct FrameBatches {
+    /// Per hashing thread: per stream, the frames and their bytes.
+    threads: Vec<std::sync::Mutex<Vec<Batch>>>,
+}
+
+/// Frames for one data stream, and their bytes.
+type Batch = (Vec<WireFrame>, usize);
+
+impl FrameBatches {
+    fn new(threads: usize, streams: usize) -> FrameBatches {
+        let empty = || std::sync::Mutex::new((0..streams).map(|_| (Vec::new(), 0)).collect());
+        FrameBatches { threads: (0..threads.max(1)).map(|_| empty()).collect() }
+    }
+
+    /// Adds `frame` to this thread's batch for `stream`, queueing the batch once it is full.
+    fn push(&self, data: &[mpsc::Sender<Vec<WireFrame>>], stream: usize, frame: WireFrame) -> std::io::Result<()> {
+        let me = rayon::current_thread_index().unwrap_or(0) % self.threads.len();
+        let mut mine = self.threads[me].lock().unwrap_or_else(|p| p.into_inner());
+        let (frames, bytes) = &mut mine[stream];
+        *bytes += frame.head.len() + frame.tail.as_ref().map_or(0, |t| t.len());
+        frames.push(frame);
+        if *bytes < BATCH_BYTES {
+            return Ok(());
+        }
+        let full = std::mem::take(frames);
+        *bytes = 0;
+        drop(mine);
+        data[stream].blocking_send(full).map_err(|_| std::io::Error::other("session ended"))
+    }
+
+    /// Queues every partial batch (at the end of a region, before the
+    /// session hears it was hashed).
+    fn flush(&self, data: &[mpsc::Sender<Vec<WireFrame>>]) -> Result<(), ()> {
+        for t in &self.threads {
+            let parts: Vec<(usize, Vec<WireFrame>)> = {
+                let mut mine = t.lock().unwrap_or_else(|p| p.into_inner());
+                mine.iter_mut()
+                    .enumerate()
+                    .filter(|(_, (f, _))| !f.is_empty())
+                    .map(|(i, (f, b))| {
+                        *b = 0;
+                        (i, std::mem::take(f))
+                    })
+                    .collect()
+            };
+            for (stream, frames) in parts {
+                data[stream].blocking_send(frames).map_err(|_| ())?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Progress within a region as its blocks are sent (a region can be the
@@ -413,22 +482,29 @@ fn spawn_sender(
     source: &Arc<SourceSession>,
     blocks: Vec<WantBlock>,
     expected: Vec<Option<BlockHash>>,
-    data: &[mpsc::Sender<WireFrame>],
+    data: &[mpsc::Sender<Vec<WireFrame>>],
     notes: &mpsc::UnboundedSender<Note>,
     progress: &Arc<SentProgress>,
 ) {
     let (source, data, notes, progress) = (source.clone(), data.to_vec(), notes.clone(), progress.clone());
     tokio::task::spawn_blocking(move || {
         let g = source.geometry();
+        let batches = FrameBatches::new(1, data.len());
         let sent = source.frames(&blocks, &expected, &mut |index, frame| {
-            let ok = data[stream_of(&g, index, data.len())].blocking_send(frame).is_ok();
+            let ok = batches.push(&data, stream_of(&g, index, data.len()), frame).is_ok();
             if ok {
                 progress.block_sent(index);
             }
             ok
         });
-        if let Err(e) = sent {
-            let _ = notes.send(Note::Failed(e));
+        match sent {
+            Err(e) => {
+                let _ = notes.send(Note::Failed(e));
+            }
+            // The session ended (its streams are gone): nothing to report.
+            Ok(()) => {
+                let _ = batches.flush(&data);
+            }
         }
     });
 }
@@ -437,7 +513,49 @@ fn spawn_sender(
 mod tests {
     use diskferry_protocol::{BlockSize, Geometry};
 
-    use super::{stream_of, STREAM_RUN_BYTES};
+    use super::{stream_of, FrameBatches, BATCH_BYTES, STREAM_RUN_BYTES};
+    use diskferry_sync_engine::remote::WireFrame;
+    use tokio::sync::mpsc;
+
+    fn frame(tag: u8, payload: usize) -> WireFrame {
+        WireFrame { head: vec![tag; 16].into(), tail: Some(vec![tag; payload].into()) }
+    }
+
+    #[test]
+    fn frames_reach_their_stream_by_the_megabyte_and_a_flush_sends_the_rest() {
+        let (tx0, mut rx0) = mpsc::channel::<Vec<WireFrame>>(64);
+        let (tx1, mut rx1) = mpsc::channel::<Vec<WireFrame>>(64);
+        let data = [tx0, tx1];
+        let batches = FrameBatches::new(2, 2);
+        let per_batch = BATCH_BYTES.div_ceil(16 + 65536);
+        for i in 0..per_batch - 1 {
+            batches.push(&data, 0, frame(i as u8, 65536)).expect("queued");
+        }
+        batches.push(&data, 1, frame(200, 100)).expect("queued");
+        assert!(rx0.try_recv().is_err(), "a batch goes out only when it is full");
+        batches.push(&data, 0, frame(99, 65536)).expect("queued");
+        let full = rx0.try_recv().expect("a full batch");
+        assert_eq!(full.len(), per_batch);
+        // In the order pushed, heads with their payloads.
+        let tags: Vec<u8> = full.iter().map(|f| f.head[0]).collect();
+        assert_eq!(&tags[..3], &[0, 1, 2]);
+        assert_eq!(full.last().map(|f| f.tail.as_ref().map(|t| t[0])), Some(Some(99)));
+        assert!(rx1.try_recv().is_err());
+        batches.push(&data, 0, frame(7, 10)).expect("queued");
+        batches.flush(&data).expect("flushed");
+        assert_eq!(rx0.try_recv().expect("the rest of stream 0").len(), 1);
+        assert_eq!(rx1.try_recv().expect("the rest of stream 1").len(), 1);
+        batches.flush(&data).expect("nothing left");
+        assert!(rx0.try_recv().is_err() && rx1.try_recv().is_err(), "an empty batch is not sent");
+        // A stream whose writer is gone fails the push of a full batch and the flush.
+        drop(rx0);
+        for _ in 0..per_batch - 1 {
+            batches.push(&data, 0, frame(1, 65536)).expect("queued");
+        }
+        assert!(batches.push(&data, 0, frame(1, 65536)).is_err());
+        batches.push(&data, 0, frame(1, 1)).expect("queued");
+        assert!(batches.flush(&data).is_err());
+    }
 
     #[test]
     fn blocks_go_to_the_streams_in_runs_of_whole_megabytes() {
