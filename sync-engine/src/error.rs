@@ -47,7 +47,8 @@ impl Error {
         self
     }
 
-    /// Maps an I/O error on `path` during `what` to a coded error.
+    /// Maps an I/O error on `path` during `what` to a coded error (one
+    /// carrying [`Panicked`] is this program's fault: `E_INTERNAL`).
     pub fn io(place: Place, what: &str, path: &Path, err: io::Error) -> Self {
         let (code, hint) = match (err.raw_os_error(), err.kind()) {
             (Some(errno), _) if errno == ENOSPC || errno == EDQUOT => match place {
@@ -57,7 +58,7 @@ impl Error {
                 ),
                 _ => (
                     ErrorCode::TargetFull,
-                    "free space on the target's filesystem and run again; the target is unchanged",
+                    "free space on the target's filesystem and run again; the target stays at its last committed generation (a commit cut short is finished when the target is next used)",
                 ),
             },
             _ if err.get_ref().is_some_and(|e| e.is::<crate::disk::SourceChanged>())
@@ -79,7 +80,10 @@ impl Error {
                 (ErrorCode::TargetSwapped, "a symlink was put where the target was; find out who replaced it")
             }
             (_, io::ErrorKind::PermissionDenied) => (ErrorCode::Io, "check permissions (block devices need root)"),
-            _ => (ErrorCode::Io, "check the device and the kernel log; the target keeps its last committed generation"),
+            _ if err.get_ref().is_some_and(|e| e.is::<Panicked>()) => {
+                (ErrorCode::Internal, "a bug in diskferry: report it with the log; the target is left as after a crash (old or new generation, never a mix, once it is next used)")
+            }
+            _ => (ErrorCode::Io, "check the device and the kernel log; the target stays at its last committed generation (a commit cut short is finished when the target is next used)"),
         };
         Error {
             code,
@@ -131,3 +135,16 @@ mod tests {
         assert_eq!(e.code, ErrorCode::NotFound);
     }
 }
+
+/// A thread of ours panicked while doing I/O: carried in an [`io::Error`]
+/// so [`Error::io`] reports it as `E_INTERNAL`, not as a device's fault.
+#[derive(Debug)]
+pub struct Panicked(pub String);
+
+impl std::fmt::Display for Panicked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} panicked", self.0)
+    }
+}
+
+impl std::error::Error for Panicked {}

@@ -26,6 +26,9 @@ use crate::store::Storage;
 
 /// Writer threads, and so writes in flight at most.
 const WRITERS: usize = 8;
+/// A spare buffer is kept for reuse only if it exceeds what it last
+/// carried by less than this: small patches do not pin large buffers.
+const SPARE_GRAIN: usize = 64 << 10;
 
 struct Shared {
     state: Mutex<State>,
@@ -59,6 +62,8 @@ struct Job {
 pub(super) struct InFlight<'a> {
     shared: &'a Shared,
     jobs: Option<SyncSender<Job>>,
+    /// Where writes go in place when no writer thread could be started.
+    inline: Option<&'a dyn Storage>,
 }
 
 /// Runs `body` with an [`InFlight`] writing to `disk`; every write has
@@ -73,8 +78,9 @@ pub(super) fn with_writers<T, E>(
     let (tx, rx) = sync_channel::<Job>(WRITERS);
     let rx = Mutex::new(rx);
     std::thread::scope(|scope| {
-        spawn_writers(scope, disk, &shared, &rx);
-        let mut writes = InFlight { shared: &shared, jobs: Some(tx) };
+        // Without threads (a pids limit) the writes are made in place, one by one.
+        let inline = (spawn_writers(scope, disk, &shared, &rx) == 0).then_some(disk);
+        let mut writes = InFlight { shared: &shared, jobs: Some(tx), inline };
         let r = body(&mut writes);
         // Closing the channel ends the writers once it is empty.
         writes.jobs = None;
@@ -85,14 +91,16 @@ pub(super) fn with_writers<T, E>(
     })
 }
 
+/// Starts up to [`WRITERS`] writer threads; returns how many started.
 fn spawn_writers<'scope>(
     scope: &'scope Scope<'scope, '_>,
     disk: &'scope dyn Storage,
     shared: &'scope Shared,
     rx: &'scope Mutex<Receiver<Job>>,
-) {
+) -> usize {
+    let mut started = 0;
     for _ in 0..WRITERS {
-        scope.spawn(move || loop {
+        let writer = std::thread::Builder::new().name("df-replay".into()).spawn_scoped(scope, move || loop {
             let job = match rx.lock() {
                 Ok(rx) => rx.recv(),
                 Err(_) => return,
@@ -102,17 +110,39 @@ fn spawn_writers<'scope>(
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 disk.write_vectored_at(job.start, &[&job.buf.as_slice()[..job.len]], true)
             }))
-            .unwrap_or_else(|_| Err(std::io::Error::other("a replay writer panicked")));
+            .unwrap_or_else(|p| Err(panicked(p.as_ref())));
             let mut st = lock(shared);
             st.busy.remove(&job.start);
             if let Err(e) = r {
                 st.failed.get_or_insert(e);
             }
-            st.spare.push(job.buf);
+            // Kept for the next patches only while few are spare, and
+            // only if no larger than a block's worth of what it carried.
+            if st.spare.len() < WRITERS && job.buf.as_slice().len() <= job.len.next_multiple_of(SPARE_GRAIN) {
+                st.spare.push(job.buf);
+            }
             drop(st);
             shared.done.notify_all();
         });
+        match writer {
+            Ok(_) => started += 1,
+            Err(e) => {
+                tracing::warn!("replay writer not started ({e}): {started} write in parallel");
+                break;
+            }
+        }
     }
+    started
+}
+
+/// A writer's panic as an error that says so (`E_INTERNAL`, not a device error).
+fn panicked(payload: &(dyn std::any::Any + Send)) -> std::io::Error {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    std::io::Error::other(crate::error::Panicked(format!("a replay writer ({what})")))
 }
 
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
@@ -138,16 +168,25 @@ impl InFlight<'_> {
         if let Some(e) = st.failed.take() {
             return Err(e);
         }
-        let buf = match st.spare.iter().position(|b| b.as_slice().len() >= bytes.len()) {
-            Some(i) => st.spare.swap_remove(i),
-            None => AlignedVec::new(bytes.len()),
-        };
+        if let Some(disk) = self.inline {
+            drop(st);
+            return disk.write_vectored_at(start, &[bytes], true);
+        }
+        // The smallest spare that holds it; a new buffer is made outside the lock.
+        let fitting = st.spare.iter().enumerate().filter(|(_, b)| b.as_slice().len() >= bytes.len());
+        let spare = fitting.min_by_key(|(_, b)| b.as_slice().len()).map(|(i, _)| i).map(|i| st.spare.swap_remove(i));
         st.busy.insert(start, end);
         drop(st);
-        let mut job = Job { start, len: bytes.len(), buf };
+        let mut job = Job { start, len: bytes.len(), buf: spare.unwrap_or_else(|| AlignedVec::new(bytes.len())) };
         job.buf.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
-        let Some(jobs) = &self.jobs else { return Err(std::io::Error::other("the writers have stopped")) };
-        jobs.send(job).map_err(|_| std::io::Error::other("the writers have stopped"))
+        let sent = self.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok());
+        if !sent {
+            // Never written: free its range, or a drain would wait for it.
+            lock(self.shared).busy.remove(&start);
+            self.shared.done.notify_all();
+            return Err(std::io::Error::other("the writers have stopped"));
+        }
+        Ok(())
     }
 
     /// Waits until no write is in flight. Fails with the first write's error.
@@ -260,6 +299,10 @@ mod tests {
             },
             |e| e,
         );
-        assert!(r.is_err());
+        let e = r.expect_err("the panic fails the replay");
+        assert!(e.to_string().contains("a bug in the storage"), "{e}");
+        // Reported as this program's fault, not the device's.
+        let coded = crate::error::Error::io(crate::error::Place::Target, "writing", std::path::Path::new("d"), e);
+        assert_eq!(coded.code, diskferry_protocol::ErrorCode::Internal, "{coded:?}");
     }
 }

@@ -21,6 +21,8 @@ mod inflight;
 pub mod journal;
 mod moves;
 mod recover;
+#[cfg(test)]
+mod replay_order;
 mod runs;
 mod session;
 mod sink;
