@@ -44,6 +44,9 @@ struct State {
     spare: Vec<AlignedVec>,
     /// The first write that failed.
     failed: Option<std::io::Error>,
+    /// A write failed: jobs still queued are dropped, not written (the
+    /// replay fails and its log is replayed again later).
+    stopped: bool,
 }
 
 impl State {
@@ -106,15 +109,21 @@ fn spawn_writers<'scope>(
                 Err(_) => return,
             };
             let Ok(job) = job else { return };
+            let stopped = lock(shared).stopped;
             // A panic must still free the range, or a drain would wait for ever.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                disk.write_vectored_at(job.start, &[&job.buf.as_slice()[..job.len]], true)
-            }))
-            .unwrap_or_else(|p| Err(panicked(p.as_ref())));
+            let r = if stopped {
+                Ok(())
+            } else {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    disk.write_vectored_at(job.start, &[&job.buf.as_slice()[..job.len]], true)
+                }))
+                .unwrap_or_else(|p| Err(panicked(p.as_ref())))
+            };
             let mut st = lock(shared);
             st.busy.remove(&job.start);
             if let Err(e) = r {
                 st.failed.get_or_insert(e);
+                st.stopped = true;
             }
             // Kept for the next patches only while few are spare, and
             // only if no larger than a block's worth of what it carried.
@@ -253,6 +262,67 @@ mod tests {
         );
         assert!(r.is_err());
         assert_eq!(std::fs::read(&path).unwrap(), vec![0u8; 4096]);
+    }
+
+    /// Storage whose write of page 0 fails after 10 ms and whose other
+    /// writes take 200 ms; counts the writes that landed.
+    #[derive(Debug, Default)]
+    struct FailsFirst {
+        landed: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Storage for FailsFirst {
+        fn len(&self) -> std::io::Result<u64> {
+            Ok(1 << 20)
+        }
+        fn read_at(&self, _off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&self, off: u64, _buf: &[u8]) -> std::io::Result<()> {
+            if off == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                return Err(std::io::Error::from_raw_os_error(5));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            self.landed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+        fn set_len(&self, _len: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn zero_range(&self, _off: u64, _len: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn reserve(&self, _off: u64, _len: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn after_a_failed_write_the_queued_ones_are_dropped_and_the_error_is_the_device_s() {
+        let disk = FailsFirst::default();
+        // 16 pages queue at once (8 writers, 8 in the channel); page 0 fails
+        // while pages 1-7 are being written, before 8-15 are picked up.
+        let r = with_writers(
+            &disk,
+            |w| {
+                for i in 0..16 {
+                    w.write(i * 4096, &[1u8; 4096])?;
+                }
+                w.drain()
+            },
+            |e| e,
+        );
+        let e = r.expect_err("the failed write fails the replay");
+        assert_eq!(e.raw_os_error(), Some(5), "{e}");
+        let coded = crate::error::Error::io(crate::error::Place::Target, "writing", std::path::Path::new("d"), e);
+        assert_eq!(coded.code, diskferry_protocol::ErrorCode::Io);
+        let landed = disk.landed.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(landed <= 7, "{landed} writes landed after the failure was known (at most the 7 in flight)");
     }
 
     /// Storage whose writes past the first page panic.
