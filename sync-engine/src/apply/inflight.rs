@@ -264,14 +264,16 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), vec![0u8; 4096]);
     }
 
-    /// Storage whose write of page 0 fails after 10 ms and whose other
-    /// writes take 200 ms; counts the writes that landed.
-    #[derive(Debug, Default)]
-    struct FailsFirst {
-        landed: std::sync::atomic::AtomicUsize,
+    /// A 1 MiB storage of zeros whose writes do what `write` says.
+    struct Scripted<F>(F);
+
+    impl<F> std::fmt::Debug for Scripted<F> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Scripted")
+        }
     }
 
-    impl Storage for FailsFirst {
+    impl<F: Fn(u64) -> std::io::Result<()> + Send + Sync> Storage for Scripted<F> {
         fn len(&self) -> std::io::Result<u64> {
             Ok(1 << 20)
         }
@@ -280,13 +282,7 @@ mod tests {
             Ok(())
         }
         fn write_at(&self, off: u64, _buf: &[u8]) -> std::io::Result<()> {
-            if off == 0 {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                return Err(std::io::Error::from_raw_os_error(5));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            self.landed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Ok(())
+            (self.0)(off)
         }
         fn set_len(&self, _len: u64) -> std::io::Result<()> {
             Ok(())
@@ -304,7 +300,17 @@ mod tests {
 
     #[test]
     fn after_a_failed_write_the_queued_ones_are_dropped_and_the_error_is_the_device_s() {
-        let disk = FailsFirst::default();
+        // Page 0 fails after 10 ms, the other writes take 200 ms.
+        let landed = std::sync::atomic::AtomicUsize::new(0);
+        let disk = Scripted(|off| {
+            if off == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                return Err(std::io::Error::from_raw_os_error(5));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            landed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        });
         // 16 pages queue at once (8 writers, 8 in the channel); page 0 fails
         // while pages 1-7 are being written, before 8-15 are picked up.
         let r = with_writers(
@@ -321,44 +327,18 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(5), "{e}");
         let coded = crate::error::Error::io(crate::error::Place::Target, "writing", std::path::Path::new("d"), e);
         assert_eq!(coded.code, diskferry_protocol::ErrorCode::Io);
-        let landed = disk.landed.load(std::sync::atomic::Ordering::Relaxed);
+        let landed = landed.load(std::sync::atomic::Ordering::Relaxed);
         assert!(landed <= 7, "{landed} writes landed after the failure was known (at most the 7 in flight)");
-    }
-
-    /// Storage whose writes past the first page panic.
-    #[derive(Debug)]
-    struct Panicky;
-
-    impl Storage for Panicky {
-        fn len(&self) -> std::io::Result<u64> {
-            Ok(1 << 20)
-        }
-        fn read_at(&self, _off: u64, buf: &mut [u8]) -> std::io::Result<()> {
-            buf.fill(0);
-            Ok(())
-        }
-        fn write_at(&self, off: u64, _buf: &[u8]) -> std::io::Result<()> {
-            assert!(off < 4096, "a bug in the storage");
-            Ok(())
-        }
-        fn set_len(&self, _len: u64) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn zero_range(&self, _off: u64, _len: u64) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn reserve(&self, _off: u64, _len: u64) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn sync(&self) -> std::io::Result<()> {
-            Ok(())
-        }
     }
 
     #[test]
     fn a_writer_that_panics_fails_the_replay_instead_of_hanging_it() {
         let r = with_writers(
-            &Panicky,
+            // Writes past the first page panic.
+            &Scripted(|off| {
+                assert!(off < 4096, "a bug in the storage");
+                Ok(())
+            }),
             |w| {
                 for i in 0..4 {
                     w.write(i * 4096, &[1u8; 4096])?;
