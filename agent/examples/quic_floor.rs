@@ -1,0 +1,86 @@
+//! What the transport alone costs the sender: the disk's non-empty 64 KiB
+//! blocks, taken from the same shared maps a push sends, written to an
+//! agent's bench stream (which drops them) on the agent's QUIC settings:
+//! no hashing, no framing, no window. Prints the sender's CPU seconds for
+//! the bytes sent, to set beside a full push's source CPU (issue 8's
+//! "source agent CPU ≤ 2x one b3sum pass").
+//!
+//! `cargo run --release --example quic_floor -- STATE_DIR PEER FINGERPRINT DISK [hot]`
+//! (`hot`: send one 1 MiB buffer over and over instead, as many bytes: the
+//! transport without the cost of reading the map).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+const BLOCK: usize = 64 << 10;
+const BATCH: u64 = 4 << 20;
+
+/// This process's user and system CPU seconds (all threads).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat; 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [state, peer, fingerprint, disk, rest @ ..] = args.as_slice() else {
+        anyhow::bail!("usage: quic_floor STATE_DIR PEER FINGERPRINT DISK [hot]");
+    };
+    let hot = rest.first().is_some_and(|a| a == "hot");
+    let id = diskferry_agent::identity::load(&PathBuf::from(state))?;
+    let peer: std::net::SocketAddr = peer.parse()?;
+    let disk = diskferry_sync_engine::Disk::open(&PathBuf::from(disk))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("df-net").build()?;
+    rt.block_on(async move {
+        let (endpoint, conn) = diskferry_agent::push::connect_peer(
+            &id,
+            peer,
+            fingerprint,
+            None,
+            diskferry_agent::transport::DEFAULT_IDLE_TIMEOUT,
+        )
+        .await?;
+        let mut s = conn.open_uni().await?;
+        s.write_all(&diskferry_agent::transport::BENCH_STREAM_MAGIC).await?;
+        let (cpu0, t0) = (cpu_seconds(), Instant::now());
+        let mut sent = 0u64;
+        let mut scratch = Vec::new();
+        let one = Bytes::from(vec![0x5a; 1 << 20]);
+        let mut off = 0;
+        while off < disk.len() {
+            let len = BATCH.min(disk.len() - off) as usize;
+            let mut chunks: Vec<Bytes> = disk.with_bytes(off, len, &mut scratch, |bytes, owner| {
+                let owner = owner.cloned().unwrap_or_else(|| Bytes::copy_from_slice(bytes));
+                (0..len)
+                    .step_by(BLOCK)
+                    .map(|at| at..(at + BLOCK).min(len))
+                    .filter(|r| !diskferry_sync_engine::hash::is_zero(&bytes[r.clone()]))
+                    .map(|r| owner.slice(r))
+                    .collect()
+            })?;
+            if hot {
+                let n: usize = chunks.iter().map(Bytes::len).sum();
+                chunks = std::iter::repeat_n(one.clone(), n / one.len()).chain([one.slice(..n % one.len())]).collect();
+            }
+            sent += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
+            s.write_all_chunks(&mut chunks).await?;
+            off += len as u64;
+        }
+        s.finish()?;
+        let _ = s.stopped().await;
+        let (cpu, secs) = (cpu_seconds() - cpu0, t0.elapsed().as_secs_f64());
+        println!(
+            "{{\"bytes_sent\": {sent}, \"seconds\": {secs:.3}, \"cpu_seconds\": {cpu:.3}, \"hot\": {hot}, \"mb_per_cpu_second\": {:.0}}}",
+            sent as f64 / cpu / 1e6
+        );
+        conn.close(0u32.into(), b"done");
+        endpoint.wait_idle().await;
+        Ok(())
+    })
+}
