@@ -23,6 +23,24 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// An agent's jobs and metrics, read while no job ran and none ended
+/// between the reads: with a push every second, one could otherwise end
+/// between reading the jobs and reading the metrics.
+fn settled_jobs_and_metrics(status: u16, token: Option<&str>) -> (Value, String) {
+    let mut settled = None;
+    wait_for("a moment with no job running", Duration::from_secs(30), || {
+        let before = http_json(status, "/api/jobs", token);
+        let (_, metrics) = http_get(status, "/metrics", token);
+        let after = http_json(status, "/api/jobs", token);
+        let idle = after.as_array().is_some_and(|a| a.iter().all(|j| j["result"].is_object()));
+        if before == after && idle {
+            settled = Some((after, metrics));
+        }
+        settled.is_some()
+    });
+    settled.expect("settled")
+}
+
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
@@ -64,28 +82,31 @@ fn a_protected_disk_is_pushed_on_schedule_with_status_and_metrics() {
     wait_for("a first point", Duration::from_secs(30), || {
         http_json(status_a, "/api/protect", None)[0]["last_point"].is_string()
     });
+    let first_point = http_json(status_a, "/api/protect", None)[0]["last_point"].clone();
     scatter_writes(&disk, 10, 64 * KIB, &mut rng);
     let changed = sum(&disk);
+    // The replica's bytes change in place before the push commits: wait
+    // for the point too (CI once saw the bytes with that push still running).
     wait_for("the change to reach the replica", Duration::from_secs(30), || {
-        std::fs::metadata(&replica).is_ok() && sum(&replica) == changed
+        std::fs::metadata(&replica).is_ok()
+            && sum(&replica) == changed
+            && http_json(status_a, "/api/protect", None)[0]["last_point"] != first_point
     });
     let p = http_json(status_a, "/api/protect", None);
     assert_eq!(p[0]["over_rpo"], false, "{p}");
     assert_eq!(p[0]["target"], "vm");
 
     // A's metrics equal the sums of its push jobs; B's of its received ones.
-    let jobs = http_json(status_a, "/api/jobs", None);
+    let (jobs, m) = settled_jobs_and_metrics(status_a, None);
     let ok: Vec<&Value> = jobs.as_array().unwrap().iter().filter(|j| j["result"]["ok"] == true).collect();
     assert!(ok.len() >= 2, "{jobs}");
     let one = http_json(status_a, &format!("/api/jobs/{}", ok[0]["id"]), None);
     assert_eq!(one["id"], ok[0]["id"]);
-    let (_, m) = http_get(status_a, "/metrics", None);
     let sent: u64 = jobs.as_array().unwrap().iter().filter_map(|j| j["result"]["payload_bytes"].as_u64()).sum();
     assert_eq!(metric(&m, "diskferry_sent_bytes_total") as u64, sent, "{m}");
     assert_eq!(metric(&m, "diskferry_jobs_total{kind=\"push\",result=\"ok\"}") as usize, ok.len(), "{m}");
     assert!(m.contains("diskferry_rpo_seconds{disk="), "{m}");
-    let (_, mb) = http_get(status_b, "/metrics", Some(&token));
-    let recv = http_json(status_b, "/api/jobs", Some(&token));
+    let (recv, mb) = settled_jobs_and_metrics(status_b, Some(&token));
     let recv_ok = recv.as_array().unwrap().iter().filter(|j| j["kind"] == "receive" && j["result"]["ok"] == true);
     let (mut payload, mut written, mut n) = (0, 0, 0);
     for j in recv_ok {
@@ -157,6 +178,7 @@ fn a_protected_disk_is_pushed_on_schedule_with_status_and_metrics() {
     let t0 = cpu_ticks(a.pid());
     std::thread::sleep(Duration::from_secs(10));
     let used = cpu_ticks(a.pid()) - t0;
+    eprintln!("protect: {used} ticks of CPU in 10 s while the peer was down");
     assert!(used <= 10, "{used} ticks of CPU in 10 s while the peer was down (1 % is 10)");
     let p = http_json(status_a, "/api/protect", None);
     assert!(p[0]["failures_in_a_row"].as_u64().unwrap() >= 1 || p[0]["running"] == true, "{p}");
