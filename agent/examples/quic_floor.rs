@@ -6,26 +6,17 @@
 //! "source agent CPU ≤ 2x one b3sum pass").
 //!
 //! `cargo run --release --example quic_floor -- STATE_DIR PEER FINGERPRINT DISK [hot]`
-//! (`hot`: send one 1 MiB buffer over and over instead, as many bytes: the
-//! transport without the cost of reading the map).
+//! (`hot`: send one 1 MiB buffer over and over instead, as many bytes,
+//! counted before the clock starts: the transport without reading the image).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use bytes::Bytes;
+use diskferry_agent::units::cpu_seconds;
 
 const BLOCK: usize = 64 << 10;
 const BATCH: u64 = 4 << 20;
-
-/// This process's user and system CPU seconds (all threads).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat; 12 and 13 after the name.
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -48,14 +39,12 @@ fn main() -> anyhow::Result<()> {
         .await?;
         let mut s = conn.open_uni().await?;
         s.write_all(&diskferry_agent::transport::BENCH_STREAM_MAGIC).await?;
-        let (cpu0, t0) = (cpu_seconds(), Instant::now());
-        let mut sent = 0u64;
+        // The image's non-empty blocks, as slices of its maps, one 4 MiB
+        // batch at a time (a push hashes them from the same maps).
         let mut scratch = Vec::new();
-        let one = Bytes::from(vec![0x5a; 1 << 20]);
-        let mut off = 0;
-        while off < disk.len() {
+        let mut batch_at = |off: u64| -> std::io::Result<Vec<Bytes>> {
             let len = BATCH.min(disk.len() - off) as usize;
-            let mut chunks: Vec<Bytes> = disk.with_bytes(off, len, &mut scratch, |bytes, owner| {
+            disk.with_bytes(off, len, &mut scratch, |bytes, owner| {
                 let owner = owner.cloned().unwrap_or_else(|| Bytes::copy_from_slice(bytes));
                 (0..len)
                     .step_by(BLOCK)
@@ -63,14 +52,37 @@ fn main() -> anyhow::Result<()> {
                     .filter(|r| !diskferry_sync_engine::hash::is_zero(&bytes[r.clone()]))
                     .map(|r| owner.slice(r))
                     .collect()
-            })?;
-            if hot {
-                let n: usize = chunks.iter().map(Bytes::len).sum();
-                chunks = std::iter::repeat_n(one.clone(), n / one.len()).chain([one.slice(..n % one.len())]).collect();
+            })
+        };
+        let batches = disk.len().div_ceil(BATCH);
+        // `hot`: as many bytes, counted before the clock starts, sent from
+        // one buffer in 4 MiB writes, without touching the image.
+        let hot_bytes = if hot {
+            let mut n = 0;
+            for b in 0..batches {
+                n += batch_at(b * BATCH)?.iter().map(|c| c.len() as u64).sum::<u64>();
             }
-            sent += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
-            s.write_all_chunks(&mut chunks).await?;
-            off += len as u64;
+            n
+        } else {
+            0
+        };
+        let one = Bytes::from(vec![0x5a; 1 << 20]);
+        let (cpu0, t0) = (cpu_seconds(), Instant::now());
+        let mut sent = 0u64;
+        if hot {
+            while sent < hot_bytes {
+                let n = (hot_bytes - sent).min(BATCH) as usize;
+                let mut chunks: Vec<Bytes> =
+                    std::iter::repeat_n(one.clone(), n / one.len()).chain([one.slice(..n % one.len())]).collect();
+                s.write_all_chunks(&mut chunks).await?;
+                sent += n as u64;
+            }
+        } else {
+            for b in 0..batches {
+                let mut chunks = batch_at(b * BATCH)?;
+                sent += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
+                s.write_all_chunks(&mut chunks).await?;
+            }
         }
         s.finish()?;
         let _ = s.stopped().await;

@@ -76,20 +76,13 @@ pub(super) async fn run(
                 stream.write_chunk(p).await?;
             }
             while let Some(batch) = rx.recv().await {
-                if pace.is_empty() {
-                    let mut chunks: Vec<bytes::Bytes> = Vec::with_capacity(2 * batch.len());
-                    for f in batch {
-                        chunks.push(f.head);
-                        chunks.extend(f.tail);
-                    }
-                    stream.write_all_chunks(&mut chunks).await?;
-                    continue;
-                }
                 // Paced frame by frame: a batch taken whole is up to 1 MiB
                 // at once, a quarter second of a 4 MiB/s limit, and pushes
                 // sharing the limit would take turns in such bursts.
-                for f in batch {
-                    let mut chunks: Vec<bytes::Bytes> = std::iter::once(f.head).chain(f.tail).collect();
+                let groups = if pace.is_empty() { vec![batch] } else { batch.into_iter().map(|f| vec![f]).collect() };
+                for group in groups {
+                    let mut chunks: Vec<bytes::Bytes> =
+                        group.into_iter().flat_map(|f| std::iter::once(f.head).chain(f.tail)).collect();
                     let len = chunks.iter().map(bytes::Bytes::len).sum();
                     for p in &pace {
                         p.take(len).await;
