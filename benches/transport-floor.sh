@@ -6,6 +6,10 @@
 #              bench stream on the agent's QUIC settings (no hashing, no
 #              framing; the receiver drops them): the sender's CPU
 #   floor-hot  the same bytes as one hot 1 MiB buffer sent over and over
+#   floor-hashed  floor-map with each block hashed (blake3) on the sending
+#              thread right before it is written: whether hashing next to
+#              the send, while the bytes are in cache, costs less than a
+#              push's hashing on other threads
 #   push       `diskferry push --mode full` to a fresh target: the source's CPU
 #   b3sum-t1   one `b3sum --num-threads 1` pass over the image (CPU, user+sys)
 # and then the medians, each as a multiple of the b3sum pass, and a lower
@@ -58,6 +62,7 @@ for r in $(seq "$ROUNDS"); do
   serve
   $QF "$W/src" "$A" "$TFP" "$DISK" | sed 's/^/floor-map /' >>"$W/results"
   $QF "$W/src" "$A" "$TFP" "$DISK" hot | sed 's/^/floor-hot /' >>"$W/results"
+  $QF "$W/src" "$A" "$TFP" "$DISK" hashed | sed 's/^/floor-hashed /' >>"$W/results"
   stop
   rm -rf "$W/srv/targets" "$W/full.img"
   serve
@@ -85,7 +90,9 @@ print(f"image {disk} bytes, {sent:.0f} bytes of non-empty blocks; medians of {le
 print("| what | CPU-s | x b3sum -t1 | all rounds |")
 print("|---|---|---|---|")
 for k, label in [("b3sum-t1", "b3sum --num-threads 1 pass"), ("floor-hot", "transport alone, one hot buffer"),
-                 ("floor-map", "transport alone, from the maps"), ("push", "full push, source agent")]:
+                 ("floor-map", "transport alone, from the maps"),
+                 ("floor-hashed", "transport from the maps, each block hashed on the sending thread"),
+                 ("push", "full push, source agent")]:
     print(f"| {label} | {med[k]:.2f} | {med[k] / b3:.2f}x | {', '.join('%.2f' % float(d['cpu_seconds']) for d in rows[k])} |")
 # A lower bound: the b3sum pass reads the image too, so only the hot
 # transport adds to it without counting that read twice.

@@ -5,9 +5,13 @@
 //! the bytes sent, to set beside a full push's source CPU (issue 8's
 //! "source agent CPU ≤ 2x one b3sum pass").
 //!
-//! `cargo run --release --example quic_floor -- STATE_DIR PEER FINGERPRINT DISK [hot]`
+//! `cargo run --release --example quic_floor -- STATE_DIR PEER FINGERPRINT DISK [hot|hashed]`
 //! (`hot`: send one 1 MiB buffer over and over instead, as many bytes,
-//! counted before the clock starts: the transport without reading the image).
+//! counted before the clock starts: the transport without reading the
+//! image; `hashed`: hash each block with blake3 right before it is written,
+//! 1 MiB at a time, all on one thread, so that quinn's copy into its packets
+//! could find the bytes in cache: whether hashing next to the sending saves
+//! anything over hashing on other threads).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -23,11 +27,23 @@ fn main() -> anyhow::Result<()> {
     let [state, peer, fingerprint, disk, rest @ ..] = args.as_slice() else {
         anyhow::bail!("usage: quic_floor STATE_DIR PEER FINGERPRINT DISK [hot]");
     };
-    let hot = rest.first().is_some_and(|a| a == "hot");
+    let mode = rest.first().map(String::as_str).unwrap_or("maps");
+    let (hot, hashed) = match mode {
+        "maps" => (false, false),
+        "hot" => (true, false),
+        "hashed" => (false, true),
+        other => anyhow::bail!("unknown mode {other}: hot, hashed, or none"),
+    };
     let id = diskferry_agent::identity::load(&PathBuf::from(state))?;
     let peer: std::net::SocketAddr = peer.parse()?;
     let disk = diskferry_sync_engine::Disk::open(&PathBuf::from(disk))?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("df-net").build()?;
+    // One thread when hashing: the connection's driver then copies each
+    // block into its packets on the thread that just hashed it.
+    let rt = if hashed {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("df-net").build()?
+    };
     rt.block_on(async move {
         let (endpoint, conn) = diskferry_agent::push::connect_peer(
             &id,
@@ -81,14 +97,23 @@ fn main() -> anyhow::Result<()> {
             for b in 0..batches {
                 let mut chunks = batch_at(b * BATCH)?;
                 sent += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
-                s.write_all_chunks(&mut chunks).await?;
+                if !hashed {
+                    s.write_all_chunks(&mut chunks).await?;
+                    continue;
+                }
+                for group in chunks.chunks(16) {
+                    for block in group {
+                        std::hint::black_box(blake3::hash(block));
+                    }
+                    s.write_all_chunks(&mut group.to_vec()).await?;
+                }
             }
         }
         s.finish()?;
         let _ = s.stopped().await;
         let (cpu, secs) = (cpu_seconds() - cpu0, t0.elapsed().as_secs_f64());
         println!(
-            "{{\"bytes_sent\": {sent}, \"seconds\": {secs:.3}, \"cpu_seconds\": {cpu:.3}, \"hot\": {hot}, \"mb_per_cpu_second\": {:.0}}}",
+            "{{\"bytes_sent\": {sent}, \"seconds\": {secs:.3}, \"cpu_seconds\": {cpu:.3}, \"mode\": \"{mode}\", \"mb_per_cpu_second\": {:.0}}}",
             sent as f64 / cpu / 1e6
         );
         conn.close(0u32.into(), b"done");
