@@ -5,7 +5,7 @@
 //! the bytes sent, to set beside a full push's source CPU (issue 8's
 //! "source agent CPU ≤ 2x one b3sum pass").
 //!
-//! `cargo run --release --example quic_floor -- STATE_DIR PEER FINGERPRINT DISK [hot|hashed]`
+//! `cargo run --release --example quic_floor -- STATE_DIR PEER FINGERPRINT DISK [maps|hot|hashed]`
 //! (`hot`: send one 1 MiB buffer over and over instead, as many bytes,
 //! counted before the clock starts: the transport without reading the
 //! image; `hashed`: hash each block with blake3 right before it is written,
@@ -25,14 +25,14 @@ const BATCH: u64 = 4 << 20;
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [state, peer, fingerprint, disk, rest @ ..] = args.as_slice() else {
-        anyhow::bail!("usage: quic_floor STATE_DIR PEER FINGERPRINT DISK [hot]");
+        anyhow::bail!("usage: quic_floor STATE_DIR PEER FINGERPRINT DISK [maps|hot|hashed]");
     };
     let mode = rest.first().map(String::as_str).unwrap_or("maps");
     let (hot, hashed) = match mode {
         "maps" => (false, false),
         "hot" => (true, false),
         "hashed" => (false, true),
-        other => anyhow::bail!("unknown mode {other}: hot, hashed, or none"),
+        other => anyhow::bail!("unknown mode {other}: maps (the default), hot or hashed"),
     };
     let id = diskferry_agent::identity::load(&PathBuf::from(state))?;
     let peer: std::net::SocketAddr = peer.parse()?;
