@@ -153,7 +153,10 @@ pub(super) async fn run(
                     tracing::debug!(generation = %c.generation, "committed");
                     committed = Some(c)
                 }
-                SenderEvent::Failed { code, message } => return Err(peer_failure(code, &message)),
+                SenderEvent::Failed { code, message } => {
+                    until_target_released(&mut reader).await;
+                    return Err(peer_failure(code, &message));
+                }
             }
         }
         if units_back > 0 {
@@ -177,6 +180,7 @@ pub(super) async fn run(
                 )
                 .hint("fix the state directory and push again: the rerun finds the data in place and records it")
             })?;
+            until_target_released(&mut reader).await;
             return Ok(PushReport {
                 plan: session.plan().unwrap_or(Plan::Full),
                 disk_bytes: g.disk_bytes,
@@ -208,6 +212,7 @@ pub(super) async fn run(
                     while let Some(m) = session.poll_transmit() {
                         let _ = write_frame(&mut ctl_tx, &m).await;
                     }
+                    until_target_released(&mut reader).await;
                     return Err(e);
                 }
             }
@@ -254,6 +259,7 @@ pub(super) async fn run(
                             while let Some(m) = session.poll_transmit() {
                                 let _ = write_frame(&mut ctl_tx, &m).await;
                             }
+                            until_target_released(&mut reader).await;
                             return Err(e);
                         }
                     }
@@ -266,6 +272,20 @@ pub(super) async fn run(
         }
     }
 }
+
+/// Waits for the target to end the control stream, which it does only
+/// after it released the disk: a command run right after the push then
+/// finds the target free, not `E_BUSY` while the session is torn down.
+/// Bounded, so a stuck target delays the push's exit by this much at most.
+async fn until_target_released(reader: &mut FrameReader) {
+    let drained = async { while let Ok(Some(_)) = reader.next().await {} };
+    if tokio::time::timeout(RELEASE_WAIT, drained).await.is_err() {
+        tracing::debug!("the target did not end the session within {RELEASE_WAIT:?}");
+    }
+}
+
+/// How long a push waits for the target to release the disk at its end.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Notes handled before the session's frames are written and its events
 /// acted on.

@@ -115,6 +115,9 @@ pub async fn run(
     }
     data.abort();
     s.finish().await;
+    // Only now: the source waits for this end of stream before it exits,
+    // so the command an operator runs next finds the target free.
+    let _ = s.ctl_tx.finish();
 }
 
 struct Session {
