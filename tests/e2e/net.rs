@@ -135,6 +135,36 @@ fn malformed_frames_get_coded_errors() {
     compare(&src, &tgt).unwrap();
 }
 
+#[test]
+fn a_data_stream_for_no_session_is_stopped_not_kept() {
+    let p = pair("net-stray-stream", 1, "");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Both kinds: no preamble (the first session's), and a preamble naming
+    // a session that never opens.
+    let stray = [
+        b"not a frame".to_vec(),
+        [diskferry_agent::transport::DATA_STREAM_MAGIC.to_vec(), 99u64.to_be_bytes().to_vec(), b"x".to_vec()].concat(),
+    ];
+    let (_ep, conn) = rt.block_on(raw_connect(&p.source.state, p.agent.addr, &p.agent.id.fingerprint));
+    let started = Instant::now();
+    for bytes in stray {
+        let code = rt.block_on(async {
+            let mut s = conn.open_uni().await.unwrap();
+            s.write_all(&bytes).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(40), s.stopped()).await
+        });
+        let code = code.expect("the agent stops a stream whose session never opens");
+        assert_eq!(code.ok().flatten().map(|c| c.into_inner()), Some(3), "stopped with the no-session code");
+    }
+    assert!(started.elapsed() >= Duration::from_secs(10), "a stream gets its session's time to open");
+    conn.close(0u32.into(), b"");
+    // The agent still serves.
+    let src = p.dir.join("src.img");
+    make_disk(&src, 4 * MIB, 0.8, &mut util::rng("stray"));
+    push_to(&src, &p.source, &p.agent, "t0", &[]).ok();
+    compare(&src, &p.dir.join("t0.img")).unwrap();
+}
+
 fn hello() -> Vec<u8> {
     let v = diskferry_protocol::VERSION;
     diskferry_protocol::Message::Hello { min_version: v, max_version: v, capabilities: 3 }.to_bytes().to_vec()
@@ -159,16 +189,11 @@ fn raw_open(name: &str) -> Vec<u8> {
 /// Connects as a trusted peer, writes `bytes` on the control stream and
 /// returns the code of the Error frame the agent answers with.
 async fn raw_session(state: &Path, addr: SocketAddr, fingerprint: &str, bytes: &[u8]) -> Option<String> {
-    use diskferry_agent::{identity, transport, trust};
-    let id = identity::load(state).unwrap();
-    let ep = transport::client_endpoint(&addr).unwrap();
-    let tls = trust::client_config(&id, fingerprint).unwrap();
-    let qc = transport::client_config(tls, &addr, None, Duration::from_secs(5)).unwrap();
-    let conn = ep.connect_with(qc, addr, "diskferry").unwrap().await.unwrap();
+    let (_ep, conn) = raw_connect(state, addr, fingerprint).await;
     let (mut tx, rx) = conn.open_bi().await.unwrap();
     tx.write_all(bytes).await.unwrap();
     let _ = tx.finish();
-    let mut reader = transport::FrameReader::new(rx);
+    let mut reader = diskferry_agent::transport::FrameReader::new(rx);
     let mut code = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while let Ok(Ok(Some(m))) = tokio::time::timeout_at(deadline, reader.next()).await {
@@ -179,6 +204,17 @@ async fn raw_session(state: &Path, addr: SocketAddr, fingerprint: &str, bytes: &
     }
     conn.close(0u32.into(), b"");
     code
+}
+
+/// A QUIC connection to the agent as a trusted peer, nothing opened on it.
+async fn raw_connect(state: &Path, addr: SocketAddr, fingerprint: &str) -> (quinn::Endpoint, quinn::Connection) {
+    use diskferry_agent::{identity, transport, trust};
+    let id = identity::load(state).unwrap();
+    let ep = transport::client_endpoint(&addr).unwrap();
+    let tls = trust::client_config(&id, fingerprint).unwrap();
+    let qc = transport::client_config(tls, &addr, None, Duration::from_secs(5)).unwrap();
+    let conn = ep.connect_with(qc, addr, "diskferry").unwrap().await.unwrap();
+    (ep, conn)
 }
 
 /// A UDP relay between a client and `server`: it stops forwarding (both
