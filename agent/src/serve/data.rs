@@ -12,6 +12,7 @@ use diskferry_sync_engine::Error;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 use super::budget::{frame_bytes, StreamFrames, BLOCK_HEAD};
+use super::claims::Claims;
 use super::worker::{Cmd, Reply};
 use super::writer::Queued;
 use super::ServerCtx;
@@ -31,6 +32,8 @@ pub(super) struct Staging {
     /// the units each owns ([`super::budget::SessionCost`]).
     pub data_streams: u32,
     pub stream_units: u32,
+    /// A full copy's blocks written so far (`None` for a delta).
+    pub claims: Option<Arc<Claims>>,
 }
 
 /// Messages to the session loop from its helpers.
@@ -131,6 +134,16 @@ async fn data_stream(
                 rayon::spawn(move || verify_and_stage(frame, st, notes, permit));
             }
             Message::Zero { first, count } => {
+                // Checked before anything is zeroed: a range out of the
+                // disk, across regions, over written blocks or in a delta.
+                let claimed = match &st.claims {
+                    Some(c) => c.claim(first, count),
+                    None => Err("a zero range outside a full copy".into()),
+                };
+                if let Err(why) = claimed {
+                    let _ = notes.send(Note::Fail(ErrorCode::Protocol, why));
+                    return;
+                }
                 if st.cmds.send(Cmd::Zero { first, count }).is_err() {
                     return;
                 }
@@ -149,6 +162,11 @@ async fn data_stream(
 fn verify_and_stage(frame: BlockFrame, st: Staging, notes: mpsc::UnboundedSender<Note>, permit: OwnedSemaphorePermit) {
     let index = frame.index;
     match verify_frame(&frame, &st.old, &st.geometry, st.sink.as_ref().map(|(s, _)| s.buffers())) {
+        // Claimed once verified (a block that failed verification is sent
+        // again), before anything is written.
+        Ok(_) if st.claims.as_ref().is_some_and(|c| c.claim(index, 1).is_err()) => {
+            let _ = notes.send(Note::Fail(ErrorCode::Protocol, format!("block {index} was sent twice")));
+        }
         Ok(vb) => match &st.sink {
             // Gathered into an aligned buffer by the verification above, on
             // the thread that just read the bytes; the writer merges it with

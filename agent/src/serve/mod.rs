@@ -4,6 +4,7 @@
 
 mod bench;
 pub mod budget;
+mod claims;
 mod connection;
 mod data;
 mod group;

@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
-use diskferry_protocol::message::{Message, Open};
+use diskferry_protocol::message::{Message, Open, Plan};
 use diskferry_protocol::session::{ReceiverEvent, ReceiverSession};
 use diskferry_protocol::{DecodeError, ErrorCode, Geometry};
 use diskferry_sync_engine::Error;
 use tokio::sync::{mpsc, watch};
 
 use super::budget::{Admission, MAX_CONTROL_FRAME};
+use super::claims::Claims;
 use super::data::{accept_data_streams, Note, Staging};
 use super::worker::{self, Cmd, CompletedRegion, OpenRequest, Reply};
 use super::writer::Writer;
@@ -457,6 +458,7 @@ impl Session {
             job: self.job.as_ref().map(|j| j.progress()),
             data_streams: self.stream_frames.0,
             stream_units: self.stream_frames.1,
+            claims: (opened.accept.plan == Plan::Full).then(|| Arc::new(Claims::new(opened.geometry))),
         }));
         self.rs.accept(opened.accept, opened.geometry);
     }

@@ -269,8 +269,24 @@ impl ReceiverSession {
         })
     }
 
+    /// Whether `region` completed: its hashes are final, and nothing may
+    /// change it again in this session.
+    fn is_done(&self, region: u64) -> bool {
+        region < self.next_to_emit || self.complete.contains_key(&region)
+    }
+
     fn handle_running(&mut self, m: Message) {
         let full = self.plan == Some(Plan::Full);
+        let region = match &m {
+            Message::Region { region, .. }
+            | Message::Chunks { region, .. }
+            | Message::BlockHashes { region, .. }
+            | Message::RegionEnd { region, .. } => Some(*region),
+            _ => None,
+        };
+        if let Some(region) = region.filter(|&r| self.is_done(r)) {
+            return self.fail(ErrorCode::Protocol, format!("region {region} is already done"), true);
+        }
         match m {
             Message::Region { region, hash } if !full => {
                 if self.region_len(region).is_none()
@@ -447,8 +463,11 @@ impl ReceiverSession {
         if index >= g.block_count() {
             return self.fail(ErrorCode::Protocol, format!("block {index} is outside the disk"), true);
         }
-        self.bytes_staged += bytes;
         let region = g.region_of(index);
+        if self.is_done(region) {
+            return self.fail(ErrorCode::Protocol, format!("block {index} is in region {region}, already done"), true);
+        }
+        self.bytes_staged += bytes;
         let at = (index - g.region_range(region).start) as usize;
         if self.plan == Some(Plan::Full) {
             let len = g.region_range(region).end - g.region_range(region).start;
@@ -485,6 +504,9 @@ impl ReceiverSession {
         if g.region_of(first + count - 1) != region {
             return self.fail(ErrorCode::Protocol, "zero range spans regions", true);
         }
+        if self.is_done(region) {
+            return self.fail(ErrorCode::Protocol, format!("zero range in region {region}, already done"), true);
+        }
         let range = g.region_range(region);
         let p = self.pending.entry(region).or_insert_with(|| Pending::full((range.end - range.start) as usize));
         for b in first..first + count {
@@ -504,6 +526,13 @@ impl ReceiverSession {
     pub fn handle_verify_failed(&mut self, index: u64) {
         let Some(g) = self.geometry else { return };
         let region = g.region_of(index);
+        if index >= g.block_count() || self.is_done(region) {
+            return self.fail(
+                ErrorCode::Protocol,
+                format!("block {index} failed verification outside a pending region"),
+                true,
+            );
+        }
         if self.plan == Some(Plan::Full) {
             let range = g.region_range(region);
             self.pending.entry(region).or_insert_with(|| Pending::full((range.end - range.start) as usize)).amended =
@@ -533,6 +562,12 @@ impl ReceiverSession {
         let Some(p) = self.pending.remove(&region) else { return };
         self.views.remove(region);
         let full = self.plan == Some(Plan::Full);
+        // A full copy's region is every block sent or zeroed: one left out
+        // would enter the manifest as zeros over whatever the disk holds.
+        if let Some(at) = p.covered.iter().position(|c| !c).filter(|_| full) {
+            let index = self.geometry.map_or(0, |g| g.region_range(region).start) + at as u64;
+            return self.fail(ErrorCode::Protocol, format!("region {region} ended without block {index}"), true);
+        }
         let mut hashes = Vec::with_capacity(p.hashes.len());
         for h in p.hashes {
             match h {

@@ -564,6 +564,42 @@ fn a_full_copy_refuses_a_block_twice_or_zeros_over_a_block() {
     assert_eq!(expected, Some(tree(&hashes).1));
 }
 
+#[test]
+fn a_full_copy_region_is_every_block_and_then_closed() {
+    // Fewer frames announced than blocks: the rest would enter the
+    // manifest as zeros over whatever the disk holds.
+    let mut r = full_receiver(64);
+    for i in 0..63 {
+        r.handle_staged(i, h(i + 1), 65536);
+    }
+    r.handle_message(Message::RegionEnd { region: 0, hash: h(0), items: 63 });
+    let Some(ReceiverEvent::Failed { code: ErrorCode::Protocol, message, .. }) = r.poll_event() else {
+        panic!("a region left short fails")
+    };
+    assert!(message.contains("without block 63"), "{message}");
+
+    // Once done, nothing may touch the region again in the session.
+    let done = || {
+        let mut r = full_receiver(64);
+        r.handle_zeroed(0, 64);
+        r.handle_message(Message::RegionEnd { region: 0, hash: BlockHash::ZERO, items: 1 });
+        assert!(matches!(r.poll_event(), Some(ReceiverEvent::RegionComplete { region: 0, .. })));
+        r
+    };
+    let late: [&dyn Fn(&mut ReceiverSession); 4] =
+        [&|r| r.handle_staged(3, h(4), 65536), &|r| r.handle_zeroed(10, 2), &|r| r.handle_verify_failed(3), &|r| {
+            r.handle_message(Message::RegionEnd { region: 0, hash: BlockHash::ZERO, items: 0 })
+        }];
+    for (i, frame) in late.iter().enumerate() {
+        let mut r = done();
+        frame(&mut r);
+        assert!(
+            matches!(r.poll_event(), Some(ReceiverEvent::Failed { code: ErrorCode::Protocol, .. })),
+            "late frame {i} is refused"
+        );
+    }
+}
+
 /// A region's hashes as the engine hands them over: an empty region as a
 /// count, as a sparse disk's record gives it.
 fn compact(blocks: Vec<BlockHash>) -> diskferry_protocol::RegionHashes {
