@@ -165,6 +165,94 @@ fn a_data_stream_for_no_session_is_stopped_not_kept() {
     compare(&src, &p.dir.join("t0.img")).unwrap();
 }
 
+#[test]
+fn a_full_copy_block_sent_twice_is_refused_before_it_is_written() {
+    use diskferry_protocol::message::{BlockFrame, Codec, Open, Plan, SyncMode};
+    use diskferry_protocol::{BlockSize, Geometry, Message, SessionId, TargetName};
+    use diskferry_sync_engine::hash::hash_block;
+    let p = pair("net-block-twice", 1, "");
+    let g = Geometry::new(8 * MIB, BlockSize::DEFAULT);
+    let bs = g.block_size.get() as usize;
+    let bytes = |i: u64, fill: u8| -> Vec<u8> {
+        let mut b = vec![fill; bs];
+        b[..8].copy_from_slice(&i.to_le_bytes());
+        b
+    };
+    let frame = |i: u64, b: &[u8]| {
+        Message::Block(BlockFrame {
+            index: i,
+            hash: hash_block(b),
+            block_len: bs as u32,
+            codec: Codec::Raw,
+            patches: vec![(0, bs as u32)],
+            payload: b.to_vec().into(),
+        })
+        .to_bytes()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let code = rt.block_on(async {
+        let (_ep, conn) = raw_connect(&p.source.state, p.agent.addr, &p.agent.id.fingerprint).await;
+        let (mut ctl, rx) = conn.open_bi().await.unwrap();
+        let open = Message::Open(Open {
+            session: SessionId(9),
+            target: TargetName::new("t0").unwrap(),
+            disk_bytes: g.disk_bytes,
+            block_size: g.block_size,
+            mode: SyncMode::Full,
+            force: false,
+            discard_target_changes: false,
+            lineage: Vec::new(),
+            promote: false,
+            group: None,
+        });
+        ctl.write_all(&[hello(), open.to_bytes().to_vec()].concat()).await.unwrap();
+        let mut reader = diskferry_agent::transport::FrameReader::new(rx);
+        let mut next = async || tokio::time::timeout(Duration::from_secs(20), reader.next()).await.unwrap().unwrap();
+        loop {
+            match next().await {
+                Some(Message::Accept(a)) => break assert_eq!(a.plan, Plan::Full),
+                Some(Message::Welcome { .. }) => {}
+                other => panic!("no accept: {other:?}"),
+            }
+        }
+        // The whole disk (one region), as the source would send it…
+        let mut data = conn.open_uni().await.unwrap();
+        let hashes: Vec<_> = (0..g.block_count()).map(|i| hash_block(&bytes(i, b'A'))).collect();
+        for i in 0..g.block_count() {
+            data.write_all(&frame(i, &bytes(i, b'A'))).await.unwrap();
+        }
+        let end = Message::RegionEnd {
+            region: 0,
+            hash: diskferry_sync_engine::tree::region_hash(&hashes),
+            items: g.block_count() as u32,
+        };
+        ctl.write_all(&end.to_bytes()).await.unwrap();
+        loop {
+            match next().await {
+                Some(Message::RegionDone { region: 0, .. }) => break,
+                Some(Message::Error { code, message, .. }) => panic!("{code:?}: {message}"),
+                Some(_) => {}
+                None => panic!("the agent ended the session"),
+            }
+        }
+        // …then block 0 again, with other bytes (verified: its hash is right).
+        data.write_all(&frame(0, &bytes(0, b'B'))).await.unwrap();
+        loop {
+            match next().await {
+                Some(Message::Error { code, .. }) => break code.as_str().to_string(),
+                Some(_) => {}
+                None => panic!("the agent ended the session without an error"),
+            }
+        }
+    });
+    assert_eq!(code, "E_PROTOCOL");
+    // Nothing of the second frame reached the disk: block 0 keeps the
+    // bytes the manifest's hash was taken from.
+    let partial = diskferry_sync_engine::apply::partial_path(&p.dir.join("t0.img"));
+    let staged = std::fs::read(&partial).unwrap();
+    assert!(staged[..bs] == bytes(0, b'A')[..], "block 0 of {} is not the first frame's", partial.display());
+}
+
 fn hello() -> Vec<u8> {
     let v = diskferry_protocol::VERSION;
     diskferry_protocol::Message::Hello { min_version: v, max_version: v, capabilities: 3 }.to_bytes().to_vec()
