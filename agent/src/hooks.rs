@@ -40,21 +40,8 @@ pub fn run_timed(
     }
     c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).process_group(0);
     let mut child = c.spawn().map_err(|e| failed(format!("could not start: {e}")))?;
-    // Read stdout on a thread, so a chatty hook cannot block on a full pipe;
-    // what it printed is kept as it arrives (up to 1 MiB, the rest drained).
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let mut stdout = child.stdout.take();
-    let sink = out.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Some(Ok(n @ 1..)) = stdout.as_mut().map(|s| s.read(&mut buf)) {
-            let mut o = sink.lock().unwrap_or_else(|p| p.into_inner());
-            let room = (1usize << 20).saturating_sub(o.len());
-            o.extend_from_slice(&buf[..n.min(room)]);
-        }
-        let _ = done_tx.send(());
-    });
+    // What it printed first (a path, an id) is what it answers.
+    let out = Drained::start(child.stdout.take(), Keep::Head(1 << 20));
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
@@ -73,10 +60,7 @@ pub fn run_timed(
         }
     };
     let exited = Instant::now();
-    // What it started in the background may hold the pipe open past its
-    // exit (and may be meant to keep running): take what came meanwhile.
-    let _ = done_rx.recv_timeout(Duration::from_secs(2));
-    let out = std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()));
+    let out = out.take(Duration::from_secs(2));
     if !status.success() {
         let why = match (status.code(), status.signal()) {
             (Some(code), _) => format!("exited with status {code}"),
@@ -86,6 +70,61 @@ pub fn run_timed(
         return Err(failed(why));
     }
     Ok((String::from_utf8_lossy(&out).trim().to_string(), exited))
+}
+
+/// Which bytes of a pipe's output are kept.
+#[derive(Clone, Copy)]
+pub enum Keep {
+    /// The first n bytes.
+    Head(usize),
+    /// The last n bytes (about: whole reads of up to 8 KiB).
+    Tail(usize),
+}
+
+/// A child's pipe read to its end on a thread, so a chatty child cannot
+/// block on a full pipe, keeping a bounded part of what came.
+pub struct Drained {
+    kept: Arc<Mutex<Vec<u8>>>,
+    ended: std::sync::mpsc::Receiver<()>,
+}
+
+impl Drained {
+    pub fn start(pipe: Option<impl Read + Send + 'static>, keep: Keep) -> Drained {
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let (tx, ended) = std::sync::mpsc::channel();
+        let sink = kept.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            let mut pipe = pipe;
+            while let Some(Ok(n @ 1..)) = pipe.as_mut().map(|p| p.read(&mut buf)) {
+                let mut k = sink.lock().unwrap_or_else(|p| p.into_inner());
+                match keep {
+                    Keep::Head(max) => {
+                        let room = max.saturating_sub(k.len());
+                        k.extend_from_slice(&buf[..n.min(room)]);
+                    }
+                    Keep::Tail(max) => {
+                        k.extend_from_slice(&buf[..n]);
+                        // Cut in halves: each byte is moved about once.
+                        if k.len() > 2 * max {
+                            let cut = k.len() - max;
+                            k.drain(..cut);
+                        }
+                    }
+                }
+            }
+            let _ = tx.send(());
+        });
+        Drained { kept, ended }
+    }
+
+    /// What was kept, once the pipe ended or `linger` passed: what the
+    /// child started in the background may hold the pipe open past its
+    /// exit (and may be meant to keep running).
+    pub fn take(self, linger: Duration) -> Vec<u8> {
+        let _ = self.ended.recv_timeout(linger);
+        std::mem::take(&mut *self.kept.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 fn kill_group(pid: u32) {
@@ -124,5 +163,19 @@ mod tests {
             run("x", "head -c 3000000 /dev/zero | tr '\\0' a; echo", &[], &[], T).map(|s| s.len()).ok(),
             Some(1 << 20)
         );
+    }
+
+    #[test]
+    fn a_drained_tail_is_bounded_and_ends_with_the_last_line() {
+        // 40 MB in 8 KiB reads: every read kept whole (or copied whole)
+        // would take gigabytes.
+        let mut c = Command::new("sh");
+        c.arg("-c").arg("head -c 40000000 /dev/zero | tr '\\0' a; echo; echo '{\"ok\":true}'");
+        let mut child = c.stdout(Stdio::piped()).spawn().unwrap();
+        let out = Drained::start(child.stdout.take(), Keep::Tail(64 << 10));
+        child.wait().unwrap();
+        let kept = out.take(Duration::from_secs(10));
+        assert!(kept.len() >= 64 << 10 && kept.len() <= 128 << 10, "{} bytes kept", kept.len());
+        assert!(kept.ends_with(b"a\n{\"ok\":true}\n"));
     }
 }

@@ -3,7 +3,7 @@
 //! line), operator hooks, and the progress report of each as it happens.
 
 use std::ffi::{OsStr, OsString};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -63,36 +63,14 @@ pub fn diskferry_once(args: &[OsString]) -> Result<Value, StepError> {
     let mut child = c.spawn().map_err(|e| {
         StepError::new(ErrorCode::Internal, format!("could not start {}: {e}", exe.display()), "check the install")
     })?;
-    // Both pipes on threads, so neither can fill up and block the child.
-    // Hooks the child ran may keep them open in the background past its
-    // exit: what came until a moment after it is taken.
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut all = Vec::new();
-            if let Some(mut p) = pipe {
-                let mut buf = [0u8; 8192];
-                while let Ok(n @ 1..) = p.read(&mut buf) {
-                    all.extend_from_slice(&buf[..n]);
-                    let _ = tx.send(Some(all.clone()));
-                }
-            }
-            let _ = tx.send(None);
-        });
-        rx
-    };
-    let out_rx = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let err_rx = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    // Both pipes on threads, so neither can fill up and block the child;
+    // the answer is stdout's last line, the cause of a failure stderr's end.
+    use crate::hooks::{Drained, Keep};
+    let out = Drained::start(child.stdout.take(), Keep::Tail(1 << 20));
+    let err = Drained::start(child.stderr.take(), Keep::Tail(64 << 10));
     let status = child.wait();
-    let collect = |rx: std::sync::mpsc::Receiver<Option<Vec<u8>>>| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        let mut last = Vec::new();
-        while let Ok(Some(b)) = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
-            last = b;
-        }
-        String::from_utf8_lossy(&last).into_owned()
-    };
-    let (out, err) = (collect(out_rx), collect(err_rx));
+    let text = |d: Drained| String::from_utf8_lossy(&d.take(Duration::from_secs(2))).into_owned();
+    let (out, err) = (text(out), text(err));
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
     let last: Option<Value> =
