@@ -13,10 +13,18 @@ use super::qemu_nbd::QemuNbd;
 use super::url::NbdUrl;
 
 /// How long the server may take to answer one request (seconds in
-/// `DISKFERRY_NBD_TIMEOUT` override it).
+/// `DISKFERRY_NBD_TIMEOUT`, 1 to 86400, override it; another value is
+/// ignored with a warning: a deadline that far out overflows the clock).
 fn nbd_timeout() -> Duration {
-    let secs = std::env::var("DISKFERRY_NBD_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-    Duration::from_secs(secs)
+    let default = Duration::from_secs(60);
+    let Ok(set) = std::env::var("DISKFERRY_NBD_TIMEOUT") else { return default };
+    match set.trim().parse::<u64>() {
+        Ok(secs @ 1..=86_400) => Duration::from_secs(secs),
+        _ => {
+            tracing::warn!("DISKFERRY_NBD_TIMEOUT={set:?} is not 1 to 86400 seconds: 60 s it is");
+            default
+        }
+    }
 }
 
 pub(super) fn nbd_error(url: &str, e: ClientError) -> Error {

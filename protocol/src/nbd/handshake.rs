@@ -256,6 +256,11 @@ impl Handshake {
                 if !self.queries.contains(&name) {
                     return Err(protocol(format!("a metadata context {name:?} that was not asked for")));
                 }
+                // Each once: a server repeating one would grow the list
+                // for as long as the handshake may take.
+                if self.contexts.iter().any(|c| c.name == name) {
+                    return Err(protocol(format!("the metadata context {name:?} granted twice")));
+                }
                 self.contexts.push(MetaContext { id: be32(data, 0), name });
             }
             (OPT_SET_META_CONTEXT, REP_ACK) => self.send_go(),
@@ -267,7 +272,18 @@ impl Handshake {
                     INFO_EXPORT if data.len() == 12 => self.info = Some((be64(data, 2), be16(data, 10))),
                     INFO_BLOCK_SIZE if data.len() == 14 => {
                         let (min, pref, max) = (be32(data, 2), be32(data, 6), be32(data, 10));
-                        if min == 0 || !min.is_power_of_two() || pref < min || max < pref {
+                        // The spec's bounds: a power-of-two minimum of at
+                        // most 64 KiB, a power-of-two preferred size of at
+                        // least 512, a maximum no smaller. A smaller maximum
+                        // would split each block read into thousands of
+                        // requests.
+                        if min == 0
+                            || !min.is_power_of_two()
+                            || min > 64 << 10
+                            || !pref.is_power_of_two()
+                            || pref < min.max(512)
+                            || max < pref
+                        {
                             return Err(protocol(format!("block sizes min {min}, preferred {pref}, max {max}")));
                         }
                         self.block = Some((min, pref, max));
@@ -330,13 +346,39 @@ pub(crate) mod tests {
         info.extend_from_slice(&size.to_be_bytes());
         info.extend_from_slice(&1u16.to_be_bytes());
         reply(&mut s, OPT_GO, REP_INFO, &info);
-        let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-        for v in [1u32, 4096, 32 << 20] {
-            bs.extend_from_slice(&v.to_be_bytes());
-        }
-        reply(&mut s, OPT_GO, REP_INFO, &bs);
+        reply(&mut s, OPT_GO, REP_INFO, &block_sizes([1, 4096, 32 << 20]));
         reply(&mut s, OPT_GO, REP_ACK, &[]);
         s
+    }
+
+    fn block_sizes(sizes: [u32; 3]) -> Vec<u8> {
+        let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for v in sizes {
+            bs.extend_from_slice(&v.to_be_bytes());
+        }
+        bs
+    }
+
+    #[test]
+    fn block_sizes_outside_the_spec_and_repeated_contexts_are_refused() {
+        let good = server_bytes(1 << 20, &[(1, "base:allocation")]);
+        let at = good.windows(14).position(|w| w == block_sizes([1, 4096, 32 << 20])).unwrap();
+        let with = |sizes: [u32; 3]| {
+            let mut s = good.clone();
+            s[at..at + 14].copy_from_slice(&block_sizes(sizes));
+            let mut h = Handshake::new("disk", &["base:allocation"]);
+            h.feed(&s).map(|_| h.finish().map(|e| e.max_block))
+        };
+        assert_eq!(with([1, 512, 512]).ok().flatten(), Some(512));
+        assert_eq!(with([512, 4096, u32::MAX]).ok().flatten(), Some(u32::MAX));
+        // Requests of a byte each, a minimum past 64 KiB, sizes not powers of two.
+        for bad in [[1, 1, 1], [1, 256, 1 << 20], [128 << 10, 128 << 10, 1 << 20], [1, 3000, 1 << 20], [2, 4096, 2048]]
+        {
+            assert!(with(bad).is_err(), "{bad:?} was accepted");
+        }
+        let twice = server_bytes(1 << 20, &[(1, "base:allocation"), (2, "base:allocation")]);
+        let mut h = Handshake::new("disk", &["base:allocation"]);
+        assert!(h.feed(&twice).is_err(), "a context granted twice");
     }
 
     #[test]
