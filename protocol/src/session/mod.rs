@@ -24,7 +24,9 @@ pub mod sender;
 pub mod view;
 
 pub use receiver::{Differing, ReceiverEvent, ReceiverSession};
-pub use sender::{slot_units, window_units, SenderEvent, SenderSession, SourceRegion, FINE_WINDOW_UNITS, WINDOW_UNITS};
+pub use sender::{
+    slot_units, window_units, SenderEvent, SenderSession, SourceRegion, FINE_WINDOW_UNITS, MAX_WINDOW, WINDOW_UNITS,
+};
 pub use view::{RegionView, ViewBlocks};
 
 /// Moves control frames between two state machines joined in memory (a

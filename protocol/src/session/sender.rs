@@ -14,6 +14,10 @@ use crate::message::{
 use crate::region_hashes::RegionHashes;
 use crate::types::{BlockHash, Consistency, CHUNK_BLOCKS};
 
+/// Regions in flight at most, whatever the target offers (targets offer
+/// 2 to 16).
+pub const MAX_WINDOW: u32 = 256;
+
 /// Window units a region in flight takes (`Accept.window` is in regions,
 /// each [`WINDOW_UNITS`] units), unless both sides speak
 /// [`CAP_FINE_WINDOW`].
@@ -233,6 +237,9 @@ impl SenderSession {
                 if a.window == 0 {
                     return self.fail(ErrorCode::Protocol, "the target offered an empty window", true);
                 }
+                // Each region in flight holds its hashes here: a larger
+                // offer than any target makes is not taken up.
+                let a = Accept { window: a.window.min(MAX_WINDOW), ..a };
                 self.plan = Some(a.plan);
                 self.window = a.window;
                 self.state = State::Running;
@@ -294,9 +301,21 @@ impl SenderSession {
                         true,
                     );
                 }
+                let g = crate::types::Geometry::new(self.open.disk_bytes, self.open.block_size);
+                let range = g.region_range(region);
+                if let Some(w) = blocks.iter().find(|w| !range.contains(&w.index)) {
+                    let index = w.index;
+                    return self.fail(ErrorCode::Protocol, format!("block {index} wanted from region {region}"), true);
+                }
                 self.events.push_back(SenderEvent::SendBlocks { region, blocks });
             }
-            Message::Nack { index } => self.events.push_back(SenderEvent::Resend { index }),
+            Message::Nack { index } => {
+                let g = crate::types::Geometry::new(self.open.disk_bytes, self.open.block_size);
+                if index >= g.block_count() {
+                    return self.fail(ErrorCode::Protocol, format!("block {index} is outside the disk"), true);
+                }
+                self.events.push_back(SenderEvent::Resend { index })
+            }
             Message::RegionDone { region, bytes_staged } => {
                 let Some(r) = self.outstanding.remove(&region) else {
                     return self.fail(ErrorCode::Protocol, format!("region {region} done twice or never sent"), true);

@@ -510,6 +510,63 @@ fn a_source_past_its_window_is_refused() {
 }
 
 #[test]
+fn wants_and_nacks_outside_their_region_or_disk_are_refused() {
+    let per = diskferry_protocol::REGION_BYTES / BlockSize::DEFAULT.bytes();
+    let blocks: Vec<BlockHash> = (0..per).map(|i| h(i + 1)).collect();
+    let (chunks, hash) = tree(&blocks);
+    // Regions 0 and 1 in flight.
+    let in_flight = || {
+        let mut s = accepted_sender(Plan::CompareManifest, 3 * diskferry_protocol::REGION_BYTES);
+        for region in 0..2 {
+            s.handle_region(SourceRegion {
+                region,
+                blocks: compact(blocks.clone()),
+                chunks: chunks.clone(),
+                hash,
+                items: 0,
+            });
+        }
+        while s.poll_transmit().is_some() {}
+        s
+    };
+    let want = |index| Message::Want { region: 1, blocks: vec![WantBlock { index, page_hashes: Vec::new() }] };
+    let mut s = in_flight();
+    s.handle_message(want(per + 5));
+    assert!(matches!(s.poll_event(), Some(SenderEvent::SendBlocks { region: 1, .. })));
+    for bad in [want(5), want(2 * per), Message::Nack { index: 3 * per }] {
+        let mut s = in_flight();
+        s.handle_message(bad.clone());
+        assert!(matches!(s.poll_event(), Some(SenderEvent::Failed { code: ErrorCode::Protocol, .. })), "{bad:?}");
+    }
+}
+
+#[test]
+fn a_window_past_any_target_is_not_taken_up() {
+    let open = Open {
+        session: SessionId(1),
+        target: TargetName::new("t").unwrap(),
+        disk_bytes: 1 << 40,
+        block_size: BlockSize::DEFAULT,
+        mode: SyncMode::Auto,
+        force: false,
+        discard_target_changes: false,
+        lineage: Vec::new(),
+        promote: false,
+        group: None,
+    };
+    let mut s = SenderSession::new(open);
+    let (version, max_frame) = (diskferry_protocol::VERSION, diskferry_protocol::MAX_FRAME);
+    s.handle_message(Message::Welcome { version, capabilities: 0, max_frame });
+    let plan = Plan::CompareManifest;
+    s.handle_message(Message::Accept(Accept { plan, target_generation: None, staged_blocks: 0, window: u32::MAX }));
+    let window = std::iter::from_fn(|| s.poll_event()).find_map(|e| match e {
+        SenderEvent::Accepted(a) => Some(a.window),
+        _ => None,
+    });
+    assert_eq!(window, Some(diskferry_protocol::session::MAX_WINDOW));
+}
+
+#[test]
 fn a_chunk_asked_twice_is_refused() {
     let per = (diskferry_protocol::REGION_BYTES / BlockSize::DEFAULT.bytes()) as usize;
     let mut s = accepted_sender(Plan::CompareManifest, 40 * diskferry_protocol::REGION_BYTES);
