@@ -288,16 +288,9 @@ pub async fn push_with(
     let finish_sent = commit_requested;
     *finish_sent = false;
     let run = session::run(&conn, &opts, open, source, progress, snap.app_consistent, finish_sent);
-    let result = match opts.cancel.clone() {
-        None => run.await,
-        Some(mut cancel) => tokio::select! {
-            r = run => r,
-            _ = cancel.wait_for(|c| *c) => {
-                conn.close(1u32.into(), b"another member of the group failed");
-                Err(Error::new(ErrorCode::Cancelled, "another member of the group failed"))
-            }
-        },
-    };
+    // A group's cancel is the session's to act on: it tells the target
+    // and waits for the release, as for its own failure.
+    let result = run.await;
     let result = match (result, conn.close_reason()) {
         // The commit may have landed with only its acknowledgement lost.
         (Err(e), _) if *finish_sent && e.code == ErrorCode::Connection => Err(Error::new(

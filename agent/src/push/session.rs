@@ -95,6 +95,7 @@ pub(super) async fn run(
         }));
     }
     let mut session = SenderSession::new(open);
+    let mut cancel = opts.cancel.clone();
     let mut reader = FrameReader::control(ctl_rx, diskferry_protocol::MAX_FRAME);
     let (notes_tx, mut notes_rx) = mpsc::unbounded_channel::<Note>();
     let (tokens_tx, tokens_rx) = crossbeam_channel::unbounded::<u32>();
@@ -123,14 +124,19 @@ pub(super) async fn run(
                     // Only what the target speaks: zstd payloads, page patches.
                     let caps = session.capabilities();
                     let level = opts.compress.filter(|_| caps & CAP_ZSTD != 0);
-                    source.set_link(Link { level, pages: caps & CAP_PAGES != 0 })?;
-                    // Before any region is hashed: the spot check may turn
-                    // the hint down, and then every region is read.
-                    source.start_hint(a.target_generation, a.plan == Plan::Full)?;
                     let slot = session.slot_units();
-                    let _ = tokens_tx.send(a.window.saturating_mul(slot));
-                    let window = Window { tokens: tokens_rx.clone(), slot };
-                    spawn_hasher(&source, a.plan, opts.threads, window, &data_tx, &notes_tx, &sent)?;
+                    let started = (|| {
+                        source.set_link(Link { level, pages: caps & CAP_PAGES != 0 })?;
+                        // Before any region is hashed: the spot check may turn
+                        // the hint down, and then every region is read.
+                        source.start_hint(a.target_generation, a.plan == Plan::Full)?;
+                        let _ = tokens_tx.send(a.window.saturating_mul(slot));
+                        let window = Window { tokens: tokens_rx.clone(), slot };
+                        spawn_hasher(&source, a.plan, opts.threads, window, &data_tx, &notes_tx, &sent)
+                    })();
+                    if let Err(e) = started {
+                        return Err(abort_and_release(&mut session, &mut ctl_tx, &mut reader, e).await);
+                    }
                 }
                 SenderEvent::SendBlocks { region, blocks } => {
                     let expected = announced(&session, g, region, &blocks);
@@ -168,6 +174,7 @@ pub(super) async fn run(
             for w in writers {
                 let _ = w.await;
             }
+            until_target_released(&mut reader).await;
             // The disk's history decides what may overwrite it later: a
             // push whose history could not be kept says so.
             source.commit_history(c.generation, consistency, crate::ids::now_unix_ns()).map_err(|e| {
@@ -180,7 +187,6 @@ pub(super) async fn run(
                 )
                 .hint("fix the state directory and push again: the rerun finds the data in place and records it")
             })?;
-            until_target_released(&mut reader).await;
             return Ok(PushReport {
                 plan: session.plan().unwrap_or(Plan::Full),
                 disk_bytes: g.disk_bytes,
@@ -207,18 +213,15 @@ pub(super) async fn run(
                     *finish_sent = true;
                     session.handle_source_done(c);
                 }
-                Err(e) => {
-                    session.abort(e.code, e.message.clone());
-                    while let Some(m) = session.poll_transmit() {
-                        let _ = write_frame(&mut ctl_tx, &m).await;
-                    }
-                    until_target_released(&mut reader).await;
-                    return Err(e);
-                }
+                Err(e) => return Err(abort_and_release(&mut session, &mut ctl_tx, &mut reader, e).await),
             }
             continue;
         }
         tokio::select! {
+            _ = cancelled(&mut cancel) => {
+                let e = Error::new(ErrorCode::Cancelled, "another member of the group failed");
+                return Err(abort_and_release(&mut session, &mut ctl_tx, &mut reader, e).await);
+            }
             frame = reader.next() => match frame {
                 Ok(Some(m)) => {
                     session.handle_message(m);
@@ -255,12 +258,7 @@ pub(super) async fn run(
                             hashed = true
                         }
                         Note::Failed(e) => {
-                            session.abort(e.code, e.message.clone());
-                            while let Some(m) = session.poll_transmit() {
-                                let _ = write_frame(&mut ctl_tx, &m).await;
-                            }
-                            until_target_released(&mut reader).await;
-                            return Err(e);
+                            return Err(abort_and_release(&mut session, &mut ctl_tx, &mut reader, e).await)
                         }
                     }
                     taken += 1;
@@ -273,6 +271,35 @@ pub(super) async fn run(
     }
 }
 
+/// Ends the session on the source's failure `e`: the target is told with
+/// an Error frame on the control stream (a connection closed at once may
+/// drop it, and the target then holds the disk until its idle timeout),
+/// then waited for until it released the disk.
+async fn abort_and_release(
+    session: &mut SenderSession,
+    ctl_tx: &mut quinn::SendStream,
+    reader: &mut FrameReader,
+    e: Error,
+) -> Error {
+    session.abort(e.code, e.message.clone());
+    while let Some(m) = session.poll_transmit() {
+        let _ = write_frame(ctl_tx, &m).await;
+    }
+    until_target_released(reader).await;
+    e
+}
+
+/// Returns once the group this push belongs to is cancelled (never
+/// without a group, or once the group's push is over).
+async fn cancelled(cancel: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(c) = cancel {
+        if c.wait_for(|c| *c).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
 /// Waits for the target to end the control stream, which it does only
 /// after it released the disk: a command run right after the push then
 /// finds the target free, not `E_BUSY` while the session is torn down.
@@ -280,7 +307,7 @@ pub(super) async fn run(
 async fn until_target_released(reader: &mut FrameReader) {
     let drained = async { while let Ok(Some(_)) = reader.next().await {} };
     if tokio::time::timeout(RELEASE_WAIT, drained).await.is_err() {
-        tracing::debug!("the target did not end the session within {RELEASE_WAIT:?}");
+        tracing::warn!("the target did not end the session within {RELEASE_WAIT:?}: it may hold the disk a while");
     }
 }
 
