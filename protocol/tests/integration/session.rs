@@ -30,18 +30,7 @@ struct Run {
 /// resolves zeros itself; `plan` is what the target accepts with.
 fn run(source: &[BlockHash], target: &[BlockHash], block_size: u32, plan: Plan) -> Run {
     let g = Geometry::new(source.len() as u64 * block_size as u64, BlockSize::new(block_size).unwrap());
-    let open = Open {
-        session: SessionId(1),
-        target: TargetName::new("t").unwrap(),
-        disk_bytes: g.disk_bytes,
-        block_size: g.block_size,
-        mode: SyncMode::Auto,
-        force: false,
-        discard_target_changes: false,
-        lineage: Vec::new(),
-        promote: false,
-        group: None,
-    };
+    let open = open(g, SyncMode::Auto);
     let mut s = SenderSession::new(open);
     let mut r = ReceiverSession::new();
     let mut to_r: VecDeque<Message> = VecDeque::new();
@@ -300,19 +289,7 @@ fn accepted_sender(plan: Plan, disk_bytes: u64) -> SenderSession {
 
 /// [`accepted_sender`] by a target that speaks `capabilities`.
 pub(super) fn accepted_sender_with(plan: Plan, disk_bytes: u64, capabilities: u32) -> SenderSession {
-    let open = Open {
-        session: SessionId(1),
-        target: TargetName::new("t").unwrap(),
-        disk_bytes,
-        block_size: BlockSize::DEFAULT,
-        mode: SyncMode::Auto,
-        force: false,
-        discard_target_changes: false,
-        lineage: Vec::new(),
-        promote: false,
-        group: None,
-    };
-    let mut s = SenderSession::new(open);
+    let mut s = SenderSession::new(open(Geometry::new(disk_bytes, BlockSize::DEFAULT), SyncMode::Auto));
     s.handle_message(Message::Welcome {
         version: diskferry_protocol::VERSION,
         capabilities,
@@ -463,18 +440,7 @@ pub(super) fn receiver_with(blocks: u64, plan: Plan, capabilities: u32) -> Recei
         capabilities,
     });
     let g = Geometry::new(blocks * 65536, BlockSize::DEFAULT);
-    let open = Open {
-        session: SessionId(1),
-        target: TargetName::new("t").unwrap(),
-        disk_bytes: g.disk_bytes,
-        block_size: g.block_size,
-        mode: SyncMode::Full,
-        force: false,
-        discard_target_changes: false,
-        lineage: Vec::new(),
-        promote: false,
-        group: None,
-    };
+    let open = open(g, SyncMode::Full);
     r.handle_message(Message::Open(open));
     let _ = r.poll_event();
     r.accept(Accept { plan, target_generation: None, staged_blocks: 0, window: 2 }, g);
@@ -540,21 +506,25 @@ fn wants_and_nacks_outside_their_region_or_disk_are_refused() {
     }
 }
 
-#[test]
-fn a_window_past_any_target_is_not_taken_up() {
-    let open = Open {
+/// The Open of a push of a disk of geometry `g` in `mode`.
+fn open(g: Geometry, mode: SyncMode) -> Open {
+    Open {
         session: SessionId(1),
         target: TargetName::new("t").unwrap(),
-        disk_bytes: 1 << 40,
-        block_size: BlockSize::DEFAULT,
-        mode: SyncMode::Auto,
+        disk_bytes: g.disk_bytes,
+        block_size: g.block_size,
+        mode,
         force: false,
         discard_target_changes: false,
         lineage: Vec::new(),
         promote: false,
         group: None,
-    };
-    let mut s = SenderSession::new(open);
+    }
+}
+
+#[test]
+fn a_window_past_any_target_is_not_taken_up() {
+    let mut s = SenderSession::new(open(Geometry::new(1 << 40, BlockSize::DEFAULT), SyncMode::Auto));
     let (version, max_frame) = (diskferry_protocol::VERSION, diskferry_protocol::MAX_FRAME);
     s.handle_message(Message::Welcome { version, capabilities: 0, max_frame });
     let plan = Plan::CompareManifest;
