@@ -15,7 +15,7 @@ use crate::units::human_bytes;
 pub fn run(a: AbortArgs) -> Result<()> {
     let r = resolve_arg(&a.target, a.common.state_dir.clone())?;
     let path = r.path.clone();
-    let (mut target, mv) = open_for_move(&r, "abort", std::time::Duration::from_secs(a.target.wait))?;
+    let (mv, mut target) = open_for_move(&r, "abort", std::time::Duration::from_secs(a.target.wait))?;
     let finished = match target.recovery() {
         Recovery::Finished(g) => Some(*g),
         _ => None,

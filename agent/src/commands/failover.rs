@@ -18,14 +18,14 @@ use crate::units::{human_bytes, round_secs};
 
 /// Opens the target for the move `kind` (the local agent releases it
 /// first), saying what its recovery had to finish.
-fn open(r: &Resolved, wait: u64, kind: &str) -> Result<(Target, Move)> {
-    let (target, mv) = open_for_move(r, kind, Duration::from_secs(wait))?;
+fn open(r: &Resolved, wait: u64, kind: &str) -> Result<(Move, Target)> {
+    let (mv, target) = open_for_move(r, kind, Duration::from_secs(wait))?;
     match target.recovery() {
         Recovery::Finished(g) => eprintln!("recovered: finished the interrupted commit or move to {g}"),
         Recovery::Discarded => eprintln!("recovered: discarded an interrupted, uncommitted apply or move"),
         _ => {}
     }
-    Ok((target, mv))
+    Ok((mv, target))
 }
 
 pub fn failover(a: FailoverArgs) -> Result<()> {
@@ -33,7 +33,7 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
         return super::group_moves::failover(g, a.point, &a.target, a.common.state_dir.clone(), a.common.json);
     }
     let r = resolve_arg(&a.target, a.common.state_dir.clone())?;
-    let (mut target, mv) = open(&r, a.target.wait, "failover")?;
+    let (mv, mut target) = open(&r, a.target.wait, "failover")?;
     let start = Instant::now();
     // A replica whose stamp cannot tell is hashed first: on all cores.
     let m = thread_pool(None)
@@ -76,7 +76,7 @@ pub fn commit(a: MoveArgs) -> Result<()> {
         return super::group_moves::commit(g, &a.target, a.common.state_dir.clone(), a.common.json);
     }
     let r = resolve_arg(&a.target, a.common.state_dir.clone())?;
-    let (mut target, mv) = open(&r, a.target.wait, "commit")?;
+    let (mv, mut target) = open(&r, a.target.wait, "commit")?;
     let c = target.commit_point();
     mv.job.finish_with(&c, |c| JobResult::ok(Some(c.kept.to_hex()), None));
     let c = c?;
@@ -105,7 +105,7 @@ pub fn commit(a: MoveArgs) -> Result<()> {
 
 pub fn demote(a: MoveArgs) -> Result<()> {
     let r = resolve_arg(&a.target, a.common.state_dir.clone())?;
-    let (mut target, mv) = open(&r, a.target.wait, "demote")?;
+    let (mv, mut target) = open(&r, a.target.wait, "demote")?;
     let pool = thread_pool(None).ctx(Place::Target, "starting threads for", &r.path)?;
     let bar = Bar::new();
     let d = pool.install(|| target.demote(new_generation(), now_unix_ns(), &bar));

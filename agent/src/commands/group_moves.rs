@@ -44,12 +44,13 @@ fn open_members(
     state_dir: Option<PathBuf>,
     wait: u64,
 ) -> Result<(Vec<Resolved>, Vec<Target>), Error> {
-    let (resolved, targets, _) = open_members_for(group, config, state_dir, wait, None)?;
+    let (resolved, _, targets) = open_members_for(group, config, state_dir, wait, None)?;
     Ok((resolved, targets))
 }
 
 /// The members, opened, and their moves (none without a kind).
-type OpenedMembers = (Vec<Resolved>, Vec<Target>, Vec<Move>);
+/// Moves before targets: see [`open_for_move`].
+type OpenedMembers = (Vec<Resolved>, Vec<Move>, Vec<Target>);
 
 /// [`open_members`] for the move `kind` (a local agent releases each
 /// member first, and shows a job per member).
@@ -73,11 +74,11 @@ fn open_members_for(
     let wait = Duration::from_secs(wait);
     let Some(kind) = kind else {
         let targets = resolved.iter().map(|r| open_waiting(r, wait)).collect::<Result<Vec<_>, _>>()?;
-        return Ok((resolved, targets, Vec::new()));
+        return Ok((resolved, Vec::new(), targets));
     };
-    let (targets, moves) =
+    let (moves, targets) =
         resolved.iter().map(|r| open_for_move(r, kind, wait)).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
-    Ok((resolved, targets, moves))
+    Ok((resolved, moves, targets))
 }
 
 /// Ends each member's job with the group move's result.
@@ -149,7 +150,7 @@ pub fn failover(
     state_dir: Option<PathBuf>,
     json: bool,
 ) -> Result<()> {
-    let (resolved, mut targets, moves) =
+    let (resolved, moves, mut targets) =
         open_members_for(group, a.config.as_deref(), state_dir, a.wait, Some("failover"))?;
     let r = failover_members(group, point, &resolved, &mut targets, json);
     finish_moves(&moves, &r, r.as_ref().ok().map(|g| g.to_hex()));
@@ -200,7 +201,7 @@ fn failover_members(
 }
 
 pub fn commit(group: &str, a: &TargetArg, state_dir: Option<PathBuf>, json: bool) -> Result<()> {
-    let (resolved, mut targets, moves) =
+    let (resolved, moves, mut targets) =
         open_members_for(group, a.config.as_deref(), state_dir, a.wait, Some("commit"))?;
     let r = commit_members(group, &resolved, &mut targets, json);
     finish_moves(&moves, &r, None);
@@ -240,7 +241,7 @@ fn commit_members(group: &str, resolved: &[Resolved], targets: &mut [Target], js
 /// listed or pruned as one.
 pub fn ungroup(a: crate::cli::UngroupArgs) -> Result<()> {
     let (group, json) = (a.group.as_str(), a.common.json);
-    let (resolved, targets, moves) =
+    let (resolved, moves, targets) =
         open_members_for(group, a.config.as_deref(), a.common.state_dir.clone(), a.wait, Some("ungroup"))?;
     let r = members_apart(group, &resolved, &targets, a.force)
         .and_then(|()| state_root(a.config.as_deref(), a.common.state_dir.clone()))

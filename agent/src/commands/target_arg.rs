@@ -101,7 +101,10 @@ pub struct Move {
 /// Opens the target for a move (`kind`: `failover`, `commit`, `abort` …):
 /// the local agent, if one serves it, cancels its session at a safe point
 /// and refuses new ones until the move is done; the move shows as a job.
-pub fn open_for_move(r: &Resolved, kind: &str, wait: Duration) -> Result<(Target, Move), Error> {
+/// The move comes first: bound in that order, the target (and its lock)
+/// is dropped before the agent's hold ends, so a session the agent lets in
+/// then does not find the target still locked (`E_BUSY`).
+pub fn open_for_move(r: &Resolved, kind: &str, wait: Duration) -> Result<(Move, Target), Error> {
     use crate::jobs::JobResult;
     let job = crate::local_agent::AgentJob::start(
         &r.state_root,
@@ -119,7 +122,7 @@ pub fn open_for_move(r: &Resolved, kind: &str, wait: Duration) -> Result<(Target
         }
     };
     match open_waiting(r, wait) {
-        Ok(t) => Ok((t, Move { job, _released: released })),
+        Ok(t) => Ok((Move { job, _released: released }, t)),
         Err(e) => {
             job.finish(JobResult::failed(&e));
             Err(e)

@@ -49,15 +49,36 @@ impl From<Error> for Note {
     }
 }
 
-/// Runs each data stream of the session as it comes, once the session is open.
+/// Runs each data stream of the session as it comes, once the session is
+/// open, until `stop`; then stops them all and waits for them: their tasks
+/// hold the session's sink (an exclusive descriptor of a block device),
+/// which must be gone before the session releases its target.
 pub(super) async fn accept_data_streams(
+    data: mpsc::UnboundedReceiver<super::connection::DataStream>,
+    staging: watch::Receiver<Option<Staging>>,
+    notes: mpsc::UnboundedSender<Note>,
+    ctx: Arc<ServerCtx>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut streams = tokio::task::JoinSet::new();
+    let ended_first = tokio::select! {
+        _ = accept(&mut streams, data, staging, notes, ctx) => true,
+        _ = &mut stop => false,
+    };
+    if ended_first {
+        // The streams already running go on until the session stops.
+        let _ = stop.await;
+    }
+    streams.shutdown().await;
+}
+
+async fn accept(
+    streams: &mut tokio::task::JoinSet<()>,
     mut data: mpsc::UnboundedReceiver<super::connection::DataStream>,
     mut staging: watch::Receiver<Option<Staging>>,
     notes: mpsc::UnboundedSender<Note>,
     ctx: Arc<ServerCtx>,
 ) {
-    // Dropping the set (when this task is aborted) stops every stream's task.
-    let mut streams = tokio::task::JoinSet::new();
     let mut opened = 0u32;
     while let Some(stream) = data.recv().await {
         let st = loop {

@@ -51,7 +51,9 @@ pub async fn run(
     let (view_tx, mut view_rx) = mpsc::channel::<super::view::ViewBatch>(super::budget::VIEWS_QUEUED);
     let mut view_tx = Some(view_tx);
     let mut next_view = 0u64;
-    let data = tokio::spawn(accept_data_streams(data, s.staging_tx.subscribe(), notes_tx.clone(), ctx.clone()));
+    let (stop_data, data_stopped) = tokio::sync::oneshot::channel();
+    let data =
+        tokio::spawn(accept_data_streams(data, s.staging_tx.subscribe(), notes_tx.clone(), ctx.clone(), data_stopped));
     // Control frames are small; a larger one is refused before it is buffered.
     let mut reader = FrameReader::control(ctl_rx, MAX_CONTROL_FRAME);
     let mut cancel: Option<watch::Receiver<Option<String>>> = None;
@@ -114,7 +116,10 @@ pub async fn run(
             break;
         }
     }
-    data.abort();
+    // The data streams' tasks hold the session's sink: gone before the
+    // target is released.
+    let _ = stop_data.send(());
+    let _ = data.await;
     s.finish().await;
     // Only now: the source waits for this end of stream before it exits,
     // so the command an operator runs next finds the target free.
