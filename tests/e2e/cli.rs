@@ -326,6 +326,8 @@ fn locked_target_is_busy_until_its_holder_dies() {
     let state = dir.path().join("state");
     fs::write(&src, vec![5u8; 500_000]).unwrap();
     df!("sync", src, dst, "--state-dir", state).ok();
+    let points = df!("points", dst, "--state-dir", state, "--json").ok_json();
+    let point = points["points"][0]["generation"].as_str().unwrap().to_string();
     let lock = target_state_dir(&state).join("lock");
     assert!(lock.exists(), "no lock file in the target's state");
     // `flock` holds the same kind of lock diskferry takes.
@@ -350,10 +352,30 @@ fn locked_target_is_busy_until_its_holder_dies() {
     }
     let busy = busy.expect("sync never saw the held lock");
     busy.expect_error("E_BUSY", 3);
-    let v = df!("verify", dst, "--state-dir", state, "--json").expect_json_error("E_BUSY", 3);
+    let v = df!("verify", dst, "--state-dir", state, "--wait", "1", "--json").expect_json_error("E_BUSY", 3);
     assert_eq!(v["retryable"], Value::Bool(true), "E_BUSY is worth retrying: {v}");
+    for cmd in ["points", "export"] {
+        let mut args = vec![cmd.into(), dst.clone().into_os_string(), "--state-dir".into(), state.clone().into()];
+        if cmd == "export" {
+            args.extend(["--point".into(), point.clone().into(), dir.path().join("out.img").into_os_string()]);
+        }
+        args.extend(["--wait".into(), "0".into(), "--json".into()]);
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        run(&refs).expect_json_error("E_BUSY", 3);
+    }
+    // A read with time to wait gets the target once its holder lets go.
+    let waiting = Command::new(bin())
+        .args([OsStr::new("verify"), dst.as_os_str(), OsStr::new("--state-dir"), state.as_os_str()])
+        .args(["--wait", "30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
     holder.0.kill().unwrap();
     holder.0.wait().unwrap();
+    let waited = waiting.wait_with_output().unwrap();
+    assert!(waited.status.success(), "verify --wait 30: {}", String::from_utf8_lossy(&waited.stderr));
     // `--no-fork`: the killed process was the lock's only holder.
     let mut last = None;
     for _ in 0..100 {

@@ -378,7 +378,17 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     #[command(flatten)]
+    pub wait: WaitArg,
+    #[command(flatten)]
     pub common: Common,
+}
+
+/// How long a command that reads a target waits for a session to let go.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct WaitArg {
+    /// Seconds to wait while a session holds the target before failing with E_BUSY.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub wait: u64,
 }
 
 #[derive(Args, Debug)]
@@ -393,6 +403,8 @@ pub struct PointsArgs {
     #[arg(long, value_name = "FILE", requires = "group")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
+    pub wait: WaitArg,
+    #[command(flatten)]
     pub common: Common,
 }
 
@@ -405,6 +417,8 @@ pub struct ExportArgs {
     pub point: Generation,
     /// Image file to create.
     pub out: PathBuf,
+    #[command(flatten)]
+    pub wait: WaitArg,
     #[command(flatten)]
     pub common: Common,
 }

@@ -1,12 +1,10 @@
 //! `diskferry export`.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use diskferry_sync_engine::apply::{Target, TargetOptions};
+
 use diskferry_sync_engine::points;
-use diskferry_sync_engine::store::RealFs;
 use serde_json::json;
 
 use crate::cli::ExportArgs;
@@ -18,7 +16,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
     let state_root = state::prepare(&state::resolve(a.common.state_dir.clone()))?;
     let path = state::canonical_target(&a.dst)?;
     let out = state::canonical_target(&a.out)?;
-    let target = Target::open(Arc::new(RealFs), &state_root, &path, TargetOptions::default())?;
+    let target = super::target_arg::open_path_waiting(&state_root, &path, a.wait.wait)?;
     let start = Instant::now();
     let r = points::export(&target, a.point, &out)?;
     let secs = start.elapsed().as_secs_f64();

@@ -106,8 +106,8 @@ fn group_points(targets: &[Target]) -> Vec<GroupPoint> {
         .collect()
 }
 
-pub fn points(group: &str, config: Option<&Path>, state_dir: Option<PathBuf>, json: bool) -> Result<()> {
-    let (resolved, targets) = open_members(group, config, state_dir, 30)?;
+pub fn points(group: &str, config: Option<&Path>, state_dir: Option<PathBuf>, wait: u64, json: bool) -> Result<()> {
+    let (resolved, targets) = open_members(group, config, state_dir, wait)?;
     let list = group_points(&targets);
     if json {
         let items: Vec<_> = list

@@ -1,11 +1,8 @@
 //! `diskferry points`.
 
-use std::sync::Arc;
-
 use anyhow::Result;
-use diskferry_sync_engine::apply::{Target, TargetOptions};
+
 use diskferry_sync_engine::points;
-use diskferry_sync_engine::store::RealFs;
 use serde_json::json;
 
 use diskferry_protocol::ErrorCode;
@@ -20,13 +17,14 @@ pub fn run(a: PointsArgs) -> Result<()> {
     let dst = match (&a.dst, &a.group) {
         (Some(d), _) => d.clone(),
         (None, Some(g)) => {
-            return super::group_moves::points(g, a.config.as_deref(), a.common.state_dir.clone(), a.common.json)
+            let state_dir = a.common.state_dir.clone();
+            return super::group_moves::points(g, a.config.as_deref(), state_dir, a.wait.wait, a.common.json);
         }
         (None, None) => return Err(Error::new(ErrorCode::Usage, "name a target disk or --group").into()),
     };
     let state_root = state::prepare(&state::resolve(a.common.state_dir.clone()))?;
     let path = state::canonical_target(&dst)?;
-    let target = Target::open(Arc::new(RealFs), &state_root, &path, TargetOptions::default())?;
+    let target = super::target_arg::open_path_waiting(&state_root, &path, a.wait.wait)?;
     let list = points::list(&target);
     if a.common.json {
         let items: Vec<_> = list

@@ -91,6 +91,12 @@ pub fn open_waiting(r: &Resolved, wait: Duration) -> Result<Target, Error> {
     }
 }
 
+/// [`open_waiting`] for a disk named by its path in `state_root`.
+pub fn open_path_waiting(state_root: &Path, path: &Path, wait_secs: u64) -> Result<Target, Error> {
+    let r = Resolved { path: path.to_path_buf(), state_root: state_root.to_path_buf(), name: None };
+    open_waiting(&r, Duration::from_secs(wait_secs))
+}
+
 /// A move on a target run beside a local agent: its job on the agent's
 /// page, and the agent's hold on the target (released when dropped).
 pub struct Move {

@@ -1,12 +1,9 @@
 //! `diskferry verify`.
 
-use std::sync::Arc;
-
 use anyhow::Result;
 use diskferry_protocol::ErrorCode;
-use diskferry_sync_engine::apply::{Recovery, Target, TargetOptions};
+use diskferry_sync_engine::apply::Recovery;
 use diskferry_sync_engine::error::{IoContext, Place};
-use diskferry_sync_engine::store::RealFs;
 use diskferry_sync_engine::thread_pool;
 use diskferry_sync_engine::verify::verify;
 use serde_json::json;
@@ -19,7 +16,7 @@ use crate::state;
 pub fn run(a: VerifyArgs) -> Result<()> {
     let state_root = state::prepare(&state::resolve(a.common.state_dir.clone()))?;
     let path = state::canonical_target(&a.dst)?;
-    let mut target = Target::open(Arc::new(RealFs), &state_root, &path, TargetOptions::default())?;
+    let mut target = super::target_arg::open_path_waiting(&state_root, &path, a.wait.wait)?;
     let recovery = target.recovery().clone();
     match &recovery {
         Recovery::Finished(g) => eprintln!("recovered: finished the interrupted commit of generation {g}"),
