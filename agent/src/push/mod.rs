@@ -6,6 +6,7 @@
 //! [`SenderSession`]: diskferry_protocol::session::SenderSession
 
 pub mod group;
+mod release;
 mod session;
 
 use crate::snapshot::{self, SnapshotKind, SnapshotOptions};

@@ -14,8 +14,9 @@ use diskferry_sync_engine::session::{Item, Link, SourceSession};
 use diskferry_sync_engine::{thread_pool, Error};
 use tokio::sync::mpsc;
 
+use super::release::{abort_and_release, cancelled, until_target_released};
 use super::{peer_failure, PushOptions, PushReport};
-use crate::transport::{write_frame, write_frames, FrameReader, ReadError};
+use crate::transport::{write_frames, FrameReader, ReadError};
 
 /// Data streams of a session on a connection of its own (more do not add throughput).
 const DATA_STREAMS: usize = 2;
@@ -270,49 +271,6 @@ pub(super) async fn run(
         }
     }
 }
-
-/// Ends the session on the source's failure `e`: the target is told with
-/// an Error frame on the control stream (a connection closed at once may
-/// drop it, and the target then holds the disk until its idle timeout),
-/// then waited for until it released the disk.
-async fn abort_and_release(
-    session: &mut SenderSession,
-    ctl_tx: &mut quinn::SendStream,
-    reader: &mut FrameReader,
-    e: Error,
-) -> Error {
-    session.abort(e.code, e.message.clone());
-    while let Some(m) = session.poll_transmit() {
-        let _ = write_frame(ctl_tx, &m).await;
-    }
-    until_target_released(reader).await;
-    e
-}
-
-/// Returns once the group this push belongs to is cancelled (never
-/// without a group, or once the group's push is over).
-async fn cancelled(cancel: &mut Option<tokio::sync::watch::Receiver<bool>>) {
-    if let Some(c) = cancel {
-        if c.wait_for(|c| *c).await.is_ok() {
-            return;
-        }
-    }
-    std::future::pending::<()>().await
-}
-
-/// Waits for the target to end the control stream, which it does only
-/// after it released the disk: a command run right after the push then
-/// finds the target free, not `E_BUSY` while the session is torn down.
-/// Bounded, so a stuck target delays the push's exit by this much at most.
-async fn until_target_released(reader: &mut FrameReader) {
-    let drained = async { while let Ok(Some(_)) = reader.next().await {} };
-    if tokio::time::timeout(RELEASE_WAIT, drained).await.is_err() {
-        tracing::warn!("the target did not end the session within {RELEASE_WAIT:?}: it may hold the disk a while");
-    }
-}
-
-/// How long a push waits for the target to release the disk at its end.
-const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Notes handled before the session's frames are written and its events
 /// acted on.
